@@ -1,0 +1,3 @@
+#include <torch/extension.h>
+TORCH_LIBRARY(fastrec, m) {}
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}

@@ -1,0 +1,128 @@
+"""Backend selection: which implementation runs an op.
+
+- ``triton``: fused Triton kernels. Native on CUDA tensors; on CPU tensors they run in
+  Triton's interpreter, which must be switched on (``TRITON_INTERPRET=1``) before
+  ``triton`` is first imported.
+- ``cpp``: the C++ extension ``fastrec._C`` (CPU tensors).
+- ``torch``: a plain composite of torch ops; the readable reference, and the path for
+  anything the fused kernels do not cover.
+
+Unless forced, CUDA tensors go to ``triton`` and CPU tensors to ``cpp``, each falling back to
+``torch`` when unavailable. ``FASTREC_BACKEND`` or ``with use_backend(name):`` forces one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+from collections import Counter
+from collections.abc import Iterator
+
+import torch
+
+BACKENDS = ("triton", "cpp", "torch")
+
+_state = threading.local()
+_counts: Counter[tuple[str, str, str]] = Counter()
+
+
+def _probe_cpp() -> str | None:
+    try:
+        importlib.import_module("fastrec._C")
+    except ImportError as exc:  # not built, or built against another torch
+        return f"extension fastrec._C not importable ({exc}); run `pip install --no-build-isolation -e .`"
+    return None
+
+
+def _probe_triton() -> str | None:
+    try:
+        importlib.import_module("triton")
+    except ImportError as exc:
+        return f"triton not importable ({exc})"
+    return None
+
+
+_REASONS = {"cpp": _probe_cpp(), "triton": _probe_triton(), "torch": None}
+
+
+def interpreter_enabled() -> bool:
+    """Whether Triton kernels run on CPU tensors (Triton's interpreter)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available() -> dict[str, str | None]:
+    """Each backend mapped to ``None`` if it can run here, else the reason it cannot."""
+    reasons = dict(_REASONS)
+    if reasons["triton"] is None and not torch.cuda.is_available() and not interpreter_enabled():
+        reasons["triton"] = "no CUDA device (set TRITON_INTERPRET=1 before import to interpret on CPU)"
+    return reasons
+
+
+def _validate(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def forced() -> str | None:
+    """The backend forced by ``use_backend`` (innermost) or ``FASTREC_BACKEND``, if any."""
+    stack = getattr(_state, "stack", None)
+    if stack:
+        return stack[-1]
+    env = os.environ.get("FASTREC_BACKEND")
+    return _validate(env) if env else None
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force ``name`` for every fastrec op called inside the block (this thread)."""
+    _validate(name)
+    stack = getattr(_state, "stack", None)
+    if stack is None:
+        stack = _state.stack = []
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def select(device: torch.device, fused_reason: str | None = None) -> str:
+    """The backend for one call on ``device``.
+
+    ``fused_reason`` is why this call's options are outside what the fused kernels cover
+    (``None`` if they are covered); such calls run on ``torch`` unless another is forced.
+    A forced backend that cannot run on ``device`` is an error, not a silent fallback.
+    """
+    name = forced()
+    if name is not None:
+        reason = available()[name]
+        if name == "cpp" and device.type != "cpu":
+            reason = f"the cpp backend runs on CPU tensors, got {device.type} tensors"
+        if name == "triton" and device.type == "cpu" and not interpreter_enabled():
+            reason = "triton on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
+        if name != "torch" and fused_reason is not None:
+            reason = fused_reason
+        if reason is not None:
+            raise RuntimeError(f"fastrec backend {name!r} forced but unusable: {reason}")
+        return name
+    if fused_reason is not None:
+        return "torch"
+    preferred = "triton" if device.type == "cuda" else "cpp" if device.type == "cpu" else "torch"
+    return preferred if available()[preferred] is None else "torch"
+
+
+def count(op: str, backend: str, reason: str = "") -> None:
+    """Record one call of ``op`` on ``backend`` (``reason`` says why a fallback happened)."""
+    if not torch.compiler.is_compiling():
+        _counts[(op, backend, reason)] += 1
+
+
+def stats(reset: bool = False) -> dict[tuple[str, str, str], int]:
+    """Calls so far as ``{(op, backend, fallback_reason): n}``; eager calls only."""
+    snapshot = dict(_counts)
+    if reset:
+        _counts.clear()
+    return snapshot

@@ -1,0 +1,319 @@
+"""``fastrec bench``: fastrec against the baselines a user would otherwise run, as ratios.
+
+Every row times fastrec and its baselines in the same process, interleaved round by round,
+and reports the median per call. On CUDA the inputs rotate through several copies so that the
+L2 cache flatters no side, and each figure also gets its fraction of the card's measured
+memory bandwidth and bf16 matmul rate. Families add their cases to ``CASES``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import fastrec
+from fastrec import backends
+
+
+@dataclass
+class Case:
+    """One benchmark row: ``fns['fastrec']`` against every other entry of ``fns``."""
+
+    family: str
+    name: str
+    shape: str
+    dtype: str
+    mode: str  # "forward" or "forward+backward"
+    fns: dict[str, Callable[[], object]]
+    flops: float = 0.0  # useful floating-point work per call (for the achieved rate)
+    bytes: float = 0.0  # minimum memory traffic per call (for the achieved bandwidth)
+
+
+@dataclass
+class Result:
+    family: str
+    name: str
+    shape: str
+    dtype: str
+    mode: str
+    ms: dict[str, float]
+    speedup: dict[str, float] = field(default_factory=dict)  # baseline ms / fastrec ms
+    tflops: float | None = None
+    bandwidth_fraction: float | None = None
+    flops_fraction: float | None = None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], device: torch.device, rounds: int, min_round_s: float
+) -> dict[str, float]:
+    """Median milliseconds per call of each function, alternating them round by round."""
+    calls: dict[str, int] = {}
+    for name, fn in fns.items():  # warm up (and compile/tune), then size a round
+        fn()
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        once = max(time.perf_counter() - start, 1e-6)
+        calls[name] = max(1, min(1000, int(min_round_s / once)))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(calls[name]):
+                fn()
+            _sync(device)
+            samples[name].append((time.perf_counter() - start) * 1e3 / calls[name])
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+# --------------------------------------------------------------------------- attention cases
+def _padding_mask(batch: int, length: int, fraction: float, left: bool, device, gen) -> torch.Tensor:
+    """Bool (batch, length), True = padding; each row padded by up to ``2 * fraction`` of L."""
+    pad = (torch.rand(batch, generator=gen) * 2 * fraction * length).long().clamp(max=length - 1)
+    positions = torch.arange(length)
+    mask = positions[None, :] < pad[:, None] if left else positions[None, :] >= (length - pad)[:, None]
+    return mask.to(device)
+
+
+def _rotating(make: Callable[[], tuple], copies: int) -> Callable[[], tuple]:
+    """Cycles through ``copies`` input sets made by ``make`` (L2-cache rotation on GPU)."""
+    pool = [make() for _ in range(copies)]
+    state = {"next": 0}
+
+    def draw() -> tuple:
+        index = state["next"]
+        state["next"] = (index + 1) % copies
+        return pool[index]
+
+    return draw
+
+
+def _forward_only(forward: Callable, inputs: Callable[[], tuple]) -> Callable[[], object]:
+    def run() -> object:
+        tensors, _ = inputs()
+        with torch.no_grad():
+            return forward(*tensors)
+
+    return run
+
+
+def _training_step(forward: Callable, inputs: Callable[[], tuple], params: tuple = ()) -> Callable[[], object]:
+    """Forward, then the gradients of every input and parameter for a random upstream grad."""
+
+    def run() -> object:
+        tensors, grad = inputs()
+        out = forward(*tensors)
+        return torch.autograd.grad(out, (*tensors, *params), grad)
+
+    return run
+
+
+def _pair(family, name, shape, dtype_name, forwards, inputs, flops, io, params=None, inference=None) -> list[Case]:
+    """A forward row (``inference`` functions if given, under no_grad) and a forward+backward
+    row for the same inputs."""
+    params = params or {}
+    fwd = {k: _forward_only(f, inputs) for k, f in (inference or forwards).items()}
+    train = {k: _training_step(f, inputs, params.get(k, ())) for k, f in forwards.items()}
+    return [
+        Case(family, name, shape, dtype_name, "forward", fwd, flops, io),
+        Case(family, name, shape, dtype_name, "forward+backward", train, flops * 3.5, io * 2.5),
+    ]
+
+
+def attention_cases(device: torch.device, dtype: torch.dtype, full: bool) -> list[Case]:
+    """Attention core vs SDPA with the same mask, and the MHA module vs torch's, causal +
+    key padding (30% of keys padded on average, left or right)."""
+    gen = torch.Generator().manual_seed(0)
+    cuda = device.type == "cuda"
+    if cuda:
+        grid = [(b, 2, n, d, "right", 0.0) for b in (128, 1024) for n in (50, 200) for d in (25, 32, 64)]
+        grid += [(1024, h, 200, 32, "right", 0.0) for h in (1, 4)]
+        grid += [(1024, 2, 200, 50, "left", 0.0), (1024, 2, 200, 32, "right", 0.2)]
+    else:
+        grid = [(128, 2, 50, 32, "right", 0.0), (128, 2, 50, 32, "left", 0.0), (128, 2, 50, 25, "right", 0.0)]
+        grid += [(128, 2, 50, 32, "right", 0.2), (128, 2, 200, 64, "right", 0.0)]
+        if full:
+            grid += [(128, h, n, d, "right", 0.0) for h in (1, 4) for n in (50, 200) for d in (25, 50, 64)]
+    dtype_name = str(dtype).removeprefix("torch.")
+    copies = 4 if cuda else 1
+    cases: list[Case] = []
+    for batch, heads, length, head_dim, side, p in grid:
+        kpm = _padding_mask(batch, length, 0.3, side == "left", device, gen)
+        causal = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
+        sdpa_mask = ~(causal[None, None] | kpm[:, None, None, :])  # SDPA: True = take part
+
+        def make(b=batch, h=heads, n=length, d=head_dim):
+            q, k, v = (torch.randn(b, h, n, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+            return (q, k, v), torch.randn(b, h, n, d, device=device, dtype=dtype)
+
+        forwards = {
+            "fastrec": lambda q, k, v, m=kpm, p=p: fastrec.functional.attention(
+                q, k, v, causal=True, key_padding_mask=m, dropout_p=p
+            ),
+            "sdpa": lambda q, k, v, m=sdpa_mask, p=p: F.scaled_dot_product_attention(
+                q, k, v, attn_mask=m, dropout_p=p
+            ),
+        }
+        shape = f"B={batch} H={heads} L={length} d={head_dim} {side}-pad p={p}"
+        flops = 4 * batch * heads * length * length * head_dim / 2  # causal: half the scores
+        io = 4 * batch * heads * length * head_dim * dtype.itemsize
+        cases += _pair("attention", "core vs SDPA+mask", shape, dtype_name, forwards, _rotating(make, copies), flops, io)
+        if heads == 2 and head_dim == 32 and side == "right":
+            cases += _mha_cases(device, dtype, batch, length, p, kpm, causal, copies)
+    return cases
+
+
+def _mha_cases(device, dtype, batch, length, p, kpm, causal, copies) -> list[Case]:
+    embed, heads = 64, 2
+    torch.manual_seed(0)
+    ref = torch.nn.MultiheadAttention(embed, heads, dropout=p, batch_first=True, device=device, dtype=dtype)
+    ours = fastrec.nn.MultiheadAttention(embed, heads, dropout=p, batch_first=True, device=device, dtype=dtype)
+    ours.load_state_dict(ref.state_dict())
+
+    def make():
+        x = torch.randn(batch, length, embed, device=device, dtype=dtype, requires_grad=True)
+        return (x,), torch.randn(batch, length, embed, device=device, dtype=dtype)
+
+    def call(module):
+        return lambda x: module(x, x, x, key_padding_mask=kpm, attn_mask=causal, need_weights=False)[0]
+
+    forwards = {"fastrec": call(ours), "nn.MultiheadAttention": call(ref)}
+    # Inference runs the modules in eval mode, where torch takes its native fused MHA path.
+    inference = {"fastrec": call(copy.deepcopy(ours).eval()), "nn.MultiheadAttention": call(copy.deepcopy(ref).eval())}
+    params = {"fastrec": tuple(ours.parameters()), "nn.MultiheadAttention": tuple(ref.parameters())}
+    shape = f"B={batch} E={embed} H={heads} L={length} right-pad p={p}"
+    flops = 4 * batch * heads * length * length * (embed // heads) / 2 + 8 * batch * length * embed * embed
+    io = 2 * batch * length * embed * dtype.itemsize
+    dtype_name = str(dtype).removeprefix("torch.")
+    inputs = _rotating(make, copies)
+    return _pair("attention", "MHA module", shape, dtype_name, forwards, inputs, flops, io, params, inference)
+
+
+CASES: dict[str, Callable[[torch.device, torch.dtype, bool], list[Case]]] = {"attention": attention_cases}
+
+
+# --------------------------------------------------------------------------- the run
+def _ceilings(device: torch.device) -> dict[str, float]:
+    """The card's measured copy bandwidth (bytes/s, read + write) and bf16 matmul rate."""
+    if device.type != "cuda":
+        return {}
+    src = torch.empty(1 << 28, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    copy_ms = time_interleaved({"copy": lambda: dst.copy_(src)}, device, 5, 0.05)["copy"]
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    mm_ms = time_interleaved({"mm": lambda: a @ a}, device, 5, 0.05)["mm"]
+    return {"bandwidth": 2 * src.numel() * 4 / (copy_ms * 1e-3), "bf16_flops": 2 * 8192**3 / (mm_ms * 1e-3)}
+
+
+def environment(device: torch.device) -> dict[str, object]:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, check=False
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "fastrec": fastrec.__version__,
+        "commit": commit,
+        "backends": {k: v or "available" for k, v in backends.available().items()},
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def run(
+    families: list[str], device: torch.device, dtypes: list[torch.dtype], full: bool, rounds: int, min_round_s: float,
+    progress: Callable[[Result], None] | None = None,
+) -> dict[str, object]:
+    ceilings = _ceilings(device)
+    results: list[Result] = []
+    for family in families:
+        for dtype in dtypes:
+            for case in CASES[family](device, dtype, full):
+                ms = time_interleaved(case.fns, device, rounds, min_round_s)
+                result = Result(case.family, case.name, case.shape, case.dtype, case.mode, ms)
+                result.speedup = {k: v / ms["fastrec"] for k, v in ms.items() if k != "fastrec"}
+                seconds = ms["fastrec"] * 1e-3
+                if case.flops:
+                    result.tflops = case.flops / seconds / 1e12
+                if ceilings:
+                    result.bandwidth_fraction = case.bytes / seconds / ceilings["bandwidth"]
+                    result.flops_fraction = case.flops / seconds / ceilings["bf16_flops"]
+                results.append(result)
+                if progress:
+                    progress(result)
+    return {"environment": environment(device), "ceilings": ceilings, "results": [asdict(r) for r in results]}
+
+
+def markdown(report: dict) -> str:
+    env = report["environment"]
+    lines = [
+        f"fastrec {env['fastrec']} @ {env['commit']} on {env['device']} ({env['cpu_threads']} threads), "
+        f"torch {env['torch']}, triton {env['triton']}, {env['date']}",
+        "",
+        "| family | case | shape | dtype | mode | speedup (baseline / fastrec) | fastrec ms | baseline ms | util |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        speed = ", ".join(f"{v:.2f}x vs {k}" for k, v in r["speedup"].items())
+        base = ", ".join(f"{k} {v:.3f}" for k, v in r["ms"].items() if k != "fastrec")
+        util = ""
+        if r["bandwidth_fraction"] is not None:
+            util = f"{100 * r['bandwidth_fraction']:.0f}% BW, {100 * r['flops_fraction']:.0f}% bf16 MMA"
+        elif r["tflops"] is not None:
+            util = f"{r['tflops'] * 1e3:.1f} GFLOP/s"
+        lines.append(
+            f"| {r['family']} | {r['name']} | {r['shape']} | {r['dtype']} | {r['mode']} | {speed} | "
+            f"{r['ms']['fastrec']:.3f} | {base} | {util} |"
+        )
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        dtypes = [torch.float32, torch.bfloat16]
+    else:
+        dtypes = [torch.float32]
+    families = args.family or list(CASES)
+
+    def progress(r: Result) -> None:
+        speed = ", ".join(f"{v:.2f}x vs {k}" for k, v in r.speedup.items())
+        print(f"{r.family:10s} {r.name:18s} {r.shape:40s} {r.dtype:9s} {r.mode:17s} {speed}", flush=True)
+
+    report = run(families, device, dtypes, args.full, args.rounds, args.min_round_s, progress)
+    table = markdown(report)
+    print()
+    print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n")
+    return 0 if all(math.isfinite(v) for r in report["results"] for v in r["ms"].values()) else 1

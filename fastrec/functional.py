@@ -1,0 +1,143 @@
+"""The functional API: validate the arguments, put masks in canonical form, call the ops."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastrec.ops import attention as attention_ops
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _shape(t: Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    lengths: Tensor | None = None,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    training: bool = True,
+) -> Tensor:
+    """Scaled dot-product attention on ``(batch, heads, L, head_dim)`` tensors.
+
+    Masks follow ``nn.MultiheadAttention``: ``key_padding_mask`` ``(batch, L_k)`` bool (True =
+    ignore that key) or float (added); ``lengths`` ``(batch,)`` keeps keys ``j < lengths[b]``
+    (right padding); ``attn_mask`` broadcastable to ``(batch, heads, L_q, L_k)``, bool (True =
+    NOT allowed, the opposite of ``F.scaled_dot_product_attention``) or float (added);
+    ``causal`` lets query ``i`` see keys ``j <= i``. All masks combine. A query row with no
+    allowed key returns zeros and passes no gradient. Dropout (``dropout_p`` when
+    ``training``) acts on the attention probabilities and is reproducible from torch's RNG.
+    """
+    _check_qkv(q, k, v)
+    batch, heads, len_q, _ = q.shape
+    len_k = k.shape[-2]
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+
+    if torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+
+    bias_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    bias = None
+    if key_padding_mask is not None:
+        _check_mask("key_padding_mask", key_padding_mask, q, (batch, len_k))
+        if key_padding_mask.dtype != torch.bool and _is_zero_or_neginf(key_padding_mask):
+            key_padding_mask = torch.isneginf(key_padding_mask)
+        if key_padding_mask.dtype == torch.bool:
+            key_padding_mask = key_padding_mask.contiguous()
+        else:
+            bias = key_padding_mask.to(bias_dtype)[:, None, None, :]
+            key_padding_mask = None
+    if lengths is not None:
+        lengths = _check_lengths(lengths, q, batch, len_k)
+    if attn_mask is not None:
+        _check_mask("attn_mask", attn_mask, q, None)
+        if attn_mask.dim() > 4:
+            raise ValueError(f"attn_mask must have at most 4 dims, got shape {_shape(attn_mask)}")
+        try:
+            torch.broadcast_shapes(attn_mask.shape, (batch, heads, len_q, len_k))
+        except RuntimeError:
+            raise ValueError(
+                f"attn_mask must broadcast to (batch, heads, L_q, L_k) = "
+                f"{(batch, heads, len_q, len_k)}, got {_shape(attn_mask)}"
+            ) from None
+        if attn_mask.dtype == torch.bool:
+            mask_bias = torch.zeros(attn_mask.shape, dtype=bias_dtype, device=q.device)
+            mask_bias = mask_bias.masked_fill(attn_mask, float("-inf"))
+        else:
+            mask_bias = attn_mask.to(bias_dtype)
+        bias = mask_bias if bias is None else bias + mask_bias
+    if bias is not None:
+        while bias.dim() < 4:
+            bias = bias.unsqueeze(0)
+        bias = bias.expand(bias.shape[0], bias.shape[1], len_q, len_k)
+
+    return attention_ops.attention(
+        q, k, v, key_padding_mask, lengths, bias, causal, scale, dropout_p if training else 0.0
+    )
+
+
+def _is_zero_or_neginf(mask: Tensor) -> bool:
+    """Whether a float mask is a bool mask in disguise (checked on the CPU only: no sync)."""
+    if mask.device.type != "cpu" or mask.requires_grad or torch.compiler.is_compiling():
+        return False
+    return bool(((mask == 0) | torch.isneginf(mask)).all())
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, heads, L, head_dim), got shape {_shape(t)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+        if t.shape[:2] != q.shape[:2]:
+            raise ValueError(
+                f"{name} must have q's (batch, heads) = {_shape(q)[:2]}, got {_shape(t)[:2]}"
+            )
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k must have q's head_dim {q.shape[-1]}, got {k.shape[-1]}")
+    if v.shape[-2] != k.shape[-2]:
+        raise ValueError(f"v must have k's length L_k = {k.shape[-2]}, got {v.shape[-2]}")
+
+
+def _check_mask(name: str, mask: Tensor, q: Tensor, shape: tuple[int, ...] | None) -> None:
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(f"{name} must be bool or floating point, got {mask.dtype}")
+    if mask.device != q.device:
+        raise ValueError(f"{name} must be on q's device {q.device}, got {mask.device}")
+    if shape is not None and _shape(mask) != shape:
+        raise ValueError(f"{name} must be (batch, L_k) = {shape}, got {_shape(mask)}")
+
+
+def _check_lengths(lengths: Tensor, q: Tensor, batch: int, len_k: int) -> Tensor:
+    if not isinstance(lengths, Tensor) or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+        raise TypeError(f"lengths must be an integer tensor, got {getattr(lengths, 'dtype', type(lengths))}")
+    if _shape(lengths) != (batch,):
+        raise ValueError(f"lengths must be (batch,) = ({batch},), got {_shape(lengths)}")
+    lengths = lengths.to(device=q.device, dtype=torch.int32).contiguous()
+    if not torch.compiler.is_compiling() and lengths.numel() > 0:
+        low, high = int(lengths.min()), int(lengths.max())
+        if low < 0 or high > len_k:
+            raise ValueError(f"lengths must lie in [0, L_k = {len_k}], got values in [{low}, {high}]")
+    return lengths

@@ -1,0 +1,193 @@
+"""Drop-in attention modules: subclasses of the torch modules they replace.
+
+Only ``forward`` is overridden, so constructor, defaults, initialisation, parameters and
+``state_dict`` are torch's by construction. A call whose options the fused path does not
+cover runs torch's own forward and is counted in ``fastrec.stats()``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastrec import backends
+from fastrec import functional as FF
+
+_MODULE = "MultiheadAttention"
+
+
+class MultiheadAttention(torch.nn.MultiheadAttention):
+    """``torch.nn.MultiheadAttention`` whose attention core is fastrec's fused kernel.
+
+    Fused: self- and cross-attention with ``kdim == vdim == embed_dim``, batched or not,
+    ``batch_first`` either way, bool or float ``attn_mask`` (2-D or 3-D) and
+    ``key_padding_mask``, ``is_causal``, dropout, ``add_bias_kv``, ``add_zero_attn``.
+    ``need_weights=True`` (torch's default) needs the L x L weights the fused kernel never
+    forms, so such calls run torch's forward: pass ``need_weights=False`` for speed.
+    A 2-D ``attn_mask`` equal to the causal mask is recognised and run as ``causal``.
+    """
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        reason = self._unfused_reason(query, key, value, key_padding_mask, need_weights, attn_mask)
+        if reason is not None:
+            backends.count(_MODULE, "torch", reason)
+            return super().forward(
+                query,
+                key,
+                value,
+                key_padding_mask=key_padding_mask,
+                need_weights=need_weights,
+                attn_mask=attn_mask,
+                average_attn_weights=average_attn_weights,
+                is_causal=is_causal,
+            )
+        if is_causal and attn_mask is None:
+            raise RuntimeError(
+                "Need attn_mask if specifying the is_causal hint (as torch.nn.MultiheadAttention)"
+            )
+        return self._fused_forward(query, key, value, key_padding_mask, attn_mask, is_causal), None
+
+    def _unfused_reason(self, query, key, value, key_padding_mask, need_weights, attn_mask) -> str | None:
+        """Why this call runs torch's forward (``None`` if fused). Bad shapes also go to torch,
+        which raises its own errors."""
+        if need_weights:
+            return "need_weights=True"
+        if not self._qkv_same_embed_dim:
+            return "kdim/vdim differ from embed_dim"
+        tensors = (query, key, value, key_padding_mask, attn_mask)
+        if any(isinstance(t, Tensor) and t.is_nested for t in tensors):
+            return "nested tensor input"
+        if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
+            return "input rank"
+        if query.shape[-1] != self.embed_dim or key.shape[-1] != self.embed_dim:
+            return "input embedding size"
+        if key.shape[:-1] != value.shape[:-1]:
+            return "key/value shapes differ"
+        if query.dtype != self.in_proj_weight.dtype or key.dtype != query.dtype or value.dtype != query.dtype:
+            if not torch.is_autocast_enabled(query.device.type):
+                return "dtype differs from the weights"
+        if query.dim() == 3:
+            batch_dim = 0 if self.batch_first else 1
+            if key.shape[batch_dim] != query.shape[batch_dim]:
+                return "batch sizes differ"
+        for mask in (key_padding_mask, attn_mask):
+            if mask is not None and mask.dtype != torch.bool and not mask.is_floating_point():
+                return "mask dtype"
+        return None
+
+    def _fused_forward(self, query, key, value, key_padding_mask, attn_mask, is_causal) -> Tensor:
+        batched = query.dim() == 3
+        if not batched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        # From here on (L, B, E), as torch's own implementation.
+        len_q, batch, embed = query.shape
+        heads, head_dim = self.num_heads, self.head_dim
+        q, k, v = self._project(query, key, value)
+
+        def split_heads(x: Tensor) -> Tensor:  # (L, B, E) -> (B, H, L, D), a view
+            return x.view(x.shape[0], batch, heads, head_dim).permute(1, 2, 0, 3)
+
+        q, k, v = split_heads(q), split_heads(k), split_heads(v)
+
+        causal = False
+        if attn_mask is not None:
+            if attn_mask.dim() not in (2, 3):
+                raise RuntimeError(f"attn_mask's dimension {attn_mask.dim()} is not supported")
+            if is_causal or _is_causal_mask(attn_mask, len_q, k.shape[2]):
+                attn_mask, causal = None, True
+            elif attn_mask.dim() == 3:
+                attn_mask = attn_mask.view(batch, heads, len_q, -1)
+
+        extra_keys = []
+        if self.bias_k is not None:
+            extra_keys.append((self.bias_k, self.bias_v))
+        if self.add_zero_attn:
+            zeros = q.new_zeros(1, 1, embed)
+            extra_keys.append((zeros, zeros))
+        for k_extra, v_extra in extra_keys:
+            k = torch.cat([k, split_heads(k_extra.expand(1, batch, embed))], dim=2)
+            v = torch.cat([v, split_heads(v_extra.expand(1, batch, embed))], dim=2)
+            if causal:  # the extra key is visible to every query: the causal mask becomes general
+                attn_mask, causal = _causal_bool_mask(len_q, k.shape[2] - 1, q.device), False
+            if attn_mask is not None:
+                attn_mask = F.pad(attn_mask, (0, 1))
+            if key_padding_mask is not None:
+                key_padding_mask = F.pad(key_padding_mask, (0, 1))
+
+        out = FF.attention(
+            q,
+            k,
+            v,
+            causal=causal,
+            key_padding_mask=key_padding_mask,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        out = out.permute(2, 0, 1, 3).reshape(len_q * batch, embed)
+        out = F.linear(out, self.out_proj.weight, self.out_proj.bias).view(len_q, batch, embed)
+        if not batched:
+            return out.squeeze(1)
+        return out.transpose(0, 1) if self.batch_first else out
+
+    def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The input projections; one GEMM for self-attention (query is key is value)."""
+        weight, bias = self.in_proj_weight, self.in_proj_bias
+        embed = self.embed_dim
+        if query is key and key is value:
+            return F.linear(query, weight, bias).chunk(3, dim=-1)
+        w_q, w_k, w_v = weight.chunk(3)
+        b_q, b_k, b_v = bias.chunk(3) if bias is not None else (None, None, None)
+        q = F.linear(query, w_q, b_q)
+        if key is value:
+            k, v = F.linear(key, weight[embed:], None if bias is None else bias[embed:]).chunk(2, dim=-1)
+            return q, k, v
+        return q, F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+
+
+def _causal_bool_mask(len_q: int, len_k: int, device: torch.device) -> Tensor:
+    return torch.ones(len_q, len_k, dtype=torch.bool, device=device).triu(1)
+
+
+def _is_causal_mask(mask: Tensor, len_q: int, len_k: int) -> bool:
+    """Whether a 2-D attn_mask is exactly the causal mask (bool True above the diagonal, or
+    float -inf above and 0 on and below it). The answer is cached on the tensor itself, per
+    in-place version, so a mask reused across calls and layers is checked once."""
+    if mask.dim() != 2 or len_q != len_k or tuple(mask.shape) != (len_q, len_k):
+        return False
+    if torch.compiler.is_compiling() or mask.requires_grad:
+        return False
+    cached = getattr(mask, "_fastrec_is_causal", None)
+    if cached is not None and cached[0] == mask._version:
+        return cached[1]
+    upper = _causal_bool_mask(len_q, len_k, mask.device)
+    if mask.dtype == torch.bool:
+        result = torch.equal(mask, upper)
+    else:
+        result = bool((torch.isneginf(mask) == upper).all() and (mask[~upper] == 0).all())
+    mask._fastrec_is_causal = (mask._version, result)
+    return result
+
+
+class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
+    """``torch.nn.TransformerEncoderLayer`` whose self-attention is fastrec's (the SASRec /
+    BERT4Rec block). Same constructor, parameters and ``state_dict``; torch's layer calls its
+    attention with ``need_weights=False``, so the fused path runs."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.self_attn.__class__ = MultiheadAttention

@@ -1,0 +1,196 @@
+"""Attention: the autograd.Function, the registered ops of each backend, and dispatch.
+
+Canonical inputs (validated by ``fastrec.functional.attention``):
+q ``(B, H, Lq, D)``, k/v ``(B, H, Lk, D)``; ``key_padding_mask`` bool ``(B, Lk)`` (True =
+ignore); ``lengths`` int32 ``(B,)`` (keys ``j < lengths[b]`` take part); ``bias`` float
+``(B|1, H|1, Lq, Lk)`` added to the scaled scores (``-inf`` = masked); ``seed`` int64 ``(1,)``
+for dropout (see ``fastrec._philox``). Rows with no allowed key give zeros and no gradient.
+
+Each backend's forward returns ``(out, lse)``; backward recomputes the probabilities from the
+log-sum-exp, so nothing of size L x L is saved.
+"""
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastrec import backends
+from fastrec._philox import dropout_keep_mask
+
+OP = "attention"
+
+
+# --------------------------------------------------------------------------- torch reference
+def attention_torch(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Optional[Tensor],
+    lengths: Optional[Tensor],
+    bias: Optional[Tensor],
+    seed: Optional[Tensor],
+    causal: bool,
+    scale: float,
+    dropout_p: float,
+) -> Tensor:
+    """Plain torch ops, differentiated by autograd: the readable reference of the contract."""
+    len_q, len_k = q.shape[-2], k.shape[-2]
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
+    allowed = torch.ones(len_q, len_k, dtype=torch.bool, device=q.device)
+    if causal:
+        allowed = torch.tril(allowed)
+    allowed = allowed.expand(q.shape[0], 1, len_q, len_k)
+    if key_padding_mask is not None:
+        allowed = allowed & ~key_padding_mask[:, None, None, :]
+    if lengths is not None:
+        positions = torch.arange(len_k, device=q.device)
+        allowed = allowed & (positions < lengths[:, None])[:, None, None, :]
+    allowed = allowed & (scores != float("-inf"))
+    # Rows with no allowed key: softmax over zeros, then zeroed, so neither NaN nor gradient.
+    empty_row = ~allowed.any(dim=-1, keepdim=True)
+    scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(empty_row, 0.0)
+    probs = torch.softmax(scores.float() if q.dtype in (torch.float16, torch.bfloat16) else scores, -1)
+    probs = probs.masked_fill(~allowed, 0.0)
+    if dropout_p > 0.0:
+        keep = dropout_keep_mask(seed, q.shape[0], q.shape[1], len_q, len_k, dropout_p, q.device)
+        probs = probs * keep / (1.0 - dropout_p)
+    return torch.matmul(probs.to(v.dtype), v)
+
+
+# --------------------------------------------------------------------------- registered ops
+def _fake_forward(q, k, v, key_padding_mask, lengths, bias, seed, causal, scale, dropout_p, *rest):
+    out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return out, q.new_empty(q.shape[:-1], dtype=lse_dtype)
+
+
+def _fake_backward(grad_out, q, k, v, *rest):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@torch.library.custom_op("fastrec::attention_forward_triton", mutates_args=())
+def attention_forward_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Optional[Tensor],
+    lengths: Optional[Tensor],
+    bias: Optional[Tensor],
+    seed: Optional[Tensor],
+    causal: bool,
+    scale: float,
+    dropout_p: float,
+    allow_tf32: bool,
+) -> tuple[Tensor, Tensor]:
+    from fastrec.kernels import attention as kernels
+
+    return kernels.attention_forward(
+        q, k, v, key_padding_mask, lengths, bias, seed, causal, scale, dropout_p, allow_tf32
+    )
+
+
+@torch.library.custom_op("fastrec::attention_backward_triton", mutates_args=())
+def attention_backward_triton(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    key_padding_mask: Optional[Tensor],
+    lengths: Optional[Tensor],
+    bias: Optional[Tensor],
+    seed: Optional[Tensor],
+    causal: bool,
+    scale: float,
+    dropout_p: float,
+    allow_tf32: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from fastrec.kernels import attention as kernels
+
+    return kernels.attention_backward(
+        grad_out, q, k, v, out, lse, key_padding_mask, lengths, bias, seed, causal, scale,
+        dropout_p, allow_tf32,
+    )
+
+
+attention_forward_triton.register_fake(_fake_forward)
+attention_backward_triton.register_fake(_fake_backward)
+if backends.available()["cpp"] is None and hasattr(torch.ops.fastrec, "attention_forward_cpp"):
+    torch.library.register_fake("fastrec::attention_forward_cpp")(_fake_forward)
+    torch.library.register_fake("fastrec::attention_backward_cpp")(_fake_backward)
+
+
+def _allow_tf32(q: Tensor) -> bool:
+    return q.dtype == torch.float32 and q.is_cuda and torch.backends.cuda.matmul.allow_tf32
+
+
+class AttentionFunction(torch.autograd.Function):
+    """Fused attention on the ``triton`` or ``cpp`` backend; saves q, k, v, out and lse."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, lengths, bias, seed, causal, scale, dropout_p, backend):
+        masks = (key_padding_mask, lengths, bias, seed, causal, scale, dropout_p)
+        if backend == "triton":
+            out, lse = torch.ops.fastrec.attention_forward_triton(q, k, v, *masks, _allow_tf32(q))
+        else:
+            out, lse = torch.ops.fastrec.attention_forward_cpp(q, k, v, *masks)
+        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, lengths, bias, seed)
+        ctx.flags = (causal, scale, dropout_p, backend)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse, key_padding_mask, lengths, bias, seed = ctx.saved_tensors
+        causal, scale, dropout_p, backend = ctx.flags
+        args = (grad_out, q, k, v, out, lse, key_padding_mask, lengths, bias, seed, causal, scale, dropout_p)
+        if backend == "triton":
+            dq, dk, dv = torch.ops.fastrec.attention_backward_triton(*args, _allow_tf32(q))
+        else:
+            dq, dk, dv = torch.ops.fastrec.attention_backward_cpp(*args)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Optional[Tensor],
+    lengths: Optional[Tensor],
+    bias: Optional[Tensor],
+    causal: bool,
+    scale: Optional[float],
+    dropout_p: float,
+) -> Tensor:
+    """Attention on canonical inputs (see the module docstring); picks the backend per call."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    seed = None
+    if dropout_p > 0.0:
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
+    reason = _unfused_reason(q, k, v, bias, causal)
+    backend = backends.select(q.device, reason)
+    backends.count(OP, backend, reason or "")
+    if backend == "torch":
+        return attention_torch(q, k, v, key_padding_mask, lengths, bias, seed, causal, scale, dropout_p)
+    out, _ = AttentionFunction.apply(
+        q, k, v, key_padding_mask, lengths, bias, seed, causal, scale, dropout_p, backend
+    )
+    return out
+
+
+def _unfused_reason(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], causal: bool) -> Optional[str]:
+    """Why the fused kernels do not cover this call, or None."""
+    if v.shape[-1] != q.shape[-1]:
+        return "value head_dim differs from query head_dim"
+    if q.shape[-1] > 256:
+        return "head_dim > 256"
+    if causal and q.shape[-2] != k.shape[-2]:
+        return "causal with L_q != L_k"
+    if bias is not None and bias.requires_grad:
+        return "attn_mask requires grad"
+    return None
