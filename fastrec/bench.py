@@ -15,7 +15,7 @@ import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -168,14 +168,14 @@ def attention_cases(device: torch.device, dtype: torch.dtype, full: bool) -> lis
             "fastrec": lambda q, k, v, m=kpm, p=p: fastrec.functional.attention(
                 q, k, v, causal=True, key_padding_mask=m, dropout_p=p
             ),
-            "sdpa": lambda q, k, v, m=sdpa_mask, p=p: F.scaled_dot_product_attention(
-                q, k, v, attn_mask=m, dropout_p=p
-            ),
+            "sdpa": lambda q, k, v, m=sdpa_mask, p=p: F.scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=p),
         }
         shape = f"B={batch} H={heads} L={length} d={head_dim} {side}-pad p={p}"
         flops = 4 * batch * heads * length * length * head_dim / 2  # causal: half the scores
         io = 4 * batch * heads * length * head_dim * dtype.itemsize
-        cases += _pair("attention", "core vs SDPA+mask", shape, dtype_name, forwards, _rotating(make, copies), flops, io)
+        cases += _pair(
+            "attention", "core vs SDPA+mask", shape, dtype_name, forwards, _rotating(make, copies), flops, io
+        )
         if heads == 2 and head_dim == 32 and side == "right":
             cases += _mha_cases(device, dtype, batch, length, p, kpm, causal, copies)
     return cases
@@ -226,7 +226,11 @@ def _ceilings(device: torch.device) -> dict[str, float]:
 def environment(device: torch.device) -> dict[str, object]:
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, check=False
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=False,
         ).stdout.strip()
     except OSError:
         commit = ""
@@ -237,7 +241,9 @@ def environment(device: torch.device) -> dict[str, object]:
     except ImportError:
         triton_version = None
     return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "triton": triton_version,
@@ -249,7 +255,12 @@ def environment(device: torch.device) -> dict[str, object]:
 
 
 def run(
-    families: list[str], device: torch.device, dtypes: list[torch.dtype], full: bool, rounds: int, min_round_s: float,
+    families: list[str],
+    device: torch.device,
+    dtypes: list[torch.dtype],
+    full: bool,
+    rounds: int,
+    min_round_s: float,
     progress: Callable[[Result], None] | None = None,
 ) -> dict[str, object]:
     ceilings = _ceilings(device)

@@ -110,9 +110,7 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
         if t.device != q.device:
             raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
         if t.shape[:2] != q.shape[:2]:
-            raise ValueError(
-                f"{name} must have q's (batch, heads) = {_shape(q)[:2]}, got {_shape(t)[:2]}"
-            )
+            raise ValueError(f"{name} must have q's (batch, heads) = {_shape(q)[:2]}, got {_shape(t)[:2]}")
     if k.shape[-1] != q.shape[-1]:
         raise ValueError(f"k must have q's head_dim {q.shape[-1]}, got {k.shape[-1]}")
     if v.shape[-2] != k.shape[-2]:

@@ -33,7 +33,7 @@ class PatchReport:
         rows += [(n, a, f"-> {b}") for n, a, b in self.replaced]
         rows += [(n, a, f"kept: {why}") for n, a, why in self.left]
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         return "\n".join(lines)
 

@@ -53,9 +53,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 is_causal=is_causal,
             )
         if is_causal and attn_mask is None:
-            raise RuntimeError(
-                "Need attn_mask if specifying the is_causal hint (as torch.nn.MultiheadAttention)"
-            )
+            raise RuntimeError("Need attn_mask if specifying the is_causal hint (as torch.nn.MultiheadAttention)")
         return self._fused_forward(query, key, value, key_padding_mask, attn_mask, is_causal), None
 
     def _unfused_reason(self, query, key, value, key_padding_mask, need_weights, attn_mask) -> str | None:

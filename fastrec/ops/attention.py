@@ -11,7 +11,6 @@ log-sum-exp, so nothing of size L x L is saved.
 """
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -27,10 +26,10 @@ def attention_torch(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    key_padding_mask: Optional[Tensor],
-    lengths: Optional[Tensor],
-    bias: Optional[Tensor],
-    seed: Optional[Tensor],
+    key_padding_mask: Tensor | None,
+    lengths: Tensor | None,
+    bias: Tensor | None,
+    seed: Tensor | None,
     causal: bool,
     scale: float,
     dropout_p: float,
@@ -77,10 +76,10 @@ def attention_forward_triton(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    key_padding_mask: Optional[Tensor],
-    lengths: Optional[Tensor],
-    bias: Optional[Tensor],
-    seed: Optional[Tensor],
+    key_padding_mask: Tensor | None,
+    lengths: Tensor | None,
+    bias: Tensor | None,
+    seed: Tensor | None,
     causal: bool,
     scale: float,
     dropout_p: float,
@@ -101,10 +100,10 @@ def attention_backward_triton(
     v: Tensor,
     out: Tensor,
     lse: Tensor,
-    key_padding_mask: Optional[Tensor],
-    lengths: Optional[Tensor],
-    bias: Optional[Tensor],
-    seed: Optional[Tensor],
+    key_padding_mask: Tensor | None,
+    lengths: Tensor | None,
+    bias: Tensor | None,
+    seed: Tensor | None,
     causal: bool,
     scale: float,
     dropout_p: float,
@@ -113,8 +112,20 @@ def attention_backward_triton(
     from fastrec.kernels import attention as kernels
 
     return kernels.attention_backward(
-        grad_out, q, k, v, out, lse, key_padding_mask, lengths, bias, seed, causal, scale,
-        dropout_p, allow_tf32,
+        grad_out,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        key_padding_mask,
+        lengths,
+        bias,
+        seed,
+        causal,
+        scale,
+        dropout_p,
+        allow_tf32,
     )
 
 
@@ -160,11 +171,11 @@ def attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    key_padding_mask: Optional[Tensor],
-    lengths: Optional[Tensor],
-    bias: Optional[Tensor],
+    key_padding_mask: Tensor | None,
+    lengths: Tensor | None,
+    bias: Tensor | None,
     causal: bool,
-    scale: Optional[float],
+    scale: float | None,
     dropout_p: float,
 ) -> Tensor:
     """Attention on canonical inputs (see the module docstring); picks the backend per call."""
@@ -177,13 +188,11 @@ def attention(
     backends.count(OP, backend, reason or "")
     if backend == "torch":
         return attention_torch(q, k, v, key_padding_mask, lengths, bias, seed, causal, scale, dropout_p)
-    out, _ = AttentionFunction.apply(
-        q, k, v, key_padding_mask, lengths, bias, seed, causal, scale, dropout_p, backend
-    )
+    out, _ = AttentionFunction.apply(q, k, v, key_padding_mask, lengths, bias, seed, causal, scale, dropout_p, backend)
     return out
 
 
-def _unfused_reason(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], causal: bool) -> Optional[str]:
+def _unfused_reason(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, causal: bool) -> str | None:
     """Why the fused kernels do not cover this call, or None."""
     if v.shape[-1] != q.shape[-1]:
         return "value head_dim differs from query head_dim"

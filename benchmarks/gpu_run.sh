@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The GPU run (BENCHMARKS.md): on a machine with CUDA, PyTorch and Triton installed and no
+# network, run the CUDA correctness tests, then the benchmark table, writing to OUTDIR:
+#   bench.json (every figure, with card, versions and commit), bench.md (the table),
+#   tests.log, bench.log, nvidia-smi.txt.
+# Builds nothing it does not need: the Triton kernels need no build, so the C++ extension is
+# skipped. Without CUDA it says so and exits 0. Budget: under 6 minutes in all.
+set -uo pipefail
+out=${1:?usage: benchmarks/gpu_run.sh OUTDIR}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+
+if ! "$python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "gpu_run: no CUDA device here; skipping the GPU run" | tee "$out/skipped.txt"
+  exit 0
+fi
+nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
+
+# fastrec importable without network or compilation: an editable install of the Python parts.
+FASTREC_NO_EXTENSION=1 "$python" -m pip install -q --no-build-isolation --no-deps --no-index -e . \
+  > "$out/install.log" 2>&1 || { echo "gpu_run: install failed, see install.log"; cat "$out/install.log"; exit 1; }
+export PYTHONUNBUFFERED=1
+
+status=0
+timeout 150 "$python" -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_nn_attention.py \
+  -k "triton or cuda" 2>&1 | tee "$out/tests.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+timeout 200 "$python" -m fastrec bench --rounds 10 --json "$out/bench.json" --markdown "$out/bench.md" 2>&1 \
+  | tee "$out/bench.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+exit $status

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# fastrec's two entry points, each on a fresh machine or a reused one:
+#   ./dev.sh bench [fastrec bench options]   the benchmark table on whatever device is present
+#   ./dev.sh test  [pytest options]          ruff, then the test suite
+# Both create (or reuse) the virtual environment .venv (FASTREC_VENV overrides), install what
+# is missing (torch only if absent: torch==2.13.0 is the tested version), and build the C++
+# extension when its sources changed.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+venv=${FASTREC_VENV:-.venv}
+python=${PYTHON:-python3}
+if [ ! -x "$venv/bin/python" ]; then
+  "$python" -m venv "$venv"
+fi
+py="$venv/bin/python"
+pip=("$py" -m pip -q --disable-pip-version-check)
+
+if ! "$py" -c "import torch" 2>/dev/null; then
+  "${pip[@]}" install "torch==2.13.0"
+fi
+missing=()
+for pkg in triton numpy pytest pytest_benchmark ruff ninja setuptools wheel; do
+  "$py" -c "import $pkg" 2>/dev/null || missing+=("${pkg//_/-}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  "${pip[@]}" install "${missing[@]}"
+fi
+
+# Rebuild (editable install + fastrec._C) only when setup.py or csrc/ changed.
+stamp="$venv/.fastrec-build"
+digest=$(cat setup.py csrc/*.cpp | sha256sum | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ] || ! "$py" -c "import torch, fastrec._C" 2>/dev/null; then
+  echo "building fastrec (C++ extension, ~1-2 min on 2 cores)..."
+  PATH="$PWD/$venv/bin:$PATH" "${pip[@]}" install --no-build-isolation --no-deps -e .
+  echo "$digest" > "$stamp"
+fi
+
+command=${1:-}
+shift || true
+case "$command" in
+  test)
+    "$venv/bin/ruff" check .
+    "$venv/bin/ruff" format --check .
+    exec "$py" -m pytest "$@"
+    ;;
+  bench)
+    exec "$py" -m fastrec bench "$@"
+    ;;
+  *)
+    echo "usage: ./dev.sh test [pytest options] | ./dev.sh bench [fastrec bench options]" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,32 @@
+"""Test set-up: Triton's interpreter on machines without CUDA, per-test seeds, shared helpers.
+
+``TRITON_INTERPRET=1`` must be set before ``triton`` is first imported, so it is set here,
+before any test module imports fastrec.
+"""
+
+import os
+import zlib
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords and not CUDA:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    """Each test draws fresh inputs, seeded from its own name for reproducibility."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    yield
