@@ -21,7 +21,7 @@ DEVICE = torch.device("cuda" if CUDA else "cpu")
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "cuda" in item.keywords and not CUDA:
+        if item.get_closest_marker("cuda") is not None and not CUDA:
             item.add_marker(skip)
 
 

@@ -1,0 +1,229 @@
+"""Backend selection: ``use_backend`` nesting and validation, ``FASTREC_BACKEND``, forced
+backends that cannot run, ``available()``, ``stats()`` counting, and ``python -m fastrec info``.
+
+No numerics here (see test_attention.py); every check is exact. Environment-variable behaviour
+runs in a subprocess, because the variables are read at import or per call.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from attention_reference import unavailable
+
+import fastrec
+from fastrec import backends
+from fastrec import functional as FF
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _no_env_backend(monkeypatch):
+    monkeypatch.delenv("FASTREC_BACKEND", raising=False)
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if k not in ("FASTREC_BACKEND", "TRITON_INTERPRET")}
+    full_env.update(env)
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=120
+    )
+
+
+def qkv(*shape, device="cpu"):
+    return [torch.randn(*shape, device=device) for _ in range(3)]
+
+
+# --------------------------------------------------------------------------- use_backend
+def test_use_backend_nests_and_restores_on_exit_and_error():
+    assert backends.forced() is None
+    with fastrec.use_backend("torch"):
+        assert backends.forced() == "torch"
+        with fastrec.use_backend("cpp"):
+            assert backends.forced() == "cpp"
+            with pytest.raises(KeyError), fastrec.use_backend("triton"):
+                assert backends.forced() == "triton"
+                raise KeyError("inside")
+            assert backends.forced() == "cpp"
+        assert backends.forced() == "torch"
+    assert backends.forced() is None
+
+
+@pytest.mark.parametrize("name", ["gpu", "Triton", "", "c++"])
+def test_use_backend_rejects_unknown_name_naming_it(name):
+    with pytest.raises(ValueError, match=re.escape(f"got {name!r}")):
+        with fastrec.use_backend(name):
+            pass
+    assert backends.forced() is None
+
+
+def test_use_backend_runs_the_named_backend_and_counts_it():
+    q, k, v = qkv(2, 2, 5, 8)
+    fastrec.stats(reset=True)
+    with fastrec.use_backend("torch"):
+        FF.attention(q, k, v)
+        FF.attention(q, k, v, causal=True)
+    assert fastrec.stats() == {("attention", "torch", ""): 2}
+
+
+def test_use_backend_is_per_thread():
+    import threading
+
+    seen = []
+    with fastrec.use_backend("torch"):
+        thread = threading.Thread(target=lambda: seen.append(backends.forced()))
+        thread.start()
+        thread.join()
+    assert seen == [None]
+
+
+# --------------------------------------------------------------------------- FASTREC_BACKEND
+def test_env_var_forces_backend_in_a_fresh_process():
+    code = (
+        "import torch, fastrec\n"
+        "from fastrec import functional as FF\n"
+        "print(fastrec.backends.forced())\n"
+        "q = torch.randn(1, 1, 3, 4)\n"
+        "FF.attention(q, q, q)\n"
+        "print(sorted(fastrec.stats()))\n"
+    )
+    result = run_python(code, FASTREC_BACKEND="torch")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["torch", "[('attention', 'torch', '')]"]
+
+
+def test_env_var_with_unknown_backend_fails_naming_it():
+    code = "import torch, fastrec\nq = torch.randn(1, 1, 3, 4)\nfastrec.functional.attention(q, q, q)\n"
+    result = run_python(code, FASTREC_BACKEND="bogus")
+    assert result.returncode != 0
+    assert "ValueError" in result.stderr and "'bogus'" in result.stderr
+
+
+def test_use_backend_overrides_env_var(monkeypatch):
+    monkeypatch.setenv("FASTREC_BACKEND", "cpp")
+    assert backends.forced() == "cpp"
+    with fastrec.use_backend("torch"):
+        assert backends.forced() == "torch"
+    assert backends.forced() == "cpp"
+
+
+# --------------------------------------------------------------------------- unusable backends
+def test_forced_cpp_on_non_cpu_tensors_errors_clearly():
+    q, k, v = qkv(2, 2, 5, 8, device="meta")
+    with fastrec.use_backend("cpp"), pytest.raises(RuntimeError, match="cpp backend runs on CPU tensors, got meta"):
+        FF.attention(q, k, v)
+    with fastrec.use_backend("cpp"), pytest.raises(RuntimeError, match="'cpp' forced but unusable"):
+        backends.select(torch.device("meta"))
+
+
+def test_forced_triton_on_cpu_without_interpreter_errors_clearly():
+    code = (
+        "import torch, fastrec\n"
+        "print(fastrec.backends.available()['triton'])\n"
+        "q = torch.randn(1, 1, 3, 4)\n"
+        "with fastrec.use_backend('triton'):\n"
+        "    fastrec.functional.attention(q, q, q)\n"
+    )
+    result = run_python(code, CUDA_VISIBLE_DEVICES="")
+    assert result.returncode != 0
+    assert "TRITON_INTERPRET=1" in result.stdout  # available() gives the reason
+    assert "RuntimeError" in result.stderr and "TRITON_INTERPRET=1" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["cpp", "triton"])
+def test_forced_fused_backend_with_uncovered_option_errors_with_reason(name):
+    reason = unavailable(name)
+    if reason is not None:
+        pytest.skip(f"{name} backend unavailable: {reason}")
+    q, k = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    v = torch.randn(2, 2, 5, 6)  # value head_dim differs: not covered by the kernels
+    with fastrec.use_backend(name), pytest.raises(RuntimeError, match="value head_dim differs"):
+        FF.attention(q, k, v)
+
+
+def test_uncovered_option_falls_back_to_torch_and_records_why():
+    q, k = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    v = torch.randn(2, 2, 5, 6)
+    fastrec.stats(reset=True)
+    out = FF.attention(q, k, v)
+    assert out.shape == (2, 2, 5, 6)
+    assert fastrec.stats() == {("attention", "torch", "value head_dim differs from query head_dim"): 1}
+
+
+def test_default_cpu_selection_is_cpp_when_built_else_torch():
+    expected = "cpp" if backends.available()["cpp"] is None else "torch"
+    assert backends.select(torch.device("cpu")) == expected
+    assert backends.select(torch.device("meta")) == "torch"
+
+
+# --------------------------------------------------------------------------- available, stats
+def test_available_reports_every_backend_with_reasons():
+    report = backends.available()
+    assert sorted(report) == ["cpp", "torch", "triton"]
+    assert report["torch"] is None
+    for name, reason in report.items():
+        assert reason is None or (isinstance(reason, str) and reason), name
+
+
+def test_available_reports_missing_extension_with_a_fix():
+    code = (
+        "import sys; sys.modules['fastrec._C'] = None\n"  # import of fastrec._C fails
+        "import fastrec\n"
+        "print(fastrec.backends.available()['cpp'])\n"
+    )
+    result = run_python(code, TRITON_INTERPRET="1")
+    assert result.returncode == 0, result.stderr
+    assert "fastrec._C not importable" in result.stdout and "pip install" in result.stdout
+
+
+def test_stats_counts_calls_and_resets():
+    q, k, v = qkv(1, 2, 4, 8)
+    fastrec.stats(reset=True)
+    with fastrec.use_backend("torch"):
+        for _ in range(3):
+            FF.attention(q, k, v)
+    snapshot = fastrec.stats(reset=True)
+    assert snapshot == {("attention", "torch", ""): 3}
+    assert fastrec.stats() == {}
+    snapshot[("attention", "torch", "")] = 99  # a snapshot, not the live counter
+    assert fastrec.stats() == {}
+
+
+def test_stats_does_not_count_while_compiling():
+    torch._dynamo.reset()
+    q, k, v = qkv(1, 2, 4, 8)
+    fn = torch.compile(lambda a, b, c: FF.attention(a, b, c), fullgraph=True, backend="eager")
+    fastrec.stats(reset=True)
+    with fastrec.use_backend("torch"):
+        fn(q, k, v)
+    assert fastrec.stats() == {}
+
+
+# --------------------------------------------------------------------------- CLI
+def test_cli_info_lists_versions_and_backends():
+    result = subprocess.run(
+        [sys.executable, "-m", "fastrec", "info"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**{k: v for k, v in os.environ.items() if k != "FASTREC_BACKEND"}, "FASTREC_BACKEND": "torch"},
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("fastrec") and any(line.startswith("torch ") for line in lines)
+    assert any(line.startswith("forced") and line.split()[-1] == "torch" for line in lines)
+    backend_lines = lines[lines.index("backends") + 1 :]
+    listed = {line.split()[0]: line.split()[1] for line in backend_lines}
+    assert sorted(listed) == ["cpp", "torch", "triton"]
+    assert listed["torch"] == "available"
+    for name, reason in backends.available().items():  # same verdicts as in this process
+        if name != "triton":  # the subprocess has no TRITON_INTERPRET unless CUDA is present
+            assert listed[name] == ("available" if reason is None else "unavailable:"), name
