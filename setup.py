@@ -16,13 +16,14 @@ ROOT = Path(__file__).parent
 
 
 def _cxx_flags() -> list[str]:
-    """-O3, OpenMP-free (ATen's parallel_for is used), tuned for the build machine.
+    """-O3 and OpenMP (ATen's header-only ``at::parallel_for`` is serial without it; torch's
+    own libgomp is what gets linked), tuned for the build machine.
 
     The extension is built where it runs (``pip install`` on that machine), so
     ``-march=native`` is the right default; ``FASTREC_CPU_ARCH`` overrides it
     (e.g. ``x86-64-v3`` for a portable AVX2 build).
     """
-    flags = ["-O3", "-std=c++17", "-fno-math-errno"]
+    flags = ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp"]
     arch = os.environ.get("FASTREC_CPU_ARCH", "native")
     if platform.machine() in ("x86_64", "AMD64"):
         flags.append(f"-march={arch}")
@@ -40,6 +41,7 @@ def _extensions() -> list[CppExtension]:
             "fastrec._C",
             sources,
             extra_compile_args={"cxx": _cxx_flags()},
+            extra_link_args=["-fopenmp"],
         )
     ]
 

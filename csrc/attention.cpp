@@ -7,17 +7,23 @@
 // Semantics (masks, dropout stream, fully masked rows) are those of the Triton kernels in
 // kernels/attention.py; the readable reference is the torch backend in fastrec/ops/attention.py.
 //
-// Layout of the work: one (batch, head) pair per task, in parallel over B * H. Per task, keys
-// and values are copied once into padded scratch (K transposed to (D, Lk) so that a query row
-// times K is a run of axpys over contiguous keys), then query rows are processed kR at a time:
-// scores for those rows only (never an L x L matrix), a row softmax with a polynomial exp that
-// vectorises, and P @ V. The backward recomputes P from the saved log-sum-exp and accumulates
-// dK and dV in per-task buffers (no races, deterministic).
+// Layout of the work: one (batch, head) pair per task, in parallel over B * H. Per task, K is
+// copied once transposed to (D, Lk) (so that query rows times K are FMAs over contiguous keys)
+// and zero-padded to multiples of kW; V, Q, dO are read in place when they are fp32/fp64 rows
+// of unit stride with D a multiple of kW, else copied padded. Query rows are then processed kR
+// at a time: scores for those rows only (never an L x L matrix), a row softmax with a
+// polynomial exp on SIMD vectors, and P @ V; each block stops at the last key any of its rows
+// may see (causal, padding). The backward recomputes P from the saved log-sum-exp and
+// accumulates dK and dV in per-task buffers (no races, bitwise deterministic).
 //
-// All inner loops run over fixed kW-wide chunks of contiguous memory so that GCC vectorises
-// them at -O3 -march=native; reductions keep kW partial results (no reassociation needed).
-// Parallelism uses at::parallel_for: it only runs in parallel when this file is compiled with
-// -fopenmp (ATen's OpenMP backend is header-inline).
+// Inner loops use GCC / Clang vector extensions (64-byte vectors: 16 floats, 8 doubles), so the
+// code is SIMD whatever the auto-vectoriser decides; -march=native picks the instruction set.
+// Parallelism uses at::parallel_for, which only runs in parallel when this file is compiled
+// with -fopenmp (ATen's OpenMP backend is header-inline); without it the kernels run on one
+// thread.
+#if !defined(_OPENMP)
+#pragma message("fastrec attention.cpp built without -fopenmp: at::parallel_for will run serially")
+#endif
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -50,8 +56,8 @@ template <typename T>
 constexpr T kInf = std::numeric_limits<T>::infinity();
 
 // ---------------------------------------------------------------------------------------------
-// SIMD vectors (GCC / Clang vector extensions: the loop vectoriser turns the row-blocked
-// kernels below into shuffles, explicit vectors give one FMA per lane group)
+// SIMD vectors (GCC / Clang vector extensions; GCC's loop vectoriser turns the row-blocked
+// kernels below into shuffles, explicit vectors give one FMA per vector)
 // ---------------------------------------------------------------------------------------------
 
 template <typename T>
@@ -212,32 +218,28 @@ inline Vec<double> vlog(Vec<double> x) {
 template <typename acc_t>
 inline void dropout_chunk(uint32_t c0, uint32_t c1, uint32_t key0, uint32_t key1, float threshold,
                           acc_t inv_keep, acc_t* __restrict z) {
-  uint32_t x0[kW], x1[kW], x2[kW], x3[kW];
-  for (int w = 0; w < kW; ++w) {
-    x0[w] = c0 + static_cast<uint32_t>(w);
-    x1[w] = c1;
-    x2[w] = 0;
-    x3[w] = 0;
-  }
+  static_assert(kW == 16, "one Philox vector per chunk");
+  typedef uint32_t U32 __attribute__((vector_size(64)));   // 16 lanes
+  typedef uint64_t U64 __attribute__((vector_size(128)));  // 16 lanes, for 32 x 32 -> 64 bits
+  U32 x0 = {}, x1 = {}, x2 = {}, x3 = {};
+  for (int w = 0; w < 16; ++w) x0[w] = c0 + static_cast<uint32_t>(w);
+  x1 += c1;
   uint32_t k0 = key0, k1 = key1;
   for (int round = 0; round < 10; ++round) {
-    for (int w = 0; w < kW; ++w) {
-      const uint64_t pa = static_cast<uint64_t>(x0[w]) * 0xD2511F53u;
-      const uint64_t pb = static_cast<uint64_t>(x2[w]) * 0xCD9E8D57u;
-      const uint32_t n0 = static_cast<uint32_t>(pb >> 32) ^ x1[w] ^ k0;
-      const uint32_t n2 = static_cast<uint32_t>(pa >> 32) ^ x3[w] ^ k1;
-      x1[w] = static_cast<uint32_t>(pb);
-      x3[w] = static_cast<uint32_t>(pa);
-      x0[w] = n0;
-      x2[w] = n2;
-    }
+    const U64 pa = __builtin_convertvector(x0, U64) * uint64_t{0xD2511F53u};
+    const U64 pb = __builtin_convertvector(x2, U64) * uint64_t{0xCD9E8D57u};
+    const U32 n0 = __builtin_convertvector(pb >> 32, U32) ^ x1 ^ k0;
+    const U32 n2 = __builtin_convertvector(pa >> 32, U32) ^ x3 ^ k1;
+    x1 = __builtin_convertvector(pb, U32);  // low 32 bits
+    x3 = __builtin_convertvector(pa, U32);
+    x0 = n0;
+    x2 = n2;
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  for (int w = 0; w < kW; ++w) {
-    const float u = static_cast<float>(x0[w] >> 8) * 0x1p-24f;
-    z[w] = u >= threshold ? inv_keep : acc_t(0);
-  }
+  typedef float F32 __attribute__((vector_size(64)));
+  const F32 u = __builtin_convertvector(x0 >> 8, F32) * 0x1p-24f;
+  for (int w = 0; w < 16; ++w) z[w] = u[w] >= threshold ? inv_keep : acc_t(0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -727,8 +729,9 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt,
               "fastrec attention (cpp): q, k, v must have the same dtype, got ", dt, ", ",
               k.scalar_type(), ", ", v.scalar_type());
-  TORCH_CHECK(k.sizes() == v.sizes(), "fastrec attention (cpp): k and v must have the same shape, got ",
-              k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(k.sizes() == v.sizes(),
+              "fastrec attention (cpp): k and v must have the same shape, got ", k.sizes(),
+              " and ", v.sizes());
   TORCH_CHECK(q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
               "fastrec attention (cpp): q (B, H, Lq, D) and k (B, H, Lk, D) must agree in B, H "
               "and D, got q ",
@@ -740,8 +743,9 @@ template <typename acc_t>
 Masks<acc_t> make_masks(const at::Tensor& q, const at::Tensor& k,
                         const std::optional<at::Tensor>& key_padding_mask,
                         const std::optional<at::Tensor>& lengths,
-                        const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& seed,
-                        bool causal, double scale, double dropout_p) {
+                        const std::optional<at::Tensor>& bias,
+                        const std::optional<at::Tensor>& seed, bool causal, double scale,
+                        double dropout_p) {
   Masks<acc_t> m;
   m.B = q.size(0);
   m.H = q.size(1);
