@@ -181,8 +181,17 @@ def _forward_inner(
             v = v.to(compute_dtype)
         qk = tl.dot(q, k_t, input_precision=DOT_PRECISION, out_dtype=compute_dtype)
         s = _score_tile(
-            qk, offs_m[:, None], offs_k[None, :], key_ok[None, :], qk_scale, Bias,
-            stride_bias_m, stride_bias_n, Lq, HAS_BIAS, MASK_CAUSAL,
+            qk,
+            offs_m[:, None],
+            offs_k[None, :],
+            key_ok[None, :],
+            qk_scale,
+            Bias,
+            stride_bias_m,
+            stride_bias_n,
+            Lq,
+            HAS_BIAS,
+            MASK_CAUSAL,
         )
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with no allowed key so far has m = -inf: shift by 0 so that exp2 gives 0, not NaN.
@@ -210,10 +219,22 @@ def _attention_forward_kernel(
     Lengths,  # (B,) int32; read iff HAS_LENGTHS
     Bias,  # (B|1, H|1, Lq, Lk) fp32/fp64 strided (0 on broadcast dims); read iff HAS_BIAS
     Seed,  # (1,) int64; read iff DROPOUT
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_bias_b,
+    stride_bias_h,
+    stride_bias_m,
+    stride_bias_n,
     H,
     Lq,
     Lk,
@@ -274,26 +295,107 @@ def _attention_forward_kernel(
         # Keys below start_m are allowed for every row of the block (no causal mask needed);
         # keys in [start_m, start_m + BLOCK_M) straddle the diagonal; later keys are skipped.
         acc, l_i, m_i = _forward_inner(
-            acc, l_i, m_i, q, K, V, KeyPaddingMask, Bias, seed,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_bias_m, stride_bias_n,
-            batch_head, offs_m, offs_d, 0, tl.minimum(start_m, kv_len), Lq, Lk, head_dim,
-            qk_scale, dropout_p,
-            False, HAS_KEY_PADDING_MASK, HAS_BIAS, DROPOUT, UPCAST_INPUTS, DOT_PRECISION, BLOCK_N,
+            acc,
+            l_i,
+            m_i,
+            q,
+            K,
+            V,
+            KeyPaddingMask,
+            Bias,
+            seed,
+            stride_kn,
+            stride_kd,
+            stride_vn,
+            stride_vd,
+            stride_bias_m,
+            stride_bias_n,
+            batch_head,
+            offs_m,
+            offs_d,
+            0,
+            tl.minimum(start_m, kv_len),
+            Lq,
+            Lk,
+            head_dim,
+            qk_scale,
+            dropout_p,
+            False,
+            HAS_KEY_PADDING_MASK,
+            HAS_BIAS,
+            DROPOUT,
+            UPCAST_INPUTS,
+            DOT_PRECISION,
+            BLOCK_N,
         )
         acc, l_i, m_i = _forward_inner(
-            acc, l_i, m_i, q, K, V, KeyPaddingMask, Bias, seed,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_bias_m, stride_bias_n,
-            batch_head, offs_m, offs_d, start_m, tl.minimum(start_m + BLOCK_M, kv_len), Lq, Lk,
-            head_dim, qk_scale, dropout_p,
-            True, HAS_KEY_PADDING_MASK, HAS_BIAS, DROPOUT, UPCAST_INPUTS, DOT_PRECISION, BLOCK_N,
+            acc,
+            l_i,
+            m_i,
+            q,
+            K,
+            V,
+            KeyPaddingMask,
+            Bias,
+            seed,
+            stride_kn,
+            stride_kd,
+            stride_vn,
+            stride_vd,
+            stride_bias_m,
+            stride_bias_n,
+            batch_head,
+            offs_m,
+            offs_d,
+            start_m,
+            tl.minimum(start_m + BLOCK_M, kv_len),
+            Lq,
+            Lk,
+            head_dim,
+            qk_scale,
+            dropout_p,
+            True,
+            HAS_KEY_PADDING_MASK,
+            HAS_BIAS,
+            DROPOUT,
+            UPCAST_INPUTS,
+            DOT_PRECISION,
+            BLOCK_N,
         )
     else:
         acc, l_i, m_i = _forward_inner(
-            acc, l_i, m_i, q, K, V, KeyPaddingMask, Bias, seed,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_bias_m, stride_bias_n,
-            batch_head, offs_m, offs_d, 0, kv_len, Lq, Lk, head_dim,
-            qk_scale, dropout_p,
-            False, HAS_KEY_PADDING_MASK, HAS_BIAS, DROPOUT, UPCAST_INPUTS, DOT_PRECISION, BLOCK_N,
+            acc,
+            l_i,
+            m_i,
+            q,
+            K,
+            V,
+            KeyPaddingMask,
+            Bias,
+            seed,
+            stride_kn,
+            stride_kd,
+            stride_vn,
+            stride_vd,
+            stride_bias_m,
+            stride_bias_n,
+            batch_head,
+            offs_m,
+            offs_d,
+            0,
+            kv_len,
+            Lq,
+            Lk,
+            head_dim,
+            qk_scale,
+            dropout_p,
+            False,
+            HAS_KEY_PADDING_MASK,
+            HAS_BIAS,
+            DROPOUT,
+            UPCAST_INPUTS,
+            DOT_PRECISION,
+            BLOCK_N,
         )
 
     empty = l_i == 0.0  # no allowed key: out = 0, lse = +inf
@@ -321,8 +423,14 @@ def _attention_backward_preprocess_kernel(
     Out,  # (B, H, Lq, D) strided
     GradOut,  # (B, H, Lq, D) strided
     Delta,  # (B, H, Lq) contiguous, fp32 (fp64 for fp64 inputs)
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_gb, stride_gh, stride_gm, stride_gd,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    stride_gb,
+    stride_gh,
+    stride_gm,
+    stride_gd,
     H,
     Lq,
     head_dim,
@@ -411,23 +519,29 @@ def _dkdv_inner(
         delta = tl.load(Delta + offs_m, mask=row_ok, other=0.0).to(compute_dtype)
         qk_t = tl.dot(k, q_t, input_precision=DOT_PRECISION, out_dtype=compute_dtype)
         s_t = _score_tile(
-            qk_t, offs_m[None, :], offs_k[:, None], key_ok[:, None], qk_scale, Bias,
-            stride_bias_m, stride_bias_n, Lq, HAS_BIAS, MASK_CAUSAL,
+            qk_t,
+            offs_m[None, :],
+            offs_k[:, None],
+            key_ok[:, None],
+            qk_scale,
+            Bias,
+            stride_bias_m,
+            stride_bias_n,
+            Lq,
+            HAS_BIAS,
+            MASK_CAUSAL,
         )
         p_t = tl.math.exp2(s_t - lse[None, :] * 1.4426950408889634)  # (BLOCK_N, BLOCK_M)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION, out_dtype=compute_dtype)
         if DROPOUT:
             keep = _dropout_keep(seed, offs_m[None, :], offs_k[:, None], Lk, batch_head, dropout_p)
             z_t = tl.where(keep, dropout_scale, 0.0)
-            dv = tl.dot((p_t * z_t).to(do.dtype), do, dv, input_precision=DOT_PRECISION,
-                        out_dtype=compute_dtype)
+            dv = tl.dot((p_t * z_t).to(do.dtype), do, dv, input_precision=DOT_PRECISION, out_dtype=compute_dtype)
             dp_t = dp_t * z_t
         else:
-            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION,
-                        out_dtype=compute_dtype)
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION, out_dtype=compute_dtype)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=DOT_PRECISION,
-                    out_dtype=compute_dtype)
+        dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=DOT_PRECISION, out_dtype=compute_dtype)
     return dk, dv
 
 
@@ -445,11 +559,26 @@ def _attention_backward_dkdv_kernel(
     Lengths,  # (B,) int32; read iff HAS_LENGTHS
     Bias,  # (B|1, H|1, Lq, Lk) strided; read iff HAS_BIAS
     Seed,  # (1,) int64; read iff DROPOUT
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_gb, stride_gh, stride_gm, stride_gd,
-    stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_gb,
+    stride_gh,
+    stride_gm,
+    stride_gd,
+    stride_bias_b,
+    stride_bias_h,
+    stride_bias_m,
+    stride_bias_n,
     H,
     Lq,
     Lk,
@@ -521,26 +650,113 @@ def _attention_backward_dkdv_kernel(
         # Queries before start_n see none of these keys (skipped); queries in
         # [start_n, start_n + BLOCK_N) straddle the diagonal; later queries see all of them.
         dk, dv = _dkdv_inner(
-            dk, dv, k, v, Q, GradOut, LSE, Delta, Bias, seed,
-            stride_qm, stride_qd, stride_gm, stride_gd, stride_bias_m, stride_bias_n,
-            batch_head, offs_k, key_ok, offs_d, start_n, tl.minimum(start_n + BLOCK_N, q_hi),
-            Lq, Lk, head_dim, qk_scale, dropout_p, dropout_scale,
-            True, HAS_BIAS, DROPOUT, UPCAST_INPUTS, DOT_PRECISION, BLOCK_M,
+            dk,
+            dv,
+            k,
+            v,
+            Q,
+            GradOut,
+            LSE,
+            Delta,
+            Bias,
+            seed,
+            stride_qm,
+            stride_qd,
+            stride_gm,
+            stride_gd,
+            stride_bias_m,
+            stride_bias_n,
+            batch_head,
+            offs_k,
+            key_ok,
+            offs_d,
+            start_n,
+            tl.minimum(start_n + BLOCK_N, q_hi),
+            Lq,
+            Lk,
+            head_dim,
+            qk_scale,
+            dropout_p,
+            dropout_scale,
+            True,
+            HAS_BIAS,
+            DROPOUT,
+            UPCAST_INPUTS,
+            DOT_PRECISION,
+            BLOCK_M,
         )
         dk, dv = _dkdv_inner(
-            dk, dv, k, v, Q, GradOut, LSE, Delta, Bias, seed,
-            stride_qm, stride_qd, stride_gm, stride_gd, stride_bias_m, stride_bias_n,
-            batch_head, offs_k, key_ok, offs_d, start_n + BLOCK_N, q_hi,
-            Lq, Lk, head_dim, qk_scale, dropout_p, dropout_scale,
-            False, HAS_BIAS, DROPOUT, UPCAST_INPUTS, DOT_PRECISION, BLOCK_M,
+            dk,
+            dv,
+            k,
+            v,
+            Q,
+            GradOut,
+            LSE,
+            Delta,
+            Bias,
+            seed,
+            stride_qm,
+            stride_qd,
+            stride_gm,
+            stride_gd,
+            stride_bias_m,
+            stride_bias_n,
+            batch_head,
+            offs_k,
+            key_ok,
+            offs_d,
+            start_n + BLOCK_N,
+            q_hi,
+            Lq,
+            Lk,
+            head_dim,
+            qk_scale,
+            dropout_p,
+            dropout_scale,
+            False,
+            HAS_BIAS,
+            DROPOUT,
+            UPCAST_INPUTS,
+            DOT_PRECISION,
+            BLOCK_M,
         )
     else:
         dk, dv = _dkdv_inner(
-            dk, dv, k, v, Q, GradOut, LSE, Delta, Bias, seed,
-            stride_qm, stride_qd, stride_gm, stride_gd, stride_bias_m, stride_bias_n,
-            batch_head, offs_k, key_ok, offs_d, 0, q_hi,
-            Lq, Lk, head_dim, qk_scale, dropout_p, dropout_scale,
-            False, HAS_BIAS, DROPOUT, UPCAST_INPUTS, DOT_PRECISION, BLOCK_M,
+            dk,
+            dv,
+            k,
+            v,
+            Q,
+            GradOut,
+            LSE,
+            Delta,
+            Bias,
+            seed,
+            stride_qm,
+            stride_qd,
+            stride_gm,
+            stride_gd,
+            stride_bias_m,
+            stride_bias_n,
+            batch_head,
+            offs_k,
+            key_ok,
+            offs_d,
+            0,
+            q_hi,
+            Lq,
+            Lk,
+            head_dim,
+            qk_scale,
+            dropout_p,
+            dropout_scale,
+            False,
+            HAS_BIAS,
+            DROPOUT,
+            UPCAST_INPUTS,
+            DOT_PRECISION,
+            BLOCK_M,
         )
 
     dk = dk * (tl.cast(scale_hi, compute_dtype) + tl.cast(scale_lo, compute_dtype))
@@ -606,8 +822,17 @@ def _dq_inner(
             v_t = v_t.to(compute_dtype)
         qk = tl.dot(q, k_t, input_precision=DOT_PRECISION, out_dtype=compute_dtype)
         s = _score_tile(
-            qk, offs_m[:, None], offs_k[None, :], key_ok[None, :], qk_scale, Bias,
-            stride_bias_m, stride_bias_n, Lq, HAS_BIAS, MASK_CAUSAL,
+            qk,
+            offs_m[:, None],
+            offs_k[None, :],
+            key_ok[None, :],
+            qk_scale,
+            Bias,
+            stride_bias_m,
+            stride_bias_n,
+            Lq,
+            HAS_BIAS,
+            MASK_CAUSAL,
         )
         p = tl.math.exp2(s - lse[:, None] * 1.4426950408889634)
         dp = tl.dot(do, v_t, input_precision=DOT_PRECISION, out_dtype=compute_dtype)
@@ -615,8 +840,7 @@ def _dq_inner(
             keep = _dropout_keep(seed, offs_m[:, None], offs_k[None, :], Lk, batch_head, dropout_p)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=DOT_PRECISION,
-                    out_dtype=compute_dtype)
+        dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=DOT_PRECISION, out_dtype=compute_dtype)
     return dq
 
 
@@ -633,11 +857,26 @@ def _attention_backward_dq_kernel(
     Lengths,  # (B,) int32; read iff HAS_LENGTHS
     Bias,  # (B|1, H|1, Lq, Lk) strided; read iff HAS_BIAS
     Seed,  # (1,) int64; read iff DROPOUT
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_gb, stride_gh, stride_gm, stride_gd,
-    stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_gb,
+    stride_gh,
+    stride_gm,
+    stride_gd,
+    stride_bias_b,
+    stride_bias_h,
+    stride_bias_m,
+    stride_bias_n,
     H,
     Lq,
     Lk,
@@ -705,26 +944,113 @@ def _attention_backward_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=compute_dtype)
     if CAUSAL:
         dq = _dq_inner(
-            dq, q, do, lse, delta, K, V, KeyPaddingMask, Bias, seed,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_bias_m, stride_bias_n,
-            batch_head, offs_m, offs_d, 0, tl.minimum(start_m, kv_len), Lq, Lk, head_dim,
-            qk_scale, dropout_p, dropout_scale,
-            False, HAS_KEY_PADDING_MASK, HAS_BIAS, DROPOUT, UPCAST_INPUTS, DOT_PRECISION, BLOCK_N,
+            dq,
+            q,
+            do,
+            lse,
+            delta,
+            K,
+            V,
+            KeyPaddingMask,
+            Bias,
+            seed,
+            stride_kn,
+            stride_kd,
+            stride_vn,
+            stride_vd,
+            stride_bias_m,
+            stride_bias_n,
+            batch_head,
+            offs_m,
+            offs_d,
+            0,
+            tl.minimum(start_m, kv_len),
+            Lq,
+            Lk,
+            head_dim,
+            qk_scale,
+            dropout_p,
+            dropout_scale,
+            False,
+            HAS_KEY_PADDING_MASK,
+            HAS_BIAS,
+            DROPOUT,
+            UPCAST_INPUTS,
+            DOT_PRECISION,
+            BLOCK_N,
         )
         dq = _dq_inner(
-            dq, q, do, lse, delta, K, V, KeyPaddingMask, Bias, seed,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_bias_m, stride_bias_n,
-            batch_head, offs_m, offs_d, start_m, tl.minimum(start_m + BLOCK_M, kv_len), Lq, Lk,
-            head_dim, qk_scale, dropout_p, dropout_scale,
-            True, HAS_KEY_PADDING_MASK, HAS_BIAS, DROPOUT, UPCAST_INPUTS, DOT_PRECISION, BLOCK_N,
+            dq,
+            q,
+            do,
+            lse,
+            delta,
+            K,
+            V,
+            KeyPaddingMask,
+            Bias,
+            seed,
+            stride_kn,
+            stride_kd,
+            stride_vn,
+            stride_vd,
+            stride_bias_m,
+            stride_bias_n,
+            batch_head,
+            offs_m,
+            offs_d,
+            start_m,
+            tl.minimum(start_m + BLOCK_M, kv_len),
+            Lq,
+            Lk,
+            head_dim,
+            qk_scale,
+            dropout_p,
+            dropout_scale,
+            True,
+            HAS_KEY_PADDING_MASK,
+            HAS_BIAS,
+            DROPOUT,
+            UPCAST_INPUTS,
+            DOT_PRECISION,
+            BLOCK_N,
         )
     else:
         dq = _dq_inner(
-            dq, q, do, lse, delta, K, V, KeyPaddingMask, Bias, seed,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_bias_m, stride_bias_n,
-            batch_head, offs_m, offs_d, 0, kv_len, Lq, Lk, head_dim,
-            qk_scale, dropout_p, dropout_scale,
-            False, HAS_KEY_PADDING_MASK, HAS_BIAS, DROPOUT, UPCAST_INPUTS, DOT_PRECISION, BLOCK_N,
+            dq,
+            q,
+            do,
+            lse,
+            delta,
+            K,
+            V,
+            KeyPaddingMask,
+            Bias,
+            seed,
+            stride_kn,
+            stride_kd,
+            stride_vn,
+            stride_vd,
+            stride_bias_m,
+            stride_bias_n,
+            batch_head,
+            offs_m,
+            offs_d,
+            0,
+            kv_len,
+            Lq,
+            Lk,
+            head_dim,
+            qk_scale,
+            dropout_p,
+            dropout_scale,
+            False,
+            HAS_KEY_PADDING_MASK,
+            HAS_BIAS,
+            DROPOUT,
+            UPCAST_INPUTS,
+            DOT_PRECISION,
+            BLOCK_N,
         )
     dq = dq * (tl.cast(scale_hi, compute_dtype) + tl.cast(scale_lo, compute_dtype))
     tl.store(
@@ -880,9 +1206,7 @@ def _optional_args(q, key_padding_mask, lengths, bias, seed, dropout_p):
     if lengths is not None:
         lengths = lengths.contiguous()
     if bias is not None:
-        bias_strides = tuple(
-            0 if bias.size(i) == 1 else bias.stride(i) for i in range(4)
-        )  # a size-1 dim broadcasts
+        bias_strides = tuple(0 if bias.size(i) == 1 else bias.stride(i) for i in range(4))  # a size-1 dim broadcasts
     else:
         bias_strides = (0, 0, 0, 0)
     seed_arg = seed if (seed is not None and dropout_p > 0.0) else None
@@ -895,9 +1219,7 @@ def _optional_args(q, key_padding_mask, lengths, bias, seed, dropout_p):
     )
 
 
-def attention_forward(
-    q, k, v, key_padding_mask, lengths, bias, seed, causal, scale, dropout_p, allow_tf32=False
-):
+def attention_forward(q, k, v, key_padding_mask, lengths, bias, seed, causal, scale, dropout_p, allow_tf32=False):
     """(out (B, H, Lq, D), lse (B, H, Lq)); see SPEC.md. Inputs may be strided views."""
     batch, heads, len_q, head_dim = q.shape
     len_k = k.shape[2]
@@ -909,25 +1231,57 @@ def attention_forward(
     lse = torch.empty((batch, heads, len_q), dtype=acc_dtype, device=q.device)
     interpreter = _on_interpreter(q)
     cfg = block_config("forward", q.dtype, head_dim, interpreter)
-    kpm, lens, bias_arg, seed_arg, bias_strides = _optional_args(
-        q, key_padding_mask, lengths, bias, seed, dropout_p
-    )
+    kpm, lens, bias_arg, seed_arg, bias_strides = _optional_args(q, key_padding_mask, lengths, bias, seed, dropout_p)
     scale_hi, scale_lo = _split_fp32(scale * LOG2E)
     drop_hi, drop_lo = _split_fp32(1.0 / (1.0 - dropout_p))
     grid = (batch * heads, triton.cdiv(len_q, cfg.block_m))
     _attention_forward_kernel[grid](
-        q, k, v, out, lse, kpm, lens, bias_arg, seed_arg,
-        *q.stride(), *k.stride(), *v.stride(), *bias_strides,
-        heads, len_q, len_k, head_dim, scale_hi, scale_lo, dropout_p, drop_hi, drop_lo,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        kpm,
+        lens,
+        bias_arg,
+        seed_arg,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *bias_strides,
+        heads,
+        len_q,
+        len_k,
+        head_dim,
+        scale_hi,
+        scale_lo,
+        dropout_p,
+        drop_hi,
+        drop_lo,
         **_flags(key_padding_mask, lengths, bias, causal, dropout_p, allow_tf32, q.dtype, interpreter),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d_for(head_dim),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_D=block_d_for(head_dim),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     return out, lse
 
 
 def attention_backward(
-    grad_out, q, k, v, out, lse, key_padding_mask, lengths, bias, seed, causal, scale, dropout_p,
+    grad_out,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    key_padding_mask,
+    lengths,
+    bias,
+    seed,
+    causal,
+    scale,
+    dropout_p,
     allow_tf32=False,
 ):
     """(dq, dk, dv), contiguous, dtypes of q, k, v; see SPEC.md."""
@@ -944,37 +1298,87 @@ def attention_backward(
     delta = torch.empty((batch, heads, len_q), dtype=acc_dtype, device=q.device)
     pre_block_m = preprocess_block_m(q.dtype, head_dim)
     _attention_backward_preprocess_kernel[(batch * heads, triton.cdiv(len_q, pre_block_m))](
-        out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, len_q, head_dim,
-        BLOCK_M=pre_block_m, BLOCK_D=block_d,
+        out,
+        grad_out,
+        delta,
+        *out.stride(),
+        *grad_out.stride(),
+        heads,
+        len_q,
+        head_dim,
+        BLOCK_M=pre_block_m,
+        BLOCK_D=block_d,
     )
 
     dq = torch.empty((batch, heads, len_q, head_dim), dtype=q.dtype, device=q.device)
     dk = torch.empty((batch, heads, len_k, head_dim), dtype=k.dtype, device=q.device)
     dv = torch.empty((batch, heads, len_k, head_dim), dtype=v.dtype, device=q.device)
-    kpm, lens, bias_arg, seed_arg, bias_strides = _optional_args(
-        q, key_padding_mask, lengths, bias, seed, dropout_p
-    )
+    kpm, lens, bias_arg, seed_arg, bias_strides = _optional_args(q, key_padding_mask, lengths, bias, seed, dropout_p)
     scale_hi, scale_lo = _split_fp32(scale)
     qk_scale_hi, qk_scale_lo = _split_fp32(scale * LOG2E)
     drop_hi, drop_lo = _split_fp32(1.0 / (1.0 - dropout_p))
     flags = _flags(key_padding_mask, lengths, bias, causal, dropout_p, allow_tf32, q.dtype, interpreter)
     common = (
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *bias_strides,
-        heads, len_q, len_k, head_dim, scale_hi, scale_lo, qk_scale_hi, qk_scale_lo,
-        dropout_p, drop_hi, drop_lo,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *grad_out.stride(),
+        *bias_strides,
+        heads,
+        len_q,
+        len_k,
+        head_dim,
+        scale_hi,
+        scale_lo,
+        qk_scale_hi,
+        qk_scale_lo,
+        dropout_p,
+        drop_hi,
+        drop_lo,
     )
 
     cfg = block_config("dkdv", q.dtype, head_dim, interpreter)
     _attention_backward_dkdv_kernel[(batch * heads, triton.cdiv(len_k, cfg.block_n))](
-        q, k, v, grad_out, lse, delta, dk, dv, kpm, lens, bias_arg, seed_arg, *common, **flags,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        q,
+        k,
+        v,
+        grad_out,
+        lse,
+        delta,
+        dk,
+        dv,
+        kpm,
+        lens,
+        bias_arg,
+        seed_arg,
+        *common,
+        **flags,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_D=block_d,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     cfg = block_config("dq", q.dtype, head_dim, interpreter)
     _attention_backward_dq_kernel[(batch * heads, triton.cdiv(len_q, cfg.block_m))](
-        q, k, v, grad_out, lse, delta, dq, kpm, lens, bias_arg, seed_arg, *common, **flags,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        q,
+        k,
+        v,
+        grad_out,
+        lse,
+        delta,
+        dq,
+        kpm,
+        lens,
+        bias_arg,
+        seed_arg,
+        *common,
+        **flags,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_D=block_d,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     return dq, dk, dv
 
@@ -1056,26 +1460,39 @@ def kernel_variants() -> list[KernelVariant]:
     variants = []
     for torch_dtype, dt in _TRITON_DTYPE.items():
         for block_d in BLOCK_D_BUCKETS:
-            variants.append(_variant(
-                _attention_backward_preprocess_kernel, "backward_preprocess", dt,
-                dict(BLOCK_M=preprocess_block_m(torch_dtype, block_d), BLOCK_D=block_d),
-                dict(num_warps=4, num_stages=1),
-            ))
+            variants.append(
+                _variant(
+                    _attention_backward_preprocess_kernel,
+                    "backward_preprocess",
+                    dt,
+                    dict(BLOCK_M=preprocess_block_m(torch_dtype, block_d), BLOCK_D=block_d),
+                    dict(num_warps=4, num_stages=1),
+                )
+            )
             for bits in range(2 ** len(FLAG_NAMES)):
                 on = tuple(n for i, n in enumerate(FLAG_NAMES) if bits >> i & 1)
-                for tf32 in ((False, True) if torch_dtype == torch.float32 else (False,)):
+                for tf32 in (False, True) if torch_dtype == torch.float32 else (False,):
                     flags = on + (("ALLOW_TF32",) if tf32 else ())
                     for kernel, fn in kernels:
                         cfg = block_config(kernel, torch_dtype, block_d, interpreter=False)
                         constexprs = {n: (n in on) for n in FLAG_NAMES}
                         constexprs.update(
-                            UPCAST_INPUTS=False, ALLOW_TF32=tf32, BLOCK_M=cfg.block_m,
-                            BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+                            UPCAST_INPUTS=False,
+                            ALLOW_TF32=tf32,
+                            BLOCK_M=cfg.block_m,
+                            BLOCK_N=cfg.block_n,
+                            BLOCK_D=block_d,
                         )
-                        variants.append(_variant(
-                            fn, kernel, dt, constexprs,
-                            dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), flags,
-                        ))
+                        variants.append(
+                            _variant(
+                                fn,
+                                kernel,
+                                dt,
+                                constexprs,
+                                dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+                                flags,
+                            )
+                        )
     return variants
 
 

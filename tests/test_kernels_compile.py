@@ -81,8 +81,10 @@ def select_variants(variants, full: bool = False, alternate_flags=()) -> list[tu
         if bucket not in buckets.setdefault(kernel, []):
             buckets[kernel].append(bucket)
     for (kernel, dtype, bucket), members in sorted(groups.items()):
-        heaviest = max(members, key=lambda v: (len(set(v.flags) - set(alternate_flags)),
-                                               -len(set(v.flags) & set(alternate_flags)), v.name))
+        heaviest = max(
+            members,
+            key=lambda v: (len(set(v.flags) - set(alternate_flags)), -len(set(v.flags) & set(alternate_flags)), v.name),
+        )
         turn = buckets[kernel].index(bucket) + dtypes.index(dtype)
         pick(heaviest, COMPUTE_CAPABILITIES[turn % len(COMPUTE_CAPABILITIES)], True)
 
@@ -136,8 +138,14 @@ def _compile_one(job):
     from triton.compiler import ASTSource
 
     variant = _VARIANTS[(family, name)]
-    result = {"family": family, "name": name, "cc": cc, "dtype": variant.dtype, "worst_case": worst_case,
-              "spills_expected": getattr(variant, "spills_expected", "")}
+    result = {
+        "family": family,
+        "name": name,
+        "cc": cc,
+        "dtype": variant.dtype,
+        "worst_case": worst_case,
+        "spills_expected": getattr(variant, "spills_expected", ""),
+    }
     start = time.time()
     try:
         # triton runs ptxas -v; with dump_ptxas_log it prints the log, which holds the spill line.
