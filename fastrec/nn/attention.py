@@ -89,21 +89,22 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 
     def _fused_forward(self, query, key, value, key_padding_mask, attn_mask, is_causal) -> Tensor:
         batched = query.dim() == 3
-        if not batched:
-            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        if not batched:  # (L, E) -> (1, L, E)
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
-        elif self.batch_first:
-            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        # From here on (L, B, E), as torch's own implementation.
-        len_q, batch, embed = query.shape
-        heads, head_dim = self.num_heads, self.head_dim
-        q, k, v = self._project(query, key, value)
+        # Tokens stay in the caller's layout, (B, L, E) or (L, B, E): the projections read the
+        # input in place and the heads are strided views, so nothing is transposed in memory.
+        batch_major = self.batch_first or not batched
+        batch, len_q = query.shape[:2] if batch_major else query.shape[1::-1]
+        embed, heads, head_dim = self.embed_dim, self.num_heads, self.head_dim
 
-        def split_heads(x: Tensor) -> Tensor:  # (L, B, E) -> (B, H, L, D), a view
-            return x.view(x.shape[0], batch, heads, head_dim).permute(1, 2, 0, 3)
+        def split_heads(x: Tensor) -> Tensor:  # tokens -> (B, H, L, D), a view
+            if batch_major:
+                return x.view(batch, -1, heads, head_dim).transpose(1, 2)
+            return x.view(-1, batch, heads, head_dim).permute(1, 2, 0, 3)
 
-        q, k, v = split_heads(q), split_heads(k), split_heads(v)
+        q, k, v = (split_heads(x) for x in self._project(query, key, value))
 
         causal = False
         if attn_mask is not None:
@@ -114,15 +115,15 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             elif attn_mask.dim() == 3:
                 attn_mask = attn_mask.view(batch, heads, len_q, -1)
 
-        extra_keys = []
+        extra_keys = []  # torch's order: bias_k/bias_v first, then the zero key
         if self.bias_k is not None:
             extra_keys.append((self.bias_k, self.bias_v))
         if self.add_zero_attn:
             zeros = q.new_zeros(1, 1, embed)
             extra_keys.append((zeros, zeros))
         for k_extra, v_extra in extra_keys:
-            k = torch.cat([k, split_heads(k_extra.expand(1, batch, embed))], dim=2)
-            v = torch.cat([v, split_heads(v_extra.expand(1, batch, embed))], dim=2)
+            k = torch.cat([k, k_extra.view(1, heads, 1, head_dim).expand(batch, -1, -1, -1)], dim=2)
+            v = torch.cat([v, v_extra.view(1, heads, 1, head_dim).expand(batch, -1, -1, -1)], dim=2)
             if causal:  # the extra key is visible to every query: the causal mask becomes general
                 attn_mask, causal = _causal_bool_mask(len_q, k.shape[2] - 1, q.device), False
             if attn_mask is not None:
@@ -139,11 +140,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
         )
-        out = out.permute(2, 0, 1, 3).reshape(len_q * batch, embed)
-        out = F.linear(out, self.out_proj.weight, self.out_proj.bias).view(len_q, batch, embed)
-        if not batched:
-            return out.squeeze(1)
-        return out.transpose(0, 1) if self.batch_first else out
+        out = out.transpose(1, 2) if batch_major else out.permute(2, 0, 1, 3)
+        out = F.linear(out.reshape(-1, embed), self.out_proj.weight, self.out_proj.bias)
+        out = out.view(batch, len_q, embed) if batch_major else out.view(len_q, batch, embed)
+        return out if batched else out.squeeze(0)
 
     def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The input projections; one GEMM for self-attention (query is key is value)."""
