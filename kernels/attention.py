@@ -1,6 +1,7 @@
 """Fused scaled-dot-product attention in Triton (FlashAttention-2 style), forward and backward.
 
-Contract: /tmp/fr/SPEC.md ("The two core functions"). Layout of this file, top-down:
+Contract: the docstring of fastrec/ops/attention.py (shared with the C++ and torch backends).
+Layout of this file, top-down:
 
 1. ``@triton.jit`` helpers: the allowed-key mask, the score tile, the dropout keep mask.
 2. Kernels
@@ -1220,7 +1221,7 @@ def _optional_args(q, key_padding_mask, lengths, bias, seed, dropout_p):
 
 
 def attention_forward(q, k, v, key_padding_mask, lengths, bias, seed, causal, scale, dropout_p, allow_tf32=False):
-    """(out (B, H, Lq, D), lse (B, H, Lq)); see SPEC.md. Inputs may be strided views."""
+    """(out (B, H, Lq, D), lse (B, H, Lq)); see fastrec/ops/attention.py. Inputs may be strided views."""
     batch, heads, len_q, head_dim = q.shape
     len_k = k.shape[2]
     dropout_p = float(dropout_p)
@@ -1284,7 +1285,7 @@ def attention_backward(
     dropout_p,
     allow_tf32=False,
 ):
-    """(dq, dk, dv), contiguous, dtypes of q, k, v; see SPEC.md."""
+    """(dq, dk, dv), contiguous, dtypes of q, k, v; see fastrec/ops/attention.py."""
     batch, heads, len_q, head_dim = q.shape
     len_k = k.shape[2]
     dropout_p = float(dropout_p)

@@ -1,13 +1,30 @@
 """Attention: the autograd.Function, the registered ops of each backend, and dispatch.
 
-Canonical inputs (validated by ``fastrec.functional.attention``):
-q ``(B, H, Lq, D)``, k/v ``(B, H, Lk, D)``; ``key_padding_mask`` bool ``(B, Lk)`` (True =
-ignore); ``lengths`` int32 ``(B,)`` (keys ``j < lengths[b]`` take part); ``bias`` float
-``(B|1, H|1, Lq, Lk)`` added to the scaled scores (``-inf`` = masked); ``seed`` int64 ``(1,)``
-for dropout (see ``fastrec._philox``). Rows with no allowed key give zeros and no gradient.
+The contract every backend implements (Triton: ``kernels/attention.py``; C++:
+``csrc/attention.cpp``; torch: ``attention_torch`` below, the readable reference):
 
-Each backend's forward returns ``(out, lse)``; backward recomputes the probabilities from the
-log-sum-exp, so nothing of size L x L is saved.
+``forward(q, k, v, key_padding_mask, lengths, bias, seed, causal, scale, dropout_p) -> (out, lse)``
+``backward(grad_out, q, k, v, out, lse, <the same masks and flags>) -> (dq, dk, dv)``
+
+- q ``(B, H, Lq, D)``, k/v ``(B, H, Lk, D)``, any strides, one of fp16/bf16/fp32/fp64.
+- ``key_padding_mask``: bool ``(B, Lk)``, True = that key is ignored by every query of row b.
+- ``lengths``: int32 ``(B,)``; keys ``j < lengths[b]`` take part (right padding).
+- ``bias``: fp32 (fp64 for fp64 q) ``(B|1, H|1, Lq, Lk)``, possibly an expanded view; added to
+  the scaled scores ``s_ij = scale * q_i.k_j + bias_ij``; ``-inf`` entries are masked.
+- ``causal``: key j is allowed for query i iff ``j <= i``.
+- ``dropout_p`` in [0, 1) with ``seed`` int64 ``(1,)`` on q's device: probability ``P_ij`` is
+  kept iff the Philox uniform of ``fastrec._philox`` for counter ``(i * Lk + j, b * H + h)`` is
+  ``>= dropout_p``; kept ones are scaled by ``1 / (1 - dropout_p)``. Every backend draws the
+  same bits.
+- ``out`` ``(B, H, Lq, D)`` contiguous in q's dtype; ``lse`` ``(B, H, Lq)`` fp32 (fp64 for fp64
+  q), the natural-log log-sum-exp of the allowed scores before dropout. A row with no allowed
+  key has ``out = 0`` and ``lse = +inf``, so its probabilities and gradients are exactly zero.
+- Backward recomputes ``P = exp(s - lse)`` (nothing of size L x L is saved or written) and
+  returns contiguous gradients in the dtypes of q, k, v.
+- Numerics: fp32 in fp32 (no TF32 unless torch's ``allow_tf32`` flag says so), fp16/bf16
+  accumulate in fp32, fp64 in fp64 (for gradcheck).
+
+The masks reach this layer in canonical form from ``fastrec.functional.attention``.
 """
 
 import math
