@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -40,47 +38,17 @@ def attention(
     ``training``) acts on the attention probabilities and is reproducible from torch's RNG.
     """
     _check_qkv(q, k, v)
+    batch, heads, len_q, _ = q.shape
+    len_k = k.shape[-2]
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if scale is not None and not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+
     if torch.amp.is_autocast_available(q.device.type) and torch.is_autocast_enabled(q.device.type):
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    key_padding_mask, lengths, bias = _canonical_masks(q, k, key_padding_mask, lengths, attn_mask)
-    return attention_ops.attention(
-        q, k, v, key_padding_mask, lengths, bias, causal, scale, dropout_p if training else 0.0
-    )
 
-
-def attention_weights(
-    q: Tensor,
-    k: Tensor,
-    *,
-    causal: bool = False,
-    key_padding_mask: Tensor | None = None,
-    lengths: Tensor | None = None,
-    attn_mask: Tensor | None = None,
-    scale: float | None = None,
-) -> Tensor:
-    """The attention probabilities ``(batch, heads, L_q, L_k)`` that ``attention`` uses (before
-    dropout), with the same masks; zero where masked and on rows with no allowed key.
-
-    Plain torch ops (it forms the L x L matrix the fused kernels never do): for callers that
-    need the weights themselves, such as ``need_weights=True`` in ``nn.MultiheadAttention``.
-    """
-    _check_qkv(q, k, k)
-    key_padding_mask, lengths, bias = _canonical_masks(q, k, key_padding_mask, lengths, attn_mask)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return attention_ops.attention_probs(q, k, key_padding_mask, lengths, bias, causal, scale)
-
-
-def _canonical_masks(
-    q: Tensor, k: Tensor, key_padding_mask: Tensor | None, lengths: Tensor | None, attn_mask: Tensor | None
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Validate the masks; return (bool key_padding_mask, int32 lengths, additive 4-D bias)."""
-    batch, heads, len_q, _ = q.shape
-    len_k = k.shape[-2]
     bias_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     bias = None
     if key_padding_mask is not None:
@@ -116,7 +84,9 @@ def _canonical_masks(
             bias = bias.unsqueeze(0)
         bias = bias.expand(bias.shape[0], bias.shape[1], len_q, len_k)
 
-    return key_padding_mask, lengths, bias
+    return attention_ops.attention(
+        q, k, v, key_padding_mask, lengths, bias, causal, scale, dropout_p if training else 0.0
+    )
 
 
 def _is_zero_or_neginf(mask: Tensor) -> bool:

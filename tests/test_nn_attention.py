@@ -280,53 +280,18 @@ def test_training_dropout_is_reproducible_from_torch_seed_and_active(backend):
 
 
 # --------------------------------------------------------------------------- torch fallbacks
-@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
-@pytest.mark.parametrize("average", [True, False], ids=["averaged", "per_head"])
-def test_need_weights_returns_torch_weights_and_their_gradients_on_the_fused_path(backend, batch_first, average):
-    """need_weights=True: the output comes from the fused kernel and the weights match torch's
-    (fp32 vs float64, 1e-5), as do the gradients of a loss that uses output AND weights."""
-    fast, ref = make_pair(backend, batch_first=batch_first)
-    shape = (3, 11, EMBED) if batch_first else (11, 3, EMBED)
-    x = torch.randn(shape)
+def test_need_weights_runs_torch_forward_and_is_counted():
+    fast, ref = make_pair("torch", batch_first=True)
+    tensors, order = inputs("self", True)
     kpm = torch.rand(3, 11) < 0.3
     kpm[:, 0] = False
-    causal = torch.ones(11, 11, dtype=torch.bool).triu(1)
-    device = device_of(backend)
     fastrec.stats(reset=True)
-    xf = x.to(device).requires_grad_()
-    out, weights = fast(
-        xf, xf, xf, key_padding_mask=kpm.to(device), attn_mask=causal.to(device), average_attn_weights=average
-    )
-    assert fastrec.stats() == {("attention", backend, ""): 1}
-    xr = x.double().requires_grad_()
-    ref_out, ref_weights = ref(xr, xr, xr, key_padding_mask=kpm, attn_mask=causal, average_attn_weights=average)
-    assert weights.shape == ref_weights.shape == ((3, 11, 11) if average else (3, HEADS, 11, 11))
-    assert_rel_close(out, ref_out, "output")
-    assert_rel_close(weights, ref_weights, "attention weights")
-    grad_out, grad_weights = torch.randn(ref_out.shape), torch.randn(ref_weights.shape)
-
-    def loss(o, w):
-        return (o * grad_out.to(o)).sum() + (w * grad_weights.to(w)).sum()
-
-    grads = torch.autograd.grad(loss(out, weights), [xf, *fast.parameters()])
-    ref_grads = torch.autograd.grad(loss(ref_out, ref_weights), [xr, *ref.parameters()])
-    names = ["input", *(n for n, _ in fast.named_parameters())]
-    for name, grad, ref_grad in zip(names, grads, ref_grads, strict=True):
-        assert_rel_close(grad, ref_grad, f"grad of {name}")
-
-
-def test_need_weights_with_training_dropout_runs_torch_forward_and_is_counted():
-    fast, _ = make_pair("torch", batch_first=True, dropout=0.2)
-    x = torch.randn(3, 11, EMBED)
-    fastrec.stats(reset=True)
-    out, weights = fast(x, x, x)
-    assert out.shape == (3, 11, EMBED) and weights.shape == (3, 11, 11)
-    assert fastrec.stats() == {
-        ("MultiheadAttention", "torch", "need_weights=True with attention dropout in training"): 1
-    }
-    fast.eval()
-    fast(x, x, x)
-    assert fastrec.stats()[("attention", "cpp" if fastrec.backends.available()["cpp"] is None else "torch", "")] == 1
+    result = assert_module_matches(fast, ref, tensors, order, key_padding_mask=kpm, average_attn_weights=False)
+    assert fastrec.stats()[("MultiheadAttention", "torch", "need_weights=True")] == 1
+    x = tensors[0]
+    _, ref_weights = ref(x.double(), x.double(), x.double(), key_padding_mask=kpm, average_attn_weights=False)
+    assert result[1].shape == (3, HEADS, 11, 11)
+    assert_rel_close(result[1], ref_weights, "attention weights")
 
 
 def test_kdim_vdim_run_torch_forward_and_are_counted():

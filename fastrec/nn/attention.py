@@ -23,12 +23,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     Fused: self- and cross-attention with ``kdim == vdim == embed_dim``, batched or not,
     ``batch_first`` either way, bool or float ``attn_mask`` (2-D or 3-D) and
     ``key_padding_mask``, ``is_causal``, dropout, ``add_bias_kv``, ``add_zero_attn``.
-    ``need_weights=True`` (torch's default) also returns the L x L weights, computed beside the
-    fused kernel with torch ops (``fastrec.functional.attention_weights``); with attention
-    dropout in training it runs torch's forward, whose weights carry torch's dropout mask.
-    ``need_weights=False`` is faster. A 2-D ``attn_mask`` equal to the causal mask is
-    recognised and run as ``causal``. Rows whose every key is masked give zero outputs and
-    weights (torch gives zero outputs with ``need_weights=False`` and NaN with ``True``).
+    ``need_weights=True`` (torch's default) needs the L x L weights the fused kernel never
+    forms, so such calls run torch's forward: pass ``need_weights=False`` for speed.
+    A 2-D ``attn_mask`` equal to the causal mask is recognised and run as ``causal``.
     """
 
     def forward(
@@ -57,15 +54,13 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             )
         if is_causal and attn_mask is None:
             raise RuntimeError("Need attn_mask if specifying the is_causal hint (as torch.nn.MultiheadAttention)")
-        return self._fused_forward(
-            query, key, value, key_padding_mask, attn_mask, is_causal, need_weights, average_attn_weights
-        )
+        return self._fused_forward(query, key, value, key_padding_mask, attn_mask, is_causal), None
 
     def _unfused_reason(self, query, key, value, key_padding_mask, need_weights, attn_mask) -> str | None:
         """Why this call runs torch's forward (``None`` if fused). Bad shapes also go to torch,
         which raises its own errors."""
-        if need_weights and self.training and self.dropout > 0.0:
-            return "need_weights=True with attention dropout in training"
+        if need_weights:
+            return "need_weights=True"
         if not self._qkv_same_embed_dim:
             return "kdim/vdim differ from embed_dim"
         tensors = (query, key, value, key_padding_mask, attn_mask)
@@ -92,9 +87,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 return "mask dtype"
         return None
 
-    def _fused_forward(
-        self, query, key, value, key_padding_mask, attn_mask, is_causal, need_weights, average_attn_weights
-    ) -> tuple[Tensor, Tensor | None]:
+    def _fused_forward(self, query, key, value, key_padding_mask, attn_mask, is_causal) -> Tensor:
         batched = query.dim() == 3
         if not batched:  # (L, E) -> (1, L, E)
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
@@ -150,16 +143,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         out = out.transpose(1, 2) if batch_major else out.permute(2, 0, 1, 3)
         out = F.linear(out.reshape(-1, embed), self.out_proj.weight, self.out_proj.bias)
         out = out.view(batch, len_q, embed) if batch_major else out.view(len_q, batch, embed)
-        weights = None
-        if need_weights:
-            weights = FF.attention_weights(
-                q, k, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask
-            ).to(out.dtype)
-            if average_attn_weights:
-                weights = weights.mean(dim=1)
-        if not batched:
-            return out.squeeze(0), None if weights is None else weights.squeeze(0)
-        return out, weights
+        return out if batched else out.squeeze(0)
 
     def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The input projections; one GEMM for self-attention (query is key is value)."""

@@ -39,17 +39,19 @@ OP = "attention"
 
 
 # --------------------------------------------------------------------------- torch reference
-def attention_probs(
+def attention_torch(
     q: Tensor,
     k: Tensor,
+    v: Tensor,
     key_padding_mask: Tensor | None,
     lengths: Tensor | None,
     bias: Tensor | None,
+    seed: Tensor | None,
     causal: bool,
     scale: float,
+    dropout_p: float,
 ) -> Tensor:
-    """Softmax attention probabilities ``(B, H, Lq, Lk)`` (fp32 for fp16/bf16 inputs), zero
-    where masked and on rows with no allowed key."""
+    """Plain torch ops, differentiated by autograd: the readable reference of the contract."""
     len_q, len_k = q.shape[-2], k.shape[-2]
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale
     if bias is not None:
@@ -68,25 +70,9 @@ def attention_probs(
     empty_row = ~allowed.any(dim=-1, keepdim=True)
     scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(empty_row, 0.0)
     probs = torch.softmax(scores.float() if q.dtype in (torch.float16, torch.bfloat16) else scores, -1)
-    return probs.masked_fill(~allowed, 0.0)
-
-
-def attention_torch(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    key_padding_mask: Tensor | None,
-    lengths: Tensor | None,
-    bias: Tensor | None,
-    seed: Tensor | None,
-    causal: bool,
-    scale: float,
-    dropout_p: float,
-) -> Tensor:
-    """Plain torch ops, differentiated by autograd: the readable reference of the contract."""
-    probs = attention_probs(q, k, key_padding_mask, lengths, bias, causal, scale)
+    probs = probs.masked_fill(~allowed, 0.0)
     if dropout_p > 0.0:
-        keep = dropout_keep_mask(seed, q.shape[0], q.shape[1], q.shape[-2], k.shape[-2], dropout_p, q.device)
+        keep = dropout_keep_mask(seed, q.shape[0], q.shape[1], len_q, len_k, dropout_p, q.device)
         probs = probs * keep / (1.0 - dropout_p)
     return torch.matmul(probs.to(v.dtype), v)
 
