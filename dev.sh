@@ -29,7 +29,7 @@ fi
 
 # Rebuild (editable install + fastrec._C) only when setup.py or csrc/ changed.
 stamp="$venv/.fastrec-build"
-digest=$(cat setup.py csrc/*.cpp | sha256sum | cut -d' ' -f1)
+digest=$(cat setup.py csrc/*.cpp csrc/*.h | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ] || ! "$py" -c "import torch, fastrec._C" 2>/dev/null; then
   echo "building fastrec (C++ extension, ~1-2 min on 2 cores)..."
   PATH="$PWD/$venv/bin:$PATH" "${pip[@]}" install --no-build-isolation --no-deps -e .

@@ -1,0 +1,794 @@
+// Fused recurrences on the CPU (Elman tanh / relu, GRU, LSTM), forward and backward, for one
+// layer and one direction:
+//   torch.ops.fastrec.rnn_forward_cpp(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse)
+//       -> (out, h_n, c_n, workspace)
+//   torch.ops.fastrec.rnn_backward_cpp(grad_out, grad_h_n, grad_c_n, workspace, w_hh, b_hh, h0,
+//                                      c0, lengths, reset, mode, reverse)
+//       -> (grad_gx, grad_gh, grad_h0, grad_c0, hprev)
+// haste-style split of the work: the caller computes the input projection of every step as one
+// GEMM (gx = x W_ih^T + b_ih, (T, B, G*H) time-major) before the forward, and the weight
+// gradients as GEMMs after the backward (dW_ih = grad_gx^T x, dW_hh = grad_gh^T hprev, the
+// biases as sums, dx = grad_gx W_ih); these kernels run only the sequential part.
+//
+// Equations are PyTorch's (gate order GRU r, z, n; LSTM i, f, g, o; GRU b_hn inside the reset
+// product). lengths (int32 (B,), values in [1, T]): row b runs steps 0..len_b-1 (reverse: from
+// len_b-1 down to 0); past its length out = 0 and the state is frozen, so h_n is each row's own
+// last state. reset (bool (T, B)): the state of row b is zeroed before step t where set.
+//
+// workspace: (T, B, K * H) in the compute dtype (fp32, or fp64 for fp64 inputs), entry (t, b)
+// holding K slots of H values for the step t of row b:
+//   tanh / relu: K = 2: [h_t, hprev]
+//   gru:         K = 5: [r, z, n, gh_n = W_hn h + b_hn, hprev]
+//   lstm:        K = 6: [i, f, g, o, cprev, hprev]
+// where hprev / cprev are the states that entered the step (after reset). Entries of steps a row
+// did not run are zero.
+//
+// Layout of the work: rows of the batch are split over threads with at::parallel_for; each
+// thread owns its rows for the whole time loop (no per-step synchronisation). W_hh is packed
+// once per call: forward by chunks of one SIMD vector of hidden units, (Hp / kN, H, G, kN) with
+// Hp = H rounded up to the vector width, so that h (R rows) x W_hh^T for one chunk is an outer
+// product of broadcast h values with the chunk's G contiguous gate vectors, accumulated in
+// registers for R rows at once and consumed by the gate arithmetic of that chunk before anything
+// is stored (gh is never written to memory); backward as (G * Hp, Hp) rows for grad_gh (R rows)
+// x W_hh. Inner loops use GCC / Clang vector extensions (64-byte vectors), polynomial exp and a
+// rational tanh; the GRU / LSTM workspace is written with streaming stores (it is read only by
+// the backward, and is the largest output).
+#if !defined(_OPENMP)
+#pragma message("fastrec rnn.cpp built without -fopenmp: at::parallel_for will run serially")
+#endif
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include "simd.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace fastrec {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// SIMD vectors
+// ---------------------------------------------------------------------------------------------
+
+// First n lanes (n <= kN), the others zero: unpadded (.., H) rows of the tensors.
+template <typename T>
+inline Vec<T> vload_n(const T* p, int64_t n) {
+  if (n == kN<T>) return vload(p);
+  Vec<T> x = {};
+  std::memcpy(&x, p, n * sizeof(T));
+  return x;
+}
+template <typename T>
+inline void vstore_n(T* p, const Vec<T>& x, int64_t n) {
+  if (n == kN<T>) return vstore(p, x);
+  std::memcpy(p, &x, n * sizeof(T));
+}
+
+// Stores of the workspace, which is read again only by the backward: streaming (non-temporal)
+// stores where the vector is full and 64-byte aligned, so that its cache lines are neither
+// read for ownership nor kept in the caches the recurrence works in. stream_fence() orders
+// them before the workspace is handed back.
+template <typename T>
+inline void vstream_n(T* p, const Vec<T>& x, int64_t n) {
+#if defined(__AVX512F__)
+  if (n == kN<T> && (reinterpret_cast<uintptr_t>(p) & 63) == 0) {
+    if constexpr (sizeof(T) == 4) {
+      _mm512_stream_ps(reinterpret_cast<float*>(p), reinterpret_cast<const __m512&>(x));
+    } else {
+      _mm512_stream_pd(reinterpret_cast<double*>(p), reinterpret_cast<const __m512d&>(x));
+    }
+    return;
+  }
+#endif
+  vstore_n(p, x, n);
+}
+inline void stream_fence() {
+#if defined(__AVX512F__)
+  _mm_sfence();
+#endif
+}
+
+// 1 / d for d >= 1 (finite): the 14-bit hardware estimate and one Newton step (~1 ulp), which
+// is 3 pipelined ops instead of a division with a throughput of several cycles per vector.
+inline Vec<float> vrecip(Vec<float> d) {
+#if defined(__AVX512F__)
+  const Vec<float> r = reinterpret_cast<Vec<float>>(_mm512_rcp14_ps(reinterpret_cast<__m512>(d)));
+  return r * (2.0f - d * r);
+#else
+  return 1.0f / d;
+#endif
+}
+
+inline Vec<float> vsigmoid(Vec<float> x) { return vrecip(1.0f + vexp(-x)); }
+
+// tanh on 16 floats: odd rational approximation p(x) / q(x^2) of degrees 13 / 6 on x clamped to
+// +-7.9 (where tanh rounds to +-1), Eigen's ptanh_float coefficients; a few ulp, no cancellation
+// near 0, one reciprocal and no exp.
+inline Vec<float> vtanh(Vec<float> x) {
+  const Vec<float> c = Vec<float>{} + 7.90531110763549805f;
+  x = x > c ? c : x;
+  x = x < -c ? -c : x;
+  const Vec<float> x2 = x * x;
+  Vec<float> p = x2 * -2.76076847742355e-16f + 2.00018790482477e-13f;
+  p = p * x2 - 8.60467152213735e-11f;
+  p = p * x2 + 5.12229709037114e-08f;
+  p = p * x2 + 1.48572235717979e-05f;
+  p = p * x2 + 6.37261928875436e-04f;
+  p = p * x2 + 4.89352455891786e-03f;
+  p = p * x;
+  Vec<float> q = x2 * 1.19825839466702e-06f + 1.18534705686654e-04f;
+  q = q * x2 + 2.26843463243900e-03f;
+  q = q * x2 + 4.89352518554385e-03f;
+  return p * vrecip(q);
+}
+
+// fp64 is the gradcheck path: accuracy over speed.
+inline Vec<double> vsigmoid(Vec<double> x) {
+  for (int w = 0; w < kN<double>; ++w) x[w] = 1.0 / (1.0 + std::exp(-x[w]));
+  return x;
+}
+inline Vec<double> vtanh(Vec<double> x) {
+  for (int w = 0; w < kN<double>; ++w) x[w] = std::tanh(x[w]);
+  return x;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Problem description
+// ---------------------------------------------------------------------------------------------
+
+enum class Mode { kTanh, kRelu, kGru, kLstm };
+
+constexpr int gates_of(Mode m) { return m == Mode::kGru ? 3 : m == Mode::kLstm ? 4 : 1; }
+constexpr int slots_of(Mode m) { return m == Mode::kGru ? 5 : m == Mode::kLstm ? 6 : 2; }
+
+Mode parse_mode(c10::string_view mode) {
+  const std::string s(mode.data(), mode.size());
+  if (s == "tanh") return Mode::kTanh;
+  if (s == "relu") return Mode::kRelu;
+  if (s == "gru") return Mode::kGru;
+  if (s == "lstm") return Mode::kLstm;
+  TORCH_CHECK(false, "fastrec rnn (cpp): mode must be 'tanh', 'relu', 'gru' or 'lstm', got '", s,
+              "'");
+}
+
+template <typename T>
+struct Problem {
+  int64_t steps = 0, B = 0, H = 0, G = 1, K = 2;
+  int64_t Hp = 0;  // H rounded up to kN<T>
+  bool reverse = false;
+  const int32_t* lengths = nullptr;  // (B) or null
+  const bool* reset = nullptr;       // (steps, B) or null
+  // forward packing, by chunks of kN hidden units (Hp / kN, H, G, kN), so that one chunk's
+  // gate columns are one contiguous stream over k: wt[j / kN][k][g][j % kN] = w_hh[g * H + j][k]
+  std::vector<T> wt;
+  std::vector<T> wp;    // backward packing (G * Hp, Hp): wp[g * Hp + k][j] = w_hh[g * H + k][j]
+  std::vector<T> bias;  // (G * Hp) b_hh padded, zeros when there is none
+
+  int64_t length(int64_t b) const { return lengths ? lengths[b] : steps; }
+  // Time index of processing step s of a row of length len (s < len).
+  int64_t time(int64_t s, int64_t len) const { return reverse ? len - 1 - s : s; }
+  bool is_reset(int64_t t, int64_t b) const { return reset && reset[t * B + b]; }
+};
+
+// ---------------------------------------------------------------------------------------------
+// The recurrent matrix product: R rows times NV vectors of packed columns
+// ---------------------------------------------------------------------------------------------
+
+// acc[r][u] = sum over segments g < nseg, k < K of a[r * lda + g * sa + k] * w[(g * sa + k) * ldw
+// + off + u * ostride]. Each broadcast a value feeds NV FMAs, each w vector R FMAs.
+template <int R, int NV, typename T>
+__attribute__((always_inline)) inline void rows_times_packed(
+    const T* __restrict a, int64_t lda, int64_t nseg, int64_t sa, int64_t K,
+    const T* __restrict w, int64_t ldw, int64_t off, int64_t ostride, Vec<T> (&acc)[R][NV]) {
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < NV; ++u) acc[r][u] = Vec<T>{};
+  for (int64_t g = 0; g < nseg; ++g) {
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t j = g * sa + k;
+      const T* __restrict wr = w + j * ldw + off;
+      Vec<T> col[NV];
+      for (int u = 0; u < NV; ++u) col[u] = vload(wr + u * ostride);
+      for (int r = 0; r < R; ++r) {
+        const T ar = a[r * lda + j];
+        for (int u = 0; u < NV; ++u) acc[r][u] += ar * col[u];
+      }
+    }
+  }
+}
+
+// Row state of one block of a processing step.
+template <int R>
+struct BlockRows {
+  int nr = 0;          // real rows in the block (<= R)
+  bool any = false;    // some row runs this step
+  bool active[R] = {};
+  int64_t b[R] = {};   // batch index
+  int64_t t[R] = {};   // time index of the step (s when inactive)
+};
+
+template <int R, typename T>
+BlockRows<R> block_rows(const Problem<T>& p, int64_t s, int64_t row0, int nr) {
+  BlockRows<R> br;
+  br.nr = nr;
+  for (int r = 0; r < nr; ++r) {
+    const int64_t b = row0 + r, len = p.length(b);
+    br.b[r] = b;
+    br.active[r] = s < len;
+    br.t[r] = s < len ? p.time(s, len) : s;
+    br.any = br.any || br.active[r];
+  }
+  return br;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------
+
+// Gate arithmetic of the forward for row r of a block at column chunk c (nc real lanes).
+// acc holds W_hh h for the chunk: per gate (GRU / LSTM), or per chunk u (Elman, c = c0 + u kN).
+template <Mode M, int R, int NV, typename T>
+__attribute__((always_inline)) inline void forward_epilogue(
+    const Problem<T>& p, const Vec<T> (&acc)[R][NV], int r, int u, int64_t c, int64_t nc,
+    const T* __restrict gxr, const T* __restrict hprev, T* __restrict hnext, T* __restrict crow,
+    T* __restrict outr, T* __restrict wsr) {
+  const int64_t H = p.H, Hp = p.Hp;
+  const T* bias = p.bias.data();
+  if constexpr (M == Mode::kTanh || M == Mode::kRelu) {
+    Vec<T> y = vload_n(gxr + c, nc) + acc[r][u] + vload(bias + c);
+    if constexpr (M == Mode::kTanh) {
+      y = vtanh(y);
+    } else {
+      y = y > T(0) ? y : Vec<T>{};
+    }
+    vstore(hnext + c, y);
+    vstore_n(outr + c, y, nc);
+    vstore_n(wsr + c, y, nc);  // small workspace: streaming does not pay
+  } else if constexpr (M == Mode::kGru) {
+    const Vec<T> rg = vsigmoid(vload_n(gxr + c, nc) + acc[r][0] + vload(bias + c));
+    const Vec<T> z = vsigmoid(vload_n(gxr + H + c, nc) + acc[r][1] + vload(bias + Hp + c));
+    const Vec<T> ghn = acc[r][2] + vload(bias + 2 * Hp + c);
+    const Vec<T> n = vtanh(vload_n(gxr + 2 * H + c, nc) + rg * ghn);
+    const Vec<T> h = n + z * (vload(hprev + c) - n);  // (1 - z) n + z h
+    vstore(hnext + c, h);
+    vstore_n(outr + c, h, nc);
+    vstream_n(wsr + c, rg, nc);
+    vstream_n(wsr + H + c, z, nc);
+    vstream_n(wsr + 2 * H + c, n, nc);
+    vstream_n(wsr + 3 * H + c, ghn, nc);
+  } else {
+    const Vec<T> i = vsigmoid(vload_n(gxr + c, nc) + acc[r][0] + vload(bias + c));
+    const Vec<T> f = vsigmoid(vload_n(gxr + H + c, nc) + acc[r][1] + vload(bias + Hp + c));
+    const Vec<T> g = vtanh(vload_n(gxr + 2 * H + c, nc) + acc[r][2] + vload(bias + 2 * Hp + c));
+    const Vec<T> o = vsigmoid(vload_n(gxr + 3 * H + c, nc) + acc[r][3] + vload(bias + 3 * Hp + c));
+    const Vec<T> cp = vload(crow + c);
+    const Vec<T> cn = f * cp + i * g;
+    const Vec<T> h = o * vtanh(cn);
+    vstore(crow + c, cn);
+    vstore(hnext + c, h);
+    vstore_n(outr + c, h, nc);
+    vstream_n(wsr + c, i, nc);
+    vstream_n(wsr + H + c, f, nc);
+    vstream_n(wsr + 2 * H + c, g, nc);
+    vstream_n(wsr + 3 * H + c, o, nc);
+    vstream_n(wsr + 4 * H + c, cp, nc);
+  }
+}
+
+// One block of R rows (state rows hcur / hnext / cst, stride Hp) at one processing step: the
+// columns [c0, c0 + NV kN) (Elman) or the gate chunk at c0 (GRU, LSTM: NV = G).
+template <Mode M, int R, int NV, typename T>
+void forward_block_cols(const Problem<T>& p, const BlockRows<R>& br, int64_t c0, const T* gx,
+                        const T* hcur, T* hnext, T* cst, T* out, T* ws) {
+  const int64_t H = p.H, Hp = p.Hp, G = p.G, K = p.K, B = p.B;
+  constexpr bool kElman = M == Mode::kTanh || M == Mode::kRelu;
+  Vec<T> acc[R][NV];
+  // Chunk c0 / kN of wt starts at c0 * H * G; within it row k holds the G gate vectors (GRU,
+  // LSTM: NV = G, vectors kN apart); Elman (G = 1) takes NV consecutive chunks (H * kN apart).
+  rows_times_packed<R, NV, T>(hcur, Hp, 1, 0, H, p.wt.data() + c0 * H * G, G * kN<T>, 0,
+                              kElman ? H * kN<T> : kN<T>, acc);
+  for (int r = 0; r < br.nr; ++r) {
+    if (!br.active[r]) continue;
+    const int64_t tb = br.t[r] * B + br.b[r];
+    const T* gxr = gx + tb * G * H;
+    T* outr = out + tb * H;
+    T* wsr = ws + tb * K * H;
+    T* crow = cst ? cst + r * Hp : nullptr;
+    if constexpr (kElman) {
+      for (int u = 0; u < NV; ++u) {
+        const int64_t c = c0 + u * kN<T>;
+        forward_epilogue<M, R, NV, T>(p, acc, r, u, c, std::min<int64_t>(kN<T>, H - c), gxr,
+                                      hcur + r * Hp, hnext + r * Hp, crow, outr, wsr);
+      }
+    } else {
+      forward_epilogue<M, R, NV, T>(p, acc, r, 0, c0, std::min<int64_t>(kN<T>, H - c0), gxr,
+                                    hcur + r * Hp, hnext + r * Hp, crow, outr, wsr);
+    }
+  }
+}
+
+// Rows [b0, b1) of the batch for the whole time loop.
+template <Mode M, int R, typename T>
+void forward_rows(const Problem<T>& p, int64_t b0, int64_t b1, const T* gx, const T* h0,
+                  const T* c0, T* out, T* h_n, T* c_n, T* ws) {
+  const int64_t H = p.H, Hp = p.Hp, K = p.K, B = p.B;
+  const int64_t n = b1 - b0, nb = round_up(n, R);
+  constexpr bool kLstm = M == Mode::kLstm;
+  std::vector<T> hbuf(2 * nb * Hp, T(0)), cbuf(kLstm ? nb * Hp : 0, T(0));
+  T* hcur = hbuf.data();
+  T* hnext = hcur + nb * Hp;
+  for (int64_t i = 0; i < n; ++i) {
+    std::copy(h0 + (b0 + i) * H, h0 + (b0 + i + 1) * H, hcur + i * Hp);
+    if constexpr (kLstm) std::copy(c0 + (b0 + i) * H, c0 + (b0 + i + 1) * H, &cbuf[i * Hp]);
+  }
+  for (int64_t s = 0; s < p.steps; ++s) {
+    for (int64_t rb = 0; rb < n; rb += R) {
+      const BlockRows<R> br =
+          block_rows<R>(p, s, b0 + rb, static_cast<int>(std::min<int64_t>(R, n - rb)));
+      T* hc = hcur + rb * Hp;
+      T* hn = hnext + rb * Hp;
+      T* cs = kLstm ? &cbuf[rb * Hp] : nullptr;
+      for (int r = 0; r < br.nr; ++r) {
+        const int64_t tb = br.t[r] * B + br.b[r];
+        if (!br.active[r]) {  // frozen state, zero output
+          std::copy(hc + r * Hp, hc + (r + 1) * Hp, hn + r * Hp);
+          std::fill(out + tb * H, out + (tb + 1) * H, T(0));
+          std::fill(ws + tb * K * H, ws + (tb + 1) * K * H, T(0));
+          continue;
+        }
+        if (p.is_reset(br.t[r], br.b[r])) {
+          std::fill(hc + r * Hp, hc + (r + 1) * Hp, T(0));
+          if constexpr (kLstm) std::fill(cs + r * Hp, cs + (r + 1) * Hp, T(0));
+        }
+        T* hprev = ws + tb * K * H + (K - 1) * H;
+        for (int64_t c = 0; c < H; c += kN<T>) {
+          const Vec<T> x = vload(hc + r * Hp + c);
+          const int64_t nc = std::min<int64_t>(kN<T>, H - c);
+          if constexpr (M == Mode::kGru || M == Mode::kLstm) {
+            vstream_n(hprev + c, x, nc);
+          } else {
+            vstore_n(hprev + c, x, nc);
+          }
+        }
+      }
+      if (!br.any) continue;
+      if constexpr (M == Mode::kGru) {
+        for (int64_t c = 0; c < Hp; c += kN<T>)
+          forward_block_cols<M, R, 3, T>(p, br, c, gx, hc, hn, cs, out, ws);
+      } else if constexpr (M == Mode::kLstm) {
+        for (int64_t c = 0; c < Hp; c += kN<T>)
+          forward_block_cols<M, R, 4, T>(p, br, c, gx, hc, hn, cs, out, ws);
+      } else {
+        int64_t c = 0;
+        for (; c + 4 * kN<T> <= Hp; c += 4 * kN<T>)
+          forward_block_cols<M, R, 4, T>(p, br, c, gx, hc, hn, cs, out, ws);
+        switch ((Hp - c) / kN<T>) {
+          case 3: forward_block_cols<M, R, 3, T>(p, br, c, gx, hc, hn, cs, out, ws); break;
+          case 2: forward_block_cols<M, R, 2, T>(p, br, c, gx, hc, hn, cs, out, ws); break;
+          case 1: forward_block_cols<M, R, 1, T>(p, br, c, gx, hc, hn, cs, out, ws); break;
+          default: break;
+        }
+      }
+    }
+    std::swap(hcur, hnext);
+  }
+  stream_fence();
+  for (int64_t i = 0; i < n; ++i) {
+    std::copy(hcur + i * Hp, hcur + i * Hp + H, h_n + (b0 + i) * H);
+    if constexpr (kLstm) std::copy(&cbuf[i * Hp], &cbuf[i * Hp] + H, c_n + (b0 + i) * H);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+
+// dh (R rows, stride Hp) = carry + dgh_block (R, G * Hp) x W_hh, for the columns [c0, c0 + NV kN).
+template <int R, int NV, typename T>
+void backward_block_cols(const Problem<T>& p, int nr, int64_t c0, const T* dghs, const T* carry,
+                         T* dh) {
+  const int64_t Hp = p.Hp;
+  Vec<T> acc[R][NV];
+  rows_times_packed<R, NV, T>(dghs, p.G * Hp, p.G, Hp, p.H, p.wp.data(), Hp, c0, kN<T>, acc);
+  for (int r = 0; r < nr; ++r)
+    for (int u = 0; u < NV; ++u) {
+      const int64_t c = c0 + u * kN<T>;
+      vstore(dh + r * Hp + c, vload(carry + r * Hp + c) + acc[r][u]);
+    }
+}
+
+// Gate gradients of row r at chunk c (nc real lanes): writes grad_gx / grad_gh rows (unpadded),
+// the padded grad_gh row dghr (G * Hp) for the matrix product, carry (what flows to hprev
+// directly) and, for LSTM, the cell gradient dcr in place.
+template <Mode M, typename T>
+__attribute__((always_inline)) inline void backward_gates(
+    const Problem<T>& p, int64_t c, int64_t nc, const T* __restrict dhr, const T* __restrict gor,
+    const T* __restrict wsr, T* __restrict dcr, T* __restrict dgxr, T* __restrict dghr_out,
+    T* __restrict dghr, T* __restrict carryr) {
+  const int64_t H = p.H, Hp = p.Hp;
+  const Vec<T> dh = vload(dhr + c) + vload_n(gor + c, nc);
+  const Vec<T> one = Vec<T>{} + T(1);
+  if constexpr (M == Mode::kTanh || M == Mode::kRelu) {
+    const Vec<T> y = vload_n(wsr + c, nc);
+    Vec<T> d;
+    if constexpr (M == Mode::kTanh) {
+      d = dh * (one - y * y);
+    } else {
+      d = y > T(0) ? dh : Vec<T>{};
+    }
+    vstore_n(dgxr + c, d, nc);
+    vstore_n(dghr_out + c, d, nc);
+    vstore(dghr + c, d);
+    vstore(carryr + c, Vec<T>{});
+  } else if constexpr (M == Mode::kGru) {
+    const Vec<T> rg = vload_n(wsr + c, nc), z = vload_n(wsr + H + c, nc),
+                 n = vload_n(wsr + 2 * H + c, nc), ghn = vload_n(wsr + 3 * H + c, nc),
+                 hp = vload_n(wsr + 4 * H + c, nc);
+    const Vec<T> dn = dh * (one - z) * (one - n * n);
+    const Vec<T> dz = dh * (hp - n) * z * (one - z);
+    const Vec<T> dr = dn * ghn * rg * (one - rg);
+    const Vec<T> dnh = dn * rg;
+    vstore_n(dgxr + c, dr, nc);
+    vstore_n(dgxr + H + c, dz, nc);
+    vstore_n(dgxr + 2 * H + c, dn, nc);
+    vstore_n(dghr_out + c, dr, nc);
+    vstore_n(dghr_out + H + c, dz, nc);
+    vstore_n(dghr_out + 2 * H + c, dnh, nc);
+    vstore(dghr + c, dr);
+    vstore(dghr + Hp + c, dz);
+    vstore(dghr + 2 * Hp + c, dnh);
+    vstore(carryr + c, dh * z);
+  } else {
+    const Vec<T> i = vload_n(wsr + c, nc), f = vload_n(wsr + H + c, nc),
+                 g = vload_n(wsr + 2 * H + c, nc), o = vload_n(wsr + 3 * H + c, nc),
+                 cp = vload_n(wsr + 4 * H + c, nc);
+    const Vec<T> tc = vtanh(f * cp + i * g);
+    const Vec<T> dc = vload(dcr + c) + dh * o * (one - tc * tc);
+    const Vec<T> di = dc * g * i * (one - i);
+    const Vec<T> df = dc * cp * f * (one - f);
+    const Vec<T> dg = dc * i * (one - g * g);
+    const Vec<T> d_o = dh * tc * o * (one - o);
+    vstore(dcr + c, dc * f);
+    const Vec<T> d[4] = {di, df, dg, d_o};
+    for (int q = 0; q < 4; ++q) {
+      vstore_n(dgxr + q * H + c, d[q], nc);
+      vstore_n(dghr_out + q * H + c, d[q], nc);
+      vstore(dghr + q * Hp + c, d[q]);
+    }
+    vstore(carryr + c, Vec<T>{});
+  }
+}
+
+template <Mode M, int R, typename T>
+void backward_rows(const Problem<T>& p, int64_t b0, int64_t b1, const T* grad_out,
+                   const T* grad_h_n, const T* grad_c_n, const T* ws, T* dgx, T* dgh, T* dh0,
+                   T* dc0, T* hprev) {
+  const int64_t H = p.H, Hp = p.Hp, G = p.G, K = p.K, B = p.B, GH = G * H;
+  const int64_t n = b1 - b0, nb = round_up(n, R);
+  constexpr bool kLstm = M == Mode::kLstm;
+  std::vector<T> dhbuf(nb * Hp, T(0)), dcbuf(kLstm ? nb * Hp : 0, T(0));
+  std::vector<T> carry(R * Hp, T(0)), dghs(R * G * Hp, T(0));
+  for (int64_t i = 0; i < n; ++i) {
+    std::copy(grad_h_n + (b0 + i) * H, grad_h_n + (b0 + i + 1) * H, &dhbuf[i * Hp]);
+    if constexpr (kLstm)
+      std::copy(grad_c_n + (b0 + i) * H, grad_c_n + (b0 + i + 1) * H, &dcbuf[i * Hp]);
+  }
+  for (int64_t s = p.steps - 1; s >= 0; --s) {
+    for (int64_t rb = 0; rb < n; rb += R) {
+      const BlockRows<R> br =
+          block_rows<R>(p, s, b0 + rb, static_cast<int>(std::min<int64_t>(R, n - rb)));
+      T* dh = &dhbuf[rb * Hp];
+      T* dc = kLstm ? &dcbuf[rb * Hp] : nullptr;
+      for (int r = 0; r < br.nr; ++r) {
+        const int64_t tb = br.t[r] * B + br.b[r];
+        T* dghr = &dghs[r * G * Hp];
+        if (!br.active[r]) {  // the state passes through unchanged; no gradient for the step
+          std::copy(dh + r * Hp, dh + (r + 1) * Hp, &carry[r * Hp]);
+          std::fill(dghr, dghr + G * Hp, T(0));
+          std::fill(dgx + tb * GH, dgx + (tb + 1) * GH, T(0));
+          std::fill(dgh + tb * GH, dgh + (tb + 1) * GH, T(0));
+          std::fill(hprev + tb * H, hprev + (tb + 1) * H, T(0));
+          continue;
+        }
+        const T* wsr = ws + tb * K * H;
+        std::copy(wsr + (K - 1) * H, wsr + K * H, hprev + tb * H);
+        for (int64_t c = 0; c < Hp; c += kN<T>)
+          backward_gates<M, T>(p, c, std::min<int64_t>(kN<T>, H - c), dh + r * Hp,
+                               grad_out + tb * H, wsr, kLstm ? dc + r * Hp : nullptr,
+                               dgx + tb * GH, dgh + tb * GH, dghr, &carry[r * Hp]);
+      }
+      if (!br.any) continue;
+      int64_t c = 0;
+      for (; c + 4 * kN<T> <= Hp; c += 4 * kN<T>)
+        backward_block_cols<R, 4, T>(p, br.nr, c, dghs.data(), carry.data(), dh);
+      switch ((Hp - c) / kN<T>) {
+        case 3: backward_block_cols<R, 3, T>(p, br.nr, c, dghs.data(), carry.data(), dh); break;
+        case 2: backward_block_cols<R, 2, T>(p, br.nr, c, dghs.data(), carry.data(), dh); break;
+        case 1: backward_block_cols<R, 1, T>(p, br.nr, c, dghs.data(), carry.data(), dh); break;
+        default: break;
+      }
+      for (int r = 0; r < br.nr; ++r) {  // the state was zeroed before the step: no gradient
+        if (br.active[r] && p.is_reset(br.t[r], br.b[r])) {
+          std::fill(dh + r * Hp, dh + (r + 1) * Hp, T(0));
+          if constexpr (kLstm) std::fill(dc + r * Hp, dc + (r + 1) * Hp, T(0));
+        }
+      }
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    std::copy(&dhbuf[i * Hp], &dhbuf[i * Hp] + H, dh0 + (b0 + i) * H);
+    if constexpr (kLstm) std::copy(&dcbuf[i * Hp], &dcbuf[i * Hp] + H, dc0 + (b0 + i) * H);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Input checks, packing and the operators
+// ---------------------------------------------------------------------------------------------
+
+bool is_low_precision(at::ScalarType dt) { return dt == at::kHalf || dt == at::kBFloat16; }
+
+// Fills the problem description (everything but the packed weights) and checks the optional
+// inputs. B, H from h0 (or grad_h_n), steps from the time-major tensor.
+template <typename T>
+void describe(Problem<T>& p, Mode mode, int64_t steps, int64_t B, int64_t H,
+              const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& reset,
+              bool reverse) {
+  p.steps = steps;
+  p.B = B;
+  p.H = H;
+  p.G = gates_of(mode);
+  p.K = slots_of(mode);
+  p.Hp = round_up(std::max<int64_t>(H, 1), kN<T>);
+  p.reverse = reverse;
+  if (lengths.has_value()) {
+    const at::Tensor& t = *lengths;
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kInt && t.dim() == 1 &&
+                    t.size(0) == B && t.is_contiguous(),
+                "fastrec rnn (cpp): lengths must be a contiguous CPU int32 tensor of shape (B,) = (",
+                B, ",), got ", t.scalar_type(), " ", t.sizes());
+    p.lengths = t.data_ptr<int32_t>();
+    for (int64_t b = 0; b < B; ++b)
+      TORCH_CHECK(p.lengths[b] >= 1 && p.lengths[b] <= steps,
+                  "fastrec rnn (cpp): lengths must be in [1, T] = [1, ", steps, "], got ",
+                  p.lengths[b], " at row ", b);
+  }
+  if (reset.has_value()) {
+    const at::Tensor& t = *reset;
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBool && t.dim() == 2 &&
+                    t.size(0) == steps && t.size(1) == B && t.is_contiguous(),
+                "fastrec rnn (cpp): reset must be a contiguous CPU bool tensor of shape (T, B) = (",
+                steps, ", ", B, "), got ", t.scalar_type(), " ", t.sizes());
+    p.reset = t.data_ptr<bool>();
+  }
+}
+
+// Packs w_hh (G * H, H) and b_hh (G * H) into p.wt / p.wp / p.bias (forward or backward).
+template <typename T>
+void pack_weights(Problem<T>& p, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
+                  bool for_backward) {
+  const int64_t H = p.H, Hp = p.Hp, G = p.G;
+  const T* w = w_hh.data_ptr<T>();
+  if (for_backward) {
+    p.wp.assign(G * Hp * Hp, T(0));
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t k = 0; k < H; ++k)
+        std::copy(w + (g * H + k) * H, w + (g * H + k + 1) * H, &p.wp[(g * Hp + k) * Hp]);
+  } else {
+    p.wt.assign(H * G * Hp, T(0));
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t j = 0; j < H; ++j)
+        for (int64_t k = 0; k < H; ++k)
+          p.wt[((j / kN<T> * H + k) * G + g) * kN<T> + j % kN<T>] = w[(g * H + j) * H + k];
+    p.bias.assign(G * Hp, T(0));
+    if (b_hh.has_value()) {
+      const T* bias = b_hh->data_ptr<T>();
+      for (int64_t g = 0; g < G; ++g) std::copy(bias + g * H, bias + (g + 1) * H, &p.bias[g * Hp]);
+    }
+  }
+}
+
+void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype,
+                  std::initializer_list<int64_t> shape) {
+  TORCH_CHECK(t.device().is_cpu(), "fastrec rnn (cpp): ", name, " must be a CPU tensor, got ",
+              t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, "fastrec rnn (cpp): ", name, " must be ", dtype, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.sizes().equals(shape), "fastrec rnn (cpp): ", name, " must have shape ",
+              at::IntArrayRef(shape), ", got ", t.sizes());
+}
+
+// Rows per block of the matrix product (accumulators = R x vectors per block <= 24 registers).
+template <Mode M>
+constexpr int forward_rows_per_block() { return M == Mode::kGru ? 8 : 6; }
+constexpr int kBackwardRows = 6;
+
+template <typename Fn>
+void dispatch_mode(Mode mode, Fn&& fn) {
+  switch (mode) {
+    case Mode::kTanh: fn(std::integral_constant<Mode, Mode::kTanh>()); break;
+    case Mode::kRelu: fn(std::integral_constant<Mode, Mode::kRelu>()); break;
+    case Mode::kGru: fn(std::integral_constant<Mode, Mode::kGru>()); break;
+    case Mode::kLstm: fn(std::integral_constant<Mode, Mode::kLstm>()); break;
+  }
+}
+
+// Batch rows per task: whole blocks, and no more tasks than threads.
+int64_t grain_of(int64_t B, int rows_per_block) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  return std::max<int64_t>(rows_per_block, round_up((B + threads - 1) / threads, rows_per_block));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_forward_cpp(
+    const at::Tensor& gx_in, const at::Tensor& h0_in, const std::optional<at::Tensor>& c0_in,
+    const at::Tensor& w_hh_in, const std::optional<at::Tensor>& b_hh_in,
+    const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& reset,
+    c10::string_view mode_name, bool reverse) {
+  const Mode mode = parse_mode(mode_name);
+  const int64_t G = gates_of(mode), K = slots_of(mode);
+  TORCH_CHECK(gx_in.dim() == 3, "fastrec rnn (cpp): gx must be 3-D (T, B, G*H), got ",
+              gx_in.dim(), "-D");
+  TORCH_CHECK(h0_in.dim() == 2, "fastrec rnn (cpp): h0 must be 2-D (B, H), got ", h0_in.dim(),
+              "-D");
+  const auto dt = gx_in.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || is_low_precision(dt),
+              "fastrec rnn (cpp): gx must be float16, bfloat16, float32 or float64, got ", dt);
+  const int64_t steps = gx_in.size(0), B = h0_in.size(0), H = h0_in.size(1);
+  check_tensor(gx_in, "gx", dt, {steps, B, G * H});
+  check_tensor(h0_in, "h0", dt, {B, H});
+  check_tensor(w_hh_in, "w_hh", dt, {G * H, H});
+  if (b_hh_in.has_value()) check_tensor(*b_hh_in, "b_hh", dt, {G * H});
+  TORCH_CHECK(c0_in.has_value() == (mode == Mode::kLstm),
+              "fastrec rnn (cpp): c0 must be given for mode 'lstm' and only then");
+  if (c0_in.has_value()) check_tensor(*c0_in, "c0", dt, {B, H});
+
+  const auto ct = dt == at::kDouble ? at::kDouble : at::kFloat;  // compute dtype
+  auto prep = [&](const at::Tensor& t) { return t.to(ct).contiguous(); };
+  const at::Tensor gx = prep(gx_in), h0 = prep(h0_in), w_hh = prep(w_hh_in);
+  const std::optional<at::Tensor> b_hh =
+      b_hh_in.has_value() ? std::optional<at::Tensor>(prep(*b_hh_in)) : std::nullopt;
+  const std::optional<at::Tensor> c0 =
+      c0_in.has_value() ? std::optional<at::Tensor>(prep(*c0_in)) : std::nullopt;
+
+  const auto opts = gx.options();
+  at::Tensor out = at::empty({steps, B, H}, opts);
+  at::Tensor h_n = at::empty({B, H}, opts);
+  at::Tensor c_n = at::empty({mode == Mode::kLstm ? B : 0, mode == Mode::kLstm ? H : 0}, opts);
+  at::Tensor ws = at::empty({steps, B, K * H}, opts);
+  if (B * H > 0) {
+    AT_DISPATCH_FLOATING_TYPES(ct, "rnn_forward_cpp", [&] {
+      Problem<scalar_t> p;
+      describe(p, mode, steps, B, H, lengths, reset, reverse);
+      pack_weights(p, w_hh, b_hh, false);
+      const scalar_t* gx_p = gx.data_ptr<scalar_t>();
+      const scalar_t* h0_p = h0.data_ptr<scalar_t>();
+      const scalar_t* c0_p = c0 ? c0->data_ptr<scalar_t>() : nullptr;
+      scalar_t* out_p = out.data_ptr<scalar_t>();
+      scalar_t* hn_p = h_n.data_ptr<scalar_t>();
+      scalar_t* cn_p = c_n.data_ptr<scalar_t>();
+      scalar_t* ws_p = ws.data_ptr<scalar_t>();
+      dispatch_mode(mode, [&](auto m) {
+        constexpr Mode M = decltype(m)::value;
+        constexpr int R = forward_rows_per_block<M>();
+        at::parallel_for(0, B, grain_of(B, R), [&](int64_t begin, int64_t end) {
+          forward_rows<M, R, scalar_t>(p, begin, end, gx_p, h0_p, c0_p, out_p, hn_p, cn_p, ws_p);
+        });
+      });
+    });
+  }
+  if (is_low_precision(dt)) {
+    out = out.to(dt);
+    h_n = h_n.to(dt);
+    c_n = c_n.to(dt);
+  }
+  return {out, h_n, c_n, ws};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backward_cpp(
+    const at::Tensor& grad_out_in, const at::Tensor& grad_h_n_in,
+    const std::optional<at::Tensor>& grad_c_n_in, const at::Tensor& ws_in,
+    const at::Tensor& w_hh_in, const std::optional<at::Tensor>& b_hh, const at::Tensor& h0,
+    const std::optional<at::Tensor>& c0, const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& reset, c10::string_view mode_name, bool reverse) {
+  const Mode mode = parse_mode(mode_name);
+  const int64_t G = gates_of(mode), K = slots_of(mode);
+  const bool lstm = mode == Mode::kLstm;
+  TORCH_CHECK(grad_out_in.dim() == 3 && h0.dim() == 2,
+              "fastrec rnn (cpp): grad_out must be 3-D (T, B, H) and h0 2-D (B, H), got ",
+              grad_out_in.sizes(), " and ", h0.sizes());
+  const auto dt = h0.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || is_low_precision(dt),
+              "fastrec rnn (cpp): h0 must be float16, bfloat16, float32 or float64, got ", dt);
+  const auto ct = dt == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t steps = grad_out_in.size(0), B = h0.size(0), H = h0.size(1);
+  check_tensor(grad_out_in, "grad_out", dt, {steps, B, H});
+  check_tensor(grad_h_n_in, "grad_h_n", dt, {B, H});
+  check_tensor(ws_in, "workspace", ct, {steps, B, K * H});
+  check_tensor(w_hh_in, "w_hh", dt, {G * H, H});
+  if (b_hh.has_value()) check_tensor(*b_hh, "b_hh", dt, {G * H});
+  TORCH_CHECK(!lstm || (grad_c_n_in.has_value() && c0.has_value()),
+              "fastrec rnn (cpp): mode 'lstm' needs grad_c_n and c0");
+  if (lstm) {
+    check_tensor(*grad_c_n_in, "grad_c_n", dt, {B, H});
+    check_tensor(*c0, "c0", dt, {B, H});
+  }
+
+  auto prep = [&](const at::Tensor& t) { return t.to(ct).contiguous(); };
+  const at::Tensor grad_out = prep(grad_out_in), grad_h_n = prep(grad_h_n_in),
+                   ws = ws_in.contiguous(), w_hh = prep(w_hh_in);
+  const at::Tensor grad_c_n = lstm ? prep(*grad_c_n_in) : at::Tensor();
+
+  const auto opts = grad_out.options();
+  at::Tensor dgx = at::empty({steps, B, G * H}, opts);
+  at::Tensor dgh = at::empty({steps, B, G * H}, opts);
+  at::Tensor dh0 = at::empty({B, H}, opts);
+  at::Tensor dc0 = at::empty({lstm ? B : 0, lstm ? H : 0}, opts);
+  at::Tensor hprev = at::empty({steps, B, H}, opts);
+  if (B * H > 0) {
+    AT_DISPATCH_FLOATING_TYPES(ct, "rnn_backward_cpp", [&] {
+      Problem<scalar_t> p;
+      describe(p, mode, steps, B, H, lengths, reset, reverse);
+      pack_weights(p, w_hh, std::nullopt, true);
+      const scalar_t* go_p = grad_out.data_ptr<scalar_t>();
+      const scalar_t* ghn_p = grad_h_n.data_ptr<scalar_t>();
+      const scalar_t* gcn_p = lstm ? grad_c_n.data_ptr<scalar_t>() : nullptr;
+      const scalar_t* ws_p = ws.data_ptr<scalar_t>();
+      scalar_t* dgx_p = dgx.data_ptr<scalar_t>();
+      scalar_t* dgh_p = dgh.data_ptr<scalar_t>();
+      scalar_t* dh0_p = dh0.data_ptr<scalar_t>();
+      scalar_t* dc0_p = lstm ? dc0.data_ptr<scalar_t>() : nullptr;
+      scalar_t* hprev_p = hprev.data_ptr<scalar_t>();
+      dispatch_mode(mode, [&](auto m) {
+        constexpr Mode M = decltype(m)::value;
+        at::parallel_for(0, B, grain_of(B, kBackwardRows), [&](int64_t begin, int64_t end) {
+          backward_rows<M, kBackwardRows, scalar_t>(p, begin, end, go_p, ghn_p, gcn_p, ws_p,
+                                                    dgx_p, dgh_p, dh0_p, dc0_p, hprev_p);
+        });
+      });
+    });
+  } else {
+    dh0.zero_();
+  }
+  if (is_low_precision(dt)) {
+    dgx = dgx.to(dt);
+    dgh = dgh.to(dt);
+    dh0 = dh0.to(dt);
+    dc0 = dc0.to(dt);
+    hprev = hprev.to(dt);
+  }
+  return {dgx, dgh, dh0, dc0, hprev};
+}
+
+}  // namespace
+}  // namespace fastrec
+
+TORCH_LIBRARY_FRAGMENT(fastrec, m) {
+  m.def(
+      "rnn_forward_cpp(Tensor gx, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? b_hh, "
+      "Tensor? lengths, Tensor? reset, str mode, bool reverse) "
+      "-> (Tensor out, Tensor h_n, Tensor c_n, Tensor workspace)");
+  m.def(
+      "rnn_backward_cpp(Tensor grad_out, Tensor grad_h_n, Tensor? grad_c_n, Tensor workspace, "
+      "Tensor w_hh, Tensor? b_hh, Tensor h0, Tensor? c0, Tensor? lengths, Tensor? reset, "
+      "str mode, bool reverse) "
+      "-> (Tensor grad_gx, Tensor grad_gh, Tensor grad_h0, Tensor grad_c0, Tensor hprev)");
+}
+
+TORCH_LIBRARY_IMPL(fastrec, CPU, m) {
+  m.impl("rnn_forward_cpp", &fastrec::rnn_forward_cpp);
+  m.impl("rnn_backward_cpp", &fastrec::rnn_backward_cpp);
+}
