@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from fastrec.ops import attention as attention_ops
+from fastrec.ops import rnn as rnn_ops
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -139,3 +140,113 @@ def _check_lengths(lengths: Tensor, q: Tensor, batch: int, len_k: int) -> Tensor
         if low < 0 or high > len_k:
             raise ValueError(f"lengths must lie in [0, L_k = {len_k}], got values in [{low}, {high}]")
     return lengths
+
+
+_RNN_MODES = ("tanh", "relu", "gru", "lstm")
+
+
+def rnn(
+    input: Tensor,
+    weights: list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]],
+    h0: Tensor | None = None,
+    c0: Tensor | None = None,
+    *,
+    mode: str,
+    num_layers: int = 1,
+    bidirectional: bool = False,
+    dropout: float = 0.0,
+    training: bool = False,
+    batch_first: bool = False,
+    lengths: Tensor | None = None,
+    reset: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """A stacked, optionally bidirectional recurrent network (torch.nn.RNN/GRU/LSTM semantics).
+
+    ``input`` ``(T, B, I)`` (``(B, T, I)`` if ``batch_first``); ``weights`` one
+    ``(w_ih, w_hh, b_ih, b_hh)`` per layer and direction in torch's order (layer-major, forward
+    then reverse); ``h0``/``c0`` ``(num_layers * D, B, H)`` or None (zeros); ``lengths``
+    ``(B,)`` in [1, T] (right padding: outputs past a row's length are 0, ``h_n`` is the state
+    at its last step, the reverse direction starts there); ``reset`` bool ``(T, B)`` zeroes a
+    row's state before step t (both directions, in processing order). Dropout
+    (``dropout`` when ``training``) acts on each layer's output but the last.
+    Returns ``(output, h_n, c_n)``; ``c_n`` is None unless ``mode == "lstm"``.
+    """
+    if mode not in _RNN_MODES:
+        raise ValueError(f"mode must be one of {_RNN_MODES}, got {mode!r}")
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if input.dim() != 3:
+        raise ValueError(f"input must be 3-D (T, B, input_size) or (B, T, input_size), got shape {_shape(input)}")
+    if input.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"input must be a floating point tensor, got {input.dtype}")
+    if not 0.0 <= dropout <= 1.0:
+        raise ValueError(f"dropout must be in [0, 1], got {dropout}")
+    dirs = 2 if bidirectional else 1
+    if len(weights) != num_layers * dirs:
+        raise ValueError(f"weights must hold num_layers * directions = {num_layers * dirs} tuples, got {len(weights)}")
+    x = input.transpose(0, 1) if batch_first else input
+    steps, batch, size = x.shape
+    w_ih0 = weights[0][0]
+    gates = {"tanh": 1, "relu": 1, "gru": 3, "lstm": 4}[mode]
+    hidden = weights[0][1].shape[1]
+    if w_ih0.shape[1] != size:
+        raise ValueError(f"input.size(-1) must equal input_size = {w_ih0.shape[1]}, got {size}")
+    if w_ih0.shape[0] != gates * hidden:
+        raise ValueError(f"weight_ih must be ({gates * hidden}, input_size) for mode {mode!r}, got {_shape(w_ih0)}")
+    state_shape = (num_layers * dirs, batch, hidden)
+    for name, t in (("h0", h0), ("c0", c0)):
+        if t is None:
+            continue
+        if name == "c0" and mode != "lstm":
+            raise ValueError(f"c0 is only for mode 'lstm', got mode {mode!r}")
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if _shape(t) != state_shape:
+            raise ValueError(
+                f"{name} must be (num_layers * directions, batch, hidden) = {state_shape}, got {_shape(t)}"
+            )
+        if t.dtype != input.dtype or t.device != input.device:
+            raise TypeError(f"{name} must have input's dtype and device ({input.dtype}, {input.device})")
+    if lengths is not None:
+        lengths = _check_rnn_lengths(lengths, x, batch, steps)
+    if reset is not None:
+        if not isinstance(reset, Tensor) or reset.dtype != torch.bool:
+            raise TypeError(f"reset must be a bool tensor, got {getattr(reset, 'dtype', type(reset))}")
+        if _shape(reset) != (steps, batch):
+            raise ValueError(f"reset must be (T, B) = {(steps, batch)}, got {_shape(reset)}")
+        reset = reset.to(x.device).contiguous()
+
+    x = x.contiguous()
+    if h0 is None:
+        h0 = x.new_zeros(state_shape)
+    if mode == "lstm" and c0 is None:
+        c0 = x.new_zeros(state_shape)
+    h_n, c_n = [], []
+    for layer in range(num_layers):
+        outs = []
+        for d in range(dirs):
+            k = layer * dirs + d
+            w_ih, w_hh, b_ih, b_hh = weights[k]
+            out, h, c = rnn_ops.rnn_layer(
+                x, h0[k], c0[k] if mode == "lstm" else None, w_ih, w_hh, b_ih, b_hh, lengths, reset, mode, d == 1
+            )
+            outs.append(out)
+            h_n.append(h)
+            c_n.append(c)
+        x = outs[0] if dirs == 1 else torch.cat(outs, dim=-1)
+        if training and dropout > 0.0 and layer < num_layers - 1:
+            x = torch.nn.functional.dropout(x, dropout, training=True)
+    out = x.transpose(0, 1).contiguous() if batch_first else x
+    return out, torch.stack(h_n), torch.stack(c_n) if mode == "lstm" else None
+
+
+def _check_rnn_lengths(lengths: Tensor, x: Tensor, batch: int, steps: int) -> Tensor:
+    if not isinstance(lengths, Tensor) or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+        raise TypeError(f"lengths must be an integer tensor, got {getattr(lengths, 'dtype', type(lengths))}")
+    if _shape(lengths) != (batch,):
+        raise ValueError(f"lengths must be (batch,) = ({batch},), got {_shape(lengths)}")
+    if not torch.compiler.is_compiling() and lengths.numel() > 0:
+        low, high = int(lengths.min()), int(lengths.max())
+        if low < 1 or high > steps:
+            raise ValueError(f"lengths must lie in [1, T = {steps}], got values in [{low}, {high}]")
+    return lengths.to(device=x.device, dtype=torch.int32).contiguous()

@@ -17,8 +17,10 @@ from fastrec import nn as fnn
 REPLACEMENTS: dict[type[torch.nn.Module], tuple[str, type[torch.nn.Module]]] = {
     torch.nn.MultiheadAttention: ("attention", fnn.MultiheadAttention),
     torch.nn.TransformerEncoderLayer: ("attention", fnn.TransformerEncoderLayer),
+    torch.nn.RNN: ("rnn", fnn.RNN),
+    torch.nn.GRU: ("rnn", fnn.GRU),
+    torch.nn.LSTM: ("rnn", fnn.LSTM),
 }
-_FAMILIES = ("attention", "rnn", "conv")
 
 
 @dataclass
@@ -73,8 +75,5 @@ def unpatch(model: torch.nn.Module) -> int:
         base = back.get(type(module))
         if base is not None:
             module.__class__ = base
-            restored += 1
-        if isinstance(module, torch.nn.MultiheadAttention) and type(module) is fnn.MultiheadAttention:
-            module.__class__ = torch.nn.MultiheadAttention
             restored += 1
     return restored

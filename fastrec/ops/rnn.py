@@ -1,0 +1,212 @@
+"""Recurrent layers (Elman tanh/relu, GRU, LSTM): one layer and one direction per call.
+
+The C++ ops (``csrc/rnn.cpp``, contract in their docstring) run the fused recurrence on a
+precomputed input projection; this module does the big GEMMs around them:
+
+- forward: ``gx = x W_ih^T + b_ih`` for all T*B rows as one GEMM, then ``rnn_forward_cpp``;
+- backward: ``rnn_backward_cpp`` gives the per-step pre-activation gradients ``dgx``/``dgh``
+  and the entering states ``hprev``; then ``dx = dgx W_ih``, ``dW_ih = dgx^T x``,
+  ``db_ih = sum dgx``, ``dW_hh = dgh^T hprev``, ``db_hh = sum dgh``.
+
+Semantics (every backend): x ``(T, B, I)`` time-major; ``h0``/``c0`` ``(B, H)``; ``lengths``
+int32 ``(B,)`` in [1, T] (row b runs steps ``0..len_b-1``; past it ``out = 0`` and the state
+is frozen); ``reverse`` runs each row from ``len_b - 1`` down to 0; ``reset`` bool ``(T, B)``
+zeroes a row's state before step t. The workspace is ``(T, B, K*H)`` fp32 (fp64 for fp64),
+K = 2 (tanh/relu), 5 (gru), 6 (lstm). ``c_n`` is a ``(0, 0)`` tensor for non-LSTM modes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastrec import backends
+
+OP = "rnn"
+GATES = {"tanh": 1, "relu": 1, "gru": 3, "lstm": 4}
+SLOTS = {"tanh": 2, "relu": 2, "gru": 5, "lstm": 6}
+_CELLS = {"tanh": torch.rnn_tanh_cell, "relu": torch.rnn_relu_cell, "gru": torch.gru_cell}
+HAVE_CPP = (
+    backends.available()["cpp"] is None
+    and hasattr(torch.ops.fastrec, "rnn_forward_cpp")
+    and hasattr(torch.ops.fastrec, "rnn_backward_cpp")
+)
+
+
+# --------------------------------------------------------------------------- torch reference
+def rnn_layer_torch(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor | None,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    lengths: Tensor | None,
+    reset: Tensor | None,
+    mode: str,
+    reverse: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """torch's cells in a Python loop over time, differentiated by autograd (the reference)."""
+    steps, batch, _ = x.shape
+    hidden = h0.shape[1]
+    h, c = h0, c0
+    if lengths is None and reset is None:  # the plain case: no masking
+        outs = []
+        for s in range(steps):
+            t = steps - 1 - s if reverse else s
+            if mode == "lstm":
+                h, c = torch.lstm_cell(x[t], (h, c), w_ih, w_hh, b_ih, b_hh)
+            else:
+                h = _CELLS[mode](x[t], h, w_ih, w_hh, b_ih, b_hh)
+            outs.append(h)
+        if reverse:
+            outs.reverse()
+        out = torch.stack(outs) if outs else x.new_zeros(0, batch, hidden)
+    else:
+        rows = torch.arange(batch, device=x.device)
+        lens = torch.full((batch,), steps, device=x.device) if lengths is None else lengths.long()
+        out = x.new_zeros(steps, batch, hidden)
+        for s in range(steps):
+            active = s < lens
+            t = torch.where(active, lens - 1 - s if reverse else torch.full_like(lens, s), 0)
+            x_t = x[t, rows]
+            if reset is not None:
+                zero = (reset[t, rows] & active)[:, None]
+                h = torch.where(zero, 0.0, h)
+                c = torch.where(zero, 0.0, c) if c is not None else None
+            if mode == "lstm":
+                h_new, c_new = torch.lstm_cell(x_t, (h, c), w_ih, w_hh, b_ih, b_hh)
+                c = torch.where(active[:, None], c_new, c)
+            else:
+                h_new = _CELLS[mode](x_t, h, w_ih, w_hh, b_ih, b_hh)
+            h = torch.where(active[:, None], h_new, h)
+            out = out.index_put((t[active], rows[active]), h_new[active])
+    c_n = c if mode == "lstm" else h0.new_zeros(0, 0)
+    return out, h, c_n
+
+
+# --------------------------------------------------------------------------- registered ops
+def _ws_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _fake_forward(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse):
+    steps, batch, _ = gx.shape
+    hidden = h0.shape[1]
+    out = gx.new_empty(steps, batch, hidden)
+    h_n = h0.new_empty(batch, hidden)
+    c_n = h0.new_empty(batch, hidden) if mode == "lstm" else h0.new_empty(0, 0)
+    workspace = gx.new_empty(steps, batch, SLOTS[mode] * hidden, dtype=_ws_dtype(gx))
+    return out, h_n, c_n, workspace
+
+
+def _fake_backward(grad_out, grad_h_n, grad_c_n, workspace, w_hh, b_hh, h0, c0, lengths, reset, mode, reverse):
+    steps, batch, hidden = grad_out.shape
+    gh = GATES[mode] * hidden
+    grad_c0 = h0.new_empty(batch, hidden) if mode == "lstm" else h0.new_empty(0, 0)
+    return (
+        h0.new_empty(steps, batch, gh),
+        h0.new_empty(steps, batch, gh),
+        h0.new_empty(batch, hidden),
+        grad_c0,
+        h0.new_empty(steps, batch, hidden),
+    )
+
+
+if HAVE_CPP:
+    torch.library.register_fake("fastrec::rnn_forward_cpp")(_fake_forward)
+    torch.library.register_fake("fastrec::rnn_backward_cpp")(_fake_backward)
+
+
+def _project(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """``x (T, B, I) -> x W^T + b`` as one GEMM over T*B rows, ``(T, B, G*H)`` contiguous."""
+    steps, batch, size = x.shape
+    flat = x.reshape(steps * batch, size)
+    out = torch.mm(flat, w.t()) if b is None else torch.addmm(b, flat, w.t())
+    return out.view(steps, batch, w.shape[0])
+
+
+class RNNLayerFunction(torch.autograd.Function):
+    """One layer, one direction on the cpp backend; weight gradients as big GEMMs."""
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reset, mode, reverse):
+        gx = _project(x, w_ih, b_ih)
+        out, h_n, c_n, workspace = torch.ops.fastrec.rnn_forward_cpp(
+            gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse
+        )
+        ctx.save_for_backward(x, w_ih, w_hh, b_hh, h0, c0, lengths, reset, workspace)
+        ctx.flags = (mode, reverse, b_ih is not None, b_hh is not None)
+        if mode != "lstm":
+            ctx.mark_non_differentiable(c_n)
+        return out, h_n, c_n
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_h_n, grad_c_n):
+        x, w_ih, w_hh, b_hh, h0, c0, lengths, reset, workspace = ctx.saved_tensors
+        mode, reverse, has_b_ih, has_b_hh = ctx.flags
+        steps, batch, size = x.shape
+        grad_gx, grad_gh, grad_h0, grad_c0, hprev = torch.ops.fastrec.rnn_backward_cpp(
+            grad_out.contiguous(),
+            grad_h_n.contiguous(),
+            grad_c_n.contiguous() if mode == "lstm" else None,
+            workspace,
+            w_hh,
+            b_hh,
+            h0,
+            c0,
+            lengths,
+            reset,
+            mode,
+            reverse,
+        )
+        gates = grad_gx.shape[-1]
+        dgx = grad_gx.view(steps * batch, gates).to(x.dtype)
+        dgh = grad_gh.view(steps * batch, gates).to(w_hh.dtype)
+        need = ctx.needs_input_grad
+        grad_x = torch.mm(dgx, w_ih).view(steps, batch, size) if need[0] else None
+        grad_w_ih = torch.mm(dgx.t(), x.reshape(steps * batch, size)) if need[3] else None
+        grad_w_hh = torch.mm(dgh.t(), hprev.view(steps * batch, -1).to(w_hh.dtype)) if need[4] else None
+        grad_b_ih = dgx.sum(0) if has_b_ih and need[5] else None
+        grad_b_hh = dgh.sum(0) if has_b_hh and need[6] else None
+        grad_c0 = grad_c0 if mode == "lstm" else None
+        return grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, None, None, None, None
+
+
+def _unfused_reason(x: Tensor, h0: Tensor, mode: str) -> str | None:
+    """Why the cpp kernels do not cover this call, or None."""
+    if x.device.type == "cuda":
+        return "no triton rnn kernel yet"
+    if x.device.type != "cpu":
+        return f"no fused rnn kernel for {x.device.type} tensors"
+    if not HAVE_CPP:
+        return "fastrec._C does not register rnn_forward_cpp"
+    if h0.shape[1] > 1024:
+        return "hidden_size > 1024"
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        return "empty input"
+    return None
+
+
+def rnn_layer(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor | None,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    lengths: Tensor | None,
+    reset: Tensor | None,
+    mode: str,
+    reverse: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One layer, one direction on canonical inputs (see the module docstring)."""
+    reason = _unfused_reason(x, h0, mode)
+    backend = backends.select(x.device, reason)
+    backends.count(OP, backend, reason or "")
+    args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reset, mode, reverse)
+    if backend == "torch":
+        return rnn_layer_torch(*args)
+    return RNNLayerFunction.apply(*args)

@@ -1,0 +1,256 @@
+"""fastrec.nn.RNN / GRU / LSTM against torch.nn's modules.
+
+Reference: the torch module in float64 with the same state_dict. fp32 fastrec vs that
+reference: relative error ``||fast - ref|| / ||ref|| <= 1e-5`` on output, h_n, c_n and the
+gradients of input, every weight and bias, h0 and c0 under random upstream gradients on the
+output and on the final states.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+import fastrec
+from fastrec import backends
+from fastrec import functional as FF
+from fastrec import nn as fnn
+from fastrec.ops import rnn as rnn_ops
+
+BOUND = 1e-5
+KINDS = ("tanh", "relu", "gru", "lstm")
+
+
+def make(kind: str, input_size: int, hidden: int, **kwargs) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(fastrec fp32 module, torch fp64 module) with the same weights."""
+    if kind == "lstm":
+        fast, ref = fnn.LSTM(input_size, hidden, **kwargs), torch.nn.LSTM(input_size, hidden, **kwargs)
+    elif kind == "gru":
+        fast, ref = fnn.GRU(input_size, hidden, **kwargs), torch.nn.GRU(input_size, hidden, **kwargs)
+    else:
+        fast = fnn.RNN(input_size, hidden, nonlinearity=kind, **kwargs)
+        ref = torch.nn.RNN(input_size, hidden, nonlinearity=kind, **kwargs)
+    ref.load_state_dict(fast.state_dict())
+    return fast, ref.double()
+
+
+def rel_err(fast: Tensor, ref: Tensor) -> float:
+    ref = ref.double()
+    return ((fast.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _flat(result):
+    out, state = result
+    if isinstance(out, PackedSequence):
+        out = out.data
+    states = state if isinstance(state, tuple) else (state,)
+    return [out, *states]
+
+
+def compare(kind, fast, ref, x, states, seed=0):
+    """Run both with grads on input, states and parameters; check every tensor."""
+    x32 = x.clone().float().requires_grad_()
+    x64 = x.double().clone().requires_grad_()
+    s32 = [s.clone().float().requires_grad_() for s in states]
+    s64 = [s.double().clone().requires_grad_() for s in states]
+
+    def hx(ss):
+        if not ss:
+            return None
+        return tuple(ss) if kind == "lstm" else ss[0]
+
+    outs32 = _flat(fast(x32, hx(s32)))
+    outs64 = _flat(ref(x64, hx(s64)))
+    gen = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in outs64]
+    torch.autograd.backward(outs32, [g.float() for g in grads])
+    torch.autograd.backward(outs64, grads)
+    for a, b in zip(outs32, outs64, strict=True):
+        assert a.dtype == torch.float32 and a.shape == b.shape
+        assert rel_err(a, b) <= BOUND
+    assert rel_err(x32.grad, x64.grad) <= BOUND
+    for a, b in zip(s32, s64, strict=True):
+        assert rel_err(a.grad, b.grad) <= BOUND
+    for (name, p32), (_, p64) in zip(fast.named_parameters(), ref.named_parameters(), strict=True):
+        assert rel_err(p32.grad, p64.grad) <= BOUND, name
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("hidden,steps", [(7, 17), (50, 1)])
+def test_matches_torch(kind, batch_first, hidden, steps):
+    torch.manual_seed(0)
+    fast, ref = make(kind, 5, hidden, batch_first=batch_first)
+    batch = 3
+    x = torch.randn(batch, steps, 5) if batch_first else torch.randn(steps, batch, 5)
+    h0 = [torch.randn(1, batch, hidden) for _ in range(2 if kind == "lstm" else 1)]
+    before = backends.stats(reset=True)
+    del before
+    compare(kind, fast, ref, x, h0)
+    assert any(k[0] == "rnn" and k[1] == "cpp" for k in backends.stats()) or not rnn_ops.HAVE_CPP
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_layers_bidirectional(kind):
+    torch.manual_seed(1)
+    fast, ref = make(kind, 6, 7, num_layers=2, bidirectional=True, bias=kind != "relu")
+    x = torch.randn(17, 4, 6)
+    states = [torch.randn(4, 4, 7) for _ in range(2 if kind == "lstm" else 1)]
+    compare(kind, fast, ref, x, states)
+    compare(kind, fast, ref, x, [])  # zero initial state
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_packed_unsorted(kind):
+    torch.manual_seed(2)
+    fast, ref = make(kind, 5, 50, num_layers=2, bidirectional=True, batch_first=True)
+    lengths = torch.tensor([3, 17, 1, 9, 17, 5])
+    x = torch.randn(6, 17, 5)
+    states = [torch.randn(4, 6, 50) for _ in range(2 if kind == "lstm" else 1)]
+    x32 = x.clone().float().requires_grad_()
+    x64 = x.double().clone().requires_grad_()
+    p32 = pack_padded_sequence(x32, lengths, batch_first=True, enforce_sorted=False)
+    p64 = pack_padded_sequence(x64, lengths, batch_first=True, enforce_sorted=False)
+    s32 = [s.clone().float().requires_grad_() for s in states]
+    s64 = [s.double().clone().requires_grad_() for s in states]
+    o32, st32 = fast(p32, tuple(s32) if kind == "lstm" else s32[0])
+    o64, st64 = ref(p64, tuple(s64) if kind == "lstm" else s64[0])
+    assert isinstance(o32, PackedSequence)
+    assert torch.equal(o32.batch_sizes, o64.batch_sizes)
+    assert torch.equal(o32.sorted_indices, o64.sorted_indices)
+    assert torch.equal(o32.unsorted_indices, o64.unsorted_indices)
+    outs32 = [o32.data, *(st32 if kind == "lstm" else (st32,))]
+    outs64 = [o64.data, *(st64 if kind == "lstm" else (st64,))]
+    grads = [torch.randn(o.shape, dtype=torch.float64) for o in outs64]
+    torch.autograd.backward(outs32, [g.float() for g in grads])
+    torch.autograd.backward(outs64, grads)
+    for a, b in zip(outs32, outs64, strict=True):
+        assert rel_err(a, b) <= BOUND
+    assert rel_err(x32.grad, x64.grad) <= BOUND
+    for a, b in zip(s32, s64, strict=True):
+        assert rel_err(a.grad, b.grad) <= BOUND
+    for (name, q32), (_, q64) in zip(fast.named_parameters(), ref.named_parameters(), strict=True):
+        assert rel_err(q32.grad, q64.grad) <= BOUND, name
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_unbatched(kind):
+    torch.manual_seed(3)
+    fast, ref = make(kind, 5, 7, num_layers=2, bidirectional=True)
+    states = [torch.randn(4, 7) for _ in range(2 if kind == "lstm" else 1)]
+    compare(kind, fast, ref, torch.randn(9, 5), states)
+
+
+def test_torch_backend_matches():
+    """The torch reference path (forced) agrees with torch too, incl. lengths and reverse."""
+    torch.manual_seed(4)
+    fast, ref = make("gru", 5, 7, bidirectional=True)
+    lengths = torch.tensor([4, 1, 6])
+    x = torch.randn(3, 6, 5)
+    with backends.use_backend("torch"):
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        out, h = fast(packed)
+    out64, h64 = ref(pack_padded_sequence(x.double(), lengths, batch_first=True, enforce_sorted=False))
+    assert rel_err(out.data, out64.data) <= BOUND and rel_err(h, h64) <= BOUND
+
+
+def test_dropout_between_layers():
+    fast, _ = make("gru", 5, 7, num_layers=3, dropout=0.5)
+    x = torch.randn(8, 4, 5)
+    fast.eval()
+    plain = fast(x)[0]
+    fast.train()
+    torch.manual_seed(5)
+    a = fast(x)[0]
+    torch.manual_seed(5)
+    b = fast(x)[0]
+    torch.manual_seed(6)
+    c = fast(x)[0]
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    assert not torch.allclose(a, plain)
+
+
+def test_proj_size_falls_back():
+    torch.manual_seed(7)
+    fast, ref = make("lstm", 5, 8, proj_size=3)
+    backends.stats(reset=True)
+    x = torch.randn(4, 2, 5)
+    out, (h, c) = fast(x)
+    out64, (h64, c64) = ref(x.double())
+    assert rel_err(out, out64) <= BOUND and rel_err(h, h64) <= BOUND and rel_err(c, c64) <= BOUND
+    assert backends.stats()[("LSTM", "torch", "proj_size != 0")] == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_state_dict_keys(kind):
+    fast, ref = make(kind, 5, 7, num_layers=2, bidirectional=True)
+    assert list(fast.state_dict()) == list(ref.state_dict())
+
+
+class GRU4Rec(torch.nn.Module):
+    def __init__(self, items: int = 30, hidden: int = 16) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(items, hidden)
+        self.gru = torch.nn.GRU(hidden, hidden, num_layers=2, batch_first=True)
+        self.out = torch.nn.Linear(hidden, items)
+
+    def forward(self, seq: Tensor) -> Tensor:
+        return self.out(self.gru(self.emb(seq))[0])
+
+
+def test_patch_gru4rec():
+    torch.manual_seed(8)
+    model = GRU4Rec()
+    seq = torch.randint(0, 30, (4, 11))
+    expected = model(seq)
+    report = fastrec.patch(model)
+    assert type(model.gru) is fnn.GRU
+    assert ("gru", "torch.nn.GRU", "fastrec.nn.GRU") in report.replaced
+    backends.stats(reset=True)
+    got = model(seq)
+    assert rel_err(got, expected) <= BOUND
+    assert any(k[0] == "rnn" for k in backends.stats())
+    fastrec.unpatch(model)
+    assert type(model.gru) is torch.nn.GRU
+
+
+@pytest.mark.skipif(not rnn_ops.HAVE_CPP, reason="cpp rnn ops not built")
+def test_compile_fullgraph():
+    """Dynamo refuses every torch.nn.RNNBase subclass unless ``allow_rnn`` is set (its own
+    guard against cuDNN's flat weights); with it, the fastrec forward traces in one graph."""
+    torch._dynamo.reset()
+    torch.manual_seed(9)
+    fast, ref = make("lstm", 5, 7, num_layers=2, batch_first=True)
+    x = torch.randn(3, 6, 5, requires_grad=True)
+    compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
+    with torch._dynamo.config.patch(allow_rnn=True), backends.use_backend("cpp"):
+        out, (h, c) = compiled(x)
+    (out.sum() + h.sum() + c.sum()).backward()
+    x64 = x.detach().double().requires_grad_()
+    out64, (h64, c64) = ref(x64)
+    (out64.sum() + h64.sum() + c64.sum()).backward()
+    assert rel_err(out, out64) <= BOUND and rel_err(h, h64) <= BOUND and rel_err(c, c64) <= BOUND
+    assert rel_err(x.grad, x64.grad) <= BOUND
+
+
+def test_bad_inputs():
+    weights = [(torch.randn(21, 5), torch.randn(21, 7), None, None)]
+    x = torch.randn(4, 2, 5)
+    with pytest.raises(ValueError, match="input.size"):
+        FF.rnn(torch.randn(4, 2, 6), weights, mode="gru")
+    with pytest.raises(ValueError, match="h0"):
+        FF.rnn(x, weights, torch.zeros(1, 3, 7), mode="gru")
+    with pytest.raises(ValueError, match="lengths"):
+        FF.rnn(x, weights, mode="gru", lengths=torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="lengths"):
+        FF.rnn(x, weights, mode="gru", lengths=torch.tensor([5, 4]))
+    with pytest.raises(ValueError, match="mode"):
+        FF.rnn(x, weights, mode="gruu")
+    with pytest.raises(ValueError, match="input"):
+        FF.rnn(torch.randn(4, 5), weights, mode="gru")
+    module = fnn.GRU(5, 7)
+    with pytest.raises(RuntimeError):  # torch's own error, via the counted fallback
+        module(torch.randn(4, 2, 6))
