@@ -207,7 +207,76 @@ def _mha_cases(device, dtype, batch, length, p, kpm, causal, copies) -> list[Cas
     return _pair("attention", "MHA module", shape, dtype_name, forwards, inputs, flops, io, params, inference)
 
 
-CASES: dict[str, Callable[[torch.device, torch.dtype, bool], list[Case]]] = {"attention": attention_cases}
+# --------------------------------------------------------------------------- rnn cases
+def rnn_cases(device: torch.device, dtype: torch.dtype, full: bool) -> list[Case]:
+    """fastrec.nn.RNN/GRU/LSTM vs torch's (padded, batch_first), GRU on packed input, and the
+    fused GRU against the Python loop of nn.GRUCell that the GRU4Rec reference code runs."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = 64
+    shapes = [(128, 50)] + ([(32, 200), (512, 20)] if full else [])
+    dtype_name = str(dtype).removeprefix("torch.")
+    copies = 4 if device.type == "cuda" else 1
+    cases: list[Case] = []
+    for batch, steps in shapes:
+
+        def make(b=batch, t=steps):
+            x = torch.randn(b, t, hidden, device=device, dtype=dtype, requires_grad=True)
+            return (x,), torch.randn(b, t, hidden, device=device, dtype=dtype)
+
+        inputs = _rotating(make, copies)
+        for kind in ("GRU", "LSTM", "RNN"):
+            torch.manual_seed(0)
+            ref = getattr(torch.nn, kind)(hidden, hidden, batch_first=True, device=device, dtype=dtype)
+            ours = copy.deepcopy(ref)
+            fastrec.patch(ours)
+            gates = {"GRU": 3, "LSTM": 4, "RNN": 1}[kind]
+            flops = 2 * batch * steps * 2 * hidden * gates * hidden
+            forwards = {"fastrec": lambda x, m=ours: m(x)[0], f"nn.{kind}": lambda x, m=ref: m(x)[0]}
+            params = {"fastrec": tuple(ours.parameters()), f"nn.{kind}": tuple(ref.parameters())}
+            if kind == "GRU":
+                cell = torch.nn.GRUCell(hidden, hidden, device=device, dtype=dtype)
+                cell.load_state_dict({k.removesuffix("_l0"): v for k, v in ref.state_dict().items()})
+                forwards["GRUCell loop"] = lambda x, c=cell: _cell_loop(c, x)
+                params["GRUCell loop"] = tuple(cell.parameters())
+            shape = f"B={batch} T={steps} in=hidden={hidden} padded"
+            io = 2 * batch * steps * hidden * dtype.itemsize
+            cases += _pair("rnn", kind, shape, dtype_name, forwards, inputs, flops, io, params)
+        lengths = torch.randint(1, steps + 1, (batch,), generator=gen)
+        torch.manual_seed(0)
+        ref = torch.nn.GRU(hidden, hidden, batch_first=True, device=device, dtype=dtype)
+        ours = copy.deepcopy(ref)
+        fastrec.patch(ours)
+
+        def packed(m):
+            def run(x):
+                seq = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+                out, _ = torch.nn.utils.rnn.pad_packed_sequence(m(seq)[0], batch_first=True, total_length=steps)
+                return out
+
+            return run
+
+        flops = 2 * int(lengths.sum()) * 2 * hidden * 3 * hidden
+        shape = f"B={batch} T={steps} in=hidden={hidden} packed"
+        params = {"fastrec": tuple(ours.parameters()), "nn.GRU": tuple(ref.parameters())}
+        forwards = {"fastrec": packed(ours), "nn.GRU": packed(ref)}
+        cases += _pair("rnn", "GRU", shape, dtype_name, forwards, inputs, flops, io, params)
+    return cases
+
+
+def _cell_loop(cell: torch.nn.GRUCell, x: torch.Tensor) -> torch.Tensor:
+    """The GRU4Rec reference code's recurrence: one nn.GRUCell call per step."""
+    h = x.new_zeros(x.shape[0], cell.hidden_size)
+    outputs = []
+    for t in range(x.shape[1]):
+        h = cell(x[:, t], h)
+        outputs.append(h)
+    return torch.stack(outputs, dim=1)
+
+
+CASES: dict[str, Callable[[torch.device, torch.dtype, bool], list[Case]]] = {
+    "attention": attention_cases,
+    "rnn": rnn_cases,
+}
 
 
 # --------------------------------------------------------------------------- the run

@@ -23,6 +23,33 @@ BOUND = 1e-5
 KINDS = ("tanh", "relu", "gru", "lstm")
 
 
+@pytest.fixture(autouse=True)
+def _fused_backend(request):
+    """Every test runs with the cpp backend forced (where built), so that CPU LSTM and packed
+    input, which the default dispatch routes to torch, are checked on the fused path too;
+    tests marked ``default_dispatch`` see the default routing."""
+    if not rnn_ops.HAVE_CPP or request.node.get_closest_marker("default_dispatch"):
+        yield
+        return
+    with backends.use_backend("cpp"):
+        yield
+
+
+@pytest.mark.default_dispatch
+def test_default_dispatch_routes_cpu_lstm_and_packed_input_to_torch():
+    x = torch.randn(3, 7, 5)
+    backends.stats(reset=True)
+    fnn.LSTM(5, 6, batch_first=True)(x)
+    packed = pack_padded_sequence(x, torch.tensor([7, 2, 5]), batch_first=True, enforce_sorted=False)
+    fnn.GRU(5, 6, batch_first=True)(packed)
+    fnn.GRU(5, 6, batch_first=True)(x)
+    counts = backends.stats()
+    assert counts[("LSTM", "torch", "LSTM on CPU (torch's oneDNN LSTM is as fast)")] == 1
+    assert sum(n for (op, backend, _), n in counts.items() if op == "GRU" and backend == "torch") == 1
+    if rnn_ops.HAVE_CPP:
+        assert sum(n for (op, backend, _), n in counts.items() if op == "rnn" and backend == "cpp") == 1
+
+
 def make(kind: str, input_size: int, hidden: int, **kwargs) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(fastrec fp32 module, torch fp64 module) with the same weights."""
     if kind == "lstm":

@@ -4,7 +4,8 @@ Only ``forward`` is overridden, so constructor, defaults, initialisation, parame
 ``state_dict`` are torch's by construction. Fused: any ``num_layers``, ``bidirectional``,
 ``batch_first``, ``bias``, dropout between layers, given or zero initial states, unbatched
 input and ``PackedSequence`` input (returned packed, with torch's ordering of ``h_n``; run
-fused only when a backend is forced, since torch's packed path is as fast for now).
+fused only when a backend is forced, since torch's packed path is as fast for now; likewise
+``LSTM`` on CPU, where oneDNN's LSTM ties the fused kernel).
 ``proj_size != 0`` and other uncovered calls run torch's own forward, counted in
 ``fastrec.stats()``.
 """
@@ -32,6 +33,10 @@ def _unfused_reason(module: torch.nn.RNNBase, input, hx) -> str | None:
         # the faster path unless a backend is forced (as the tests do).
         return "PackedSequence input (torch's packed path is as fast until the kernel skips finished rows)"
     data = input.data if isinstance(input, PackedSequence) else input
+    if module.mode == "LSTM" and isinstance(data, Tensor) and data.device.type == "cpu" and backends.forced() is None:
+        # Measured by `fastrec bench --family rnn` (B=128, T=50, 64/64): oneDNN's LSTM and the
+        # fused kernel tie (0.92x-1.11x), so the CPU LSTM stays on torch's path unless forced.
+        return "LSTM on CPU (torch's oneDNN LSTM is as fast)"
     if not isinstance(data, Tensor) or data.is_nested:
         return "input is not a dense tensor"
     if not isinstance(input, PackedSequence) and data.dim() not in (2, 3):
