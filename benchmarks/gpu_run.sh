@@ -26,7 +26,7 @@ status=0
 timeout 150 "$python" -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_nn_attention.py \
   -k "triton or cuda" 2>&1 | tee "$out/tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-timeout 200 "$python" -m fastrec bench --rounds 10 --json "$out/bench.json" --markdown "$out/bench.md" 2>&1 \
+timeout 200 "$python" -m fastrec bench --family attention --rounds 10 --json "$out/bench.json" --markdown "$out/bench.md" 2>&1 \
   | tee "$out/bench.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 exit $status
