@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -26,6 +27,16 @@ NAMES = ("out", "dq", "dk", "dv")
 
 
 # --------------------------------------------------------------------------- backends
+def run_forced(name: str):
+    """Body of a ``backend`` fixture: skip with the reason if ``name`` cannot run attention
+    here, else force it for the test and yield its name."""
+    reason = unavailable(name)
+    if reason is not None:
+        pytest.skip(f"{name} backend unavailable: {reason}")
+    with fastrec.use_backend(name):
+        yield name
+
+
 def unavailable(name: str) -> str | None:
     """Why backend ``name`` cannot run attention here (``None`` if it can)."""
     reason = fastrec.backends.available()[name]

@@ -36,6 +36,7 @@ from attention_reference import (
     interpreted,
     out_and_grads,
     reference,
+    run_forced,
     unavailable,
 )
 from torch import Tensor
@@ -52,11 +53,7 @@ NEG_INF = float("-inf")
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     """Each fused backend, forced; skipped with the reason when it cannot run here."""
-    reason = unavailable(request.param)
-    if reason is not None:
-        pytest.skip(f"{request.param} backend unavailable: {reason}")
-    with fastrec.use_backend(request.param):
-        yield request.param
+    yield from run_forced(request.param)
 
 
 def randn(*shape, dtype=torch.float32) -> Tensor:

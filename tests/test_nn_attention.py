@@ -21,7 +21,7 @@ import copy
 
 import pytest
 import torch
-from attention_reference import assert_rel_close, device_of, unavailable
+from attention_reference import assert_rel_close, device_of, run_forced
 
 import fastrec
 import fastrec.functional
@@ -32,11 +32,8 @@ EMBED, HEADS = 32, 4
 
 @pytest.fixture(params=["torch", "cpp", "triton"])
 def backend(request):
-    reason = unavailable(request.param)
-    if reason is not None:
-        pytest.skip(f"{request.param} backend unavailable: {reason}")
-    with fastrec.use_backend(request.param):
-        yield request.param
+    """Each backend, forced; skipped with the reason when it cannot run here."""
+    yield from run_forced(request.param)
 
 
 def perturb(module: torch.nn.Module) -> torch.nn.Module:
