@@ -33,8 +33,8 @@ def _unfused_reason(module: torch.nn.RNNBase, input, hx) -> str | None:
         # the faster path unless a backend is forced (as the tests do).
         return "PackedSequence input (torch's packed path is as fast until the kernel skips finished rows)"
     data = input.data if isinstance(input, PackedSequence) else input
-    if isinstance(data, Tensor) and data.device.type != "cpu" and backends.forced() is None:
-        return "no Triton RNN kernel yet (torch's cuDNN path)"
+    if isinstance(data, Tensor) and data.device.type not in ("cpu", "cuda") and backends.forced() is None:
+        return f"no fused RNN kernel for {data.device.type} tensors"
     if module.mode == "LSTM" and isinstance(data, Tensor) and data.device.type == "cpu" and backends.forced() is None:
         # Measured by `fastrec bench --family rnn` (B=128, T=50, 64/64): oneDNN's LSTM and the
         # fused kernel tie (0.92x-1.11x), so the CPU LSTM stays on torch's path unless forced.

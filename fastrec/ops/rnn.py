@@ -1,10 +1,11 @@
 """Recurrent layers (Elman tanh/relu, GRU, LSTM): one layer and one direction per call.
 
-The C++ ops (``csrc/rnn.cpp``, contract in their docstring) run the fused recurrence on a
-precomputed input projection; this module does the big GEMMs around them:
+The C++ ops (``csrc/rnn.cpp``, contract in their docstring) and the Triton ops
+(``kernels/rnn.py``, the same contract; CUDA tensors, or CPU tensors in Triton's interpreter) run
+the fused recurrence on a precomputed input projection; this module does the big GEMMs around them:
 
-- forward: ``gx = x W_ih^T + b_ih`` for all T*B rows as one GEMM, then ``rnn_forward_cpp``;
-- backward: ``rnn_backward_cpp`` gives the per-step pre-activation gradients ``dgx``/``dgh``
+- forward: ``gx = x W_ih^T + b_ih`` for all T*B rows as one GEMM, then ``rnn_forward_<backend>``;
+- backward: ``rnn_backward_<backend>`` gives the per-step pre-activation gradients ``dgx``/``dgh``
   and the entering states ``hprev``; then ``dx = dgx W_ih``, ``dW_ih = dgx^T x``,
   ``db_ih = sum dgx``, ``dW_hh = dgh^T hprev``, ``db_hh = sum dgh``.
 
@@ -119,6 +120,74 @@ if HAVE_CPP:
     torch.library.register_fake("fastrec::rnn_backward_cpp")(_fake_backward)
 
 
+# --------------------------------------------------------------------------- triton ops
+@torch.library.custom_op("fastrec::rnn_forward_triton", mutates_args=())
+def rnn_forward_triton(
+    gx: Tensor,
+    h0: Tensor,
+    c0: Tensor | None,
+    w_hh: Tensor,
+    b_hh: Tensor | None,
+    lengths: Tensor | None,
+    reset: Tensor | None,
+    mode: str,
+    reverse: bool,
+    allow_tf32: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``rnn_forward_cpp``'s contract on the Triton kernels (``allow_tf32``: fp32 dots may use TF32)."""
+    from fastrec.kernels import rnn as kernels
+
+    return kernels.rnn_forward(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse, allow_tf32)
+
+
+@torch.library.custom_op("fastrec::rnn_backward_triton", mutates_args=())
+def rnn_backward_triton(
+    grad_out: Tensor,
+    grad_h_n: Tensor,
+    grad_c_n: Tensor | None,
+    workspace: Tensor,
+    w_hh: Tensor,
+    b_hh: Tensor | None,
+    h0: Tensor,
+    c0: Tensor | None,
+    lengths: Tensor | None,
+    reset: Tensor | None,
+    mode: str,
+    reverse: bool,
+    allow_tf32: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``rnn_backward_cpp``'s contract on the Triton kernels."""
+    from fastrec.kernels import rnn as kernels
+
+    return kernels.rnn_backward(
+        grad_out, grad_h_n, grad_c_n, workspace, w_hh, b_hh, h0, c0, lengths, reset, mode, reverse, allow_tf32
+    )
+
+
+@rnn_forward_triton.register_fake
+def _fake_forward_triton(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse, allow_tf32):
+    return _fake_forward(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse)
+
+
+@rnn_backward_triton.register_fake
+def _fake_backward_triton(*args):
+    return _fake_backward(*args[:-1])
+
+
+def _allow_tf32(t: Tensor) -> bool:
+    return t.dtype == torch.float32 and t.is_cuda and torch.backends.cuda.matmul.allow_tf32
+
+
+def _forward_triton(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse):
+    return torch.ops.fastrec.rnn_forward_triton(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse, _allow_tf32(gx))
+
+
+def _backward_triton(grad_out, grad_h_n, grad_c_n, workspace, w_hh, b_hh, h0, c0, lengths, reset, mode, reverse):
+    return torch.ops.fastrec.rnn_backward_triton(
+        grad_out, grad_h_n, grad_c_n, workspace, w_hh, b_hh, h0, c0, lengths, reset, mode, reverse, _allow_tf32(h0)
+    )
+
+
 def _project(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     """``x (T, B, I) -> x W^T + b`` as one GEMM over T*B rows, ``(T, B, G*H)`` contiguous."""
     steps, batch, size = x.shape
@@ -128,16 +197,15 @@ def _project(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
 
 
 class RNNLayerFunction(torch.autograd.Function):
-    """One layer, one direction on the cpp backend; weight gradients as big GEMMs."""
+    """One layer, one direction on the cpp or triton backend; weight gradients as big GEMMs."""
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reset, mode, reverse):
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reset, mode, reverse, backend):
         gx = _project(x, w_ih, b_ih)
-        out, h_n, c_n, workspace = torch.ops.fastrec.rnn_forward_cpp(
-            gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse
-        )
+        forward_op = _forward_triton if backend == "triton" else torch.ops.fastrec.rnn_forward_cpp
+        out, h_n, c_n, workspace = forward_op(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse)
         ctx.save_for_backward(x, w_ih, w_hh, b_hh, h0, c0, lengths, reset, workspace)
-        ctx.flags = (mode, reverse, b_ih is not None, b_hh is not None)
+        ctx.flags = (mode, reverse, b_ih is not None, b_hh is not None, backend)
         if mode != "lstm":
             ctx.mark_non_differentiable(c_n)
         return out, h_n, c_n
@@ -145,9 +213,10 @@ class RNNLayerFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_h_n, grad_c_n):
         x, w_ih, w_hh, b_hh, h0, c0, lengths, reset, workspace = ctx.saved_tensors
-        mode, reverse, has_b_ih, has_b_hh = ctx.flags
+        mode, reverse, has_b_ih, has_b_hh, backend = ctx.flags
         steps, batch, size = x.shape
-        grad_gx, grad_gh, grad_h0, grad_c0, hprev = torch.ops.fastrec.rnn_backward_cpp(
+        backward_op = _backward_triton if backend == "triton" else torch.ops.fastrec.rnn_backward_cpp
+        grad_gx, grad_gh, grad_h0, grad_c0, hprev = backward_op(
             grad_out.contiguous(),
             grad_h_n.contiguous(),
             grad_c_n.contiguous() if mode == "lstm" else None,
@@ -171,16 +240,14 @@ class RNNLayerFunction(torch.autograd.Function):
         grad_b_ih = dgx.sum(0) if has_b_ih and need[5] else None
         grad_b_hh = dgh.sum(0) if has_b_hh and need[6] else None
         grad_c0 = grad_c0 if mode == "lstm" else None
-        return grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, None, None, None, None
+        return grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, None, None, None, None, None
 
 
 def _unfused_reason(x: Tensor, h0: Tensor, mode: str) -> str | None:
-    """Why the cpp kernels do not cover this call, or None."""
-    if x.device.type == "cuda":
-        return "no triton rnn kernel yet"
-    if x.device.type != "cpu":
+    """Why the fused kernels (cpp on CPU, triton on CUDA or forced) do not cover this call, or None."""
+    if x.device.type not in ("cpu", "cuda"):
         return f"no fused rnn kernel for {x.device.type} tensors"
-    if not HAVE_CPP:
+    if x.device.type == "cpu" and not HAVE_CPP and backends.forced() != "triton":
         return "fastrec._C does not register rnn_forward_cpp"
     if h0.shape[1] > 1024:
         return "hidden_size > 1024"
@@ -209,4 +276,4 @@ def rnn_layer(
     args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reset, mode, reverse)
     if backend == "torch":
         return rnn_layer_torch(*args)
-    return RNNLayerFunction.apply(*args)
+    return RNNLayerFunction.apply(*args, backend)

@@ -1,0 +1,838 @@
+"""Fused recurrences in Triton (Elman tanh / relu, GRU, LSTM): forward and reverse-time backward.
+
+Contract: the docstring of fastrec/ops/rnn.py and csrc/rnn.cpp (shared with the C++ backend: same
+inputs, outputs and workspace layout, so one autograd.Function serves both). The caller computes
+the input projection ``gx = x W_ih^T + b_ih`` of every step as one GEMM before the forward, and
+``dx``, ``dW_ih``, ``dW_hh``, the biases as GEMMs after the backward; these kernels run only the
+sequential part. Layout of this file, top-down:
+
+1. ``@triton.jit`` helpers: activations, the per-step row bookkeeping (lengths, reverse, reset),
+   the gate arithmetic of one column tile (forward and backward).
+2. Kernels, grid ``(cdiv(B, BLOCK_B),)``: each program owns BLOCK_B rows of the batch for the whole
+   time loop, so no program ever waits for another (no atomics: deterministic).
+   - ``_rnn_forward_kernel``: per step ``gh = h W_hh^T`` by ``tl.dot``, then the gates; writes
+     ``out``, the workspace and the final state.
+   - ``_rnn_backward_kernel``: reverse steps; per step the gate gradients ``grad_gx`` /
+     ``grad_gh`` (they differ only in GRU's n gate: ``dgh_n = dgx_n * r``), ``hprev``, and
+     ``dh <- carry + grad_gh W_hh``.
+   Two ways to hold W_hh, a constexpr ``RESIDENT``:
+   - resident (padded hidden size BLOCK_H <= 64): the G gate blocks of W_hh are loaded once, before
+     the time loop, and stay in registers; the state h (c, dh, dc) stays in registers too.
+   - streamed (larger hidden sizes, 1..1024, not only powers of two): W_hh is read per step in
+     (BLOCK_H, BLOCK_H) tiles (served from L1 / L2 after the first step); the state lives in a
+     (B, H) scratch tensor of the compute dtype. Each step has two phases separated by a block
+     barrier (``tl.debug_barrier``, a ``bar.sync``, which also orders the global memory accesses
+     of the program's threads): the forward first writes the entering state (after reset) to the
+     workspace's hprev slot, then for each output tile reads it back over all K tiles; the
+     backward first writes every gate gradient of the step, then forms ``dh`` per K tile.
+3. Launchers ``rnn_forward`` / ``rnn_backward`` (tensors in, tensors out; no autograd),
+   ``block_config`` and ``kernel_variants()`` (every variant the launchers can pick, for
+   tests/test_kernels_compile.py).
+
+Numerics: the state and every accumulation are in the compute dtype (fp32; fp64 for fp64 inputs,
+so gradcheck runs through the kernels). fp32 dots use ``input_precision="ieee"`` unless torch's
+allow_tf32 flag is on. fp16 / bf16: gx, W_hh and the outputs keep the input dtype, the state h and
+the accumulators are fp32; the dot operands (h, or the gate gradients) are rounded to the input
+dtype so that the matrix units run (as cuDNN does); in the interpreter (``UPCAST_INPUTS``, where
+bf16 arithmetic is broken) bf16 dots run in fp32 instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import triton
+import triton.language as tl
+
+MODES = {"tanh": 0, "relu": 1, "gru": 2, "lstm": 3}
+GATES = {"tanh": 1, "relu": 1, "gru": 3, "lstm": 4}
+SLOTS = {"tanh": 2, "relu": 2, "gru": 5, "lstm": 6}
+MAX_HIDDEN = 1024
+
+
+# ------------------------------------------------------------------------------------------------
+# jit helpers
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _tanh(x):
+    """tanh by exp(-2|x|) (no overflow; absolute error ~1 ulp of 1, in any float dtype)."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _step_rows(
+    s,  # processing step (0 .. T-1)
+    offs_b,  # (BLOCK_B,) batch rows of this program
+    row_ok,  # (BLOCK_B,) offs_b < B
+    length,  # (BLOCK_B,) int32 row lengths (T without lengths)
+    Reset,  # (T, B) bool contiguous; read iff HAS_RESET
+    B,
+    REVERSE: tl.constexpr,
+    HAS_RESET: tl.constexpr,
+):
+    """(active, tb, zero): the row runs this step; its (t * B + b) row index into the (T, B, ...)
+    tensors (t = s for a row past its length, whose step writes zeros); its state is reset."""
+    active = row_ok & (s < length)
+    if REVERSE:
+        t = tl.where(active, length - 1 - s, s)
+    else:
+        t = s + offs_b * 0
+    tb = t.to(tl.int64) * B + offs_b
+    zero = offs_b < 0
+    if HAS_RESET:
+        zero = active & (tl.load(Reset + tb, mask=active, other=0) != 0)
+    return active, tb, zero
+
+
+@triton.jit
+def _load_gate_block(
+    W,  # (G * H, H) W_hh, contiguous
+    gate,  # gate index g: rows g * H .. g * H + H - 1
+    offs_r,  # indices into the gate's rows (hidden unit j), broadcastable (BLOCK, 1) or (1, BLOCK)
+    offs_c,  # indices into W's columns (hidden unit k), broadcastable against offs_r
+    H,
+):
+    """W_hh[g * H + j, k] at (offs_r, offs_c); zero outside the H x H block."""
+    return tl.load(W + (gate * H + offs_r) * H + offs_c, mask=(offs_r < H) & (offs_c < H), other=0.0)
+
+
+@triton.jit
+def _forward_gates(
+    acc0,  # (BLOCK_B, BLOCK_H) W_hh h of gate 0 (compute dtype); acc1..acc3 gates 1..3 (unused: any)
+    acc1,
+    acc2,
+    acc3,
+    hprev,  # (BLOCK_B, BLOCK_H) state entering the step (after reset), compute dtype
+    cprev,  # (BLOCK_B, BLOCK_H) LSTM cell entering the step; unused otherwise
+    GX,  # (T, B, G * H) contiguous, input dtype
+    Bias,  # (G * H,) b_hh; read iff HAS_BIAS
+    Out,  # (T, B, H) contiguous, input dtype
+    WS,  # (T, B, K * H) contiguous, compute dtype
+    tb,  # (BLOCK_B,) int64 row index t * B + b
+    active,  # (BLOCK_B,) row runs this step
+    row_ok,  # (BLOCK_B,) row exists
+    offs_j,  # (BLOCK_H,) hidden units of this tile
+    H,
+    MODE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    """Gate arithmetic of one column tile: stores out and the workspace gate slots (zeros for
+    inactive rows) and returns (h_new, c_new) (c_new = cprev except for LSTM)."""
+    G: tl.constexpr = 3 if MODE == 2 else (4 if MODE == 3 else 1)
+    K: tl.constexpr = 6 if MODE == 3 else (5 if MODE == 2 else 2)
+    cdt: tl.constexpr = WS.dtype.element_ty
+    j_ok = offs_j < H
+    load_mask = active[:, None] & j_ok[None, :]
+    store_mask = row_ok[:, None] & j_ok[None, :]
+    act = active[:, None]
+    gx = GX + tb[:, None] * (G * H) + offs_j[None, :]
+    ws = WS + tb[:, None] * (K * H) + offs_j[None, :]
+    pre0 = acc0 + tl.load(gx, mask=load_mask, other=0.0).to(cdt)
+    if HAS_BIAS:
+        pre0 += tl.load(Bias + offs_j, mask=j_ok, other=0.0).to(cdt)[None, :]
+    c_new = cprev
+    if MODE <= 1:
+        if MODE == 0:
+            h_new = _tanh(pre0)
+        else:
+            h_new = tl.maximum(pre0, 0.0)
+        tl.store(ws, tl.where(act, h_new, 0.0).to(cdt), mask=store_mask)
+    else:
+        pre1 = acc1 + tl.load(gx + H, mask=load_mask, other=0.0).to(cdt)
+        pre2 = acc2
+        gx2 = tl.load(gx + 2 * H, mask=load_mask, other=0.0).to(cdt)
+        if HAS_BIAS:
+            pre1 += tl.load(Bias + H + offs_j, mask=j_ok, other=0.0).to(cdt)[None, :]
+            pre2 += tl.load(Bias + 2 * H + offs_j, mask=j_ok, other=0.0).to(cdt)[None, :]
+        if MODE == 2:  # GRU: r, z, n = tanh(gx_n + r * (W_hn h + b_hn)), h' = (1 - z) n + z h
+            r = _sigmoid(pre0)
+            z = _sigmoid(pre1)
+            n = _tanh(gx2 + r * pre2)
+            h_new = n + z * (hprev - n)
+            tl.store(ws, tl.where(act, r, 0.0), mask=store_mask)
+            tl.store(ws + H, tl.where(act, z, 0.0), mask=store_mask)
+            tl.store(ws + 2 * H, tl.where(act, n, 0.0), mask=store_mask)
+            tl.store(ws + 3 * H, tl.where(act, pre2, 0.0), mask=store_mask)
+        else:  # LSTM: i, f, g, o; c' = f c + i g, h' = o tanh(c')
+            pre3 = acc3 + tl.load(gx + 3 * H, mask=load_mask, other=0.0).to(cdt)
+            if HAS_BIAS:
+                pre3 += tl.load(Bias + 3 * H + offs_j, mask=j_ok, other=0.0).to(cdt)[None, :]
+            i = _sigmoid(pre0)
+            f = _sigmoid(pre1)
+            g = _tanh(gx2 + pre2)
+            o = _sigmoid(pre3)
+            c_new = f * cprev + i * g
+            h_new = o * _tanh(c_new)
+            tl.store(ws, tl.where(act, i, 0.0), mask=store_mask)
+            tl.store(ws + H, tl.where(act, f, 0.0), mask=store_mask)
+            tl.store(ws + 2 * H, tl.where(act, g, 0.0), mask=store_mask)
+            tl.store(ws + 3 * H, tl.where(act, o, 0.0), mask=store_mask)
+            tl.store(ws + 4 * H, tl.where(act, cprev, 0.0), mask=store_mask)
+    tl.store(
+        Out + tb[:, None] * H + offs_j[None, :],
+        tl.where(act, h_new, 0.0).to(Out.dtype.element_ty),
+        mask=store_mask,
+    )
+    return h_new, c_new
+
+
+@triton.jit
+def _backward_gates(
+    dh_state,  # (BLOCK_B, BLOCK_H) gradient reaching h_t from later steps (and grad_h_n), compute dtype
+    dc_state,  # (BLOCK_B, BLOCK_H) LSTM: gradient reaching c_t; unused otherwise
+    GradOut,  # (T, B, H) contiguous, compute dtype
+    WS,  # (T, B, K * H) contiguous, compute dtype (the forward's workspace)
+    GradGX,  # (T, B, G * H) contiguous, compute dtype
+    GradGH,  # (T, B, G * H) contiguous, compute dtype
+    HPrev,  # (T, B, H) contiguous, compute dtype
+    tb,  # (BLOCK_B,) int64 row index t * B + b
+    active,  # (BLOCK_B,) row runs this step
+    row_ok,  # (BLOCK_B,) row exists
+    offs_j,  # (BLOCK_H,) hidden units of this tile
+    H,
+    MODE: tl.constexpr,
+):
+    """Gate gradients of one column tile: stores grad_gx, grad_gh, hprev (zeros for inactive rows)
+    and returns (dgh_0, .., dgh_3, carry, dc_new): the grad_gh of each gate (as many as the mode
+    has; the rest repeat), the part of dh_{t-1} that bypasses W_hh, and the LSTM cell gradient
+    for the previous step (dc_state unchanged otherwise and for inactive rows)."""
+    G: tl.constexpr = 3 if MODE == 2 else (4 if MODE == 3 else 1)
+    K: tl.constexpr = 6 if MODE == 3 else (5 if MODE == 2 else 2)
+    cdt: tl.constexpr = WS.dtype.element_ty
+    j_ok = offs_j < H
+    load_mask = active[:, None] & j_ok[None, :]
+    store_mask = row_ok[:, None] & j_ok[None, :]
+    act = active[:, None]
+    dh = dh_state + tl.load(GradOut + tb[:, None] * H + offs_j[None, :], mask=load_mask, other=0.0).to(cdt)
+    ws = WS + tb[:, None] * (K * H) + offs_j[None, :]
+    hp = tl.load(ws + (K - 1) * H, mask=load_mask, other=0.0)
+    tl.store(HPrev + tb[:, None] * H + offs_j[None, :], hp, mask=store_mask)
+    gx = GradGX + tb[:, None] * (G * H) + offs_j[None, :]
+    gh = GradGH + tb[:, None] * (G * H) + offs_j[None, :]
+    carry = dh_state
+    dc_new = dc_state
+    if MODE <= 1:
+        y = tl.load(ws, mask=load_mask, other=0.0)
+        if MODE == 0:
+            d = dh * (1.0 - y * y)
+        else:
+            d = tl.where(y > 0.0, dh, 0.0)
+        d = tl.where(act, d, 0.0)
+        tl.store(gx, d, mask=store_mask)
+        tl.store(gh, d, mask=store_mask)
+        carry = tl.where(act, 0.0, dh_state)
+        d1 = d
+        d2 = d
+        d3 = d
+    elif MODE == 2:
+        r = tl.load(ws, mask=load_mask, other=0.0)
+        z = tl.load(ws + H, mask=load_mask, other=0.0)
+        n = tl.load(ws + 2 * H, mask=load_mask, other=0.0)
+        ghn = tl.load(ws + 3 * H, mask=load_mask, other=0.0)
+        dn = tl.where(act, dh * (1.0 - z) * (1.0 - n * n), 0.0)
+        d1 = tl.where(act, dh * (hp - n) * z * (1.0 - z), 0.0)
+        d = dn * ghn * r * (1.0 - r)
+        d2 = dn * r
+        d3 = d
+        tl.store(gx, d, mask=store_mask)
+        tl.store(gx + H, d1, mask=store_mask)
+        tl.store(gx + 2 * H, dn, mask=store_mask)
+        tl.store(gh, d, mask=store_mask)
+        tl.store(gh + H, d1, mask=store_mask)
+        tl.store(gh + 2 * H, d2, mask=store_mask)
+        carry = tl.where(act, dh * z, dh_state)
+    else:
+        i = tl.load(ws, mask=load_mask, other=0.0)
+        f = tl.load(ws + H, mask=load_mask, other=0.0)
+        g = tl.load(ws + 2 * H, mask=load_mask, other=0.0)
+        o = tl.load(ws + 3 * H, mask=load_mask, other=0.0)
+        cp = tl.load(ws + 4 * H, mask=load_mask, other=0.0)
+        tc = _tanh(f * cp + i * g)
+        dc = dc_state + dh * o * (1.0 - tc * tc)
+        d = tl.where(act, dc * g * i * (1.0 - i), 0.0)
+        d1 = tl.where(act, dc * cp * f * (1.0 - f), 0.0)
+        d2 = tl.where(act, dc * i * (1.0 - g * g), 0.0)
+        d3 = tl.where(act, dh * tc * o * (1.0 - o), 0.0)
+        tl.store(gx, d, mask=store_mask)
+        tl.store(gx + H, d1, mask=store_mask)
+        tl.store(gx + 2 * H, d2, mask=store_mask)
+        tl.store(gx + 3 * H, d3, mask=store_mask)
+        tl.store(gh, d, mask=store_mask)
+        tl.store(gh + H, d1, mask=store_mask)
+        tl.store(gh + 2 * H, d2, mask=store_mask)
+        tl.store(gh + 3 * H, d3, mask=store_mask)
+        carry = tl.where(act, 0.0, dh_state)
+        dc_new = tl.where(act, dc * f, dc_state)
+    return d, d1, d2, d3, carry, dc_new
+
+
+# ------------------------------------------------------------------------------------------------
+# kernels
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["T", "B"])
+def _rnn_forward_kernel(
+    GX,  # (T, B, G * H) contiguous, input dtype: x W_ih^T + b_ih
+    W,  # (G * H, H) contiguous, input dtype: W_hh
+    Bias,  # (G * H,) input dtype: b_hh; read iff HAS_BIAS
+    Lengths,  # (B,) int32 in [1, T]; read iff HAS_LENGTHS
+    Reset,  # (T, B) bool contiguous; read iff HAS_RESET
+    Out,  # (T, B, H) contiguous, input dtype
+    WS,  # (T, B, K * H) contiguous, compute dtype: the workspace (see fastrec/ops/rnn.py)
+    HState,  # (B, H) contiguous, compute dtype: h0 in, h_n out (and the state, streamed)
+    CState,  # (B, H) contiguous, compute dtype: c0 in, c_n out (LSTM only)
+    T,
+    B,
+    H,
+    MODE: tl.constexpr,  # 0 tanh, 1 relu, 2 gru, 3 lstm
+    REVERSE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
+    HAS_RESET: tl.constexpr,
+    RESIDENT: tl.constexpr,  # W_hh and the state in registers (BLOCK_H >= H), else streamed tiles
+    LOW_PRECISION_DOT: tl.constexpr,  # dot operands in W's (16-bit) dtype, else the compute dtype
+    ALLOW_TF32: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    G: tl.constexpr = 3 if MODE == 2 else (4 if MODE == 3 else 1)
+    K: tl.constexpr = 6 if MODE == 3 else (5 if MODE == 2 else 2)
+    LSTM: tl.constexpr = MODE == 3
+    cdt: tl.constexpr = WS.dtype.element_ty
+    ddt: tl.constexpr = W.dtype.element_ty if LOW_PRECISION_DOT else cdt
+    DOT_PRECISION: tl.constexpr = "tf32" if ALLOW_TF32 else "ieee"
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = offs_b < B
+    if HAS_LENGTHS:
+        length = tl.load(Lengths + offs_b, mask=row_ok, other=0)
+    else:
+        length = tl.zeros([BLOCK_B], dtype=tl.int32) + T
+    state = offs_b.to(tl.int64)[:, None] * H  # (BLOCK_B, 1) rows of HState / CState
+    offs_h = tl.arange(0, BLOCK_H)
+    hprev_slot = WS + (K - 1) * H
+    if RESIDENT:
+        h_ok = offs_h < H
+        smask = row_ok[:, None] & h_ok[None, :]
+        h = tl.load(HState + state + offs_h[None, :], mask=smask, other=0.0)
+        c = h
+        if LSTM:
+            c = tl.load(CState + state + offs_h[None, :], mask=smask, other=0.0)
+        # W_g^T (k, j) = W_hh[g * H + j, k], one (BLOCK_H, BLOCK_H) block per gate, kept for the loop.
+        w0 = _load_gate_block(W, 0, offs_h[None, :], offs_h[:, None], H).to(ddt)
+        w1 = w0
+        w2 = w0
+        w3 = w0
+        if G >= 3:
+            w1 = _load_gate_block(W, 1, offs_h[None, :], offs_h[:, None], H).to(ddt)
+            w2 = _load_gate_block(W, 2, offs_h[None, :], offs_h[:, None], H).to(ddt)
+        if G == 4:
+            w3 = _load_gate_block(W, 3, offs_h[None, :], offs_h[:, None], H).to(ddt)
+        for s in range(T):
+            active, tb, zero = _step_rows(s, offs_b, row_ok, length, Reset, B, REVERSE, HAS_RESET)
+            h = tl.where(zero[:, None], 0.0, h)
+            if LSTM:
+                c = tl.where(zero[:, None], 0.0, c)
+            tl.store(
+                hprev_slot + tb[:, None] * (K * H) + offs_h[None, :],
+                tl.where(active[:, None], h, 0.0),
+                mask=smask,
+            )
+            hd = h.to(ddt)
+            acc0 = tl.dot(hd, w0, input_precision=DOT_PRECISION, out_dtype=cdt)
+            acc1 = acc0
+            acc2 = acc0
+            acc3 = acc0
+            if G >= 3:
+                acc1 = tl.dot(hd, w1, input_precision=DOT_PRECISION, out_dtype=cdt)
+                acc2 = tl.dot(hd, w2, input_precision=DOT_PRECISION, out_dtype=cdt)
+            if G == 4:
+                acc3 = tl.dot(hd, w3, input_precision=DOT_PRECISION, out_dtype=cdt)
+            h_new, c_new = _forward_gates(
+                acc0, acc1, acc2, acc3, h, c, GX, Bias, Out, WS, tb, active, row_ok, offs_h, H, MODE, HAS_BIAS
+            )
+            h = tl.where(active[:, None], h_new, h)
+            if LSTM:
+                c = tl.where(active[:, None], c_new, c)
+        tl.store(HState + state + offs_h[None, :], h, mask=smask)
+        if LSTM:
+            tl.store(CState + state + offs_h[None, :], c, mask=smask)
+    else:
+        for s in range(T):
+            active, tb, zero = _step_rows(s, offs_b, row_ok, length, Reset, B, REVERSE, HAS_RESET)
+            hprev_rows = hprev_slot + tb[:, None] * (K * H)
+            # Phase 1: the state entering the step (after reset) to the workspace's hprev slot.
+            for k0 in range(0, H, BLOCK_H):
+                offs_k = k0 + offs_h
+                kmask = row_ok[:, None] & (offs_k < H)[None, :]
+                hk = tl.load(HState + state + offs_k[None, :], mask=kmask, other=0.0)
+                hk = tl.where(zero[:, None] | ~active[:, None], 0.0, hk)
+                tl.store(hprev_rows + offs_k[None, :], hk, mask=kmask)
+            tl.debug_barrier()
+            # Phase 2: per output tile, gh = hprev W_hh^T over K tiles, then the gates.
+            for j0 in range(0, H, BLOCK_H):
+                offs_j = j0 + offs_h
+                acc0 = tl.zeros([BLOCK_B, BLOCK_H], dtype=cdt)
+                acc1 = acc0
+                acc2 = acc0
+                acc3 = acc0
+                for k0 in range(0, H, BLOCK_H):
+                    offs_k = k0 + offs_h
+                    hk = tl.load(
+                        hprev_rows + offs_k[None, :], mask=active[:, None] & (offs_k < H)[None, :], other=0.0
+                    ).to(ddt)
+                    w = _load_gate_block(W, 0, offs_j[None, :], offs_k[:, None], H).to(ddt)
+                    acc0 = tl.dot(hk, w, acc0, input_precision=DOT_PRECISION, out_dtype=cdt)
+                    if G >= 3:
+                        w = _load_gate_block(W, 1, offs_j[None, :], offs_k[:, None], H).to(ddt)
+                        acc1 = tl.dot(hk, w, acc1, input_precision=DOT_PRECISION, out_dtype=cdt)
+                        w = _load_gate_block(W, 2, offs_j[None, :], offs_k[:, None], H).to(ddt)
+                        acc2 = tl.dot(hk, w, acc2, input_precision=DOT_PRECISION, out_dtype=cdt)
+                    if G == 4:
+                        w = _load_gate_block(W, 3, offs_j[None, :], offs_k[:, None], H).to(ddt)
+                        acc3 = tl.dot(hk, w, acc3, input_precision=DOT_PRECISION, out_dtype=cdt)
+                jmask = row_ok[:, None] & (offs_j < H)[None, :]
+                h_old = tl.load(HState + state + offs_j[None, :], mask=jmask, other=0.0)
+                h_in = tl.where(zero[:, None], 0.0, h_old)
+                c_old = h_old
+                c_in = h_in
+                if LSTM:
+                    c_old = tl.load(CState + state + offs_j[None, :], mask=jmask, other=0.0)
+                    c_in = tl.where(zero[:, None], 0.0, c_old)
+                h_new, c_new = _forward_gates(
+                    acc0, acc1, acc2, acc3, h_in, c_in, GX, Bias, Out, WS, tb, active, row_ok, offs_j, H, MODE, HAS_BIAS
+                )
+                tl.store(HState + state + offs_j[None, :], tl.where(active[:, None], h_new, h_old), mask=jmask)
+                if LSTM:
+                    tl.store(CState + state + offs_j[None, :], tl.where(active[:, None], c_new, c_old), mask=jmask)
+            tl.debug_barrier()
+
+
+@triton.jit(do_not_specialize=["T", "B"])
+def _rnn_backward_kernel(
+    GradOut,  # (T, B, H) contiguous, compute dtype
+    WS,  # (T, B, K * H) contiguous, compute dtype: the forward's workspace
+    W,  # (G * H, H) contiguous, input dtype: W_hh
+    Lengths,  # (B,) int32 in [1, T]; read iff HAS_LENGTHS
+    Reset,  # (T, B) bool contiguous; read iff HAS_RESET
+    GradGX,  # (T, B, G * H) contiguous, compute dtype
+    GradGH,  # (T, B, G * H) contiguous, compute dtype
+    HPrev,  # (T, B, H) contiguous, compute dtype
+    DHState,  # (B, H) contiguous, compute dtype: grad_h_n in, grad_h0 out (and the state, streamed)
+    DCState,  # (B, H) contiguous, compute dtype: grad_c_n in, grad_c0 out (LSTM only)
+    T,
+    B,
+    H,
+    MODE: tl.constexpr,
+    REVERSE: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
+    HAS_RESET: tl.constexpr,
+    RESIDENT: tl.constexpr,
+    LOW_PRECISION_DOT: tl.constexpr,
+    ALLOW_TF32: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    G: tl.constexpr = 3 if MODE == 2 else (4 if MODE == 3 else 1)
+    LSTM: tl.constexpr = MODE == 3
+    cdt: tl.constexpr = WS.dtype.element_ty
+    ddt: tl.constexpr = W.dtype.element_ty if LOW_PRECISION_DOT else cdt
+    DOT_PRECISION: tl.constexpr = "tf32" if ALLOW_TF32 else "ieee"
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = offs_b < B
+    if HAS_LENGTHS:
+        length = tl.load(Lengths + offs_b, mask=row_ok, other=0)
+    else:
+        length = tl.zeros([BLOCK_B], dtype=tl.int32) + T
+    state = offs_b.to(tl.int64)[:, None] * H
+    offs_h = tl.arange(0, BLOCK_H)
+    if RESIDENT:
+        h_ok = offs_h < H
+        smask = row_ok[:, None] & h_ok[None, :]
+        dh = tl.load(DHState + state + offs_h[None, :], mask=smask, other=0.0)
+        dc = dh
+        if LSTM:
+            dc = tl.load(DCState + state + offs_h[None, :], mask=smask, other=0.0)
+        # W_g (j, k) = W_hh[g * H + j, k], one (BLOCK_H, BLOCK_H) block per gate, kept for the loop.
+        w0 = _load_gate_block(W, 0, offs_h[:, None], offs_h[None, :], H).to(ddt)
+        w1 = w0
+        w2 = w0
+        w3 = w0
+        if G >= 3:
+            w1 = _load_gate_block(W, 1, offs_h[:, None], offs_h[None, :], H).to(ddt)
+            w2 = _load_gate_block(W, 2, offs_h[:, None], offs_h[None, :], H).to(ddt)
+        if G == 4:
+            w3 = _load_gate_block(W, 3, offs_h[:, None], offs_h[None, :], H).to(ddt)
+        for i in range(T):
+            active, tb, zero = _step_rows(T - 1 - i, offs_b, row_ok, length, Reset, B, REVERSE, HAS_RESET)
+            d0, d1, d2, d3, carry, dc = _backward_gates(
+                dh, dc, GradOut, WS, GradGX, GradGH, HPrev, tb, active, row_ok, offs_h, H, MODE
+            )
+            dh = tl.dot(d0.to(ddt), w0, carry, input_precision=DOT_PRECISION, out_dtype=cdt)
+            if G >= 3:
+                dh = tl.dot(d1.to(ddt), w1, dh, input_precision=DOT_PRECISION, out_dtype=cdt)
+                dh = tl.dot(d2.to(ddt), w2, dh, input_precision=DOT_PRECISION, out_dtype=cdt)
+            if G == 4:
+                dh = tl.dot(d3.to(ddt), w3, dh, input_precision=DOT_PRECISION, out_dtype=cdt)
+            dh = tl.where(zero[:, None], 0.0, dh)  # the state was zeroed before the step
+            if LSTM:
+                dc = tl.where(zero[:, None], 0.0, dc)
+        tl.store(DHState + state + offs_h[None, :], dh, mask=smask)
+        if LSTM:
+            tl.store(DCState + state + offs_h[None, :], dc, mask=smask)
+    else:
+        for i in range(T):
+            active, tb, zero = _step_rows(T - 1 - i, offs_b, row_ok, length, Reset, B, REVERSE, HAS_RESET)
+            # Phase 1: gate gradients of every column tile; DHState <- the carry (bypassing W_hh).
+            for j0 in range(0, H, BLOCK_H):
+                offs_j = j0 + offs_h
+                jmask = row_ok[:, None] & (offs_j < H)[None, :]
+                dh_j = tl.load(DHState + state + offs_j[None, :], mask=jmask, other=0.0)
+                dc_j = dh_j
+                if LSTM:
+                    dc_j = tl.load(DCState + state + offs_j[None, :], mask=jmask, other=0.0)
+                _d0, _d1, _d2, _d3, carry, dc_j = _backward_gates(
+                    dh_j, dc_j, GradOut, WS, GradGX, GradGH, HPrev, tb, active, row_ok, offs_j, H, MODE
+                )
+                tl.store(DHState + state + offs_j[None, :], carry, mask=jmask)
+                if LSTM:
+                    tl.store(DCState + state + offs_j[None, :], tl.where(zero[:, None], 0.0, dc_j), mask=jmask)
+            tl.debug_barrier()
+            # Phase 2: dh_{t-1} = carry + grad_gh W_hh per K tile (j tiles of every gate).
+            gh_rows = GradGH + tb[:, None] * (G * H)
+            for k0 in range(0, H, BLOCK_H):
+                offs_k = k0 + offs_h
+                kmask = row_ok[:, None] & (offs_k < H)[None, :]
+                acc = tl.load(DHState + state + offs_k[None, :], mask=kmask, other=0.0)
+                for j0 in range(0, H, BLOCK_H):
+                    offs_j = j0 + offs_h
+                    dmask = active[:, None] & (offs_j < H)[None, :]
+                    for g in tl.static_range(G):
+                        d = tl.load(gh_rows + g * H + offs_j[None, :], mask=dmask, other=0.0).to(ddt)
+                        w = _load_gate_block(W, g, offs_j[:, None], offs_k[None, :], H).to(ddt)
+                        acc = tl.dot(d, w, acc, input_precision=DOT_PRECISION, out_dtype=cdt)
+                acc = tl.where(zero[:, None], 0.0, acc)
+                tl.store(DHState + state + offs_k[None, :], acc, mask=kmask)
+            tl.debug_barrier()
+
+
+# ------------------------------------------------------------------------------------------------
+# block configs
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    block_b: int  # batch rows per program (>= 16: tl.dot's minimum M)
+    block_h: int  # hidden units per tile (resident: the padded hidden size)
+    resident: bool  # W_hh in registers for the whole loop (one tile), else streamed tiles
+    num_warps: int
+
+
+# GPU: resident while the G padded (BLOCK_H, BLOCK_H) blocks of W_hh fit the registers beside the
+# state; above, streamed tiles (the same compiled kernel for every larger hidden size).
+# Largest resident BLOCK_H per dtype class, and the streamed tile.
+RESIDENT_MAX = {"16": 64, "32": 64, "64": 32}
+STREAMED_BLOCK_H = {"16": 64, "32": 32, "64": 16}
+# The interpreter's cost grows with operations, not tile size; it runs both paths in the tests:
+# resident up to 16 hidden units (H = 1, 7), streamed 32-wide tiles above (H = 50: 2 x 2 tiles).
+INTERPRETER_RESIDENT_MAX = 16
+INTERPRETER_BLOCK_H = 32
+_DTYPE_CLASS = {torch.float16: "16", torch.bfloat16: "16", torch.float32: "32", torch.float64: "64"}
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+def padded_hidden(hidden: int) -> int:
+    """Next power of two >= max(hidden, 16) (tl.dot needs K, N >= 16)."""
+    return max(16, triton.next_power_of_2(hidden))
+
+
+def block_config(dtype: torch.dtype, hidden: int, interpreter: bool) -> BlockConfig:
+    """Tile sizes and launch options for both kernels at this dtype and hidden size."""
+    padded = padded_hidden(hidden)
+    if interpreter:
+        if padded <= INTERPRETER_RESIDENT_MAX:
+            return BlockConfig(16, padded, True, 4)
+        return BlockConfig(16, INTERPRETER_BLOCK_H, False, 4)
+    cls = _DTYPE_CLASS[dtype]
+    if padded <= RESIDENT_MAX[cls]:
+        return BlockConfig(16, padded, True, 4)
+    return BlockConfig(16, STREAMED_BLOCK_H[cls], False, 4)
+
+
+# ------------------------------------------------------------------------------------------------
+# launchers
+# ------------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _low_precision_dot(dtype: torch.dtype, interpreter: bool) -> bool:
+    return dtype == torch.float16 or (dtype == torch.bfloat16 and not interpreter)
+
+
+def _check(name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple) -> None:
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _check_masks(lengths, reset, steps: int, batch: int) -> None:
+    if lengths is not None:
+        _check("lengths", lengths, torch.int32, (batch,))
+    if reset is not None:
+        _check("reset", reset, torch.bool, (steps, batch))
+
+
+def _mode_of(mode: str) -> int:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
+    return MODES[mode]
+
+
+def rnn_forward(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse, allow_tf32=False):
+    """(out (T, B, H), h_n (B, H), c_n (B, H) or (0, 0), workspace (T, B, K*H)); see fastrec/ops/rnn.py."""
+    mode_id = _mode_of(mode)
+    if gx.dim() != 3 or h0.dim() != 2:
+        raise ValueError(f"gx must be 3-D (T, B, G*H) and h0 2-D (B, H), got {tuple(gx.shape)} and {tuple(h0.shape)}")
+    steps, batch, _ = gx.shape
+    hidden = h0.shape[1]
+    dtype, gates, lstm = gx.dtype, GATES[mode], mode == "lstm"
+    if dtype not in _DTYPE_CLASS:
+        raise TypeError(f"gx must be float16, bfloat16, float32 or float64, got {dtype}")
+    if hidden > MAX_HIDDEN:
+        raise ValueError(f"hidden size must be <= {MAX_HIDDEN}, got {hidden}")
+    _check("gx", gx, dtype, (steps, batch, gates * hidden))
+    _check("h0", h0, dtype, (batch, hidden))
+    _check("w_hh", w_hh, dtype, (gates * hidden, hidden))
+    if b_hh is not None:
+        _check("b_hh", b_hh, dtype, (gates * hidden,))
+    if (c0 is not None) != lstm:
+        raise ValueError(f"c0 must be given for mode 'lstm' and only then (mode {mode!r})")
+    if lstm:
+        _check("c0", c0, dtype, (batch, hidden))
+    _check_masks(lengths, reset, steps, batch)
+
+    cdt = _compute_dtype(dtype)
+    gx, w_hh = gx.contiguous(), w_hh.contiguous()
+    out = torch.empty((steps, batch, hidden), dtype=dtype, device=gx.device)
+    workspace = torch.empty((steps, batch, SLOTS[mode] * hidden), dtype=cdt, device=gx.device)
+    h_state = h0.to(cdt, copy=True).contiguous()
+    c_state = c0.to(cdt, copy=True).contiguous() if lstm else h_state
+    interpreter = gx.device.type == "cpu"
+    cfg = block_config(dtype, hidden, interpreter)
+    if batch * hidden > 0:
+        _rnn_forward_kernel[(triton.cdiv(batch, cfg.block_b),)](
+            gx,
+            w_hh,
+            b_hh.contiguous() if b_hh is not None else w_hh,
+            lengths.contiguous() if lengths is not None else h_state,
+            reset.contiguous() if reset is not None else h_state,
+            out,
+            workspace,
+            h_state,
+            c_state,
+            steps,
+            batch,
+            hidden,
+            MODE=mode_id,
+            REVERSE=bool(reverse),
+            HAS_BIAS=b_hh is not None,
+            HAS_LENGTHS=lengths is not None,
+            HAS_RESET=reset is not None,
+            RESIDENT=cfg.resident,
+            LOW_PRECISION_DOT=_low_precision_dot(dtype, interpreter),
+            ALLOW_TF32=bool(allow_tf32) and dtype == torch.float32,
+            BLOCK_B=cfg.block_b,
+            BLOCK_H=cfg.block_h,
+            num_warps=cfg.num_warps,
+        )
+    h_n = h_state.to(dtype)
+    c_n = c_state.to(dtype) if lstm else h0.new_empty(0, 0)
+    return out, h_n, c_n, workspace
+
+
+def rnn_backward(
+    grad_out, grad_h_n, grad_c_n, workspace, w_hh, b_hh, h0, c0, lengths, reset, mode, reverse, allow_tf32=False
+):
+    """(grad_gx, grad_gh (T, B, G*H), grad_h0 (B, H), grad_c0 (B, H) or (0, 0), hprev (T, B, H)),
+    in h0's dtype; see fastrec/ops/rnn.py. ``b_hh`` is not read (its gradient is grad_gh's sum)."""
+    mode_id = _mode_of(mode)
+    if grad_out.dim() != 3 or h0.dim() != 2:
+        raise ValueError(
+            f"grad_out must be 3-D (T, B, H) and h0 2-D (B, H), got {tuple(grad_out.shape)} and {tuple(h0.shape)}"
+        )
+    steps, batch, hidden = grad_out.shape
+    dtype, gates, lstm = h0.dtype, GATES[mode], mode == "lstm"
+    if dtype not in _DTYPE_CLASS:
+        raise TypeError(f"h0 must be float16, bfloat16, float32 or float64, got {dtype}")
+    cdt = _compute_dtype(dtype)
+    _check("grad_out", grad_out, dtype, (steps, batch, hidden))
+    _check("grad_h_n", grad_h_n, dtype, (batch, hidden))
+    _check("workspace", workspace, cdt, (steps, batch, SLOTS[mode] * hidden))
+    _check("w_hh", w_hh, dtype, (gates * hidden, hidden))
+    if lstm:
+        if grad_c_n is None or c0 is None:
+            raise ValueError("mode 'lstm' needs grad_c_n and c0, got None")
+        _check("grad_c_n", grad_c_n, dtype, (batch, hidden))
+    _check_masks(lengths, reset, steps, batch)
+
+    grad_out = grad_out.to(cdt).contiguous()
+    workspace, w_hh = workspace.contiguous(), w_hh.contiguous()
+    device = grad_out.device
+    grad_gx = torch.empty((steps, batch, gates * hidden), dtype=cdt, device=device)
+    grad_gh = torch.empty((steps, batch, gates * hidden), dtype=cdt, device=device)
+    hprev = torch.empty((steps, batch, hidden), dtype=cdt, device=device)
+    dh_state = grad_h_n.to(cdt, copy=True).contiguous()
+    dc_state = grad_c_n.to(cdt, copy=True).contiguous() if lstm else dh_state
+    interpreter = device.type == "cpu"
+    cfg = block_config(dtype, hidden, interpreter)
+    if batch * hidden > 0:
+        _rnn_backward_kernel[(triton.cdiv(batch, cfg.block_b),)](
+            grad_out,
+            workspace,
+            w_hh,
+            lengths.contiguous() if lengths is not None else dh_state,
+            reset.contiguous() if reset is not None else dh_state,
+            grad_gx,
+            grad_gh,
+            hprev,
+            dh_state,
+            dc_state,
+            steps,
+            batch,
+            hidden,
+            MODE=mode_id,
+            REVERSE=bool(reverse),
+            HAS_LENGTHS=lengths is not None,
+            HAS_RESET=reset is not None,
+            RESIDENT=cfg.resident,
+            LOW_PRECISION_DOT=_low_precision_dot(dtype, interpreter),
+            ALLOW_TF32=bool(allow_tf32) and dtype == torch.float32,
+            BLOCK_B=cfg.block_b,
+            BLOCK_H=cfg.block_h,
+            num_warps=cfg.num_warps,
+        )
+    grad_c0 = dc_state.to(dtype) if lstm else h0.new_empty(0, 0)
+    return grad_gx.to(dtype), grad_gh.to(dtype), dh_state.to(dtype), grad_c0, hprev.to(dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# every variant the launchers can pick (for the compile-only test)
+# ------------------------------------------------------------------------------------------------
+
+FORWARD_FLAGS = ("REVERSE", "HAS_BIAS", "HAS_LENGTHS", "HAS_RESET")
+BACKWARD_FLAGS = ("REVERSE", "HAS_LENGTHS", "HAS_RESET")
+# ALLOW_TF32 only switches fp32 dots to tf32: the sampled compile check turns it on in every other
+# flag combination instead of doubling them (FASTREC_COMPILE_ALL=1 compiles all of them).
+COVERAGE_ALTERNATE_FLAGS = ("ALLOW_TF32",)
+# Variants known to spill (reported, not failed, by the compile check): none.
+SPILLS_ACCEPTED: dict[tuple[str, str, str], str] = {}
+
+
+@dataclass
+class KernelVariant:
+    """One GPU compilation unit: triton.compile(ASTSource(fn, signature, constexprs, attrs))."""
+
+    name: str  # e.g. "rnn.forward_gru[fp16,BLOCK_H=64 resident,REVERSE+HAS_BIAS]"
+    fn: object  # the @triton.jit function
+    signature: dict  # argument name -> Triton type ("*fp16", "i32", "constexpr")
+    constexprs: dict  # argument name -> value
+    attrs: dict  # (arg index,) -> [["tt.divisibility", 16]] for 16-aligned pointers
+    options: dict = field(default_factory=dict)  # num_warps, num_stages
+    dtype: str = ""  # Triton dtype of the input: fp16, bf16, fp32, fp64
+    flags: tuple = ()  # the constexpr flags that are on
+    kernel: str = ""  # forward_<mode> / backward_<mode>
+    bucket: str = ""  # block-config key: "BLOCK_H=32 resident" / "BLOCK_H=64 streamed"
+    spills_expected: str = ""  # non-empty: known to spill, and why (reported, not failed)
+
+
+def _pointer_type(arg: str, dt: str, acc: str) -> str:
+    if arg in ("GX", "W", "Bias", "Out"):
+        return "*" + dt
+    return {"Lengths": "*i32", "Reset": "*i1"}.get(arg, "*" + acc)
+
+
+def _variant(fn, kernel: str, dt: str, constexprs: dict, options: dict, flags: tuple) -> KernelVariant:
+    acc = "fp64" if dt == "fp64" else "fp32"
+    bucket = f"BLOCK_H={constexprs['BLOCK_H']} {'resident' if constexprs['RESIDENT'] else 'streamed'}"
+    label = f"rnn.{kernel}[{dt},{bucket},{'+'.join(flags) or 'plain'}]"
+    signature, attrs = {}, {}
+    for index, arg in enumerate(fn.arg_names):
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg in ("T", "B", "H"):
+            signature[arg] = "i32"
+        else:
+            signature[arg] = _pointer_type(arg, dt, acc)
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    spills = SPILLS_ACCEPTED.get((kernel, dt, bucket), "")
+    return KernelVariant(label, fn, signature, dict(constexprs), attrs, options, dt, flags, kernel, bucket, spills)
+
+
+def _configs(dtype: torch.dtype) -> list[BlockConfig]:
+    """The distinct configs block_config can return for this dtype on a GPU (hidden 1..1024)."""
+    configs = []
+    for hidden in (1, 32, 64, 128, 256, 512, MAX_HIDDEN):
+        cfg = block_config(dtype, hidden, interpreter=False)
+        if cfg not in configs:
+            configs.append(cfg)
+    return configs
+
+
+def kernel_variants() -> list[KernelVariant]:
+    """Every GPU variant the launchers can pick: kernel (forward / backward x 4 modes) x dtype x
+    flags (x ALLOW_TF32 for fp32) x block config (resident padded hidden sizes, streamed)."""
+    kernels = (("forward", _rnn_forward_kernel, FORWARD_FLAGS), ("backward", _rnn_backward_kernel, BACKWARD_FLAGS))
+    variants = []
+    for torch_dtype, dt in _TRITON_DTYPE.items():
+        for cfg in _configs(torch_dtype):
+            for direction, fn, flag_names in kernels:
+                for mode, mode_id in MODES.items():
+                    for bits in range(2 ** len(flag_names)):
+                        on = tuple(n for i, n in enumerate(flag_names) if bits >> i & 1)
+                        for tf32 in (False, True) if torch_dtype == torch.float32 else (False,):
+                            constexprs = {n: (n in on) for n in flag_names}
+                            constexprs.update(
+                                MODE=mode_id,
+                                RESIDENT=cfg.resident,
+                                LOW_PRECISION_DOT=_low_precision_dot(torch_dtype, interpreter=False),
+                                ALLOW_TF32=tf32,
+                                BLOCK_B=cfg.block_b,
+                                BLOCK_H=cfg.block_h,
+                            )
+                            variants.append(
+                                _variant(
+                                    fn,
+                                    f"{direction}_{mode}",
+                                    dt,
+                                    constexprs,
+                                    dict(num_warps=cfg.num_warps, num_stages=1),
+                                    on + (("ALLOW_TF32",) if tf32 else ()),
+                                )
+                            )
+    return variants
+
+
+__all__ = [
+    "rnn_forward",
+    "rnn_backward",
+    "kernel_variants",
+    "block_config",
+    "padded_hidden",
+    "BlockConfig",
+    "KernelVariant",
+]
