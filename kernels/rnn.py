@@ -77,16 +77,13 @@ def _step_rows(
     length,  # (BLOCK_B,) int32 row lengths (T without lengths)
     Reset,  # (T, B) bool contiguous; read iff HAS_RESET
     B,
-    REVERSE: tl.constexpr,
+    reverse,  # int: 1 = rows run from their last step down to 0
     HAS_RESET: tl.constexpr,
 ):
     """(active, tb, zero): the row runs this step; its (t * B + b) row index into the (T, B, ...)
     tensors (t = s for a row past its length, whose step writes zeros); its state is reset."""
     active = row_ok & (s < length)
-    if REVERSE:
-        t = tl.where(active, length - 1 - s, s)
-    else:
-        t = s + offs_b * 0
+    t = tl.where(active & (reverse != 0), length - 1 - s, s)
     tb = t.to(tl.int64) * B + offs_b
     zero = offs_b < 0
     if HAS_RESET:
@@ -107,6 +104,34 @@ def _load_gate_block(
 
 
 @triton.jit
+def _gate_matmul(
+    HPrevRows,  # (BLOCK_B, 1) pointers to the workspace's hprev slot of each row (compute dtype)
+    W,  # (G * H, H) contiguous: W_hh
+    gate,  # gate index g
+    offs_j,  # (BLOCK_H,) hidden units of the output tile
+    active,  # (BLOCK_B,) row runs this step (others read as zero)
+    H,
+    LOW_PRECISION_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """(BLOCK_B, BLOCK_H) hprev W_g^T for one gate and output tile, over K tiles of BLOCK_K: one
+    gate at a time keeps a single W tile (and its pointers) live."""
+    cdt: tl.constexpr = HPrevRows.dtype.element_ty
+    ddt: tl.constexpr = W.dtype.element_ty if LOW_PRECISION_DOT else cdt
+    acc = tl.zeros([BLOCK_B, BLOCK_H], dtype=cdt)
+    offs_kk = tl.arange(0, BLOCK_K)
+    for k0 in range(0, H, BLOCK_K):
+        offs_k = k0 + offs_kk
+        hk = tl.load(HPrevRows + offs_k[None, :], mask=active[:, None] & (offs_k < H)[None, :], other=0.0)
+        w = _load_gate_block(W, gate, offs_j[None, :], offs_k[:, None], H)
+        acc = tl.dot(hk.to(ddt), w.to(ddt), acc, input_precision=DOT_PRECISION, out_dtype=cdt)
+    return acc
+
+
+@triton.jit
 def _forward_gates(
     acc0,  # (BLOCK_B, BLOCK_H) W_hh h of gate 0 (compute dtype); acc1..acc3 gates 1..3 (unused: any)
     acc1,
@@ -115,16 +140,16 @@ def _forward_gates(
     hprev,  # (BLOCK_B, BLOCK_H) state entering the step (after reset), compute dtype
     cprev,  # (BLOCK_B, BLOCK_H) LSTM cell entering the step; unused otherwise
     GX,  # (T, B, G * H) contiguous, input dtype
-    Bias,  # (G * H,) b_hh; read iff HAS_BIAS
+    Bias,  # (G * H,) b_hh; read iff has_bias
     Out,  # (T, B, H) contiguous, input dtype
     WS,  # (T, B, K * H) contiguous, compute dtype
+    has_bias,  # int: 0 = no b_hh
     tb,  # (BLOCK_B,) int64 row index t * B + b
     active,  # (BLOCK_B,) row runs this step
     row_ok,  # (BLOCK_B,) row exists
     offs_j,  # (BLOCK_H,) hidden units of this tile
     H,
     MODE: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
 ):
     """Gate arithmetic of one column tile: stores out and the workspace gate slots (zeros for
     inactive rows) and returns (h_new, c_new) (c_new = cprev except for LSTM)."""
@@ -132,14 +157,14 @@ def _forward_gates(
     K: tl.constexpr = 6 if MODE == 3 else (5 if MODE == 2 else 2)
     cdt: tl.constexpr = WS.dtype.element_ty
     j_ok = offs_j < H
+    b_ok = j_ok & (has_bias != 0)
     load_mask = active[:, None] & j_ok[None, :]
     store_mask = row_ok[:, None] & j_ok[None, :]
     act = active[:, None]
     gx = GX + tb[:, None] * (G * H) + offs_j[None, :]
     ws = WS + tb[:, None] * (K * H) + offs_j[None, :]
     pre0 = acc0 + tl.load(gx, mask=load_mask, other=0.0).to(cdt)
-    if HAS_BIAS:
-        pre0 += tl.load(Bias + offs_j, mask=j_ok, other=0.0).to(cdt)[None, :]
+    pre0 += tl.load(Bias + offs_j, mask=b_ok, other=0.0).to(cdt)[None, :]
     c_new = cprev
     if MODE <= 1:
         if MODE == 0:
@@ -149,11 +174,9 @@ def _forward_gates(
         tl.store(ws, tl.where(act, h_new, 0.0).to(cdt), mask=store_mask)
     else:
         pre1 = acc1 + tl.load(gx + H, mask=load_mask, other=0.0).to(cdt)
-        pre2 = acc2
+        pre1 += tl.load(Bias + H + offs_j, mask=b_ok, other=0.0).to(cdt)[None, :]
+        pre2 = acc2 + tl.load(Bias + 2 * H + offs_j, mask=b_ok, other=0.0).to(cdt)[None, :]
         gx2 = tl.load(gx + 2 * H, mask=load_mask, other=0.0).to(cdt)
-        if HAS_BIAS:
-            pre1 += tl.load(Bias + H + offs_j, mask=j_ok, other=0.0).to(cdt)[None, :]
-            pre2 += tl.load(Bias + 2 * H + offs_j, mask=j_ok, other=0.0).to(cdt)[None, :]
         if MODE == 2:  # GRU: r, z, n = tanh(gx_n + r * (W_hn h + b_hn)), h' = (1 - z) n + z h
             r = _sigmoid(pre0)
             z = _sigmoid(pre1)
@@ -165,8 +188,7 @@ def _forward_gates(
             tl.store(ws + 3 * H, tl.where(act, pre2, 0.0), mask=store_mask)
         else:  # LSTM: i, f, g, o; c' = f c + i g, h' = o tanh(c')
             pre3 = acc3 + tl.load(gx + 3 * H, mask=load_mask, other=0.0).to(cdt)
-            if HAS_BIAS:
-                pre3 += tl.load(Bias + 3 * H + offs_j, mask=j_ok, other=0.0).to(cdt)[None, :]
+            pre3 += tl.load(Bias + 3 * H + offs_j, mask=b_ok, other=0.0).to(cdt)[None, :]
             i = _sigmoid(pre0)
             f = _sigmoid(pre1)
             g = _tanh(gx2 + pre2)
@@ -285,7 +307,7 @@ def _backward_gates(
 def _rnn_forward_kernel(
     GX,  # (T, B, G * H) contiguous, input dtype: x W_ih^T + b_ih
     W,  # (G * H, H) contiguous, input dtype: W_hh
-    Bias,  # (G * H,) input dtype: b_hh; read iff HAS_BIAS
+    Bias,  # (G * H,) input dtype: b_hh; read iff has_bias
     Lengths,  # (B,) int32 in [1, T]; read iff HAS_LENGTHS
     Reset,  # (T, B) bool contiguous; read iff HAS_RESET
     Out,  # (T, B, H) contiguous, input dtype
@@ -295,16 +317,17 @@ def _rnn_forward_kernel(
     T,
     B,
     H,
+    reverse,  # int: 1 = each row runs from its last step down to 0
+    has_bias,  # int: 0 = no b_hh
     MODE: tl.constexpr,  # 0 tanh, 1 relu, 2 gru, 3 lstm
-    REVERSE: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
     HAS_RESET: tl.constexpr,
     RESIDENT: tl.constexpr,  # W_hh and the state in registers (BLOCK_H >= H), else streamed tiles
     LOW_PRECISION_DOT: tl.constexpr,  # dot operands in W's (16-bit) dtype, else the compute dtype
     ALLOW_TF32: tl.constexpr,
     BLOCK_B: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    BLOCK_H: tl.constexpr,  # hidden units per output tile (resident: all of them)
+    BLOCK_K: tl.constexpr,  # hidden units per reduction tile (streamed)
 ):
     G: tl.constexpr = 3 if MODE == 2 else (4 if MODE == 3 else 1)
     K: tl.constexpr = 6 if MODE == 3 else (5 if MODE == 2 else 2)
@@ -339,7 +362,7 @@ def _rnn_forward_kernel(
         if G == 4:
             w3 = _load_gate_block(W, 3, offs_h[None, :], offs_h[:, None], H).to(ddt)
         for s in range(T):
-            active, tb, zero = _step_rows(s, offs_b, row_ok, length, Reset, B, REVERSE, HAS_RESET)
+            active, tb, zero = _step_rows(s, offs_b, row_ok, length, Reset, B, reverse, HAS_RESET)
             h = tl.where(zero[:, None], 0.0, h)
             if LSTM:
                 c = tl.where(zero[:, None], 0.0, c)
@@ -359,7 +382,7 @@ def _rnn_forward_kernel(
             if G == 4:
                 acc3 = tl.dot(hd, w3, input_precision=DOT_PRECISION, out_dtype=cdt)
             h_new, c_new = _forward_gates(
-                acc0, acc1, acc2, acc3, h, c, GX, Bias, Out, WS, tb, active, row_ok, offs_h, H, MODE, HAS_BIAS
+                acc0, acc1, acc2, acc3, h, c, GX, Bias, Out, WS, has_bias, tb, active, row_ok, offs_h, H, MODE
             )
             h = tl.where(active[:, None], h_new, h)
             if LSTM:
@@ -369,7 +392,7 @@ def _rnn_forward_kernel(
             tl.store(CState + state + offs_h[None, :], c, mask=smask)
     else:
         for s in range(T):
-            active, tb, zero = _step_rows(s, offs_b, row_ok, length, Reset, B, REVERSE, HAS_RESET)
+            active, tb, zero = _step_rows(s, offs_b, row_ok, length, Reset, B, reverse, HAS_RESET)
             hprev_rows = hprev_slot + tb[:, None] * (K * H)
             # Phase 1: the state entering the step (after reset) to the workspace's hprev slot.
             for k0 in range(0, H, BLOCK_H):
@@ -382,25 +405,23 @@ def _rnn_forward_kernel(
             # Phase 2: per output tile, gh = hprev W_hh^T over K tiles, then the gates.
             for j0 in range(0, H, BLOCK_H):
                 offs_j = j0 + offs_h
-                acc0 = tl.zeros([BLOCK_B, BLOCK_H], dtype=cdt)
+                acc0 = _gate_matmul(
+                    hprev_rows, W, 0, offs_j, active, H, LOW_PRECISION_DOT, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K
+                )
                 acc1 = acc0
                 acc2 = acc0
                 acc3 = acc0
-                for k0 in range(0, H, BLOCK_H):
-                    offs_k = k0 + offs_h
-                    hk = tl.load(
-                        hprev_rows + offs_k[None, :], mask=active[:, None] & (offs_k < H)[None, :], other=0.0
-                    ).to(ddt)
-                    w = _load_gate_block(W, 0, offs_j[None, :], offs_k[:, None], H).to(ddt)
-                    acc0 = tl.dot(hk, w, acc0, input_precision=DOT_PRECISION, out_dtype=cdt)
-                    if G >= 3:
-                        w = _load_gate_block(W, 1, offs_j[None, :], offs_k[:, None], H).to(ddt)
-                        acc1 = tl.dot(hk, w, acc1, input_precision=DOT_PRECISION, out_dtype=cdt)
-                        w = _load_gate_block(W, 2, offs_j[None, :], offs_k[:, None], H).to(ddt)
-                        acc2 = tl.dot(hk, w, acc2, input_precision=DOT_PRECISION, out_dtype=cdt)
-                    if G == 4:
-                        w = _load_gate_block(W, 3, offs_j[None, :], offs_k[:, None], H).to(ddt)
-                        acc3 = tl.dot(hk, w, acc3, input_precision=DOT_PRECISION, out_dtype=cdt)
+                if G >= 3:
+                    acc1 = _gate_matmul(
+                        hprev_rows, W, 1, offs_j, active, H, LOW_PRECISION_DOT, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K
+                    )
+                    acc2 = _gate_matmul(
+                        hprev_rows, W, 2, offs_j, active, H, LOW_PRECISION_DOT, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K
+                    )
+                if G == 4:
+                    acc3 = _gate_matmul(
+                        hprev_rows, W, 3, offs_j, active, H, LOW_PRECISION_DOT, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K
+                    )
                 jmask = row_ok[:, None] & (offs_j < H)[None, :]
                 h_old = tl.load(HState + state + offs_j[None, :], mask=jmask, other=0.0)
                 h_in = tl.where(zero[:, None], 0.0, h_old)
@@ -410,7 +431,7 @@ def _rnn_forward_kernel(
                     c_old = tl.load(CState + state + offs_j[None, :], mask=jmask, other=0.0)
                     c_in = tl.where(zero[:, None], 0.0, c_old)
                 h_new, c_new = _forward_gates(
-                    acc0, acc1, acc2, acc3, h_in, c_in, GX, Bias, Out, WS, tb, active, row_ok, offs_j, H, MODE, HAS_BIAS
+                    acc0, acc1, acc2, acc3, h_in, c_in, GX, Bias, Out, WS, has_bias, tb, active, row_ok, offs_j, H, MODE
                 )
                 tl.store(HState + state + offs_j[None, :], tl.where(active[:, None], h_new, h_old), mask=jmask)
                 if LSTM:
@@ -433,15 +454,16 @@ def _rnn_backward_kernel(
     T,
     B,
     H,
+    reverse,
     MODE: tl.constexpr,
-    REVERSE: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
     HAS_RESET: tl.constexpr,
     RESIDENT: tl.constexpr,
     LOW_PRECISION_DOT: tl.constexpr,
     ALLOW_TF32: tl.constexpr,
     BLOCK_B: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    BLOCK_H: tl.constexpr,  # hidden units per output tile (resident: all of them)
+    BLOCK_K: tl.constexpr,  # hidden units per reduction tile (streamed)
 ):
     G: tl.constexpr = 3 if MODE == 2 else (4 if MODE == 3 else 1)
     LSTM: tl.constexpr = MODE == 3
@@ -474,7 +496,7 @@ def _rnn_backward_kernel(
         if G == 4:
             w3 = _load_gate_block(W, 3, offs_h[:, None], offs_h[None, :], H).to(ddt)
         for i in range(T):
-            active, tb, zero = _step_rows(T - 1 - i, offs_b, row_ok, length, Reset, B, REVERSE, HAS_RESET)
+            active, tb, zero = _step_rows(T - 1 - i, offs_b, row_ok, length, Reset, B, reverse, HAS_RESET)
             d0, d1, d2, d3, carry, dc = _backward_gates(
                 dh, dc, GradOut, WS, GradGX, GradGH, HPrev, tb, active, row_ok, offs_h, H, MODE
             )
@@ -492,7 +514,7 @@ def _rnn_backward_kernel(
             tl.store(DCState + state + offs_h[None, :], dc, mask=smask)
     else:
         for i in range(T):
-            active, tb, zero = _step_rows(T - 1 - i, offs_b, row_ok, length, Reset, B, REVERSE, HAS_RESET)
+            active, tb, zero = _step_rows(T - 1 - i, offs_b, row_ok, length, Reset, B, reverse, HAS_RESET)
             # Phase 1: gate gradients of every column tile; DHState <- the carry (bypassing W_hh).
             for j0 in range(0, H, BLOCK_H):
                 offs_j = j0 + offs_h
@@ -508,16 +530,18 @@ def _rnn_backward_kernel(
                 if LSTM:
                     tl.store(DCState + state + offs_j[None, :], tl.where(zero[:, None], 0.0, dc_j), mask=jmask)
             tl.debug_barrier()
-            # Phase 2: dh_{t-1} = carry + grad_gh W_hh per K tile (j tiles of every gate).
+            # Phase 2: dh_{t-1} = carry + grad_gh W_hh per output tile of BLOCK_H hidden units k,
+            # reducing over the gates (a loop, one W tile live) and BLOCK_K-wide tiles of units j.
             gh_rows = GradGH + tb[:, None] * (G * H)
+            offs_jj = tl.arange(0, BLOCK_K)
             for k0 in range(0, H, BLOCK_H):
                 offs_k = k0 + offs_h
                 kmask = row_ok[:, None] & (offs_k < H)[None, :]
                 acc = tl.load(DHState + state + offs_k[None, :], mask=kmask, other=0.0)
-                for j0 in range(0, H, BLOCK_H):
-                    offs_j = j0 + offs_h
-                    dmask = active[:, None] & (offs_j < H)[None, :]
-                    for g in tl.static_range(G):
+                for g in range(G):
+                    for j0 in range(0, H, BLOCK_K):
+                        offs_j = j0 + offs_jj
+                        dmask = active[:, None] & (offs_j < H)[None, :]
                         d = tl.load(gh_rows + g * H + offs_j[None, :], mask=dmask, other=0.0).to(ddt)
                         w = _load_gate_block(W, g, offs_j[:, None], offs_k[None, :], H).to(ddt)
                         acc = tl.dot(d, w, acc, input_precision=DOT_PRECISION, out_dtype=cdt)
@@ -534,20 +558,23 @@ def _rnn_backward_kernel(
 @dataclass(frozen=True)
 class BlockConfig:
     block_b: int  # batch rows per program (>= 16: tl.dot's minimum M)
-    block_h: int  # hidden units per tile (resident: the padded hidden size)
+    block_h: int  # hidden units per output tile (resident: the padded hidden size)
+    block_k: int  # hidden units per reduction tile (streamed; resident: block_h)
     resident: bool  # W_hh in registers for the whole loop (one tile), else streamed tiles
     num_warps: int
 
 
 # GPU: resident while the G padded (BLOCK_H, BLOCK_H) blocks of W_hh fit the registers beside the
-# state; above, streamed tiles (the same compiled kernel for every larger hidden size).
-# Largest resident BLOCK_H per dtype class, and the streamed tile.
+# state; above, streamed tiles (the same compiled kernel for every larger hidden size). Chosen
+# with the compile check (tests/test_kernels_compile.py): the largest tiles whose worst case
+# (LSTM, every flag) neither spills on sm_80 / sm_90 nor exceeds shared memory.
 RESIDENT_MAX = {"16": 64, "32": 64, "64": 32}
-STREAMED_BLOCK_H = {"16": 64, "32": 32, "64": 16}
+RESIDENT_WARPS = {16: 4, 32: 4, 64: 8}
+STREAMED = {"16": (64, 32, 8), "32": (32, 16, 4), "64": (16, 16, 4)}  # (BLOCK_H, BLOCK_K, num_warps)
 # The interpreter's cost grows with operations, not tile size; it runs both paths in the tests:
-# resident up to 16 hidden units (H = 1, 7), streamed 32-wide tiles above (H = 50: 2 x 2 tiles).
+# resident up to 16 hidden units (H = 1, 7), streamed 32 x 16 tiles above (H = 50: 2 x 4 tiles).
 INTERPRETER_RESIDENT_MAX = 16
-INTERPRETER_BLOCK_H = 32
+INTERPRETER_STREAMED = (32, 16, 4)
 _DTYPE_CLASS = {torch.float16: "16", torch.bfloat16: "16", torch.float32: "32", torch.float64: "64"}
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 
@@ -560,14 +587,11 @@ def padded_hidden(hidden: int) -> int:
 def block_config(dtype: torch.dtype, hidden: int, interpreter: bool) -> BlockConfig:
     """Tile sizes and launch options for both kernels at this dtype and hidden size."""
     padded = padded_hidden(hidden)
-    if interpreter:
-        if padded <= INTERPRETER_RESIDENT_MAX:
-            return BlockConfig(16, padded, True, 4)
-        return BlockConfig(16, INTERPRETER_BLOCK_H, False, 4)
-    cls = _DTYPE_CLASS[dtype]
-    if padded <= RESIDENT_MAX[cls]:
-        return BlockConfig(16, padded, True, 4)
-    return BlockConfig(16, STREAMED_BLOCK_H[cls], False, 4)
+    resident_max = INTERPRETER_RESIDENT_MAX if interpreter else RESIDENT_MAX[_DTYPE_CLASS[dtype]]
+    if padded <= resident_max:
+        return BlockConfig(16, padded, padded, True, 4 if interpreter else RESIDENT_WARPS[padded])
+    block_h, block_k, num_warps = INTERPRETER_STREAMED if interpreter else STREAMED[_DTYPE_CLASS[dtype]]
+    return BlockConfig(16, block_h, block_k, False, num_warps)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -648,9 +672,9 @@ def rnn_forward(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse, allow_tf3
             steps,
             batch,
             hidden,
+            int(bool(reverse)),
+            int(b_hh is not None),
             MODE=mode_id,
-            REVERSE=bool(reverse),
-            HAS_BIAS=b_hh is not None,
             HAS_LENGTHS=lengths is not None,
             HAS_RESET=reset is not None,
             RESIDENT=cfg.resident,
@@ -658,6 +682,7 @@ def rnn_forward(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse, allow_tf3
             ALLOW_TF32=bool(allow_tf32) and dtype == torch.float32,
             BLOCK_B=cfg.block_b,
             BLOCK_H=cfg.block_h,
+            BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps,
         )
     h_n = h_state.to(dtype)
@@ -715,8 +740,8 @@ def rnn_backward(
             steps,
             batch,
             hidden,
+            int(bool(reverse)),
             MODE=mode_id,
-            REVERSE=bool(reverse),
             HAS_LENGTHS=lengths is not None,
             HAS_RESET=reset is not None,
             RESIDENT=cfg.resident,
@@ -724,6 +749,7 @@ def rnn_backward(
             ALLOW_TF32=bool(allow_tf32) and dtype == torch.float32,
             BLOCK_B=cfg.block_b,
             BLOCK_H=cfg.block_h,
+            BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps,
         )
     grad_c0 = dc_state.to(dtype) if lstm else h0.new_empty(0, 0)
@@ -734,8 +760,9 @@ def rnn_backward(
 # every variant the launchers can pick (for the compile-only test)
 # ------------------------------------------------------------------------------------------------
 
-FORWARD_FLAGS = ("REVERSE", "HAS_BIAS", "HAS_LENGTHS", "HAS_RESET")
-BACKWARD_FLAGS = ("REVERSE", "HAS_LENGTHS", "HAS_RESET")
+# reverse and has_bias are runtime ints (an index select and a masked load), not constexprs, so
+# that they do not multiply the variants.
+FLAG_NAMES = ("HAS_LENGTHS", "HAS_RESET")
 # ALLOW_TF32 only switches fp32 dots to tf32: the sampled compile check turns it on in every other
 # flag combination instead of doubling them (FASTREC_COMPILE_ALL=1 compiles all of them).
 COVERAGE_ALTERNATE_FLAGS = ("ALLOW_TF32",)
@@ -747,7 +774,7 @@ SPILLS_ACCEPTED: dict[tuple[str, str, str], str] = {}
 class KernelVariant:
     """One GPU compilation unit: triton.compile(ASTSource(fn, signature, constexprs, attrs))."""
 
-    name: str  # e.g. "rnn.forward_gru[fp16,BLOCK_H=64 resident,REVERSE+HAS_BIAS]"
+    name: str  # e.g. "rnn.forward_gru[fp16,BLOCK_H=64 resident,HAS_LENGTHS+HAS_RESET]"
     fn: object  # the @triton.jit function
     signature: dict  # argument name -> Triton type ("*fp16", "i32", "constexpr")
     constexprs: dict  # argument name -> value
@@ -774,7 +801,7 @@ def _variant(fn, kernel: str, dt: str, constexprs: dict, options: dict, flags: t
     for index, arg in enumerate(fn.arg_names):
         if arg in constexprs:
             signature[arg] = "constexpr"
-        elif arg in ("T", "B", "H"):
+        elif arg in ("T", "B", "H", "reverse", "has_bias"):
             signature[arg] = "i32"
         else:
             signature[arg] = _pointer_type(arg, dt, acc)
@@ -796,16 +823,16 @@ def _configs(dtype: torch.dtype) -> list[BlockConfig]:
 def kernel_variants() -> list[KernelVariant]:
     """Every GPU variant the launchers can pick: kernel (forward / backward x 4 modes) x dtype x
     flags (x ALLOW_TF32 for fp32) x block config (resident padded hidden sizes, streamed)."""
-    kernels = (("forward", _rnn_forward_kernel, FORWARD_FLAGS), ("backward", _rnn_backward_kernel, BACKWARD_FLAGS))
+    kernels = (("forward", _rnn_forward_kernel), ("backward", _rnn_backward_kernel))
     variants = []
     for torch_dtype, dt in _TRITON_DTYPE.items():
         for cfg in _configs(torch_dtype):
-            for direction, fn, flag_names in kernels:
+            for direction, fn in kernels:
                 for mode, mode_id in MODES.items():
-                    for bits in range(2 ** len(flag_names)):
-                        on = tuple(n for i, n in enumerate(flag_names) if bits >> i & 1)
+                    for bits in range(2 ** len(FLAG_NAMES)):
+                        on = tuple(n for i, n in enumerate(FLAG_NAMES) if bits >> i & 1)
                         for tf32 in (False, True) if torch_dtype == torch.float32 else (False,):
-                            constexprs = {n: (n in on) for n in flag_names}
+                            constexprs = {n: (n in on) for n in FLAG_NAMES}
                             constexprs.update(
                                 MODE=mode_id,
                                 RESIDENT=cfg.resident,
@@ -813,6 +840,7 @@ def kernel_variants() -> list[KernelVariant]:
                                 ALLOW_TF32=tf32,
                                 BLOCK_B=cfg.block_b,
                                 BLOCK_H=cfg.block_h,
+                                BLOCK_K=cfg.block_k,
                             )
                             variants.append(
                                 _variant(
