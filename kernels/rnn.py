@@ -83,7 +83,7 @@ def _step_rows(
     """(active, tb, zero): the row runs this step; its (t * B + b) row index into the (T, B, ...)
     tensors (t = s for a row past its length, whose step writes zeros); its state is reset."""
     active = row_ok & (s < length)
-    t = tl.where(active & (reverse != 0), length - 1 - s, s)
+    t = s + (length - 1 - 2 * s) * (active.to(tl.int32) * reverse)  # reverse: len - 1 - s
     tb = t.to(tl.int64) * B + offs_b
     zero = offs_b < 0
     if HAS_RESET:
@@ -157,7 +157,7 @@ def _forward_gates(
     K: tl.constexpr = 6 if MODE == 3 else (5 if MODE == 2 else 2)
     cdt: tl.constexpr = WS.dtype.element_ty
     j_ok = offs_j < H
-    b_ok = j_ok & (has_bias != 0)
+    b_ok = offs_j < H * has_bias
     load_mask = active[:, None] & j_ok[None, :]
     store_mask = row_ok[:, None] & j_ok[None, :]
     act = active[:, None]
