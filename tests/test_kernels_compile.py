@@ -19,8 +19,8 @@ has no ``TRITON_INTERPRET`` (the suite sets it globally) and sets ``TRITON_DEFAU
 with one worker per CPU core.
 
 Sampling (``select_variants``), so that the check fits ~3 minutes on 2 cores:
-- worst case per block config: for each (kernel, dtype, bucket) the variant with every flag on,
-  for one compute capability, alternating between sm_80 and sm_90 over buckets and dtypes (fp16
+- worst case per block config: for each (kernel, dtype, bucket) the variant with every flag on
+  (only the kernels a family lists in ``WORST_CASE_KERNELS``, when it does), for one compute capability, alternating between sm_80 and sm_90 over buckets and dtypes (fp16
   and bf16 share their configs, so each 16-bit config is compiled for both);
 - flag coverage: every flag combination of every dtype once, the kernel, bucket and compute
   capability rotating, so that over the dtypes each kernel meets each combination.
@@ -59,11 +59,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------------------------------------
 
 
-def select_variants(variants, full: bool = False, alternate_flags=()) -> list[tuple[object, int, bool]]:
+def select_variants(
+    variants, full: bool = False, alternate_flags=(), worst_case_kernels=None
+) -> list[tuple[object, int, bool]]:
     """(variant, compute capability, worst_case) triples to compile; see the module docstring.
 
     ``alternate_flags``: flags (e.g. fp32's ALLOW_TF32, which only changes the dot precision) that
     are not multiplied into the flag coverage but switched on in every other combination.
+    ``worst_case_kernels``: if given, only these kernels get the per-bucket worst case (a family
+    whose kernels differ in a mode that only lightens them, e.g. the RNN's Elman and GRU beside
+    LSTM, names its heaviest); the others are met by the flag coverage.
     """
     if full:
         return [(v, cc, True) for v in variants for cc in COMPUTE_CAPABILITIES]
@@ -76,7 +81,8 @@ def select_variants(variants, full: bool = False, alternate_flags=()) -> list[tu
     # Worst case per (kernel, dtype, bucket): most flags on (alternate flags off).
     groups: dict[tuple, list] = {}
     for v in variants:
-        groups.setdefault((v.kernel, v.dtype, v.bucket), []).append(v)
+        if worst_case_kernels is None or v.kernel in worst_case_kernels:
+            groups.setdefault((v.kernel, v.dtype, v.bucket), []).append(v)
     buckets: dict[str, list] = {}
     for kernel, _, bucket in groups:
         if bucket not in buckets.setdefault(kernel, []):
@@ -210,8 +216,10 @@ def main(argv) -> None:
     jobs = []
     for family in families:
         variants = [v for (f, _), v in _VARIANTS.items() if f == family]
-        alternate = getattr(importlib.import_module(FAMILIES[family]), "COVERAGE_ALTERNATE_FLAGS", ())
-        jobs += [(family, v.name, cc, worst) for v, cc, worst in select_variants(variants, full, alternate)]
+        module = importlib.import_module(FAMILIES[family])
+        alternate = getattr(module, "COVERAGE_ALTERNATE_FLAGS", ())
+        heaviest = getattr(module, "WORST_CASE_KERNELS", None)
+        jobs += [(family, v.name, cc, worst) for v, cc, worst in select_variants(variants, full, alternate, heaviest)]
     # Heaviest first so that the pool drains evenly.
     jobs.sort(key=lambda job: -len(_VARIANTS[job[:2]].flags))
     workers = max(1, os.cpu_count() or 1)
