@@ -23,10 +23,12 @@ FASTREC_NO_EXTENSION=1 "$python" -m pip install -q --no-build-isolation --no-dep
 export PYTHONUNBUFFERED=1
 
 status=0
-timeout 150 "$python" -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_nn_attention.py \
-  -k "triton or cuda" 2>&1 | tee "$out/tests.log"
+# Test selection: the triton-backend and CUDA tests of each family (test_rnn_triton.py is all
+# triton-backend tests: its module name matches).
+timeout 200 "$python" -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_nn_attention.py \
+  tests/test_rnn_triton.py -k "triton or cuda" 2>&1 | tee "$out/tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-timeout 200 "$python" -m fastrec bench --family attention --rounds 10 --json "$out/bench.json" --markdown "$out/bench.md" 2>&1 \
-  | tee "$out/bench.log"
+timeout 150 "$python" -m fastrec bench --family attention --family rnn --rounds 10 \
+  --json "$out/bench.json" --markdown "$out/bench.md" 2>&1 | tee "$out/bench.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 exit $status

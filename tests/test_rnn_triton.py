@@ -68,8 +68,8 @@ def weights_of(module) -> list[tuple]:
 
 
 def rel_err(fast: Tensor, ref: Tensor) -> float:
-    ref = ref.double()
-    return ((fast.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    ref = ref.detach().cpu().double()
+    return ((fast.detach().cpu().double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def torch_result(mode, module, x, h0, c0, lengths=None, upstream=None):
