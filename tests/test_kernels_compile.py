@@ -18,10 +18,11 @@ spill, with its reason; reported, not failed). Add a family by adding its module
 has no ``TRITON_INTERPRET`` (the suite sets it globally) and sets ``TRITON_DEFAULT_FP_FUSION``,
 with one worker per CPU core.
 
-Sampling (``select_variants``), so that the check fits ~3 minutes on 2 cores:
+Sampling (``select_variants``), so that each family's check fits ~3-4 minutes on 2 cores:
 - worst case per block config: for each (kernel, dtype, bucket) the variant with every flag on
-  (only the kernels a family lists in ``WORST_CASE_KERNELS``, when it does), for one compute capability, alternating between sm_80 and sm_90 over buckets and dtypes (fp16
-  and bf16 share their configs, so each 16-bit config is compiled for both);
+  (only for the kernels a family lists in ``WORST_CASE_KERNELS``, when it does), for one compute
+  capability, alternating between sm_80 and sm_90 over buckets and dtypes (fp16 and bf16 share
+  their configs, so each 16-bit config is compiled for both);
 - flag coverage: every flag combination of every dtype once, the kernel, bucket and compute
   capability rotating, so that over the dtypes each kernel meets each combination.
 ``FASTREC_COMPILE_ALL=1`` compiles every variant for both compute capabilities instead (minutes
