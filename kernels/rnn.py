@@ -16,11 +16,12 @@ sequential part. Layout of this file, top-down:
      ``grad_gh`` (they differ only in GRU's n gate: ``dgh_n = dgx_n * r``), ``hprev``, and
      ``dh <- carry + grad_gh W_hh``.
    Two ways to hold W_hh, a constexpr ``RESIDENT``:
-   - resident (padded hidden size BLOCK_H <= 64): the G gate blocks of W_hh are loaded once, before
-     the time loop, and stay in registers; the state h (c, dh, dc) stays in registers too.
-   - streamed (larger hidden sizes, 1..1024, not only powers of two): W_hh is read per step in
-     (BLOCK_H, BLOCK_H) tiles (served from L1 / L2 after the first step); the state lives in a
-     (B, H) scratch tensor of the compute dtype. Each step has two phases separated by a block
+   - resident (padded hidden size BLOCK_H <= 64; 32 for fp64): the G gate blocks of W_hh are
+     loaded once, before the time loop, and stay on chip (registers, and shared memory where the
+     compiler stages the dot operands); the state h (c, dh, dc) stays in registers too.
+   - streamed (larger hidden sizes up to 1024, not only powers of two: masked tiles): W_hh is read
+     per step in (BLOCK_K, BLOCK_H) tiles, one gate at a time (served from L1 / L2 after the first
+     step); the state lives in a (B, H) scratch tensor of the compute dtype. Each step has two phases separated by a block
      barrier (``tl.debug_barrier``, a ``bar.sync``, which also orders the global memory accesses
      of the program's threads): the forward first writes the entering state (after reset) to the
      workspace's hprev slot, then for each output tile reads it back over all K tiles; the
