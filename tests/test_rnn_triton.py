@@ -29,6 +29,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from fastrec import backends
 from fastrec import functional as FF
+from fastrec import nn as fnn
 from fastrec.ops import rnn as rnn_ops
 
 MODES = ("tanh", "relu", "gru", "lstm")
@@ -37,13 +38,27 @@ BOUND = {torch.float64: 1e-12, torch.float32: 1e-5}
 
 
 @pytest.fixture(autouse=True)
-def _triton_backend():
-    """Every test runs with the triton backend forced (skipped with the reason where it cannot run)."""
+def _triton_backend(request):
+    """Every test runs with the triton backend forced (skipped with the reason where it cannot
+    run); tests marked ``default_dispatch`` see the default routing."""
     reason = backends.available()["triton"]
     if reason is not None:
         pytest.skip(f"triton backend unavailable: {reason}")
+    if request.node.get_closest_marker("default_dispatch"):
+        yield
+        return
     with backends.use_backend("triton"):
         yield
+
+
+@pytest.mark.cuda
+@pytest.mark.default_dispatch
+def test_cuda_modules_run_the_triton_kernels_by_default():
+    gru = fnn.GRU(5, 7, batch_first=True).to(DEVICE)
+    backends.stats(reset=True)
+    out, h_n = gru(torch.randn(3, 4, 5, device=DEVICE))
+    assert backends.stats().get(("rnn", "triton", ""), 0) == 1
+    assert out.shape == (3, 4, 7) and h_n.shape == (1, 3, 7)
 
 
 # --------------------------------------------------------------------------- helpers
