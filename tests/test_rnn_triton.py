@@ -227,6 +227,30 @@ def test_reset_zeroes_the_state_before_the_step(mode, steps, hidden, reverse):
         assert rel_err(a, b) <= BOUND[torch.float64], (i, rel_err(a, b))
 
 
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="sets the interpreter's tile configuration")
+@pytest.mark.parametrize(
+    "mode,hidden,resident_max,streamed",
+    [
+        ("lstm", 50, 64, (32, 16, 4)),  # the GPU's resident path for H = 50: 64-wide blocks, masked
+        ("gru", 100, 16, (64, 32, 8)),  # the 16-bit GPU streamed tiles: 2 output x 4 reduction tiles
+        ("tanh", 20, 16, (16, 16, 4)),  # the fp64 GPU streamed tiles
+    ],
+)
+def test_gpu_tile_configurations_in_the_interpreter(monkeypatch, mode, hidden, resident_max, streamed):
+    """The block configurations the GPU picks, run by the interpreter against the reference loop."""
+    from fastrec.kernels import rnn as kernels
+
+    monkeypatch.setattr(kernels, "INTERPRETER_RESIDENT_MAX", resident_max)
+    monkeypatch.setattr(kernels, "INTERPRETER_STREAMED", streamed)
+    tensors = layer_args(mode, 3, 3, 4, hidden)
+    lengths = torch.tensor([3, 1, 2], dtype=torch.int32)
+    reset = torch.tensor([[False, False, True], [True, False, False], [False, False, True]])
+    fast, upstream = layer_grads(rnn_ops.rnn_layer, tensors, lengths, reset, mode, True)
+    expected, _ = layer_grads(rnn_ops.rnn_layer_torch, tensors, lengths, reset, mode, True, upstream)
+    for i, (a, b) in enumerate(zip(fast, expected, strict=True)):
+        assert rel_err(a, b) <= BOUND[torch.float64], (i, rel_err(a, b))
+
+
 # --------------------------------------------------------------------------- low precision
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype,hidden,steps", [(torch.float16, 7, 9), (torch.float16, 50, 2), (torch.bfloat16, 7, 9)])
