@@ -2,7 +2,8 @@
 in Triton's interpreter on the CPU.
 
 The interpreter configuration runs both kernel paths: W_hh resident in registers for hidden sizes
-up to 16 (H = 1, 7) and streamed 32 x 16 tiles with the two-phase step above (H = 50).
+up to 16 (H = 1, 7) and streamed 32 x 16 tiles with the two-phase step above (H = 50); one test
+also runs the tile configurations the GPU picks (resident 64, streamed 64 x 32 and 16 x 16).
 
 References and bounds (TESTING.md):
 - ``torch.nn.RNN`` / ``GRU`` / ``LSTM`` in float64 with the same weights; with ``lengths``
@@ -16,7 +17,8 @@ References and bounds (TESTING.md):
   maxabs(pt - ref) + floor``, ``pt`` = the torch module in the low dtype on the CPU, ``floor`` =
   2 ulps of ``max|ref|`` (3 for bf16 in the interpreter, which truncates at the store).
 - ``gradcheck`` in float64 on tiny shapes; ``torch.library.opcheck`` on both custom ops; two runs
-  bitwise equal; ``torch.compile(fullgraph=True)`` through ``fastrec.functional.rnn``.
+  bitwise equal; ``torch.compile(fullgraph=True)`` through ``fastrec.functional.rnn``; on CUDA,
+  ``fastrec.nn.GRU`` runs the triton kernels without a forced backend.
 """
 
 from __future__ import annotations
