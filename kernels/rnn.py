@@ -21,11 +21,12 @@ sequential part. Layout of this file, top-down:
      compiler stages the dot operands); the state h (c, dh, dc) stays in registers too.
    - streamed (larger hidden sizes up to 1024, not only powers of two: masked tiles): W_hh is read
      per step in (BLOCK_K, BLOCK_H) tiles, one gate at a time (served from L1 / L2 after the first
-     step); the state lives in a (B, H) scratch tensor of the compute dtype. Each step has two phases separated by a block
-     barrier (``tl.debug_barrier``, a ``bar.sync``, which also orders the global memory accesses
-     of the program's threads): the forward first writes the entering state (after reset) to the
-     workspace's hprev slot, then for each output tile reads it back over all K tiles; the
-     backward first writes every gate gradient of the step, then forms ``dh`` per K tile.
+     step); the state lives in a (B, H) scratch tensor of the compute dtype. Each step has two
+     phases separated by a block barrier (``tl.debug_barrier``, a ``bar.sync``, which also
+     orders the global memory accesses of the program's threads): the forward first writes the
+     entering state (after reset) to the workspace's hprev slot, then for each output tile reads
+     it back over all K tiles; the backward first writes every gate gradient of the step, then
+     forms ``dh`` per K tile.
 3. Launchers ``rnn_forward`` / ``rnn_backward`` (tensors in, tensors out; no autograd),
    ``block_config`` and ``kernel_variants()`` (every variant the launchers can pick, for
    tests/test_kernels_compile.py).
