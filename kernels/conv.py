@@ -34,7 +34,7 @@ at once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -180,9 +180,9 @@ def _conv_forward_kernel(
     hp_row = rem_row // pooled_w
     wp_row = rem_row % pooled_w
     p_row_ok = p_row < total_p
-    x_row = X + n_row.to(tl.int64) * stride_xn + (group * channels_per_group).to(tl.int64) * stride_xc
+    x_row = n_row * stride_xn + group * channels_per_group * stride_xc  # (BLOCK_M,) int32 offsets
 
-    w_col = Wt + o_global.to(tl.int64) * k_total  # (BLOCK_O,) start of each filter
+    w_col = o_global * k_total  # (BLOCK_O,) start of each filter
     bias = tl.zeros([BLOCK_O], dtype=compute_dtype)
     if HAS_BIAS:
         bias = tl.load(Bias + o_global, mask=o_ok, other=0.0).to(compute_dtype)
@@ -209,12 +209,12 @@ def _conv_forward_kernel(
             iw = iw0[:, None] + (khw % kernel_w)[None, :] * dil_w
             in_bounds = (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width)
             a_tile = tl.load(  # (BLOCK_M, BLOCK_K) gathered input
-                x_row[:, None] + c[None, :] * stride_xc + ih * stride_xh + iw * stride_xw,
+                X + (x_row[:, None] + c[None, :] * stride_xc + ih * stride_xh + iw * stride_xw),
                 mask=row_ok[:, None] & k_ok[None, :] & in_bounds,
                 other=0.0,
             )
             w_tile = tl.load(  # (BLOCK_K, BLOCK_O)
-                w_col[None, :] + k[:, None], mask=k_ok[:, None] & o_ok[None, :], other=0.0
+                Wt + (w_col[None, :] + k[:, None]), mask=k_ok[:, None] & o_ok[None, :], other=0.0
             )
             if UPCAST_INPUTS:
                 a_tile = a_tile.to(compute_dtype)
@@ -243,7 +243,7 @@ def _conv_forward_kernel(
     # Store: y[n, o, hp, wp] at n * O * Hp * Wp + o * Hp * Wp + hp * Wp + wp.
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     n = p // pooled_hw
-    out_off = (n.to(tl.int64) * out_channels * pooled_hw + p % pooled_hw)[:, None] + (o_global * pooled_hw)[None, :]
+    out_off = (n * out_channels * pooled_hw + p % pooled_hw)[:, None] + (o_global * pooled_hw)[None, :]
     out_mask = (p < total_p)[:, None] & o_ok[None, :]
     tl.store(Y + out_off, run_value.to(Y.dtype.element_ty), mask=out_mask)
     if ACT != 0:
@@ -275,7 +275,7 @@ def _epilogue_backward_kernel(
     BLOCK: tl.constexpr,
 ):
     compute_dtype: tl.constexpr = tl.float64 if GradY.dtype.element_ty == tl.float64 else tl.float32
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < total
     g = tl.load(GradY + offs, mask=ok, other=0.0).to(compute_dtype)
     if ACT != 0:
@@ -343,8 +343,8 @@ def _conv_backward_input_kernel(
     n = m // hw
     ih = (m % hw) // width
     iw = m % width
-    g_row = GradZ + n.to(tl.int64) * stride_gn + (group * out_per_group).to(tl.int64) * stride_go
-    w_group = Wt + (group * out_per_group).to(tl.int64) * channels_per_group * khw_total
+    g_row = n * stride_gn + group * out_per_group * stride_go  # (BLOCK_M,) int32 offsets
+    w_group = Wt + group * out_per_group * channels_per_group * khw_total
 
     acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=compute_dtype)
     offs_k = tl.arange(0, BLOCK_K)
@@ -367,7 +367,7 @@ def _conv_backward_input_kernel(
             hit = (oh_num >= 0) & (ow_num >= 0) & (oh_num % conv_stride_h == 0) & (ow_num % conv_stride_w == 0)
         hit = hit & (oh < out_h) & (ow < out_w) & m_ok[:, None] & k_ok[None, :]
         dz_tile = tl.load(  # (BLOCK_M, BLOCK_K) gathered upstream gradient
-            g_row[:, None] + o[None, :] * stride_go + oh * stride_gh + ow * stride_gw, mask=hit, other=0.0
+            GradZ + (g_row[:, None] + o[None, :] * stride_go + oh * stride_gh + ow * stride_gw), mask=hit, other=0.0
         )
         w_tile = tl.load(  # (BLOCK_K, BLOCK_C): w[g*Og + o, c, kh, kw]
             w_group + (o * channels_per_group * khw_total + khw)[:, None] + (offs_c * khw_total)[None, :],
@@ -379,7 +379,7 @@ def _conv_backward_input_kernel(
             w_tile = w_tile.to(compute_dtype)
         acc = tl.dot(dz_tile, w_tile, acc, input_precision=DOT_PRECISION, out_dtype=compute_dtype)
 
-    out_off = (n.to(tl.int64) * channels * hw + m % hw)[:, None] + ((group * channels_per_group + offs_c) * hw)[None, :]
+    out_off = (n * channels * hw + m % hw)[:, None] + ((group * channels_per_group + offs_c) * hw)[None, :]
     tl.store(GradX + out_off, acc.to(GradX.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
 
 
@@ -435,8 +435,8 @@ def _conv_backward_weight_kernel(
     khw = offs_k % khw_total
     kh_off = (khw // kernel_w) * dil_h
     kw_off = (khw % kernel_w) * dil_w
-    g_col = GradZ + ((group * out_per_group + offs_o) * stride_go).to(tl.int64)
-    x_col = X + ((group * channels_per_group + c) * stride_xc).to(tl.int64)
+    g_col = (group * out_per_group + offs_o) * stride_go  # (BLOCK_O,) int32 offsets
+    x_col = (group * channels_per_group + c) * stride_xc  # (BLOCK_K,) int32 offsets
     out_hw = out_h * out_w
     total_r = batch * out_hw
     r_start = split * rows_per_split
@@ -446,11 +446,11 @@ def _conv_backward_weight_kernel(
     for r0 in range(r_start, r_end, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         r_ok = r < r_end
-        n = (r // out_hw).to(tl.int64)
+        n = r // out_hw
         oh = (r % out_hw) // out_w
         ow = r % out_w
         dz_tile = tl.load(  # (BLOCK_O, BLOCK_R)
-            g_col[:, None] + (n * stride_gn + oh * stride_gh + ow * stride_gw)[None, :],
+            GradZ + (g_col[:, None] + (n * stride_gn + oh * stride_gh + ow * stride_gw)[None, :]),
             mask=o_ok[:, None] & r_ok[None, :],
             other=0.0,
         )
@@ -458,7 +458,7 @@ def _conv_backward_weight_kernel(
         iw = (ow * conv_stride_w - pad_w)[:, None] + kw_off[None, :]
         in_bounds = (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width)
         x_tile = tl.load(  # (BLOCK_R, BLOCK_K) gathered input
-            x_col[None, :] + (n * stride_xn)[:, None] + ih * stride_xh + iw * stride_xw,
+            X + (x_col[None, :] + (n * stride_xn)[:, None] + ih * stride_xh + iw * stride_xw),
             mask=r_ok[:, None] & k_ok[None, :] & in_bounds,
             other=0.0,
         )
@@ -467,7 +467,7 @@ def _conv_backward_weight_kernel(
             x_tile = x_tile.to(compute_dtype)
         acc = tl.dot(dz_tile, x_tile, acc, input_precision=DOT_PRECISION, out_dtype=compute_dtype)
 
-    out_off = (split * out_channels + group * out_per_group + offs_o).to(tl.int64)[:, None] * k_total + offs_k[None, :]
+    out_off = (split * out_channels + group * out_per_group + offs_o)[:, None] * k_total + offs_k[None, :]
     tl.store(Partial + out_off, acc, mask=o_ok[:, None] & k_ok[None, :])
 
 
@@ -497,18 +497,18 @@ class BlockConfig:
 COLUMN_BUCKETS = (16, 64)
 _GPU_CONFIGS = {
     "forward": {
-        ("16", 16): BlockConfig(128, 16, 32, 4, 3),
-        ("16", 64): BlockConfig(128, 64, 32, 4, 3),
-        ("32", 16): BlockConfig(128, 16, 32, 4, 2),
-        ("32", 64): BlockConfig(128, 64, 32, 4, 2),
-        ("64", 16): BlockConfig(64, 16, 16, 4, 1),
+        ("16", 16): BlockConfig(64, 16, 32, 4, 2),
+        ("16", 64): BlockConfig(64, 64, 32, 4, 2),
+        ("32", 16): BlockConfig(64, 16, 16, 4, 2),
+        ("32", 64): BlockConfig(64, 64, 16, 8, 2),
+        ("64", 16): BlockConfig(32, 16, 16, 4, 1),
     },
     "input": {
-        ("16", 16): BlockConfig(128, 16, 32, 4, 3),
-        ("16", 64): BlockConfig(128, 64, 32, 4, 3),
-        ("32", 16): BlockConfig(128, 16, 32, 4, 2),
-        ("32", 64): BlockConfig(128, 64, 32, 4, 2),
-        ("64", 16): BlockConfig(64, 16, 16, 4, 1),
+        ("16", 16): BlockConfig(64, 16, 32, 4, 2),
+        ("16", 64): BlockConfig(64, 64, 32, 4, 2),
+        ("32", 16): BlockConfig(64, 16, 16, 4, 2),
+        ("32", 64): BlockConfig(32, 64, 16, 4, 2),
+        ("64", 16): BlockConfig(32, 16, 16, 4, 1),
     },
     "weight": {
         ("16", 16): BlockConfig(16, 64, 64, 4, 3),
@@ -838,3 +838,165 @@ def conv_backward_weight(
     )
     grad_w = partial[0] if splits == 1 else partial.sum(0)
     return grad_w.to(x.dtype).view(out_channels, channels_per_group, kernel_h, kernel_w)
+
+
+# ------------------------------------------------------------------------------------------------
+# every variant the launchers can pick (for the compile-only test)
+# ------------------------------------------------------------------------------------------------
+
+ACT_FLAGS = ("", "RELU", "GELU", "TANH", "SIGMOID")  # the flag naming each act (none: no flag)
+# ALLOW_TF32 only switches fp32 dots to tf32 and HAS_BIAS adds one (BLOCK_O,) load: the sampled
+# compile check turns them on in every other combination instead of multiplying the combinations.
+COVERAGE_ALTERNATE_FLAGS = ("ALLOW_TF32", "HAS_BIAS")
+
+
+@dataclass
+class KernelVariant:
+    """One GPU compilation unit: triton.compile(ASTSource(fn, signature, constexprs, attrs))."""
+
+    name: str  # e.g. "conv.forward[fp16,O=64,WIN=4,RELU+POOLED]"
+    fn: object  # the @triton.jit function
+    signature: dict  # argument name -> Triton type ("*fp16", "i32", "constexpr")
+    constexprs: dict  # argument name -> value
+    attrs: dict  # (arg index,) -> [["tt.divisibility", 16]] for 16-aligned pointers
+    options: dict = field(default_factory=dict)  # num_warps, num_stages
+    dtype: str = ""  # Triton dtype of x / dz: fp16, bf16, fp32, fp64
+    flags: tuple = ()  # the constexpr flags that are on
+    kernel: str = ""  # forward, epilogue_backward, input, weight
+    bucket: str = ""  # block-config key: "O=64,WIN=4"
+    spills_expected: str = ""  # non-empty: known to spill, and why (reported, not failed)
+
+
+_UNIT_STRIDES = ("stride_xw", "stride_gw")  # contiguous inputs: the JIT specialises a stride of 1
+
+
+def _variant(fn, kernel, dt, constexprs, options, flags, bucket) -> KernelVariant:
+    """Signature as the JIT builds it for contiguous inputs: 16-byte aligned pointers, unit stride
+    along the width (the constant 1), other integers unspecialised."""
+    acc = "fp64" if dt == "fp64" else "fp32"
+    label = f"conv.{kernel}[{dt},{bucket},{'+'.join(flags) or 'plain'}]"
+    signature, consts, attrs = {}, dict(constexprs), {}
+    for index, arg in enumerate(fn.arg_names):
+        if arg in consts:
+            signature[arg] = "constexpr"
+        elif arg in _UNIT_STRIDES:
+            signature[arg] = "constexpr"
+            consts[arg] = 1
+        elif arg[0].isupper():  # pointers
+            signature[arg] = {"Argmax": "*i32", "Partial": "*" + acc}.get(arg, "*" + dt)
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        else:
+            signature[arg] = "i32"
+    return KernelVariant(label, fn, signature, consts, attrs, options, dt, tuple(flags), kernel, bucket)
+
+
+def kernel_variants() -> list[KernelVariant]:
+    """Every GPU variant the launchers can pick.
+
+    forward: dtype x act (5) x window block (1 = not pooled, else WIN_BLOCKS) x HAS_BIAS x column
+    bucket (x ALLOW_TF32 for fp32); epilogue backward: dtype x act x POOLED; input gradient:
+    dtype x UNIT_STRIDE x column bucket (x ALLOW_TF32); weight gradient: dtype x column bucket
+    (x ALLOW_TF32).
+    """
+    variants = []
+    for torch_dtype, dt in _TRITON_DTYPE.items():
+        dclass = _DTYPE_CLASS[torch_dtype]
+        tf32_options = (False, True) if torch_dtype == torch.float32 else (False,)
+        buckets = sorted({column_bucket(torch_dtype, c) for c in COLUMN_BUCKETS})
+        for act_code, act_flag in enumerate(ACT_FLAGS):
+            for pooled in (False, True):
+                flags = tuple(f for f in (act_flag, "POOLED" if pooled else "") if f)
+                variants.append(
+                    _variant(
+                        _epilogue_backward_kernel,
+                        "epilogue_backward",
+                        dt,
+                        dict(ACT=act_code, POOLED=pooled, BLOCK=_EPILOGUE_BLOCK[dclass]),
+                        dict(num_warps=4, num_stages=1),
+                        flags,
+                        f"BLOCK={_EPILOGUE_BLOCK[dclass]}",
+                    )
+                )
+                for cols in buckets:
+                    cfg = _GPU_CONFIGS["forward"][(dclass, cols)]
+                    for win in [w for w in WIN_BLOCKS if w <= cfg.rows] if pooled else [1]:
+                        for has_bias in (False, True):
+                            for tf32 in tf32_options:
+                                variants.append(
+                                    _variant(
+                                        _conv_forward_kernel,
+                                        "forward",
+                                        dt,
+                                        dict(
+                                            ACT=act_code,
+                                            HAS_BIAS=has_bias,
+                                            POOLED=pooled,
+                                            UPCAST_INPUTS=False,
+                                            ALLOW_TF32=tf32,
+                                            BLOCK_M=cfg.rows,
+                                            BLOCK_O=cfg.cols,
+                                            BLOCK_K=cfg.depth,
+                                            WIN_BLOCK=win,
+                                        ),
+                                        dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+                                        flags + ("HAS_BIAS",) * has_bias + ("ALLOW_TF32",) * tf32,
+                                        f"O={cols},WIN={win}",
+                                    )
+                                )
+        for cols in buckets:
+            for tf32 in tf32_options:
+                cfg = _GPU_CONFIGS["input"][(dclass, cols)]
+                for unit_stride in (False, True):
+                    variants.append(
+                        _variant(
+                            _conv_backward_input_kernel,
+                            "input",
+                            dt,
+                            dict(
+                                UNIT_STRIDE=unit_stride,
+                                UPCAST_INPUTS=False,
+                                ALLOW_TF32=tf32,
+                                BLOCK_M=cfg.rows,
+                                BLOCK_C=cfg.cols,
+                                BLOCK_K=cfg.depth,
+                            ),
+                            dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+                            ("UNIT_STRIDE",) * unit_stride + ("ALLOW_TF32",) * tf32,
+                            f"C={cols}",
+                        )
+                    )
+                cfg = _GPU_CONFIGS["weight"][(dclass, cols)]
+                variants.append(
+                    _variant(
+                        _conv_backward_weight_kernel,
+                        "weight",
+                        dt,
+                        dict(
+                            UPCAST_INPUTS=False,
+                            ALLOW_TF32=tf32,
+                            BLOCK_O=cfg.rows,
+                            BLOCK_K=cfg.cols,
+                            BLOCK_R=cfg.depth,
+                        ),
+                        dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+                        ("ALLOW_TF32",) * tf32,
+                        f"O={cols}",
+                    )
+                )
+    return variants
+
+
+__all__ = [
+    "ACTIVATIONS",
+    "BlockConfig",
+    "KernelVariant",
+    "block_config",
+    "conv_backward_input",
+    "conv_backward_weight",
+    "conv_forward",
+    "conv_output_size",
+    "epilogue_backward",
+    "kernel_variants",
+    "weight_split",
+    "window_block",
+]
