@@ -2,7 +2,7 @@
 # The GPU run (BENCHMARKS.md): on a machine with CUDA, PyTorch and Triton installed and no
 # network, run the CUDA correctness tests, then the benchmark table, writing to OUTDIR:
 #   bench.json (every figure, with card, versions and commit), bench.md (the table),
-#   tests.log, bench.log, nvidia-smi.txt.
+#   tests.log, bench.log, nvidia-smi.txt; for the conv family tests_conv.log, bench_conv.{json,md,log}.
 # Builds nothing it does not need: the Triton kernels need no build, so the C++ extension is
 # skipped. Without CUDA it says so and exits 0. Budget: under 6 minutes in all.
 set -uo pipefail
@@ -29,4 +29,21 @@ timeout 150 "$python" -m pytest -q -p no:cacheprovider tests/test_attention.py t
 timeout 200 "$python" -m fastrec bench --family attention --rounds 10 --json "$out/bench.json" --markdown "$out/bench.md" 2>&1 \
   | tee "$out/bench.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+# conv family: the Triton launchers' own tests (all of them run natively on CUDA), the Triton
+# cases of the other conv test files, then the conv benchmark rows once fastrec bench has them.
+conv_tests=(tests/test_conv_triton.py)
+for f in tests/test_conv*.py; do
+  [ "$f" = tests/test_conv_triton.py ] || [ ! -f "$f" ] || conv_tests+=("$f")
+done
+timeout 120 "$python" -m pytest -q -p no:cacheprovider "${conv_tests[@]}" -k "conv_triton or triton or cuda" 2>&1 \
+  | tee "$out/tests_conv.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+if "$python" -c "import sys; from fastrec.bench import CASES; sys.exit(0 if 'conv' in CASES else 1)"; then
+  timeout 120 "$python" -m fastrec bench --family conv --rounds 10 --json "$out/bench_conv.json" \
+    --markdown "$out/bench_conv.md" 2>&1 | tee "$out/bench_conv.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+else
+  echo "gpu_run: fastrec bench has no conv rows yet; conv benchmark skipped" | tee "$out/bench_conv.log"
+fi
 exit $status

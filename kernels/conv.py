@@ -1,8 +1,11 @@
 """Fused 2-D convolution in Triton: implicit-GEMM forward with a bias + activation + max-pool
 epilogue, input- and weight-gradient kernels, and the epilogue backward.
 
-Contract: /the conv family's op contract/ in fastrec/ops/conv.py (shared with the C++ and torch
+Contract: the conv family's op contract (fastrec/ops/conv.py, shared with the C++ and torch
 backends). conv1d (N, C, L) is conv2d on (N, C, 1, L) with a (1, k) kernel; callers reshape.
+Offsets are int32 (they fit the registers the gathers need): every tensor's largest element
+offset must be below 2**31, which the launchers check (ValueError; the caller routes larger
+problems elsewhere).
 Layout of this file, top-down:
 
 1. ``@triton.jit`` helpers: activation and its derivative, the first-maximum pool reduction.
@@ -494,11 +497,15 @@ class BlockConfig:
 
 # GPU tiles per (kernel, dtype class, column bucket). Recommender convolutions have 8-64 channels
 # per group: 16 columns for <= 16 channels, 64 above. fp64 runs only for gradcheck: one small tile.
+# Chosen so that every variant compiles without spills for sm_80 and sm_90 (the compile check):
+# gathered tiles carry a pointer and a mask per element, and fp32 "ieee" dots run on FMA units
+# with operand tiles replicated across threads, hence the 16-deep fp32 steps and 8-warp 64 x 64
+# tiles.
 COLUMN_BUCKETS = (16, 64)
 _GPU_CONFIGS = {
     "forward": {
-        ("16", 16): BlockConfig(64, 16, 32, 4, 2),
-        ("16", 64): BlockConfig(64, 64, 32, 4, 2),
+        ("16", 16): BlockConfig(64, 16, 16, 4, 2),
+        ("16", 64): BlockConfig(64, 64, 16, 8, 2),
         ("32", 16): BlockConfig(64, 16, 16, 4, 2),
         ("32", 64): BlockConfig(64, 64, 16, 8, 2),
         ("64", 16): BlockConfig(32, 16, 16, 4, 1),
@@ -514,7 +521,7 @@ _GPU_CONFIGS = {
         ("16", 16): BlockConfig(16, 64, 64, 4, 3),
         ("16", 64): BlockConfig(64, 64, 32, 4, 3),
         ("32", 16): BlockConfig(16, 64, 32, 4, 2),
-        ("32", 64): BlockConfig(64, 64, 32, 4, 2),
+        ("32", 64): BlockConfig(64, 64, 16, 8, 2),
         ("64", 16): BlockConfig(16, 32, 16, 4, 1),
     },
 }
@@ -542,7 +549,7 @@ def block_config(kernel: str, dtype: torch.dtype, columns: int, depth: int, inte
             return max(16, min(64, triton.next_power_of_2(v)))
 
         if kernel == "weight":
-            return BlockConfig(fit(columns), fit(depth), 64, 4, 1)
+            return BlockConfig(fit(columns), fit(depth), 32, 4, 1)
         return BlockConfig(_INTERPRETER_ROWS, fit(columns), fit(depth), 4, 1)
     return _GPU_CONFIGS[kernel][(_DTYPE_CLASS[dtype], column_bucket(dtype, columns))]
 
@@ -582,6 +589,14 @@ def _activation_code(act: str) -> int:
     if act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
     return ACTIVATIONS.index(act)
+
+
+def _check_int32_offsets(**tensors: torch.Tensor) -> None:
+    """ValueError naming the first tensor whose largest element offset does not fit int32."""
+    for name, t in tensors.items():
+        span = sum((size - 1) * abs(step) for size, step in zip(t.shape, t.stride(), strict=True)) if t.numel() else 0
+        if span >= 2**31:
+            raise ValueError(f"{name} must have element offsets below 2**31 for the Triton conv kernels, got {span}")
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
@@ -625,6 +640,7 @@ def conv_forward(
     if y.numel() == 0:
         return y, saved_z, argmax
     w = w.contiguous()
+    _check_int32_offsets(x=x, w=w, y=y)
     bias_arg = bias.contiguous() if bias is not None else w
     out_per_group = out_channels // groups
     interpreter = x.device.type == "cpu"
@@ -698,6 +714,7 @@ def epilogue_backward(
     if total == 0:
         return grad_z
     grad_y = grad_y.contiguous()
+    _check_int32_offsets(grad_z=grad_z)
     block = _EPILOGUE_BLOCK[_DTYPE_CLASS[grad_y.dtype]]
     _epilogue_backward_kernel[(triton.cdiv(total, block),)](
         grad_y,
@@ -739,6 +756,7 @@ def conv_backward_input(
     if dz.numel() == 0:
         return grad_x.zero_()
     w = w.contiguous()
+    _check_int32_offsets(dz=dz, w=w, dx=grad_x)
     out_per_group = out_channels // groups
     interpreter = dz.device.type == "cpu"
     cfg = block_config("input", dz.dtype, channels_per_group, out_per_group * kernel_h * kernel_w, interpreter)
@@ -799,6 +817,7 @@ def conv_backward_weight(
     total_rows = batch * out_h * out_w
     if total_rows == 0 or out_channels * k_total == 0:
         return torch.zeros((out_channels, channels_per_group, kernel_h, kernel_w), dtype=x.dtype, device=x.device)
+    _check_int32_offsets(dz=dz, x=x)
     out_per_group = out_channels // groups
     interpreter = x.device.type == "cpu"
     cfg = block_config("weight", x.dtype, out_per_group, k_total, interpreter)

@@ -163,13 +163,15 @@ def test_non_contiguous_input_and_gradient_match_reference():
     x = x_full[::2, 1::2, :, ::2]  # strided in N, C and W
     w = torch.randn(5, 4, 3, 3, dtype=torch.float64)
     conf = ((1, 1), (1, 1), (1, 1), 1, "none", (1, 1))
-    z_ref, _, _, grads_ref = reference_grads(x, w, None, *conf, torch.zeros(2, 5, 10, 9), torch.float64)
-    dz = torch.randn(2, 5, 2 * 10, 9, dtype=torch.float64)[:, :, ::2]  # strided upstream gradient
-    _, _, _, (dx_ref, dw_ref) = reference_grads(x, w, None, *conf, dz, torch.float64)
-    y, _, _ = kconv.conv_forward(x, w, None, *conf[:4], "none", (1, 1))
+    dz_full = torch.randn(2, 5, 2 * 10, 9, dtype=torch.float64)
+    dz = dz_full[:, :, ::2]  # strided upstream gradient
+    z_ref, _, _, (dx_ref, dw_ref) = reference_grads(x, w, None, *conf, dz, torch.float64)
+    x_full, dz_full, w_dev = x_full.to(DEVICE), dz_full.to(DEVICE), w.to(DEVICE)
+    x_dev, dz_dev = x_full[::2, 1::2, :, ::2], dz_full[:, :, ::2]
+    y, _, _ = kconv.conv_forward(x_dev, w_dev, None, *conf[:4], "none", (1, 1))
     assert_rel_close(y, z_ref, "y", 1e-12)
-    assert_rel_close(kconv.conv_backward_input(dz, w, x.shape, *conf[:4]), dx_ref, "dx", 1e-12)
-    assert_rel_close(kconv.conv_backward_weight(dz, x, w.shape, *conf[:4]), dw_ref, "dw", 1e-12)
+    assert_rel_close(kconv.conv_backward_input(dz_dev, w_dev, x.shape, *conf[:4]), dx_ref, "dx", 1e-12)
+    assert_rel_close(kconv.conv_backward_weight(dz_dev, x_dev, w.shape, *conf[:4]), dw_ref, "dw", 1e-12)
 
 
 # --------------------------------------------------------------------------- pool semantics
@@ -192,7 +194,7 @@ def test_max_over_time_ties_across_window_chunks_pick_the_first():
     x = torch.full((1, 1, 1, 70), -1.0, dtype=torch.float64)
     x[0, 0, 0, [5, 33, 66]] = 4.0
     w = torch.ones(1, 1, 1, 1, dtype=torch.float64)
-    y, _, argmax = kconv.conv_forward(x, w, None, (1, 1), (0, 0), (1, 1), 1, "none", (1, 70))
+    y, _, argmax = kconv.conv_forward(x.to(DEVICE), w.to(DEVICE), None, (1, 1), (0, 0), (1, 1), 1, "none", (1, 70))
     assert kconv.window_block(70, 64) < 70  # the case really runs several chunks
     assert y.item() == 4.0 and argmax.item() == 5
 
@@ -205,7 +207,8 @@ def test_nan_wins_the_pool_as_in_torch():
     w = torch.ones(1, 1, 1, 1, dtype=torch.float64)
     conf = ((1, 1), (0, 0), (1, 1), 1, "none", (2, 2))
     _, y_ref, indices = reference(x, w, None, *conf)
-    y, _, argmax = kconv.conv_forward(x, w, None, *conf)
+    y, _, argmax = kconv.conv_forward(x.to(DEVICE), w.to(DEVICE), None, *conf)
+    y, argmax = y.cpu(), argmax.cpu()
     assert torch.equal(y.isnan(), y_ref.isnan()) and y.isnan().sum() == 2
     assert torch.equal(y[~y.isnan()], y_ref[~y_ref.isnan()])
     assert torch.equal(argmax, window_index(indices, (2, 2), 8))
@@ -276,13 +279,13 @@ def test_gradcheck_float64(conf):
 
 
 def test_forward_and_backward_bitwise_deterministic_over_20_repeats():
-    x = torch.randn(4, 2, 12, 12, dtype=torch.float32)
+    x = torch.randn(1, 2, 16, 16, dtype=torch.float32)
     w = torch.randn(4, 2, 3, 3, dtype=torch.float32)
     b = torch.randn(4, dtype=torch.float32)
     conf = ((1, 1), (1, 1), (1, 1), 1, "relu", (2, 2))
-    grad_y = torch.randn(4, 4, 6, 6)
+    grad_y = torch.randn(1, 4, 8, 8)
     cfg = kconv.block_config("weight", torch.float32, 4, 18, INTERPRETED)
-    assert kconv.weight_split(1, 4 * 12 * 12, cfg.depth, DEVICE)[0] > 1  # the split reduction runs
+    assert kconv.weight_split(1, 16 * 16, cfg.depth, DEVICE)[0] > 1  # the split reduction runs
     first = fused(x, w, b, *conf, grad_y)
     for _ in range(19):
         again = fused(x, w, b, *conf, grad_y)
@@ -299,7 +302,8 @@ def test_window_block_pads_the_window_least():
     assert kconv.window_block(50, 64) == 4  # 52 rows beat 64
     assert kconv.window_block(48, 64) == 16  # 48 rows either way: fewer chunks
     assert kconv.window_block(64, 64) == 64
-    assert kconv.window_block(70, 32) == 16
+    assert kconv.window_block(70, 32) == 4  # 72 rows beat 80
+    assert kconv.window_block(128, 32) == 16  # no block above the tile's rows
 
 
 def test_weight_split_covers_every_row_once():
@@ -309,13 +313,21 @@ def test_weight_split_covers_every_row_once():
 
 
 def test_empty_pooled_output_returns_empty_tensors():
-    x = torch.randn(2, 3, 1, 5)
-    w = torch.randn(4, 3, 1, 3)
+    x = torch.randn(2, 3, 1, 5, device=DEVICE)
+    w = torch.randn(4, 3, 1, 3, device=DEVICE)
     y, saved_z, argmax = kconv.conv_forward(x, w, None, (1, 1), (0, 0), (1, 1), 1, "relu", (1, 4))
     assert y.shape == (2, 4, 1, 0) and saved_z.shape == y.shape and argmax.shape == y.shape
 
 
 def test_unknown_activation_is_a_value_error_naming_it():
-    x, w = torch.randn(1, 1, 3, 3), torch.randn(1, 1, 1, 1)
+    x, w = torch.randn(1, 1, 3, 3, device=DEVICE), torch.randn(1, 1, 1, 1, device=DEVICE)
     with pytest.raises(ValueError, match=r"act must be one of .*got 'swish'"):
         kconv.conv_forward(x, w, None, (1, 1), (0, 0), (1, 1), 1, "swish", (1, 1))
+
+
+def test_offsets_beyond_int32_are_a_value_error_naming_the_tensor():
+    # Meta tensors: shapes and strides only; the check runs before any launch.
+    x = torch.empty_strided((2, 1, 4, 4), (2**31, 16, 4, 1), device="meta")
+    w = torch.empty((1, 1, 1, 1), device="meta")
+    with pytest.raises(ValueError, match=r"x must have element offsets below 2\*\*31"):
+        kconv.conv_forward(x, w, None, (1, 1), (0, 0), (1, 1), 1, "none", (1, 1))
