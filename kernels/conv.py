@@ -909,8 +909,8 @@ def _variant(fn, kernel, dt, constexprs, options, flags, bucket) -> KernelVarian
     return KernelVariant(label, fn, signature, consts, attrs, options, dt, tuple(flags), kernel, bucket)
 
 
-def kernel_variants() -> list[KernelVariant]:
-    """Every GPU variant the launchers can pick.
+def _conv_variants() -> list[KernelVariant]:
+    """Every GPU variant the fused-convolution launchers can pick.
 
     forward: dtype x act (5) x window block (1 = not pooled, else WIN_BLOCKS) x HAS_BIAS x column
     bucket (x ALLOW_TF32 for fp32); epilogue backward: dtype x act x POOLED; input gradient:
@@ -1003,6 +1003,11 @@ def kernel_variants() -> list[KernelVariant]:
                     )
                 )
     return variants
+
+
+def kernel_variants() -> list[KernelVariant]:
+    """Every GPU variant of this family's kernels (each section of the file adds its own list)."""
+    return _conv_variants()
 
 
 __all__ = [
