@@ -160,6 +160,8 @@ def _conv_forward_kernel(
     BLOCK_K: tl.constexpr,
     WIN_BLOCK: tl.constexpr,
 ):
+    """y = maxpool(act(conv(x, w) + b)) for BLOCK_M // WIN_BLOCK pooled outputs x BLOCK_O channels
+    of one group; WIN_BLOCK = 1 when not pooled (then y = act(z) and the loop runs once)."""
     tl.static_assert(BLOCK_M % WIN_BLOCK == 0)
     BLOCK_P: tl.constexpr = BLOCK_M // WIN_BLOCK
     compute_dtype: tl.constexpr = tl.float64 if X.dtype.element_ty == tl.float64 else tl.float32
@@ -518,7 +520,7 @@ _GPU_CONFIGS = {
         ("64", 16): BlockConfig(32, 16, 16, 4, 1),
     },
     "weight": {
-        ("16", 16): BlockConfig(16, 64, 64, 4, 3),
+        ("16", 16): BlockConfig(16, 64, 32, 4, 2),
         ("16", 64): BlockConfig(64, 64, 32, 4, 3),
         ("32", 16): BlockConfig(16, 64, 32, 4, 2),
         ("32", 64): BlockConfig(64, 64, 16, 8, 2),

@@ -331,3 +331,19 @@ def test_offsets_beyond_int32_are_a_value_error_naming_the_tensor():
     w = torch.empty((1, 1, 1, 1), device="meta")
     with pytest.raises(ValueError, match=r"x must have element offsets below 2\*\*31"):
         kconv.conv_forward(x, w, None, (1, 1), (0, 0), (1, 1), 1, "none", (1, 1))
+
+
+def test_allow_tf32_path_stays_within_tf32_bound():
+    # The ALLOW_TF32 variants of the three GEMM kernels (the interpreter computes them in fp32; a
+    # GPU rounds the dot inputs to tf32: 10-bit mantissas, hence the 2e-3 bound). No activation
+    # and no pool: a tf32 rounding must not move a relu kink or a pool winner.
+    x, w, b = make_inputs(CASES[0], torch.float32)
+    conf = ((1, 1), (1, 1), (1, 1), 1, "none", (1, 1))
+    grad_y = torch.randn(2, 8, 8, 8)
+    _, y_ref, _, (dx_ref, dw_ref, _) = reference_grads(x, w, b, *conf, grad_y, torch.float64)
+    x, w, b, dz = x.to(DEVICE), w.to(DEVICE), b.to(DEVICE), grad_y.to(DEVICE)
+    y, _, _ = kconv.conv_forward(x, w, b, *conf, allow_tf32=True)
+    dx = kconv.conv_backward_input(dz, w, x.shape, *conf[:4], allow_tf32=True)
+    dw = kconv.conv_backward_weight(dz, x, w.shape, *conf[:4], allow_tf32=True)
+    for name, actual, expected in (("y", y, y_ref), ("dx", dx, dx_ref), ("dw", dw, dw_ref)):
+        assert_rel_close(actual, expected, name, 2e-3)
