@@ -510,13 +510,13 @@ _GPU_CONFIGS = {
         ("16", 64): BlockConfig(64, 64, 16, 8, 2),
         ("32", 16): BlockConfig(64, 16, 16, 4, 2),
         ("32", 64): BlockConfig(64, 64, 16, 8, 2),
-        ("64", 16): BlockConfig(32, 16, 16, 4, 1),
+        ("64", 16): BlockConfig(16, 16, 16, 4, 1),
     },
     "input": {
         ("16", 16): BlockConfig(64, 16, 32, 4, 2),
         ("16", 64): BlockConfig(64, 64, 32, 4, 2),
         ("32", 16): BlockConfig(64, 16, 16, 4, 2),
-        ("32", 64): BlockConfig(32, 64, 16, 4, 2),
+        ("32", 64): BlockConfig(32, 64, 16, 8, 2),
         ("64", 16): BlockConfig(32, 16, 16, 4, 1),
     },
     "weight": {
