@@ -2,7 +2,7 @@
 # The GPU run (BENCHMARKS.md): on a machine with CUDA, PyTorch and Triton installed and no
 # network, run the CUDA correctness tests, then the benchmark table, writing to OUTDIR:
 #   bench.json (every figure, with card, versions and commit), bench.md (the table),
-#   tests.log, tests_rnn.log, bench.log, nvidia-smi.txt.
+#   tests_<family>.log, bench.log, nvidia-smi.txt.
 # Builds nothing it does not need: the Triton kernels need no build, so the C++ extension is
 # skipped. Without CUDA it says so and exits 0. Budget: under 6 minutes in all.
 set -uo pipefail
@@ -24,13 +24,18 @@ export PYTHONUNBUFFERED=1
 
 status=0
 # The triton-backend and CUDA tests of each family, one time limit per family so that a slow
-# family (each kernel variant is JIT-compiled on first use) cannot starve the other or the bench.
-timeout 120 "$python" -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_nn_attention.py \
-  -k "triton or cuda" 2>&1 | tee "$out/tests.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-timeout 80 "$python" -m pytest -q -p no:cacheprovider tests/test_rnn_triton.py 2>&1 | tee "$out/tests_rnn.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-timeout 140 "$python" -m fastrec bench --family attention --family rnn --rounds 10 \
-  --json "$out/bench.json" --markdown "$out/bench.md" 2>&1 | tee "$out/bench.log"
+# family (each kernel variant is JIT-compiled on first use) cannot starve the others or the bench.
+run_tests() {  # run_tests FAMILY SECONDS FILE... : pytest -k "triton or cuda" on the files
+  local family=$1 seconds=$2
+  shift 2
+  timeout "$seconds" "$python" -m pytest -q -p no:cacheprovider "$@" -k "triton or cuda" 2>&1 \
+    | tee "$out/tests_$family.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+}
+run_tests attention 90 tests/test_attention.py tests/test_nn_attention.py
+run_tests rnn 60 tests/test_rnn_triton.py
+run_tests conv 60 tests/test_conv*.py tests/test_caser.py
+timeout 140 "$python" -m fastrec bench --rounds 10 --json "$out/bench.json" --markdown "$out/bench.md" 2>&1 \
+  | tee "$out/bench.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 exit $status
