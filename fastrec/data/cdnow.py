@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from fastrec.data.loaders import DataError, _numeric, _read_table, package_file
 
@@ -55,14 +56,13 @@ class CDNOW:
         return self.frequency_cal / self.T_cal * self.duration_holdout
 
     def features(self) -> np.ndarray:
-        """``(n, n_weeks, 4)`` float32 per week: transactions, log1p(spend), repeat-week flag (a purchase
-        week after the first), and whether the customer had started (week >= first purchase week)."""
+        """``(n, n_weeks, 4)`` float32 per week: log1p(transactions), log1p(spend), repeat-week flag (a
+        purchase week after the first), and whether the customer had started (week >= first purchase week)."""
         weeks = np.arange(self.n_weeks)
         started = weeks[None, :] >= self.first_week[:, None]
         repeat = (self.transactions > 0) & (weeks[None, :] > self.first_week[:, None])
-        return np.stack(
-            [self.transactions, np.log1p(self.spend), repeat.astype(np.float32), started.astype(np.float32)], axis=-1
-        ).astype(np.float32)
+        columns = [np.log1p(self.transactions), np.log1p(self.spend), repeat, started]
+        return np.stack([c.astype(np.float32) for c in columns], axis=-1)
 
 
 def rmse(prediction: np.ndarray, target: np.ndarray) -> float:
@@ -157,3 +157,59 @@ def load_cdnow(
         duration_holdout=float(obs_week - cal_week),
         source=source,
     )
+
+
+def _bgnbd_log_likelihood(params: torch.Tensor, x: torch.Tensor, t_x: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
+    """Per-customer BG/NBD log-likelihood (Fader, Hardie and Lee 2005, eq. 6) for params = log(r, alpha, a, b)."""
+    r, alpha, a, b = params.exp()
+    lg = torch.lgamma
+    a1 = lg(r + x) - lg(r) + r * alpha.log()
+    a2 = lg(a + b) + lg(b + x) - lg(b) - lg(a + b + x)
+    a3 = -(r + x) * (alpha + T).log()
+    a4 = a.log() - (b + x.clamp(min=1) - 1).log() - (r + x) * (alpha + t_x).log()
+    repeat = (x > 0).to(x.dtype)
+    top = torch.maximum(a3, a4)
+    return a1 + a2 + top + ((a3 - top).exp() + repeat * (a4 - top).exp()).log()
+
+
+def fit_bgnbd(data: CDNOW, steps: int = 200) -> tuple[float, float, float, float]:
+    """Maximum-likelihood BG/NBD parameters ``(r, alpha, a, b)`` on the calibration summaries (weeks),
+    fitted with L-BFGS on log-parameters (lifetimes' ``BetaGeoFitter`` with no penalizer)."""
+    x, t_x, T = (torch.from_numpy(v) for v in (data.frequency_cal, data.recency_cal, data.T_cal))
+    params = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([params], max_iter=steps, line_search_fn="strong_wolfe", tolerance_grad=1e-10)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = -_bgnbd_log_likelihood(params, x, t_x, T).mean()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    r, alpha, a, b = params.detach().exp().tolist()
+    return r, alpha, a, b
+
+
+def _hyp2f1(a: np.ndarray, b: np.ndarray, c: np.ndarray, z: np.ndarray, terms: int = 4000) -> np.ndarray:
+    """Gauss's hypergeometric series 2F1(a, b; c; z) for 0 <= z < 1 (summed until the terms vanish)."""
+    term = np.ones_like(z)
+    total = np.ones_like(z)
+    for n in range(terms):
+        term = term * (a + n) * (b + n) / ((c + n) * (n + 1)) * z
+        total = total + term
+        if np.all(np.abs(term) <= 1e-15 * np.abs(total)):
+            break
+    return total
+
+
+def bgnbd_expected(params: tuple[float, float, float, float], data: CDNOW, t: float | None = None) -> np.ndarray:
+    """BG/NBD conditional expected number of repeat purchases in the next ``t`` weeks (default: the
+    hold-out duration) given each customer's calibration ``(frequency, recency, T)``."""
+    r, alpha, a, b = params
+    t = data.duration_holdout if t is None else t
+    x, t_x, T = data.frequency_cal, data.recency_cal, data.T_cal
+    z = t / (alpha + T + t)
+    hyp = _hyp2f1(r + x, b + x, a + b + x - 1, z)
+    numerator = (a + b + x - 1) / (a - 1) * (1 - hyp * ((alpha + T) / (alpha + T + t)) ** (r + x))
+    denominator = 1 + (x > 0) * (a / (b + np.maximum(x, 1) - 1)) * ((alpha + T) / (alpha + t_x)) ** (r + x)
+    return numerator / denominator
