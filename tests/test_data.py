@@ -213,3 +213,20 @@ def test_unknown_name_and_missing_mapping(tmp_path):
     path = write(tmp_path, "log.csv", "a,b,c\n1,2,3\n")
     with pytest.raises(ValueError, match="needs the column mapping user=, item=, time="):
         load(path)
+
+
+def test_non_finite_time_and_rating_name_the_line(tmp_path):
+    path = write(tmp_path, "log.csv", "u,i,t\n1,2,5\n1,3,nan\n")
+    with pytest.raises(DataError, match=r"log\.csv: line 3: column 'time': expected a finite time, got 'nan'"):
+        load_csv(path, user="u", item="i", time="t")
+    path = write(tmp_path, "u.data", "1\t10\tinf\t100\n")
+    with pytest.raises(DataError, match=r"u\.data: line 1: column 'rating': expected a finite number, got 'inf'"):
+        load_movielens(path)
+
+
+def test_min_rating_needs_a_rating_column_and_kcore_passes_through_load(tmp_path):
+    path = write(tmp_path, "log.csv", "u,i,t\n1,2,5\n1,3,6\n2,2,7\n2,3,8\n3,2,9\n")
+    with pytest.raises(ValueError, match="min_rating=4 given but .*log.csv has no rating column"):
+        load_csv(path, user="u", item="i", time="t", min_rating=4)
+    inter = load(path, user="u", item="i", time="t", kcore=2)
+    assert inter.user_ids.tolist() == [1, 2] and len(inter) == 4

@@ -116,13 +116,16 @@ def _numeric(table: _Table, key: str, integer: bool) -> np.ndarray:
         pass
     kind = "an integer id" if integer else "a finite number"
     for row, value in enumerate(values):
-        try:
-            ok = True if integer and int(value) is not None else math.isfinite(float(value))
-        except (ValueError, OverflowError):
-            ok = False
-        if not ok:
+        if not _parses(value, integer):
             raise DataError(f"{table.path}: line {table.lines[row]}: column {key!r}: expected {kind}, got {value!r}")
     raise AssertionError(f"{table.path}: column {key!r} failed to convert but every value parsed")
+
+
+def _parses(value: str, integer: bool) -> bool:
+    try:
+        return int(value) is not None if integer else math.isfinite(float(value))
+    except (ValueError, OverflowError):
+        return False
 
 
 def _times(table: _Table, key: str) -> np.ndarray:
@@ -145,6 +148,11 @@ def _times(table: _Table, key: str) -> np.ndarray:
             if stamp.tzinfo is None:
                 stamp = stamp.replace(tzinfo=_dt.timezone.utc)
             times[row] = (stamp - epoch).total_seconds()
+    if not np.all(np.isfinite(times)):
+        row = int(np.flatnonzero(~np.isfinite(times))[0])
+        raise DataError(
+            f"{table.path}: line {table.lines[row]}: column {key!r}: expected a finite time, got {values[row]!r}"
+        )
     if np.all(times == np.floor(times)):
         return times.astype(np.int64)
     return times
@@ -281,7 +289,7 @@ def load_csv(
     events=["buy"]``; REES46: ``user="user_id", item="product_id", time="event_time",
     event="event_type"``. ``header=None`` means: a header exists iff columns are given by name.
     """
-    if (event is None) != (events is None) and events is not None:
+    if event is None and events is not None:
         raise ValueError("events given without an event column: pass event=<column>")
     spec: dict[str, str | int] = {"user": user, "item": item, "time": time}
     if event is not None:
