@@ -4,6 +4,7 @@ against a per-customer recount with Python's own calendar, and the three behavio
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import importlib.util
 import math
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import fastrec
 import fastrec.nn as fnn
 from fastrec.data import DataError, load_cdnow
 from fastrec.data.cdnow import _hyp2f1, bgnbd_expected, fit_bgnbd, mae, rmse
@@ -151,3 +153,27 @@ def test_behavior_model_learns_beyond_the_mean(cdnow, kind, one_thread):
     prediction = predict(model, torch.from_numpy(x[test]))
     assert math.isfinite(rmse(prediction, y[test]))
     assert rmse(prediction, y[test]) < 0.95 * rmse(np.full(test.shape[0], y[train].mean()), y[test])
+
+
+@pytest.mark.parametrize("model_class", [BehaviorRNN, BehaviorAttention])
+def test_behavior_models_match_their_plain_torch_twins(model_class):
+    """The same weights with fastrec's modules swapped back to torch's (fp32 relative bound 1e-5)."""
+    model = model_class(4).double()
+    twin = copy.deepcopy(model)
+    for module in twin.modules():
+        if isinstance(module, fnn.GRU):
+            module.__class__ = torch.nn.GRU
+        elif isinstance(module, fnn.MultiheadAttention):
+            module.__class__ = torch.nn.MultiheadAttention
+    assert not any(isinstance(m, (fnn.GRU, fnn.MultiheadAttention)) for m in twin.modules())
+    x = torch.randn(6, 40, 4, dtype=torch.float64)
+    upstream = torch.randn(6, dtype=torch.float64)
+    fastrec.stats(reset=True)
+    out = model(x)
+    assert all(backend == "cpp" for _, backend, _ in fastrec.stats()), fastrec.stats()  # the fused path ran
+    ref = twin(x)
+    grads = torch.autograd.grad(out, list(model.parameters()), upstream)
+    ref_grads = torch.autograd.grad(ref, list(twin.parameters()), upstream)
+    assert (out - ref).norm() / ref.norm() < 1e-5
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert (g - r).norm() / r.norm().clamp(min=1e-12) < 1e-5
