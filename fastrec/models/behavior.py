@@ -197,8 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     data = load_cdnow()
     y = data.frequency_holdout
+    weeks = f"{data.n_weeks} calibration weeks, hold-out {data.duration_holdout:.0f} weeks"
     print(
-        f"CDNOW: {y.shape[0]} customers, {data.n_weeks} calibration weeks, hold-out {data.duration_holdout:.0f} weeks"
+        f"CDNOW: {y.shape[0]} customers, {weeks}; {args.folds}-fold cross-fitting, {args.loss} loss, seed {args.seed}"
     )
     print(f"{'model':22s} {'RMSE':>7s} {'MAE':>7s} {'seconds':>8s}")
     naive = data.naive_rate()
