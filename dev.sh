@@ -26,6 +26,11 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   "${pip[@]}" install "${missing[@]}"
 fi
+# Data sets read from inside these wheels (ml-100k, CDNOW); --no-deps: fastrec uses only their data files.
+for spec in recbole==1.2.1 lifetimes==0.11.3; do
+  "$py" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('${spec%%==*}') is None)" ||
+    "${pip[@]}" install --no-deps "$spec"
+done
 
 # Rebuild (editable install + fastrec._C) only when setup.py or csrc/ changed.
 stamp="$venv/.fastrec-build"
