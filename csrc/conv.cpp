@@ -46,6 +46,10 @@
 #include <tuple>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace fastrec {
 namespace {
 
@@ -160,6 +164,25 @@ constexpr int kNV = 2;      // SIMD vectors of output pixels per microkernel cal
 template <typename T>
 constexpr int64_t kNR = kNV * kN<T>;  // output pixels per microkernel call
 
+// a in every lane as one broadcast (vsplat's `{} + a` costs an add, and GCC's generic
+// broadcast of a lane loop splits it into two 256-bit halves).
+template <typename T>
+inline Vec<T> bcast(T a) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(T) == 4) {
+    const __m512 v = _mm512_set1_ps(a);
+    return reinterpret_cast<const Vec<T>&>(v);
+  } else {
+    const __m512d v = _mm512_set1_pd(a);
+    return reinterpret_cast<const Vec<T>&>(v);
+  }
+#else
+  Vec<T> v;
+  for (int64_t i = 0; i < kN<T>; ++i) v[i] = a;
+  return v;
+#endif
+}
+
 // C[r, 0:kNR] = sum_k A[k, r] * B[k, 0:kNR] for the kMR rows r of one block.
 //   A: (K, kMR) packed weights of kMR output channels; B: (K, ldb) packed input, kNR columns
 //   used; C: (kMR, ldc) conv outputs of the tile.
@@ -173,7 +196,7 @@ inline void microkernel(int64_t K, const T* __restrict A, const T* __restrict B,
     for (int v = 0; v < kNV; ++v) b[v] = vload(B + k * ldb + v * kN<T>);
 #pragma GCC unroll 16
     for (int64_t r = 0; r < kMR; ++r) {
-      const Vec<T> a = vsplat(A[k * kMR + r]);
+      const Vec<T> a = bcast(A[k * kMR + r]);
 #pragma GCC unroll 4
       for (int v = 0; v < kNV; ++v) acc[r][v] += a * b[v];
     }
@@ -236,10 +259,10 @@ void pack_input(const Geometry& g, const T* x, int64_t n, int64_t grp, int64_t r
 
 // Bias, activation and pool of one tile's conv outputs C ((Og, ldc), column (oh - r0) * Wc + ow)
 // into y / saved_z / argmax of image n, group grp.
-template <typename T>
-void epilogue(const Geometry& g, Act act, const T* C, int64_t ldc, const T* bias, int64_t n,
+template <typename T, Act act>
+void epilogue(const Geometry& g, const T* C, int64_t ldc, const T* bias, int64_t n,
               int64_t grp, int64_t r0, int64_t rows, T* y, T* saved_z, int32_t* argmax) {
-  const bool save = act != Act::kNone;
+  constexpr bool save = act != Act::kNone;
   for (int64_t m = 0; m < g.Og; ++m) {
     const int64_t o = grp * g.Og + m;
     const T b = bias != nullptr ? bias[o] : T(0);
@@ -252,27 +275,36 @@ void epilogue(const Geometry& g, Act act, const T* C, int64_t ldc, const T* bias
       for (int64_t i = 0; i < count; ++i) y[base + i] = act_forward(act, crow[i] + b);
       continue;
     }
+    // Window element (0, 0) starts each max; the others replace it where greater or NaN (the
+    // order torch's max_pool2d scans in), one pass over a pooled row per window element so
+    // that the loop over pooled columns is branch-free and vectorises.
     for (int64_t pr = 0; pr < rows / g.pool_h; ++pr) {
       const int64_t out_base = ((n * g.O + o) * g.Hp + r0 / g.pool_h + pr) * g.Wp;
+      T* __restrict yrow = y + out_base;
+      T* __restrict zrow = save ? saved_z + out_base : nullptr;
+      int32_t* __restrict arow = argmax + out_base;
+      const T* top = crow + pr * g.pool_h * g.Wc;
+      const int64_t pw = g.pool_w;
       for (int64_t pc = 0; pc < g.Wp; ++pc) {
-        const T* win = crow + pr * g.pool_h * g.Wc + pc * g.pool_w;
-        T best = -std::numeric_limits<T>::infinity();
-        T best_z = win[0] + b;
-        int32_t index = 0;
-        for (int64_t i = 0; i < g.pool_h; ++i)
-          for (int64_t j = 0; j < g.pool_w; ++j) {
-            const T z = win[i * g.Wc + j] + b;
-            const T a = act_forward(act, z);
-            if (a > best || a != a) {
-              best = a;
-              best_z = z;
-              index = static_cast<int32_t>(i * g.pool_w + j);
-            }
-          }
-        y[out_base + pc] = best;
-        if (save) saved_z[out_base + pc] = best_z;
-        argmax[out_base + pc] = index;
+        const T z = top[pc * pw] + b;
+        yrow[pc] = act_forward(act, z);
+        if constexpr (save) zrow[pc] = z;
+        arow[pc] = 0;
       }
+      for (int64_t i = 0; i < g.pool_h; ++i)
+        for (int64_t j = i == 0 ? 1 : 0; j < pw; ++j) {
+          const T* __restrict src = top + i * g.Wc + j;
+          const int32_t index = static_cast<int32_t>(i * pw + j);
+          for (int64_t pc = 0; pc < g.Wp; ++pc) {
+            const T z = src[pc * pw] + b;
+            const T a = act_forward(act, z);
+            const T best = yrow[pc];
+            const bool take = a > best || a != a;
+            yrow[pc] = take ? a : best;
+            if constexpr (save) zrow[pc] = take ? z : zrow[pc];
+            arow[pc] = take ? index : arow[pc];
+          }
+        }
     }
   }
 }
@@ -307,7 +339,23 @@ void forward_kernel(const Geometry& g, Act act, const T* x, const T* w, const T*
         for (int64_t c0 = 0; c0 < cols; c0 += kNR<T>)
           microkernel(g.K, A, B.data() + c0, ldb, C.data() + mb * kMR * ldb + c0, ldb);
       }
-      epilogue(g, act, C.data(), ldb, bias, n, grp, r0, tile_rows, y, saved_z, argmax);
+      switch (act) {
+        case Act::kNone:
+          epilogue<T, Act::kNone>(g, C.data(), ldb, bias, n, grp, r0, tile_rows, y, saved_z, argmax);
+          break;
+        case Act::kRelu:
+          epilogue<T, Act::kRelu>(g, C.data(), ldb, bias, n, grp, r0, tile_rows, y, saved_z, argmax);
+          break;
+        case Act::kGelu:
+          epilogue<T, Act::kGelu>(g, C.data(), ldb, bias, n, grp, r0, tile_rows, y, saved_z, argmax);
+          break;
+        case Act::kTanh:
+          epilogue<T, Act::kTanh>(g, C.data(), ldb, bias, n, grp, r0, tile_rows, y, saved_z, argmax);
+          break;
+        case Act::kSigmoid:
+          epilogue<T, Act::kSigmoid>(g, C.data(), ldb, bias, n, grp, r0, tile_rows, y, saved_z, argmax);
+          break;
+      }
     }
   });
 }
