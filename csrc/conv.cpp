@@ -44,6 +44,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -129,12 +130,13 @@ inline T act_forward(Act act, T z) {
   return z;
 }
 
-// d act / d z as torch's backward formulas compute it (relu: threshold_backward on z > 0).
+// d act / d z as torch's backward formulas compute it (relu: threshold_backward, which zeroes
+// the gradient where relu(z) <= 0, so a NaN z passes it).
 template <typename T>
 inline T act_derivative(Act act, T z) {
   switch (act) {
     case Act::kRelu:
-      return z > T(0) ? T(1) : T(0);
+      return z <= T(0) ? T(0) : T(1);
     case Act::kGelu: {
       const T cdf = T(0.5) * (T(1) + std::erf(z * T(0.70710678118654752440)));
       const T pdf = std::exp(T(-0.5) * z * z) * T(0.39894228040143267794);
@@ -257,6 +259,77 @@ void pack_input(const Geometry& g, const T* x, int64_t n, int64_t grp, int64_t r
   }
 }
 
+template <typename T>
+struct IVecOf {
+  typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> type __attribute__((vector_size(64)));
+};
+template <typename T>
+using IVec = typename IVecOf<T>::type;  // lane-sized integers: comparison masks and indices
+
+template <typename T, Act act>
+inline Vec<T> act_vec(Vec<T> z) {
+  if constexpr (act == Act::kNone) {
+    return z;
+  } else if constexpr (act == Act::kRelu) {
+    return ((z > T(0)) | (z != z)) ? z : Vec<T>{};
+  } else {
+    for (int64_t i = 0; i < kN<T>; ++i) z[i] = act_forward(act, z[i]);
+    return z;
+  }
+}
+
+template <typename T>
+struct WindowMax {
+  T value, z;
+  int32_t index;
+};
+
+// torch's max_pool2d over one window of conv outputs (rows of `width` values, `ld` apart):
+// value = max of act(z + b), the first maximum in row-major order, or the last NaN if any.
+// Each SIMD lane scans its own elements in window order under that rule; the lanes are then
+// merged (the last NaN by index, else the largest value at its smallest index).
+template <typename T, Act act>
+WindowMax<T> window_max(const T* win, int64_t ld, int64_t rows, int64_t width, T b) {
+  using I = IVec<T>;
+  using S = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  I lane;
+  for (int64_t l = 0; l < kN<T>; ++l) lane[l] = static_cast<S>(l);
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  Vec<T> best = bcast(neg_inf), best_z = bcast(T(0));
+  I best_index = lane * 0 - 1;
+  const bool flat = width == ld;  // the window is one contiguous run
+  const int64_t runs = flat ? 1 : rows, run = flat ? rows * width : width;
+  for (int64_t r = 0; r < runs; ++r) {
+    const T* p = win + r * ld;
+    for (int64_t k0 = 0; k0 < run; k0 += kN<T>) {
+      const int64_t n = std::min(kN<T>, run - k0);
+      Vec<T> z = bcast(T(0));
+      std::memcpy(&z, p + k0, n * sizeof(T));
+      z = z + b;
+      const Vec<T> a = act_vec<T, act>(z);
+      const I take = ((a > best) | (a != a)) & (lane < static_cast<S>(n));
+      best = take ? a : best;
+      best_z = take ? z : best_z;
+      best_index = take ? lane + static_cast<S>(r * width + k0) : best_index;
+    }
+  }
+  WindowMax<T> out{neg_inf, win[0] + b, -1};
+  bool nan = false;
+  for (int64_t l = 0; l < kN<T>; ++l) {
+    if (best_index[l] < 0) continue;
+    const T v = best[l];
+    const bool lane_nan = v != v;
+    const bool better = nan ? (lane_nan && best_index[l] > out.index)
+                            : (lane_nan || v > out.value || (v == out.value && best_index[l] < out.index));
+    if (better || out.index < 0) {
+      out = {v, best_z[l], static_cast<int32_t>(best_index[l])};
+      nan = lane_nan;
+    }
+  }
+  if (out.index < 0) out = {act_forward(act, win[0] + b), win[0] + b, 0};  // all -inf: the first
+  return out;
+}
+
 // Bias, activation and pool of one tile's conv outputs C ((Og, ldc), column (oh - r0) * Wc + ow)
 // into y / saved_z / argmax of image n, group grp.
 template <typename T, Act act>
@@ -285,6 +358,15 @@ void epilogue(const Geometry& g, const T* C, int64_t ldc, const T* bias, int64_t
       int32_t* __restrict arow = argmax + out_base;
       const T* top = crow + pr * g.pool_h * g.Wc;
       const int64_t pw = g.pool_w;
+      if (g.pool_h * pw >= 32) {  // wide windows (max-over-time): one vectorised scan each
+        for (int64_t pc = 0; pc < g.Wp; ++pc) {
+          const WindowMax<T> r = window_max<T, act>(top + pc * pw, g.Wc, g.pool_h, pw, b);
+          yrow[pc] = r.value;
+          if constexpr (save) zrow[pc] = r.z;
+          arow[pc] = r.index;
+        }
+        continue;
+      }
       for (int64_t pc = 0; pc < g.Wp; ++pc) {
         const T z = top[pc * pw] + b;
         yrow[pc] = act_forward(act, z);

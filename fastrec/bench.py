@@ -302,7 +302,9 @@ def conv_cases(device: torch.device, dtype: torch.dtype, full: bool) -> list[Cas
         shape = f"B={batch} {c_in}->{c_out} 3x3 pad 1 {size}x{size} relu pool 2"
         flops = 2 * batch * c_out * c_in * 9 * size * size
         io = (batch * c_in * size * size + batch * c_out * size * size // 4) * dtype.itemsize
-        cases += _pair("conv", "conv2d+relu+pool", shape, dtype_name, forwards, _rotating(make, copies), flops, io, params)
+        cases += _pair(
+            "conv", "conv2d+relu+pool", shape, dtype_name, forwards, _rotating(make, copies), flops, io, params
+        )
     grid1d = [(512, 64, 50, k) for k in (3, 5)] + ([(2048, 64, 50, 3)] if full else [])
     for batch, dim, length, k in grid1d:
         w = (torch.randn(dim, dim, k, device=device, dtype=dtype) / (k * dim) ** 0.5).requires_grad_()
@@ -321,7 +323,9 @@ def conv_cases(device: torch.device, dtype: torch.dtype, full: bool) -> list[Cas
         shape = f"B={batch} d={dim} L={length} k={k} relu max-over-time"
         flops = 2 * batch * dim * dim * k * out_len
         io = (batch * dim * length + batch * dim) * dtype.itemsize
-        cases += _pair("conv", "conv1d+relu+maxtime", shape, dtype_name, forwards, _rotating(make, copies), flops, io, params)
+        cases += _pair(
+            "conv", "conv1d+relu+maxtime", shape, dtype_name, forwards, _rotating(make, copies), flops, io, params
+        )
     return cases
 
 

@@ -276,8 +276,9 @@ def _conv(input, weight, bias, stride, padding, dilation, groups, act, pool, dim
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if weight.dim() != dims + 2:
-        raise ValueError(f"weight must be {dims + 2}-D (out_channels, in_channels / groups, *kernel), got shape "
-                         f"{_shape(weight)}")
+        raise ValueError(
+            f"weight must be {dims + 2}-D (out_channels, in_channels / groups, *kernel), got shape {_shape(weight)}"
+        )
     if input.dim() not in (dims + 1, dims + 2):
         raise ValueError(
             f"input must be {dims + 2}-D (N, C, *spatial) or {dims + 1}-D unbatched for {fn}, got shape {_shape(input)}"
@@ -331,9 +332,7 @@ def _conv(input, weight, bias, stride, padding, dilation, groups, act, pool, dim
     padded = tuple(s + a + b for s, a, b in zip(spatial, before, after, strict=True))
     reach = tuple(d * (k - 1) + 1 for d, k in zip(dilation, kernel, strict=True))
     if any(r > p for r, p in zip(reach, padded, strict=True)):
-        raise ValueError(
-            f"weight's kernel {kernel} (dilated extent {reach}) is larger than the padded input {padded}"
-        )
+        raise ValueError(f"weight's kernel {kernel} (dilated extent {reach}) is larger than the padded input {padded}")
     conv_out = tuple((p - r) // s + 1 for p, r, s in zip(padded, reach, stride, strict=True))
     if any(k > c for k, c in zip(pool, conv_out, strict=True)):
         raise ValueError(f"pool {pool} is larger than the convolution output {conv_out}")

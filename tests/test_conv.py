@@ -102,7 +102,9 @@ def test_conv2d_same_padding_even_kernel_pads_the_end(backend):
     check(2, (2, 3, 9, 8), (5, 3, 4, 2), padding="same", act="tanh", pool=1)
 
 
-@pytest.mark.parametrize("weight_shape", [(5, 1, 1, 1), (4, 3, 1, 1), (6, 3, 2, 7)], ids=["1x1-c1", "1x1", "full-width"])
+@pytest.mark.parametrize(
+    "weight_shape", [(5, 1, 1, 1), (4, 3, 1, 1), (6, 3, 2, 7)], ids=["1x1-c1", "1x1", "full-width"]
+)
 def test_conv2d_small_and_full_width_kernels(backend, weight_shape):
     check(2, (3, weight_shape[1], 5, 7), weight_shape, act="relu", pool=1)
 
@@ -129,7 +131,9 @@ def test_conv2d_unbatched_input(backend):
 def test_conv2d_non_contiguous_input(backend):
     x = torch.randn(4, 9, 10, 3).permute(0, 3, 1, 2)
     w = torch.randn(5, 3, 3, 3)
-    torch.testing.assert_close(FF.conv2d(x, w, padding=1, act="gelu", pool=2), reference(x, w, None, 1, 1, 1, 1, "gelu", 2))
+    torch.testing.assert_close(
+        FF.conv2d(x, w, padding=1, act="gelu", pool=2), reference(x, w, None, 1, 1, 1, 1, "gelu", 2)
+    )
 
 
 # --------------------------------------------------------------------------- conv1d numerics
@@ -170,6 +174,24 @@ def test_pool_propagates_nan(backend):
     y_ref = F.max_pool2d(F.relu(F.conv2d(x, w)), 2)
     assert torch.equal(torch.isnan(y), torch.isnan(y_ref)) and torch.isnan(y).any()
     torch.testing.assert_close(y, y_ref, equal_nan=True)
+
+
+@pytest.mark.parametrize("act", ["none", "relu"])
+def test_wide_window_ties_and_nan_like_torch(backend, act):
+    """Max-over-time windows (>= 32 wide): repeated maxima pick the first; NaN wins."""
+    x = torch.randint(-1, 2, (3, 2, 70)).float()
+    x[1, 0, 33] = float("nan")
+    x[2, :, :] = -2.0  # relu: the whole window is zeros
+    x.requires_grad_()
+    w = torch.ones(4, 2, 1).requires_grad_()
+    xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    y = FF.conv1d(x, w, act=act, pool=70)
+    y_ref = F.max_pool1d(ACT_FNS[act](F.conv1d(xr, wr)), 70)
+    torch.testing.assert_close(y, y_ref, equal_nan=True)
+    grad = torch.randn_like(y)
+    got = torch.autograd.grad(y, x, grad)[0]
+    want = torch.autograd.grad(y_ref, xr, grad)[0]
+    torch.testing.assert_close(got, want, equal_nan=True)
 
 
 @pytest.mark.skipif(not conv_ops.HAVE_CPP, reason="fastrec._C not built")
@@ -214,9 +236,9 @@ def test_low_precision_within_twice_torch_error(backend, dtype):
 
 @pytest.mark.parametrize("act", ["relu", "gelu", "sigmoid"])
 def test_gradcheck_float64(backend, act):
-    x = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(4, 3, 2, 3, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 2, 2, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda *t: FF.conv2d(*t, padding=1, act=act, pool=2), (x, w, b))
     assert torch.autograd.gradcheck(lambda *t: FF.conv2d(*t, stride=2, dilation=(1, 2), groups=1, act=act), (x, w, b))
 
@@ -270,7 +292,9 @@ def test_bad_input_names_the_argument(call, error, match):
 
 
 # --------------------------------------------------------------------------- modules
-@pytest.mark.parametrize("cls, torch_cls, shape", [(fnn.Conv1d, torch.nn.Conv1d, (3, 4, 20)), (fnn.Conv2d, torch.nn.Conv2d, (3, 4, 9, 9))])
+@pytest.mark.parametrize(
+    "cls, torch_cls, shape", [(fnn.Conv1d, torch.nn.Conv1d, (3, 4, 20)), (fnn.Conv2d, torch.nn.Conv2d, (3, 4, 9, 9))]
+)
 def test_modules_are_drop_in(backend, cls, torch_cls, shape):
     ref = torch_cls(4, 6, 3, stride=2, padding=1, groups=2)
     ours = cls(4, 6, 3, stride=2, padding=1, groups=2)

@@ -22,7 +22,8 @@ torch: ``conv_torch`` below, the readable reference). Canonical form, 2-D only (
   ``dz`` = scatter of ``grad_y * act'(z)`` to the argmax positions (zero elsewhere, and at conv
   outputs no window covers); ``dx`` = conv-transpose of dz with w, ``dw`` = correlation of x
   with dz, ``db`` = dz summed over (N, H, W). An output not asked for by ``output_mask``
-  (dx, dw, db) is an empty ``(0,)`` tensor. relu' is ``z > 0`` (torch's threshold_backward).
+  (dx, dw, db) is an empty ``(0,)`` tensor. relu' is ``0 if z <= 0 else 1`` (torch's
+  threshold_backward: a NaN z passes its gradient).
 - Numerics: fp32 in fp32 (no TF32 unless torch's ``allow_tf32`` flags allow it), fp16/bf16
   accumulate in fp32, fp64 in fp64 (gradcheck).
 
