@@ -6,7 +6,8 @@
 //                                       dilation, groups, act, pool, output_mask)
 //       -> (dx, dw, db)
 //
-// Forward is an implicit GEMM per (image, group, tile of output rows): the tile's slice of the
+// Forward is an implicit GEMM per (group, tile: a band of output rows of one image, or several
+// whole images when one image has few outputs, as in full-width kernels): the tile's slice of the
 // unfolded input (K = C/groups * KH * KW rows by the tile's output pixels) is packed into a
 // small per-thread buffer (never a whole im2col tensor), multiplied by the packed weights with a
 // register-blocked microkernel (MR output channels by NV SIMD vectors of pixels, accumulated in
@@ -223,12 +224,32 @@ std::vector<T> pack_weights(const Geometry& g, const T* w) {
   return packed;
 }
 
-// The unfolded input of output rows [r0, r0 + rows) x columns [0, Wc) of image n, group grp, as
-// (K, ldb) row-major with column (oh - r0) * Wc + ow; columns past rows * Wc are zero.
+// The unfolded input of output rows [r0, r0 + rows) x columns [0, Wc) of image n, group grp,
+// into the (K, ldb) row-major tile B at column (oh - r0) * Wc + ow.
 template <typename T>
 void pack_input(const Geometry& g, const T* x, int64_t n, int64_t grp, int64_t r0, int64_t rows,
                 int64_t ldb, T* B) {
-  const int64_t used = rows * g.Wc;
+  if (g.Wc < 16) {  // narrow outputs (full-width kernels): walk each pixel's input row along kw
+    for (int64_t c = 0; c < g.Cg; ++c) {
+      const T* plane = x + ((n * g.C + grp * g.Cg + c) * g.H) * g.W;
+      for (int64_t kh = 0; kh < g.KH; ++kh) {
+        T* dst = B + (c * g.KH + kh) * g.KW * ldb;
+        for (int64_t lr = 0; lr < rows; ++lr) {
+          const int64_t ih = (r0 + lr) * g.sh - g.ph + kh * g.dh;
+          const bool inside = ih >= 0 && ih < g.H;
+          for (int64_t ow = 0; ow < g.Wc; ++ow) {
+            T* out = dst + lr * g.Wc + ow;
+            const int64_t iw0 = ow * g.sw - g.pw;
+            for (int64_t kw = 0; kw < g.KW; ++kw) {
+              const int64_t iw = iw0 + kw * g.dw;
+              out[kw * ldb] = inside && iw >= 0 && iw < g.W ? plane[ih * g.W + iw] : T(0);
+            }
+          }
+        }
+      }
+    }
+    return;
+  }
   for (int64_t c = 0; c < g.Cg; ++c) {
     const T* plane = x + ((n * g.C + grp * g.Cg + c) * g.H) * g.W;
     for (int64_t kh = 0; kh < g.KH; ++kh)
@@ -237,7 +258,8 @@ void pack_input(const Geometry& g, const T* x, int64_t n, int64_t grp, int64_t r
         const int64_t shift = kw * g.dw - g.pw;  // iw = ow * sw + shift
         // Columns ow in [lo, hi) read inside the row: 0 <= ow * sw + shift < W.
         const int64_t lo = std::min(g.Wc, shift >= 0 ? 0 : (-shift + g.sw - 1) / g.sw);
-        const int64_t hi = std::max(lo, std::min(g.Wc, g.W - shift <= 0 ? 0 : (g.W - shift - 1) / g.sw + 1));
+        const int64_t hi =
+            std::max(lo, std::min(g.Wc, g.W - shift <= 0 ? 0 : (g.W - shift - 1) / g.sw + 1));
         for (int64_t lr = 0; lr < rows; ++lr) {
           T* out = dst + lr * g.Wc;
           const int64_t ih = (r0 + lr) * g.sh - g.ph + kh * g.dh;
@@ -254,7 +276,6 @@ void pack_input(const Geometry& g, const T* x, int64_t n, int64_t grp, int64_t r
           }
           std::memset(out + hi, 0, (g.Wc - hi) * sizeof(T));
         }
-        std::memset(dst + used, 0, (ldb - used) * sizeof(T));
       }
   }
 }
@@ -396,14 +417,21 @@ void forward_kernel(const Geometry& g, Act act, const T* x, const T* w, const T*
                     T* saved_z, int32_t* argmax) {
   const std::vector<T> wp = pack_weights(g, w);
   const int64_t blocks = (g.Og + kMR - 1) / kMR;
-  // Tile: whole pool windows, about kTargetPixels conv outputs.
+  // Tile: whole pool windows, about kTargetPixels conv outputs: a band of rows of one image,
+  // or several whole images where one image has fewer outputs than that.
   constexpr int64_t kTargetPixels = 128;
-  int64_t rows = g.pool_h * std::max<int64_t>(1, kTargetPixels / std::max<int64_t>(1, g.pool_h * g.Wc));
-  rows = std::min(rows, g.Hc);
+  const int64_t per_image = g.Hc * g.Wc;
+  int64_t rows = g.Hc, images = 1;
+  if (per_image >= kTargetPixels) {
+    rows = std::min(g.Hc, g.pool_h * std::max<int64_t>(1, kTargetPixels / (g.pool_h * g.Wc)));
+  } else {
+    images = std::min(g.N, std::max<int64_t>(1, kTargetPixels / per_image));
+  }
   const int64_t tiles = (g.Hc + rows - 1) / rows;
-  const int64_t ldb = round_up(rows * g.Wc, kNR<T>);
-  const int64_t work = g.N * g.G * tiles;
-  const int64_t flops_per_item = 2 * g.Og * g.K * rows * g.Wc;
+  const int64_t image_blocks = (g.N + images - 1) / images;
+  const int64_t ldb = round_up(images * rows * g.Wc, kNR<T>);
+  const int64_t work = image_blocks * g.G * tiles;
+  const int64_t flops_per_item = 2 * g.Og * g.K * ldb;
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, flops_per_item));
   at::parallel_for(0, work, grain, [&](int64_t begin, int64_t end) {
     std::vector<T> B(g.K * ldb);
@@ -411,32 +439,42 @@ void forward_kernel(const Geometry& g, Act act, const T* x, const T* w, const T*
     for (int64_t item = begin; item < end; ++item) {
       const int64_t tile = item % tiles;
       const int64_t grp = (item / tiles) % g.G;
-      const int64_t n = item / (tiles * g.G);
+      const int64_t n0 = item / (tiles * g.G) * images;
+      const int64_t count = std::min(images, g.N - n0);
       const int64_t r0 = tile * rows;
       const int64_t tile_rows = std::min(rows, g.Hc - r0);
-      const int64_t cols = round_up(tile_rows * g.Wc, kNR<T>);
-      pack_input(g, x, n, grp, r0, tile_rows, ldb, B.data());
+      const int64_t span = tile_rows * g.Wc;  // columns of one image
+      const int64_t cols = round_up(count * span, kNR<T>);
+      for (int64_t i = 0; i < count; ++i)
+        pack_input(g, x, n0 + i, grp, r0, tile_rows, ldb, B.data() + i * span);
+      for (int64_t k = 0; k < g.K; ++k)
+        std::memset(B.data() + k * ldb + count * span, 0, (cols - count * span) * sizeof(T));
       for (int64_t mb = 0; mb < blocks; ++mb) {
         const T* A = wp.data() + (grp * blocks + mb) * g.K * kMR;
         for (int64_t c0 = 0; c0 < cols; c0 += kNR<T>)
           microkernel(g.K, A, B.data() + c0, ldb, C.data() + mb * kMR * ldb + c0, ldb);
       }
-      switch (act) {
-        case Act::kNone:
-          epilogue<T, Act::kNone>(g, C.data(), ldb, bias, n, grp, r0, tile_rows, y, saved_z, argmax);
-          break;
-        case Act::kRelu:
-          epilogue<T, Act::kRelu>(g, C.data(), ldb, bias, n, grp, r0, tile_rows, y, saved_z, argmax);
-          break;
-        case Act::kGelu:
-          epilogue<T, Act::kGelu>(g, C.data(), ldb, bias, n, grp, r0, tile_rows, y, saved_z, argmax);
-          break;
-        case Act::kTanh:
-          epilogue<T, Act::kTanh>(g, C.data(), ldb, bias, n, grp, r0, tile_rows, y, saved_z, argmax);
-          break;
-        case Act::kSigmoid:
-          epilogue<T, Act::kSigmoid>(g, C.data(), ldb, bias, n, grp, r0, tile_rows, y, saved_z, argmax);
-          break;
+      for (int64_t i = 0; i < count; ++i) {
+        const T* Ci = C.data() + i * span;
+        const int64_t n = n0 + i;
+        switch (act) {
+          case Act::kNone:
+            epilogue<T, Act::kNone>(g, Ci, ldb, bias, n, grp, r0, tile_rows, y, saved_z, argmax);
+            break;
+          case Act::kRelu:
+            epilogue<T, Act::kRelu>(g, Ci, ldb, bias, n, grp, r0, tile_rows, y, saved_z, argmax);
+            break;
+          case Act::kGelu:
+            epilogue<T, Act::kGelu>(g, Ci, ldb, bias, n, grp, r0, tile_rows, y, saved_z, argmax);
+            break;
+          case Act::kTanh:
+            epilogue<T, Act::kTanh>(g, Ci, ldb, bias, n, grp, r0, tile_rows, y, saved_z, argmax);
+            break;
+          case Act::kSigmoid:
+            epilogue<T, Act::kSigmoid>(g, Ci, ldb, bias, n, grp, r0, tile_rows, y, saved_z,
+                                       argmax);
+            break;
+        }
       }
     }
   });

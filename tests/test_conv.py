@@ -315,14 +315,17 @@ def test_padding_mode_other_than_zeros_runs_torch_and_is_counted():
     assert backends.stats()[("conv", "torch", "padding_mode='reflect'")] == 1
 
 
-def test_plain_cpu_conv_routes_to_torch_unless_forced():
+def test_plain_and_narrow_cpu_convs_route_to_torch_unless_forced():
     backends.stats(reset=True)
     FF.conv2d(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3))
     assert [k[1] for k in backends.stats()] == ["torch"]
     if conv_ops.HAVE_CPP:
         backends.stats(reset=True)
-        FF.conv2d(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), act="relu")
+        FF.conv2d(torch.randn(1, 3, 8, 20), torch.randn(4, 3, 3, 3), act="relu")
         assert [k[1] for k in backends.stats()] == ["cpp"]
+        backends.stats(reset=True)
+        FF.conv2d(torch.randn(1, 1, 10, 8), torch.randn(4, 1, 3, 8), act="relu", pool=(8, 1))
+        assert [k[1] for k in backends.stats()] == ["torch"]
 
 
 def test_conv_block_matches_the_sequential(backend):

@@ -27,9 +27,11 @@ torch: ``conv_torch`` below, the readable reference). Canonical form, 2-D only (
 - Numerics: fp32 in fp32 (no TF32 unless torch's ``allow_tf32`` flags allow it), fp16/bf16
   accumulate in fp32, fp64 in fp64 (gradcheck).
 
-CPU dispatch: the C++ kernel runs fused calls (an activation or a pool); a plain convolution
-(``act="none"``, no pool) goes to torch's oneDNN convolution unless a backend is forced, since
-the fused kernel only wins by its epilogue (measured: ``fastrec bench --family conv``).
+CPU dispatch (unless a backend is forced): the C++ kernel runs calls with an epilogue to fuse
+(an activation or a pool). Two shape classes go to torch's oneDNN convolution, where the C++
+kernel only tied or lost in single-thread measurements (2 loaded cores, interleaved medians):
+a plain convolution (``act="none"``, no pool: 0.87x-1.03x, except the seed CNN's layers), and
+conv outputs narrower than 16 columns, i.e. full-width kernels such as Caser's (0.76x-0.93x).
 """
 
 from __future__ import annotations
@@ -196,7 +198,7 @@ class ConvFunction(torch.autograd.Function):
         )
 
 
-def _unfused_reason(x: Tensor, act: str, pool: tuple[int, int]) -> str | None:
+def _unfused_reason(x: Tensor, act: str, pool: tuple[int, int], conv_width: int) -> str | None:
     """Why the fused kernels do not cover (or should not take) this call, or None."""
     if x.device.type == "cuda" and not HAVE_TRITON_KERNELS:
         return "no triton conv kernels (fastrec.kernels.conv) in this build"
@@ -204,8 +206,11 @@ def _unfused_reason(x: Tensor, act: str, pool: tuple[int, int]) -> str | None:
         return "fastrec._C does not register conv_forward_cpp"
     if x.device.type not in ("cpu", "cuda"):
         return f"no fused conv kernel for {x.device.type} tensors"
-    if x.device.type == "cpu" and act == "none" and tuple(pool) == (1, 1) and backends.forced() is None:
-        return "plain convolution on CPU (no epilogue to fuse: oneDNN's convolution is faster)"
+    if x.device.type == "cpu" and backends.forced() is None:
+        if act == "none" and tuple(pool) == (1, 1):
+            return "plain convolution on CPU (no epilogue to fuse: oneDNN's convolution is as fast)"
+        if conv_width < 16:
+            return "conv output narrower than 16 on CPU (full-width kernels: oneDNN's convolution is as fast)"
     if x.numel() == 0:
         return "empty input"
     return None
@@ -224,7 +229,8 @@ def conv(
 ) -> Tensor:
     """The fused op on canonical inputs (see the module docstring); picks the backend per call."""
     stride, padding, dilation, pool = (list(v) for v in (stride, padding, dilation, pool))
-    reason = _unfused_reason(x, act, pool)
+    conv_width = conv_output_size(x.shape, w.shape, stride, padding, dilation)[1]
+    reason = _unfused_reason(x, act, pool, conv_width)
     backend = backends.select(x.device, reason)
     backends.count(OP, backend, reason or "")
     if backend == "torch":
