@@ -154,7 +154,8 @@ def conv_backward_triton(
     dz = kernels.epilogue_backward(grad_y, saved_z, argmax, act, tuple(pool), conv_out)
     dx = kernels.conv_backward_input(dz, w, tuple(x.shape), *geometry) if output_mask[0] else x.new_empty(0)
     dw = kernels.conv_backward_weight(dz, x, tuple(w.shape), *geometry) if output_mask[1] else w.new_empty(0)
-    db = dz.sum((0, 2, 3), dtype=torch.float32).to(w.dtype) if output_mask[2] else w.new_empty(0)
+    acc = torch.float64 if dz.dtype == torch.float64 else torch.float32
+    db = dz.sum((0, 2, 3), dtype=acc).to(w.dtype) if output_mask[2] else w.new_empty(0)
     return dx, dw, db
 
 
