@@ -98,7 +98,7 @@ def conv_torch(
 
 
 # --------------------------------------------------------------------------- registered ops
-def _fake_forward(x, w, bias, stride, padding, dilation, groups, act, pool):
+def _fake_forward(x, w, bias, stride, padding, dilation, groups, act, pool, *allow_tf32):
     ho, wo = conv_output_size(x.shape, w.shape, stride, padding, dilation)
     pooled = tuple(pool) != (1, 1)
     shape = (x.shape[0], w.shape[0], ho // pool[0], wo // pool[1]) if pooled else (x.shape[0], w.shape[0], ho, wo)
@@ -108,7 +108,9 @@ def _fake_forward(x, w, bias, stride, padding, dilation, groups, act, pool):
     return y, saved_z, argmax
 
 
-def _fake_backward(grad_y, x, w, saved_z, argmax, stride, padding, dilation, groups, act, pool, output_mask):
+def _fake_backward(
+    grad_y, x, w, saved_z, argmax, stride, padding, dilation, groups, act, pool, output_mask, *allow_tf32
+):
     dx = x.new_empty(x.shape) if output_mask[0] else x.new_empty(0)
     dw = w.new_empty(w.shape) if output_mask[1] else w.new_empty(0)
     db = w.new_empty(w.shape[0]) if output_mask[2] else w.new_empty(0)
@@ -126,10 +128,12 @@ def conv_forward_triton(
     groups: int,
     act: str,
     pool: list[int],
+    allow_tf32: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     from fastrec.kernels import conv as kernels
 
-    return kernels.conv_forward(x, w, bias, tuple(stride), tuple(padding), tuple(dilation), groups, act, tuple(pool))
+    geometry = (tuple(stride), tuple(padding), tuple(dilation), groups)
+    return kernels.conv_forward(x, w, bias, *geometry, act, tuple(pool), allow_tf32)
 
 
 @torch.library.custom_op("fastrec::conv_backward_triton", mutates_args=())
@@ -146,14 +150,17 @@ def conv_backward_triton(
     act: str,
     pool: list[int],
     output_mask: list[bool],
+    allow_tf32: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     from fastrec.kernels import conv as kernels
 
     geometry = (tuple(stride), tuple(padding), tuple(dilation), groups)
     conv_out = (x.shape[0], w.shape[0], *conv_output_size(x.shape, w.shape, stride, padding, dilation))
     dz = kernels.epilogue_backward(grad_y, saved_z, argmax, act, tuple(pool), conv_out)
-    dx = kernels.conv_backward_input(dz, w, tuple(x.shape), *geometry) if output_mask[0] else x.new_empty(0)
-    dw = kernels.conv_backward_weight(dz, x, tuple(w.shape), *geometry) if output_mask[1] else w.new_empty(0)
+    dx = kernels.conv_backward_input(dz, w, tuple(x.shape), *geometry, allow_tf32) if output_mask[0] else x.new_empty(0)
+    dw = (
+        kernels.conv_backward_weight(dz, x, tuple(w.shape), *geometry, allow_tf32) if output_mask[1] else w.new_empty(0)
+    )
     acc = torch.float64 if dz.dtype == torch.float64 else torch.float32
     db = dz.sum((0, 2, 3), dtype=acc).to(w.dtype) if output_mask[2] else w.new_empty(0)
     return dx, dw, db
@@ -166,6 +173,11 @@ if HAVE_CPP:
     torch.library.register_fake("fastrec::conv_backward_cpp")(_fake_backward)
 
 
+def _allow_tf32(x: Tensor) -> bool:
+    """Whether torch's own flag lets fp32 convolutions use tf32 (cuDNN's flag governs convs)."""
+    return x.dtype == torch.float32 and x.is_cuda and torch.backends.cudnn.allow_tf32
+
+
 class ConvFunction(torch.autograd.Function):
     """The fused op on the ``triton`` or ``cpp`` backend; saves x, w, saved_z and argmax."""
 
@@ -173,7 +185,7 @@ class ConvFunction(torch.autograd.Function):
     def forward(ctx, x, w, bias, stride, padding, dilation, groups, act, pool, backend):
         args = (x, w, bias, stride, padding, dilation, groups, act, pool)
         if backend == "triton":
-            y, saved_z, argmax = torch.ops.fastrec.conv_forward_triton(*args)
+            y, saved_z, argmax = torch.ops.fastrec.conv_forward_triton(*args, _allow_tf32(x))
         else:
             y, saved_z, argmax = torch.ops.fastrec.conv_forward_cpp(*args)
         ctx.save_for_backward(x, w, saved_z, argmax)
@@ -188,7 +200,7 @@ class ConvFunction(torch.autograd.Function):
         mask = [need[0], need[1], has_bias and need[2]]
         args = (grad_y.contiguous(), x, w, saved_z, argmax, stride, padding, dilation, groups, act, pool, mask)
         if backend == "triton":
-            dx, dw, db = torch.ops.fastrec.conv_backward_triton(*args)
+            dx, dw, db = torch.ops.fastrec.conv_backward_triton(*args, _allow_tf32(x))
         else:
             dx, dw, db = torch.ops.fastrec.conv_backward_cpp(*args)
         return (
