@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fastrec.ops import attention as attention_ops
+from fastrec.ops import conv as conv_ops
 from fastrec.ops import rnn as rnn_ops
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -250,3 +252,143 @@ def _check_rnn_lengths(lengths: Tensor, x: Tensor, batch: int, steps: int) -> Te
         if low < 1 or high > steps:
             raise ValueError(f"lengths must lie in [1, T = {steps}], got values in [{low}, {high}]")
     return lengths.to(device=x.device, dtype=torch.int32).contiguous()
+
+
+# --------------------------------------------------------------------------- convolution
+def _int_tuple(name: str, value, dims: int, minimum: int) -> tuple[int, ...]:
+    """An int or a ``dims``-tuple of ints, each ``>= minimum``, as a tuple."""
+    values = (value,) * dims if isinstance(value, int) and not isinstance(value, bool) else value
+    if (
+        not isinstance(values, (tuple, list))
+        or len(values) != dims
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+    ):
+        raise TypeError(f"{name} must be an int or a tuple of {dims} ints, got {value!r}")
+    if any(v < minimum for v in values):
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return tuple(values)
+
+
+def _conv(input, weight, bias, stride, padding, dilation, groups, act, pool, dims: int) -> Tensor:
+    """conv1d / conv2d: validate in torch's argument forms, then the canonical 2-D op."""
+    fn = f"conv{dims}d"
+    for name, t in (("input", input), ("weight", weight)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if weight.dim() != dims + 2:
+        raise ValueError(
+            f"weight must be {dims + 2}-D (out_channels, in_channels / groups, *kernel), got shape {_shape(weight)}"
+        )
+    if input.dim() not in (dims + 1, dims + 2):
+        raise ValueError(
+            f"input must be {dims + 2}-D (N, C, *spatial) or {dims + 1}-D unbatched for {fn}, got shape {_shape(input)}"
+        )
+    if input.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"input must be float16, bfloat16, float32 or float64, got {input.dtype}")
+    if weight.dtype != input.dtype or weight.device != input.device:
+        raise TypeError(
+            f"weight must have input's dtype and device ({input.dtype}, {input.device}), "
+            f"got ({weight.dtype}, {weight.device})"
+        )
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    if act not in conv_ops.ACTS:
+        raise ValueError(f"act must be one of {conv_ops.ACTS}, got {act!r}")
+    stride = _int_tuple("stride", stride, dims, 1)
+    dilation = _int_tuple("dilation", dilation, dims, 1)
+    pool = _int_tuple("pool", pool, dims, 1)
+    unbatched = input.dim() == dims + 1
+    x = input.unsqueeze(0) if unbatched else input
+    out_channels, in_per_group = weight.shape[0], weight.shape[1]
+    if x.shape[1] != in_per_group * groups:
+        raise ValueError(
+            f"input must have weight.size(1) * groups = {in_per_group * groups} channels, got {x.shape[1]} "
+            f"(input {_shape(input)}, weight {_shape(weight)}, groups {groups})"
+        )
+    if out_channels % groups != 0:
+        raise ValueError(f"weight.size(0) = {out_channels} out_channels must be divisible by groups = {groups}")
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if _shape(bias) != (out_channels,):
+            raise ValueError(f"bias must be (out_channels,) = ({out_channels},), got {_shape(bias)}")
+        if bias.dtype != input.dtype or bias.device != input.device:
+            raise TypeError(f"bias must have input's dtype and device ({input.dtype}, {input.device})")
+    kernel = tuple(weight.shape[2:])
+    spatial = tuple(x.shape[2:])
+    if isinstance(padding, str):
+        if padding == "valid":
+            before, after = (0,) * dims, (0,) * dims
+        elif padding == "same":
+            if any(s != 1 for s in stride):
+                raise ValueError(f"padding='same' needs stride 1, got stride {stride}")
+            total = tuple(d * (k - 1) for d, k in zip(dilation, kernel, strict=True))
+            before = tuple(t // 2 for t in total)
+            after = tuple(t - t // 2 for t in total)
+        else:
+            raise ValueError(f"padding must be 'same', 'valid', an int or a tuple of {dims} ints, got {padding!r}")
+    else:
+        before = after = _int_tuple("padding", padding, dims, 0)
+    padded = tuple(s + a + b for s, a, b in zip(spatial, before, after, strict=True))
+    reach = tuple(d * (k - 1) + 1 for d, k in zip(dilation, kernel, strict=True))
+    if any(r > p for r, p in zip(reach, padded, strict=True)):
+        raise ValueError(f"weight's kernel {kernel} (dilated extent {reach}) is larger than the padded input {padded}")
+    conv_out = tuple((p - r) // s + 1 for p, r, s in zip(padded, reach, stride, strict=True))
+    if any(k > c for k, c in zip(pool, conv_out, strict=True)):
+        raise ValueError(f"pool {pool} is larger than the convolution output {conv_out}")
+    if after != before:  # 'same' with an even extent: torch pads the extra element at the end
+        extra = [a - b for a, b in zip(after, before, strict=True)]
+        x = F.pad(x, [v for e in reversed(extra) for v in (0, e)])
+    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    if dims == 1:
+        x, weight = x.unsqueeze(2), weight.unsqueeze(2)
+        stride, dilation, pool = ((1, *v) for v in (stride, dilation, pool))
+        before = (0, *before)
+    y = conv_ops.conv(x, weight, bias, stride, before, dilation, groups, act, pool)
+    if dims == 1:
+        y = y.squeeze(2)
+    return y.squeeze(0) if unbatched else y
+
+
+def conv2d(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: str | int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+    *,
+    act: str = "none",
+    pool: int | tuple[int, int] = 1,
+) -> Tensor:
+    """``F.conv2d`` (same arguments) followed by ``act`` and a ``pool x pool`` max-pool with
+    stride ``pool`` (``F.max_pool2d(a, pool)``), fused: the conv output is never written.
+
+    ``act`` is one of ``"none"``, ``"relu"``, ``"gelu"`` (exact), ``"tanh"``, ``"sigmoid"``;
+    ``pool=1`` means no pool. Input ``(N, C, H, W)`` or unbatched ``(C, H, W)``.
+    """
+    return _conv(input, weight, bias, stride, padding, dilation, groups, act, pool, 2)
+
+
+def conv1d(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int | tuple[int] = 1,
+    padding: str | int | tuple[int] = 0,
+    dilation: int | tuple[int] = 1,
+    groups: int = 1,
+    *,
+    act: str = "none",
+    pool: int | tuple[int] = 1,
+) -> Tensor:
+    """``F.conv1d`` (same arguments) followed by ``act`` and ``F.max_pool1d(a, pool)``, fused.
+
+    Input ``(N, C, L)`` or unbatched ``(C, L)``; ``pool`` equal to the output length is
+    max-over-time.
+    """
+    return _conv(input, weight, bias, stride, padding, dilation, groups, act, pool, 1)

@@ -20,6 +20,8 @@ REPLACEMENTS: dict[type[torch.nn.Module], tuple[str, type[torch.nn.Module]]] = {
     torch.nn.RNN: ("rnn", fnn.RNN),
     torch.nn.GRU: ("rnn", fnn.GRU),
     torch.nn.LSTM: ("rnn", fnn.LSTM),
+    torch.nn.Conv1d: ("conv", fnn.Conv1d),
+    torch.nn.Conv2d: ("conv", fnn.Conv2d),
 }
 
 

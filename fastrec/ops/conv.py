@@ -1,0 +1,251 @@
+"""Convolution: the fused conv + bias + activation + max-pool op, its registered ops, dispatch.
+
+The contract every backend implements (Triton: ``kernels/conv.py``; C++: ``csrc/conv.cpp``;
+torch: ``conv_torch`` below, the readable reference). Canonical form, 2-D only (conv1d on
+``(N, C, L)`` is conv2d on ``(N, C, 1, L)`` with a ``(1, k)`` kernel)::
+
+    z = conv2d(x, w, stride, padding, dilation, groups) + bias
+    a = act(z)        act in ACTS; "gelu" is the exact erf form (torch's default)
+    y = maxpool(a)    window = stride = pool; (1, 1) = no pool; floor division of the output
+                      size, as F.max_pool2d(kernel=stride=pool, ceil_mode=False)
+
+- x ``(N, C, H, W)``, w ``(O, C / groups, KH, KW)``, bias ``(O,)`` or None, y ``(N, O, Hp, Wp)``.
+  ``stride``, ``padding`` (explicit, symmetric), ``dilation`` and ``pool`` are ``(int, int)``.
+- Pool semantics are torch's max_pool2d on the activated values: the first maximum in row-major
+  window order wins ties; NaN propagates (a NaN wins). Max-over-time is a pool whose window is
+  the whole output dimension.
+- ``forward(x, w, bias, stride, padding, dilation, groups, act, pool) -> (y, saved_z, argmax)``:
+  ``saved_z`` is z at y's positions (y's shape) when ``act != "none"``, else an empty ``(0,)``
+  tensor; ``argmax`` int32 (y's shape) holds ``i * pool_w + j``, the winner's place in its
+  window, when pooled, else an empty ``(0,)`` int32 tensor.
+- ``backward(grad_y, x, w, saved_z, argmax, <the same geometry>, output_mask) -> (dx, dw, db)``:
+  ``dz`` = scatter of ``grad_y * act'(z)`` to the argmax positions (zero elsewhere, and at conv
+  outputs no window covers); ``dx`` = conv-transpose of dz with w, ``dw`` = correlation of x
+  with dz, ``db`` = dz summed over (N, H, W). An output not asked for by ``output_mask``
+  (dx, dw, db) is an empty ``(0,)`` tensor. relu' is ``0 if z <= 0 else 1`` (torch's
+  threshold_backward: a NaN z passes its gradient).
+- Numerics: fp32 in fp32 (no TF32 unless torch's ``allow_tf32`` flags allow it), fp16/bf16
+  accumulate in fp32, fp64 in fp64 (gradcheck).
+
+CPU dispatch (unless a backend is forced): the C++ kernel runs calls with an epilogue to fuse
+(an activation or a pool). Two shape classes go to torch's oneDNN convolution, where the C++
+kernel only tied or lost in single-thread measurements (2 loaded cores, interleaved medians):
+a plain convolution (``act="none"``, no pool: 0.87x-1.03x, except the seed CNN's layers), and
+conv outputs narrower than 16 columns, i.e. full-width kernels such as Caser's (0.76x-0.93x).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastrec import backends
+
+OP = "conv"
+ACTS = ("none", "relu", "gelu", "tanh", "sigmoid")
+_ACT_FNS = {"none": lambda z: z, "relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
+
+HAVE_CPP = backends.available()["cpp"] is None and hasattr(torch.ops.fastrec, "conv_forward_cpp")
+try:
+    HAVE_TRITON_KERNELS = importlib.util.find_spec("fastrec.kernels.conv") is not None
+except ImportError:  # fastrec.kernels itself not importable (no triton)
+    HAVE_TRITON_KERNELS = False
+
+
+def act_fn(act: str):
+    """The torch function of activation ``act`` (one of ACTS)."""
+    return _ACT_FNS[act]
+
+
+def conv_output_size(x_shape, w_shape, stride, padding, dilation) -> tuple[int, int]:
+    """``(Ho, Wo)`` of the convolution (before the pool)."""
+    return tuple(
+        (x_shape[2 + d] + 2 * padding[d] - dilation[d] * (w_shape[2 + d] - 1) - 1) // stride[d] + 1 for d in range(2)
+    )
+
+
+# --------------------------------------------------------------------------- torch reference
+def conv_torch(
+    x: Tensor,
+    w: Tensor,
+    bias: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    act: str,
+    pool: tuple[int, int],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """F.conv2d + act + F.max_pool2d (autograd differentiates ``y``): the readable reference.
+
+    Returns ``(y, saved_z, argmax)`` as the contract defines them.
+    """
+    z = F.conv2d(x, w, bias, stride, padding, dilation, groups)
+    a = _ACT_FNS[act](z)
+    empty_index = torch.empty(0, dtype=torch.int32, device=x.device)
+    if tuple(pool) == (1, 1):
+        return a, (z if act != "none" else z.new_empty(0)), empty_index
+    y, flat = F.max_pool2d(a, pool, pool, return_indices=True)
+    width = z.shape[-1]
+    rows = torch.arange(y.shape[-2], device=x.device)[:, None] * pool[0]
+    cols = torch.arange(y.shape[-1], device=x.device)[None, :] * pool[1]
+    argmax = ((flat // width - rows) * pool[1] + (flat % width - cols)).to(torch.int32)
+    saved_z = z.flatten(2).gather(2, flat.flatten(2)).view_as(y) if act != "none" else z.new_empty(0)
+    return y, saved_z, argmax
+
+
+# --------------------------------------------------------------------------- registered ops
+def _fake_forward(x, w, bias, stride, padding, dilation, groups, act, pool, *allow_tf32):
+    ho, wo = conv_output_size(x.shape, w.shape, stride, padding, dilation)
+    pooled = tuple(pool) != (1, 1)
+    shape = (x.shape[0], w.shape[0], ho // pool[0], wo // pool[1]) if pooled else (x.shape[0], w.shape[0], ho, wo)
+    y = x.new_empty(shape)
+    saved_z = x.new_empty(shape) if act != "none" else x.new_empty(0)
+    argmax = x.new_empty(shape if pooled else (0,), dtype=torch.int32)
+    return y, saved_z, argmax
+
+
+def _fake_backward(
+    grad_y, x, w, saved_z, argmax, stride, padding, dilation, groups, act, pool, output_mask, *allow_tf32
+):
+    dx = x.new_empty(x.shape) if output_mask[0] else x.new_empty(0)
+    dw = w.new_empty(w.shape) if output_mask[1] else w.new_empty(0)
+    db = w.new_empty(w.shape[0]) if output_mask[2] else w.new_empty(0)
+    return dx, dw, db
+
+
+@torch.library.custom_op("fastrec::conv_forward_triton", mutates_args=())
+def conv_forward_triton(
+    x: Tensor,
+    w: Tensor,
+    bias: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    act: str,
+    pool: list[int],
+    allow_tf32: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from fastrec.kernels import conv as kernels
+
+    geometry = (tuple(stride), tuple(padding), tuple(dilation), groups)
+    return kernels.conv_forward(x, w, bias, *geometry, act, tuple(pool), allow_tf32)
+
+
+@torch.library.custom_op("fastrec::conv_backward_triton", mutates_args=())
+def conv_backward_triton(
+    grad_y: Tensor,
+    x: Tensor,
+    w: Tensor,
+    saved_z: Tensor,
+    argmax: Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    act: str,
+    pool: list[int],
+    output_mask: list[bool],
+    allow_tf32: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from fastrec.kernels import conv as kernels
+
+    geometry = (tuple(stride), tuple(padding), tuple(dilation), groups)
+    conv_out = (x.shape[0], w.shape[0], *conv_output_size(x.shape, w.shape, stride, padding, dilation))
+    dz = kernels.epilogue_backward(grad_y, saved_z, argmax, act, tuple(pool), conv_out)
+    dx = kernels.conv_backward_input(dz, w, tuple(x.shape), *geometry, allow_tf32) if output_mask[0] else x.new_empty(0)
+    dw = (
+        kernels.conv_backward_weight(dz, x, tuple(w.shape), *geometry, allow_tf32) if output_mask[1] else w.new_empty(0)
+    )
+    acc = torch.float64 if dz.dtype == torch.float64 else torch.float32
+    db = dz.sum((0, 2, 3), dtype=acc).to(w.dtype) if output_mask[2] else w.new_empty(0)
+    return dx, dw, db
+
+
+conv_forward_triton.register_fake(_fake_forward)
+conv_backward_triton.register_fake(_fake_backward)
+if HAVE_CPP:
+    torch.library.register_fake("fastrec::conv_forward_cpp")(_fake_forward)
+    torch.library.register_fake("fastrec::conv_backward_cpp")(_fake_backward)
+
+
+def _allow_tf32(x: Tensor) -> bool:
+    """Whether torch's own flag lets fp32 convolutions use tf32 (cuDNN's flag governs convs)."""
+    return x.dtype == torch.float32 and x.is_cuda and torch.backends.cudnn.allow_tf32
+
+
+class ConvFunction(torch.autograd.Function):
+    """The fused op on the ``triton`` or ``cpp`` backend; saves x, w, saved_z and argmax."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias, stride, padding, dilation, groups, act, pool, backend):
+        args = (x, w, bias, stride, padding, dilation, groups, act, pool)
+        if backend == "triton":
+            y, saved_z, argmax = torch.ops.fastrec.conv_forward_triton(*args, _allow_tf32(x))
+        else:
+            y, saved_z, argmax = torch.ops.fastrec.conv_forward_cpp(*args)
+        ctx.save_for_backward(x, w, saved_z, argmax)
+        ctx.flags = (stride, padding, dilation, groups, act, pool, backend, bias is not None)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, w, saved_z, argmax = ctx.saved_tensors
+        stride, padding, dilation, groups, act, pool, backend, has_bias = ctx.flags
+        need = ctx.needs_input_grad
+        mask = [need[0], need[1], has_bias and need[2]]
+        args = (grad_y.contiguous(), x, w, saved_z, argmax, stride, padding, dilation, groups, act, pool, mask)
+        if backend == "triton":
+            dx, dw, db = torch.ops.fastrec.conv_backward_triton(*args, _allow_tf32(x))
+        else:
+            dx, dw, db = torch.ops.fastrec.conv_backward_cpp(*args)
+        return (
+            dx if mask[0] else None,
+            dw if mask[1] else None,
+            db if mask[2] else None,
+            *([None] * 7),
+        )
+
+
+def _unfused_reason(x: Tensor, act: str, pool: tuple[int, int], conv_width: int) -> str | None:
+    """Why the fused kernels do not cover (or should not take) this call, or None."""
+    if x.device.type == "cuda" and not HAVE_TRITON_KERNELS:
+        return "no triton conv kernels (fastrec.kernels.conv) in this build"
+    if x.device.type == "cpu" and not HAVE_CPP:
+        return "fastrec._C does not register conv_forward_cpp"
+    if x.device.type not in ("cpu", "cuda"):
+        return f"no fused conv kernel for {x.device.type} tensors"
+    if x.device.type == "cpu" and backends.forced() is None:
+        if act == "none" and tuple(pool) == (1, 1):
+            return "plain convolution on CPU (no epilogue to fuse: oneDNN's convolution is as fast)"
+        if conv_width < 16:
+            return "conv output narrower than 16 on CPU (full-width kernels: oneDNN's convolution is as fast)"
+    if x.numel() == 0:
+        return "empty input"
+    return None
+
+
+def conv(
+    x: Tensor,
+    w: Tensor,
+    bias: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    act: str,
+    pool: tuple[int, int],
+) -> Tensor:
+    """The fused op on canonical inputs (see the module docstring); picks the backend per call."""
+    stride, padding, dilation, pool = (list(v) for v in (stride, padding, dilation, pool))
+    conv_width = conv_output_size(x.shape, w.shape, stride, padding, dilation)[1]
+    reason = _unfused_reason(x, act, pool, conv_width)
+    backend = backends.select(x.device, reason)
+    backends.count(OP, backend, reason or "")
+    if backend == "torch":
+        return conv_torch(x, w, bias, stride, padding, dilation, groups, act, pool)[0]
+    return ConvFunction.apply(x, w, bias, stride, padding, dilation, groups, act, pool, backend)
