@@ -78,9 +78,9 @@ def _activate(z, ACT: tl.constexpr):
 
 @triton.jit
 def _activation_backward(g, z, ACT: tl.constexpr):
-    """g * act'(z); relu: g where z > 0 (torch's threshold_backward), else 0."""
+    """g * act'(z); relu: 0 where z <= 0, else g (torch's threshold_backward: a NaN z passes g)."""
     if ACT == 1:
-        return tl.where(z > 0, g, 0.0)
+        return tl.where(z <= 0, 0.0, g)
     elif ACT == 2:
         cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
         pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327  # 1 / sqrt(2 pi)
