@@ -8,17 +8,24 @@ precomputed input projection; this module does the big GEMMs around them:
   and the entering states ``hprev``; then ``dx = dgx W_ih``, ``dW_ih = dgx^T x``,
   ``db_ih = sum dgx``, ``dW_hh = dgh^T hprev``, ``db_hh = sum dgh``.
 
-Semantics (every backend): x ``(T, B, I)`` time-major; ``h0``/``c0`` ``(B, H)``; ``lengths``
-int32 ``(B,)`` in [1, T] (row b runs steps ``0..len_b-1``; past it ``out = 0`` and the state
-is frozen); ``reverse`` runs each row from ``len_b - 1`` down to 0; ``reset`` bool ``(T, B)``
-zeroes a row's state before step t. The workspace is ``(T, B, K*H)`` fp32 (fp64 for fp64),
-K = 2 (tanh/relu), 5 (gru), 6 (lstm). ``c_n`` is a ``(0, 0)`` tensor for non-LSTM modes.
+Semantics (every backend): x ``(T, B, I)`` time-major, ``(B, T, I)`` when ``batch_first``, or
+``(N, I)`` packed rows in ``PackedSequence`` order when ``batch_sizes`` (int64 ``(T,)``,
+non-increasing, ``batch_sizes[0] = B``) is given; ``out`` and the workspace share x's layout.
+``h0``/``c0`` ``(B, H)``; ``lengths`` int32 ``(B,)`` in [1, T] (row b runs steps
+``0..len_b-1``; past it ``out = 0`` and the state is frozen); ``reverse`` runs each row from
+``len_b - 1`` down to 0; ``reset`` bool ``(T, B)`` (``(B, T)`` when ``batch_first``) zeroes a
+row's state before step t. The workspace is ``(.., K*H)`` fp32 (fp64 for fp64), K = 2
+(tanh/relu), 5 (gru), 6 (lstm). ``c_n`` is a ``(0, 0)`` tensor for non-LSTM modes.
+
+Packed input is the cheap case: the projection GEMMs run over the N = sum(lengths) real rows
+only, and the recurrence steps only the ``batch_sizes[t]`` rows still running at step t.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from fastrec import backends
 
@@ -91,26 +98,42 @@ def _ws_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _fake_forward(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse):
-    steps, batch, _ = gx.shape
-    hidden = h0.shape[1]
-    out = gx.new_empty(steps, batch, hidden)
+def _fake_forward(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse, batch_first=False, batch_sizes=None):
+    lead = gx.shape[:-1]
+    batch, hidden = h0.shape
+    out = gx.new_empty(*lead, hidden)
     h_n = h0.new_empty(batch, hidden)
     c_n = h0.new_empty(batch, hidden) if mode == "lstm" else h0.new_empty(0, 0)
-    workspace = gx.new_empty(steps, batch, SLOTS[mode] * hidden, dtype=_ws_dtype(gx))
+    workspace = gx.new_empty(*lead, SLOTS[mode] * hidden, dtype=_ws_dtype(gx))
     return out, h_n, c_n, workspace
 
 
-def _fake_backward(grad_out, grad_h_n, grad_c_n, workspace, w_hh, b_hh, h0, c0, lengths, reset, mode, reverse):
-    steps, batch, hidden = grad_out.shape
+def _fake_backward(
+    grad_out,
+    grad_h_n,
+    grad_c_n,
+    workspace,
+    w_hh,
+    b_hh,
+    h0,
+    c0,
+    lengths,
+    reset,
+    mode,
+    reverse,
+    batch_first=False,
+    batch_sizes=None,
+):
+    lead = grad_out.shape[:-1]
+    batch, hidden = h0.shape
     gh = GATES[mode] * hidden
     grad_c0 = h0.new_empty(batch, hidden) if mode == "lstm" else h0.new_empty(0, 0)
     return (
-        h0.new_empty(steps, batch, gh),
-        h0.new_empty(steps, batch, gh),
+        h0.new_empty(*lead, gh),
+        h0.new_empty(*lead, gh),
         h0.new_empty(batch, hidden),
         grad_c0,
-        h0.new_empty(steps, batch, hidden),
+        h0.new_empty(*lead, hidden),
     )
 
 
@@ -120,33 +143,33 @@ if HAVE_CPP:
 
 
 def _project(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """``x (T, B, I) -> x W^T + b`` as one GEMM over T*B rows, ``(T, B, G*H)`` contiguous."""
-    steps, batch, size = x.shape
-    flat = x.reshape(steps * batch, size)
+    """``x (.., I) -> x W^T + b`` as one GEMM over all rows, ``(.., G*H)`` contiguous."""
+    flat = x.reshape(-1, x.shape[-1])
     out = torch.mm(flat, w.t()) if b is None else torch.addmm(b, flat, w.t())
-    return out.view(steps, batch, w.shape[0])
+    return out.view(*x.shape[:-1], w.shape[0])
 
 
 class RNNLayerFunction(torch.autograd.Function):
-    """One layer, one direction on the cpp backend; weight gradients as big GEMMs."""
+    """One layer, one direction on the cpp backend, in any of the three layouts; the input
+    projection and the weight gradients as big GEMMs over the real rows."""
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reset, mode, reverse):
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reset, mode, reverse, batch_first, batch_sizes):
         gx = _project(x, w_ih, b_ih)
         out, h_n, c_n, workspace = torch.ops.fastrec.rnn_forward_cpp(
-            gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse
+            gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse, batch_first, batch_sizes
         )
-        ctx.save_for_backward(x, w_ih, w_hh, b_hh, h0, c0, lengths, reset, workspace)
-        ctx.flags = (mode, reverse, b_ih is not None, b_hh is not None)
+        ctx.save_for_backward(x, w_ih, w_hh, b_hh, h0, c0, lengths, reset, batch_sizes, workspace)
+        ctx.flags = (mode, reverse, batch_first, b_ih is not None, b_hh is not None)
         if mode != "lstm":
             ctx.mark_non_differentiable(c_n)
         return out, h_n, c_n
 
     @staticmethod
     def backward(ctx, grad_out, grad_h_n, grad_c_n):
-        x, w_ih, w_hh, b_hh, h0, c0, lengths, reset, workspace = ctx.saved_tensors
-        mode, reverse, has_b_ih, has_b_hh = ctx.flags
-        steps, batch, size = x.shape
+        x, w_ih, w_hh, b_hh, h0, c0, lengths, reset, batch_sizes, workspace = ctx.saved_tensors
+        mode, reverse, batch_first, has_b_ih, has_b_hh = ctx.flags
+        size = x.shape[-1]
         grad_gx, grad_gh, grad_h0, grad_c0, hprev = torch.ops.fastrec.rnn_backward_cpp(
             grad_out.contiguous(),
             grad_h_n.contiguous(),
@@ -160,18 +183,21 @@ class RNNLayerFunction(torch.autograd.Function):
             reset,
             mode,
             reverse,
+            batch_first,
+            batch_sizes,
         )
         gates = grad_gx.shape[-1]
-        dgx = grad_gx.view(steps * batch, gates).to(x.dtype)
-        dgh = grad_gh.view(steps * batch, gates).to(w_hh.dtype)
+        rows = grad_gx.shape[:-1].numel()
+        dgx = grad_gx.view(rows, gates).to(x.dtype)
+        dgh = grad_gh.view(rows, gates).to(w_hh.dtype)
         need = ctx.needs_input_grad
-        grad_x = torch.mm(dgx, w_ih).view(steps, batch, size) if need[0] else None
-        grad_w_ih = torch.mm(dgx.t(), x.reshape(steps * batch, size)) if need[3] else None
-        grad_w_hh = torch.mm(dgh.t(), hprev.view(steps * batch, -1).to(w_hh.dtype)) if need[4] else None
+        grad_x = torch.mm(dgx, w_ih).view(x.shape) if need[0] else None
+        grad_w_ih = torch.mm(dgx.t(), x.reshape(rows, size)) if need[3] else None
+        grad_w_hh = torch.mm(dgh.t(), hprev.view(rows, -1).to(w_hh.dtype)) if need[4] else None
         grad_b_ih = dgx.sum(0) if has_b_ih and need[5] else None
         grad_b_hh = dgh.sum(0) if has_b_hh and need[6] else None
         grad_c0 = grad_c0 if mode == "lstm" else None
-        return grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, None, None, None, None
+        return (grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh) + (None,) * 6
 
 
 def _unfused_reason(x: Tensor, h0: Tensor, mode: str) -> str | None:
@@ -184,7 +210,7 @@ def _unfused_reason(x: Tensor, h0: Tensor, mode: str) -> str | None:
         return "fastrec._C does not register rnn_forward_cpp"
     if h0.shape[1] > 1024:
         return "hidden_size > 1024"
-    if x.shape[0] == 0 or x.shape[1] == 0:
+    if x.shape[:-1].numel() == 0 or h0.shape[0] == 0:
         return "empty input"
     return None
 
@@ -201,12 +227,28 @@ def rnn_layer(
     reset: Tensor | None,
     mode: str,
     reverse: bool,
+    batch_first: bool = False,
+    batch_sizes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One layer, one direction on canonical inputs (see the module docstring)."""
     reason = _unfused_reason(x, h0, mode)
     backend = backends.select(x.device, reason)
     backends.count(OP, backend, reason or "")
     args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reset, mode, reverse)
-    if backend == "torch":
-        return rnn_layer_torch(*args)
-    return RNNLayerFunction.apply(*args)
+    if backend == "cpp":
+        return RNNLayerFunction.apply(*args, batch_first, batch_sizes)
+    return time_major_call(rnn_layer_torch, *args, batch_first=batch_first, batch_sizes=batch_sizes)
+
+
+def time_major_call(fn, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reset, mode, reverse, *, batch_first, batch_sizes):
+    """Runs ``fn`` (a time-major layer: x ``(T, B, I)``, reset ``(T, B)``) on x in any layout,
+    converting the input and the output (packed rows go through padding with their lengths)."""
+    if batch_sizes is not None:
+        padded, lens = pad_packed_sequence(PackedSequence(x, batch_sizes))
+        out, h_n, c_n = fn(padded, h0, c0, w_ih, w_hh, b_ih, b_hh, lens.to(torch.int32), None, mode, reverse)
+        return pack_padded_sequence(out, lens).data, h_n, c_n
+    if batch_first:
+        reset = reset.t() if reset is not None else None
+        out, h_n, c_n = fn(x.transpose(0, 1), h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reset, mode, reverse)
+        return out.transpose(0, 1), h_n, c_n
+    return fn(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reset, mode, reverse)
