@@ -313,3 +313,75 @@ def _check_rnn_lengths(lengths: Tensor, x: Tensor, batch: int, steps: int) -> Te
         if low < 1 or high > steps:
             raise ValueError(f"lengths must lie in [1, T = {steps}], got values in [{low}, {high}]")
     return lengths.to(device=x.device, dtype=torch.int32).contiguous()
+
+
+def rnn_tanh_cell(
+    input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None, b_hh: Tensor | None = None
+) -> Tensor:
+    """One Elman step, ``tanh(x W_ih^T + b_ih + h W_hh^T + b_hh)`` (``torch.rnn_tanh_cell``);
+    ``input`` ``(B, I)``, ``hx`` ``(B, H)``; one fused op forward and one backward on CPU."""
+    return _cell("tanh", input, hx, None, w_ih, w_hh, b_ih, b_hh)[0]
+
+
+def rnn_relu_cell(
+    input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None, b_hh: Tensor | None = None
+) -> Tensor:
+    """One Elman step with ReLU (``torch.rnn_relu_cell``); see :func:`rnn_tanh_cell`."""
+    return _cell("relu", input, hx, None, w_ih, w_hh, b_ih, b_hh)[0]
+
+
+def gru_cell(
+    input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None, b_hh: Tensor | None = None
+) -> Tensor:
+    """One GRU step with PyTorch's equations (gates r, z, n; ``b_hn`` inside the reset
+    product), as ``torch.gru_cell``; ``input`` ``(B, I)``, ``hx`` ``(B, H)``."""
+    return _cell("gru", input, hx, None, w_ih, w_hh, b_ih, b_hh)[0]
+
+
+def lstm_cell(
+    input: Tensor,
+    hx: tuple[Tensor, Tensor],
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One LSTM step (gates i, f, g, o), as ``torch.lstm_cell``: ``hx = (h, c)`` each ``(B, H)``;
+    returns ``(h_new, c_new)``."""
+    if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+        raise TypeError(f"hx must be a tuple (h, c), got {type(hx).__name__}")
+    h, c = _cell("lstm", input, hx[0], hx[1], w_ih, w_hh, b_ih, b_hh)
+    return h, c
+
+
+def _cell(mode, input, h, c, w_ih, w_hh, b_ih, b_hh):
+    names = [("input", input), ("hx", h), ("weight_ih", w_ih), ("weight_hh", w_hh)]
+    names += [("cx", c)] if mode == "lstm" else []
+    for name, t in names:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if input.dim() != 2:
+        raise ValueError(f"input must be 2-D (batch, input_size), got shape {_shape(input)}")
+    if input.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"input must be a floating point tensor, got {input.dtype}")
+    batch, size = input.shape
+    gates, hidden = _RNN_GATES[mode], w_hh.shape[-1]
+    if _shape(w_hh) != (gates * hidden, hidden):
+        raise ValueError(f"weight_hh must be (gates * hidden, hidden) = {(gates * hidden, hidden)}, got {_shape(w_hh)}")
+    if _shape(w_ih) != (gates * hidden, size):
+        expected = (gates * hidden, size)
+        raise ValueError(f"weight_ih must be (gates * hidden, input_size) = {expected}, got {_shape(w_ih)}")
+    if (b_ih is None) != (b_hh is None):
+        raise ValueError("b_ih and b_hh must be given together or both be None")
+    for name, t in (("b_ih", b_ih), ("b_hh", b_hh)):
+        if t is not None and _shape(t) != (gates * hidden,):
+            raise ValueError(f"{name} must be ({gates * hidden},), got {_shape(t)}")
+    for name, t in (("hx", h), ("cx", c)):
+        if t is None:
+            continue
+        if _shape(t) != (batch, hidden):
+            raise ValueError(f"{name} must be (batch, hidden) = {(batch, hidden)}, got {_shape(t)}")
+    for name, t in [("hx", h), ("cx", c), ("weight_ih", w_ih), ("weight_hh", w_hh), ("b_ih", b_ih), ("b_hh", b_hh)]:
+        if t is not None and (t.dtype != input.dtype or t.device != input.device):
+            raise TypeError(f"{name} must have input's dtype and device ({input.dtype}, {input.device})")
+    return rnn_ops.rnn_cell(input, h, c, w_ih, w_hh, b_ih, b_hh, mode)

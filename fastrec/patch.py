@@ -20,6 +20,9 @@ REPLACEMENTS: dict[type[torch.nn.Module], tuple[str, type[torch.nn.Module]]] = {
     torch.nn.RNN: ("rnn", fnn.RNN),
     torch.nn.GRU: ("rnn", fnn.GRU),
     torch.nn.LSTM: ("rnn", fnn.LSTM),
+    torch.nn.RNNCell: ("rnn", fnn.RNNCell),
+    torch.nn.GRUCell: ("rnn", fnn.GRUCell),
+    torch.nn.LSTMCell: ("rnn", fnn.LSTMCell),
 }
 
 

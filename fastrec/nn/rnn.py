@@ -160,3 +160,81 @@ class LSTM(torch.nn.LSTM):
             return super().forward(input, hx)
         out, h_n, c_n = _fused_forward(self, input, hx, lengths, reset)
         return out, (h_n, c_n)
+
+
+# --------------------------------------------------------------------------- single-step cells
+_CELL_FUNCTIONS = {"tanh": FF.rnn_tanh_cell, "relu": FF.rnn_relu_cell, "gru": FF.gru_cell}
+
+
+def _cell_unfused_reason(module: torch.nn.RNNCellBase, input, hx) -> str | None:
+    if not isinstance(input, Tensor) or input.dim() not in (1, 2):
+        return "input rank"  # torch raises its own error
+    if input.shape[-1] != module.input_size:
+        return "input size"  # torch raises its own error
+    if input.device.type != "cpu" and backends.forced() is None:
+        return "no Triton cell kernel (torch's forward)"
+    weight = module.weight_ih
+    if input.dtype != weight.dtype or input.device != weight.device:
+        return "input dtype/device differs from the weights"
+    states = hx if isinstance(hx, tuple) else (hx,)
+    for t in states:
+        if t is None:
+            continue
+        if not isinstance(t, Tensor) or t.dtype != input.dtype or t.device != input.device:
+            return "hx dtype/device differs from the input"
+        if t.dim() != input.dim() or t.shape[-1] != module.hidden_size or t.shape[:-1] != input.shape[:-1]:
+            return "hx shape"  # torch raises its own error
+    return None
+
+
+def _cell_forward(module: torch.nn.RNNCellBase, mode: str, input: Tensor, hx):
+    """torch's cell conventions around the fused step: unbatched (1-D) input, hx None = zeros."""
+    batched = input.dim() == 2
+    if not batched:
+        input = input.unsqueeze(0)
+    zeros = input.new_zeros(input.shape[0], module.hidden_size)
+    bias = (module.bias_ih, module.bias_hh) if module.bias else (None, None)
+    if mode == "lstm":
+        h, c = hx if hx is not None else (zeros, zeros)
+        if not batched and hx is not None:
+            h, c = h.unsqueeze(0), c.unsqueeze(0)
+        h, c = FF.lstm_cell(input, (h, c), module.weight_ih, module.weight_hh, *bias)
+        return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
+    h = hx if hx is not None else zeros
+    if not batched and hx is not None:
+        h = h.unsqueeze(0)
+    h = _CELL_FUNCTIONS[mode](input, h, module.weight_ih, module.weight_hh, *bias)
+    return h if batched else h.squeeze(0)
+
+
+class RNNCell(torch.nn.RNNCell):
+    """``torch.nn.RNNCell`` (tanh or relu) as one fused op per step (forward and backward)."""
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        reason = _cell_unfused_reason(self, input, hx)
+        if reason is not None:
+            backends.count("RNNCell", "torch", reason)
+            return super().forward(input, hx)
+        return _cell_forward(self, self.nonlinearity, input, hx)
+
+
+class GRUCell(torch.nn.GRUCell):
+    """``torch.nn.GRUCell`` as one fused op per step (forward and backward)."""
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        reason = _cell_unfused_reason(self, input, hx)
+        if reason is not None:
+            backends.count("GRUCell", "torch", reason)
+            return super().forward(input, hx)
+        return _cell_forward(self, "gru", input, hx)
+
+
+class LSTMCell(torch.nn.LSTMCell):
+    """``torch.nn.LSTMCell`` as one fused op per step (forward and backward)."""
+
+    def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        reason = _cell_unfused_reason(self, input, hx)
+        if reason is not None:
+            backends.count("LSTMCell", "torch", reason)
+            return super().forward(input, hx)
+        return _cell_forward(self, "lstm", input, hx)

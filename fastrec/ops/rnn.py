@@ -252,3 +252,100 @@ def time_major_call(fn, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reset, mode,
         out, h_n, c_n = fn(x.transpose(0, 1), h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reset, mode, reverse)
         return out.transpose(0, 1), h_n, c_n
     return fn(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reset, mode, reverse)
+
+
+# --------------------------------------------------------------------------- single-step cells
+CELL_SLOTS = {"tanh": 1, "relu": 1, "gru": 4, "lstm": 5}
+CELL_OP = "rnn_cell"
+HAVE_CELL_CPP = (
+    backends.available()["cpp"] is None
+    and hasattr(torch.ops.fastrec, "rnn_cell_forward_cpp")
+    and hasattr(torch.ops.fastrec, "rnn_cell_backward_cpp")
+)
+
+
+def _fake_cell_forward(x, h, c, w_ih, w_hh, b_ih, b_hh, mode):
+    batch, hidden = h.shape
+    c_new = h.new_empty(batch, hidden) if mode == "lstm" else h.new_empty(0, 0)
+    return h.new_empty(batch, hidden), c_new, h.new_empty(batch, CELL_SLOTS[mode] * hidden)
+
+
+def _fake_cell_backward(grad_h_new, grad_c_new, workspace, x, h, c, w_ih, w_hh, has_bias, mode):
+    batch, hidden = h.shape
+    bias = GATES[mode] * hidden if has_bias else 0
+    return (
+        x.new_empty(x.shape),
+        h.new_empty(batch, hidden),
+        h.new_empty(batch, hidden) if mode == "lstm" else h.new_empty(0, 0),
+        w_ih.new_empty(w_ih.shape),
+        w_hh.new_empty(w_hh.shape),
+        h.new_empty(bias),
+        h.new_empty(bias),
+    )
+
+
+if HAVE_CELL_CPP:
+    torch.library.register_fake("fastrec::rnn_cell_forward_cpp")(_fake_cell_forward)
+    torch.library.register_fake("fastrec::rnn_cell_backward_cpp")(_fake_cell_backward)
+
+
+def rnn_cell_torch(x, h, c, w_ih, w_hh, b_ih, b_hh, mode) -> tuple[Tensor, Tensor | None]:
+    """torch's own cell functions (the reference): ``(h_new, c_new or None)``."""
+    if mode == "lstm":
+        return torch.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh)
+    return _CELLS[mode](x, h, w_ih, w_hh, b_ih, b_hh), None
+
+
+class RNNCellFunction(torch.autograd.Function):
+    """One step of one cell on the cpp backend: both GEMMs and the gate arithmetic in one op,
+    every gradient (input, state, weights, biases) in one op."""
+
+    @staticmethod
+    def forward(ctx, x, h, c, w_ih, w_hh, b_ih, b_hh, mode):
+        h_new, c_new, workspace = torch.ops.fastrec.rnn_cell_forward_cpp(x, h, c, w_ih, w_hh, b_ih, b_hh, mode)
+        ctx.save_for_backward(x, h, c, w_ih, w_hh, workspace)
+        ctx.flags = (mode, b_ih is not None)
+        if mode != "lstm":
+            ctx.mark_non_differentiable(c_new)
+        return h_new, c_new
+
+    @staticmethod
+    def backward(ctx, grad_h_new, grad_c_new):
+        x, h, c, w_ih, w_hh, workspace = ctx.saved_tensors
+        mode, has_bias = ctx.flags
+        lstm = mode == "lstm"
+        dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh = torch.ops.fastrec.rnn_cell_backward_cpp(
+            grad_h_new, grad_c_new if lstm else None, workspace, x, h, c, w_ih, w_hh, has_bias, mode
+        )
+        bias = (db_ih, db_hh) if has_bias else (None, None)
+        return dx, dh, dc if lstm else None, dw_ih, dw_hh, *bias, None
+
+
+def _cell_unfused_reason(x: Tensor, mode: str) -> str | None:
+    if x.device.type != "cpu":
+        return f"no fused rnn cell kernel for {x.device.type} tensors (torch's cell)"
+    if not HAVE_CELL_CPP:
+        return "fastrec._C does not register rnn_cell_forward_cpp"
+    if x.dtype not in (torch.float32, torch.float64):
+        return f"{x.dtype} cell (the fused cell computes in float32 / float64)"
+    return None
+
+
+def rnn_cell(
+    x: Tensor,
+    h: Tensor,
+    c: Tensor | None,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    mode: str,
+) -> tuple[Tensor, Tensor | None]:
+    """One step of a cell on ``x (B, I)``, ``h``/``c`` ``(B, H)``: ``(h_new, c_new or None)``."""
+    reason = _cell_unfused_reason(x, mode)
+    backend = backends.select(x.device, reason)
+    backends.count(CELL_OP, backend, reason or "")
+    if backend == "cpp":
+        h_new, c_new = RNNCellFunction.apply(x, h, c, w_ih, w_hh, b_ih, b_hh, mode)
+        return h_new, c_new if mode == "lstm" else None
+    return rnn_cell_torch(x, h, c, w_ih, w_hh, b_ih, b_hh, mode)
