@@ -1,21 +1,32 @@
 // Fused recurrences on the CPU (Elman tanh / relu, GRU, LSTM), forward and backward, for one
 // layer and one direction:
-//   torch.ops.fastrec.rnn_forward_cpp(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse)
+//   torch.ops.fastrec.rnn_forward_cpp(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse,
+//                                     batch_first=False, batch_sizes=None)
 //       -> (out, h_n, c_n, workspace)
 //   torch.ops.fastrec.rnn_backward_cpp(grad_out, grad_h_n, grad_c_n, workspace, w_hh, b_hh, h0,
-//                                      c0, lengths, reset, mode, reverse)
+//                                      c0, lengths, reset, mode, reverse, batch_first=False,
+//                                      batch_sizes=None)
 //       -> (grad_gx, grad_gh, grad_h0, grad_c0, hprev)
 // haste-style split of the work: the caller computes the input projection of every step as one
-// GEMM (gx = x W_ih^T + b_ih, (T, B, G*H) time-major) before the forward, and the weight
-// gradients as GEMMs after the backward (dW_ih = grad_gx^T x, dW_hh = grad_gh^T hprev, the
-// biases as sums, dx = grad_gx W_ih); these kernels run only the sequential part.
+// GEMM (gx = x W_ih^T + b_ih) before the forward, and the weight gradients as GEMMs after the
+// backward (dW_ih = grad_gx^T x, dW_hh = grad_gh^T hprev, the biases as sums, dx = grad_gx
+// W_ih); these kernels run only the sequential part. (Single-step cells, at the end of the
+// file, are one op each way instead.)
+//
+// Layouts of the per-step tensors (gx, out, workspace, grad_out, grad_gx, grad_gh, hprev), all
+// the same: time-major (T, B, ..); batch-major (B, T, ..) when batch_first, so that a
+// batch_first module needs no transposed copies; or packed (N, ..) in PackedSequence order
+// when batch_sizes (int64 (T,), non-increasing, batch_sizes[0] = B) is given: the rows of step
+// t are the batch_sizes[t] first rows of the batch, so only real rows are stored and computed
+// and a step touches only the rows still running (lengths / reset are not taken then).
 //
 // Equations are PyTorch's (gate order GRU r, z, n; LSTM i, f, g, o; GRU b_hn inside the reset
 // product). lengths (int32 (B,), values in [1, T]): row b runs steps 0..len_b-1 (reverse: from
 // len_b-1 down to 0); past its length out = 0 and the state is frozen, so h_n is each row's own
-// last state. reset (bool (T, B)): the state of row b is zeroed before step t where set.
+// last state. reset (bool (T, B), (B, T) when batch_first): the state of row b is zeroed before
+// step t where set.
 //
-// workspace: (T, B, K * H) in the compute dtype (fp32, or fp64 for fp64 inputs), entry (t, b)
+// workspace: (.., K * H) in the compute dtype (fp32, or fp64 for fp64 inputs), entry (t, b)
 // holding K slots of H values for the step t of row b:
 //   tanh / relu: K = 2: [h_t, hprev]
 //   gru:         K = 5: [r, z, n, gh_n = W_hn h + b_hn, hprev]
@@ -23,8 +34,9 @@
 // where hprev / cprev are the states that entered the step (after reset). Entries of steps a row
 // did not run are zero.
 //
-// Layout of the work: rows of the batch are split over threads with at::parallel_for; each
-// thread owns its rows for the whole time loop (no per-step synchronisation). W_hh is packed
+// Layout of the work: blocks of rows of the batch are dealt to threads (at::parallel_for, snake
+// order so that length-sorted packed batches balance); each thread owns its rows for the whole
+// time loop (no per-step synchronisation). W_hh is packed
 // once per call: forward by chunks of one SIMD vector of hidden units, (Hp / kN, H, G, kN) with
 // Hp = H rounded up to the vector width, so that h (R rows) x W_hh^T for one chunk is an outer
 // product of broadcast h values with the chunk's G contiguous gate vectors, accumulated in
