@@ -395,3 +395,42 @@ def test_bad_extension_keywords():
         module(pack_padded_sequence(x, torch.tensor([4, 2, 1]), batch_first=True), lengths=torch.tensor([4, 2, 1]))
     with pytest.raises(ValueError, match="batched"):
         module(x[0], reset=torch.zeros(4, 1, dtype=torch.bool))
+
+
+@pytest.mark.skipif(not rnn_ops.HAVE_CPP, reason="cpp rnn ops not built")
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("layout", ["batch_first", "packed"])
+def test_layer_function_gradcheck_float64(kind, layout):
+    """gradcheck through the one autograd.Function in the batch-major and packed layouts."""
+    g = {"tanh": 1, "relu": 1, "gru": 3, "lstm": 4}[kind]
+    batch, steps, size, hidden = 3, 4, 3, 4
+
+    def leaf(*shape):
+        return (torch.randn(*shape, dtype=torch.float64) * 0.5).requires_grad_()
+
+    if layout == "packed":
+        batch_sizes = torch.tensor([3, 2, 2, 1])
+        x, batch_first = leaf(int(batch_sizes.sum()), size), False
+    else:
+        batch_sizes, x, batch_first = None, leaf(batch, steps, size), True
+    h0 = leaf(batch, hidden)
+    c0 = leaf(batch, hidden) if kind == "lstm" else None
+    weights = (leaf(g * hidden, size), leaf(g * hidden, hidden), leaf(g * hidden), leaf(g * hidden))
+
+    def fn(x, h0, c0, w_ih, w_hh, b_ih, b_hh):
+        out, h_n, c_n = rnn_ops.RNNLayerFunction.apply(
+            x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, None, kind, True, batch_first, batch_sizes
+        )
+        return (out, h_n, c_n) if kind == "lstm" else (out, h_n)
+
+    assert torch.autograd.gradcheck(fn, (x, h0, c0, *weights))
+
+
+def test_bad_packed_inputs_name_the_argument():
+    weights = [(torch.randn(21, 5), torch.randn(21, 7), None, None)]
+    with pytest.raises(ValueError, match="batch_sizes"):
+        FF.rnn_packed(torch.randn(6, 5), torch.tensor([3, 2]), weights, mode="gru")
+    with pytest.raises(ValueError, match="input"):
+        FF.rnn_packed(torch.randn(6, 2, 5), torch.tensor([3, 3]), weights, mode="gru")
+    with pytest.raises(ValueError, match="h0"):
+        FF.rnn_packed(torch.randn(6, 5), torch.tensor([3, 3]), weights, torch.zeros(1, 2, 7), mode="gru")
