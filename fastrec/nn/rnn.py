@@ -24,6 +24,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from fastrec import backends
 from fastrec import functional as FF
+from fastrec.ops import rnn as rnn_ops
 
 _MODES = {"RNN_TANH": "tanh", "RNN_RELU": "relu", "GRU": "gru", "LSTM": "lstm"}
 
@@ -163,9 +164,6 @@ class LSTM(torch.nn.LSTM):
 
 
 # --------------------------------------------------------------------------- single-step cells
-_CELL_FUNCTIONS = {"tanh": FF.rnn_tanh_cell, "relu": FF.rnn_relu_cell, "gru": FF.gru_cell}
-
-
 def _cell_unfused_reason(module: torch.nn.RNNCellBase, input, hx) -> str | None:
     if not isinstance(input, Tensor) or input.dim() not in (1, 2):
         return "input rank"  # torch raises its own error
@@ -188,22 +186,24 @@ def _cell_unfused_reason(module: torch.nn.RNNCellBase, input, hx) -> str | None:
 
 
 def _cell_forward(module: torch.nn.RNNCellBase, mode: str, input: Tensor, hx):
-    """torch's cell conventions around the fused step: unbatched (1-D) input, hx None = zeros."""
+    """torch's cell conventions around the fused step: unbatched (1-D) input, hx None = zeros.
+    The arguments were checked by ``_cell_unfused_reason`` (and the weights have their shapes
+    by construction), so this calls the op layer directly: a GRU4Rec loop calls it per step."""
     batched = input.dim() == 2
     if not batched:
         input = input.unsqueeze(0)
-    zeros = input.new_zeros(input.shape[0], module.hidden_size)
+    zeros = input.new_zeros(input.shape[0], module.hidden_size) if hx is None else None
     bias = (module.bias_ih, module.bias_hh) if module.bias else (None, None)
     if mode == "lstm":
         h, c = hx if hx is not None else (zeros, zeros)
         if not batched and hx is not None:
             h, c = h.unsqueeze(0), c.unsqueeze(0)
-        h, c = FF.lstm_cell(input, (h, c), module.weight_ih, module.weight_hh, *bias)
+        h, c = rnn_ops.rnn_cell(input, h, c, module.weight_ih, module.weight_hh, *bias, mode)
         return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
     h = hx if hx is not None else zeros
     if not batched and hx is not None:
         h = h.unsqueeze(0)
-    h = _CELL_FUNCTIONS[mode](input, h, module.weight_ih, module.weight_hh, *bias)
+    h, _ = rnn_ops.rnn_cell(input, h, None, module.weight_ih, module.weight_hh, *bias, mode)
     return h if batched else h.squeeze(0)
 
 

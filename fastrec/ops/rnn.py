@@ -346,6 +346,10 @@ def rnn_cell(
     backend = backends.select(x.device, reason)
     backends.count(CELL_OP, backend, reason or "")
     if backend == "cpp":
-        h_new, c_new = RNNCellFunction.apply(x, h, c, w_ih, w_hh, b_ih, b_hh, mode)
+        tensors = (x, h, c, w_ih, w_hh, b_ih, b_hh)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            h_new, c_new = RNNCellFunction.apply(*tensors, mode)
+        else:  # inference: the op alone, without the autograd.Function's bookkeeping
+            h_new, c_new, _ = torch.ops.fastrec.rnn_cell_forward_cpp(*tensors, mode)
         return h_new, c_new if mode == "lstm" else None
     return rnn_cell_torch(x, h, c, w_ih, w_hh, b_ih, b_hh, mode)
