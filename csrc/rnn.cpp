@@ -50,6 +50,7 @@
 #endif
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
@@ -1013,8 +1014,13 @@ void check_cell_dtype(const at::Tensor& t, const char* name) {
               t.scalar_type());
 }
 
-// Cells parallelise the gate pass over rows in chunks of this many (small batches run serially).
-constexpr int64_t kCellGrain = 16;
+// Cells run in one parallel region over chunks of rows, each chunk doing its rows' GEMMs
+// (single-threaded inside the region) and gate arithmetic: one fork / join per step instead of
+// one per GEMM. Chunks of at least 8 rows, at most one per thread.
+int64_t cell_grain(int64_t B) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  return std::max<int64_t>(8, (B + threads - 1) / threads);
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_cell_forward_cpp(
     const at::Tensor& x_in, const at::Tensor& h_in, const std::optional<at::Tensor>& c_in,
@@ -1041,21 +1047,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_cell_forward_cpp(
   TORCH_CHECK(c_in.has_value() == lstm,
               "fastrec rnn cell (cpp): c must be given for mode 'lstm' and only then");
   if (lstm) check_tensor(*c_in, "c", dt, {B, H});
-  const at::Tensor x = x_in.contiguous(), h = h_in.contiguous();
+  const at::Tensor x = x_in.detach().contiguous(), h = h_in.detach().contiguous();
   const at::Tensor c = lstm ? c_in->contiguous() : at::Tensor();
 
-  at::Tensor pre = b_ih.has_value() ? at::addmm(*b_ih, x, w_ih.t()) : at::mm(x, w_ih.t());
-  at::Tensor gh;
-  if (gru) {
-    gh = b_hh.has_value() ? at::addmm(*b_hh, h, w_hh.t()) : at::mm(h, w_hh.t());
-  } else {
-    pre.addmm_(h, w_hh.t());
-  }
   const auto opts = x.options();
+  at::Tensor pre = at::empty({B, G * H}, opts);
+  at::Tensor gh = gru ? at::empty({B, G * H}, opts) : at::Tensor();
   at::Tensor hn = at::empty({B, H}, opts);
   at::Tensor cn = at::empty({lstm ? B : 0, lstm ? H : 0}, opts);
   at::Tensor ws = at::empty({B, K * H}, opts);
   const at::Tensor bias = (!gru && b_hh.has_value()) ? b_hh->contiguous() : at::Tensor();
+  const at::Tensor w_ih_t = w_ih.detach().t(), w_hh_t = w_hh.detach().t();
+  const at::ThreadLocalState state;
   AT_DISPATCH_FLOATING_TYPES(dt, "rnn_cell_forward_cpp", [&] {
     const scalar_t* pre_p = pre.data_ptr<scalar_t>();
     const scalar_t* gh_p = gru ? gh.data_ptr<scalar_t>() : nullptr;
@@ -1067,7 +1070,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_cell_forward_cpp(
     scalar_t* ws_p = ws.data_ptr<scalar_t>();
     dispatch_mode(mode, [&](auto m) {
       constexpr Mode M = decltype(m)::value;
-      at::parallel_for(0, B, kCellGrain, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, B, cell_grain(B), [&](int64_t begin, int64_t end) {
+        at::ThreadLocalStateGuard guard(state);
+        const int64_t n = end - begin;
+        const at::Tensor xs = x.narrow(0, begin, n), hs = h.narrow(0, begin, n);
+        at::Tensor ps = pre.narrow(0, begin, n);
+        if (b_ih.has_value()) {
+          at::addmm_out(ps, b_ih->detach(), xs, w_ih_t);
+        } else {
+          at::mm_out(ps, xs, w_ih_t);
+        }
+        if (gru) {
+          at::Tensor gs = gh.narrow(0, begin, n);
+          if (b_hh.has_value()) {
+            at::addmm_out(gs, b_hh->detach(), hs, w_hh_t);
+          } else {
+            at::mm_out(gs, hs, w_hh_t);
+          }
+        } else {
+          ps.addmm_(hs, w_hh_t);
+        }
         for (int64_t b = begin; b < end; ++b)
           cell_forward_row<M, scalar_t>(H, pre_p + b * G * H, gh_p ? gh_p + b * G * H : nullptr,
                                         b_p, h_p + b * H, c_p ? c_p + b * H : nullptr,
@@ -1102,7 +1124,9 @@ rnn_cell_backward_cpp(const at::Tensor& grad_hn_in, const std::optional<at::Tens
               "fastrec rnn cell (cpp): c must be given for mode 'lstm' and only then");
   if (lstm) check_tensor(*c_in, "c", dt, {B, H});
   if (grad_cn_in.has_value()) check_tensor(*grad_cn_in, "grad_c_new", dt, {B, H});
-  const at::Tensor x = x_in.contiguous(), h = h_in.contiguous(), dhn = grad_hn_in.contiguous();
+  const at::Tensor x = x_in.detach().contiguous(), h = h_in.detach().contiguous(),
+                   dhn = grad_hn_in.contiguous();
+  const at::Tensor w_ih_d = w_ih.detach(), w_hh_d = w_hh.detach();
   const at::Tensor c = lstm ? c_in->contiguous() : at::Tensor();
   const at::Tensor dcn =
       (lstm && grad_cn_in.has_value()) ? grad_cn_in->contiguous() : at::Tensor();
@@ -1112,6 +1136,9 @@ rnn_cell_backward_cpp(const at::Tensor& grad_hn_in, const std::optional<at::Tens
   at::Tensor dgh = gru ? at::empty({B, G * H}, opts) : dgx;
   at::Tensor carry = gru ? at::empty({B, H}, opts) : at::Tensor();
   at::Tensor dc = at::empty({lstm ? B : 0, lstm ? H : 0}, opts);
+  at::Tensor dx = at::empty({B, I}, opts);
+  at::Tensor dh = at::empty({B, H}, opts);
+  const at::ThreadLocalState state;
   AT_DISPATCH_FLOATING_TYPES(dt, "rnn_cell_backward_cpp", [&] {
     const scalar_t* dhn_p = dhn.data_ptr<scalar_t>();
     const scalar_t* dcn_p = dcn.defined() ? dcn.data_ptr<scalar_t>() : nullptr;
@@ -1124,17 +1151,25 @@ rnn_cell_backward_cpp(const at::Tensor& grad_hn_in, const std::optional<at::Tens
     scalar_t* dc_p = lstm ? dc.data_ptr<scalar_t>() : nullptr;
     dispatch_mode(mode, [&](auto m) {
       constexpr Mode M = decltype(m)::value;
-      at::parallel_for(0, B, kCellGrain, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, B, cell_grain(B), [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b)
           cell_backward_row<M, scalar_t>(
               H, dhn_p + b * H, dcn_p ? dcn_p + b * H : nullptr, ws_p + b * K * H, h_p + b * H,
               c_p ? c_p + b * H : nullptr, dgx_p + b * G * H, dgh_p ? dgh_p + b * G * H : nullptr,
               carry_p ? carry_p + b * H : nullptr, dc_p ? dc_p + b * H : nullptr);
+        // the input and state gradients of the chunk's rows, in the same region
+        at::ThreadLocalStateGuard guard(state);
+        const int64_t n = end - begin;
+        at::Tensor dxs = dx.narrow(0, begin, n), dhs = dh.narrow(0, begin, n);
+        at::mm_out(dxs, dgx.narrow(0, begin, n), w_ih_d);
+        if (gru) {
+          at::addmm_out(dhs, carry.narrow(0, begin, n), dgh.narrow(0, begin, n), w_hh_d);
+        } else {
+          at::mm_out(dhs, dgh.narrow(0, begin, n), w_hh_d);
+        }
       });
     });
   });
-  at::Tensor dx = at::mm(dgx, w_ih);
-  at::Tensor dh = gru ? at::addmm(carry, dgh, w_hh) : at::mm(dgh, w_hh);
   at::Tensor dw_ih = at::mm(dgx.t(), x);
   at::Tensor dw_hh = at::mm(dgh.t(), h);
   at::Tensor db_ih = has_bias ? dgx.sum(0) : at::empty({0}, opts);
