@@ -165,22 +165,21 @@ class LSTM(torch.nn.LSTM):
 
 # --------------------------------------------------------------------------- single-step cells
 def _cell_unfused_reason(module: torch.nn.RNNCellBase, input, hx) -> str | None:
-    if not isinstance(input, Tensor) or input.dim() not in (1, 2):
-        return "input rank"  # torch raises its own error
-    if input.shape[-1] != module.input_size:
-        return "input size"  # torch raises its own error
-    if input.device.type != "cpu" and backends.forced() is None:
-        return "no Triton cell kernel (torch's forward)"
-    weight = module.weight_ih
-    if input.dtype != weight.dtype or input.device != weight.device:
+    """Why torch's forward runs this call, or None (lean: a GRU4Rec loop calls it per step)."""
+    if not isinstance(input, Tensor) or input.dim() not in (1, 2) or input.shape[-1] != module.input_size:
+        return "input shape"  # torch raises its own error
+    dtype, cpu = input.dtype, input.is_cpu
+    weight = module._parameters["weight_ih"]
+    if dtype != weight.dtype or not (cpu and weight.is_cpu) and input.device != weight.device:
         return "input dtype/device differs from the weights"
-    states = hx if isinstance(hx, tuple) else (hx,)
-    for t in states:
-        if t is None:
-            continue
-        if not isinstance(t, Tensor) or t.dtype != input.dtype or t.device != input.device:
+    if not cpu and backends.forced() is None:
+        return "no Triton cell kernel (torch's forward)"
+    if hx is None:
+        return None
+    for t in hx if isinstance(hx, tuple) else (hx,):
+        if not isinstance(t, Tensor) or t.dtype != dtype or t.is_cpu != cpu or not cpu and t.device != input.device:
             return "hx dtype/device differs from the input"
-        if t.dim() != input.dim() or t.shape[-1] != module.hidden_size or t.shape[:-1] != input.shape[:-1]:
+        if t.shape[:-1] != input.shape[:-1] or t.shape[-1] != module.hidden_size:
             return "hx shape"  # torch raises its own error
     return None
 
@@ -193,17 +192,18 @@ def _cell_forward(module: torch.nn.RNNCellBase, mode: str, input: Tensor, hx):
     if not batched:
         input = input.unsqueeze(0)
     zeros = input.new_zeros(input.shape[0], module.hidden_size) if hx is None else None
-    bias = (module.bias_ih, module.bias_hh) if module.bias else (None, None)
+    params = module._parameters
+    bias = (params["bias_ih"], params["bias_hh"]) if module.bias else (None, None)
     if mode == "lstm":
         h, c = hx if hx is not None else (zeros, zeros)
         if not batched and hx is not None:
             h, c = h.unsqueeze(0), c.unsqueeze(0)
-        h, c = rnn_ops.rnn_cell(input, h, c, module.weight_ih, module.weight_hh, *bias, mode)
+        h, c = rnn_ops.rnn_cell(input, h, c, params["weight_ih"], params["weight_hh"], *bias, mode)
         return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
     h = hx if hx is not None else zeros
     if not batched and hx is not None:
         h = h.unsqueeze(0)
-    h, _ = rnn_ops.rnn_cell(input, h, None, module.weight_ih, module.weight_hh, *bias, mode)
+    h, _ = rnn_ops.rnn_cell(input, h, None, params["weight_ih"], params["weight_hh"], *bias, mode)
     return h if batched else h.squeeze(0)
 
 

@@ -257,6 +257,7 @@ def time_major_call(fn, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reset, mode,
 # --------------------------------------------------------------------------- single-step cells
 CELL_SLOTS = {"tanh": 1, "relu": 1, "gru": 4, "lstm": 5}
 CELL_OP = "rnn_cell"
+_CELL_DTYPES = (torch.float32, torch.float64)
 HAVE_CELL_CPP = (
     backends.available()["cpp"] is None
     and hasattr(torch.ops.fastrec, "rnn_cell_forward_cpp")
@@ -326,7 +327,7 @@ def _cell_unfused_reason(x: Tensor, mode: str) -> str | None:
         return f"no fused rnn cell kernel for {x.device.type} tensors (torch's cell)"
     if not HAVE_CELL_CPP:
         return "fastrec._C does not register rnn_cell_forward_cpp"
-    if x.dtype not in (torch.float32, torch.float64):
+    if x.dtype not in _CELL_DTYPES:
         return f"{x.dtype} cell (the fused cell computes in float32 / float64)"
     return None
 
@@ -342,8 +343,11 @@ def rnn_cell(
     mode: str,
 ) -> tuple[Tensor, Tensor | None]:
     """One step of a cell on ``x (B, I)``, ``h``/``c`` ``(B, H)``: ``(h_new, c_new or None)``."""
-    reason = _cell_unfused_reason(x, mode)
-    backend = backends.select(x.device, reason)
+    if backends.forced() is None and x.device.type == "cpu" and HAVE_CELL_CPP and x.dtype in _CELL_DTYPES:
+        backend, reason = "cpp", None  # the common case, decided without the general selection (per step)
+    else:
+        reason = _cell_unfused_reason(x, mode)
+        backend = backends.select(x.device, reason)
     backends.count(CELL_OP, backend, reason or "")
     if backend == "cpp":
         tensors = (x, h, c, w_ih, w_hh, b_ih, b_hh)
