@@ -209,10 +209,10 @@ def _mha_cases(device, dtype, batch, length, p, kpm, causal, copies) -> list[Cas
 
 # --------------------------------------------------------------------------- rnn cases
 def rnn_cases(device: torch.device, dtype: torch.dtype, full: bool) -> list[Case]:
-    """fastrec.nn.GRU/LSTM/RNN vs torch's (padded, batch_first), GRU on packed input (the same
-    PackedSequence on both sides, lengths uniform in [1, T]), the fused GRU against the Python
-    loop of nn.GRUCell that the GRU4Rec reference code runs, and single cell steps
-    (fastrec.nn.GRUCell vs torch.nn.GRUCell, hidden 100)."""
+    """fastrec.nn.GRU/LSTM/RNN vs torch's (padded, batch_first); GRU and LSTM (and RNN with
+    ``full``) on packed input (the same PackedSequence on both sides, lengths uniform in
+    [1, T]); the fused GRU against the Python loop of nn.GRUCell that the GRU4Rec reference
+    code runs; single cell steps (fastrec.nn.GRUCell vs torch.nn.GRUCell, hidden 100)."""
     gen = torch.Generator().manual_seed(0)
     # (batch, steps, hidden): the default set keeps `fastrec bench` short; --full adds the
     # rest of BENCHMARKS.md's envelope.
@@ -222,7 +222,8 @@ def rnn_cases(device: torch.device, dtype: torch.dtype, full: bool) -> list[Case
     cases: list[Case] = []
     for batch, steps, hidden in shapes:
         cases += _rnn_padded_cases(device, dtype, batch, steps, hidden)
-        cases += _rnn_packed_cases(device, dtype, batch, steps, hidden, gen)
+        for kind in ("GRU", "LSTM") + (("RNN",) if full else ()):
+            cases += _rnn_packed_cases(device, dtype, kind, batch, steps, hidden, gen)
     for batch in (1, 64, 512):
         cases += _rnn_cell_cases(device, dtype, batch, 100, 100)
     return cases
@@ -267,8 +268,8 @@ def _rnn_padded_cases(device, dtype, batch, steps, hidden) -> list[Case]:
     return cases
 
 
-def _rnn_packed_cases(device, dtype, batch, steps, hidden, gen) -> list[Case]:
-    """GRU on one PackedSequence (built once, unsorted lengths) given to both modules; the
+def _rnn_packed_cases(device, dtype, kind, batch, steps, hidden, gen) -> list[Case]:
+    """``kind`` (GRU, LSTM, RNN) on one PackedSequence (built once, unsorted lengths) given to both modules; the
     gradient is taken with respect to its data."""
     copies = 4 if device.type == "cuda" else 1
     lengths = torch.randint(1, steps + 1, (batch,), generator=gen)
@@ -286,13 +287,13 @@ def _rnn_packed_cases(device, dtype, batch, steps, hidden, gen) -> list[Case]:
     def run(module):
         return lambda data: module(torch.nn.utils.rnn.PackedSequence(data, *layout))[0].data
 
-    ref, ours = _rnn_pair(device, dtype, "GRU", hidden, batch_first=True)
-    flops = 2 * rows * 2 * hidden * 3 * hidden
+    ref, ours = _rnn_pair(device, dtype, kind, hidden, batch_first=True)
+    flops = 2 * rows * 2 * hidden * {"GRU": 3, "LSTM": 4, "RNN": 1}[kind] * hidden
     shape = f"B={batch} T={steps} in=hidden={hidden} packed"
-    params = {"fastrec": tuple(ours.parameters()), "nn.GRU": tuple(ref.parameters())}
-    forwards = {"fastrec": run(ours), "nn.GRU": run(ref)}
+    params = {"fastrec": tuple(ours.parameters()), f"nn.{kind}": tuple(ref.parameters())}
+    forwards = {"fastrec": run(ours), f"nn.{kind}": run(ref)}
     io = 2 * rows * hidden * dtype.itemsize
-    return _pair("rnn", "GRU", shape, _dtype_name(dtype), forwards, _rotating(make, copies), flops, io, params)
+    return _pair("rnn", kind, shape, _dtype_name(dtype), forwards, _rotating(make, copies), flops, io, params)
 
 
 def _rnn_cell_cases(device, dtype, batch, input_size, hidden) -> list[Case]:

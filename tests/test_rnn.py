@@ -36,18 +36,19 @@ def _fused_backend(request):
 
 
 @pytest.mark.default_dispatch
-def test_default_dispatch_routes_cpu_lstm_to_torch_and_packed_input_to_the_fused_path():
+def test_default_dispatch_routes_padded_cpu_lstm_to_torch_and_packed_input_to_the_fused_path():
     x = torch.randn(3, 7, 5)
     backends.stats(reset=True)
     fnn.LSTM(5, 6, batch_first=True)(x)
     packed = pack_padded_sequence(x, torch.tensor([7, 2, 5]), batch_first=True, enforce_sorted=False)
     fnn.GRU(5, 6, batch_first=True)(packed)
     fnn.GRU(5, 6, batch_first=True)(x)
+    fnn.LSTM(5, 6, batch_first=True)(packed)
     counts = backends.stats()
     assert counts[("LSTM", "torch", "LSTM on CPU (torch's oneDNN LSTM is as fast)")] == 1
     assert not any(op == "GRU" and backend == "torch" for (op, backend, _) in counts)
     if rnn_ops.HAVE_CPP:
-        assert sum(n for (op, backend, _), n in counts.items() if op == "rnn" and backend == "cpp") == 2
+        assert sum(n for (op, backend, _), n in counts.items() if op == "rnn" and backend == "cpp") == 3
 
 
 def make(kind: str, input_size: int, hidden: int, **kwargs) -> tuple[torch.nn.Module, torch.nn.Module]:
