@@ -1,21 +1,32 @@
 // Fused recurrences on the CPU (Elman tanh / relu, GRU, LSTM), forward and backward, for one
 // layer and one direction:
-//   torch.ops.fastrec.rnn_forward_cpp(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse)
+//   torch.ops.fastrec.rnn_forward_cpp(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse,
+//                                     batch_first=False, batch_sizes=None)
 //       -> (out, h_n, c_n, workspace)
 //   torch.ops.fastrec.rnn_backward_cpp(grad_out, grad_h_n, grad_c_n, workspace, w_hh, b_hh, h0,
-//                                      c0, lengths, reset, mode, reverse)
+//                                      c0, lengths, reset, mode, reverse, batch_first=False,
+//                                      batch_sizes=None)
 //       -> (grad_gx, grad_gh, grad_h0, grad_c0, hprev)
 // haste-style split of the work: the caller computes the input projection of every step as one
-// GEMM (gx = x W_ih^T + b_ih, (T, B, G*H) time-major) before the forward, and the weight
-// gradients as GEMMs after the backward (dW_ih = grad_gx^T x, dW_hh = grad_gh^T hprev, the
-// biases as sums, dx = grad_gx W_ih); these kernels run only the sequential part.
+// GEMM (gx = x W_ih^T + b_ih) before the forward, and the weight gradients as GEMMs after the
+// backward (dW_ih = grad_gx^T x, dW_hh = grad_gh^T hprev, the biases as sums, dx = grad_gx
+// W_ih); these kernels run only the sequential part. (Single-step cells, at the end of the
+// file, are one op each way instead.)
+//
+// Layouts of the per-step tensors (gx, out, workspace, grad_out, grad_gx, grad_gh, hprev), all
+// the same: time-major (T, B, ..); batch-major (B, T, ..) when batch_first, so that a
+// batch_first module needs no transposed copies; or packed (N, ..) in PackedSequence order
+// when batch_sizes (int64 (T,), non-increasing, batch_sizes[0] = B) is given: the rows of step
+// t are the batch_sizes[t] first rows of the batch, so only real rows are stored and computed
+// and a step touches only the rows still running (lengths / reset are not taken then).
 //
 // Equations are PyTorch's (gate order GRU r, z, n; LSTM i, f, g, o; GRU b_hn inside the reset
 // product). lengths (int32 (B,), values in [1, T]): row b runs steps 0..len_b-1 (reverse: from
 // len_b-1 down to 0); past its length out = 0 and the state is frozen, so h_n is each row's own
-// last state. reset (bool (T, B)): the state of row b is zeroed before step t where set.
+// last state. reset (bool (T, B), (B, T) when batch_first): the state of row b is zeroed before
+// step t where set.
 //
-// workspace: (T, B, K * H) in the compute dtype (fp32, or fp64 for fp64 inputs), entry (t, b)
+// workspace: (.., K * H) in the compute dtype (fp32, or fp64 for fp64 inputs), entry (t, b)
 // holding K slots of H values for the step t of row b:
 //   tanh / relu: K = 2: [h_t, hprev]
 //   gru:         K = 5: [r, z, n, gh_n = W_hn h + b_hn, hprev]
@@ -23,8 +34,9 @@
 // where hprev / cprev are the states that entered the step (after reset). Entries of steps a row
 // did not run are zero.
 //
-// Layout of the work: rows of the batch are split over threads with at::parallel_for; each
-// thread owns its rows for the whole time loop (no per-step synchronisation). W_hh is packed
+// Layout of the work: blocks of rows of the batch are dealt to threads (at::parallel_for, snake
+// order so that length-sorted packed batches balance); each thread owns its rows for the whole
+// time loop (no per-step synchronisation). W_hh is packed
 // once per call: forward by chunks of one SIMD vector of hidden units, (Hp / kN, H, G, kN) with
 // Hp = H rounded up to the vector width, so that h (R rows) x W_hh^T for one chunk is an outer
 // product of broadcast h values with the chunk's G contiguous gate vectors, accumulated in
@@ -38,8 +50,12 @@
 #endif
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -180,10 +196,20 @@ struct Problem {
   std::vector<T> wp;    // backward packing (G * Hp, Hp): wp[g * Hp + k][j] = w_hh[g * H + k][j]
   std::vector<T> bias;  // (G * Hp) b_hh padded, zeros when there is none
 
+  // Layout of the (t, b) rows of gx / out / workspace and the gradients: dense with strides
+  // (time-major: st = B, sb = 1; batch-major: st = 1, sb = steps), or packed (PackedSequence
+  // order: the batch_sizes[t] rows of step t, a prefix of the batch, start at offsets[t]).
+  int64_t st = 0, sb = 1;
+  bool packed = false;
+  std::vector<int64_t> offsets;       // (steps) packed only
+  std::vector<int32_t> packed_lens;   // (B) packed only: rows of step t are b < batch_sizes[t]
+
   int64_t length(int64_t b) const { return lengths ? lengths[b] : steps; }
   // Time index of processing step s of a row of length len (s < len).
   int64_t time(int64_t s, int64_t len) const { return reverse ? len - 1 - s : s; }
-  bool is_reset(int64_t t, int64_t b) const { return reset && reset[t * B + b]; }
+  // Row of entry (t, b) in gx / out / workspace; packed: only for t < length(b).
+  int64_t index(int64_t t, int64_t b) const { return packed ? offsets[t] + b : t * st + b * sb; }
+  bool is_reset(int64_t t, int64_t b) const { return reset && reset[t * st + b * sb]; }
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -223,11 +249,11 @@ struct BlockRows {
 };
 
 template <int R, typename T>
-BlockRows<R> block_rows(const Problem<T>& p, int64_t s, int64_t row0, int nr) {
+BlockRows<R> block_rows(const Problem<T>& p, int64_t s, const int64_t* rows, int nr) {
   BlockRows<R> br;
   br.nr = nr;
   for (int r = 0; r < nr; ++r) {
-    const int64_t b = row0 + r, len = p.length(b);
+    const int64_t b = rows[r], len = p.length(b);
     br.b[r] = b;
     br.active[r] = s < len;
     br.t[r] = s < len ? p.time(s, len) : s;
@@ -295,7 +321,7 @@ __attribute__((always_inline)) inline void forward_epilogue(
 template <Mode M, int R, int NV, typename T>
 void forward_block_cols(const Problem<T>& p, const BlockRows<R>& br, int64_t c0, const T* gx,
                         const T* hcur, T* hnext, T* cst, T* out, T* ws) {
-  const int64_t H = p.H, Hp = p.Hp, G = p.G, K = p.K, B = p.B;
+  const int64_t H = p.H, Hp = p.Hp, G = p.G, K = p.K;
   constexpr bool kElman = M == Mode::kTanh || M == Mode::kRelu;
   Vec<T> acc[R][NV];
   // Chunk c0 / kN of wt starts at c0 * H * G; within it row k holds the G gate vectors (GRU,
@@ -304,7 +330,7 @@ void forward_block_cols(const Problem<T>& p, const BlockRows<R>& br, int64_t c0,
                               kElman ? H * kN<T> : kN<T>, acc);
   for (int r = 0; r < br.nr; ++r) {
     if (!br.active[r]) continue;
-    const int64_t tb = br.t[r] * B + br.b[r];
+    const int64_t tb = p.index(br.t[r], br.b[r]);
     const T* gxr = gx + tb * G * H;
     T* outr = out + tb * H;
     T* wsr = ws + tb * K * H;
@@ -322,35 +348,45 @@ void forward_block_cols(const Problem<T>& p, const BlockRows<R>& br, int64_t c0,
   }
 }
 
-// Rows [b0, b1) of the batch for the whole time loop.
+// The n rows rows[0..n) of the batch for the whole time loop (packed: in increasing b, so the
+// rows still running at a step are a prefix of them and the loop stops at the first block
+// with none). A row's final state goes to h_n / c_n at its last step.
 template <Mode M, int R, typename T>
-void forward_rows(const Problem<T>& p, int64_t b0, int64_t b1, const T* gx, const T* h0,
+void forward_rows(const Problem<T>& p, const int64_t* rows, int64_t n, const T* gx, const T* h0,
                   const T* c0, T* out, T* h_n, T* c_n, T* ws) {
-  const int64_t H = p.H, Hp = p.Hp, K = p.K, B = p.B;
-  const int64_t n = b1 - b0, nb = round_up(n, R);
+  const int64_t H = p.H, Hp = p.Hp, K = p.K;
+  const int64_t nb = round_up(n, R);
   constexpr bool kLstm = M == Mode::kLstm;
   std::vector<T> hbuf(2 * nb * Hp, T(0)), cbuf(kLstm ? nb * Hp : 0, T(0));
   T* hcur = hbuf.data();
   T* hnext = hcur + nb * Hp;
   for (int64_t i = 0; i < n; ++i) {
-    std::copy(h0 + (b0 + i) * H, h0 + (b0 + i + 1) * H, hcur + i * Hp);
-    if constexpr (kLstm) std::copy(c0 + (b0 + i) * H, c0 + (b0 + i + 1) * H, &cbuf[i * Hp]);
+    const int64_t b = rows[i];
+    std::copy(h0 + b * H, h0 + (b + 1) * H, hcur + i * Hp);
+    if constexpr (kLstm) std::copy(c0 + b * H, c0 + (b + 1) * H, &cbuf[i * Hp]);
+    if (p.length(b) == 0) {  // no steps at all: the state passes through
+      std::copy(h0 + b * H, h0 + (b + 1) * H, h_n + b * H);
+      if constexpr (kLstm) std::copy(c0 + b * H, c0 + (b + 1) * H, c_n + b * H);
+    }
   }
   for (int64_t s = 0; s < p.steps; ++s) {
     for (int64_t rb = 0; rb < n; rb += R) {
       const BlockRows<R> br =
-          block_rows<R>(p, s, b0 + rb, static_cast<int>(std::min<int64_t>(R, n - rb)));
+          block_rows<R>(p, s, rows + rb, static_cast<int>(std::min<int64_t>(R, n - rb)));
+      if (p.packed && !br.any) break;
       T* hc = hcur + rb * Hp;
       T* hn = hnext + rb * Hp;
       T* cs = kLstm ? &cbuf[rb * Hp] : nullptr;
       for (int r = 0; r < br.nr; ++r) {
-        const int64_t tb = br.t[r] * B + br.b[r];
-        if (!br.active[r]) {  // frozen state, zero output
-          std::copy(hc + r * Hp, hc + (r + 1) * Hp, hn + r * Hp);
-          std::fill(out + tb * H, out + (tb + 1) * H, T(0));
-          std::fill(ws + tb * K * H, ws + (tb + 1) * K * H, T(0));
+        if (!br.active[r]) {  // past the row's length: zero output (dense layouts only)
+          if (!p.packed) {
+            const int64_t tb = p.index(br.t[r], br.b[r]);
+            std::fill(out + tb * H, out + (tb + 1) * H, T(0));
+            std::fill(ws + tb * K * H, ws + (tb + 1) * K * H, T(0));
+          }
           continue;
         }
+        const int64_t tb = p.index(br.t[r], br.b[r]);
         if (p.is_reset(br.t[r], br.b[r])) {
           std::fill(hc + r * Hp, hc + (r + 1) * Hp, T(0));
           if constexpr (kLstm) std::fill(cs + r * Hp, cs + (r + 1) * Hp, T(0));
@@ -384,14 +420,16 @@ void forward_rows(const Problem<T>& p, int64_t b0, int64_t b1, const T* gx, cons
           default: break;
         }
       }
+      for (int r = 0; r < br.nr; ++r) {  // rows at their last step: final state
+        if (!br.active[r] || s != p.length(br.b[r]) - 1) continue;
+        const int64_t b = br.b[r];
+        std::copy(hn + r * Hp, hn + r * Hp + H, h_n + b * H);
+        if constexpr (kLstm) std::copy(cs + r * Hp, cs + r * Hp + H, c_n + b * H);
+      }
     }
     std::swap(hcur, hnext);
   }
   stream_fence();
-  for (int64_t i = 0; i < n; ++i) {
-    std::copy(hcur + i * Hp, hcur + i * Hp + H, h_n + (b0 + i) * H);
-    if constexpr (kLstm) std::copy(&cbuf[i * Hp], &cbuf[i * Hp] + H, c_n + (b0 + i) * H);
-  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -475,36 +513,40 @@ __attribute__((always_inline)) inline void backward_gates(
 }
 
 template <Mode M, int R, typename T>
-void backward_rows(const Problem<T>& p, int64_t b0, int64_t b1, const T* grad_out,
+void backward_rows(const Problem<T>& p, const int64_t* rows, int64_t n, const T* grad_out,
                    const T* grad_h_n, const T* grad_c_n, const T* ws, T* dgx, T* dgh, T* dh0,
                    T* dc0, T* hprev) {
-  const int64_t H = p.H, Hp = p.Hp, G = p.G, K = p.K, B = p.B, GH = G * H;
-  const int64_t n = b1 - b0, nb = round_up(n, R);
+  const int64_t H = p.H, Hp = p.Hp, G = p.G, K = p.K, GH = G * H;
+  const int64_t nb = round_up(n, R);
   constexpr bool kLstm = M == Mode::kLstm;
   std::vector<T> dhbuf(nb * Hp, T(0)), dcbuf(kLstm ? nb * Hp : 0, T(0));
   std::vector<T> carry(R * Hp, T(0)), dghs(R * G * Hp, T(0));
   for (int64_t i = 0; i < n; ++i) {
-    std::copy(grad_h_n + (b0 + i) * H, grad_h_n + (b0 + i + 1) * H, &dhbuf[i * Hp]);
-    if constexpr (kLstm)
-      std::copy(grad_c_n + (b0 + i) * H, grad_c_n + (b0 + i + 1) * H, &dcbuf[i * Hp]);
+    const int64_t b = rows[i];
+    std::copy(grad_h_n + b * H, grad_h_n + (b + 1) * H, &dhbuf[i * Hp]);
+    if constexpr (kLstm) std::copy(grad_c_n + b * H, grad_c_n + (b + 1) * H, &dcbuf[i * Hp]);
   }
   for (int64_t s = p.steps - 1; s >= 0; --s) {
     for (int64_t rb = 0; rb < n; rb += R) {
       const BlockRows<R> br =
-          block_rows<R>(p, s, b0 + rb, static_cast<int>(std::min<int64_t>(R, n - rb)));
+          block_rows<R>(p, s, rows + rb, static_cast<int>(std::min<int64_t>(R, n - rb)));
+      if (p.packed && !br.any) break;
       T* dh = &dhbuf[rb * Hp];
       T* dc = kLstm ? &dcbuf[rb * Hp] : nullptr;
       for (int r = 0; r < br.nr; ++r) {
-        const int64_t tb = br.t[r] * B + br.b[r];
         T* dghr = &dghs[r * G * Hp];
         if (!br.active[r]) {  // the state passes through unchanged; no gradient for the step
           std::copy(dh + r * Hp, dh + (r + 1) * Hp, &carry[r * Hp]);
           std::fill(dghr, dghr + G * Hp, T(0));
-          std::fill(dgx + tb * GH, dgx + (tb + 1) * GH, T(0));
-          std::fill(dgh + tb * GH, dgh + (tb + 1) * GH, T(0));
-          std::fill(hprev + tb * H, hprev + (tb + 1) * H, T(0));
+          if (!p.packed) {
+            const int64_t tb = p.index(br.t[r], br.b[r]);
+            std::fill(dgx + tb * GH, dgx + (tb + 1) * GH, T(0));
+            std::fill(dgh + tb * GH, dgh + (tb + 1) * GH, T(0));
+            std::fill(hprev + tb * H, hprev + (tb + 1) * H, T(0));
+          }
           continue;
         }
+        const int64_t tb = p.index(br.t[r], br.b[r]);
         const T* wsr = ws + tb * K * H;
         std::copy(wsr + (K - 1) * H, wsr + K * H, hprev + tb * H);
         for (int64_t c = 0; c < Hp; c += kN<T>)
@@ -531,8 +573,9 @@ void backward_rows(const Problem<T>& p, int64_t b0, int64_t b1, const T* grad_ou
     }
   }
   for (int64_t i = 0; i < n; ++i) {
-    std::copy(&dhbuf[i * Hp], &dhbuf[i * Hp] + H, dh0 + (b0 + i) * H);
-    if constexpr (kLstm) std::copy(&dcbuf[i * Hp], &dcbuf[i * Hp] + H, dc0 + (b0 + i) * H);
+    const int64_t b = rows[i];
+    std::copy(&dhbuf[i * Hp], &dhbuf[i * Hp] + H, dh0 + b * H);
+    if constexpr (kLstm) std::copy(&dcbuf[i * Hp], &dcbuf[i * Hp] + H, dc0 + b * H);
   }
 }
 
@@ -542,12 +585,50 @@ void backward_rows(const Problem<T>& p, int64_t b0, int64_t b1, const T* grad_ou
 
 bool is_low_precision(at::ScalarType dt) { return dt == at::kHalf || dt == at::kBFloat16; }
 
+// The layout of the per-step tensors (gx, out, workspace and their gradients), from the
+// leading dims of gx (forward) or grad_out (backward) and the optional batch_sizes:
+//   time-major (T, B, ..), batch-major (B, T, ..) when batch_first, or packed (N, ..) in
+//   PackedSequence order when batch_sizes (int64 (T,), non-increasing, batch_sizes[0] = B,
+//   summing to N) is given.
+struct Layout {
+  int64_t steps = 0;
+  std::vector<int64_t> lead;  // leading dims of every per-step tensor
+};
+
+Layout layout_of(const at::Tensor& t, const char* name, int64_t B, bool batch_first,
+                 const std::optional<at::Tensor>& batch_sizes) {
+  Layout l;
+  if (batch_sizes.has_value()) {
+    const at::Tensor& bs = *batch_sizes;
+    TORCH_CHECK(bs.device().is_cpu() && bs.scalar_type() == at::kLong && bs.dim() == 1 &&
+                    bs.is_contiguous(),
+                "fastrec rnn (cpp): batch_sizes must be a contiguous CPU int64 tensor of shape "
+                "(T,), got ", bs.scalar_type(), " ", bs.sizes());
+    TORCH_CHECK(t.dim() == 2, "fastrec rnn (cpp): ", name,
+                " must be 2-D (N, features) with batch_sizes, got ", t.dim(), "-D");
+    l.steps = bs.size(0);
+    l.lead = {t.size(0)};
+  } else {
+    TORCH_CHECK(t.dim() == 3, "fastrec rnn (cpp): ", name, " must be 3-D ",
+                batch_first ? "(B, T, features)" : "(T, B, features)", ", got ", t.dim(), "-D");
+    l.steps = t.size(batch_first ? 1 : 0);
+    l.lead = batch_first ? std::vector<int64_t>{B, l.steps} : std::vector<int64_t>{l.steps, B};
+  }
+  return l;
+}
+
+std::vector<int64_t> with_last(std::vector<int64_t> lead, int64_t last) {
+  lead.push_back(last);
+  return lead;
+}
+
 // Fills the problem description (everything but the packed weights) and checks the optional
-// inputs. B, H from h0 (or grad_h_n), steps from the time-major tensor.
+// inputs. B, H from h0, steps from the layout.
 template <typename T>
-void describe(Problem<T>& p, Mode mode, int64_t steps, int64_t B, int64_t H,
+void describe(Problem<T>& p, Mode mode, const Layout& l, int64_t B, int64_t H,
               const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& reset,
-              bool reverse) {
+              bool reverse, bool batch_first, const std::optional<at::Tensor>& batch_sizes) {
+  const int64_t steps = l.steps;
   p.steps = steps;
   p.B = B;
   p.H = H;
@@ -555,6 +636,28 @@ void describe(Problem<T>& p, Mode mode, int64_t steps, int64_t B, int64_t H,
   p.K = slots_of(mode);
   p.Hp = round_up(std::max<int64_t>(H, 1), kN<T>);
   p.reverse = reverse;
+  p.st = batch_first ? 1 : B;
+  p.sb = batch_first ? steps : 1;
+  if (batch_sizes.has_value()) {
+    TORCH_CHECK(!lengths.has_value() && !reset.has_value(),
+                "fastrec rnn (cpp): lengths and reset cannot be combined with batch_sizes");
+    const int64_t* bs = batch_sizes->data_ptr<int64_t>();
+    p.packed = true;
+    p.offsets.resize(steps);
+    p.packed_lens.assign(B, 0);
+    int64_t total = 0;
+    for (int64_t t = 0; t < steps; ++t) {
+      TORCH_CHECK(bs[t] >= 1 && bs[t] <= (t == 0 ? B : bs[t - 1]) && (t > 0 || bs[0] == B),
+                  "fastrec rnn (cpp): batch_sizes must be non-increasing with batch_sizes[0] = B "
+                  "= ", B, " and every entry >= 1, got ", bs[t], " at step ", t);
+      p.offsets[t] = total;
+      total += bs[t];
+      for (int64_t b = 0; b < bs[t]; ++b) p.packed_lens[b] += 1;
+    }
+    TORCH_CHECK(total == l.lead[0], "fastrec rnn (cpp): batch_sizes must sum to the ",
+                l.lead[0], " packed rows, got ", total);
+    p.lengths = B > 0 ? p.packed_lens.data() : nullptr;
+  }
   if (lengths.has_value()) {
     const at::Tensor& t = *lengths;
     TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kInt && t.dim() == 1 &&
@@ -569,10 +672,12 @@ void describe(Problem<T>& p, Mode mode, int64_t steps, int64_t B, int64_t H,
   }
   if (reset.has_value()) {
     const at::Tensor& t = *reset;
+    const int64_t d0 = batch_first ? B : steps, d1 = batch_first ? steps : B;
     TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBool && t.dim() == 2 &&
-                    t.size(0) == steps && t.size(1) == B && t.is_contiguous(),
-                "fastrec rnn (cpp): reset must be a contiguous CPU bool tensor of shape (T, B) = (",
-                steps, ", ", B, "), got ", t.scalar_type(), " ", t.sizes());
+                    t.size(0) == d0 && t.size(1) == d1 && t.is_contiguous(),
+                "fastrec rnn (cpp): reset must be a contiguous CPU bool tensor of shape ",
+                batch_first ? "(B, T)" : "(T, B)", " = (", d0, ", ", d1, "), got ",
+                t.scalar_type(), " ", t.sizes());
     p.reset = t.data_ptr<bool>();
   }
 }
@@ -591,9 +696,11 @@ void pack_weights(Problem<T>& p, const at::Tensor& w_hh, const std::optional<at:
   } else {
     p.wt.assign(H * G * Hp, T(0));
     for (int64_t g = 0; g < G; ++g)
-      for (int64_t j = 0; j < H; ++j)
-        for (int64_t k = 0; k < H; ++k)
-          p.wt[((j / kN<T> * H + k) * G + g) * kN<T> + j % kN<T>] = w[(g * H + j) * H + k];
+      for (int64_t j = 0; j < H; ++j) {
+        T* dst = &p.wt[((j / kN<T>) * H * G + g) * kN<T> + j % kN<T>];
+        const T* src = w + (g * H + j) * H;
+        for (int64_t k = 0; k < H; ++k) dst[k * G * kN<T>] = src[k];
+      }
     p.bias.assign(G * Hp, T(0));
     if (b_hh.has_value()) {
       const T* bias = b_hh->data_ptr<T>();
@@ -603,13 +710,13 @@ void pack_weights(Problem<T>& p, const at::Tensor& w_hh, const std::optional<at:
 }
 
 void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype,
-                  std::initializer_list<int64_t> shape) {
+                  at::IntArrayRef shape) {
   TORCH_CHECK(t.device().is_cpu(), "fastrec rnn (cpp): ", name, " must be a CPU tensor, got ",
               t.device());
   TORCH_CHECK(t.scalar_type() == dtype, "fastrec rnn (cpp): ", name, " must be ", dtype, ", got ",
               t.scalar_type());
-  TORCH_CHECK(t.sizes().equals(shape), "fastrec rnn (cpp): ", name, " must have shape ",
-              at::IntArrayRef(shape), ", got ", t.sizes());
+  TORCH_CHECK(t.sizes().equals(shape), "fastrec rnn (cpp): ", name, " must have shape ", shape,
+              ", got ", t.sizes());
 }
 
 // Rows per block of the matrix product (accumulators = R x vectors per block <= 24 registers).
@@ -627,28 +734,49 @@ void dispatch_mode(Mode mode, Fn&& fn) {
   }
 }
 
-// Batch rows per task: whole blocks, and no more tasks than threads.
-int64_t grain_of(int64_t B, int rows_per_block) {
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  return std::max<int64_t>(rows_per_block, round_up((B + threads - 1) / threads, rows_per_block));
+// The batch rows of each task (one task per thread at most): blocks of R consecutive rows dealt
+// to the tasks in snake order (0, 1, .., n-1, n-1, .., 0, ..), so that packed batches, sorted by
+// decreasing length, give every task a similar share of the steps; each task's rows stay in
+// increasing order.
+std::vector<std::vector<int64_t>> task_rows(int64_t B, int R) {
+  const int64_t blocks = (B + R - 1) / R;
+  const int64_t tasks =
+      std::max<int64_t>(1, std::min<int64_t>(blocks, at::get_num_threads()));
+  std::vector<std::vector<int64_t>> rows(tasks);
+  for (int64_t i = 0; i < blocks; ++i) {
+    const int64_t round = i / tasks, pos = i % tasks;
+    auto& dst = rows[round % 2 == 0 ? pos : tasks - 1 - pos];
+    for (int64_t b = i * R; b < std::min<int64_t>(B, (i + 1) * R); ++b) dst.push_back(b);
+  }
+  return rows;
+}
+
+template <typename Fn>
+void parallel_over_rows(int64_t B, int R, Fn&& fn) {
+  const auto rows = task_rows(B, R);
+  at::parallel_for(0, static_cast<int64_t>(rows.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      fn(rows[i].data(), static_cast<int64_t>(rows[i].size()));
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_forward_cpp(
     const at::Tensor& gx_in, const at::Tensor& h0_in, const std::optional<at::Tensor>& c0_in,
     const at::Tensor& w_hh_in, const std::optional<at::Tensor>& b_hh_in,
     const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& reset,
-    c10::string_view mode_name, bool reverse) {
+    c10::string_view mode_name, bool reverse, bool batch_first,
+    const std::optional<at::Tensor>& batch_sizes) {
   const Mode mode = parse_mode(mode_name);
   const int64_t G = gates_of(mode), K = slots_of(mode);
-  TORCH_CHECK(gx_in.dim() == 3, "fastrec rnn (cpp): gx must be 3-D (T, B, G*H), got ",
-              gx_in.dim(), "-D");
   TORCH_CHECK(h0_in.dim() == 2, "fastrec rnn (cpp): h0 must be 2-D (B, H), got ", h0_in.dim(),
               "-D");
   const auto dt = gx_in.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || is_low_precision(dt),
               "fastrec rnn (cpp): gx must be float16, bfloat16, float32 or float64, got ", dt);
-  const int64_t steps = gx_in.size(0), B = h0_in.size(0), H = h0_in.size(1);
-  check_tensor(gx_in, "gx", dt, {steps, B, G * H});
+  const int64_t B = h0_in.size(0), H = h0_in.size(1);
+  const Layout l = layout_of(gx_in, "gx", B, batch_first, batch_sizes);
+  const int64_t steps = l.steps;
+  check_tensor(gx_in, "gx", dt, with_last(l.lead, G * H));
   check_tensor(h0_in, "h0", dt, {B, H});
   check_tensor(w_hh_in, "w_hh", dt, {G * H, H});
   if (b_hh_in.has_value()) check_tensor(*b_hh_in, "b_hh", dt, {G * H});
@@ -665,14 +793,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_forward_cpp(
       c0_in.has_value() ? std::optional<at::Tensor>(prep(*c0_in)) : std::nullopt;
 
   const auto opts = gx.options();
-  at::Tensor out = at::empty({steps, B, H}, opts);
+  at::Tensor out = at::empty(with_last(l.lead, H), opts);
   at::Tensor h_n = at::empty({B, H}, opts);
   at::Tensor c_n = at::empty({mode == Mode::kLstm ? B : 0, mode == Mode::kLstm ? H : 0}, opts);
-  at::Tensor ws = at::empty({steps, B, K * H}, opts);
+  at::Tensor ws = at::empty(with_last(l.lead, K * H), opts);
   if (B * H > 0) {
     AT_DISPATCH_FLOATING_TYPES(ct, "rnn_forward_cpp", [&] {
       Problem<scalar_t> p;
-      describe(p, mode, steps, B, H, lengths, reset, reverse);
+      describe(p, mode, l, B, H, lengths, reset, reverse, batch_first, batch_sizes);
       pack_weights(p, w_hh, b_hh, false);
       const scalar_t* gx_p = gx.data_ptr<scalar_t>();
       const scalar_t* h0_p = h0.data_ptr<scalar_t>();
@@ -684,8 +812,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_forward_cpp(
       dispatch_mode(mode, [&](auto m) {
         constexpr Mode M = decltype(m)::value;
         constexpr int R = forward_rows_per_block<M>();
-        at::parallel_for(0, B, grain_of(B, R), [&](int64_t begin, int64_t end) {
-          forward_rows<M, R, scalar_t>(p, begin, end, gx_p, h0_p, c0_p, out_p, hn_p, cn_p, ws_p);
+        parallel_over_rows(B, R, [&](const int64_t* rows, int64_t n) {
+          forward_rows<M, R, scalar_t>(p, rows, n, gx_p, h0_p, c0_p, out_p, hn_p, cn_p, ws_p);
         });
       });
     });
@@ -703,21 +831,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
     const std::optional<at::Tensor>& grad_c_n_in, const at::Tensor& ws_in,
     const at::Tensor& w_hh_in, const std::optional<at::Tensor>& b_hh, const at::Tensor& h0,
     const std::optional<at::Tensor>& c0, const std::optional<at::Tensor>& lengths,
-    const std::optional<at::Tensor>& reset, c10::string_view mode_name, bool reverse) {
+    const std::optional<at::Tensor>& reset, c10::string_view mode_name, bool reverse,
+    bool batch_first, const std::optional<at::Tensor>& batch_sizes) {
   const Mode mode = parse_mode(mode_name);
   const int64_t G = gates_of(mode), K = slots_of(mode);
   const bool lstm = mode == Mode::kLstm;
-  TORCH_CHECK(grad_out_in.dim() == 3 && h0.dim() == 2,
-              "fastrec rnn (cpp): grad_out must be 3-D (T, B, H) and h0 2-D (B, H), got ",
-              grad_out_in.sizes(), " and ", h0.sizes());
+  TORCH_CHECK(h0.dim() == 2, "fastrec rnn (cpp): h0 must be 2-D (B, H), got ", h0.sizes());
   const auto dt = h0.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || is_low_precision(dt),
               "fastrec rnn (cpp): h0 must be float16, bfloat16, float32 or float64, got ", dt);
   const auto ct = dt == at::kDouble ? at::kDouble : at::kFloat;
-  const int64_t steps = grad_out_in.size(0), B = h0.size(0), H = h0.size(1);
-  check_tensor(grad_out_in, "grad_out", dt, {steps, B, H});
+  const int64_t B = h0.size(0), H = h0.size(1);
+  const Layout l = layout_of(grad_out_in, "grad_out", B, batch_first, batch_sizes);
+  check_tensor(grad_out_in, "grad_out", dt, with_last(l.lead, H));
   check_tensor(grad_h_n_in, "grad_h_n", dt, {B, H});
-  check_tensor(ws_in, "workspace", ct, {steps, B, K * H});
+  check_tensor(ws_in, "workspace", ct, with_last(l.lead, K * H));
   check_tensor(w_hh_in, "w_hh", dt, {G * H, H});
   if (b_hh.has_value()) check_tensor(*b_hh, "b_hh", dt, {G * H});
   TORCH_CHECK(!lstm || (grad_c_n_in.has_value() && c0.has_value()),
@@ -733,15 +861,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
   const at::Tensor grad_c_n = lstm ? prep(*grad_c_n_in) : at::Tensor();
 
   const auto opts = grad_out.options();
-  at::Tensor dgx = at::empty({steps, B, G * H}, opts);
-  at::Tensor dgh = at::empty({steps, B, G * H}, opts);
+  at::Tensor dgx = at::empty(with_last(l.lead, G * H), opts);
+  at::Tensor dgh = at::empty(with_last(l.lead, G * H), opts);
   at::Tensor dh0 = at::empty({B, H}, opts);
   at::Tensor dc0 = at::empty({lstm ? B : 0, lstm ? H : 0}, opts);
-  at::Tensor hprev = at::empty({steps, B, H}, opts);
+  at::Tensor hprev = at::empty(with_last(l.lead, H), opts);
   if (B * H > 0) {
     AT_DISPATCH_FLOATING_TYPES(ct, "rnn_backward_cpp", [&] {
       Problem<scalar_t> p;
-      describe(p, mode, steps, B, H, lengths, reset, reverse);
+      describe(p, mode, l, B, H, lengths, reset, reverse, batch_first, batch_sizes);
       pack_weights(p, w_hh, std::nullopt, true);
       const scalar_t* go_p = grad_out.data_ptr<scalar_t>();
       const scalar_t* ghn_p = grad_h_n.data_ptr<scalar_t>();
@@ -754,9 +882,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
       scalar_t* hprev_p = hprev.data_ptr<scalar_t>();
       dispatch_mode(mode, [&](auto m) {
         constexpr Mode M = decltype(m)::value;
-        at::parallel_for(0, B, grain_of(B, kBackwardRows), [&](int64_t begin, int64_t end) {
-          backward_rows<M, kBackwardRows, scalar_t>(p, begin, end, go_p, ghn_p, gcn_p, ws_p,
-                                                    dgx_p, dgh_p, dh0_p, dc0_p, hprev_p);
+        parallel_over_rows(B, kBackwardRows, [&](const int64_t* rows, int64_t n) {
+          backward_rows<M, kBackwardRows, scalar_t>(p, rows, n, go_p, ghn_p, gcn_p, ws_p, dgx_p,
+                                                    dgh_p, dh0_p, dc0_p, hprev_p);
         });
       });
     });
@@ -773,22 +901,308 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
   return {dgx, dgh, dh0, dc0, hprev};
 }
 
+// ---------------------------------------------------------------------------------------------
+// Single-step cells
+// ---------------------------------------------------------------------------------------------
+// torch.ops.fastrec.rnn_cell_forward_cpp(x, h, c, w_ih, w_hh, b_ih, b_hh, mode)
+//     -> (h_new, c_new, workspace)
+// torch.ops.fastrec.rnn_cell_backward_cpp(grad_h_new, grad_c_new, workspace, x, h, c, w_ih, w_hh,
+//                                         mode) -> (grad_x, grad_h, grad_c, grad_w_ih, grad_w_hh,
+//                                                   grad_b_ih, grad_b_hh)
+// One step of one cell (x (B, I), h / c (B, H), fp32 or fp64) in one op each way: the two GEMMs
+// (ATen's, on unpacked weights: one step gives nothing to amortise a packing over; for
+// Elman / LSTM the second accumulates into the first) and the gate arithmetic in one pass over
+// the rows, parallel over the batch. The backward computes the gate gradients in one pass and
+// every input, state, weight and bias gradient as GEMMs / sums in the same op. workspace (B,
+// K * H): tanh / relu K = 1 [h_new]; gru K = 4 [r, z, n, gh_n]; lstm K = 5 [i, f, g, o,
+// tanh(c_new)]. c_new and grad_c are (0, 0) for modes other than lstm, as are the bias gradients
+// when the forward had no biases.
+
+constexpr int cell_slots_of(Mode m) { return m == Mode::kGru ? 4 : m == Mode::kLstm ? 5 : 1; }
+
+// Gate arithmetic of one row. pre: (G * H) pre-activations, W_ih x + b_ih (+ W_hh h for Elman /
+// LSTM); gh: (G * H) W_hh h + b_hh (GRU); b_hh (G * H) or null (Elman / LSTM: added here).
+template <Mode M, typename T>
+void cell_forward_row(int64_t H, const T* pre, const T* gh, const T* b_hh, const T* h,
+                      const T* c, T* hn, T* cn, T* ws) {
+  auto ld = [&](const T* q, int64_t off, int64_t nc) {
+    return q ? vload_n(q + off, nc) : Vec<T>{};
+  };
+  for (int64_t j = 0; j < H; j += kN<T>) {
+    const int64_t nc = std::min<int64_t>(kN<T>, H - j);
+    if constexpr (M == Mode::kTanh || M == Mode::kRelu) {
+      Vec<T> y = vload_n(pre + j, nc) + ld(b_hh, j, nc);
+      if constexpr (M == Mode::kTanh) {
+        y = vtanh(y);
+      } else {
+        y = y > T(0) ? y : Vec<T>{};
+      }
+      vstore_n(hn + j, y, nc);
+      vstore_n(ws + j, y, nc);
+    } else if constexpr (M == Mode::kGru) {
+      const Vec<T> r = vsigmoid(vload_n(pre + j, nc) + vload_n(gh + j, nc));
+      const Vec<T> z = vsigmoid(vload_n(pre + H + j, nc) + vload_n(gh + H + j, nc));
+      const Vec<T> ghn = vload_n(gh + 2 * H + j, nc);
+      const Vec<T> n = vtanh(vload_n(pre + 2 * H + j, nc) + r * ghn);
+      vstore_n(hn + j, n + z * (vload_n(h + j, nc) - n), nc);
+      vstore_n(ws + j, r, nc);
+      vstore_n(ws + H + j, z, nc);
+      vstore_n(ws + 2 * H + j, n, nc);
+      vstore_n(ws + 3 * H + j, ghn, nc);
+    } else {
+      const Vec<T> i = vsigmoid(vload_n(pre + j, nc) + ld(b_hh, j, nc));
+      const Vec<T> f = vsigmoid(vload_n(pre + H + j, nc) + ld(b_hh, H + j, nc));
+      const Vec<T> g = vtanh(vload_n(pre + 2 * H + j, nc) + ld(b_hh, 2 * H + j, nc));
+      const Vec<T> o = vsigmoid(vload_n(pre + 3 * H + j, nc) + ld(b_hh, 3 * H + j, nc));
+      const Vec<T> cnew = f * vload_n(c + j, nc) + i * g;
+      const Vec<T> tc = vtanh(cnew);
+      vstore_n(cn + j, cnew, nc);
+      vstore_n(hn + j, o * tc, nc);
+      const Vec<T> slots[5] = {i, f, g, o, tc};
+      for (int q = 0; q < 5; ++q) vstore_n(ws + q * H + j, slots[q], nc);
+    }
+  }
+}
+
+// Gate gradients of one row: dgx (G * H) the pre-activation gradient of the input projection,
+// dgh (G * H, GRU only: the other modes share dgx) that of W_hh h, carry (H) the gradient that
+// reaches h directly (GRU) and dc_prev (H, LSTM) that of c.
+template <Mode M, typename T>
+void cell_backward_row(int64_t H, const T* dhn, const T* dcn, const T* ws, const T* h,
+                       const T* c, T* dgx, T* dgh, T* carry, T* dc_prev) {
+  const Vec<T> one = Vec<T>{} + T(1);
+  for (int64_t j = 0; j < H; j += kN<T>) {
+    const int64_t nc = std::min<int64_t>(kN<T>, H - j);
+    const Vec<T> dh = vload_n(dhn + j, nc);
+    if constexpr (M == Mode::kTanh || M == Mode::kRelu) {
+      const Vec<T> y = vload_n(ws + j, nc);
+      if constexpr (M == Mode::kTanh) {
+        vstore_n(dgx + j, dh * (one - y * y), nc);
+      } else {
+        vstore_n(dgx + j, y > T(0) ? dh : Vec<T>{}, nc);
+      }
+    } else if constexpr (M == Mode::kGru) {
+      const Vec<T> r = vload_n(ws + j, nc), z = vload_n(ws + H + j, nc),
+                   n = vload_n(ws + 2 * H + j, nc), ghn = vload_n(ws + 3 * H + j, nc);
+      const Vec<T> dn = dh * (one - z) * (one - n * n);
+      const Vec<T> dz = dh * (vload_n(h + j, nc) - n) * z * (one - z);
+      const Vec<T> dr = dn * ghn * r * (one - r);
+      vstore_n(dgx + j, dr, nc);
+      vstore_n(dgx + H + j, dz, nc);
+      vstore_n(dgx + 2 * H + j, dn, nc);
+      vstore_n(dgh + j, dr, nc);
+      vstore_n(dgh + H + j, dz, nc);
+      vstore_n(dgh + 2 * H + j, dn * r, nc);
+      vstore_n(carry + j, dh * z, nc);
+    } else {
+      const Vec<T> i = vload_n(ws + j, nc), f = vload_n(ws + H + j, nc),
+                   g = vload_n(ws + 2 * H + j, nc), o = vload_n(ws + 3 * H + j, nc),
+                   tc = vload_n(ws + 4 * H + j, nc);
+      const Vec<T> dc = (dcn ? vload_n(dcn + j, nc) : Vec<T>{}) + dh * o * (one - tc * tc);
+      vstore_n(dgx + j, dc * g * i * (one - i), nc);
+      vstore_n(dgx + H + j, dc * vload_n(c + j, nc) * f * (one - f), nc);
+      vstore_n(dgx + 2 * H + j, dc * i * (one - g * g), nc);
+      vstore_n(dgx + 3 * H + j, dh * tc * o * (one - o), nc);
+      vstore_n(dc_prev + j, dc * f, nc);
+    }
+  }
+}
+
+void check_cell_dtype(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
+              "fastrec rnn cell (cpp): ", name, " must be float32 or float64, got ",
+              t.scalar_type());
+}
+
+// Cells run in one parallel region over chunks of rows, each chunk doing its rows' GEMMs
+// (single-threaded inside the region) and gate arithmetic: one fork / join per step instead of
+// one per GEMM. Chunks of at least 8 rows, at most one per thread.
+int64_t cell_grain(int64_t B) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  return std::max<int64_t>(8, (B + threads - 1) / threads);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_cell_forward_cpp(
+    const at::Tensor& x_in, const at::Tensor& h_in, const std::optional<at::Tensor>& c_in,
+    const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+    const std::optional<at::Tensor>& b_hh, c10::string_view mode_name) {
+  const Mode mode = parse_mode(mode_name);
+  const int64_t G = gates_of(mode), K = cell_slots_of(mode);
+  const bool lstm = mode == Mode::kLstm, gru = mode == Mode::kGru;
+  TORCH_CHECK(x_in.dim() == 2 && h_in.dim() == 2,
+              "fastrec rnn cell (cpp): x and h must be 2-D (B, I) and (B, H), got ", x_in.sizes(),
+              " and ", h_in.sizes());
+  check_cell_dtype(x_in, "x");
+  const auto dt = x_in.scalar_type();
+  const int64_t B = x_in.size(0), I = x_in.size(1), H = h_in.size(1);
+  check_tensor(h_in, "h", dt, {B, H});
+  check_tensor(w_ih, "w_ih", dt, {G * H, I});
+  check_tensor(w_hh, "w_hh", dt, {G * H, H});
+  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(),
+              "fastrec rnn cell (cpp): b_ih and b_hh must be given together");
+  if (b_ih.has_value()) {
+    check_tensor(*b_ih, "b_ih", dt, {G * H});
+    check_tensor(*b_hh, "b_hh", dt, {G * H});
+  }
+  TORCH_CHECK(c_in.has_value() == lstm,
+              "fastrec rnn cell (cpp): c must be given for mode 'lstm' and only then");
+  if (lstm) check_tensor(*c_in, "c", dt, {B, H});
+  const at::Tensor x = x_in.detach().contiguous(), h = h_in.detach().contiguous();
+  const at::Tensor c = lstm ? c_in->contiguous() : at::Tensor();
+
+  const auto opts = x.options();
+  at::Tensor pre = at::empty({B, G * H}, opts);
+  at::Tensor gh = gru ? at::empty({B, G * H}, opts) : at::Tensor();
+  at::Tensor hn = at::empty({B, H}, opts);
+  at::Tensor cn = at::empty({lstm ? B : 0, lstm ? H : 0}, opts);
+  at::Tensor ws = at::empty({B, K * H}, opts);
+  const at::Tensor bias = (!gru && b_hh.has_value()) ? b_hh->contiguous() : at::Tensor();
+  const at::Tensor w_ih_t = w_ih.detach().t(), w_hh_t = w_hh.detach().t();
+  const at::ThreadLocalState state;
+  AT_DISPATCH_FLOATING_TYPES(dt, "rnn_cell_forward_cpp", [&] {
+    const scalar_t* pre_p = pre.data_ptr<scalar_t>();
+    const scalar_t* gh_p = gru ? gh.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* b_p = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* h_p = h.data_ptr<scalar_t>();
+    const scalar_t* c_p = lstm ? c.data_ptr<scalar_t>() : nullptr;
+    scalar_t* hn_p = hn.data_ptr<scalar_t>();
+    scalar_t* cn_p = lstm ? cn.data_ptr<scalar_t>() : nullptr;
+    scalar_t* ws_p = ws.data_ptr<scalar_t>();
+    dispatch_mode(mode, [&](auto m) {
+      constexpr Mode M = decltype(m)::value;
+      at::parallel_for(0, B, cell_grain(B), [&](int64_t begin, int64_t end) {
+        at::ThreadLocalStateGuard guard(state);
+        const int64_t n = end - begin;
+        const at::Tensor xs = x.narrow(0, begin, n), hs = h.narrow(0, begin, n);
+        at::Tensor ps = pre.narrow(0, begin, n);
+        if (b_ih.has_value()) {
+          at::addmm_out(ps, b_ih->detach(), xs, w_ih_t);
+        } else {
+          at::mm_out(ps, xs, w_ih_t);
+        }
+        if (gru) {
+          at::Tensor gs = gh.narrow(0, begin, n);
+          if (b_hh.has_value()) {
+            at::addmm_out(gs, b_hh->detach(), hs, w_hh_t);
+          } else {
+            at::mm_out(gs, hs, w_hh_t);
+          }
+        } else {
+          ps.addmm_(hs, w_hh_t);
+        }
+        for (int64_t b = begin; b < end; ++b)
+          cell_forward_row<M, scalar_t>(H, pre_p + b * G * H, gh_p ? gh_p + b * G * H : nullptr,
+                                        b_p, h_p + b * H, c_p ? c_p + b * H : nullptr,
+                                        hn_p + b * H, cn_p ? cn_p + b * H : nullptr,
+                                        ws_p + b * K * H);
+      });
+    });
+  });
+  return {hn, cn, ws};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+rnn_cell_backward_cpp(const at::Tensor& grad_hn_in, const std::optional<at::Tensor>& grad_cn_in,
+                      const at::Tensor& ws, const at::Tensor& x_in, const at::Tensor& h_in,
+                      const std::optional<at::Tensor>& c_in, const at::Tensor& w_ih,
+                      const at::Tensor& w_hh, bool has_bias, c10::string_view mode_name) {
+  const Mode mode = parse_mode(mode_name);
+  const int64_t G = gates_of(mode), K = cell_slots_of(mode);
+  const bool lstm = mode == Mode::kLstm, gru = mode == Mode::kGru;
+  TORCH_CHECK(x_in.dim() == 2 && h_in.dim() == 2,
+              "fastrec rnn cell (cpp): x and h must be 2-D (B, I) and (B, H), got ", x_in.sizes(),
+              " and ", h_in.sizes());
+  check_cell_dtype(x_in, "x");
+  const auto dt = x_in.scalar_type();
+  const int64_t B = x_in.size(0), I = x_in.size(1), H = h_in.size(1);
+  check_tensor(grad_hn_in, "grad_h_new", dt, {B, H});
+  check_tensor(ws, "workspace", dt, {B, K * H});
+  check_tensor(h_in, "h", dt, {B, H});
+  check_tensor(w_ih, "w_ih", dt, {G * H, I});
+  check_tensor(w_hh, "w_hh", dt, {G * H, H});
+  TORCH_CHECK(c_in.has_value() == lstm,
+              "fastrec rnn cell (cpp): c must be given for mode 'lstm' and only then");
+  if (lstm) check_tensor(*c_in, "c", dt, {B, H});
+  if (grad_cn_in.has_value()) check_tensor(*grad_cn_in, "grad_c_new", dt, {B, H});
+  const at::Tensor x = x_in.detach().contiguous(), h = h_in.detach().contiguous(),
+                   dhn = grad_hn_in.contiguous();
+  const at::Tensor w_ih_d = w_ih.detach(), w_hh_d = w_hh.detach();
+  const at::Tensor c = lstm ? c_in->contiguous() : at::Tensor();
+  const at::Tensor dcn =
+      (lstm && grad_cn_in.has_value()) ? grad_cn_in->contiguous() : at::Tensor();
+
+  const auto opts = x.options();
+  at::Tensor dgx = at::empty({B, G * H}, opts);
+  at::Tensor dgh = gru ? at::empty({B, G * H}, opts) : dgx;
+  at::Tensor carry = gru ? at::empty({B, H}, opts) : at::Tensor();
+  at::Tensor dc = at::empty({lstm ? B : 0, lstm ? H : 0}, opts);
+  at::Tensor dx = at::empty({B, I}, opts);
+  at::Tensor dh = at::empty({B, H}, opts);
+  const at::ThreadLocalState state;
+  AT_DISPATCH_FLOATING_TYPES(dt, "rnn_cell_backward_cpp", [&] {
+    const scalar_t* dhn_p = dhn.data_ptr<scalar_t>();
+    const scalar_t* dcn_p = dcn.defined() ? dcn.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* ws_p = ws.data_ptr<scalar_t>();
+    const scalar_t* h_p = h.data_ptr<scalar_t>();
+    const scalar_t* c_p = lstm ? c.data_ptr<scalar_t>() : nullptr;
+    scalar_t* dgx_p = dgx.data_ptr<scalar_t>();
+    scalar_t* dgh_p = gru ? dgh.data_ptr<scalar_t>() : nullptr;
+    scalar_t* carry_p = gru ? carry.data_ptr<scalar_t>() : nullptr;
+    scalar_t* dc_p = lstm ? dc.data_ptr<scalar_t>() : nullptr;
+    dispatch_mode(mode, [&](auto m) {
+      constexpr Mode M = decltype(m)::value;
+      at::parallel_for(0, B, cell_grain(B), [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b)
+          cell_backward_row<M, scalar_t>(
+              H, dhn_p + b * H, dcn_p ? dcn_p + b * H : nullptr, ws_p + b * K * H, h_p + b * H,
+              c_p ? c_p + b * H : nullptr, dgx_p + b * G * H, dgh_p ? dgh_p + b * G * H : nullptr,
+              carry_p ? carry_p + b * H : nullptr, dc_p ? dc_p + b * H : nullptr);
+        // the input and state gradients of the chunk's rows, in the same region
+        at::ThreadLocalStateGuard guard(state);
+        const int64_t n = end - begin;
+        at::Tensor dxs = dx.narrow(0, begin, n), dhs = dh.narrow(0, begin, n);
+        at::mm_out(dxs, dgx.narrow(0, begin, n), w_ih_d);
+        if (gru) {
+          at::addmm_out(dhs, carry.narrow(0, begin, n), dgh.narrow(0, begin, n), w_hh_d);
+        } else {
+          at::mm_out(dhs, dgh.narrow(0, begin, n), w_hh_d);
+        }
+      });
+    });
+  });
+  at::Tensor dw_ih = at::mm(dgx.t(), x);
+  at::Tensor dw_hh = at::mm(dgh.t(), h);
+  at::Tensor db_ih = has_bias ? dgx.sum(0) : at::empty({0}, opts);
+  at::Tensor db_hh = has_bias ? (gru ? dgh.sum(0) : db_ih.clone()) : at::empty({0}, opts);
+  return {dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh};
+}
+
 }  // namespace
 }  // namespace fastrec
 
 TORCH_LIBRARY_FRAGMENT(fastrec, m) {
   m.def(
       "rnn_forward_cpp(Tensor gx, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? b_hh, "
-      "Tensor? lengths, Tensor? reset, str mode, bool reverse) "
-      "-> (Tensor out, Tensor h_n, Tensor c_n, Tensor workspace)");
+      "Tensor? lengths, Tensor? reset, str mode, bool reverse, bool batch_first=False, "
+      "Tensor? batch_sizes=None) -> (Tensor out, Tensor h_n, Tensor c_n, Tensor workspace)");
   m.def(
       "rnn_backward_cpp(Tensor grad_out, Tensor grad_h_n, Tensor? grad_c_n, Tensor workspace, "
       "Tensor w_hh, Tensor? b_hh, Tensor h0, Tensor? c0, Tensor? lengths, Tensor? reset, "
-      "str mode, bool reverse) "
+      "str mode, bool reverse, bool batch_first=False, Tensor? batch_sizes=None) "
       "-> (Tensor grad_gx, Tensor grad_gh, Tensor grad_h0, Tensor grad_c0, Tensor hprev)");
+  m.def(
+      "rnn_cell_forward_cpp(Tensor x, Tensor h, Tensor? c, Tensor w_ih, Tensor w_hh, "
+      "Tensor? b_ih, Tensor? b_hh, str mode) -> (Tensor h_new, Tensor c_new, Tensor workspace)");
+  m.def(
+      "rnn_cell_backward_cpp(Tensor grad_h_new, Tensor? grad_c_new, Tensor workspace, Tensor x, "
+      "Tensor h, Tensor? c, Tensor w_ih, Tensor w_hh, bool has_bias, str mode) "
+      "-> (Tensor grad_x, Tensor grad_h, Tensor grad_c, Tensor grad_w_ih, Tensor grad_w_hh, "
+      "Tensor grad_b_ih, Tensor grad_b_hh)");
 }
 
 TORCH_LIBRARY_IMPL(fastrec, CPU, m) {
   m.impl("rnn_forward_cpp", &fastrec::rnn_forward_cpp);
   m.impl("rnn_backward_cpp", &fastrec::rnn_backward_cpp);
+  m.impl("rnn_cell_forward_cpp", &fastrec::rnn_cell_forward_cpp);
+  m.impl("rnn_cell_backward_cpp", &fastrec::rnn_cell_backward_cpp);
 }

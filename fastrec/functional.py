@@ -145,11 +145,13 @@ def _check_lengths(lengths: Tensor, q: Tensor, batch: int, len_k: int) -> Tensor
 
 
 _RNN_MODES = ("tanh", "relu", "gru", "lstm")
+_RNN_GATES = {"tanh": 1, "relu": 1, "gru": 3, "lstm": 4}
+RNNWeights = list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]]
 
 
 def rnn(
     input: Tensor,
-    weights: list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]],
+    weights: RNNWeights,
     h0: Tensor | None = None,
     c0: Tensor | None = None,
     *,
@@ -164,21 +166,74 @@ def rnn(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """A stacked, optionally bidirectional recurrent network (torch.nn.RNN/GRU/LSTM semantics).
 
-    ``input`` ``(T, B, I)`` (``(B, T, I)`` if ``batch_first``); ``weights`` one
-    ``(w_ih, w_hh, b_ih, b_hh)`` per layer and direction in torch's order (layer-major, forward
-    then reverse); ``h0``/``c0`` ``(num_layers * D, B, H)`` or None (zeros); ``lengths``
-    ``(B,)`` in [1, T] (right padding: outputs past a row's length are 0, ``h_n`` is the state
-    at its last step, the reverse direction starts there); ``reset`` bool ``(T, B)`` zeroes a
-    row's state before step t (both directions, in processing order). Dropout
-    (``dropout`` when ``training``) acts on each layer's output but the last.
-    Returns ``(output, h_n, c_n)``; ``c_n`` is None unless ``mode == "lstm"``.
+    ``input`` ``(T, B, I)`` (``(B, T, I)`` if ``batch_first``, kept in that layout throughout:
+    no transposed copies); ``weights`` one ``(w_ih, w_hh, b_ih, b_hh)`` per layer and direction
+    in torch's order (layer-major, forward then reverse); ``h0``/``c0`` ``(num_layers * D, B,
+    H)`` or None (zeros); ``lengths`` ``(B,)`` in [1, T] (right padding: outputs past a row's
+    length are 0, ``h_n`` is the state at its last step, the reverse direction starts there);
+    ``reset`` bool ``(T, B)`` (``(B, T)`` if ``batch_first``) zeroes a row's state before step
+    t (both directions, in processing order). Dropout (``dropout`` when ``training``) acts on
+    each layer's output but the last. Returns ``(output, h_n, c_n)``; ``c_n`` is None unless
+    ``mode == "lstm"``.
     """
+    _check_rnn_args(input, weights, mode, num_layers, bidirectional, dropout, 3)
+    steps, batch = (input.shape[1], input.shape[0]) if batch_first else input.shape[:2]
+    x = input.contiguous()
+    h0, c0 = _rnn_states(weights, h0, c0, x, mode, num_layers, bidirectional, batch)
+    if lengths is not None:
+        lengths = _check_rnn_lengths(lengths, x, batch, steps)
+    if reset is not None:
+        if not isinstance(reset, Tensor) or reset.dtype != torch.bool:
+            raise TypeError(f"reset must be a bool tensor, got {getattr(reset, 'dtype', type(reset))}")
+        expected = (batch, steps) if batch_first else (steps, batch)
+        if _shape(reset) != expected:
+            name = "(B, T)" if batch_first else "(T, B)"
+            raise ValueError(f"reset must be {name} = {expected}, got {_shape(reset)}")
+        reset = reset.to(x.device).contiguous()
+    layout = dict(lengths=lengths, reset=reset, batch_first=batch_first, batch_sizes=None)
+    return _rnn_layers(x, weights, h0, c0, mode, num_layers, bidirectional, dropout, training, layout)
+
+
+def rnn_packed(
+    data: Tensor,
+    batch_sizes: Tensor,
+    weights: RNNWeights,
+    h0: Tensor | None = None,
+    c0: Tensor | None = None,
+    *,
+    mode: str,
+    num_layers: int = 1,
+    bidirectional: bool = False,
+    dropout: float = 0.0,
+    training: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`rnn` on the fields of a ``PackedSequence``: ``data`` ``(N, I)`` and ``batch_sizes``
+    (int64 ``(T,)``, non-increasing), rows in the packed (length-sorted) order, as are ``h0``/
+    ``c0`` ``(num_layers * D, batch_sizes[0], H)``. Returns ``(output data (N, D * H), h_n,
+    c_n)`` in the same order. Only the real rows are computed: the projections over N rows, and
+    step t of the recurrence over its ``batch_sizes[t]`` rows.
+    """
+    _check_rnn_args(data, weights, mode, num_layers, bidirectional, dropout, 2)
+    if not isinstance(batch_sizes, Tensor) or batch_sizes.dtype.is_floating_point or batch_sizes.dim() != 1:
+        raise TypeError(f"batch_sizes must be a 1-D integer tensor, got {getattr(batch_sizes, 'shape', batch_sizes)}")
+    batch_sizes = batch_sizes.to(device="cpu", dtype=torch.int64).contiguous()
+    if batch_sizes.numel() == 0 or int(batch_sizes.sum()) != data.shape[0]:
+        raise ValueError(f"batch_sizes must sum to data.size(0) = {data.shape[0]}, got {batch_sizes.tolist()}")
+    batch = int(batch_sizes[0])
+    x = data.contiguous()
+    h0, c0 = _rnn_states(weights, h0, c0, x, mode, num_layers, bidirectional, batch)
+    layout = dict(lengths=None, reset=None, batch_first=False, batch_sizes=batch_sizes)
+    return _rnn_layers(x, weights, h0, c0, mode, num_layers, bidirectional, dropout, training, layout)
+
+
+def _check_rnn_args(input, weights, mode, num_layers, bidirectional, dropout, dims) -> None:
     if mode not in _RNN_MODES:
         raise ValueError(f"mode must be one of {_RNN_MODES}, got {mode!r}")
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    if input.dim() != 3:
-        raise ValueError(f"input must be 3-D (T, B, input_size) or (B, T, input_size), got shape {_shape(input)}")
+    if input.dim() != dims:
+        expected = "(T, B, input_size) or (B, T, input_size)" if dims == 3 else "(N, input_size)"
+        raise ValueError(f"input must be {dims}-D {expected}, got shape {_shape(input)}")
     if input.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"input must be a floating point tensor, got {input.dtype}")
     if not 0.0 <= dropout <= 1.0:
@@ -186,16 +241,18 @@ def rnn(
     dirs = 2 if bidirectional else 1
     if len(weights) != num_layers * dirs:
         raise ValueError(f"weights must hold num_layers * directions = {num_layers * dirs} tuples, got {len(weights)}")
-    x = input.transpose(0, 1) if batch_first else input
-    steps, batch, size = x.shape
-    w_ih0 = weights[0][0]
-    gates = {"tanh": 1, "relu": 1, "gru": 3, "lstm": 4}[mode]
-    hidden = weights[0][1].shape[1]
+    w_ih0, w_hh0 = weights[0][0], weights[0][1]
+    gates, hidden, size = _RNN_GATES[mode], w_hh0.shape[1], input.shape[-1]
     if w_ih0.shape[1] != size:
         raise ValueError(f"input.size(-1) must equal input_size = {w_ih0.shape[1]}, got {size}")
     if w_ih0.shape[0] != gates * hidden:
         raise ValueError(f"weight_ih must be ({gates * hidden}, input_size) for mode {mode!r}, got {_shape(w_ih0)}")
-    state_shape = (num_layers * dirs, batch, hidden)
+
+
+def _rnn_states(weights, h0, c0, x, mode, num_layers, bidirectional, batch) -> tuple[Tensor, Tensor | None]:
+    """Checked ``(h0, c0)`` of shape ``(num_layers * D, B, H)``, zeros where not given."""
+    hidden = weights[0][1].shape[1]
+    state_shape = (num_layers * (2 if bidirectional else 1), batch, hidden)
     for name, t in (("h0", h0), ("c0", c0)):
         if t is None:
             continue
@@ -207,22 +264,17 @@ def rnn(
             raise ValueError(
                 f"{name} must be (num_layers * directions, batch, hidden) = {state_shape}, got {_shape(t)}"
             )
-        if t.dtype != input.dtype or t.device != input.device:
-            raise TypeError(f"{name} must have input's dtype and device ({input.dtype}, {input.device})")
-    if lengths is not None:
-        lengths = _check_rnn_lengths(lengths, x, batch, steps)
-    if reset is not None:
-        if not isinstance(reset, Tensor) or reset.dtype != torch.bool:
-            raise TypeError(f"reset must be a bool tensor, got {getattr(reset, 'dtype', type(reset))}")
-        if _shape(reset) != (steps, batch):
-            raise ValueError(f"reset must be (T, B) = {(steps, batch)}, got {_shape(reset)}")
-        reset = reset.to(x.device).contiguous()
-
-    x = x.contiguous()
+        if t.dtype != x.dtype or t.device != x.device:
+            raise TypeError(f"{name} must have input's dtype and device ({x.dtype}, {x.device})")
     if h0 is None:
         h0 = x.new_zeros(state_shape)
     if mode == "lstm" and c0 is None:
         c0 = x.new_zeros(state_shape)
+    return h0, c0
+
+
+def _rnn_layers(x, weights, h0, c0, mode, num_layers, bidirectional, dropout, training, layout):
+    dirs = 2 if bidirectional else 1
     h_n, c_n = [], []
     for layer in range(num_layers):
         outs = []
@@ -230,7 +282,19 @@ def rnn(
             k = layer * dirs + d
             w_ih, w_hh, b_ih, b_hh = weights[k]
             out, h, c = rnn_ops.rnn_layer(
-                x, h0[k], c0[k] if mode == "lstm" else None, w_ih, w_hh, b_ih, b_hh, lengths, reset, mode, d == 1
+                x,
+                h0[k],
+                c0[k] if mode == "lstm" else None,
+                w_ih,
+                w_hh,
+                b_ih,
+                b_hh,
+                layout["lengths"],
+                layout["reset"],
+                mode,
+                d == 1,
+                batch_first=layout["batch_first"],
+                batch_sizes=layout["batch_sizes"],
             )
             outs.append(out)
             h_n.append(h)
@@ -238,8 +302,7 @@ def rnn(
         x = outs[0] if dirs == 1 else torch.cat(outs, dim=-1)
         if training and dropout > 0.0 and layer < num_layers - 1:
             x = torch.nn.functional.dropout(x, dropout, training=True)
-    out = x.transpose(0, 1).contiguous() if batch_first else x
-    return out, torch.stack(h_n), torch.stack(c_n) if mode == "lstm" else None
+    return x, torch.stack(h_n), torch.stack(c_n) if mode == "lstm" else None
 
 
 def _check_rnn_lengths(lengths: Tensor, x: Tensor, batch: int, steps: int) -> Tensor:
@@ -392,3 +455,75 @@ def conv1d(
     max-over-time.
     """
     return _conv(input, weight, bias, stride, padding, dilation, groups, act, pool, 1)
+
+
+def rnn_tanh_cell(
+    input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None, b_hh: Tensor | None = None
+) -> Tensor:
+    """One Elman step, ``tanh(x W_ih^T + b_ih + h W_hh^T + b_hh)`` (``torch.rnn_tanh_cell``);
+    ``input`` ``(B, I)``, ``hx`` ``(B, H)``; one fused op forward and one backward on CPU."""
+    return _cell("tanh", input, hx, None, w_ih, w_hh, b_ih, b_hh)[0]
+
+
+def rnn_relu_cell(
+    input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None, b_hh: Tensor | None = None
+) -> Tensor:
+    """One Elman step with ReLU (``torch.rnn_relu_cell``); see :func:`rnn_tanh_cell`."""
+    return _cell("relu", input, hx, None, w_ih, w_hh, b_ih, b_hh)[0]
+
+
+def gru_cell(
+    input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None, b_hh: Tensor | None = None
+) -> Tensor:
+    """One GRU step with PyTorch's equations (gates r, z, n; ``b_hn`` inside the reset
+    product), as ``torch.gru_cell``; ``input`` ``(B, I)``, ``hx`` ``(B, H)``."""
+    return _cell("gru", input, hx, None, w_ih, w_hh, b_ih, b_hh)[0]
+
+
+def lstm_cell(
+    input: Tensor,
+    hx: tuple[Tensor, Tensor],
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One LSTM step (gates i, f, g, o), as ``torch.lstm_cell``: ``hx = (h, c)`` each ``(B, H)``;
+    returns ``(h_new, c_new)``."""
+    if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+        raise TypeError(f"hx must be a tuple (h, c), got {type(hx).__name__}")
+    h, c = _cell("lstm", input, hx[0], hx[1], w_ih, w_hh, b_ih, b_hh)
+    return h, c
+
+
+def _cell(mode, input, h, c, w_ih, w_hh, b_ih, b_hh):
+    names = [("input", input), ("hx", h), ("weight_ih", w_ih), ("weight_hh", w_hh)]
+    names += [("cx", c)] if mode == "lstm" else []
+    for name, t in names:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if input.dim() != 2:
+        raise ValueError(f"input must be 2-D (batch, input_size), got shape {_shape(input)}")
+    if input.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"input must be a floating point tensor, got {input.dtype}")
+    batch, size = input.shape
+    gates, hidden = _RNN_GATES[mode], w_hh.shape[-1]
+    if _shape(w_hh) != (gates * hidden, hidden):
+        raise ValueError(f"weight_hh must be (gates * hidden, hidden) = {(gates * hidden, hidden)}, got {_shape(w_hh)}")
+    if _shape(w_ih) != (gates * hidden, size):
+        expected = (gates * hidden, size)
+        raise ValueError(f"weight_ih must be (gates * hidden, input_size) = {expected}, got {_shape(w_ih)}")
+    if (b_ih is None) != (b_hh is None):
+        raise ValueError("b_ih and b_hh must be given together or both be None")
+    for name, t in (("b_ih", b_ih), ("b_hh", b_hh)):
+        if t is not None and _shape(t) != (gates * hidden,):
+            raise ValueError(f"{name} must be ({gates * hidden},), got {_shape(t)}")
+    for name, t in (("hx", h), ("cx", c)):
+        if t is None:
+            continue
+        if _shape(t) != (batch, hidden):
+            raise ValueError(f"{name} must be (batch, hidden) = {(batch, hidden)}, got {_shape(t)}")
+    for name, t in [("hx", h), ("cx", c), ("weight_ih", w_ih), ("weight_hh", w_hh), ("b_ih", b_ih), ("b_hh", b_hh)]:
+        if t is not None and (t.dtype != input.dtype or t.device != input.device):
+            raise TypeError(f"{name} must have input's dtype and device ({input.dtype}, {input.device})")
+    return rnn_ops.rnn_cell(input, h, c, w_ih, w_hh, b_ih, b_hh, mode)

@@ -22,6 +22,9 @@ REPLACEMENTS: dict[type[torch.nn.Module], tuple[str, type[torch.nn.Module]]] = {
     torch.nn.LSTM: ("rnn", fnn.LSTM),
     torch.nn.Conv1d: ("conv", fnn.Conv1d),
     torch.nn.Conv2d: ("conv", fnn.Conv2d),
+    torch.nn.RNNCell: ("rnn", fnn.RNNCell),
+    torch.nn.GRUCell: ("rnn", fnn.GRUCell),
+    torch.nn.LSTMCell: ("rnn", fnn.LSTMCell),
 }
 
 

@@ -36,18 +36,19 @@ def _fused_backend(request):
 
 
 @pytest.mark.default_dispatch
-def test_default_dispatch_routes_cpu_lstm_and_packed_input_to_torch():
+def test_default_dispatch_routes_padded_cpu_lstm_to_torch_and_packed_input_to_the_fused_path():
     x = torch.randn(3, 7, 5)
     backends.stats(reset=True)
     fnn.LSTM(5, 6, batch_first=True)(x)
     packed = pack_padded_sequence(x, torch.tensor([7, 2, 5]), batch_first=True, enforce_sorted=False)
     fnn.GRU(5, 6, batch_first=True)(packed)
     fnn.GRU(5, 6, batch_first=True)(x)
+    fnn.LSTM(5, 6, batch_first=True)(packed)
     counts = backends.stats()
     assert counts[("LSTM", "torch", "LSTM on CPU (torch's oneDNN LSTM is as fast)")] == 1
-    assert sum(n for (op, backend, _), n in counts.items() if op == "GRU" and backend == "torch") == 1
+    assert not any(op == "GRU" and backend == "torch" for (op, backend, _) in counts)
     if rnn_ops.HAVE_CPP:
-        assert sum(n for (op, backend, _), n in counts.items() if op == "rnn" and backend == "cpp") == 1
+        assert sum(n for (op, backend, _), n in counts.items() if op == "rnn" and backend == "cpp") == 3
 
 
 def make(kind: str, input_size: int, hidden: int, **kwargs) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -281,3 +282,156 @@ def test_bad_inputs():
     module = fnn.GRU(5, 7)
     with pytest.raises(RuntimeError):  # torch's own error, via the counted fallback
         module(torch.randn(4, 2, 6))
+
+
+def _reference_with_reset(kind, ref, x, states, reset):
+    """float64 loop over torch's own cells with ref's weights (one layer, one direction), the
+    state of row b zeroed before step t where reset[t, b]; x (T, B, I) time-major."""
+    w = [getattr(ref, f"{n}_l0") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    cells = {"tanh": torch.rnn_tanh_cell, "relu": torch.rnn_relu_cell, "gru": torch.gru_cell}
+    h = states[0][0]
+    c = states[1][0] if kind == "lstm" else None
+    outs = []
+    for t in range(x.shape[0]):
+        keep = (~reset[t])[:, None].double()
+        h = h * keep
+        if kind == "lstm":
+            h, c = torch.lstm_cell(x[t], (h, c * keep), *w)
+        else:
+            h = cells[kind](x[t], h, *w)
+        outs.append(h)
+    return [torch.stack(outs), h[None]] + ([c[None]] if kind == "lstm" else [])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_reset_keyword_restarts_the_state_of_marked_rows(kind, batch_first):
+    fast, ref = make(kind, 5, 7, batch_first=batch_first)
+    steps, batch = 9, 4
+    reset = torch.rand(steps, batch) < 0.3
+    reset[0, 0] = reset[4, 1] = True
+    x = torch.randn(steps, batch, 5)
+    states = [torch.randn(1, batch, 7) for _ in range(2 if kind == "lstm" else 1)]
+    x32 = (x.transpose(0, 1) if batch_first else x).clone().requires_grad_()
+    s32 = [s.clone().requires_grad_() for s in states]
+    x64 = x.double().requires_grad_()
+    s64 = [s.double().requires_grad_() for s in states]
+    out, state = fast(x32, tuple(s32) if kind == "lstm" else s32[0], reset=reset.t() if batch_first else reset)
+    outs32 = [out.transpose(0, 1) if batch_first else out, *(state if kind == "lstm" else (state,))]
+    outs64 = _reference_with_reset(kind, ref, x64, s64, reset)
+    grads = [torch.randn(o.shape, dtype=torch.float64) for o in outs64]
+    d32 = torch.autograd.grad(outs32, [x32, *s32, *fast.parameters()], [g.float() for g in grads])
+    d64 = torch.autograd.grad(outs64, [x64, *s64, *ref.parameters()], grads)
+    for a, b in zip(outs32, outs64, strict=True):
+        assert rel_err(a, b) <= BOUND
+    d32 = [d32[0].transpose(0, 1) if batch_first else d32[0], *d32[1:]]
+    for a, b in zip(d32, d64, strict=True):
+        assert rel_err(a, b) <= BOUND
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_reset_keyword_in_deep_bidirectional_modules_matches_the_torch_backend(kind):
+    fast, _ = make(kind, 5, 6, num_layers=2, bidirectional=True, batch_first=True)
+    x = torch.randn(3, 8, 5, requires_grad=True)
+    reset = torch.rand(3, 8) < 0.25
+    out, _ = fast(x, reset=reset)
+    (gx,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    with backends.use_backend("torch"):
+        ref_out, _ = fast(x, reset=reset)
+    (ref_gx,) = torch.autograd.grad(ref_out, x, torch.ones_like(ref_out))
+    assert rel_err(out, ref_out) <= BOUND and rel_err(gx, ref_gx) <= BOUND
+    assert not torch.allclose(out, fast(x)[0])  # the resets change the result
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_lengths_keyword_matches_torch_on_the_packed_batch(kind):
+    fast, ref = make(kind, 5, 6, num_layers=2, bidirectional=True, batch_first=True)
+    lengths = torch.tensor([4, 9, 1, 9, 6])
+    x = torch.randn(5, 9, 5)
+    x32, x64 = x.clone().requires_grad_(), x.double().requires_grad_()
+    out, state = fast(x32, lengths=lengths)
+    out64, state64 = ref(pack_padded_sequence(x64, lengths, batch_first=True, enforce_sorted=False))
+    out64, _ = torch.nn.utils.rnn.pad_packed_sequence(out64, batch_first=True, total_length=9)
+    outs32 = [out, *(state if kind == "lstm" else (state,))]
+    outs64 = [out64, *(state64 if kind == "lstm" else (state64,))]
+    grads = [torch.randn(o.shape, dtype=torch.float64) for o in outs64]
+    d32 = torch.autograd.grad(outs32, [x32, *fast.parameters()], [g.float() for g in grads])
+    d64 = torch.autograd.grad(outs64, [x64, *ref.parameters()], grads)
+    assert torch.all(out[2, 1:] == 0)  # past the row's length
+    for a, b in zip([*outs32, *d32], [*outs64, *d64], strict=True):
+        assert rel_err(a, b) <= BOUND
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize("lengths", [[1, 1, 1], [8, 8, 8], [8, 3, 1]], ids=["all1", "allT", "mixed"])
+def test_packed_sorted_input_with_initial_states(kind, lengths):
+    fast, ref = make(kind, 4, 5, num_layers=2)
+    lengths = torch.tensor(lengths)
+    x = torch.randn(8, 3, 4)
+    states = [torch.randn(2, 3, 5) for _ in range(2 if kind == "lstm" else 1)]
+    x32, x64 = x.clone().requires_grad_(), x.double().requires_grad_()
+    s32 = [s.clone().requires_grad_() for s in states]
+    s64 = [s.double().requires_grad_() for s in states]
+    o32, st32 = fast(pack_padded_sequence(x32, lengths), tuple(s32) if kind == "lstm" else s32[0])
+    o64, st64 = ref(pack_padded_sequence(x64, lengths), tuple(s64) if kind == "lstm" else s64[0])
+    outs32 = [o32.data, *(st32 if kind == "lstm" else (st32,))]
+    outs64 = [o64.data, *(st64 if kind == "lstm" else (st64,))]
+    grads = [torch.randn(o.shape, dtype=torch.float64) for o in outs64]
+    d32 = torch.autograd.grad(outs32, [x32, *s32, *fast.parameters()], [g.float() for g in grads])
+    d64 = torch.autograd.grad(outs64, [x64, *s64, *ref.parameters()], grads)
+    for a, b in zip([*outs32, *d32], [*outs64, *d64], strict=True):
+        assert rel_err(a, b) <= BOUND
+
+
+def test_bad_extension_keywords():
+    module = fnn.GRU(5, 7, batch_first=True)
+    x = torch.randn(3, 4, 5)
+    with pytest.raises(ValueError, match=r"reset must be \(B, T\)"):
+        module(x, reset=torch.zeros(4, 3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="reset"):
+        module(x, reset=torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="lengths"):
+        module(x, lengths=torch.tensor([1, 5, 2]))
+    with pytest.raises(ValueError, match="PackedSequence"):
+        module(pack_padded_sequence(x, torch.tensor([4, 2, 1]), batch_first=True), lengths=torch.tensor([4, 2, 1]))
+    with pytest.raises(ValueError, match="batched"):
+        module(x[0], reset=torch.zeros(4, 1, dtype=torch.bool))
+
+
+@pytest.mark.skipif(not rnn_ops.HAVE_CPP, reason="cpp rnn ops not built")
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("layout", ["batch_first", "packed"])
+def test_layer_function_gradcheck_float64(kind, layout):
+    """gradcheck through the one autograd.Function in the batch-major and packed layouts."""
+    g = {"tanh": 1, "relu": 1, "gru": 3, "lstm": 4}[kind]
+    batch, steps, size, hidden = 3, 4, 3, 4
+
+    def leaf(*shape):
+        return (torch.randn(*shape, dtype=torch.float64) * 0.5).requires_grad_()
+
+    if layout == "packed":
+        batch_sizes = torch.tensor([3, 2, 2, 1])
+        x, batch_first = leaf(int(batch_sizes.sum()), size), False
+    else:
+        batch_sizes, x, batch_first = None, leaf(batch, steps, size), True
+    h0 = leaf(batch, hidden)
+    c0 = leaf(batch, hidden) if kind == "lstm" else None
+    weights = (leaf(g * hidden, size), leaf(g * hidden, hidden), leaf(g * hidden), leaf(g * hidden))
+
+    def fn(x, h0, c0, w_ih, w_hh, b_ih, b_hh):
+        out, h_n, c_n = rnn_ops.RNNLayerFunction.apply(
+            x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, None, kind, True, batch_first, batch_sizes, "cpp"
+        )
+        return (out, h_n, c_n) if kind == "lstm" else (out, h_n)
+
+    assert torch.autograd.gradcheck(fn, (x, h0, c0, *weights))
+
+
+def test_bad_packed_inputs_name_the_argument():
+    weights = [(torch.randn(21, 5), torch.randn(21, 7), None, None)]
+    with pytest.raises(ValueError, match="batch_sizes"):
+        FF.rnn_packed(torch.randn(6, 5), torch.tensor([3, 2]), weights, mode="gru")
+    with pytest.raises(ValueError, match="input"):
+        FF.rnn_packed(torch.randn(6, 2, 5), torch.tensor([3, 3]), weights, mode="gru")
+    with pytest.raises(ValueError, match="h0"):
+        FF.rnn_packed(torch.randn(6, 5), torch.tensor([3, 3]), weights, torch.zeros(1, 2, 7), mode="gru")

@@ -427,3 +427,99 @@ def test_bad_mode_and_shapes_are_rejected():
     with pytest.raises(RuntimeError, match="lengths must be in"):
         bad = torch.tensor([4, 1], dtype=torch.int32)
         torch.ops.fastrec.rnn_forward_cpp(gx, h0, None, w_hh, None, bad, None, "gru", False)
+
+
+# --------------------------------------------------------------------------- layouts and opcheck
+def _layout_inputs(mode, steps, batch, hidden, lengths):
+    g, lstm = GATES[mode], mode == "lstm"
+    gx = torch.randn(steps, batch, g * hidden)
+    h0 = torch.randn(batch, hidden)
+    c0 = torch.randn(batch, hidden) if lstm else None
+    w_hh = torch.randn(g * hidden, hidden) * 0.3
+    b_hh = torch.randn(g * hidden) * 0.3
+    return gx, h0, c0, w_hh, b_hh
+
+
+def _packed_rows(t: Tensor, lengths: Tensor) -> Tensor:
+    """(T, B, ..) time-major rows of a batch sorted by decreasing length -> PackedSequence order."""
+    return pack_padded_sequence(t, lengths.long()).data
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_batch_major_and_packed_layouts_match_time_major(mode, reverse):
+    """The same problem in the three layouts gives the same forward outputs, workspace and
+    backward outputs (packed: only the real rows; time-major with lengths is the reference)."""
+    steps, batch, hidden = 9, 7, 19
+    lengths = torch.tensor([9, 9, 6, 4, 4, 2, 1], dtype=torch.int32)  # sorted, as packed rows are
+    gx, h0, c0, w_hh, b_hh = _layout_inputs(mode, steps, batch, hidden, lengths)
+    lstm = mode == "lstm"
+    fwd, bwd = torch.ops.fastrec.rnn_forward_cpp, torch.ops.fastrec.rnn_backward_cpp
+    ref = fwd(gx, h0, c0, w_hh, b_hh, lengths, None, mode, reverse)
+    grad_out = torch.randn(steps, batch, hidden)
+    grad_h_n = torch.randn(batch, hidden)
+    grad_c_n = torch.randn(batch, hidden) if lstm else None
+    mask = (torch.arange(steps)[:, None] < lengths[None, :])[..., None]
+    grad_out = grad_out * mask  # the padded entries carry no gradient in any layout
+    ref_b = bwd(grad_out, grad_h_n, grad_c_n, ref[3], w_hh, b_hh, h0, c0, lengths, None, mode, reverse)
+
+    def bm(t):
+        return t.transpose(0, 1).contiguous()
+
+    got = fwd(bm(gx), h0, c0, w_hh, b_hh, lengths, None, mode, reverse, True)
+    for a, b in zip(got, ref, strict=True):
+        assert torch.equal(a, bm(b) if a.dim() == 3 else b)
+    got_b = bwd(bm(grad_out), grad_h_n, grad_c_n, got[3], w_hh, b_hh, h0, c0, lengths, None, mode, reverse, True)
+    for a, b in zip(got_b, ref_b, strict=True):
+        assert torch.equal(a, bm(b) if a.dim() == 3 else b)
+
+    batch_sizes = pack_padded_sequence(gx, lengths.long()).batch_sizes
+    packed = fwd(_packed_rows(gx, lengths), h0, c0, w_hh, b_hh, None, None, mode, reverse, False, batch_sizes)
+    for a, b in zip(packed, ref, strict=True):
+        assert torch.equal(a, _packed_rows(b, lengths) if b.dim() == 3 else b)
+    packed_b = bwd(
+        _packed_rows(grad_out, lengths), grad_h_n, grad_c_n, packed[3], w_hh, b_hh, h0, c0, None, None, mode, reverse,
+        False, batch_sizes,
+    )  # fmt: skip
+    for a, b in zip(packed_b, ref_b, strict=True):
+        assert torch.equal(a, _packed_rows(b, lengths) if b.dim() == 3 else b)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_registered_ops_pass_opcheck(mode):
+    steps, batch, hidden = 5, 4, 9
+    lengths = torch.tensor([5, 3, 3, 1], dtype=torch.int32)
+    gx, h0, c0, w_hh, b_hh = _layout_inputs(mode, steps, batch, hidden, lengths)
+    lstm = mode == "lstm"
+    reset = torch.rand(steps, batch) < 0.3
+    batch_sizes = pack_padded_sequence(gx, lengths.long()).batch_sizes
+    layouts = [
+        (gx, lengths, reset, False, None),
+        (gx.transpose(0, 1).contiguous(), lengths, reset.t().contiguous(), True, None),
+        (_packed_rows(gx, lengths), None, None, False, batch_sizes),
+    ]
+    forward = torch.ops.fastrec.rnn_forward_cpp.default
+    backward = torch.ops.fastrec.rnn_backward_cpp.default
+    for x, lens, rst, batch_first, sizes in layouts:
+        args = (x, h0, c0, w_hh, b_hh, lens, rst, mode, True, batch_first, sizes)
+        torch.library.opcheck(forward, args)
+        out, h_n, c_n, workspace = forward(*args)
+        grads = (torch.randn_like(out), torch.randn_like(h_n), torch.randn_like(h_n) if lstm else None)
+        torch.library.opcheck(
+            backward, (*grads, workspace, w_hh, b_hh, h0, c0, lens, rst, mode, True, batch_first, sizes)
+        )
+
+
+def test_bad_batch_sizes_are_rejected():
+    gx, h0, _, w_hh, b_hh = _layout_inputs("gru", 3, 2, 5, None)
+    rows = gx.reshape(6, 15)
+    fwd = torch.ops.fastrec.rnn_forward_cpp
+    with pytest.raises(RuntimeError, match="batch_sizes must sum"):
+        fwd(rows, h0, None, w_hh, b_hh, None, None, "gru", False, False, torch.tensor([2, 2, 1]))
+    with pytest.raises(RuntimeError, match="non-increasing"):
+        fwd(rows[:5], h0, None, w_hh, b_hh, None, None, "gru", False, False, torch.tensor([2, 1, 2]))
+    with pytest.raises(RuntimeError, match="batch_sizes"):
+        fwd(rows, h0, None, w_hh, b_hh, None, None, "gru", False, False, torch.tensor([2, 2, 2], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="lengths and reset"):
+        fwd(rows, h0, None, w_hh, b_hh, torch.tensor([3, 3], dtype=torch.int32), None, "gru", False, False,
+            torch.tensor([2, 2, 2]))  # fmt: skip

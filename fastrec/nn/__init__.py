@@ -2,6 +2,18 @@
 
 from fastrec.nn.attention import MultiheadAttention, TransformerEncoderLayer
 from fastrec.nn.conv import Conv1d, Conv2d, ConvBlock
-from fastrec.nn.rnn import GRU, LSTM, RNN
+from fastrec.nn.rnn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 
-__all__ = ["Conv1d", "Conv2d", "ConvBlock", "GRU", "LSTM", "RNN", "MultiheadAttention", "TransformerEncoderLayer"]
+__all__ = [
+    "Conv1d",
+    "Conv2d",
+    "ConvBlock",
+    "GRU",
+    "GRUCell",
+    "LSTM",
+    "LSTMCell",
+    "MultiheadAttention",
+    "RNN",
+    "RNNCell",
+    "TransformerEncoderLayer",
+]

@@ -3,21 +3,28 @@
 Only ``forward`` is overridden, so constructor, defaults, initialisation, parameters and
 ``state_dict`` are torch's by construction. Fused: any ``num_layers``, ``bidirectional``,
 ``batch_first``, ``bias``, dropout between layers, given or zero initial states, unbatched
-input and ``PackedSequence`` input (returned packed, with torch's ordering of ``h_n``; run
-fused only when a backend is forced, since torch's packed path is as fast for now; likewise
-``LSTM`` on CPU, where oneDNN's LSTM ties the fused kernel).
-``proj_size != 0`` and other uncovered calls run torch's own forward, counted in
-``fastrec.stats()``.
+input and ``PackedSequence`` input (returned packed, with torch's ordering of ``h_n``; only the
+real rows are computed). ``LSTM`` on padded CPU input runs oneDNN's LSTM unless a backend is
+forced (it ties the fused kernel). ``proj_size != 0`` and other uncovered calls run torch's own forward,
+counted in ``fastrec.stats()``.
+
+fastrec extensions, keyword-only on ``forward`` (padded, batched input):
+``lengths`` ``(B,)`` in [1, T]: right-padded rows; outputs past a row's length are zero and
+``h_n`` is each row's state at its own last step (the reverse direction starts there), as if
+the batch had been packed. ``reset`` bool ``(B, T)`` if ``batch_first`` else ``(T, B)``: the
+hidden (and cell) state of row b restarts at zero before step t where set, for
+session-parallel batches. Both always run the fused path (torch has no such options).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence
 
 from fastrec import backends
 from fastrec import functional as FF
+from fastrec.ops import rnn as rnn_ops
 
 _MODES = {"RNN_TANH": "tanh", "RNN_RELU": "relu", "GRU": "gru", "LSTM": "lstm"}
 
@@ -27,17 +34,19 @@ def _unfused_reason(module: torch.nn.RNNBase, input, hx) -> str | None:
         return "proj_size != 0"
     if module.mode not in _MODES:
         return f"mode {module.mode}"
-    if isinstance(input, PackedSequence) and backends.forced() is None:
-        # Measured on this CPU (GRU, B=128, T=50, lengths uniform in [1, 50]): the fused kernel
-        # still steps finished rows, so it only ties torch's packed path (0.86x-1.08x); route to
-        # the faster path unless a backend is forced (as the tests do).
-        return "PackedSequence input (torch's packed path is as fast until the kernel skips finished rows)"
     data = input.data if isinstance(input, PackedSequence) else input
     if isinstance(data, Tensor) and data.device.type not in ("cpu", "cuda") and backends.forced() is None:
         return f"no fused RNN kernel for {data.device.type} tensors"
-    if module.mode == "LSTM" and isinstance(data, Tensor) and data.device.type == "cpu" and backends.forced() is None:
+    if isinstance(input, PackedSequence) and isinstance(data, Tensor) and data.is_cuda and backends.forced() is None:
+        # The Triton kernels are time-major: packed input would go through a pad/pack round
+        # trip, unmeasured against cuDNN's packed path, so CUDA keeps torch's path for it.
+        return "PackedSequence on CUDA (the Triton RNN has no packed layout yet)"
+    padded_cpu = not isinstance(input, PackedSequence) and isinstance(data, Tensor) and data.device.type == "cpu"
+    if module.mode == "LSTM" and padded_cpu and backends.forced() is None:
         # Measured by `fastrec bench --family rnn` (B=128, T=50, 64/64): oneDNN's LSTM and the
-        # fused kernel tie (0.92x-1.11x), so the CPU LSTM stays on torch's path unless forced.
+        # fused kernel tie on padded input (0.92x-1.11x; 0.76x-0.98x on one thread), so the
+        # CPU LSTM stays on torch's path unless forced. Packed input runs fused: it skips the
+        # finished rows (1.4x-1.9x forward, 2.5x-2.9x forward+backward even on one thread).
         return "LSTM on CPU (torch's oneDNN LSTM is as fast)"
     if not isinstance(data, Tensor) or data.is_nested:
         return "input is not a dense tensor"
@@ -70,8 +79,10 @@ def _weights(module: torch.nn.RNNBase) -> list[tuple[Tensor, Tensor, Tensor | No
     return out
 
 
-def _fused_forward(module: torch.nn.RNNBase, input, hx):
+def _fused_forward(module: torch.nn.RNNBase, input, hx, lengths=None, reset=None):
     """Returns ``(output, h_n, c_n or None)`` in torch's forms."""
+    if getattr(module, "proj_size", 0):
+        raise ValueError("lengths and reset are not supported with proj_size != 0")
     mode = _MODES[module.mode]
     h0, c0 = hx if isinstance(hx, tuple) else (hx, None)
     if mode != "lstm" and isinstance(hx, tuple):
@@ -84,21 +95,36 @@ def _fused_forward(module: torch.nn.RNNBase, input, hx):
         training=module.training,
     )
     if isinstance(input, PackedSequence):
-        padded, lengths = pad_packed_sequence(input)  # (T, B, I) in the caller's batch order
-        out, h_n, c_n = FF.rnn(padded, _weights(module), h0, c0, lengths=lengths, **kwargs)
-        sorted_indices = input.sorted_indices
-        if sorted_indices is not None:
-            out = out.index_select(1, sorted_indices)
-            lengths = lengths.index_select(0, sorted_indices.cpu())
-        data, batch_sizes = torch._C._VariableFunctions._pack_padded_sequence(out, lengths, False)
-        packed = PackedSequence(data, batch_sizes, sorted_indices, input.unsorted_indices)
-        return packed, h_n, c_n
+        if lengths is not None or reset is not None:
+            raise ValueError("lengths and reset apply to padded input, got a PackedSequence")
+        # torch's convention: states are given and returned in the caller's batch order, the
+        # packed rows are in sorted order.
+        order, unorder = input.sorted_indices, input.unsorted_indices
+        if order is not None:
+            h0 = h0.index_select(1, order) if h0 is not None else None
+            c0 = c0.index_select(1, order) if c0 is not None else None
+        out, h_n, c_n = FF.rnn_packed(input.data, input.batch_sizes, _weights(module), h0, c0, **kwargs)
+        if unorder is not None:
+            h_n = h_n.index_select(1, unorder)
+            c_n = c_n.index_select(1, unorder) if c_n is not None else None
+        return PackedSequence(out, input.batch_sizes, order, unorder), h_n, c_n
     batched = input.dim() == 3
+    if not batched and (lengths is not None or reset is not None):
+        raise ValueError(f"lengths and reset need batched (3-D) input, got shape {tuple(input.shape)}")
     if not batched:
         input = input.unsqueeze(1)
         h0 = h0.unsqueeze(1) if h0 is not None else None
         c0 = c0.unsqueeze(1) if c0 is not None else None
-    out, h_n, c_n = FF.rnn(input, _weights(module), h0, c0, batch_first=module.batch_first and batched, **kwargs)
+    out, h_n, c_n = FF.rnn(
+        input,
+        _weights(module),
+        h0,
+        c0,
+        batch_first=module.batch_first and batched,
+        lengths=lengths,
+        reset=reset,
+        **kwargs,
+    )
     if not batched:
         out, h_n = out.squeeze(1), h_n.squeeze(1)
         c_n = c_n.squeeze(1) if c_n is not None else None
@@ -108,34 +134,114 @@ def _fused_forward(module: torch.nn.RNNBase, input, hx):
 class RNN(torch.nn.RNN):
     """``torch.nn.RNN`` (tanh or relu) on fastrec's fused recurrence."""
 
-    def forward(self, input, hx=None):
+    def forward(self, input, hx=None, *, lengths: Tensor | None = None, reset: Tensor | None = None):
+        """torch's forward, plus the ``lengths`` / ``reset`` extensions (module docstring)."""
         reason = _unfused_reason(self, input, hx)
-        if reason is not None:
+        if reason is not None and lengths is None and reset is None:
             backends.count("RNN", "torch", reason)
             return super().forward(input, hx)
-        out, h_n, _ = _fused_forward(self, input, hx)
+        out, h_n, _ = _fused_forward(self, input, hx, lengths, reset)
         return out, h_n
 
 
 class GRU(torch.nn.GRU):
     """``torch.nn.GRU`` on fastrec's fused recurrence."""
 
-    def forward(self, input, hx=None):
+    def forward(self, input, hx=None, *, lengths: Tensor | None = None, reset: Tensor | None = None):
+        """torch's forward, plus the ``lengths`` / ``reset`` extensions (module docstring)."""
         reason = _unfused_reason(self, input, hx)
-        if reason is not None:
+        if reason is not None and lengths is None and reset is None:
             backends.count("GRU", "torch", reason)
             return super().forward(input, hx)
-        out, h_n, _ = _fused_forward(self, input, hx)
+        out, h_n, _ = _fused_forward(self, input, hx, lengths, reset)
         return out, h_n
 
 
 class LSTM(torch.nn.LSTM):
     """``torch.nn.LSTM`` on fastrec's fused recurrence (``proj_size`` runs torch's forward)."""
 
-    def forward(self, input, hx=None):
+    def forward(self, input, hx=None, *, lengths: Tensor | None = None, reset: Tensor | None = None):
+        """torch's forward, plus the ``lengths`` / ``reset`` extensions (module docstring)."""
         reason = _unfused_reason(self, input, hx)
-        if reason is not None:
+        if reason is not None and lengths is None and reset is None:
             backends.count("LSTM", "torch", reason)
             return super().forward(input, hx)
-        out, h_n, c_n = _fused_forward(self, input, hx)
+        out, h_n, c_n = _fused_forward(self, input, hx, lengths, reset)
         return out, (h_n, c_n)
+
+
+# --------------------------------------------------------------------------- single-step cells
+def _cell_unfused_reason(module: torch.nn.RNNCellBase, input, hx) -> str | None:
+    """Why torch's forward runs this call, or None (lean: a GRU4Rec loop calls it per step)."""
+    if not isinstance(input, Tensor) or input.dim() not in (1, 2) or input.shape[-1] != module.input_size:
+        return "input shape"  # torch raises its own error
+    dtype, cpu = input.dtype, input.is_cpu
+    weight = module._parameters["weight_ih"]
+    if dtype != weight.dtype or not (cpu and weight.is_cpu) and input.device != weight.device:
+        return "input dtype/device differs from the weights"
+    if not cpu and backends.forced() is None:
+        return "no Triton cell kernel (torch's forward)"
+    if hx is None:
+        return None
+    for t in hx if isinstance(hx, tuple) else (hx,):
+        if not isinstance(t, Tensor) or t.dtype != dtype or t.is_cpu != cpu or not cpu and t.device != input.device:
+            return "hx dtype/device differs from the input"
+        if t.shape[:-1] != input.shape[:-1] or t.shape[-1] != module.hidden_size:
+            return "hx shape"  # torch raises its own error
+    return None
+
+
+def _cell_forward(module: torch.nn.RNNCellBase, mode: str, input: Tensor, hx):
+    """torch's cell conventions around the fused step: unbatched (1-D) input, hx None = zeros.
+    The arguments were checked by ``_cell_unfused_reason`` (and the weights have their shapes
+    by construction), so this calls the op layer directly: a GRU4Rec loop calls it per step."""
+    batched = input.dim() == 2
+    if not batched:
+        input = input.unsqueeze(0)
+    zeros = input.new_zeros(input.shape[0], module.hidden_size) if hx is None else None
+    params = module._parameters
+    bias = (params["bias_ih"], params["bias_hh"]) if module.bias else (None, None)
+    if mode == "lstm":
+        h, c = hx if hx is not None else (zeros, zeros)
+        if not batched and hx is not None:
+            h, c = h.unsqueeze(0), c.unsqueeze(0)
+        h, c = rnn_ops.rnn_cell(input, h, c, params["weight_ih"], params["weight_hh"], *bias, mode)
+        return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
+    h = hx if hx is not None else zeros
+    if not batched and hx is not None:
+        h = h.unsqueeze(0)
+    h, _ = rnn_ops.rnn_cell(input, h, None, params["weight_ih"], params["weight_hh"], *bias, mode)
+    return h if batched else h.squeeze(0)
+
+
+class RNNCell(torch.nn.RNNCell):
+    """``torch.nn.RNNCell`` (tanh or relu) as one fused op per step (forward and backward)."""
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        reason = _cell_unfused_reason(self, input, hx)
+        if reason is not None:
+            backends.count("RNNCell", "torch", reason)
+            return super().forward(input, hx)
+        return _cell_forward(self, self.nonlinearity, input, hx)
+
+
+class GRUCell(torch.nn.GRUCell):
+    """``torch.nn.GRUCell`` as one fused op per step (forward and backward)."""
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        reason = _cell_unfused_reason(self, input, hx)
+        if reason is not None:
+            backends.count("GRUCell", "torch", reason)
+            return super().forward(input, hx)
+        return _cell_forward(self, "gru", input, hx)
+
+
+class LSTMCell(torch.nn.LSTMCell):
+    """``torch.nn.LSTMCell`` as one fused op per step (forward and backward)."""
+
+    def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        reason = _cell_unfused_reason(self, input, hx)
+        if reason is not None:
+            backends.count("LSTMCell", "torch", reason)
+            return super().forward(input, hx)
+        return _cell_forward(self, "lstm", input, hx)

@@ -9,17 +9,24 @@ the fused recurrence on a precomputed input projection; this module does the big
   and the entering states ``hprev``; then ``dx = dgx W_ih``, ``dW_ih = dgx^T x``,
   ``db_ih = sum dgx``, ``dW_hh = dgh^T hprev``, ``db_hh = sum dgh``.
 
-Semantics (every backend): x ``(T, B, I)`` time-major; ``h0``/``c0`` ``(B, H)``; ``lengths``
-int32 ``(B,)`` in [1, T] (row b runs steps ``0..len_b-1``; past it ``out = 0`` and the state
-is frozen); ``reverse`` runs each row from ``len_b - 1`` down to 0; ``reset`` bool ``(T, B)``
-zeroes a row's state before step t. The workspace is ``(T, B, K*H)`` fp32 (fp64 for fp64),
-K = 2 (tanh/relu), 5 (gru), 6 (lstm). ``c_n`` is a ``(0, 0)`` tensor for non-LSTM modes.
+Semantics (every backend): x ``(T, B, I)`` time-major, ``(B, T, I)`` when ``batch_first``, or
+``(N, I)`` packed rows in ``PackedSequence`` order when ``batch_sizes`` (int64 ``(T,)``,
+non-increasing, ``batch_sizes[0] = B``) is given; ``out`` and the workspace share x's layout.
+``h0``/``c0`` ``(B, H)``; ``lengths`` int32 ``(B,)`` in [1, T] (row b runs steps
+``0..len_b-1``; past it ``out = 0`` and the state is frozen); ``reverse`` runs each row from
+``len_b - 1`` down to 0; ``reset`` bool ``(T, B)`` (``(B, T)`` when ``batch_first``) zeroes a
+row's state before step t. The workspace is ``(.., K*H)`` fp32 (fp64 for fp64), K = 2
+(tanh/relu), 5 (gru), 6 (lstm). ``c_n`` is a ``(0, 0)`` tensor for non-LSTM modes.
+
+Packed input is the cheap case: the projection GEMMs run over the N = sum(lengths) real rows
+only, and the recurrence steps only the ``batch_sizes[t]`` rows still running at step t.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from fastrec import backends
 
@@ -92,26 +99,42 @@ def _ws_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _fake_forward(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse):
-    steps, batch, _ = gx.shape
-    hidden = h0.shape[1]
-    out = gx.new_empty(steps, batch, hidden)
+def _fake_forward(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse, batch_first=False, batch_sizes=None):
+    lead = gx.shape[:-1]
+    batch, hidden = h0.shape
+    out = gx.new_empty(*lead, hidden)
     h_n = h0.new_empty(batch, hidden)
     c_n = h0.new_empty(batch, hidden) if mode == "lstm" else h0.new_empty(0, 0)
-    workspace = gx.new_empty(steps, batch, SLOTS[mode] * hidden, dtype=_ws_dtype(gx))
+    workspace = gx.new_empty(*lead, SLOTS[mode] * hidden, dtype=_ws_dtype(gx))
     return out, h_n, c_n, workspace
 
 
-def _fake_backward(grad_out, grad_h_n, grad_c_n, workspace, w_hh, b_hh, h0, c0, lengths, reset, mode, reverse):
-    steps, batch, hidden = grad_out.shape
+def _fake_backward(
+    grad_out,
+    grad_h_n,
+    grad_c_n,
+    workspace,
+    w_hh,
+    b_hh,
+    h0,
+    c0,
+    lengths,
+    reset,
+    mode,
+    reverse,
+    batch_first=False,
+    batch_sizes=None,
+):
+    lead = grad_out.shape[:-1]
+    batch, hidden = h0.shape
     gh = GATES[mode] * hidden
     grad_c0 = h0.new_empty(batch, hidden) if mode == "lstm" else h0.new_empty(0, 0)
     return (
-        h0.new_empty(steps, batch, gh),
-        h0.new_empty(steps, batch, gh),
+        h0.new_empty(*lead, gh),
+        h0.new_empty(*lead, gh),
         h0.new_empty(batch, hidden),
         grad_c0,
-        h0.new_empty(steps, batch, hidden),
+        h0.new_empty(*lead, hidden),
     )
 
 
@@ -189,58 +212,59 @@ def _backward_triton(grad_out, grad_h_n, grad_c_n, workspace, w_hh, b_hh, h0, c0
 
 
 def _project(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """``x (T, B, I) -> x W^T + b`` as one GEMM over T*B rows, ``(T, B, G*H)`` contiguous."""
-    steps, batch, size = x.shape
-    flat = x.reshape(steps * batch, size)
+    """``x (.., I) -> x W^T + b`` as one GEMM over all rows, ``(.., G*H)`` contiguous."""
+    flat = x.reshape(-1, x.shape[-1])
     out = torch.mm(flat, w.t()) if b is None else torch.addmm(b, flat, w.t())
-    return out.view(steps, batch, w.shape[0])
+    return out.view(*x.shape[:-1], w.shape[0])
 
 
 class RNNLayerFunction(torch.autograd.Function):
-    """One layer, one direction on the cpp or triton backend; weight gradients as big GEMMs."""
+    """One layer, one direction; the input projection and the weight gradients as big GEMMs
+    over the real rows. ``backend`` "cpp" takes any of the three layouts; "triton" is
+    time-major only (``rnn_layer`` converts other layouts with ``time_major_call``)."""
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reset, mode, reverse, backend):
+    def forward(
+        ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reset, mode, reverse, batch_first, batch_sizes, backend
+    ):
         gx = _project(x, w_ih, b_ih)
-        forward_op = _forward_triton if backend == "triton" else torch.ops.fastrec.rnn_forward_cpp
-        out, h_n, c_n, workspace = forward_op(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse)
-        ctx.save_for_backward(x, w_ih, w_hh, b_hh, h0, c0, lengths, reset, workspace)
-        ctx.flags = (mode, reverse, b_ih is not None, b_hh is not None, backend)
+        if backend == "triton":
+            out, h_n, c_n, workspace = _forward_triton(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse)
+        else:
+            out, h_n, c_n, workspace = torch.ops.fastrec.rnn_forward_cpp(
+                gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse, batch_first, batch_sizes
+            )
+        ctx.save_for_backward(x, w_ih, w_hh, b_hh, h0, c0, lengths, reset, batch_sizes, workspace)
+        ctx.flags = (mode, reverse, batch_first, b_ih is not None, b_hh is not None, backend)
         if mode != "lstm":
             ctx.mark_non_differentiable(c_n)
         return out, h_n, c_n
 
     @staticmethod
     def backward(ctx, grad_out, grad_h_n, grad_c_n):
-        x, w_ih, w_hh, b_hh, h0, c0, lengths, reset, workspace = ctx.saved_tensors
-        mode, reverse, has_b_ih, has_b_hh, backend = ctx.flags
-        steps, batch, size = x.shape
-        backward_op = _backward_triton if backend == "triton" else torch.ops.fastrec.rnn_backward_cpp
-        grad_gx, grad_gh, grad_h0, grad_c0, hprev = backward_op(
-            grad_out.contiguous(),
-            grad_h_n.contiguous(),
-            grad_c_n.contiguous() if mode == "lstm" else None,
-            workspace,
-            w_hh,
-            b_hh,
-            h0,
-            c0,
-            lengths,
-            reset,
-            mode,
-            reverse,
-        )
+        x, w_ih, w_hh, b_hh, h0, c0, lengths, reset, batch_sizes, workspace = ctx.saved_tensors
+        mode, reverse, batch_first, has_b_ih, has_b_hh, backend = ctx.flags
+        size = x.shape[-1]
+        grads = (grad_out.contiguous(), grad_h_n.contiguous(), grad_c_n.contiguous() if mode == "lstm" else None)
+        state = (workspace, w_hh, b_hh, h0, c0, lengths, reset, mode, reverse)
+        if backend == "triton":
+            grad_gx, grad_gh, grad_h0, grad_c0, hprev = _backward_triton(*grads, *state)
+        else:
+            grad_gx, grad_gh, grad_h0, grad_c0, hprev = torch.ops.fastrec.rnn_backward_cpp(
+                *grads, *state, batch_first, batch_sizes
+            )
         gates = grad_gx.shape[-1]
-        dgx = grad_gx.view(steps * batch, gates).to(x.dtype)
-        dgh = grad_gh.view(steps * batch, gates).to(w_hh.dtype)
+        rows = grad_gx.shape[:-1].numel()
+        dgx = grad_gx.view(rows, gates).to(x.dtype)
+        dgh = grad_gh.view(rows, gates).to(w_hh.dtype)
         need = ctx.needs_input_grad
-        grad_x = torch.mm(dgx, w_ih).view(steps, batch, size) if need[0] else None
-        grad_w_ih = torch.mm(dgx.t(), x.reshape(steps * batch, size)) if need[3] else None
-        grad_w_hh = torch.mm(dgh.t(), hprev.view(steps * batch, -1).to(w_hh.dtype)) if need[4] else None
+        grad_x = torch.mm(dgx, w_ih).view(x.shape) if need[0] else None
+        grad_w_ih = torch.mm(dgx.t(), x.reshape(rows, size)) if need[3] else None
+        grad_w_hh = torch.mm(dgh.t(), hprev.view(rows, -1).to(w_hh.dtype)) if need[4] else None
         grad_b_ih = dgx.sum(0) if has_b_ih and need[5] else None
         grad_b_hh = dgh.sum(0) if has_b_hh and need[6] else None
         grad_c0 = grad_c0 if mode == "lstm" else None
-        return grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, None, None, None, None, None
+        return (grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh) + (None,) * 7
 
 
 def _unfused_reason(x: Tensor, h0: Tensor, mode: str) -> str | None:
@@ -251,7 +275,7 @@ def _unfused_reason(x: Tensor, h0: Tensor, mode: str) -> str | None:
         return "fastrec._C does not register rnn_forward_cpp"
     if h0.shape[1] > 1024:
         return "hidden_size > 1024"
-    if x.shape[0] == 0 or x.shape[1] == 0:
+    if x.shape[:-1].numel() == 0 or h0.shape[0] == 0:
         return "empty input"
     return None
 
@@ -268,12 +292,136 @@ def rnn_layer(
     reset: Tensor | None,
     mode: str,
     reverse: bool,
+    batch_first: bool = False,
+    batch_sizes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One layer, one direction on canonical inputs (see the module docstring)."""
     reason = _unfused_reason(x, h0, mode)
     backend = backends.select(x.device, reason)
     backends.count(OP, backend, reason or "")
     args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reset, mode, reverse)
-    if backend == "torch":
-        return rnn_layer_torch(*args)
-    return RNNLayerFunction.apply(*args, backend)
+    if backend == "cpp":
+        return RNNLayerFunction.apply(*args, batch_first, batch_sizes, "cpp")
+    if backend == "triton":
+        fn = lambda *a: RNNLayerFunction.apply(*a, False, None, "triton")
+        return time_major_call(fn, *args, batch_first=batch_first, batch_sizes=batch_sizes)
+    return time_major_call(rnn_layer_torch, *args, batch_first=batch_first, batch_sizes=batch_sizes)
+
+
+def time_major_call(fn, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reset, mode, reverse, *, batch_first, batch_sizes):
+    """Runs ``fn`` (a time-major layer: x ``(T, B, I)``, reset ``(T, B)``) on x in any layout,
+    converting the input and the output (packed rows go through padding with their lengths)."""
+    if batch_sizes is not None:
+        padded, lens = pad_packed_sequence(PackedSequence(x, batch_sizes))
+        out, h_n, c_n = fn(padded, h0, c0, w_ih, w_hh, b_ih, b_hh, lens.to(torch.int32), None, mode, reverse)
+        return pack_padded_sequence(out, lens).data, h_n, c_n
+    if batch_first:
+        reset = reset.t() if reset is not None else None
+        out, h_n, c_n = fn(x.transpose(0, 1), h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reset, mode, reverse)
+        return out.transpose(0, 1), h_n, c_n
+    return fn(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reset, mode, reverse)
+
+
+# --------------------------------------------------------------------------- single-step cells
+CELL_SLOTS = {"tanh": 1, "relu": 1, "gru": 4, "lstm": 5}
+CELL_OP = "rnn_cell"
+_CELL_DTYPES = (torch.float32, torch.float64)
+HAVE_CELL_CPP = (
+    backends.available()["cpp"] is None
+    and hasattr(torch.ops.fastrec, "rnn_cell_forward_cpp")
+    and hasattr(torch.ops.fastrec, "rnn_cell_backward_cpp")
+)
+
+
+def _fake_cell_forward(x, h, c, w_ih, w_hh, b_ih, b_hh, mode):
+    batch, hidden = h.shape
+    c_new = h.new_empty(batch, hidden) if mode == "lstm" else h.new_empty(0, 0)
+    return h.new_empty(batch, hidden), c_new, h.new_empty(batch, CELL_SLOTS[mode] * hidden)
+
+
+def _fake_cell_backward(grad_h_new, grad_c_new, workspace, x, h, c, w_ih, w_hh, has_bias, mode):
+    batch, hidden = h.shape
+    bias = GATES[mode] * hidden if has_bias else 0
+    return (
+        x.new_empty(x.shape),
+        h.new_empty(batch, hidden),
+        h.new_empty(batch, hidden) if mode == "lstm" else h.new_empty(0, 0),
+        w_ih.new_empty(w_ih.shape),
+        w_hh.new_empty(w_hh.shape),
+        h.new_empty(bias),
+        h.new_empty(bias),
+    )
+
+
+if HAVE_CELL_CPP:
+    torch.library.register_fake("fastrec::rnn_cell_forward_cpp")(_fake_cell_forward)
+    torch.library.register_fake("fastrec::rnn_cell_backward_cpp")(_fake_cell_backward)
+
+
+def rnn_cell_torch(x, h, c, w_ih, w_hh, b_ih, b_hh, mode) -> tuple[Tensor, Tensor | None]:
+    """torch's own cell functions (the reference): ``(h_new, c_new or None)``."""
+    if mode == "lstm":
+        return torch.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh)
+    return _CELLS[mode](x, h, w_ih, w_hh, b_ih, b_hh), None
+
+
+class RNNCellFunction(torch.autograd.Function):
+    """One step of one cell on the cpp backend: both GEMMs and the gate arithmetic in one op,
+    every gradient (input, state, weights, biases) in one op."""
+
+    @staticmethod
+    def forward(ctx, x, h, c, w_ih, w_hh, b_ih, b_hh, mode):
+        h_new, c_new, workspace = torch.ops.fastrec.rnn_cell_forward_cpp(x, h, c, w_ih, w_hh, b_ih, b_hh, mode)
+        ctx.save_for_backward(x, h, c, w_ih, w_hh, workspace)
+        ctx.flags = (mode, b_ih is not None)
+        if mode != "lstm":
+            ctx.mark_non_differentiable(c_new)
+        return h_new, c_new
+
+    @staticmethod
+    def backward(ctx, grad_h_new, grad_c_new):
+        x, h, c, w_ih, w_hh, workspace = ctx.saved_tensors
+        mode, has_bias = ctx.flags
+        lstm = mode == "lstm"
+        dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh = torch.ops.fastrec.rnn_cell_backward_cpp(
+            grad_h_new, grad_c_new if lstm else None, workspace, x, h, c, w_ih, w_hh, has_bias, mode
+        )
+        bias = (db_ih, db_hh) if has_bias else (None, None)
+        return dx, dh, dc if lstm else None, dw_ih, dw_hh, *bias, None
+
+
+def _cell_unfused_reason(x: Tensor, mode: str) -> str | None:
+    if x.device.type != "cpu":
+        return f"no fused rnn cell kernel for {x.device.type} tensors (torch's cell)"
+    if not HAVE_CELL_CPP:
+        return "fastrec._C does not register rnn_cell_forward_cpp"
+    if x.dtype not in _CELL_DTYPES:
+        return f"{x.dtype} cell (the fused cell computes in float32 / float64)"
+    return None
+
+
+def rnn_cell(
+    x: Tensor,
+    h: Tensor,
+    c: Tensor | None,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    mode: str,
+) -> tuple[Tensor, Tensor | None]:
+    """One step of a cell on ``x (B, I)``, ``h``/``c`` ``(B, H)``: ``(h_new, c_new or None)``."""
+    if backends.forced() is None and x.device.type == "cpu" and HAVE_CELL_CPP and x.dtype in _CELL_DTYPES:
+        backend, reason = "cpp", None  # the common case, decided without the general selection (per step)
+    else:
+        reason = _cell_unfused_reason(x, mode)
+        backend = backends.select(x.device, reason)
+    backends.count(CELL_OP, backend, reason or "")
+    if backend == "cpp":
+        tensors = (x, h, c, w_ih, w_hh, b_ih, b_hh)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            h_new, c_new = RNNCellFunction.apply(*tensors, mode)
+        else:  # inference: the op alone, without the autograd.Function's bookkeeping
+            h_new, c_new, _ = torch.ops.fastrec.rnn_cell_forward_cpp(*tensors, mode)
+        return h_new, c_new if mode == "lstm" else None
+    return rnn_cell_torch(x, h, c, w_ih, w_hh, b_ih, b_hh, mode)
