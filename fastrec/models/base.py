@@ -149,16 +149,25 @@ class SequentialRecommender(torch.nn.Module):
             raise ValueError(f"k must be at most n_items = {self.n_items}, got {k}")
         batch = self.make_input(histories, users)
         was_training = self.training
-        self.eval()
+        if was_training:
+            self.eval()
         try:
             with torch.inference_mode():
-                scores = self.scores(batch)
+                hidden = self.serve(batch) if self.backend == "fastrec" else self(batch)
+                scores = hidden @ self.item_embedding.weight.t()
+                scores[:, 0] = float("-inf")
                 if exclude_seen:
                     _mask_seen(scores, histories)
                 top_scores, top_items = scores.topk(k, dim=1)
         finally:
-            self.train(was_training)
+            if was_training:
+                self.train()
         return top_items, top_scores
+
+    def serve(self, batch) -> Tensor:
+        """``forward`` in eval mode without autograd, as ``recommend`` runs it on the fastrec
+        backend; models override it with a leaner path through ``fastrec.functional``."""
+        return self(batch)
 
 
 def _as_ids(history, index: int) -> np.ndarray:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastrec import functional as FF
 from fastrec import nn as fnn
 from fastrec.models.base import SequentialRecommender, check_dropout, check_positive
 
@@ -57,3 +58,16 @@ class GRU4Rec(SequentialRecommender):
         output, _ = self.gru(self.dropout(self.item_embedding(items)))
         last = output[torch.arange(items.shape[0], device=items.device), lengths - 1]
         return self.projection(last)
+
+    def serve(self, batch) -> Tensor:
+        """Inference: the fused recurrence called directly (no module dispatch, no output
+        gather: with ``lengths`` its final state is the state at each row's last item)."""
+        x = torch.nn.functional.embedding(batch.items, self.item_embedding.weight)
+        weights = [
+            (getattr(self.gru, f"weight_ih_l{i}"), getattr(self.gru, f"weight_hh_l{i}"), None, None)
+            for i in range(self.gru.num_layers)
+        ]
+        _, h_n, _ = FF.rnn(
+            x, weights, mode="gru", num_layers=self.gru.num_layers, batch_first=True, lengths=batch.lengths
+        )
+        return self.projection(h_n[-1])
