@@ -53,6 +53,7 @@ def _train(args: argparse.Namespace) -> int:
         n_negatives=args.negatives,
         max_len=args.max_len,
         patience=args.patience,
+        time_limit_s=args.time_limit or None,
         device=args.device,
         amp=args.amp,
         compile=args.compile,
@@ -82,6 +83,12 @@ def _add_train(sub) -> None:
     train.add_argument("--negatives", type=int, default=1, help="sampled negatives per example for --loss bce")
     train.add_argument("--max-len", type=int, default=None, help="history length (default 50; Caser 10)")
     train.add_argument("--patience", type=int, default=3, help="stop after this many epochs without a better NDCG@10")
+    train.add_argument(
+        "--time-limit",
+        type=float,
+        default=540.0,
+        help="stop training after this many seconds, mid-epoch if need be, then test (default 540; 0 = none)",
+    )
     train.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     train.add_argument("--amp", default=None, choices=["bf16"], help="autocast to bfloat16")
     train.add_argument("--compile", action="store_true", help="torch.compile the training step")

@@ -52,6 +52,7 @@ class TrainConfig:
     max_len: int | None = None  # None: 50 (SASRec, GRU4Rec) or 10 (Caser)
     dropout: float | None = None  # None: the model's default
     patience: int = 3
+    time_limit_s: float | None = None  # stop training (mid-epoch if need be) after this long
     device: str = "cpu"
     amp: str | None = None  # "bf16"
     compile: bool = False
@@ -70,6 +71,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.time_limit_s is not None and self.time_limit_s <= 0:
+            raise ValueError(f"time_limit_s must be positive or None, got {self.time_limit_s!r}")
         if self.resume and not self.checkpoint:
             raise ValueError("resume=True needs checkpoint= (the path to resume from), got None")
         if self.max_len is None:
@@ -217,6 +220,14 @@ def _share(n: int, rank: int, world: int) -> slice:
     return slice(start, start + base + (1 if rank < extra else 0))
 
 
+def _past(deadline: float, world: int) -> bool:
+    """Whether the deadline has passed (rank 0's clock decides for every process)."""
+    flag = torch.tensor([time.perf_counter() > deadline], dtype=torch.int32)
+    if world > 1:
+        dist.broadcast(flag, 0)
+    return bool(flag)
+
+
 def _autocast(config: TrainConfig):
     if config.amp == "bf16":
         return torch.autocast(torch.device(config.device).type, dtype=torch.bfloat16)
@@ -272,8 +283,10 @@ def fit(
         if rank == 0:
             log(f"resumed from {config.checkpoint} after epoch {state['epoch']}")
 
+    deadline = None if config.time_limit_s is None else time.perf_counter() + config.time_limit_s
+    out_of_time = False
     for epoch in range(first_epoch, config.epochs + 1):
-        if bad_epochs >= config.patience:
+        if bad_epochs >= config.patience or out_of_time:
             break
         model.train()
         start = time.perf_counter()
@@ -297,6 +310,9 @@ def fit(
             total += float(value) * n
             count += n
             bar.set_postfix(loss=f"{float(value):.4f}")
+            if deadline is not None and _past(deadline, world):
+                out_of_time = True
+                break
         seconds = time.perf_counter() - start
         valid = evaluate(model, *data.valid, batch_size=config.eval_batch_size)
         result = EpochResult(epoch, total / max(count, 1), count / seconds, seconds, valid)
@@ -312,6 +328,11 @@ def fit(
                 f"epoch {epoch:3d}  loss {result.loss:.4f}  {result.samples_per_s:8.0f} samples/s  "
                 f"{seconds:6.1f} s  valid HR@10 {valid['HR@10']:.4f}  NDCG@10 {valid['NDCG@10']:.4f}"
                 + ("  *" if improved else "")
+                + (
+                    f"  (time limit {config.time_limit_s:.0f} s: epoch cut short, training stops)"
+                    if out_of_time
+                    else ""
+                )
             )
             if config.checkpoint:
                 _save(

@@ -39,6 +39,15 @@ def test_early_stopping_after_patience_epochs_without_better_ndcg():
     assert result.best_epoch == 1
 
 
+def test_time_limit_cuts_the_epoch_and_stops_training():
+    lines = []
+    result = train.run(config(epochs=5, time_limit_s=1e-6), log=lines.append)
+    assert [e.epoch for e in result.epochs] == [1]
+    assert result.epochs[0].loss > 0
+    assert "epoch cut short, training stops" in lines[1]
+    assert lines[-1].startswith("test (best epoch 1)")
+
+
 def test_best_epoch_weights_are_restored_for_the_test_line():
     cfg = config(epochs=3)
     data = train.load_data(cfg, MODELS[cfg.model].padding_side)
@@ -91,6 +100,8 @@ def test_config_rejects_bad_values():
         train.TrainConfig(amp="fp8")
     with pytest.raises(ValueError, match="epochs must be a positive int"):
         train.TrainConfig(epochs=0)
+    with pytest.raises(ValueError, match="time_limit_s must be positive or None"):
+        train.TrainConfig(time_limit_s=0)
     with pytest.raises(ValueError, match="resume=True needs checkpoint="):
         train.TrainConfig(resume=True)
     assert train.TrainConfig(model="caser").max_len == 10
