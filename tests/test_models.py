@@ -18,6 +18,7 @@ import torch
 
 import fastrec
 from fastrec.models import MODELS, Caser, GRU4Rec, ModelInput, SASRec
+from fastrec.models.caser import CaserConvLoop
 
 N_ITEMS, N_USERS = 40, 12
 MODEL_FP32_BOUND = 2e-5
@@ -81,6 +82,9 @@ def test_backends_use_fastrec_modules_or_torch_modules():
     assert type(build("sasrec", "torch").blocks[0]) is torch.nn.TransformerEncoderLayer
     assert isinstance(build("gru4rec", "fastrec").gru, fastrec.nn.GRU)
     assert type(build("gru4rec", "torch").gru) is torch.nn.GRU
+    # Caser's switch point: the fused block once fastrec.nn has it, the per-height loop until then
+    assert type(build("caser", "fastrec").conv) is getattr(fastrec.nn, "CaserConv", CaserConvLoop)
+    assert type(build("caser", "torch").conv) is CaserConvLoop
 
 
 @pytest.mark.parametrize("kind", ["ce", "bce"])
