@@ -360,10 +360,7 @@ def run(config: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
     """Load, build, fit and test one model; prints one line per epoch and a final test line."""
     rank, _ = _distributed()
     start = time.perf_counter()
-    model_cls = MODELS[config.model]
-    torch.manual_seed(config.seed)
-    probe_side = "left" if model_cls.padding_side == "left" else "right"
-    data = load_data(config, probe_side)
+    data = load_data(config, MODELS[config.model].padding_side)
     model = build_model(config, data.n_items, data.n_users)
     if rank == 0:
         log(
