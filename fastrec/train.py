@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from fastrec.models import MODELS, SequentialRecommender
+from fastrec.models import MODELS, ModelInput, SequentialRecommender
 
 DEFAULT_MAX_LEN = {"sasrec": 50, "gru4rec": 50, "caser": 10}
 KS = (5, 10, 20)
@@ -190,16 +190,8 @@ class _LossModule(torch.nn.Module):
         self.model, self.kind, self.n_negatives = model, kind, n_negatives
 
     def forward(self, items, lengths, target, user):
-        batch = _Rows(items, lengths, target, user)
+        batch = ModelInput(items, lengths, user, target)
         return self.model.loss(batch, kind=self.kind, n_negatives=self.n_negatives)
-
-
-@dataclass
-class _Rows:
-    items: torch.Tensor
-    lengths: torch.Tensor
-    target: torch.Tensor
-    user: torch.Tensor
 
 
 def _distributed() -> tuple[int, int]:
