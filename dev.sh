@@ -20,7 +20,7 @@ if ! "$py" -c "import torch" 2>/dev/null; then
   "${pip[@]}" install "torch==2.13.0"
 fi
 missing=()
-for pkg in triton numpy pytest pytest_benchmark ruff ninja setuptools wheel; do
+for pkg in triton numpy tqdm pytest pytest_benchmark ruff ninja setuptools wheel; do
   "$py" -c "import $pkg" 2>/dev/null || missing+=("${pkg//_/-}")
 done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -1,4 +1,4 @@
-"""The ``fastrec`` command: ``info`` and ``bench``."""
+"""The ``fastrec`` command: ``info``, ``bench`` and ``train``."""
 
 from __future__ import annotations
 
@@ -39,6 +39,67 @@ def _bench(args: argparse.Namespace) -> int:
     return bench.main(args)
 
 
+def _train(args: argparse.Namespace) -> int:
+    from fastrec import train
+
+    config = train.TrainConfig(
+        model=args.model,
+        data=args.data,
+        backend=args.backend,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        loss=args.loss,
+        n_negatives=args.negatives,
+        max_len=args.max_len,
+        patience=args.patience,
+        time_limit_s=args.time_limit or None,
+        device=args.device,
+        amp=args.amp,
+        compile=args.compile,
+        seed=args.seed,
+        checkpoint=args.checkpoint,
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
+    if args.compare:
+        train.compare(config)
+    else:
+        train.run(config)
+    return 0
+
+
+def _add_train(sub) -> None:
+    from fastrec.models import MODELS
+
+    train = sub.add_parser("train", help="train and evaluate a sequential recommender (HR/NDCG@K)")
+    train.add_argument("--model", required=True, choices=sorted(MODELS))
+    train.add_argument("--data", default="ml-100k", help="ml-100k (default), synthetic, or a data file path")
+    train.add_argument("--backend", default="fastrec", choices=["fastrec", "torch"])
+    train.add_argument("--epochs", type=int, default=12, help="at most this many epochs (default 12)")
+    train.add_argument("--batch-size", type=int, default=512)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--loss", default="ce", choices=["ce", "bce"])
+    train.add_argument("--negatives", type=int, default=1, help="sampled negatives per example for --loss bce")
+    train.add_argument("--max-len", type=int, default=None, help="history length (default 50; Caser 10)")
+    train.add_argument("--patience", type=int, default=3, help="stop after this many epochs without a better NDCG@10")
+    train.add_argument(
+        "--time-limit",
+        type=float,
+        default=540.0,
+        help="stop training after this many seconds, mid-epoch if need be, then test (default 540; 0 = none)",
+    )
+    train.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    train.add_argument("--amp", default=None, choices=["bf16"], help="autocast to bfloat16")
+    train.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    train.add_argument("--compare", action="store_true", help="train both backends from the same seed, side by side")
+    train.add_argument("--seed", type=int, default=2020)
+    train.add_argument("--checkpoint", help="save the training state here after each epoch")
+    train.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=_train)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastrec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -53,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--json", help="write every figure as JSON to this path")
     bench.add_argument("--markdown", help="write the table as Markdown to this path")
     bench.set_defaults(func=_bench)
+    _add_train(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,0 +1,16 @@
+"""Sequential recommenders built from fastrec modules (``backend="fastrec"``) or from plain
+torch modules (``backend="torch"``), so that one script compares the two.
+
+Each model: ``forward(batch) -> (B, dim)``, ``scores(batch) -> (B, n_items + 1)`` (column 0,
+padding, is -inf), ``loss(batch, kind="ce"|"bce", n_negatives=1)`` and the serving call
+``recommend(histories, k, exclude_seen=True, users=None) -> (item ids (B, k), scores (B, k))``.
+"""
+
+from fastrec.models.base import ModelInput, SequentialRecommender
+from fastrec.models.caser import Caser
+from fastrec.models.gru4rec import GRU4Rec
+from fastrec.models.sasrec import SASRec
+
+MODELS = {"sasrec": SASRec, "gru4rec": GRU4Rec, "caser": Caser}
+
+__all__ = ["MODELS", "Caser", "GRU4Rec", "ModelInput", "SASRec", "SequentialRecommender"]

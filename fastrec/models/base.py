@@ -1,0 +1,193 @@
+"""What every sequential recommender here shares: scoring against the (tied) item table, the two
+training losses, and the serving call ``recommend``.
+
+A batch is anything with ``items`` (B, L) long (0 = padding), ``lengths`` (B,) long and, for
+models with a user embedding, ``user`` (B,) long; the loss also reads ``target`` (B,) long
+(``fastrec.data.Batch`` has all four; ``ModelInput`` below is the minimal one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+BACKENDS = ("fastrec", "torch")
+LOSSES = ("ce", "bce")
+
+
+class ModelInput(NamedTuple):
+    """A batch of histories: ``items`` (B, L) long (0 = padding), ``lengths`` (B,) long,
+    ``user`` (B,) long or None, ``target`` (B,) long or None (training only)."""
+
+    items: Tensor
+    lengths: Tensor
+    user: Tensor | None = None
+    target: Tensor | None = None
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_dropout(dropout: float) -> None:
+    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+
+
+class SequentialRecommender(torch.nn.Module):
+    """Base class: subclasses define ``item_embedding`` ((n_items + 1, dim), row 0 = padding),
+    ``forward(batch) -> (B, dim)`` and ``padding_side`` (how ``recommend`` lays out histories)."""
+
+    padding_side = "right"
+    uses_users = False
+    pads_to_max_len = False  # Caser's vertical filter spans exactly max_len rows
+
+    def __init__(self, n_items: int, max_len: int, dim: int, backend: str) -> None:
+        super().__init__()
+        check_positive(n_items=n_items, max_len=max_len, dim=dim)
+        self.n_items, self.max_len, self.dim = n_items, max_len, dim
+        self.backend = check_backend(backend)
+
+    def scores(self, batch) -> Tensor:
+        """(B, n_items + 1) scores of every item; column 0 (padding) is -inf."""
+        logits = self(batch) @ self.item_embedding.weight.t()
+        logits[:, 0] = float("-inf")
+        return logits
+
+    def loss(self, batch, kind: str = "ce", n_negatives: int = 1) -> Tensor:
+        """Mean training loss of the batch's next-item targets.
+
+        ``ce``: softmax cross-entropy over the whole catalogue (items 1..n_items).
+        ``bce``: binary cross-entropy of the target against ``n_negatives`` items per row drawn
+        uniformly from the other items (never the target), from torch's RNG.
+        """
+        if kind not in LOSSES:
+            raise ValueError(f"kind must be one of {LOSSES}, got {kind!r}")
+        target = batch.target
+        if target is None:
+            raise ValueError("batch.target is required for the loss, got None")
+        hidden = self(batch)
+        table = self.item_embedding.weight
+        if kind == "ce":
+            return F.cross_entropy(hidden @ table[1:].t(), target - 1)
+        check_positive(n_negatives=n_negatives)
+        if self.n_items < 2:
+            raise ValueError(f"bce needs n_items >= 2 to draw negatives, got {self.n_items}")
+        # Uniform over the n_items - 1 items other than the target: shift the target's index.
+        shift = torch.randint(1, self.n_items, (target.shape[0], n_negatives), device=target.device)
+        negatives = (target.unsqueeze(1) - 1 + shift) % self.n_items + 1
+        positive_logit = (hidden * table[target]).sum(-1)
+        negative_logit = torch.einsum("bd,bnd->bn", hidden, table[negatives])
+        positive = F.binary_cross_entropy_with_logits(positive_logit, torch.ones_like(positive_logit))
+        negative = F.binary_cross_entropy_with_logits(negative_logit, torch.zeros_like(negative_logit))
+        return positive + negative
+
+    def make_input(
+        self, histories: Sequence | Tensor, users: Sequence[int] | Tensor | None = None, *, full_length: bool = False
+    ) -> ModelInput:
+        """Lay out histories (sequences of item ids 1..n_items, oldest first) as this model's
+        input: the last ``max_len`` items of each, on ``padding_side``, padded to the longest
+        history in the batch (or to ``max_len`` where the model needs it or ``full_length``)."""
+        device = self.item_embedding.weight.device
+        rows = [_as_ids(h, i) for i, h in enumerate(histories)]
+        if not rows:
+            raise ValueError("histories must hold at least one history, got none")
+        for i, row in enumerate(rows):
+            if row.size and (row.min() < 1 or row.max() > self.n_items):
+                raise ValueError(f"history {i} must hold item ids in 1..{self.n_items}, got {row.min()}..{row.max()}")
+        lengths = [min(len(r), self.max_len) for r in rows]
+        if min(lengths) == 0:
+            raise ValueError(f"every history needs at least one item, history {lengths.index(0)} is empty")
+        width = self.max_len if (self.pads_to_max_len or full_length) else max(lengths)
+        if len(rows) == 1 and lengths[0] == width:
+            items = torch.as_tensor(rows[0][-width:], dtype=torch.long).view(1, width)
+        else:
+            padded = np.zeros((len(rows), width), dtype=np.int64)
+            for i, (row, n) in enumerate(zip(rows, lengths, strict=True)):
+                if self.padding_side == "right":
+                    padded[i, :n] = row[len(row) - n :]
+                else:
+                    padded[i, width - n :] = row[len(row) - n :]
+            items = torch.from_numpy(padded)
+        user = None
+        if users is not None:
+            user = torch.as_tensor(users, dtype=torch.long).view(-1).to(device)
+            if user.shape[0] != len(rows):
+                raise ValueError(f"users must hold one id per history ({len(rows)}), got {user.shape[0]}")
+        elif self.uses_users:
+            raise ValueError(f"{type(self).__name__} needs users= (one user id per history), got None")
+        return ModelInput(items.to(device), torch.tensor(lengths, device=device), user)
+
+    def recommend(
+        self,
+        histories: Sequence | Tensor,
+        k: int,
+        exclude_seen: bool = True,
+        users: Sequence[int] | Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Top-``k`` items for each history: ``(item ids (B, k), scores (B, k))``, best first.
+
+        ``histories``: one sequence of item ids (1..n_items, oldest first) per user, as lists,
+        numpy arrays or 1-D tensors. ``exclude_seen`` drops every item of the whole history
+        (not only the last ``max_len``) from the ranking. Runs in eval mode without autograd.
+        """
+        check_positive(k=k)
+        if k > self.n_items:
+            raise ValueError(f"k must be at most n_items = {self.n_items}, got {k}")
+        batch = self.make_input(histories, users)
+        was_training = self.training
+        if was_training:
+            self.eval()
+        try:
+            with torch.inference_mode():
+                hidden = self.serve(batch) if self.backend == "fastrec" else self(batch)
+                scores = hidden @ self.item_embedding.weight.t()
+                scores[:, 0] = float("-inf")
+                if exclude_seen:
+                    _mask_seen(scores, histories)
+                top_scores, top_items = scores.topk(k, dim=1)
+        finally:
+            if was_training:
+                self.train()
+        return top_items, top_scores
+
+    def serve(self, batch) -> Tensor:
+        """``forward`` in eval mode without autograd, as ``recommend`` runs it on the fastrec
+        backend; models override it with a leaner path through ``fastrec.functional``."""
+        return self(batch)
+
+
+def _as_ids(history, index: int) -> np.ndarray:
+    if isinstance(history, Tensor):
+        history = history.detach().cpu().numpy()
+    ids = np.asarray(history)
+    if ids.ndim != 1 or not (ids.size == 0 or np.issubdtype(ids.dtype, np.integer)):
+        raise TypeError(f"history {index} must be a 1-D sequence of int item ids, got {ids.dtype} of shape {ids.shape}")
+    return ids
+
+
+def _mask_seen(scores: Tensor, histories: Sequence | Tensor) -> None:
+    """Set the score of every item in each row's history to -inf, in place."""
+    if len(histories) == 1:
+        seen = torch.as_tensor(_as_ids(histories[0], 0), dtype=torch.long, device=scores.device)
+        scores[0].index_fill_(0, seen, float("-inf"))
+        return
+    rows = [_as_ids(h, i) for i, h in enumerate(histories)]
+    row_index = np.repeat(np.arange(len(rows)), [len(r) for r in rows])
+    item_index = np.concatenate(rows).astype(np.int64)
+    scores[torch.from_numpy(row_index).to(scores.device), torch.from_numpy(item_index).to(scores.device)] = float(
+        "-inf"
+    )

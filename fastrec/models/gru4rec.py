@@ -1,0 +1,73 @@
+"""GRU4Rec (Hidasi et al., 2016; the session-parallel GRU over item histories) as RecBole lays it
+out: item embedding -> dropout -> GRU (no biases) -> linear projection back to the embedding
+size, scored against the tied item embeddings."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastrec import functional as FF
+from fastrec import nn as fnn
+from fastrec.models.base import SequentialRecommender, check_dropout, check_positive
+
+
+class GRU4Rec(SequentialRecommender):
+    """GRU4Rec on ``fastrec.nn.GRU`` (``backend="fastrec"``) or ``torch.nn.GRU``
+    (``backend="torch"``); the same seed gives the same initial weights in both.
+
+    Padding: right, with ``lengths``; the representation is the GRU output at the last real
+    item (steps after it never reach it)."""
+
+    padding_side = "right"
+
+    def __init__(
+        self,
+        n_items: int,
+        dim: int = 64,
+        hidden: int = 128,
+        n_layers: int = 1,
+        dropout: float = 0.3,
+        backend: str = "fastrec",
+        max_len: int = 50,
+    ) -> None:
+        super().__init__(n_items, max_len, dim, backend)
+        check_positive(hidden=hidden, n_layers=n_layers)
+        check_dropout(dropout)
+        self.item_embedding = torch.nn.Embedding(n_items + 1, dim, padding_idx=0)
+        self.dropout = torch.nn.Dropout(dropout)
+        gru = fnn.GRU if backend == "fastrec" else torch.nn.GRU
+        self.gru = gru(dim, hidden, num_layers=n_layers, bias=False, batch_first=True)
+        self.projection = torch.nn.Linear(hidden, dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """RecBole's initialisation: xavier-normal embeddings, xavier-uniform GRU weights,
+        xavier-normal projection with zero bias."""
+        torch.nn.init.xavier_normal_(self.item_embedding.weight)
+        for param in self.gru.parameters():
+            torch.nn.init.xavier_uniform_(param)
+        torch.nn.init.xavier_normal_(self.projection.weight)
+        torch.nn.init.zeros_(self.projection.bias)
+
+    def forward(self, batch) -> Tensor:
+        """(B, dim): the projected GRU output at each history's last real item."""
+        items, lengths = batch.items, batch.lengths
+        if items.shape[1] > self.max_len:
+            raise ValueError(f"items must have at most max_len = {self.max_len} columns, got {items.shape[1]}")
+        output, _ = self.gru(self.dropout(self.item_embedding(items)))
+        last = output[torch.arange(items.shape[0], device=items.device), lengths - 1]
+        return self.projection(last)
+
+    def serve(self, batch) -> Tensor:
+        """Inference: the fused recurrence called directly (no module dispatch, no output
+        gather: with ``lengths`` its final state is the state at each row's last item)."""
+        x = torch.nn.functional.embedding(batch.items, self.item_embedding.weight)
+        weights = [
+            (getattr(self.gru, f"weight_ih_l{i}"), getattr(self.gru, f"weight_hh_l{i}"), None, None)
+            for i in range(self.gru.num_layers)
+        ]
+        _, h_n, _ = FF.rnn(
+            x, weights, mode="gru", num_layers=self.gru.num_layers, batch_first=True, lengths=batch.lengths
+        )
+        return self.projection(h_n[-1])

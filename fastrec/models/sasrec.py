@@ -1,0 +1,150 @@
+"""SASRec (Kang & McAuley, 2018): causal self-attention over the item history, learned
+positions, item embeddings tied with the output layer. Laid out as RecBole's SASRec (post-norm
+blocks, GELU feed-forward of 4 x dim, embedding layer norm, normal(0, 0.02) initialisation)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastrec import backends
+from fastrec import functional as FF
+from fastrec import nn as fnn
+from fastrec.models.base import SequentialRecommender, check_dropout, check_positive
+
+_PADDING_SIDES = ("right", "left")
+
+
+class SASRec(SequentialRecommender):
+    """SASRec on ``fastrec.nn.TransformerEncoderLayer`` (``backend="fastrec"``) or on
+    ``torch.nn.TransformerEncoderLayer`` (``backend="torch"``); the same seed gives the same
+    initial weights in both.
+
+    Padding: ``padding_side="right"`` (default) or ``"left"``, with ``lengths`` either way.
+    Positions count from the oldest item of the (last ``max_len``) history; left-padded batches
+    are moved to the right first, so the two sides compute the same function. The
+    representation is the output at the last real item.
+    """
+
+    def __init__(
+        self,
+        n_items: int,
+        max_len: int = 50,
+        dim: int = 64,
+        n_blocks: int = 2,
+        n_heads: int = 2,
+        dropout: float = 0.2,
+        backend: str = "fastrec",
+        padding_side: str = "right",
+    ) -> None:
+        super().__init__(n_items, max_len, dim, backend)
+        check_positive(n_blocks=n_blocks, n_heads=n_heads)
+        check_dropout(dropout)
+        if dim % n_heads:
+            raise ValueError(f"dim must be divisible by n_heads = {n_heads}, got {dim}")
+        if padding_side not in _PADDING_SIDES:
+            raise ValueError(f"padding_side must be one of {_PADDING_SIDES}, got {padding_side!r}")
+        self.padding_side = padding_side
+        self.item_embedding = torch.nn.Embedding(n_items + 1, dim, padding_idx=0)
+        self.position_embedding = torch.nn.Embedding(max_len, dim)
+        self.norm = torch.nn.LayerNorm(dim, eps=1e-12)
+        self.dropout = torch.nn.Dropout(dropout)
+        layer = fnn.TransformerEncoderLayer if backend == "fastrec" else torch.nn.TransformerEncoderLayer
+        self.blocks = torch.nn.ModuleList(
+            layer(
+                dim,
+                n_heads,
+                dim_feedforward=4 * dim,
+                dropout=dropout,
+                activation="gelu",
+                layer_norm_eps=1e-12,
+                batch_first=True,
+            )
+            for _ in range(n_blocks)
+        )
+        self._masks: dict[tuple[int, torch.device], Tensor] = {}
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """RecBole's initialisation: weights normal(0, 0.02), biases 0, layer norms 1."""
+        for name, param in self.named_parameters():
+            if name.endswith("bias"):
+                torch.nn.init.zeros_(param)
+            elif ".norm" in name or name.startswith("norm"):
+                torch.nn.init.ones_(param)
+            else:
+                torch.nn.init.normal_(param, std=0.02)
+
+    def _causal_mask(self, length: int, device: torch.device) -> Tensor:
+        key = (length, device)
+        mask = self._masks.get(key)
+        if mask is None:
+            mask = self._masks[key] = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
+        return mask
+
+    def forward(self, batch) -> Tensor:
+        """(B, dim): the last block's output at each history's last real item."""
+        items, lengths = batch.items, batch.lengths
+        batch_size, length = items.shape
+        if length > self.max_len:
+            raise ValueError(f"items must have at most max_len = {self.max_len} columns, got {length}")
+        if self.padding_side == "left":  # rotate each row so that its items start at column 0
+            shift = (torch.arange(length, device=items.device) + (length - lengths).unsqueeze(1)) % length
+            items = items.gather(1, shift)
+        x = self.item_embedding(items) + self.position_embedding.weight[:length]
+        x = self.dropout(self.norm(x))
+        # Right padding: a real item sees only earlier (real) items under the causal mask, so no
+        # key-padding mask is needed; padded positions compute ignored values.
+        mask = self._causal_mask(length, items.device)
+        for block in self.blocks:
+            x = block(x, src_mask=mask, is_causal=True)
+        return x[torch.arange(batch_size, device=items.device), lengths - 1]
+
+    def serve(self, batch) -> Tensor:
+        """Inference with the blocks' weights called through functional ops (no module dispatch);
+        the last block computes only the rows that are returned (one query per history, its keys
+        limited by ``lengths``)."""
+        items, lengths = batch.items, batch.lengths
+        batch_size, length = items.shape
+        if self.padding_side == "left":
+            shift = (torch.arange(length, device=items.device) + (length - lengths).unsqueeze(1)) % length
+            items = items.gather(1, shift)
+        x = F.embedding(items, self.item_embedding.weight) + self.position_embedding.weight[:length]
+        x = F.layer_norm(x, (self.dim,), self.norm.weight, self.norm.bias, self.norm.eps)
+        dim = self.dim
+        for i, block in enumerate(self.blocks):
+            attn = block.self_attn
+            w, b = attn.in_proj_weight, attn.in_proj_bias
+            if i == len(self.blocks) - 1:  # keys and values for every row, the query at the last item only
+                rows = x[torch.arange(batch_size, device=items.device), lengths - 1].unsqueeze(1)
+                q = F.linear(rows, w[:dim], b[:dim])
+                k, v = F.linear(x, w[dim:], b[dim:]).chunk(2, dim=-1)
+                x, causal, key_lengths = rows, False, lengths
+            else:
+                q, k, v = F.linear(x, w, b).chunk(3, dim=-1)
+                causal, key_lengths = True, None
+            q, k, v = (t.view(batch_size, -1, attn.num_heads, attn.head_dim).transpose(1, 2) for t in (q, k, v))
+            a = _inference_attention(q, k, v, causal, key_lengths)
+            a = F.linear(a.transpose(1, 2).reshape(batch_size, -1, dim), attn.out_proj.weight, attn.out_proj.bias)
+            x = F.layer_norm(x + a, (dim,), block.norm1.weight, block.norm1.bias, block.norm1.eps)
+            h = F.linear(
+                F.gelu(F.linear(x, block.linear1.weight, block.linear1.bias)), block.linear2.weight, block.linear2.bias
+            )
+            x = F.layer_norm(x + h, (dim,), block.norm2.weight, block.norm2.bias, block.norm2.eps)
+        return x[:, 0]
+
+
+def _inference_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, lengths: Tensor | None) -> Tensor:
+    """Attention without autograd: on CPU with the C++ backend selected, the registered C++ op
+    itself (skipping the functional layer's argument checks, which cost several times the
+    kernel at batch 1: the inputs here are built right above); elsewhere the functional API."""
+    if backends.select(q.device) == "cpp":
+        backends.count("attention", "cpp")
+        if lengths is not None:
+            lengths = lengths.to(torch.int32)
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        return torch.ops.fastrec.attention_forward_cpp(q, k, v, None, lengths, None, None, causal, scale, 0.0)[0]
+    return FF.attention(q, k, v, causal=causal, lengths=lengths, training=False)

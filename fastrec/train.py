@@ -1,0 +1,395 @@
+"""Training and evaluation of the sequential recommenders (``fastrec train``).
+
+Protocol (RecBole's for sequential models): chronological leave-one-out (``fastrec.data``), every
+prefix of a training sequence predicts its next item, Adam, full ranking over every item for
+HR/NDCG/MRR@K, early stopping on validation NDCG@10, the best epoch's weights for the test line.
+Metrics rank against all items (RecBole's setting for sequential models); the same metrics with
+the user's earlier items excluded are reported beside them as ``... (seen excluded)``.
+
+Multi-process data parallel: run under ``torchrun`` (gloo on CPU, nccl on CUDA). Every process
+walks the same global batches and takes its contiguous share of each; each share's loss is
+weighted by its share of the global batch, so the averaged gradient and the logged loss equal one
+process's over the whole global batch. Every process evaluates (cheap, identical weights, so they
+take the same early-stopping decisions); only rank 0 prints and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from fastrec.models import MODELS, ModelInput, SequentialRecommender
+
+DEFAULT_MAX_LEN = {"sasrec": 50, "gru4rec": 50, "caser": 10}
+KS = (5, 10, 20)
+MONITOR = "NDCG@10"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; the defaults are the CLI's (RecBole's defaults, train batch
+    512, at most 12 epochs with early stopping after 3 epochs without a better NDCG@10)."""
+
+    model: str = "sasrec"
+    data: str = "ml-100k"
+    backend: str = "fastrec"
+    epochs: int = 12
+    batch_size: int = 512
+    eval_batch_size: int = 1024
+    lr: float = 1e-3
+    loss: str = "ce"
+    n_negatives: int = 1
+    max_len: int | None = None  # None: 50 (SASRec, GRU4Rec) or 10 (Caser)
+    dropout: float | None = None  # None: the model's default
+    patience: int = 3
+    time_limit_s: float | None = None  # stop training (mid-epoch if need be) after this long
+    device: str = "cpu"
+    amp: str | None = None  # "bf16"
+    compile: bool = False
+    seed: int = 2020
+    checkpoint: str | None = None  # path written after each epoch
+    resume: bool = False  # continue from ``checkpoint`` if it exists
+    progress: bool = True
+    model_options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {sorted(MODELS)}, got {self.model!r}")
+        if self.amp not in (None, "bf16"):
+            raise ValueError(f"amp must be None or 'bf16', got {self.amp!r}")
+        for name in ("epochs", "batch_size", "eval_batch_size", "patience", "n_negatives"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.time_limit_s is not None and self.time_limit_s <= 0:
+            raise ValueError(f"time_limit_s must be positive or None, got {self.time_limit_s!r}")
+        if self.resume and not self.checkpoint:
+            raise ValueError("resume=True needs checkpoint= (the path to resume from), got None")
+        if self.max_len is None:
+            self.max_len = DEFAULT_MAX_LEN[self.model]
+
+
+@dataclass
+class Data:
+    """The split, laid out for one model: training batches and the evaluation sets."""
+
+    n_items: int
+    n_users: int
+    train: object  # fastrec.data.Batches
+    valid: tuple[list[np.ndarray], np.ndarray, np.ndarray]  # histories, targets, users
+    test: tuple[list[np.ndarray], np.ndarray, np.ndarray]
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    loss: float
+    samples_per_s: float
+    seconds: float
+    valid: dict[str, float]
+
+
+@dataclass
+class RunResult:
+    config: TrainConfig
+    epochs: list[EpochResult]
+    best_epoch: int
+    test: dict[str, float]
+    seconds: float
+
+
+def load_data(config: TrainConfig, padding_side: str) -> Data:
+    """Load ``config.data`` (``"ml-100k"``, ``"synthetic"`` or a path), split it leave-one-out and
+    lay out the training examples for a model padded on ``padding_side``."""
+    from fastrec import data as fdata
+
+    if config.data == "synthetic":
+        inter = fdata.synthetic(n_users=120, n_items=60, mean_len=12.0, seed=config.seed)
+    else:
+        inter = fdata.load(config.data)
+    split = fdata.leave_one_out(inter)
+    histories, targets, users = fdata.train_examples(split, config.max_len, augment=True, return_users=True)
+    train = fdata.Batches(
+        histories,
+        targets,
+        users,
+        max_len=config.max_len,
+        batch_size=config.batch_size,
+        side=padding_side,
+        shuffle=True,
+        seed=config.seed,
+    )
+    valid = (split.valid_history, split.valid_target, split.eval_users)
+    test = (split.test_history, split.test_target, split.eval_users)
+    return Data(split.n_items, split.n_users, train, valid, test)
+
+
+def build_model(config: TrainConfig, n_items: int, n_users: int) -> SequentialRecommender:
+    """The model of ``config`` with weights drawn from ``config.seed``."""
+    torch.manual_seed(config.seed)
+    options = dict(config.model_options)
+    if config.dropout is not None:
+        options["dropout"] = config.dropout
+    options["max_len"] = config.max_len
+    if config.model == "caser":
+        model = MODELS["caser"](n_items, n_users, backend=config.backend, **options)
+    else:
+        model = MODELS[config.model](n_items, backend=config.backend, **options)
+    return model.to(config.device)
+
+
+@torch.no_grad()
+def evaluate(
+    model: SequentialRecommender,
+    histories: list[np.ndarray],
+    targets: np.ndarray,
+    users: np.ndarray,
+    batch_size: int = 1024,
+    ks: Iterable[int] = KS,
+) -> dict[str, float]:
+    """HR/NDCG/MRR@K by full ranking, and the same with each user's earlier items excluded."""
+    from fastrec import metrics
+
+    was_training = model.training
+    model.eval()
+    ranks, ranks_excluded = [], []
+    device = model.item_embedding.weight.device
+    try:
+        for start in range(0, len(histories), batch_size):
+            rows = histories[start : start + batch_size]
+            batch = model.make_input(rows, users[start : start + batch_size], full_length=True)
+            scores = model.scores(batch).float()
+            target = torch.as_tensor(targets[start : start + batch_size], device=device)
+            ranks.append(metrics.target_ranks(scores, target).cpu())
+            ranks_excluded.append(metrics.target_ranks(scores, target, exclude=rows).cpu())
+    finally:
+        model.train(was_training)
+    ks = tuple(ks)
+    result = metrics.metrics_from_ranks(torch.cat(ranks), ks)
+    excluded = metrics.metrics_from_ranks(torch.cat(ranks_excluded), ks)
+    result.update({f"{name} (seen excluded)": value for name, value in excluded.items()})
+    return result
+
+
+class _LossModule(torch.nn.Module):
+    """The training loss as a module's forward, so that DistributedDataParallel (which syncs
+    gradients of what runs through its own forward) and torch.compile see the whole step."""
+
+    def __init__(self, model: SequentialRecommender, kind: str, n_negatives: int) -> None:
+        super().__init__()
+        self.model, self.kind, self.n_negatives = model, kind, n_negatives
+
+    def forward(self, items, lengths, target, user):
+        batch = ModelInput(items, lengths, user, target)
+        return self.model.loss(batch, kind=self.kind, n_negatives=self.n_negatives)
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); initialises the process group when run under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and os.environ.get("FASTREC_DDP_BACKEND") != "gloo" else "gloo"
+        dist.init_process_group(backend)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _share(n: int, rank: int, world: int) -> slice:
+    """This rank's contiguous share of ``n`` rows (sizes differ by at most one)."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (1 if rank < extra else 0))
+
+
+def _past(deadline: float, world: int) -> bool:
+    """Whether the deadline has passed (rank 0's clock decides for every process)."""
+    flag = torch.tensor([time.perf_counter() > deadline], dtype=torch.int32)
+    if world > 1:
+        dist.broadcast(flag, 0)
+    return bool(flag)
+
+
+def _autocast(config: TrainConfig):
+    if config.amp == "bf16":
+        return torch.autocast(torch.device(config.device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _save(path: str, state: dict) -> None:
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def fit(
+    model: SequentialRecommender,
+    data: Data,
+    config: TrainConfig,
+    log: Callable[[str], None] = print,
+) -> tuple[list[EpochResult], int]:
+    """Train ``model`` on ``data.train`` (Adam, ``config.lr``), evaluating on ``data.valid`` after
+    each epoch; stop after ``config.patience`` epochs without a better validation NDCG@10 and
+    leave the best epoch's weights in ``model``. Returns (per-epoch results, best epoch)."""
+    from tqdm import tqdm
+
+    rank, world = _distributed()
+    device = torch.device(config.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        model.to(device)
+    step_module: torch.nn.Module = _LossModule(model, config.loss, config.n_negatives)
+    if world > 1:
+        step_module = torch.nn.parallel.DistributedDataParallel(step_module)
+    if config.compile:
+        torch._dynamo.config.allow_rnn = True  # fastrec.nn.GRU is an RNNBase (README: torch.compile)
+        step_module = torch.compile(step_module)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+
+    epochs: list[EpochResult] = []
+    best_epoch, best_value, best_state, bad_epochs, first_epoch = 0, -math.inf, None, 0, 1
+    if config.resume and config.checkpoint and os.path.exists(config.checkpoint):
+        state = torch.load(config.checkpoint, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        epochs = [EpochResult(**e) for e in state["epochs"]]
+        best_epoch, best_value, best_state, bad_epochs = (
+            state["best_epoch"],
+            state["best_value"],
+            state["best_state"],
+            state["bad_epochs"],
+        )
+        data.train._rng.bit_generator.state = state["batch_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        first_epoch = state["epoch"] + 1
+        if rank == 0:
+            log(f"resumed from {config.checkpoint} after epoch {state['epoch']}")
+
+    deadline = None if config.time_limit_s is None else time.perf_counter() + config.time_limit_s
+    out_of_time = False
+    for epoch in range(first_epoch, config.epochs + 1):
+        if bad_epochs >= config.patience or out_of_time:
+            break
+        model.train()
+        start = time.perf_counter()
+        total, count = 0.0, 0
+        bar = tqdm(data.train, desc=f"epoch {epoch}", leave=False, disable=not config.progress or rank != 0)
+        for batch in bar:
+            n = len(batch.target)
+            rows = _share(n, rank, world)
+            weight = (rows.stop - rows.start) * world / n  # this share's part of the global mean
+            tensors = [t[rows].to(device, non_blocking=True) for t in (batch.items, batch.lengths, batch.target)]
+            user = batch.user[rows].to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            with _autocast(config):
+                loss = step_module(*tensors, user) * weight
+            loss.backward()
+            optimizer.step()
+            value = loss.detach()
+            if world > 1:
+                dist.all_reduce(value)
+                value /= world
+            total += float(value) * n
+            count += n
+            bar.set_postfix(loss=f"{float(value):.4f}")
+            if deadline is not None and _past(deadline, world):
+                out_of_time = True
+                break
+        seconds = time.perf_counter() - start
+        valid = evaluate(model, *data.valid, batch_size=config.eval_batch_size)
+        result = EpochResult(epoch, total / max(count, 1), count / seconds, seconds, valid)
+        epochs.append(result)
+        improved = valid[MONITOR] > best_value
+        if improved:
+            best_epoch, best_value, bad_epochs = epoch, valid[MONITOR], 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            bad_epochs += 1
+        if rank == 0:
+            log(
+                f"epoch {epoch:3d}  loss {result.loss:.4f}  {result.samples_per_s:8.0f} samples/s  "
+                f"{seconds:6.1f} s  valid HR@10 {valid['HR@10']:.4f}  NDCG@10 {valid['NDCG@10']:.4f}"
+                + ("  *" if improved else "")
+                + (
+                    f"  (time limit {config.time_limit_s:.0f} s: epoch cut short, training stops)"
+                    if out_of_time
+                    else ""
+                )
+            )
+            if config.checkpoint:
+                _save(
+                    config.checkpoint,
+                    {
+                        "config": dataclasses.asdict(config),
+                        "epoch": epoch,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "epochs": [dataclasses.asdict(e) for e in epochs],
+                        "best_epoch": best_epoch,
+                        "best_value": best_value,
+                        "best_state": best_state,
+                        "bad_epochs": bad_epochs,
+                        "batch_rng": data.train._rng.bit_generator.state,
+                        "torch_rng": torch.get_rng_state(),
+                    },
+                )
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return epochs, best_epoch
+
+
+def run(config: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
+    """Load, build, fit and test one model; prints one line per epoch and a final test line."""
+    rank, _ = _distributed()
+    start = time.perf_counter()
+    data = load_data(config, MODELS[config.model].padding_side)
+    model = build_model(config, data.n_items, data.n_users)
+    if rank == 0:
+        log(
+            f"{config.model} ({config.backend} backend) on {config.data}: {data.n_users} users, {data.n_items} items, "
+            f"{data.train.n_examples} training examples, max_len {config.max_len}, device {config.device}"
+            + (f", amp {config.amp}" if config.amp else "")
+            + (", compiled" if config.compile else "")
+        )
+    epochs, best_epoch = fit(model, data, config, log)
+    test = evaluate(model, *data.test, batch_size=config.eval_batch_size)
+    seconds = time.perf_counter() - start
+    if rank == 0:
+        log(
+            f"test (best epoch {best_epoch})  HR@10 {test['HR@10']:.4f}  NDCG@10 {test['NDCG@10']:.4f}  "
+            f"MRR@10 {test['MRR@10']:.4f}  |  seen excluded: NDCG@10 {test['NDCG@10 (seen excluded)']:.4f}  "
+            f"({seconds:.0f} s)"
+        )
+    return RunResult(config, epochs, best_epoch, test, seconds)
+
+
+def compare(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, RunResult]:
+    """Train with both backends from the same seed and print accuracy and speed side by side."""
+    results = {}
+    for backend in ("fastrec", "torch"):
+        results[backend] = run(dataclasses.replace(config, backend=backend), log)
+    fast, plain = results["fastrec"], results["torch"]
+
+    def epoch_s(r: RunResult) -> float:
+        return float(np.median([e.seconds for e in r.epochs]))
+
+    log(f"{'':28s}{'fastrec':>12s}{'torch':>12s}")
+    for name in ("HR@10", "NDCG@10", "MRR@10", "NDCG@10 (seen excluded)"):
+        log(f"{'test ' + name:28s}{fast.test[name]:12.4f}{plain.test[name]:12.4f}")
+    log(f"{'median epoch s':28s}{epoch_s(fast):12.2f}{epoch_s(plain):12.2f}")
+    log(
+        f"{'samples/s (median epoch)':28s}{np.median([e.samples_per_s for e in fast.epochs]):12.0f}"
+        f"{np.median([e.samples_per_s for e in plain.epochs]):12.0f}"
+    )
+    log(f"epoch time fastrec / torch: {epoch_s(fast) / epoch_s(plain):.2f}x")
+    return results

@@ -1,0 +1,124 @@
+"""fastrec.train and ``fastrec train`` on the synthetic log (fastrec.data.synthetic: skewed
+popularity, sessions with a learnable successor order), small enough for seconds per run."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from fastrec import cli, train
+from fastrec.models import MODELS
+
+SMALL = dict(data="synthetic", batch_size=128, max_len=10, progress=False, seed=5)
+
+
+def config(**overrides) -> train.TrainConfig:
+    return train.TrainConfig(**{"model": "gru4rec", "epochs": 2, **SMALL, **overrides})
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_run_learns_and_reports_valid_and_test_metrics(name):
+    lines = []
+    result = train.run(config(model=name, epochs=3, lr=5e-3, max_len=5 if name == "caser" else 10), log=lines.append)
+    assert [e.epoch for e in result.epochs] == [1, 2, 3]
+    assert result.epochs[-1].loss < result.epochs[0].loss
+    assert all(e.samples_per_s > 0 for e in result.epochs)
+    # the synthetic log has a learnable order: far better than a random ranking of 60 items
+    assert result.test["NDCG@10"] > 0.15, result.test
+    assert result.test["NDCG@10 (seen excluded)"] >= result.test["NDCG@10"] - 0.05
+    assert set(result.test) >= {f"{m}@{k}" for m in ("HR", "NDCG", "MRR") for k in (5, 10, 20)}
+    assert lines[-1].startswith(f"test (best epoch {result.best_epoch})")
+    assert sum(line.startswith("epoch") for line in lines) == 3
+
+
+def test_early_stopping_after_patience_epochs_without_better_ndcg():
+    result = train.run(config(epochs=10, lr=0.0, patience=2), log=lambda _: None)
+    assert [e.epoch for e in result.epochs] == [1, 2, 3]  # no learning: epochs 2 and 3 are no better
+    assert result.best_epoch == 1
+
+
+def test_time_limit_cuts_the_epoch_and_stops_training():
+    lines = []
+    result = train.run(config(epochs=5, time_limit_s=1e-6), log=lines.append)
+    assert [e.epoch for e in result.epochs] == [1]
+    assert result.epochs[0].loss > 0
+    assert "epoch cut short, training stops" in lines[1]
+    assert lines[-1].startswith("test (best epoch 1)")
+
+
+def test_best_epoch_weights_are_restored_for_the_test_line():
+    cfg = config(epochs=3)
+    data = train.load_data(cfg, MODELS[cfg.model].padding_side)
+    model = train.build_model(cfg, data.n_items, data.n_users)
+    epochs, best = train.fit(model, data, cfg, log=lambda _: None)
+    again = train.evaluate(model, *data.valid)
+    assert again["NDCG@10"] == pytest.approx(max(e.valid["NDCG@10"] for e in epochs), abs=1e-12)
+    assert epochs[best - 1].valid["NDCG@10"] == again["NDCG@10"]
+
+
+@pytest.mark.parametrize("name", ["sasrec", "caser"])
+def test_checkpoint_resume_continues_exactly(tmp_path, name):
+    """One epoch, save, resume for the second: the same weights and metrics as two epochs in
+    one go (optimizer state, batch order and dropout RNG all restored)."""
+    path = str(tmp_path / "ckpt.pt")
+    cfg = config(model=name, epochs=2, max_len=5)
+
+    def fresh(c):
+        data = train.load_data(c, MODELS[c.model].padding_side)
+        return data, train.build_model(c, data.n_items, data.n_users)
+
+    data, straight = fresh(cfg)
+    straight_epochs, _ = train.fit(straight, data, cfg, log=lambda _: None)
+
+    first = dataclasses.replace(cfg, epochs=1, checkpoint=path)
+    data, resumed = fresh(first)
+    train.fit(resumed, data, first, log=lambda _: None)
+    second = dataclasses.replace(cfg, checkpoint=path, resume=True)
+    data, resumed = fresh(second)
+    lines = []
+    resumed_epochs, _ = train.fit(resumed, data, second, log=lines.append)
+    assert lines[0].startswith("resumed from") and "after epoch 1" in lines[0]
+    assert [e.epoch for e in resumed_epochs] == [1, 2]
+    assert resumed_epochs[1].loss == straight_epochs[1].loss
+    assert resumed_epochs[1].valid == straight_epochs[1].valid
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+@pytest.mark.parametrize("name", ["sasrec", "gru4rec"])
+def test_bce_loss_and_bf16_autocast_train(name):
+    result = train.run(config(model=name, loss="bce", n_negatives=4, amp="bf16", epochs=1), log=lambda _: None)
+    assert torch.isfinite(torch.tensor(result.epochs[0].loss))
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="model must be one of"):
+        train.TrainConfig(model="bert4rec")
+    with pytest.raises(ValueError, match="amp must be None or 'bf16'"):
+        train.TrainConfig(amp="fp8")
+    with pytest.raises(ValueError, match="epochs must be a positive int"):
+        train.TrainConfig(epochs=0)
+    with pytest.raises(ValueError, match="time_limit_s must be positive or None"):
+        train.TrainConfig(time_limit_s=0)
+    with pytest.raises(ValueError, match="resume=True needs checkpoint="):
+        train.TrainConfig(resume=True)
+    assert train.TrainConfig(model="caser").max_len == 10
+
+
+def test_cli_train_smoke(capsys):
+    args = ["train", "--model", "gru4rec", "--data", "synthetic", "--epochs", "1", "--no-progress", "--max-len", "8"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "gru4rec (fastrec backend) on synthetic" in out
+    assert "epoch   1  loss" in out and "samples/s" in out
+    assert "test (best epoch 1)  HR@10" in out
+
+
+def test_cli_train_compare_prints_both_backends(capsys):
+    args = ["train", "--model", "caser", "--data", "synthetic", "--epochs", "1", "--no-progress", "--max-len", "4"]
+    assert cli.main([*args, "--compare"]) == 0
+    out = capsys.readouterr().out
+    assert "caser (fastrec backend)" in out and "caser (torch backend)" in out
+    assert "test NDCG@10" in out and "epoch time fastrec / torch" in out
