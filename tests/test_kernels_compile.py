@@ -46,6 +46,7 @@ import pytest
 
 FAMILIES = {
     "attention": "fastrec.kernels.attention",
+    "conv": "fastrec.kernels.conv",
 }
 COMPUTE_CAPABILITIES = (80, 90)
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes per block, opt-in maximum
