@@ -36,14 +36,13 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/sum.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -150,18 +149,16 @@ template <typename T>
 std::vector<T> pack_horizontal(const Dims& m, const std::vector<const T*>& w) {
   constexpr int64_t VL = kLanes<T>;
   std::vector<T> packed(m.packed_offset(m.L, VL), T(0));
-  at::parallel_for(0, m.L, 1, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
-      const int64_t K = (k + 1) * m.d;
-      T* dst = packed.data() + m.packed_offset(k, VL);
-      for (int64_t f = 0; f < m.nh; ++f) {
-        const int64_t c = f / VL, u = f % VL;
-        const T* src = w[k] + f * K;
-        T* col = dst + c * K * VL + u;
-        for (int64_t kk = 0; kk < K; ++kk) col[kk * VL] = src[kk];
-      }
+  for (int64_t k = 0; k < m.L; ++k) {  // serial: small next to the GEMM, and no thread wake-up
+    const int64_t K = (k + 1) * m.d;
+    T* dst = packed.data() + m.packed_offset(k, VL);
+    for (int64_t f = 0; f < m.nh; ++f) {
+      const int64_t c = f / VL, u = f % VL;
+      const T* src = w[k] + f * K;
+      T* col = dst + c * K * VL + u;
+      for (int64_t kk = 0; kk < K; ++kk) col[kk * VL] = src[kk];
     }
-  });
+  }
   return packed;
 }
 
@@ -267,6 +264,28 @@ void forward_rows(const Dims& m, int64_t begin, int64_t end, Act act_h, Act act_
   }
 }
 
+template <typename T>
+inline void store32(T* p, const V32<T>& x) {
+  std::memcpy(p, &x, sizeof(x));
+}
+
+// y1[0..n) += a * x1[0..n) and y2[0..n) += a * x2[0..n), in one pass.
+template <typename T>
+inline void axpy2(T* __restrict y1, const T* __restrict x1, T* __restrict y2, const T* __restrict x2,
+                  T a, int64_t n) {
+  constexpr int64_t VL = kLanes<T>;
+  const V32<T> av = V32<T>{} + a;
+  int64_t j = 0;
+  for (; j + VL <= n; j += VL) {
+    store32(y1 + j, load32(y1 + j) + av * load32(x1 + j));
+    store32(y2 + j, load32(y2 + j) + av * load32(x2 + j));
+  }
+  for (; j < n; ++j) {
+    y1[j] += a * x1[j];
+    y2[j] += a * x2[j];
+  }
+}
+
 // y[0..n) += a * x[0..n)
 template <typename T>
 inline void axpy(T* __restrict y, T a, const T* __restrict x, int64_t n) {
@@ -296,8 +315,7 @@ void backward_rows(const Dims& m, int64_t begin, int64_t end, Act act_h, Act act
           gb += gz;
           if (gz == T(0)) continue;
           const int64_t start = (b * L + argmax[idx]) * d;
-          axpy(grad_E + start, gz, w, K);
-          axpy(gw, gz, E + start, K);
+          axpy2(grad_E + start, w, gw, E + start, gz, K);
         }
         gb_h[k * m.nh + f] += gb;
       }
@@ -451,40 +469,49 @@ caser_backward_cpp(const at::Tensor& grad_h_in, const at::Tensor& grad_v_in, con
   // One chunk of batch rows per thread, each with its own weight-gradient buffers.
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), m.B));
   const int64_t width = weights + m.L * m.nh + m.nv * m.L + m.nv;
-  at::Tensor grad_E = at::zeros({m.B, m.L, m.d}, opts);
-  at::Tensor partial = at::zeros({chunks, width}, opts);
-  if (m.B > 0) {
-    AT_DISPATCH_FLOATING_TYPES(dt, "caser_backward_cpp", [&] {
-      std::vector<scalar_t> w_all(weights);
-      for (int64_t k = 0; k < m.L; ++k)
-        std::memcpy(w_all.data() + m.weight_offset(k), w_h[k].data_ptr<scalar_t>(),
-                    m.nh * (k + 1) * m.d * sizeof(scalar_t));
-      const scalar_t* zv = act_v == Act::kNone ? nullptr : z_v.data_ptr<scalar_t>();
-      at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-        for (int64_t c = c0; c < c1; ++c) {
-          scalar_t* buf = partial.data_ptr<scalar_t>() + c * width;
-          backward_rows<scalar_t>(m, m.B * c / chunks, m.B * (c + 1) / chunks, act_h, act_v,
-                                  grad_h.data_ptr<scalar_t>(), grad_v.data_ptr<scalar_t>(),
-                                  E.data_ptr<scalar_t>(), w_all.data(), w_v.data_ptr<scalar_t>(),
-                                  z_h.data_ptr<scalar_t>(), argmax.data_ptr<int32_t>(), zv,
-                                  grad_E.data_ptr<scalar_t>(), buf, buf + weights,
-                                  buf + weights + m.L * m.nh,
-                                  buf + weights + m.L * m.nh + m.nv * m.L);
-        }
-      });
-    });
-  }
-  // Outputs are separate tensors (not views of one buffer): the op's schema declares no aliasing.
-  const at::Tensor total = chunks == 1 ? partial[0] : at::sum(partial, {0});
-  auto piece = [&](int64_t offset, int64_t n, at::IntArrayRef shape) {
-    return total.narrow(0, offset, n).view(shape).clone();
-  };
+  // Outputs are separate tensors (the schema declares no aliasing); zeroing and the reduction of
+  // the per-chunk buffers happen inside the one parallel region or serially, since every
+  // parallel region costs a thread wake-up.
+  at::Tensor grad_E = at::empty({m.B, m.L, m.d}, opts);
   std::vector<at::Tensor> grad_w_h;
-  for (int64_t k = 0; k < m.L; ++k)
-    grad_w_h.push_back(piece(m.weight_offset(k), m.nh * (k + 1) * m.d, {m.nh, 1, k + 1, m.d}));
-  at::Tensor grad_b_h = piece(weights, m.L * m.nh, {m.L, m.nh});
-  at::Tensor grad_w_v = piece(weights + m.L * m.nh, m.nv * m.L, {m.nv, 1, m.L, 1});
-  at::Tensor grad_b_v = piece(weights + m.L * m.nh + m.nv * m.L, m.nv, {m.nv});
+  for (int64_t k = 0; k < m.L; ++k) grad_w_h.push_back(at::empty({m.nh, 1, k + 1, m.d}, opts));
+  at::Tensor grad_b_h = at::empty({m.L, m.nh}, opts);
+  at::Tensor grad_w_v = at::empty({m.nv, 1, m.L, 1}, opts);
+  at::Tensor grad_b_v = at::empty({m.nv}, opts);
+  AT_DISPATCH_FLOATING_TYPES(dt, "caser_backward_cpp", [&] {
+    using T = scalar_t;
+    std::vector<T> w_all(weights);
+    for (int64_t k = 0; k < m.L; ++k)
+      std::memcpy(w_all.data() + m.weight_offset(k), w_h[k].data_ptr<T>(), m.nh * (k + 1) * m.d * sizeof(T));
+    const T* zv = act_v == Act::kNone ? nullptr : z_v.data_ptr<T>();
+    std::unique_ptr<T[]> partial(new T[chunks * width]);
+    T* grad_E_p = grad_E.data_ptr<T>();
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t b0 = m.B * c / chunks, b1 = m.B * (c + 1) / chunks;
+        T* buf = partial.get() + c * width;
+        std::fill(buf, buf + width, T(0));
+        std::fill(grad_E_p + b0 * m.L * m.d, grad_E_p + b1 * m.L * m.d, T(0));
+        backward_rows<T>(m, b0, b1, act_h, act_v, grad_h.data_ptr<T>(), grad_v.data_ptr<T>(),
+                         E.data_ptr<T>(), w_all.data(), w_v.data_ptr<T>(), z_h.data_ptr<T>(),
+                         argmax.data_ptr<int32_t>(), zv, grad_E_p, buf, buf + weights,
+                         buf + weights + m.L * m.nh, buf + weights + m.L * m.nh + m.nv * m.L);
+      }
+    });
+    // dst[0..n) = sum over chunks (in chunk order) of partial[c][offset + 0..n)
+    auto reduce_into = [&](T* dst, int64_t offset, int64_t n) {
+      std::memcpy(dst, partial.get() + offset, n * sizeof(T));
+      for (int64_t c = 1; c < chunks; ++c) {
+        const T* src = partial.get() + c * width + offset;
+        for (int64_t j = 0; j < n; ++j) dst[j] += src[j];
+      }
+    };
+    for (int64_t k = 0; k < m.L; ++k)
+      reduce_into(grad_w_h[k].data_ptr<T>(), m.weight_offset(k), m.nh * (k + 1) * m.d);
+    reduce_into(grad_b_h.data_ptr<T>(), weights, m.L * m.nh);
+    reduce_into(grad_w_v.data_ptr<T>(), weights + m.L * m.nh, m.nv * m.L);
+    reduce_into(grad_b_v.data_ptr<T>(), weights + m.L * m.nh + m.nv * m.L, m.nv);
+  });
   return {grad_E, grad_w_h, grad_b_h, grad_w_v, grad_b_v};
 }
 

@@ -273,14 +273,13 @@ def _caser_weight_grad_kernel(
     compute_dtype = G.dtype.element_ty
     k = tl.program_id(0) // L
     i = tl.program_id(0) % L
-    if i > k:
-        return
+    rows_b = tl.where(i <= k, B, 0)  # programs with i > k (no such filter row) do nothing
     offs_f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     f_ok = offs_f < nh
     d_ok = offs_d < d
     acc = tl.zeros((BLOCK_F, BLOCK_D), dtype=compute_dtype)
-    for b0 in range(0, B, BLOCK_B):
+    for b0 in range(0, rows_b, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
         ok = (offs_b < B)[:, None] & f_ok[None, :]
         index = offs_b.to(tl.int64)[:, None] * (L * nh) + k * nh + offs_f[None, :]
@@ -293,7 +292,7 @@ def _caser_weight_grad_kernel(
         ).to(compute_dtype)
         acc += tl.sum(g[:, :, None] * e, 0)
     out = nh * d * (k * (k + 1) // 2) + (offs_f[:, None] * (k + 1) + i) * d + offs_d[None, :]
-    tl.store(GradW + out, acc.to(GradW.dtype.element_ty), mask=f_ok[:, None] & d_ok[None, :])
+    tl.store(GradW + out, acc.to(GradW.dtype.element_ty), mask=f_ok[:, None] & d_ok[None, :] & (i <= k))
 
 
 @triton.jit(do_not_specialize=["B", "L"])
@@ -344,12 +343,15 @@ class CaserBlocks:
     block_d: int
     backward_b: int
     backward_f: int
-    num_warps: int = 4
+    # Measured with the compile-only check: 4 warps spill in the forward at BLOCK_F = 64 (fp32
+    # ieee dots run on FMA units) and in the gathered backward tiles on sm_90; 8 warps do not.
+    num_warps: int = 8
+    forward_stages: int = 2
 
 
 def caser_blocks(batch: int, dim: int, filters: int, vertical: int, interpreter: bool) -> CaserBlocks:
     """Block sizes: tl.dot needs every side >= 16; the gathered backward tiles are
-    (BLOCK_B, BLOCK_F, BLOCK_D), kept to 2048 elements (64 per thread with 4 warps) on the GPU."""
+    (BLOCK_B, BLOCK_F, BLOCK_D), kept to 2048 elements (8 per thread with 8 warps) on the GPU."""
     block_d = min(_CASER_BLOCK_D_MAX, max(16, triton.next_power_of_2(dim)))
     block_f = min(64, max(16, triton.next_power_of_2(filters)))
     if interpreter:
@@ -413,6 +415,7 @@ def caser_forward(
         BLOCK_F=cfg.forward_f,
         BLOCK_K=cfg.forward_k,
         num_warps=cfg.num_warps,
+        num_stages=cfg.forward_stages,
     )
     grid = (batch, triton.cdiv(vertical, cfg.vertical_v), triton.cdiv(dim, cfg.block_d))
     _caser_vertical_forward_kernel[grid](
@@ -440,7 +443,16 @@ def _grad_epilogue(grad: torch.Tensor, z: torch.Tensor, act: str) -> tuple[torch
     col_sum = torch.empty(n, device=grad.device, dtype=g.dtype)
     block_n = 64
     _caser_grad_epilogue_kernel[(triton.cdiv(n, block_n),)](
-        grad, grad if act == "none" else z, g, col_sum, rows, n, ACT=ACT_CODES[act], BLOCK_R=32, BLOCK_N=block_n
+        grad,
+        grad if act == "none" else z,
+        g,
+        col_sum,
+        rows,
+        n,
+        ACT=ACT_CODES[act],
+        BLOCK_R=32,
+        BLOCK_N=block_n,
+        num_warps=4,
     )
     return g, col_sum
 
@@ -545,7 +557,7 @@ _CASER_INT_ARGS = ("B", "L", "d", "nh", "nv", "rows", "N")
 COVERAGE_ALTERNATE_FLAGS = ("ALLOW_TF32",)
 
 
-def _caser_variant(fn, kernel: str, dt: str, pointer_types: dict, constexprs: dict, flags=(), warps=4):
+def _caser_variant(fn, kernel: str, dt: str, pointer_types: dict, constexprs: dict, flags=(), options=None):
     """Signature for the common case: 16-byte aligned pointers, integer sizes as i32."""
     signature, attrs = {}, {}
     for index, arg in enumerate(fn.arg_names):
@@ -559,7 +571,16 @@ def _caser_variant(fn, kernel: str, dt: str, pointer_types: dict, constexprs: di
     bucket = ",".join(f"{k}={v}" for k, v in constexprs.items() if k.startswith("BLOCK_"))
     name = f"caser.{kernel}[{dt},{bucket},{'+'.join(flags) or 'plain'}]"
     return KernelVariant(
-        name, fn, signature, dict(constexprs), attrs, dict(num_warps=warps), dt, tuple(flags), kernel, bucket
+        name,
+        fn,
+        signature,
+        dict(constexprs),
+        attrs,
+        dict(options or {"num_warps": 8}),
+        dt,
+        tuple(flags),
+        kernel,
+        bucket,
     )
 
 
@@ -614,7 +635,15 @@ def _caser_variants() -> list[KernelVariant]:
                         constexprs = dict(ACT=code, BLOCK_R=32, BLOCK_N=64)
                         flags = (f"ACT={act}",) if code else ()
                         variants.append(
-                            _caser_variant(_caser_grad_epilogue_kernel, "grad_epilogue", dt, io, constexprs, flags)
+                            _caser_variant(
+                                _caser_grad_epilogue_kernel,
+                                "grad_epilogue",
+                                dt,
+                                io,
+                                constexprs,
+                                flags,
+                                dict(num_warps=4),
+                            )
                         )
                 blocks = dict(BLOCK_B=cfg.backward_b, BLOCK_F=cfg.backward_f, BLOCK_D=cfg.block_d)
                 variants.append(_caser_variant(_caser_input_grad_kernel, "input_grad", dt, io, blocks))

@@ -145,6 +145,46 @@ def test_float64_matches_to_rounding(backend):
         check_against_reference(fast, ref, E, bound=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["triton"])
+def test_float16_within_twice_torchs_own_error(backend):
+    """fp16 (Triton; the interpreter computes in fp32 and rounds at the store): the error against
+    the float64 reference is at most 2x (outputs) / 3x (gradients) that of the RecBole loop run
+    in fp16 by torch, plus a floor of a few fp16 ulps of the reference's magnitude."""
+    fast, ref = make(5, 16, 8, 4)
+    half = copy.deepcopy(ref).half()
+    fast = fast.half()
+    E = torch.randn(4, 5, 16)
+    E_fast, E_half, E_ref = (E.to(t).requires_grad_() for t in (torch.float16, torch.float16, torch.float64))
+    with backends.use_backend(backend):
+        outs = fast(E_fast)
+    outs_half, outs_ref = half(E_half), ref(E_ref)
+    upstream = [torch.randn_like(o) for o in outs_ref]
+    grads = torch.autograd.grad(outs, [E_fast, *fast.parameters()], [u.half() for u in upstream])
+    grads_half = torch.autograd.grad(outs_half, [E_half, *half.parameters()], [u.half() for u in upstream])
+    grads_ref = torch.autograd.grad(outs_ref, [E_ref, *ref.parameters()], upstream)
+
+    def check(got, pt, want, factor):
+        floor = 4 * 2**-10 * want.abs().max().item()
+        bound = factor * (pt.double() - want).abs().max().item() + floor
+        assert (got.double() - want).abs().max().item() <= bound
+
+    for got, pt, want in zip(outs, outs_half, outs_ref, strict=True):
+        assert got.dtype == torch.float16
+        check(got, pt, want, 2)
+    for got, pt, want in zip(grads, grads_half, grads_ref, strict=True):
+        check(got, pt, want, 3)
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    fast, _ = make(3, 4, 2, 2)
+    E = torch.randn(2, 3, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_h, out_v = fast(E)
+    assert out_h.dtype == out_v.dtype == torch.bfloat16
+    expected = fast.to(torch.bfloat16)(E.to(torch.bfloat16))
+    assert torch.equal(out_h, expected[0]) and torch.equal(out_v, expected[1])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_relu_ties_route_the_gradient_as_torch(backend):
     """Ties: filters whose every window is negative (all ReLU outputs 0: torch picks t = 0 and

@@ -212,7 +212,9 @@ def caser(
 
 
 def _caser_unfused_reason(E: Tensor) -> str | None:
-    """Why the fused kernels do not cover this call, or None."""
-    if E.device.type == "cpu" and E.dtype not in (torch.float32, torch.float64):
+    """Why the fused kernels do not cover this call, or None. The Triton kernels cover every
+    float dtype (on CPU tensors: the interpreter, when forced); the C++ kernel fp32 / fp64."""
+    cpu_half = E.device.type == "cpu" and E.dtype not in (torch.float32, torch.float64)
+    if cpu_half and backends.forced() != "triton":
         return f"{E.dtype} on CPU (the fused CPU kernel runs float32 / float64)"
     return None
