@@ -180,11 +180,39 @@ __attribute__((always_inline)) inline void window_dots(const T* const (&rows)[R]
   }
 }
 
-struct ForwardOut {
-  void* out_h;
-  void* z_h;
-  int32_t* argmax;
-};
+template <typename T>
+inline void store32(T* p, const V32<T>& x) {
+  std::memcpy(p, &x, sizeof(x));
+}
+
+template <typename T>
+inline V32<T> act_forward_vec(V32<T> z, Act act) {
+  if (act == Act::kNone) return z;
+  if (act == Act::kRelu) return ((z > V32<T>{}) | (z != z)) ? z : V32<T>{};
+  for (int64_t u = 0; u < kLanes<T>; ++u) z[u] = act_forward(z[u], act);
+  return z;
+}
+
+// The running max over t of one full chunk of filters: z = acc + bias, a = act(z); where a beats
+// the stored maximum (or t == 0; a NaN beats a number) store a, z and t.
+template <typename T>
+inline void update_max(V32<T> z, const T* bias, Act act, int64_t t, T* out_h, T* z_h,
+                       int32_t* argmax) {
+  if (bias) z += load32(bias);
+  const V32<T> a = act_forward_vec<T>(z, act);
+  if (t == 0) {
+    store32(out_h, a);
+    store32(z_h, z);
+    for (int64_t u = 0; u < kLanes<T>; ++u) argmax[u] = 0;
+    return;
+  }
+  const V32<T> best = load32(out_h);
+  const auto take = (a > best) | ((a != a) & (best == best));
+  store32(out_h, take ? a : best);
+  store32(z_h, take ? z : load32(z_h));
+  for (int64_t u = 0; u < kLanes<T>; ++u)
+    if (take[u]) argmax[u] = static_cast<int32_t>(t);
+}
 
 // Height k, chunks [c0, c0 + C), batch rows [b0, b1): every window, then the epilogue.
 template <int R, int C, typename T>
@@ -209,13 +237,21 @@ void horizontal_height(const Dims& m, int64_t k, int64_t c0, int64_t b0, int64_t
     for (int64_t r = 0; r < n; ++r) {
       const int64_t b = b0 + (row0 + r) / T_out, t = (row0 + r) % T_out;
       const int64_t base = b * m.L * m.nh + k * m.nh;
-      for (int64_t f = f0; f < f1; ++f) {
-        const T z = tile[r][f - f0] + (bias ? bias[k * m.nh + f] : T(0));
-        const T a = act_forward(z, act);
-        if (t == 0 || a > out_h[base + f] || (std::isnan(a) && !std::isnan(out_h[base + f]))) {
-          out_h[base + f] = a;
-          z_h[base + f] = z;
-          argmax[base + f] = static_cast<int32_t>(t);
+      for (int c = 0; c < C; ++c) {
+        const int64_t fs = f0 + c * VL;
+        if (fs + VL <= m.nh) {
+          update_max(acc[r][c], bias ? bias + k * m.nh + fs : nullptr, act, t, out_h + base + fs,
+                     z_h + base + fs, argmax + base + fs);
+          continue;
+        }
+        for (int64_t f = fs; f < f1; ++f) {  // a partial chunk (nh not a multiple of kLanes)
+          const T z = tile[r][f - f0] + (bias ? bias[k * m.nh + f] : T(0));
+          const T a = act_forward(z, act);
+          if (t == 0 || a > out_h[base + f] || (std::isnan(a) && !std::isnan(out_h[base + f]))) {
+            out_h[base + f] = a;
+            z_h[base + f] = z;
+            argmax[base + f] = static_cast<int32_t>(t);
+          }
         }
       }
     }
@@ -245,14 +281,22 @@ void vertical_forward_row(const Dims& m, int64_t b, Act act, const T* E, const T
   }
 }
 
-constexpr int64_t kBatchBlock = 16;  // batch rows per block: a height's weights stay in cache
+constexpr int64_t kBatchBlock = 16;  // backward: batch rows per block (a filter stays in L1)
+
+// Forward: batch rows per block, so that the block's rows of E (read by every height) stay in
+// L1 (16 KB of it); at least 4 rows, so that short heights still fill the register tile.
+template <typename T>
+int64_t forward_batch_block(const Dims& m) {
+  return std::clamp<int64_t>(16384 / std::max<int64_t>(1, m.L * m.d * int64_t(sizeof(T))), 4, 64);
+}
 
 template <typename T>
 void forward_rows(const Dims& m, int64_t begin, int64_t end, Act act_h, Act act_v, const T* E,
                   const T* packed, const T* b_h, const T* w_v, const T* b_v, T* out_h, T* out_v,
                   T* z_h, int32_t* argmax, T* z_v) {
-  for (int64_t b0 = begin; b0 < end; b0 += kBatchBlock) {
-    const int64_t b1 = std::min(end, b0 + kBatchBlock);
+  const int64_t block = forward_batch_block<T>(m);
+  for (int64_t b0 = begin; b0 < end; b0 += block) {
+    const int64_t b1 = std::min(end, b0 + block);
     for (int64_t k = 0; k < m.L; ++k) {
       int64_t c = 0;
       for (; c + 2 <= m.chunks; c += 2)
@@ -262,11 +306,6 @@ void forward_rows(const Dims& m, int64_t begin, int64_t end, Act act_h, Act act_
     }
     for (int64_t b = b0; b < b1; ++b) vertical_forward_row(m, b, act_v, E, w_v, b_v, out_v, z_v);
   }
-}
-
-template <typename T>
-inline void store32(T* p, const V32<T>& x) {
-  std::memcpy(p, &x, sizeof(x));
 }
 
 // y1[0..n) += a * x1[0..n) and y2[0..n) += a * x2[0..n), in one pass.

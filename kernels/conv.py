@@ -273,10 +273,12 @@ def _caser_weight_grad_kernel(
     compute_dtype = G.dtype.element_ty
     k = tl.program_id(0) // L
     i = tl.program_id(0) % L
-    rows_b = tl.where(i <= k, B, 0)  # programs with i > k (no such filter row) do nothing
+    # Programs with i > k (no such filter row) read and write nothing. (Masks rather than an early
+    # return: the return made ptxas spill on sm_90.)
+    rows_b = tl.where(i <= k, B, 0)
     offs_f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    f_ok = offs_f < nh
+    f_ok = offs_f < tl.where(i <= k, nh, 0)
     d_ok = offs_d < d
     acc = tl.zeros((BLOCK_F, BLOCK_D), dtype=compute_dtype)
     for b0 in range(0, rows_b, BLOCK_B):
@@ -292,7 +294,7 @@ def _caser_weight_grad_kernel(
         ).to(compute_dtype)
         acc += tl.sum(g[:, :, None] * e, 0)
     out = nh * d * (k * (k + 1) // 2) + (offs_f[:, None] * (k + 1) + i) * d + offs_d[None, :]
-    tl.store(GradW + out, acc.to(GradW.dtype.element_ty), mask=f_ok[:, None] & d_ok[None, :] & (i <= k))
+    tl.store(GradW + out, acc.to(GradW.dtype.element_ty), mask=f_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["B", "L"])

@@ -100,7 +100,7 @@ def check_against_reference(fast, ref, E, act_h="relu", act_v="none", bound=BOUN
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     ("batch", "L", "d", "n_h", "n_v"),
-    [(3, 5, 8, 4, 2), (2, 1, 7, 3, 1), (4, 6, 17, 16, 4), (1, 3, 1, 1, 1)],
+    [(3, 5, 8, 4, 2), (2, 1, 7, 3, 1), (4, 6, 17, 16, 4), (1, 3, 1, 1, 1), (2, 4, 10, 12, 3), (5, 7, 3, 9, 1)],
 )
 def test_forward_and_every_gradient_match_recbole_loop(backend, batch, L, d, n_h, n_v):
     fast, ref = make(L, d, n_h, n_v)
@@ -138,8 +138,9 @@ def test_without_bias(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_float64_matches_to_rounding(backend):
-    fast, ref = make(5, 6, 3, 2, dtype=torch.float64)
+@pytest.mark.parametrize("n_h", [3, 8])
+def test_float64_matches_to_rounding(backend, n_h):
+    fast, ref = make(5, 6, n_h, 2, dtype=torch.float64)
     E = torch.randn(3, 5, 6, dtype=torch.float64)
     with backends.use_backend(backend):
         check_against_reference(fast, ref, E, bound=1e-12)
