@@ -224,18 +224,25 @@ void horizontal_height(const Dims& m, int64_t k, int64_t c0, int64_t b0, int64_t
   const T* w = packed + m.packed_offset(k, VL) + c0 * K * VL;
   const int64_t f0 = c0 * VL, f1 = std::min(m.nh, (c0 + C) * VL);
   alignas(32) T tile[R][C * VL];
+  int64_t b_next = b0, t_next = 0;  // (b, t) of the tile's first row, advanced without divisions
   for (int64_t row0 = 0; row0 < rows_total; row0 += R) {
     const int64_t n = std::min<int64_t>(R, rows_total - row0);
     const T* rows[R];
+    int64_t rb[R], rt[R];
     for (int r = 0; r < R; ++r) {
-      const int64_t row = row0 + (r < n ? r : 0);
-      rows[r] = E + (b0 + row / T_out) * m.L * m.d + (row % T_out) * m.d;
+      rb[r] = r < n ? b_next : b0;  // rows past the end recompute the first row (discarded)
+      rt[r] = r < n ? t_next : 0;
+      rows[r] = E + rb[r] * m.L * m.d + rt[r] * m.d;
+      if (r < n && ++t_next == T_out) {
+        t_next = 0;
+        ++b_next;
+      }
     }
     V32<T> acc[R][C];
     window_dots<R, C, T>(rows, w, K, acc);
     for (int r = 0; r < R; ++r) std::memcpy(tile[r], acc[r], sizeof(acc[r]));
     for (int64_t r = 0; r < n; ++r) {
-      const int64_t b = b0 + (row0 + r) / T_out, t = (row0 + r) % T_out;
+      const int64_t b = rb[r], t = rt[r];
       const int64_t base = b * m.L * m.nh + k * m.nh;
       for (int c = 0; c < C; ++c) {
         const int64_t fs = f0 + c * VL;
