@@ -56,8 +56,13 @@ class RecBoleCaserConvs(torch.nn.Module):
 TORCH_ACTS = {"none": lambda x: x, "relu": torch.relu, "gelu": F.gelu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
 
 
+def device_of(backend: str) -> torch.device:
+    """triton runs on CUDA where there is a GPU (else in the interpreter on the CPU)."""
+    return torch.device("cuda" if backend == "triton" and torch.cuda.is_available() else "cpu")
+
+
 def rel_err(fast: Tensor, ref: Tensor) -> float:
-    ref = ref.double()
+    fast, ref = fast.cpu(), ref.cpu().double()
     diff = (fast.double() - ref).norm()
     return (diff / ref.norm()).item() if ref.norm() > 0 else diff.item()
 
@@ -76,10 +81,12 @@ def make(L, d, n_h, n_v, dtype=torch.float32, bias=True):
     return fast, ref
 
 
-def check_against_reference(fast, ref, E, act_h="relu", act_v="none", bound=BOUND):
+def check_against_reference(fast, ref, E, act_h="relu", act_v="none", bound=BOUND, backend="cpp"):
     """Forward and every gradient (E and all parameters) with random upstream gradients."""
     fast.act_h, fast.act_v = act_h, act_v
-    E_fast = E.detach().clone().requires_grad_()
+    device = device_of(backend)
+    fast.to(device)
+    E_fast = E.detach().to(device).requires_grad_()
     E_ref = E.detach().double().requires_grad_()
     out_h, out_v = fast(E_fast)
     ref_h, ref_v = ref(E_ref, TORCH_ACTS[act_h], None if act_v == "none" else TORCH_ACTS[act_v])
@@ -89,7 +96,8 @@ def check_against_reference(fast, ref, E, act_h="relu", act_v="none", bound=BOUN
     assert rel_err(out_v, ref_v) <= bound, rel_err(out_v, ref_v)
     grad_h, grad_v = torch.randn_like(ref_h), torch.randn_like(ref_v)
     fast_params, ref_params = list(fast.parameters()), list(ref.parameters())
-    fast_grads = torch.autograd.grad((out_h, out_v), [E_fast, *fast_params], (grad_h.to(E.dtype), grad_v.to(E.dtype)))
+    upstream = (grad_h.to(device, E.dtype), grad_v.to(device, E.dtype))
+    fast_grads = torch.autograd.grad((out_h, out_v), [E_fast, *fast_params], upstream)
     ref_grads = torch.autograd.grad((ref_h, ref_v), [E_ref, *ref_params], (grad_h, grad_v))
     names = ["E"] + [name for name, _ in fast.named_parameters()]
     for name, got, want in zip(names, fast_grads, ref_grads, strict=True):
@@ -106,7 +114,7 @@ def test_forward_and_every_gradient_match_recbole_loop(backend, batch, L, d, n_h
     fast, ref = make(L, d, n_h, n_v)
     E = torch.randn(batch, L, d)
     with backends.use_backend(backend):
-        check_against_reference(fast, ref, E)
+        check_against_reference(fast, ref, E, backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -115,7 +123,7 @@ def test_recbole_shape_in_float32(backend):
     fast, ref = make(10, 64, 8, 4)
     E = torch.randn(2 if backend == "triton" else 33, 10, 64)
     with backends.use_backend(backend):
-        check_against_reference(fast, ref, E)
+        check_against_reference(fast, ref, E, backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -126,7 +134,7 @@ def test_activations(backend, act_h, act_v):
     fast, ref = make(4, 9, 5, 3)
     E = torch.randn(3, 4, 9)
     with backends.use_backend(backend):
-        check_against_reference(fast, ref, E, act_h, act_v)
+        check_against_reference(fast, ref, E, act_h, act_v, backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -134,7 +142,7 @@ def test_without_bias(backend):
     fast, ref = make(4, 6, 3, 2, bias=False)
     E = torch.randn(3, 4, 6)
     with backends.use_backend(backend):
-        check_against_reference(fast, ref, E)
+        check_against_reference(fast, ref, E, backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -143,7 +151,7 @@ def test_float64_matches_to_rounding(backend, n_h):
     fast, ref = make(5, 6, n_h, 2, dtype=torch.float64)
     E = torch.randn(3, 5, 6, dtype=torch.float64)
     with backends.use_backend(backend):
-        check_against_reference(fast, ref, E, bound=1e-12)
+        check_against_reference(fast, ref, E, bound=1e-12, backend=backend)
 
 
 @pytest.mark.parametrize("backend", ["triton"])
@@ -153,18 +161,20 @@ def test_float16_within_twice_torchs_own_error(backend):
     in fp16 by torch, plus a floor of a few fp16 ulps of the reference's magnitude."""
     fast, ref = make(5, 16, 8, 4)
     half = copy.deepcopy(ref).half()
-    fast = fast.half()
+    fast = fast.half().to(device_of(backend))
     E = torch.randn(4, 5, 16)
-    E_fast, E_half, E_ref = (E.to(t).requires_grad_() for t in (torch.float16, torch.float16, torch.float64))
+    E_fast = E.to(device_of(backend), torch.float16).requires_grad_()
+    E_half, E_ref = (E.to(t).requires_grad_() for t in (torch.float16, torch.float64))
     with backends.use_backend(backend):
         outs = fast(E_fast)
     outs_half, outs_ref = half(E_half), ref(E_ref)
     upstream = [torch.randn_like(o) for o in outs_ref]
-    grads = torch.autograd.grad(outs, [E_fast, *fast.parameters()], [u.half() for u in upstream])
+    grads = torch.autograd.grad(outs, [E_fast, *fast.parameters()], [u.to(E_fast) for u in upstream])
     grads_half = torch.autograd.grad(outs_half, [E_half, *half.parameters()], [u.half() for u in upstream])
     grads_ref = torch.autograd.grad(outs_ref, [E_ref, *ref.parameters()], upstream)
 
     def check(got, pt, want, factor):
+        got = got.cpu()
         floor = 4 * 2**-10 * want.abs().max().item()
         bound = factor * (pt.double() - want).abs().max().item() + floor
         assert (got.double() - want).abs().max().item() <= bound
@@ -198,8 +208,8 @@ def test_relu_ties_route_the_gradient_as_torch(backend):
     row = torch.randn(1, 1, 4)
     E = torch.cat([row.expand(3, 2, 4), torch.randn(3, 1, 4), row.expand(3, 2, 4)], 1)  # rows 0, 1, 3, 4 equal
     with backends.use_backend(backend):
-        check_against_reference(fast, ref, E)
-        out_h, _ = fast(E)
+        check_against_reference(fast, ref, E, backend=backend)
+        out_h, _ = fast(E.to(device_of(backend)))
     assert (out_h.view(3, 5, 6)[:, :, :3] == 0).all()
 
 
@@ -208,8 +218,8 @@ def test_non_contiguous_and_4d_input(backend):
     fast, ref = make(4, 5, 3, 2)
     E = torch.randn(5, 4, 3).transpose(0, 2)  # (3, 4, 5), non-contiguous
     with backends.use_backend(backend):
-        check_against_reference(fast, ref, E)
-        out_h, out_v = fast(E.unsqueeze(1))
+        check_against_reference(fast, ref, E, backend=backend)
+        out_h, out_v = fast(E.unsqueeze(1).to(device_of(backend)))
     ref_h, ref_v = ref(E.double())
     assert rel_err(out_h, ref_h) <= BOUND and rel_err(out_v, ref_v) <= BOUND
 
@@ -220,7 +230,8 @@ def test_nan_propagates_through_the_max(backend):
     E = torch.randn(2, 3, 4)
     E[0, 1, 2] = float("nan")
     with backends.use_backend(backend), torch.no_grad():
-        out_h, out_v = fast(E)
+        out_h, out_v = fast.to(device_of(backend))(E.to(device_of(backend)))
+    out_h, out_v = out_h.cpu(), out_v.cpu()
     ref_h, ref_v = ref(E.double())
     assert torch.equal(out_h.isnan(), ref_h.isnan()) and out_h[0].isnan().any()
     assert torch.equal(out_v.isnan(), ref_v.isnan())
@@ -232,9 +243,11 @@ def test_nan_propagates_through_the_max(backend):
 def test_repeated_runs_are_bitwise_equal(backend):
     if backend == "cpp" and not conv_ops._CASER_CPP:
         pytest.skip("fastrec._C not built")
+    device = device_of(backend)
     fast, _ = make(4, 8, 5, 2)
-    E = torch.randn(6, 4, 8, requires_grad=True)
-    grads = torch.randn(6, 20), torch.randn(6, 16)
+    fast.to(device)
+    E = torch.randn(6, 4, 8, device=device, requires_grad=True)
+    grads = torch.randn(6, 20, device=device), torch.randn(6, 16, device=device)
     results = []
     with backends.use_backend(backend):
         for _ in range(20 if backend == "cpp" else 3):
@@ -249,11 +262,12 @@ def test_gradcheck_float64(backend):
     if backend == "cpp" and not conv_ops._CASER_CPP:
         pytest.skip("fastrec._C not built")
     L, d, n_h, n_v = 3, 4, 2, 2
-    E = torch.randn(2, L, d, dtype=torch.float64, requires_grad=True)
-    w_h = [torch.randn(n_h, 1, k + 1, d, dtype=torch.float64, requires_grad=True) for k in range(L)]
-    b_h = [torch.randn(n_h, dtype=torch.float64, requires_grad=True) for _ in range(L)]
-    w_v = torch.randn(n_v, 1, L, 1, dtype=torch.float64, requires_grad=True)
-    b_v = torch.randn(n_v, dtype=torch.float64, requires_grad=True)
+    kw = dict(dtype=torch.float64, device=device_of(backend), requires_grad=True)
+    E = torch.randn(2, L, d, **kw)
+    w_h = [torch.randn(n_h, 1, k + 1, d, **kw) for k in range(L)]
+    b_h = [torch.randn(n_h, **kw) for _ in range(L)]
+    w_v = torch.randn(n_v, 1, L, 1, **kw)
+    b_v = torch.randn(n_v, **kw)
 
     def fn(E, w_v, b_v, *weights):
         return FF.caser(E, weights[:L], weights[L:], w_v, b_v, "relu", "tanh")
@@ -262,13 +276,14 @@ def test_gradcheck_float64(backend):
         assert torch.autograd.gradcheck(fn, (E, w_v, b_v, *w_h, *b_h), fast_mode=backend == "triton")
 
 
-def _op_args(dtype=torch.float32, act_v="tanh"):
+def _op_args(device, dtype=torch.float32, act_v="tanh"):
     L, d, n_h, n_v = 4, 5, 3, 2
-    E = torch.randn(3, L, d, dtype=dtype)
-    w_h = [torch.randn(n_h, 1, k + 1, d, dtype=dtype) for k in range(L)]
-    b_h = torch.randn(L, n_h, dtype=dtype)
-    w_v = torch.randn(n_v, 1, L, 1, dtype=dtype)
-    b_v = torch.randn(n_v, dtype=dtype)
+    kw = dict(dtype=dtype, device=device)
+    E = torch.randn(3, L, d, **kw)
+    w_h = [torch.randn(n_h, 1, k + 1, d, **kw) for k in range(L)]
+    b_h = torch.randn(L, n_h, **kw)
+    w_v = torch.randn(n_v, 1, L, 1, **kw)
+    b_v = torch.randn(n_v, **kw)
     return E, w_h, b_h, w_v, b_v, "relu", act_v
 
 
@@ -279,7 +294,7 @@ def test_opcheck_registered_ops(backend, act_v):
         pytest.skip("fastrec._C not built")
     forward = getattr(torch.ops.fastrec, f"caser_forward_{backend}")
     backward = getattr(torch.ops.fastrec, f"caser_backward_{backend}")
-    E, w_h, b_h, w_v, b_v, act_h, act_v = _op_args(act_v=act_v)
+    E, w_h, b_h, w_v, b_v, act_h, act_v = _op_args(device_of(backend), act_v=act_v)
     extra = (False,) if backend == "triton" else ()
     forward_args = (E, w_h, b_h, w_v, b_v, act_h, act_v, *extra)
     torch.library.opcheck(forward, forward_args, test_utils=("test_schema", "test_faketensor"))
@@ -291,8 +306,9 @@ def test_opcheck_registered_ops(backend, act_v):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile_fullgraph(backend):
     fast, ref = make(4, 6, 3, 2)
+    fast.to(device_of(backend))
     compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
-    E = torch.randn(3, 4, 6, requires_grad=True)
+    E = torch.randn(3, 4, 6, device=device_of(backend), requires_grad=True)
     with backends.use_backend(backend):
         out_h, out_v = compiled(E)
     (out_h.square().sum() + out_v.sum()).backward()
