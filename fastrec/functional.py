@@ -297,13 +297,17 @@ def caser(
     if len(w_h) != length:
         raise ValueError(f"w_h must hold L = {length} tensors (heights 1..L), got {len(w_h)}")
     filters = _check_caser_weight("w_h[0]", w_h[0], E, None, 1, dim)
-    for k in range(1, length):
-        _check_caser_weight(f"w_h[{k}]", w_h[k], E, filters, k + 1, dim)
+    # One pass over the heights when everything is right (per-call cost); the per-tensor checks,
+    # with their messages, only when something is not.
+    if not _all_match(w_h, [(filters, 1, k + 1, dim) for k in range(length)], E):
+        for k in range(1, length):
+            _check_caser_weight(f"w_h[{k}]", w_h[k], E, filters, k + 1, dim)
     if b_h is not None:
         if isinstance(b_h, Tensor) or not isinstance(b_h, Sequence) or len(b_h) != length:
             raise TypeError(f"b_h must be None or a sequence of L = {length} tensors, got {type(b_h).__name__}")
-        for k in range(length):
-            _check_caser_bias(f"b_h[{k}]", b_h[k], E, filters)
+        if not _all_match(b_h, [(filters,)] * length, E):
+            for k in range(length):
+                _check_caser_bias(f"b_h[{k}]", b_h[k], E, filters)
     vertical = _check_caser_weight("w_v", w_v, E, None, length, 1)
     if b_v is not None:
         _check_caser_bias("b_v", b_v, E, vertical)
@@ -315,6 +319,16 @@ def caser(
         b_h = None if b_h is None else [b.to(dtype) for b in b_h]
         b_v = None if b_v is None else b_v.to(dtype)
     return conv_ops.caser(E, tuple(w_h), None if b_h is None else tuple(b_h), w_v, b_v, act_h, act_v)
+
+
+def _all_match(tensors: Sequence[Tensor], shapes: list[tuple[int, ...]], E: Tensor) -> bool:
+    """Every entry is a tensor of its shape in ``shapes`` with E's dtype and device."""
+    try:
+        return [t.shape for t in tensors] == shapes and all(
+            t.dtype == E.dtype and t.device == E.device for t in tensors
+        )
+    except AttributeError:  # not a tensor: the per-tensor checks say which
+        return False
 
 
 def _check_caser_weight(name: str, w: Tensor, E: Tensor, out: int | None, height: int, width: int) -> int:

@@ -91,8 +91,10 @@ class CaserConv(torch.nn.Module):
         return block
 
     def forward(self, E: Tensor) -> tuple[Tensor, Tensor]:
-        w_h = [conv.weight for conv in self.conv_h]
-        b_h = None if self.conv_h[0].bias is None else [conv.bias for conv in self.conv_h]
+        # The parameter dicts directly: nn.Module.__getattr__ per height is a visible per-call cost.
+        params = [conv._parameters for conv in self.conv_h._modules.values()]
+        w_h = [p["weight"] for p in params]
+        b_h = None if params[0]["bias"] is None else [p["bias"] for p in params]
         return FF.caser(E, w_h, b_h, self.conv_v.weight, self.conv_v.bias, self.act_h, self.act_v)
 
     def extra_repr(self) -> str:

@@ -208,6 +208,14 @@ def caser(
     if backend == "torch":
         return caser_torch(E, w_h, b_h, w_v, b_v, act_h, act_v)
     stacked_b_h = None if b_h is None else torch.stack(b_h)
+    if not torch.is_grad_enabled():  # inference: the forward op alone, without autograd's wrapper
+        if backend == "triton":
+            outs = torch.ops.fastrec.caser_forward_triton(
+                E, list(w_h), stacked_b_h, w_v, b_v, act_h, act_v, _caser_allow_tf32(E)
+            )
+        else:
+            outs = torch.ops.fastrec.caser_forward_cpp(E, list(w_h), stacked_b_h, w_v, b_v, act_h, act_v)
+        return outs[0], outs[1]
     return CaserFunction.apply(E, stacked_b_h, w_v, b_v, act_h, act_v, backend, *w_h)
 
 
