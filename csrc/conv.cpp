@@ -290,11 +290,17 @@ void vertical_forward_row(const Dims& m, int64_t b, Act act, const T* E, const T
 
 constexpr int64_t kBatchBlock = 16;  // backward: batch rows per block (a filter stays in L1)
 
+// Register tiles of the forward: R rows x C chunks (6 x 2 where two chunks remain, else 8 x 1).
+constexpr int kRowsOf2 = 6, kRowsOf1 = 8;
+
 // Forward: batch rows per block, so that the block's rows of E (read by every height) stay in
-// L1 (16 KB of it); at least 4 rows, so that short heights still fill the register tile.
+// L1 (about 16 KB of it), and a multiple of the tile's rows, so that every height's (b, t) rows
+// fill whole tiles (a partial tile computes rows that are thrown away).
 template <typename T>
 int64_t forward_batch_block(const Dims& m) {
-  return std::clamp<int64_t>(16384 / std::max<int64_t>(1, m.L * m.d * int64_t(sizeof(T))), 4, 64);
+  const int64_t rows = m.chunks == 1 ? kRowsOf1 : m.chunks % 2 == 0 ? kRowsOf2 : kRowsOf1 * kRowsOf2 / 2;
+  const int64_t target = std::clamp<int64_t>(16384 / std::max<int64_t>(1, m.L * m.d * int64_t(sizeof(T))), 4, 64);
+  return rows * std::max<int64_t>(1, target / rows);
 }
 
 template <typename T>
@@ -307,9 +313,9 @@ void forward_rows(const Dims& m, int64_t begin, int64_t end, Act act_h, Act act_
     for (int64_t k = 0; k < m.L; ++k) {
       int64_t c = 0;
       for (; c + 2 <= m.chunks; c += 2)
-        horizontal_height<6, 2, T>(m, k, c, b0, b1, act_h, E, packed, b_h, out_h, z_h, argmax);
+        horizontal_height<kRowsOf2, 2, T>(m, k, c, b0, b1, act_h, E, packed, b_h, out_h, z_h, argmax);
       if (c < m.chunks)
-        horizontal_height<8, 1, T>(m, k, c, b0, b1, act_h, E, packed, b_h, out_h, z_h, argmax);
+        horizontal_height<kRowsOf1, 1, T>(m, k, c, b0, b1, act_h, E, packed, b_h, out_h, z_h, argmax);
     }
     for (int64_t b = b0; b < b1; ++b) vertical_forward_row(m, b, act_v, E, w_v, b_v, out_v, z_v);
   }
@@ -473,7 +479,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> caser_for
       const scalar_t* bh = b_h ? b_h->data_ptr<scalar_t>() : nullptr;
       const scalar_t* bv = b_v ? b_v->data_ptr<scalar_t>() : nullptr;
       scalar_t* zv = act_v == Act::kNone ? nullptr : z_v.data_ptr<scalar_t>();
-      at::parallel_for(0, m.B, kBatchBlock, [&](int64_t begin, int64_t end) {
+      // Threads take whole batch blocks, so that only the batch's last block can be partial.
+      const int64_t block = forward_batch_block<scalar_t>(m), blocks = (m.B + block - 1) / block;
+      at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+        const int64_t begin = first * block, end = std::min(m.B, last * block);
         forward_rows<scalar_t>(m, begin, end, act_h, act_v, E.data_ptr<scalar_t>(), packed.data(),
                                bh, w_v.data_ptr<scalar_t>(), bv, out_h.data_ptr<scalar_t>(),
                                out_v.data_ptr<scalar_t>(), z_h.data_ptr<scalar_t>(),
