@@ -37,8 +37,6 @@ import triton.language as tl
 # forward's dot inputs to fp32 first: the interpreter's bf16 is broken.
 
 ACT_CODES = {"none": 0, "relu": 1, "gelu": 2, "tanh": 3, "sigmoid": 4}
-_SQRT1_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
 
 
 @triton.jit

@@ -360,6 +360,16 @@ def test_same_seed_same_initialisation_as_recbole():
         assert torch.equal(a, b)
 
 
+def test_weight_normed_convs_run_fused_with_their_computed_weights():
+    ref = RecBoleCaserConvs(3, 4, 2, 2)
+    for k, conv in enumerate(ref.conv_h):
+        ref.conv_h[k] = torch.nn.utils.parametrizations.weight_norm(conv)
+    block = fnn.CaserConv.from_convs(list(ref.conv_h), ref.conv_v)
+    E = torch.randn(2, 3, 4)
+    for got, want in zip(block(E), ref(E), strict=True):
+        assert rel_err(got, want) <= BOUND
+
+
 def test_deepcopy_and_repr():
     block = fnn.CaserConv(3, 4, 2, 1, act_h="tanh")
     clone = copy.deepcopy(block)

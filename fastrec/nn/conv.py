@@ -91,10 +91,14 @@ class CaserConv(torch.nn.Module):
         return block
 
     def forward(self, E: Tensor) -> tuple[Tensor, Tensor]:
-        # The parameter dicts directly: nn.Module.__getattr__ per height is a visible per-call cost.
-        params = [conv._parameters for conv in self.conv_h._modules.values()]
-        w_h = [p["weight"] for p in params]
-        b_h = None if params[0]["bias"] is None else [p["bias"] for p in params]
+        convs = list(self.conv_h._modules.values())
+        try:  # the parameter dicts directly: nn.Module.__getattr__ per height is a visible cost
+            w_h = [conv._parameters["weight"] for conv in convs]
+            b_h = [conv._parameters["bias"] for conv in convs]
+        except KeyError:  # parametrized (e.g. weight-normed) convs compute theirs as attributes
+            w_h = [conv.weight for conv in convs]
+            b_h = [conv.bias for conv in convs]
+        b_h = None if b_h[0] is None else b_h
         return FF.caser(E, w_h, b_h, self.conv_v.weight, self.conv_v.bias, self.act_h, self.act_v)
 
     def extra_repr(self) -> str:
