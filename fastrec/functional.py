@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -527,3 +529,106 @@ def _cell(mode, input, h, c, w_ih, w_hh, b_ih, b_hh):
         if t is not None and (t.dtype != input.dtype or t.device != input.device):
             raise TypeError(f"{name} must have input's dtype and device ({input.dtype}, {input.device})")
     return rnn_ops.rnn_cell(input, h, c, w_ih, w_hh, b_ih, b_hh, mode)
+
+
+# =============================================================================================
+# Caser block
+# =============================================================================================
+
+
+def caser(
+    E: Tensor,
+    w_h: Sequence[Tensor],
+    b_h: Sequence[Tensor] | None,
+    w_v: Tensor,
+    b_v: Tensor | None,
+    act_h: str = "relu",
+    act_v: str = "none",
+) -> tuple[Tensor, Tensor]:
+    """Caser's convolution block on item embeddings ``E`` ``(B, L, d)`` (or ``(B, 1, L, d)``).
+
+    ``w_h[k]`` ``(nh, 1, k+1, d)`` and ``b_h[k]`` ``(nh,)`` are the weight and bias of the
+    height-(k+1) horizontal ``nn.Conv2d(1, nh, (k+1, d))``, k = 0..L-1; ``w_v`` ``(nv, 1, L, 1)``
+    and ``b_v`` ``(nv,)`` the vertical ``nn.Conv2d(1, nv, (L, 1))``. Returns ``out_h``
+    ``(B, L * nh)``: per height, ``act_h`` then max over time, concatenated over heights; and
+    ``out_v`` ``(B, nv * d)``: ``act_v`` of the vertical conv, flattened as ``.view(B, -1)``.
+    All heights run in one fused launch, forward and backward.
+    """
+    if not isinstance(E, Tensor):
+        raise TypeError(f"E must be a torch.Tensor, got {type(E).__name__}")
+    if E.dim() == 4 and E.shape[1] == 1:
+        E = E.squeeze(1)
+    if E.dim() != 3:
+        raise ValueError(f"E must be (B, L, d) or (B, 1, L, d), got shape {_shape(E)}")
+    if E.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"E must be float16, bfloat16, float32 or float64, got {E.dtype}")
+    batch, length, dim = E.shape
+    if length < 1 or dim < 1:
+        raise ValueError(f"E must have L >= 1 and d >= 1, got shape {_shape(E)}")
+    for name, act in (("act_h", act_h), ("act_v", act_v)):
+        if act not in conv_ops.ACTIVATIONS:
+            raise ValueError(f"{name} must be one of {conv_ops.ACTIVATIONS}, got {act!r}")
+    if isinstance(w_h, Tensor) or not isinstance(w_h, Sequence):
+        raise TypeError(f"w_h must be a sequence of L = {length} tensors, got {type(w_h).__name__}")
+    if len(w_h) != length:
+        raise ValueError(f"w_h must hold L = {length} tensors (heights 1..L), got {len(w_h)}")
+    filters = _check_caser_weight("w_h[0]", w_h[0], E, None, 1, dim)
+    # One pass over the heights when everything is right (per-call cost); the per-tensor checks,
+    # with their messages, only when something is not.
+    if not _all_match(w_h, [(filters, 1, k + 1, dim) for k in range(length)], E):
+        for k in range(1, length):
+            _check_caser_weight(f"w_h[{k}]", w_h[k], E, filters, k + 1, dim)
+    if b_h is not None:
+        if isinstance(b_h, Tensor) or not isinstance(b_h, Sequence) or len(b_h) != length:
+            raise TypeError(f"b_h must be None or a sequence of L = {length} tensors, got {type(b_h).__name__}")
+        if not _all_match(b_h, [(filters,)] * length, E):
+            for k in range(length):
+                _check_caser_bias(f"b_h[{k}]", b_h[k], E, filters)
+    vertical = _check_caser_weight("w_v", w_v, E, None, length, 1)
+    if b_v is not None:
+        _check_caser_bias("b_v", b_v, E, vertical)
+
+    if torch.amp.is_autocast_available(E.device.type) and torch.is_autocast_enabled(E.device.type):
+        dtype = torch.get_autocast_dtype(E.device.type)
+        E, w_v = E.to(dtype), w_v.to(dtype)
+        w_h = [w.to(dtype) for w in w_h]
+        b_h = None if b_h is None else [b.to(dtype) for b in b_h]
+        b_v = None if b_v is None else b_v.to(dtype)
+    return conv_ops.caser(E, tuple(w_h), None if b_h is None else tuple(b_h), w_v, b_v, act_h, act_v)
+
+
+def _all_match(tensors: Sequence[Tensor], shapes: list[tuple[int, ...]], E: Tensor) -> bool:
+    """Every entry is a tensor of its shape in ``shapes`` with E's dtype and device."""
+    try:
+        return [t.shape for t in tensors] == shapes and all(
+            t.dtype == E.dtype and t.device == E.device for t in tensors
+        )
+    except AttributeError:  # not a tensor: the per-tensor checks say which
+        return False
+
+
+def _check_caser_weight(name: str, w: Tensor, E: Tensor, out: int | None, height: int, width: int) -> int:
+    """Checks a (out, 1, height, width) conv weight against E; returns its out channels."""
+    if not isinstance(w, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
+    expected = (out if out is not None else w.shape[0] if w.dim() == 4 else "n", 1, height, width)
+    if w.dim() != 4 or w.shape[1:] != (1, height, width) or (out is not None and w.shape[0] != out):
+        raise ValueError(f"{name} must be (out, 1, height, width) = {expected}, got {_shape(w)}")
+    if w.shape[0] < 1:
+        raise ValueError(f"{name} must have at least one filter, got shape {_shape(w)}")
+    if w.dtype != E.dtype:
+        raise TypeError(f"{name} must have E's dtype {E.dtype}, got {w.dtype}")
+    if w.device != E.device:
+        raise ValueError(f"{name} must be on E's device {E.device}, got {w.device}")
+    return w.shape[0]
+
+
+def _check_caser_bias(name: str, b: Tensor, E: Tensor, out: int) -> None:
+    if not isinstance(b, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(b).__name__}")
+    if _shape(b) != (out,):
+        raise ValueError(f"{name} must be ({out},), got {_shape(b)}")
+    if b.dtype != E.dtype:
+        raise TypeError(f"{name} must have E's dtype {E.dtype}, got {b.dtype}")
+    if b.device != E.device:
+        raise ValueError(f"{name} must be on E's device {E.device}, got {b.device}")

@@ -1,10 +1,11 @@
 """Drop-in replacements for ``torch.nn`` modules (subclasses; same parameters and state_dict)."""
 
 from fastrec.nn.attention import MultiheadAttention, TransformerEncoderLayer
-from fastrec.nn.conv import Conv1d, Conv2d, ConvBlock
+from fastrec.nn.conv import CaserConv, Conv1d, Conv2d, ConvBlock
 from fastrec.nn.rnn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 
 __all__ = [
+    "CaserConv",
     "Conv1d",
     "Conv2d",
     "ConvBlock",
