@@ -381,6 +381,7 @@ def conv_cases(device: torch.device, dtype: torch.dtype, full: bool) -> list[Cas
         cases += _pair(
             "conv", "conv1d+relu+maxtime", shape, dtype_name, forwards, _rotating(make, copies), flops, io, params
         )
+    return cases
 
 
 # --------------------------------------------------------------------------- caser cases
