@@ -39,9 +39,16 @@ def _bench(args: argparse.Namespace) -> int:
     return bench.main(args)
 
 
+BEHAVIOR_MODELS = ("behavior-cnn", "behavior-rnn", "behavior-attention")
+
+
 def _train(args: argparse.Namespace) -> int:
     from fastrec import train
 
+    if args.model in BEHAVIOR_MODELS:  # the seed document's purchase prediction on CDNOW
+        from fastrec.models import behavior
+
+        return behavior.main(["--model", args.model.removeprefix("behavior-"), "--seed", str(args.seed)])
     config = train.TrainConfig(
         model=args.model,
         data=args.data,
@@ -73,7 +80,13 @@ def _add_train(sub) -> None:
     from fastrec.models import MODELS
 
     train = sub.add_parser("train", help="train and evaluate a sequential recommender (HR/NDCG@K)")
-    train.add_argument("--model", required=True, choices=sorted(MODELS))
+    train.add_argument(
+        "--model",
+        required=True,
+        choices=[*sorted(MODELS), *BEHAVIOR_MODELS],
+        help="a recommender on --data, or a purchase-prediction model on CDNOW (behavior-*: other options via "
+        "python -m fastrec.models.behavior)",
+    )
     train.add_argument("--data", default="ml-100k", help="ml-100k (default), synthetic, or a data file path")
     train.add_argument("--backend", default="fastrec", choices=["fastrec", "torch"])
     train.add_argument("--epochs", type=int, default=12, help="at most this many epochs (default 12)")

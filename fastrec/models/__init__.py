@@ -7,10 +7,21 @@ padding, is -inf), ``loss(batch, kind="ce"|"bce", n_negatives=1)`` and the servi
 """
 
 from fastrec.models.base import ModelInput, SequentialRecommender
+from fastrec.models.behavior import BehaviorAttention, BehaviorCNN, BehaviorRNN
 from fastrec.models.caser import Caser
 from fastrec.models.gru4rec import GRU4Rec
 from fastrec.models.sasrec import SASRec
 
 MODELS = {"sasrec": SASRec, "gru4rec": GRU4Rec, "caser": Caser}
 
-__all__ = ["MODELS", "Caser", "GRU4Rec", "ModelInput", "SASRec", "SequentialRecommender"]
+__all__ = [
+    "MODELS",
+    "BehaviorAttention",
+    "BehaviorCNN",
+    "BehaviorRNN",
+    "Caser",
+    "GRU4Rec",
+    "ModelInput",
+    "SASRec",
+    "SequentialRecommender",
+]

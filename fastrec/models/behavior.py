@@ -46,12 +46,12 @@ class _Head(nn.Module):
 
 class BehaviorCNN(nn.Module):
     """Two 1-D convolutions over the weeks (kernel 3, then dilated 3), pooled by mean, max and the
-    last week. Uses ``torch.nn.Conv1d``: swap in ``fastrec.nn.Conv1d`` when the conv family lands."""
+    last week, on ``fastrec.nn.Conv1d``."""
 
     def __init__(self, n_features: int = 4, channels: int = 32, hidden: int = 32) -> None:
         super().__init__()
-        self.conv1 = nn.Conv1d(n_features, channels, 3, padding=1)
-        self.conv2 = nn.Conv1d(channels, channels, 3, padding=2, dilation=2)
+        self.conv1 = fnn.Conv1d(n_features, channels, 3, padding=1)
+        self.conv2 = fnn.Conv1d(channels, channels, 3, padding=2, dilation=2)
         self.head = _Head(3 * channels, hidden)
 
     def forward(self, x: Tensor) -> Tensor:
