@@ -933,7 +933,6 @@ def _conv_variants() -> list[KernelVariant]:
                     _variant(
                         _epilogue_backward_kernel,
                         "epilogue_backward",
-                        "epilogue_forward",
                         dt,
                         dict(ACT=act_code, POOLED=pooled, BLOCK=_EPILOGUE_BLOCK[dclass]),
                         dict(num_warps=4, num_stages=1),
@@ -1794,6 +1793,7 @@ __all__ = [
     "conv_forward",
     "conv_output_size",
     "epilogue_backward",
+    "epilogue_forward",
     "kernel_variants",
     "weight_split",
     "window_block",

@@ -167,10 +167,17 @@ def test_cudnn_path_only_weight_gradient():
     torch.testing.assert_close(dw, torch.autograd.grad(ref.sum(), (w,))[0])
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[1]], ids=["relu-pool", "gelu-groups"])
+GRADCHECK_CASES = [
+    (1, 2, 2, (2, 2), (4, 5), 1, 1, 1, 1, "relu", (2, 2)),
+    (1, 2, 2, (1, 2), (2, 5), 1, 0, 1, 2, "gelu", (1, 2)),
+]
+
+
+@pytest.mark.parametrize("case", GRADCHECK_CASES, ids=["relu-pool", "gelu-groups"])
 def test_cudnn_path_gradcheck_float64(case):
     x, w, b, kwargs, act, pool = _inputs(case, torch.float64, seed=5)
-    assert torch.autograd.gradcheck(lambda x, w, b: _cudnn_path(x, w, b, kwargs, act, pool), (x, w, b))
+    fn = lambda x, w, b: _cudnn_path(x, w, b, kwargs, act, pool)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b))
 
 
 def test_opcheck_cudnn_path_ops():
@@ -261,6 +268,11 @@ def test_writer_selects_per_class_and_writes_the_loader_format(tmp_path):
         "Card A": {"a": "cudnn", "b": "triton", "c": "triton"},
         "Card B": {"b": "cudnn"},
     }
+
+
+def test_kernel_variants_list_every_epilogue_forward_variant():
+    names = [v.name for v in kconv.kernel_variants() if v.kernel == "epilogue_forward"]
+    assert len(names) == len(set(names)) == 4 * 5 * 2 * 2  # dtype x act x POOLED x HAS_BIAS
 
 
 def test_writer_dispatch_shapes_have_classes_and_cpu_is_refused(capsys):
