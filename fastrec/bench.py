@@ -14,6 +14,7 @@ import math
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -384,6 +385,132 @@ def conv_cases(device: torch.device, dtype: torch.dtype, full: bool) -> list[Cas
     return cases
 
 
+# --------------------------------------------------------------------------- conv dispatch table
+DISPATCH_MARGIN = 0.03  # cuDNN takes a class only when its summed time is at least 3% lower
+# (batch, C_in, C_out, (KH, KW), (H, W), groups, padding, act, pool): recommender convolutions
+# (the seed CNN's stages, 1x1 channel mixes, a depthwise 3x3, text-CNN / Caser-style 1-D
+# convolutions with max over time, Caser's vertical conv), each with its usual epilogue.
+DISPATCH_SHAPES = (
+    (64, 3, 32, (3, 3), (32, 32), 1, (1, 1), "relu", (2, 2)),
+    (64, 32, 64, (3, 3), (32, 32), 1, (1, 1), "relu", (2, 2)),
+    (256, 32, 64, (3, 3), (16, 16), 1, (1, 1), "relu", (2, 2)),
+    (64, 64, 128, (3, 3), (16, 16), 1, (1, 1), "relu", (1, 1)),
+    (64, 64, 64, (1, 1), (32, 32), 1, (0, 0), "none", (1, 1)),
+    (64, 64, 64, (3, 3), (32, 32), 64, (1, 1), "relu", (1, 1)),
+    (512, 64, 64, (1, 3), (1, 50), 1, (0, 0), "relu", (1, 48)),
+    (512, 64, 100, (1, 5), (1, 50), 1, (0, 0), "relu", (1, 46)),
+    (512, 1, 16, (3, 64), (10, 64), 1, (0, 0), "relu", (8, 1)),
+    (512, 1, 4, (10, 1), (10, 64), 1, (0, 0), "none", (1, 1)),
+)
+
+
+def _dispatch_case(device, dtype, batch, c_in, c_out, kernel, size, groups, padding, act, pool):
+    """(shape class, description, {"triton": step, "cudnn": step}): forward + every gradient of
+    fastrec.functional.conv2d on the triton backend, forced onto each path."""
+    from fastrec.ops import conv as conv_ops
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(c_out, c_in // groups, *kernel, generator=gen) / (c_in // groups * kernel[0] * kernel[1]) ** 0.5
+    w = w.to(device, dtype).requires_grad_()
+    b = torch.randn(c_out, generator=gen).to(device, dtype).requires_grad_()
+    out = conv_ops.conv_output_size((batch, c_in, *size), w.shape, (1, 1), padding, (1, 1))
+
+    def make():
+        x = torch.randn(batch, c_in, *size, generator=gen).to(device, dtype).requires_grad_()
+        grad = torch.randn(batch, c_out, out[0] // pool[0], out[1] // pool[1], generator=gen).to(device, dtype)
+        return (x,), grad
+
+    inputs = _rotating(make, 4 if device.type == "cuda" else 1)
+
+    def forced(path):
+        def forward(x):
+            with backends.use_backend("triton"), conv_ops.use_conv_path(path):
+                return fastrec.functional.conv2d(x, w, b, padding=padding, groups=groups, act=act, pool=pool)
+
+        return _training_step(forward, inputs, (w, b))
+
+    key = conv_ops.shape_class(c_in, c_out, kernel, out, groups, dtype)
+    desc = f"B={batch} {c_in}->{c_out} {kernel[0]}x{kernel[1]} {size[0]}x{size[1]} g={groups} {act} pool {pool}"
+    return key, desc, {path: forced(path) for path in conv_ops.CONV_PATHS}
+
+
+def time_dispatch(device: torch.device, dtypes, rounds: int, min_round_s: float, progress=None) -> list[dict]:
+    """Interleaved medians (ms) of the two paths, forward + backward, per DISPATCH_SHAPES x dtype."""
+    rows = []
+    for dtype in dtypes:
+        for shape in DISPATCH_SHAPES:
+            key, desc, fns = _dispatch_case(device, dtype, *shape)
+            ms = time_interleaved(fns, device, rounds, min_round_s)
+            row = {"class": key, "shape": desc, "dtype": _dtype_name(dtype), **{f"{k}_ms": v for k, v in ms.items()}}
+            rows.append(row)
+            if progress:
+                progress(row)
+    return rows
+
+
+def select_dispatch(rows: list[dict], margin: float = DISPATCH_MARGIN) -> dict[str, dict]:
+    """Per shape class: the times summed over its measured shapes and the path, "cudnn" only when
+    cuDNN's sum is below (1 - margin) x Triton's (otherwise the default fused path stays)."""
+    sums: dict[str, list[float]] = {}
+    for row in rows:
+        total = sums.setdefault(row["class"], [0.0, 0.0])
+        total[0] += row["triton_ms"]
+        total[1] += row["cudnn_ms"]
+    return {
+        key: {
+            "path": "cudnn" if cudnn < triton * (1 - margin) else "triton",
+            "triton_ms": round(triton, 4),
+            "cudnn_ms": round(cudnn, 4),
+        }
+        for key, (triton, cudnn) in sorted(sums.items())
+    }
+
+
+def write_dispatch(path: str | Path, card: str, classes: dict[str, dict], env: dict) -> dict:
+    """Write ``classes`` as ``card``'s entry of the table at ``path`` (other cards kept), in the
+    format fastrec.ops.conv.parse_dispatch reads; returns the whole table."""
+    from fastrec.ops import conv as conv_ops
+
+    path = Path(path)
+    if path.exists():
+        table = json.loads(path.read_text())
+        conv_ops.parse_dispatch(table, str(path))
+    else:
+        table = {"version": conv_ops.DISPATCH_VERSION, "default": conv_ops.DEFAULT_PATH, "cards": {}}
+    table["cards"][card] = {
+        "measured": env["date"],
+        "torch": env["torch"],
+        "triton": env["triton"],
+        "commit": env["commit"],
+        "classes": classes,
+    }
+    conv_ops.parse_dispatch(table, str(path))
+    path.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
+    return table
+
+
+def dispatch_main(args, device: torch.device, dtypes: list[torch.dtype]) -> int:
+    """``fastrec bench --family conv --write-dispatch PATH``: time both paths, write the table."""
+    if device.type != "cuda":
+        print("--write-dispatch times cuDNN against the Triton kernels: it needs a CUDA device", file=sys.stderr)
+        return 2
+    if args.family and "conv" not in args.family:
+        print("--write-dispatch belongs to --family conv", file=sys.stderr)
+        return 2
+
+    def progress(row: dict) -> None:
+        print(
+            f"{row['class']:28s} {row['shape']:55s} triton {row['triton_ms']:.4f} ms  cudnn {row['cudnn_ms']:.4f} ms",
+            flush=True,
+        )
+
+    rows = time_dispatch(device, dtypes, args.rounds, args.min_round_s, progress)
+    card = torch.cuda.get_device_name(device)
+    write_dispatch(args.write_dispatch, card, select_dispatch(rows), environment(device))
+    print(f"wrote {card}'s conv dispatch table to {args.write_dispatch}")
+    return 0
+
+
 # --------------------------------------------------------------------------- caser cases
 def _recbole_caser_loop(conv_h: torch.nn.ModuleList, conv_v: torch.nn.Conv2d, E: torch.Tensor):
     """RecBole's Caser convolutions: per height Conv2d + ReLU + max-pool over time, then the
@@ -543,6 +670,8 @@ def main(args) -> int:
         dtypes = [torch.float32, torch.bfloat16]
     else:
         dtypes = [torch.float32]
+    if getattr(args, "write_dispatch", None):
+        return dispatch_main(args, device, dtypes)
     families = args.family or list(CASES)
 
     def progress(r: Result) -> None:

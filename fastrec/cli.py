@@ -126,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--min-round-s", type=float, default=0.05, help="seconds per round per side")
     bench.add_argument("--json", help="write every figure as JSON to this path")
     bench.add_argument("--markdown", help="write the table as Markdown to this path")
+    bench.add_argument(
+        "--write-dispatch",
+        metavar="PATH",
+        help="CUDA, with --family conv: time cuDNN vs Triton per shape class, write the dispatch table here",
+    )
     bench.set_defaults(func=_bench)
     _add_train(sub)
     args = parser.parse_args(argv)

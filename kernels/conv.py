@@ -22,6 +22,8 @@ Layout of this file, top-down:
      SPLIT fixed ranges whose partial sums are added in a fixed order (deterministic; no atomics).
 3. Launchers (tensors in, tensors out; no autograd) and ``kernel_variants()``, every kernel
    variant the launchers can pick, for tests/test_kernels_compile.py.
+4. The epilogue-only forward (``_epilogue_forward_kernel``, ``epilogue_forward``): bias +
+   activation + pool of a convolution computed elsewhere (cuDNN), for the "cudnn" conv path.
 
 Math (canonical form), per group g with C/groups input and O/groups output channels:
     z[n,o,oh,ow] = sum_{c,kh,kw} x[n, c, oh*sh - ph + kh*dh, ow*sw - pw + kw*dw] w[o,c,kh,kw] + b[o]
@@ -1008,6 +1010,146 @@ def _conv_variants() -> list[KernelVariant]:
 
 
 # =============================================================================================
+# Epilogue-only forward (the "cudnn" path: cuDNN's convolution, then this kernel)
+# =============================================================================================
+# ``_epilogue_forward_kernel``: grid (cdiv(N * O * Hp * Wp, BLOCK),). Each program takes BLOCK
+# pooled outputs of z = cuDNN's conv output (N, O, Ho, Wo), walks their windows in row-major
+# order adding the bias and applying the activation, and keeps a running (max, z at the max,
+# index, NaN seen) with the rules of ``_pool_chunk``: the first maximum wins ties, a NaN wins
+# (the last NaN of the window). Writes y, saved_z (act != none) and argmax (pooled) exactly as
+# ``conv_forward`` does, so the backward is ``epilogue_backward`` + torch's conv backward.
+
+_EPILOGUE_FORWARD_BLOCK = {"16": 1024, "32": 1024, "64": 512}
+
+
+@triton.jit(do_not_specialize=["total", "pooled_h", "pooled_w", "out_h", "out_w", "out_channels", "pool_h", "pool_w"])
+def _epilogue_forward_kernel(
+    Z,  # (N, O, Ho, Wo) contiguous: the convolution without bias
+    Bias,  # (O,) contiguous; read iff HAS_BIAS
+    Y,  # (N, O, Hp, Wp) contiguous, dtype of z
+    SavedZ,  # (N, O, Hp, Wp) contiguous, dtype of z; written iff ACT != 0
+    Argmax,  # (N, O, Hp, Wp) int32 contiguous; written iff POOLED
+    total,  # N * O * Hp * Wp
+    out_channels,
+    pooled_h,
+    pooled_w,
+    out_h,
+    out_w,
+    pool_h,
+    pool_w,
+    ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    POOLED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """y = maxpool(act(z + b)) for BLOCK pooled outputs; not pooled: y = act(z + b) elementwise."""
+    compute_dtype: tl.constexpr = tl.float64 if Z.dtype.element_ty == tl.float64 else tl.float32
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < total
+    pooled_hw = pooled_h * pooled_w
+    plane = offs // pooled_hw  # n * O + o
+    bias = tl.zeros([BLOCK], dtype=compute_dtype)
+    if HAS_BIAS:
+        bias = tl.load(Bias + plane % out_channels, mask=ok, other=0.0).to(compute_dtype)
+    if POOLED:
+        hp = (offs % pooled_hw) // pooled_w
+        wp = offs % pooled_w
+        base = plane * out_h * out_w + (hp * pool_h) * out_w + wp * pool_w
+        run_value = tl.full([BLOCK], float("-inf"), dtype=compute_dtype)
+        run_z = tl.zeros([BLOCK], dtype=compute_dtype)
+        run_index = tl.zeros([BLOCK], dtype=tl.int32)
+        run_nan = tl.zeros([BLOCK], dtype=tl.int1)
+        for e in range(0, pool_h * pool_w):
+            z = tl.load(Z + base + (e // pool_w) * out_w + e % pool_w, mask=ok, other=0.0).to(compute_dtype) + bias
+            a = _activate(z, ACT)
+            is_nan = a != a
+            # e == 0 seeds the window (an all -inf window's winner is its first place).
+            take = (e == 0) | is_nan | ((run_nan == 0) & (a > run_value))
+            run_value = tl.where(take, a, run_value)
+            run_z = tl.where(take, z, run_z)
+            run_index = tl.where(take, e, run_index)
+            run_nan = run_nan | is_nan
+        tl.store(Argmax + offs, run_index, mask=ok)
+    else:
+        run_z = tl.load(Z + offs, mask=ok, other=0.0).to(compute_dtype) + bias
+        run_value = _activate(run_z, ACT)
+    tl.store(Y + offs, run_value.to(Y.dtype.element_ty), mask=ok)
+    if ACT != 0:
+        tl.store(SavedZ + offs, run_z.to(SavedZ.dtype.element_ty), mask=ok)
+
+
+def epilogue_forward(
+    z: torch.Tensor,
+    bias: torch.Tensor | None,
+    act: str,
+    pool: tuple[int, int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, saved_z, argmax) as ``conv_forward`` returns them, from the convolution output z
+    (N, O, Ho, Wo) computed without bias (cuDNN's) and ``bias`` (O,) or None of z's dtype."""
+    act_code = _activation_code(act)
+    pool_h, pool_w = _pair(pool, "pool")
+    if z.dim() != 4:
+        raise ValueError(f"z must be (N, O, Ho, Wo), got shape {tuple(z.shape)}")
+    if bias is not None and tuple(bias.shape) != (z.shape[1],):
+        raise ValueError(f"bias must have shape ({z.shape[1]},), got {tuple(bias.shape)}")
+    batch, channels, out_h, out_w = z.shape
+    pooled = (pool_h, pool_w) != (1, 1)
+    shape = (batch, channels, out_h // pool_h, out_w // pool_w)
+    y = torch.empty(shape, dtype=z.dtype, device=z.device)
+    saved_z = torch.empty(shape if act_code else (0,), dtype=z.dtype, device=z.device)
+    argmax = torch.empty(shape if pooled else (0,), dtype=torch.int32, device=z.device)
+    total = y.numel()
+    if total == 0:
+        return y, saved_z, argmax
+    z = z.contiguous()
+    _check_int32_offsets(z=z)
+    block = _EPILOGUE_FORWARD_BLOCK[_DTYPE_CLASS[z.dtype]]
+    _epilogue_forward_kernel[(triton.cdiv(total, block),)](
+        z,
+        bias.contiguous() if bias is not None else z,
+        y,
+        saved_z if act_code else y,
+        argmax if pooled else y,
+        total,
+        channels,
+        shape[2],
+        shape[3],
+        out_h,
+        out_w,
+        pool_h,
+        pool_w,
+        ACT=act_code,
+        HAS_BIAS=bias is not None,
+        POOLED=pooled,
+        BLOCK=block,
+    )
+    return y, saved_z, argmax
+
+
+def _epilogue_forward_variants() -> list[KernelVariant]:
+    """dtype x act (5) x POOLED x HAS_BIAS: every variant ``epilogue_forward`` can pick."""
+    variants = []
+    for torch_dtype, dt in _TRITON_DTYPE.items():
+        block = _EPILOGUE_FORWARD_BLOCK[_DTYPE_CLASS[torch_dtype]]
+        for act_code, act_flag in enumerate(ACT_FLAGS):
+            for pooled in (False, True):
+                for has_bias in (False, True):
+                    flags = tuple(f for f in (act_flag, "POOLED" * pooled, "HAS_BIAS" * has_bias) if f)
+                    variants.append(
+                        _variant(
+                            _epilogue_forward_kernel,
+                            "epilogue_forward",
+                            dt,
+                            dict(ACT=act_code, HAS_BIAS=has_bias, POOLED=pooled, BLOCK=block),
+                            dict(num_warps=4, num_stages=1),
+                            flags,
+                            f"BLOCK={block}",
+                        )
+                    )
+    return variants
+
+
+# =============================================================================================
 # Caser block
 # =============================================================================================
 # Contract: fastrec/ops/conv.py, Caser section. Kernels:
@@ -1635,7 +1777,7 @@ def _caser_variants() -> list[KernelVariant]:
 
 def kernel_variants() -> list[KernelVariant]:
     """Every GPU variant of this family's kernels (each section of the file adds its own list)."""
-    return _conv_variants() + _caser_variants()
+    return _conv_variants() + _epilogue_forward_variants() + _caser_variants()
 
 
 __all__ = [
@@ -1651,6 +1793,7 @@ __all__ = [
     "conv_forward",
     "conv_output_size",
     "epilogue_backward",
+    "epilogue_forward",
     "kernel_variants",
     "weight_split",
     "window_block",

@@ -32,11 +32,23 @@ CPU dispatch (unless a backend is forced): the C++ kernel runs calls with an epi
 kernel only tied or lost in single-thread measurements (2 loaded cores, interleaved medians):
 a plain convolution (``act="none"``, no pool: 0.87x-1.03x, except the seed CNN's layers), and
 conv outputs narrower than 16 columns, i.e. full-width kernels such as Caser's (0.76x-0.93x).
+
+CUDA dispatch (the triton backend): two paths compute the same contract. "triton" is the fused
+implicit GEMM (kernels/conv.py conv_forward and its backward kernels); "cudnn" is torch's
+convolution (cuDNN) followed by the Triton epilogue-only kernel (epilogue_forward), and in the
+backward the Triton epilogue_backward followed by torch's convolution_backward. The choice per
+shape class is data: fastrec/conv_dispatch.json, written by
+``fastrec bench --family conv --write-dispatch PATH`` on the card (see ``conv_path``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -166,8 +178,61 @@ def conv_backward_triton(
     return dx, dw, db
 
 
+@torch.library.custom_op("fastrec::conv_epilogue_triton", mutates_args=())
+def conv_epilogue_triton(z: Tensor, bias: Tensor | None, act: str, pool: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, saved_z, argmax) of the contract from z = the convolution without bias (cuDNN's)."""
+    from fastrec.kernels import conv as kernels
+
+    return kernels.epilogue_forward(z, bias, act, tuple(pool))
+
+
+@conv_epilogue_triton.register_fake
+def _fake_epilogue(z, bias, act, pool):
+    pooled = tuple(pool) != (1, 1)
+    shape = (z.shape[0], z.shape[1], z.shape[2] // pool[0], z.shape[3] // pool[1])
+    y = z.new_empty(shape)
+    saved_z = z.new_empty(shape) if act != "none" else z.new_empty(0)
+    argmax = z.new_empty(shape if pooled else (0,), dtype=torch.int32)
+    return y, saved_z, argmax
+
+
+@torch.library.custom_op("fastrec::conv_backward_cudnn", mutates_args=())
+def conv_backward_cudnn(
+    grad_y: Tensor,
+    x: Tensor,
+    w: Tensor,
+    saved_z: Tensor,
+    argmax: Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    act: str,
+    pool: list[int],
+    output_mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The "cudnn" path's backward: the Triton epilogue backward, then torch's convolution
+    backward (cuDNN on CUDA) for dx and dw; db sums dz."""
+    from fastrec.kernels import conv as kernels
+
+    conv_out = (x.shape[0], w.shape[0], *conv_output_size(x.shape, w.shape, stride, padding, dilation))
+    dz = kernels.epilogue_backward(grad_y, saved_z, argmax, act, tuple(pool), conv_out)
+    dx, dw = x.new_empty(0), w.new_empty(0)
+    if output_mask[0] or output_mask[1]:
+        mask = [output_mask[0], output_mask[1], False]
+        gx, gw, _ = torch.ops.aten.convolution_backward(
+            dz, x, w, None, stride, padding, dilation, False, [0, 0], groups, mask
+        )
+        dx = gx if output_mask[0] else dx
+        dw = gw if output_mask[1] else dw
+    acc = torch.float64 if dz.dtype == torch.float64 else torch.float32
+    db = dz.sum((0, 2, 3), dtype=acc).to(w.dtype) if output_mask[2] else w.new_empty(0)
+    return dx, dw, db
+
+
 conv_forward_triton.register_fake(_fake_forward)
 conv_backward_triton.register_fake(_fake_backward)
+conv_backward_cudnn.register_fake(_fake_backward)
 if HAVE_CPP:
     torch.library.register_fake("fastrec::conv_forward_cpp")(_fake_forward)
     torch.library.register_fake("fastrec::conv_backward_cpp")(_fake_backward)
@@ -179,12 +244,16 @@ def _allow_tf32(x: Tensor) -> bool:
 
 
 class ConvFunction(torch.autograd.Function):
-    """The fused op on the ``triton`` or ``cpp`` backend; saves x, w, saved_z and argmax."""
+    """The fused op on the ``cpp`` backend or the triton backend's ``triton`` / ``cudnn`` path;
+    saves x, w, saved_z and argmax."""
 
     @staticmethod
     def forward(ctx, x, w, bias, stride, padding, dilation, groups, act, pool, backend):
         args = (x, w, bias, stride, padding, dilation, groups, act, pool)
-        if backend == "triton":
+        if backend == "cudnn":
+            z = F.conv2d(x, w, None, stride, padding, dilation, groups)
+            y, saved_z, argmax = torch.ops.fastrec.conv_epilogue_triton(z, bias, act, pool)
+        elif backend == "triton":
             y, saved_z, argmax = torch.ops.fastrec.conv_forward_triton(*args, _allow_tf32(x))
         else:
             y, saved_z, argmax = torch.ops.fastrec.conv_forward_cpp(*args)
@@ -199,7 +268,9 @@ class ConvFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         mask = [need[0], need[1], has_bias and need[2]]
         args = (grad_y.contiguous(), x, w, saved_z, argmax, stride, padding, dilation, groups, act, pool, mask)
-        if backend == "triton":
+        if backend == "cudnn":
+            dx, dw, db = torch.ops.fastrec.conv_backward_cudnn(*args)
+        elif backend == "triton":
             dx, dw, db = torch.ops.fastrec.conv_backward_triton(*args, _allow_tf32(x))
         else:
             dx, dw, db = torch.ops.fastrec.conv_backward_cpp(*args)
@@ -245,10 +316,138 @@ def conv(
     conv_width = conv_output_size(x.shape, w.shape, stride, padding, dilation)[1]
     reason = _unfused_reason(x, act, pool, conv_width)
     backend = backends.select(x.device, reason)
+    if backend == "triton":
+        out_size = conv_output_size(x.shape, w.shape, stride, padding, dilation)
+        if conv_path(x, w, groups, out_size) == "cudnn":
+            backends.count(OP, backend, "cudnn convolution + triton epilogue (dispatch table)")
+            return ConvFunction.apply(x, w, bias, stride, padding, dilation, groups, act, pool, "cudnn")
     backends.count(OP, backend, reason or "")
     if backend == "torch":
         return conv_torch(x, w, bias, stride, padding, dilation, groups, act, pool)[0]
     return ConvFunction.apply(x, w, bias, stride, padding, dilation, groups, act, pool, backend)
+
+
+# --------------------------------------------------------------------------- GPU dispatch table
+CONV_PATHS = ("triton", "cudnn")
+DEFAULT_PATH = "triton"
+DISPATCH_FILE = Path(__file__).resolve().parent.parent / "conv_dispatch.json"
+DISPATCH_VERSION = 1
+_CHANNEL_BUCKETS = (4, 8, 16, 32, 64, 128, 256)  # upper bounds; above the last: "256+"
+_KERNEL_BUCKETS = (1, 9, 25, 64)  # KH * KW upper bounds (1x1, up to 3x3, up to 5x5, wide)
+_OUTPUT_BUCKETS = (64, 256, 1024, 4096, 16384)  # Ho * Wo upper bounds
+_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+_override = threading.local()
+
+
+def _bucket(value: int, bounds: tuple[int, ...]) -> str:
+    for bound in bounds:
+        if value <= bound:
+            return str(bound)
+    return f"{bounds[-1]}+"
+
+
+def shape_class(
+    in_channels: int, out_channels: int, kernel: tuple[int, int], out_size: tuple[int, int], groups: int, dtype
+) -> str:
+    """The dispatch table's key of one convolution, e.g. ``"c32-o64-k9-s1024-g1-fp32"``: input and
+    output channels per group and KH * KW rounded up to a bucket bound, output positions
+    Ho * Wo likewise, groups as 1, "dw" (depthwise: one input channel per group) or "n", and the
+    dtype. Shapes of one class share a path."""
+    per_group = in_channels // groups
+    group_class = "1" if groups == 1 else "dw" if per_group == 1 else "n"
+    return "-".join(
+        (
+            "c" + _bucket(per_group, _CHANNEL_BUCKETS),
+            "o" + _bucket(out_channels // groups, _CHANNEL_BUCKETS),
+            "k" + _bucket(kernel[0] * kernel[1], _KERNEL_BUCKETS),
+            "s" + _bucket(out_size[0] * out_size[1], _OUTPUT_BUCKETS),
+            "g" + group_class,
+            _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch.")),
+        )
+    )
+
+
+def parse_dispatch(table: dict, source: str = "conv dispatch table") -> dict[str, dict[str, str]]:
+    """``{card name: {shape class: path}}`` from the JSON table; ValueError naming what is wrong.
+
+    Format: ``{"version": 1, "default": "triton", "cards": {card: {"measured": date, "torch":
+    version, "triton": version, "classes": {shape class: {"path": "triton" | "cudnn",
+    "triton_ms": float, "cudnn_ms": float}}}}}``.
+    """
+    if table.get("version") != DISPATCH_VERSION:
+        raise ValueError(f"{source}: version must be {DISPATCH_VERSION}, got {table.get('version')!r}")
+    if table.get("default") != DEFAULT_PATH:
+        raise ValueError(f"{source}: default must be {DEFAULT_PATH!r}, got {table.get('default')!r}")
+    cards = table.get("cards")
+    if not isinstance(cards, dict):
+        raise ValueError(f"{source}: cards must be an object, got {type(cards).__name__}")
+    paths = {}
+    for card, entry in cards.items():
+        classes = entry.get("classes") if isinstance(entry, dict) else None
+        if not isinstance(classes, dict):
+            raise ValueError(f"{source}: cards[{card!r}].classes must be an object, got {classes!r}")
+        paths[card] = {}
+        for key, row in classes.items():
+            path = row.get("path") if isinstance(row, dict) else None
+            if path not in CONV_PATHS:
+                raise ValueError(f"{source}: cards[{card!r}].classes[{key!r}].path must be one of {CONV_PATHS}")
+            paths[card][key] = path
+    return paths
+
+
+_TABLE: dict[str, dict[str, str]] | None = None
+_CARDS: dict[int, str] = {}
+
+
+def dispatch_table() -> dict[str, dict[str, str]]:
+    """The package's table (fastrec/conv_dispatch.json), parsed once."""
+    global _TABLE
+    if _TABLE is None:
+        _TABLE = parse_dispatch(json.loads(DISPATCH_FILE.read_text()), str(DISPATCH_FILE))
+    return _TABLE
+
+
+@torch.compiler.assume_constant_result
+def _table_path(device_index: int, key: str) -> str:
+    """The table's path for ``key`` on the card at ``device_index`` (a constant under torch.compile)."""
+    if device_index not in _CARDS:
+        _CARDS[device_index] = torch.cuda.get_device_name(device_index)
+    return dispatch_table().get(_CARDS[device_index], {}).get(key, DEFAULT_PATH)
+
+
+@contextlib.contextmanager
+def use_conv_path(path: str) -> Iterator[None]:
+    """Force the triton backend's conv path (``"triton"`` or ``"cudnn"``) inside the block (this
+    thread): the table writer times both paths this way, and the CPU tests run the cudnn path
+    (torch's CPU convolution standing in for cuDNN) under the interpreter."""
+    if path not in CONV_PATHS:
+        raise ValueError(f"path must be one of {CONV_PATHS}, got {path!r}")
+    stack = getattr(_override, "stack", None)
+    if stack is None:
+        stack = _override.stack = []
+    stack.append(path)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def conv_path(x: Tensor, w: Tensor, groups: int, out_size: tuple[int, int]) -> str:
+    """The triton backend's path for this call: the ``use_conv_path`` override, else on CUDA the
+    table's entry for (card name, ``shape_class``), else DEFAULT_PATH.
+
+    Unmeasured classes (and cards the table does not list) default to "triton", the fused implicit
+    GEMM: the issue routes a class to cuDNN only where a benchmark on that card showed cuDNN's
+    convolution plus the separate epilogue faster, and the fused path keeps the epilogue's
+    memory traffic out of the convolution.
+    """
+    stack = getattr(_override, "stack", None)
+    if stack:
+        return stack[-1]
+    if x.device.type != "cuda":
+        return DEFAULT_PATH
+    key = shape_class(x.shape[1], w.shape[0], tuple(w.shape[2:]), tuple(out_size), groups, x.dtype)
+    return _table_path(x.device.index if x.device.index is not None else torch.cuda.current_device(), key)
 
 
 # =============================================================================================
