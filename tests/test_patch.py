@@ -358,3 +358,59 @@ def test_compile_after_patch():
         assert_rel_close(o, r, "compiled output")
     for (pname, _), g, r in zip(model.named_parameters(), got[1:], want, strict=True):
         assert_rel_close(g, r, f"compiled grad of {pname}")
+
+
+def test_state_dict_round_trips_and_deepcopy():
+    model = perturb(SeedCNN())
+    plain = copy.deepcopy(model)
+    fastrec.patch(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert state.keys() == plain.state_dict().keys()
+    fresh = perturb(SeedCNN())
+    fastrec.patch(fresh)
+    fresh.load_state_dict(plain.state_dict())  # strict: an unpatched checkpoint loads into a patched model
+    plain.load_state_dict(state)  # and the other way
+    twin = copy.deepcopy(fresh)
+    assert twin.features[0].conv.weight is twin.features[0].weight is not fresh.features[0].weight
+    x = torch.randn(2, 3, 12, 12)
+    with fastrec.use_backend("torch"):
+        for m in (fresh, twin):
+            torch.testing.assert_close(m(x), plain(x), rtol=1e-5, atol=1e-5)
+    fastrec.unpatch(twin)
+    assert twin.features[0].weight is not fresh.features[0].weight and type(twin.features[0]) is torch.nn.Conv2d
+
+
+def test_new_parameter_objects_on_conversion_reach_the_conv():
+    """With torch's overwrite-on-conversion flag, ``.double()`` makes new parameter objects;
+    the fused block and, after ``unpatch``, the conv hold the new ones."""
+    model = perturb(SeedCNN())
+    fastrec.patch(model)
+    old = model.features[0].weight
+    flag = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        model.double()
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(flag)
+    new = model.features[0].weight
+    assert new is not old and new.dtype == torch.float64
+    fastrec.unpatch(model)
+    assert model.features[0].weight is new
+
+
+def test_conv_block_from_conv1d_chain_matches_torch(backend):
+    seq = perturb(torch.nn.Sequential(torch.nn.Conv1d(3, 5, 3, padding=1), torch.nn.GELU(), torch.nn.MaxPool1d(2)))
+    block = fnn.ConvBlock.from_modules(*seq)
+    assert block.conv is seq[0] and (block.act, block.pool) == ("gelu", (2,))
+    x = torch.randn(2, 3, 13, requires_grad=True)
+    ref = copy.deepcopy(seq).double()
+    x_ref = x.detach().double().requires_grad_()
+    y, y_ref = block(x), ref(x_ref)
+    assert_rel_close(y, y_ref, "output")
+    grad = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, *seq.parameters()), grad)
+    want = torch.autograd.grad(y_ref, (x_ref, *ref.parameters()), grad.double())
+    for name, g, r in zip(("input", "weight", "bias"), got, want, strict=True):
+        assert_rel_close(g, r, f"grad of {name}")
+    with pytest.raises(TypeError, match="pool must be a torch.nn.MaxPool1d"):
+        fnn.ConvBlock.from_modules(seq[0], seq[1], torch.nn.MaxPool2d(2))
