@@ -73,6 +73,15 @@ def _hooked(module: torch.nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
 
 
+def _fusable(conv: torch.nn.Module, pool: torch.nn.Module) -> bool:
+    """Whether the fused kernels take ``pool`` after ``conv`` (stride == kernel, no padding, ...)."""
+    try:
+        chain_options(conv, None, pool)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def _fuse_chains(seq: torch.nn.Sequential, prefix: str, report: PatchReport) -> None:
     """Replace each fusable ``conv -> act [-> pool]`` run of ``seq`` in place."""
     mods = list(seq._modules.items())
@@ -85,20 +94,15 @@ def _fuse_chains(seq: torch.nn.Sequential, prefix: str, report: PatchReport) -> 
             i += 1
             continue
         pool = mods[i + 2][1] if i + 2 < len(mods) else None
-        if pool is not None:
-            try:
-                if type(pool) is not _CHAIN_POOLS[base] or _hooked(pool):
-                    raise ValueError
-                chain_options(conv, act, pool)
-            except (TypeError, ValueError):
-                pool = None
+        if pool is not None and (type(pool) is not _CHAIN_POOLS[base] or _hooked(pool) or not _fusable(conv, pool)):
+            pool = None  # conv + act still fuse; the pool stays a module of its own
         if type(conv) is not base:
             conv.__class__ = base
-        block = SequentialConvBlock(conv, act, pool)
+        block = SequentialConvBlock(conv, act, pool).train(conv.training)
         names = [name for name, _ in mods[i : i + (3 if pool is not None else 2)]]
         seq._modules[names[0]] = block
         for name in names[1:]:
-            seq._modules[name] = torch.nn.Identity()
+            seq._modules[name] = torch.nn.Identity().train(seq._modules[name].training)
         chain = " -> ".join(type(m).__name__ for m in block.chain if m is not None)
         report.fused.append((f"{prefix}{names[0]}..{names[-1]}", chain))
         i += len(names)
@@ -106,7 +110,8 @@ def _fuse_chains(seq: torch.nn.Sequential, prefix: str, report: PatchReport) -> 
 
 @dataclass
 class PatchReport:
-    """What ``patch`` replaced and what it left, with the reason."""
+    """What ``patch`` replaced, the chains it fused (Sequential slots, modules) and what it left,
+    with the reason; ``str()`` prints it as a table."""
 
     replaced: list[tuple[str, str, str]] = field(default_factory=list)  # (name, from, to)
     left: list[tuple[str, str, str]] = field(default_factory=list)  # (name, class, why)
@@ -124,7 +129,9 @@ class PatchReport:
 
 
 def patch(model: torch.nn.Module, *, attention: bool = True, rnn: bool = True, conv: bool = True) -> PatchReport:
-    """Swap every supported module of ``model`` (itself included) for its fastrec twin."""
+    """Swap every supported module of ``model`` (itself included) for its fastrec twin, and fuse
+    the ``conv -> act [-> max-pool]`` chains of its ``nn.Sequential`` containers (``conv=True``).
+    ``attention``/``rnn``/``conv`` False leave that family's modules as they are (reported)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     enabled = {"attention": attention, "rnn": rnn, "conv": conv}

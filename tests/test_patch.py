@@ -213,6 +213,7 @@ def test_patched_model_matches_unpatched(backend, name, order):
     assert report.replaced or report.fused
     assert [(n, id(p)) for n, p in model.named_parameters()] == names_ids
     assert list(model.state_dict()) == keys
+    assert all(m.training == (name != "conv1d") for m in model.modules())
 
     x = make_input()
     grad_out = torch.randn(pt(x).shape)
