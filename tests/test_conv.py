@@ -352,7 +352,7 @@ def test_conv_block_state_dict_and_from_modules_rejects_other_pools():
 
 
 def test_patch_swaps_conv_layers_keeping_tensors():
-    model = torch.nn.Sequential(torch.nn.Conv1d(4, 6, 3), torch.nn.ReLU(), torch.nn.Conv2d(1, 2, 3))
+    model = torch.nn.Sequential(torch.nn.Conv1d(4, 6, 3), torch.nn.Dropout(), torch.nn.Conv2d(1, 2, 3))
     weight = model[0].weight
     report = fastrec.patch(model)
     assert type(model[0]) is fnn.Conv1d and type(model[2]) is fnn.Conv2d and model[0].weight is weight

@@ -60,9 +60,45 @@ class Conv2d(torch.nn.Conv2d):
         return FF.conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
+def chain_options(
+    conv: torch.nn.Module, act: torch.nn.Module | None, pool: torch.nn.Module | None
+) -> tuple[str, int | tuple[int, ...]]:
+    """``(act, pool)`` arguments of the fused conv for ``conv -> act -> pool`` modules; raises
+    ``TypeError``/``ValueError`` naming the module that the fused kernels do not cover."""
+    if not isinstance(conv, (torch.nn.Conv1d, torch.nn.Conv2d)):
+        raise TypeError(f"conv must be a torch.nn.Conv2d or Conv1d, got {type(conv).__name__}")
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"conv must have padding_mode='zeros', got {conv.padding_mode!r}")
+    if act is None:
+        act_name = "none"
+    elif isinstance(act, torch.nn.GELU) and act.approximate == "none":
+        act_name = "gelu"
+    elif type(act) in _ACT_MODULES:
+        act_name = _ACT_MODULES[type(act)]
+    else:
+        raise ValueError(f"act must be ReLU, GELU, Tanh, Sigmoid, Identity or None, got {act!r}")
+    if pool is None:
+        return act_name, 1
+    one_d = isinstance(conv, torch.nn.Conv1d)
+    pool_cls = torch.nn.MaxPool1d if one_d else torch.nn.MaxPool2d
+    if not isinstance(pool, pool_cls):
+        raise TypeError(f"pool must be a torch.nn.{pool_cls.__name__} or None, got {type(pool).__name__}")
+    tup = torch.nn.modules.utils._single if one_d else torch.nn.modules.utils._pair
+    kernel = tup(pool.kernel_size)
+    stride = tup(pool.stride if pool.stride is not None else pool.kernel_size)
+    plain = set(tup(pool.padding)) == {0} and set(tup(pool.dilation)) == {1} and not pool.ceil_mode
+    if kernel != stride or not plain or pool.return_indices:
+        raise ValueError(
+            f"pool must be {pool_cls.__name__} with stride == kernel_size, padding 0, dilation 1, ceil_mode=False "
+            f"and return_indices=False, got {pool!r}"
+        )
+    return act_name, kernel
+
+
 class ConvBlock(torch.nn.Module):
     """``Conv2d -> act -> MaxPool2d(pool)`` as one fused call; the conv is ``self.conv`` (a
     ``fastrec.nn.Conv2d``), so ``state_dict`` keys are ``conv.weight`` / ``conv.bias``.
+    ``from_modules`` also takes a ``Conv1d -> act -> MaxPool1d`` chain.
 
     ``act`` is ``"none"``, ``"relu"``, ``"gelu"``, ``"tanh"`` or ``"sigmoid"``; ``pool`` the
     max-pool window and stride (1 = no pool). The other arguments are ``torch.nn.Conv2d``'s.
@@ -92,61 +128,36 @@ class ConvBlock(torch.nn.Module):
 
     @classmethod
     def from_modules(
-        cls, conv: torch.nn.Conv2d, act: torch.nn.Module | None = None, pool: torch.nn.MaxPool2d | None = None
+        cls,
+        conv: torch.nn.Conv2d | torch.nn.Conv1d,
+        act: torch.nn.Module | None = None,
+        pool: torch.nn.MaxPool2d | torch.nn.MaxPool1d | None = None,
     ) -> ConvBlock:
         """A block computing ``pool(act(conv(x)))`` with ``conv``'s own parameter tensors.
 
-        ``act`` is ``nn.ReLU``/``nn.GELU`` (approximate='none')/``nn.Tanh``/``nn.Sigmoid``/
-        ``nn.Identity`` or None; ``pool`` an ``nn.MaxPool2d`` with stride equal to its kernel,
-        no padding, dilation 1 and floor mode, or None.
+        ``conv`` is an ``nn.Conv2d`` (or an ``nn.Conv1d``, with an ``nn.MaxPool1d``); ``act`` is
+        ``nn.ReLU``/``nn.GELU`` (approximate='none')/``nn.Tanh``/``nn.Sigmoid``/``nn.Identity`` or
+        None; ``pool`` a max-pool with stride equal to its kernel, no padding, dilation 1 and floor
+        mode, or None.
         """
-        if not isinstance(conv, torch.nn.Conv2d):
-            raise TypeError(f"conv must be a torch.nn.Conv2d, got {type(conv).__name__}")
-        if conv.padding_mode != "zeros":
-            raise ValueError(f"conv must have padding_mode='zeros', got {conv.padding_mode!r}")
-        if act is None:
-            act_name = "none"
-        elif isinstance(act, torch.nn.GELU) and act.approximate == "none":
-            act_name = "gelu"
-        elif type(act) in _ACT_MODULES:
-            act_name = _ACT_MODULES[type(act)]
-        else:
-            raise ValueError(f"act must be ReLU, GELU, Tanh, Sigmoid, Identity or None, got {act!r}")
-        pool_size: int | tuple[int, int] = 1
-        if pool is not None:
-            if not isinstance(pool, torch.nn.MaxPool2d):
-                raise TypeError(f"pool must be a torch.nn.MaxPool2d or None, got {type(pool).__name__}")
-            kernel = torch.nn.modules.utils._pair(pool.kernel_size)
-            stride = torch.nn.modules.utils._pair(pool.stride if pool.stride is not None else pool.kernel_size)
-            plain = (
-                torch.nn.modules.utils._pair(pool.padding) == (0, 0)
-                and torch.nn.modules.utils._pair(pool.dilation) == (1, 1)
-                and not pool.ceil_mode
-                and not pool.return_indices
-            )
-            if kernel != stride or not plain:
-                raise ValueError(
-                    f"pool must be MaxPool2d with stride == kernel_size, padding 0, dilation 1, ceil_mode=False "
-                    f"and return_indices=False, got {pool!r}"
-                )
-            pool_size = kernel
         block = cls.__new__(cls)
         torch.nn.Module.__init__(block)
         block.conv = conv
-        block.act = act_name
-        block.pool = pool_size
+        block.act, block.pool = chain_options(conv, act, pool)
         return block
 
     def forward(self, input: Tensor) -> Tensor:
         c = self.conv
+        one_d = isinstance(c, torch.nn.Conv1d)
         reason = _unfused_reason(c, input)
         if reason is not None:
             backends.count("conv", "torch", reason)
-            out = act_fn(self.act)(torch.nn.Conv2d.forward(c, input))
-            return torch.nn.functional.max_pool2d(out, self.pool) if self.pool not in (1, (1, 1)) else out
-        return FF.conv2d(
-            input, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups, act=self.act, pool=self.pool
-        )
+            out = act_fn(self.act)(c._conv_forward(input, c.weight, c.bias))
+            if self.pool in (1, (1,), (1, 1)):
+                return out
+            return (torch.nn.functional.max_pool1d if one_d else torch.nn.functional.max_pool2d)(out, self.pool)
+        conv = FF.conv1d if one_d else FF.conv2d
+        return conv(input, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups, act=self.act, pool=self.pool)
 
     def extra_repr(self) -> str:
         return f"act={self.act!r}, pool={self.pool!r}"
