@@ -7,7 +7,7 @@ References and bounds:
   on h' (and c') and on the gradients of input, h, c, every weight and bias under random upstream
   gradients: fp64 1e-12, fp32 1e-5 (ieee dots), fp16 5e-3 (operands, outputs and the gate
   gradients fed to the GEMMs are rounded to fp16: a few units of its 2^-11 rounding);
-- ``gradcheck`` in float64 through the triton autograd.Function; ``torch.library.opcheck`` on the
+- ``gradcheck`` (fast mode) in float64 through the triton autograd.Function; ``torch.library.opcheck`` on the
   two custom ops; two runs bitwise equal; ``torch.compile(fullgraph=True)`` on a cell module.
 The triton backend is forced so that every test runs the Triton kernels.
 """
@@ -154,7 +154,9 @@ def test_gradcheck_float64(mode, bias):
         h_new, c_new = rnn_ops.RNNCellTritonFunction.apply(*args, mode)
         return (h_new, c_new) if mode == "lstm" else h_new
 
-    assert torch.autograd.gradcheck(fn, _leaves(mode, 2, 3, 4, bias))
+    # fast mode (random projections of the Jacobian: a few interpreted launches instead of one per
+    # input element); the full Jacobians are pinned by the float64 comparisons with torch above.
+    assert torch.autograd.gradcheck(fn, _leaves(mode, 2, 3, 4, bias), fast_mode=True)
 
 
 @pytest.mark.parametrize("mode", MODES)
