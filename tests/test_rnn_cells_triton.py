@@ -6,7 +6,8 @@ References and bounds:
   weights, on the inputs rounded to the tested dtype; relative error ``||fast - ref|| / ||ref||``
   on h' (and c') and on the gradients of input, h, c, every weight and bias under random upstream
   gradients: fp64 1e-12, fp32 1e-5 (ieee dots), fp16 5e-3 (operands, outputs and the gate
-  gradients fed to the GEMMs are rounded to fp16: a few units of its 2^-11 rounding);
+  gradients fed to the GEMMs are rounded to fp16: a few units of its 2^-11 rounding), bf16 4e-2
+  (CUDA only: the same for its 2^-8);
 - ``gradcheck`` (fast mode) in float64 through the triton autograd.Function; ``torch.library.opcheck`` on the
   two custom ops; two runs bitwise equal; ``torch.compile(fullgraph=True)`` on a cell module.
 The triton backend is forced so that every test runs the Triton kernels.
@@ -25,11 +26,14 @@ from fastrec.ops import rnn as rnn_ops
 
 MODES = ("tanh", "relu", "gru", "lstm")
 GATES = {"tanh": 1, "relu": 1, "gru": 3, "lstm": 4}
-BOUNDS = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 5e-3}
+BOUNDS = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
 
 
 @pytest.fixture(autouse=True)
-def _triton_backend():
+def _triton_backend(request):
+    if request.node.get_closest_marker("cuda") is not None:  # the default routing under test
+        yield
+        return
     with backends.use_backend("triton"):
         yield
 
@@ -225,3 +229,14 @@ def test_launcher_bad_inputs_name_the_argument():
         forward(x, h, None, w_ih, w_hh, torch.randn(21), None, "gru", False)
     with pytest.raises(ValueError, match="workspace"):
         torch.ops.fastrec.rnn_cell_backward_triton(h, None, torch.randn(4, 7), x, h, None, w_ih, w_hh, True, "gru")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["gru", "lstm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_cells_route_to_triton_unforced(mode, dtype):
+    fast, ref = make(mode, 24, 100, dtype)
+    states = [torch.randn(64, 100) for _ in range(2 if mode == "lstm" else 1)]
+    backends.stats(reset=True)
+    check(mode, fast, ref, torch.randn(64, 24), states, dtype)
+    assert backends.stats()[("rnn_cell", "triton", "")] == 1
