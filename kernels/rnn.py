@@ -30,6 +30,10 @@ sequential part. Layout of this file, top-down:
 3. Launchers ``rnn_forward`` / ``rnn_backward`` (tensors in, tensors out; no autograd),
    ``block_config`` and ``kernel_variants()`` (every variant the launchers can pick, for
    tests/test_kernels_compile.py).
+4. Single-step cells (``rnn_cell_forward`` / ``rnn_cell_backward``, the contract of
+   ``rnn_cell_forward_cpp`` / ``rnn_cell_backward_cpp``): one forward kernel per step (both GEMMs
+   and the gate arithmetic per tile of rows and hidden units), one elementwise backward kernel for
+   the gate gradients, then GEMMs; their variants in ``cell_kernel_variants()``.
 
 Numerics: the state and every accumulation are in the compute dtype (fp32; fp64 for fp64 inputs,
 so gradcheck runs through the kernels). fp32 dots use ``input_precision="ieee"`` unless torch's
@@ -777,7 +781,8 @@ FLAG_NAMES = ("HAS_LENGTHS", "HAS_RESET")
 COVERAGE_ALTERNATE_FLAGS = ("ALLOW_TF32",)
 # The per-bucket worst case of the compile check: LSTM holds the most (four gate blocks of W_hh,
 # the cell state); Elman and GRU run the same code with fewer gates and meet the flag coverage.
-WORST_CASE_KERNELS = ("forward_lstm", "backward_lstm")
+# The same holds for the single-step cell kernels.
+WORST_CASE_KERNELS = ("forward_lstm", "backward_lstm", "cell_forward_lstm", "cell_backward_lstm")
 # Variants known to spill (reported, not failed, by the compile check): none.
 SPILLS_ACCEPTED: dict[tuple[str, str, str], str] = {}
 
@@ -834,7 +839,8 @@ def _configs(dtype: torch.dtype) -> list[BlockConfig]:
 
 def kernel_variants() -> list[KernelVariant]:
     """Every GPU variant the launchers can pick: kernel (forward / backward x 4 modes) x dtype x
-    flags (x ALLOW_TF32 for fp32) x block config (resident padded hidden sizes, streamed)."""
+    flags (x ALLOW_TF32 for fp32) x block config (resident padded hidden sizes, streamed); then
+    the single-step cell kernels (``cell_kernel_variants``)."""
     kernels = (("forward", _rnn_forward_kernel), ("backward", _rnn_backward_kernel))
     variants = []
     for torch_dtype, dt in _TRITON_DTYPE.items():
@@ -864,13 +870,626 @@ def kernel_variants() -> list[KernelVariant]:
                                     on + (("ALLOW_TF32",) if tf32 else ()),
                                 )
                             )
+    return variants + cell_kernel_variants()
+
+
+# ------------------------------------------------------------------------------------------------
+# single-step cells
+# ------------------------------------------------------------------------------------------------
+# Contract: rnn_cell_forward_cpp / rnn_cell_backward_cpp (csrc/rnn.cpp), the same inputs, outputs
+# and workspace layout: (B, K * H), K = 1 [h_new] (tanh / relu), 4 [r, z, n, gh_n] (GRU),
+# 5 [i, f, g, o, tanh(c_new)] (LSTM); here in the compute dtype (fp32, fp64 for fp64 inputs).
+# Grid (cdiv(B, BLOCK_B), cdiv(H, BLOCK_H)): each program owns a tile of rows and hidden units and
+# computes all G gates of it (x W_ih^T and h W_hh^T by tl.dot over K tiles, then the gate
+# arithmetic), so no pre-activation goes through memory. The backward kernel gives the gate
+# pre-activation gradients; dx, dh, dW and db are GEMMs / sums over them in the launcher.
+
+CELL_SLOTS = {"tanh": 1, "relu": 1, "gru": 4, "lstm": 5}
+# (BLOCK_B, BLOCK_H, BLOCK_K, num_warps) per dtype class on a GPU: a single step is latency-bound,
+# so small row tiles give more programs; tl.dot needs every dimension >= 16.
+CELL_CONFIG = {"16": (16, 64, 32, 4), "32": (16, 32, 32, 4), "64": (16, 32, 16, 4)}
+INTERPRETER_CELL_CONFIG = (16, 32, 32, 4)
+
+
+@triton.jit
+def _cell_matmul(
+    acc,  # (BLOCK_B, BLOCK_H) accumulator in the compute dtype
+    A,  # (B, N) contiguous: x (N = I) or h (N = H)
+    W,  # (G * H, N) contiguous: W_ih or W_hh
+    gate,  # gate index g: rows g * H + offs_j of W
+    offs_b,  # (BLOCK_B,) rows of A
+    offs_j,  # (BLOCK_H,) hidden units of the output tile
+    B,
+    N,
+    H,
+    LOW_PRECISION_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """acc + A[offs_b] W[g * H + offs_j]^T over N in tiles of BLOCK_K (masked: any B, N, H)."""
+    ddt: tl.constexpr = W.dtype.element_ty if LOW_PRECISION_DOT else acc.dtype
+    offs_kk = tl.arange(0, BLOCK_K)
+    row_ok = offs_b < B
+    col_ok = offs_j < H
+    for k0 in range(0, N, BLOCK_K):
+        offs_k = k0 + offs_kk
+        k_ok = offs_k < N
+        a = tl.load(A + offs_b[:, None] * N + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(
+            W + (gate * H + offs_j[None, :]) * N + offs_k[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0
+        )
+        acc = tl.dot(a.to(ddt), w.to(ddt), acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
+    return acc
+
+
+@triton.jit
+def _cell_preact(
+    X,  # (B, I) contiguous
+    Hs,  # (B, H) contiguous
+    WIh,  # (G * H, I) contiguous
+    WHh,  # (G * H, H) contiguous
+    BIh,  # (G * H,) read iff HAS_BIAS and WITH_X
+    BHh,  # (G * H,) read iff HAS_BIAS and WITH_H
+    gate,
+    offs_b,  # (BLOCK_B,)
+    offs_j,  # (BLOCK_H,)
+    B,
+    IN,
+    H,
+    CDT: tl.constexpr,
+    WITH_X: tl.constexpr,
+    WITH_H: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    LOW_PRECISION_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """(BLOCK_B, BLOCK_H) pre-activation of gate g: x W_ih_g^T + b_ih_g (WITH_X) plus
+    h W_hh_g^T + b_hh_g (WITH_H), accumulated in CDT."""
+    acc = tl.zeros([BLOCK_B, BLOCK_H], dtype=CDT)
+    col_ok = offs_j < H
+    if WITH_X:
+        acc = _cell_matmul(acc, X, WIh, gate, offs_b, offs_j, B, IN, H, LOW_PRECISION_DOT, DOT_PRECISION, BLOCK_K)
+        if HAS_BIAS:
+            acc += tl.load(BIh + gate * H + offs_j, mask=col_ok, other=0.0).to(CDT)[None, :]
+    if WITH_H:
+        acc = _cell_matmul(acc, Hs, WHh, gate, offs_b, offs_j, B, H, H, LOW_PRECISION_DOT, DOT_PRECISION, BLOCK_K)
+        if HAS_BIAS:
+            acc += tl.load(BHh + gate * H + offs_j, mask=col_ok, other=0.0).to(CDT)[None, :]
+    return acc
+
+
+@triton.jit
+def _rnn_cell_forward_kernel(
+    X,  # (B, I) input dtype, contiguous
+    Hs,  # (B, H) input dtype: the entering hidden state
+    C,  # (B, H) input dtype: the entering cell state; read iff MODE == 3 (LSTM)
+    WIh,  # (G * H, I) input dtype
+    WHh,  # (G * H, H) input dtype
+    BIh,  # (G * H,) input dtype; read iff HAS_BIAS
+    BHh,  # (G * H,) input dtype; read iff HAS_BIAS
+    HNew,  # (B, H) input dtype: h_new
+    CNew,  # (B, H) input dtype: c_new; written iff MODE == 3
+    Ws,  # (B, K * H) compute dtype: the workspace (layout above)
+    B,
+    IN,
+    H,
+    MODE: tl.constexpr,  # 0 tanh, 1 relu, 2 GRU, 3 LSTM
+    HAS_BIAS: tl.constexpr,
+    LOW_PRECISION_DOT: tl.constexpr,
+    ALLOW_TF32: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One step of one cell for a (BLOCK_B, BLOCK_H) tile: both GEMMs and the gate arithmetic."""
+    CDT: tl.constexpr = Ws.dtype.element_ty
+    DOT_PRECISION: tl.constexpr = "tf32" if ALLOW_TF32 else "ieee"
+    K: tl.constexpr = 4 if MODE == 2 else (5 if MODE == 3 else 1)
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_j = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = (offs_b < B)[:, None] & (offs_j < H)[None, :]
+    state = offs_b[:, None] * H + offs_j[None, :]
+    ws = Ws + offs_b[:, None] * (K * H) + offs_j[None, :]
+    if MODE <= 1:
+        y = _cell_preact(
+            X,
+            Hs,
+            WIh,
+            WHh,
+            BIh,
+            BHh,
+            0,
+            offs_b,
+            offs_j,
+            B,
+            IN,
+            H,
+            CDT,
+            True,
+            True,
+            HAS_BIAS,
+            LOW_PRECISION_DOT,
+            DOT_PRECISION,
+            BLOCK_B,
+            BLOCK_H,
+            BLOCK_K,
+        )
+        if MODE == 0:
+            y = _tanh(y)
+        else:
+            y = tl.maximum(y, 0.0)
+        tl.store(HNew + state, y.to(HNew.dtype.element_ty), mask=mask)
+        tl.store(ws, y, mask=mask)
+    elif MODE == 2:
+        pr = _cell_preact(
+            X,
+            Hs,
+            WIh,
+            WHh,
+            BIh,
+            BHh,
+            0,
+            offs_b,
+            offs_j,
+            B,
+            IN,
+            H,
+            CDT,
+            True,
+            True,
+            HAS_BIAS,
+            LOW_PRECISION_DOT,
+            DOT_PRECISION,
+            BLOCK_B,
+            BLOCK_H,
+            BLOCK_K,
+        )
+        pz = _cell_preact(
+            X,
+            Hs,
+            WIh,
+            WHh,
+            BIh,
+            BHh,
+            1,
+            offs_b,
+            offs_j,
+            B,
+            IN,
+            H,
+            CDT,
+            True,
+            True,
+            HAS_BIAS,
+            LOW_PRECISION_DOT,
+            DOT_PRECISION,
+            BLOCK_B,
+            BLOCK_H,
+            BLOCK_K,
+        )
+        gin = _cell_preact(
+            X,
+            Hs,
+            WIh,
+            WHh,
+            BIh,
+            BHh,
+            2,
+            offs_b,
+            offs_j,
+            B,
+            IN,
+            H,
+            CDT,
+            True,
+            False,
+            HAS_BIAS,
+            LOW_PRECISION_DOT,
+            DOT_PRECISION,
+            BLOCK_B,
+            BLOCK_H,
+            BLOCK_K,
+        )
+        ghn = _cell_preact(
+            X,
+            Hs,
+            WIh,
+            WHh,
+            BIh,
+            BHh,
+            2,
+            offs_b,
+            offs_j,
+            B,
+            IN,
+            H,
+            CDT,
+            False,
+            True,
+            HAS_BIAS,
+            LOW_PRECISION_DOT,
+            DOT_PRECISION,
+            BLOCK_B,
+            BLOCK_H,
+            BLOCK_K,
+        )
+        r = _sigmoid(pr)
+        z = _sigmoid(pz)
+        n = _tanh(gin + r * ghn)
+        h = tl.load(Hs + state, mask=mask, other=0.0).to(CDT)
+        tl.store(HNew + state, (n + z * (h - n)).to(HNew.dtype.element_ty), mask=mask)
+        tl.store(ws, r, mask=mask)
+        tl.store(ws + H, z, mask=mask)
+        tl.store(ws + 2 * H, n, mask=mask)
+        tl.store(ws + 3 * H, ghn, mask=mask)
+    else:
+        i = _sigmoid(
+            _cell_preact(
+                X,
+                Hs,
+                WIh,
+                WHh,
+                BIh,
+                BHh,
+                0,
+                offs_b,
+                offs_j,
+                B,
+                IN,
+                H,
+                CDT,
+                True,
+                True,
+                HAS_BIAS,
+                LOW_PRECISION_DOT,
+                DOT_PRECISION,
+                BLOCK_B,
+                BLOCK_H,
+                BLOCK_K,
+            )
+        )
+        f = _sigmoid(
+            _cell_preact(
+                X,
+                Hs,
+                WIh,
+                WHh,
+                BIh,
+                BHh,
+                1,
+                offs_b,
+                offs_j,
+                B,
+                IN,
+                H,
+                CDT,
+                True,
+                True,
+                HAS_BIAS,
+                LOW_PRECISION_DOT,
+                DOT_PRECISION,
+                BLOCK_B,
+                BLOCK_H,
+                BLOCK_K,
+            )
+        )
+        g = _tanh(
+            _cell_preact(
+                X,
+                Hs,
+                WIh,
+                WHh,
+                BIh,
+                BHh,
+                2,
+                offs_b,
+                offs_j,
+                B,
+                IN,
+                H,
+                CDT,
+                True,
+                True,
+                HAS_BIAS,
+                LOW_PRECISION_DOT,
+                DOT_PRECISION,
+                BLOCK_B,
+                BLOCK_H,
+                BLOCK_K,
+            )
+        )
+        o = _sigmoid(
+            _cell_preact(
+                X,
+                Hs,
+                WIh,
+                WHh,
+                BIh,
+                BHh,
+                3,
+                offs_b,
+                offs_j,
+                B,
+                IN,
+                H,
+                CDT,
+                True,
+                True,
+                HAS_BIAS,
+                LOW_PRECISION_DOT,
+                DOT_PRECISION,
+                BLOCK_B,
+                BLOCK_H,
+                BLOCK_K,
+            )
+        )
+        c = tl.load(C + state, mask=mask, other=0.0).to(CDT)
+        c_new = f * c + i * g
+        tc = _tanh(c_new)
+        tl.store(CNew + state, c_new.to(CNew.dtype.element_ty), mask=mask)
+        tl.store(HNew + state, (o * tc).to(HNew.dtype.element_ty), mask=mask)
+        tl.store(ws, i, mask=mask)
+        tl.store(ws + H, f, mask=mask)
+        tl.store(ws + 2 * H, g, mask=mask)
+        tl.store(ws + 3 * H, o, mask=mask)
+        tl.store(ws + 4 * H, tc, mask=mask)
+
+
+@triton.jit
+def _rnn_cell_backward_kernel(
+    DHNew,  # (B, H) input dtype: gradient of h_new
+    DCNew,  # (B, H) input dtype: gradient of c_new; read iff HAS_GRAD_C (LSTM)
+    Ws,  # (B, K * H) compute dtype: the forward's workspace
+    Hs,  # (B, H) input dtype: the entering hidden state; read iff MODE == 2 (GRU)
+    C,  # (B, H) input dtype: the entering cell state; read iff MODE == 3 (LSTM)
+    DGX,  # (B, G * H) compute dtype: gradient of the pre-activations of x W_ih^T + b_ih
+    DGH,  # (B, G * H) compute dtype: that of h W_hh^T + b_hh; written iff MODE == 2 (else = DGX)
+    Carry,  # (B, H) compute dtype: GRU dh_new * z (reaches h directly), LSTM dc * f (grad of c)
+    B,
+    H,
+    MODE: tl.constexpr,
+    HAS_GRAD_C: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """The gate pre-activation gradients of one (BLOCK_B, BLOCK_H) tile (elementwise)."""
+    CDT: tl.constexpr = Ws.dtype.element_ty
+    K: tl.constexpr = 4 if MODE == 2 else (5 if MODE == 3 else 1)
+    G: tl.constexpr = 3 if MODE == 2 else (4 if MODE == 3 else 1)
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_j = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = (offs_b < B)[:, None] & (offs_j < H)[None, :]
+    state = offs_b[:, None] * H + offs_j[None, :]
+    ws = Ws + offs_b[:, None] * (K * H) + offs_j[None, :]
+    dgx = DGX + offs_b[:, None] * (G * H) + offs_j[None, :]
+    dh = tl.load(DHNew + state, mask=mask, other=0.0).to(CDT)
+    if MODE <= 1:
+        y = tl.load(ws, mask=mask, other=0.0)
+        if MODE == 0:
+            tl.store(dgx, dh * (1.0 - y * y), mask=mask)
+        else:
+            tl.store(dgx, tl.where(y > 0.0, dh, 0.0), mask=mask)
+    elif MODE == 2:
+        r = tl.load(ws, mask=mask, other=0.0)
+        z = tl.load(ws + H, mask=mask, other=0.0)
+        n = tl.load(ws + 2 * H, mask=mask, other=0.0)
+        ghn = tl.load(ws + 3 * H, mask=mask, other=0.0)
+        h = tl.load(Hs + state, mask=mask, other=0.0).to(CDT)
+        dn = dh * (1.0 - z) * (1.0 - n * n)
+        dz = dh * (h - n) * z * (1.0 - z)
+        dr = dn * ghn * r * (1.0 - r)
+        dgh = DGH + offs_b[:, None] * (G * H) + offs_j[None, :]
+        tl.store(dgx, dr, mask=mask)
+        tl.store(dgx + H, dz, mask=mask)
+        tl.store(dgx + 2 * H, dn, mask=mask)
+        tl.store(dgh, dr, mask=mask)
+        tl.store(dgh + H, dz, mask=mask)
+        tl.store(dgh + 2 * H, dn * r, mask=mask)
+        tl.store(Carry + state, dh * z, mask=mask)
+    else:
+        i = tl.load(ws, mask=mask, other=0.0)
+        f = tl.load(ws + H, mask=mask, other=0.0)
+        g = tl.load(ws + 2 * H, mask=mask, other=0.0)
+        o = tl.load(ws + 3 * H, mask=mask, other=0.0)
+        tc = tl.load(ws + 4 * H, mask=mask, other=0.0)
+        dc = dh * o * (1.0 - tc * tc)
+        if HAS_GRAD_C:
+            dc += tl.load(DCNew + state, mask=mask, other=0.0).to(CDT)
+        c = tl.load(C + state, mask=mask, other=0.0).to(CDT)
+        tl.store(dgx, dc * g * i * (1.0 - i), mask=mask)
+        tl.store(dgx + H, dc * c * f * (1.0 - f), mask=mask)
+        tl.store(dgx + 2 * H, dc * i * (1.0 - g * g), mask=mask)
+        tl.store(dgx + 3 * H, dh * tc * o * (1.0 - o), mask=mask)
+        tl.store(Carry + state, dc * f, mask=mask)
+
+
+def cell_config(dtype: torch.dtype, interpreter: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_B, BLOCK_H, BLOCK_K, num_warps) of the cell kernels at this dtype."""
+    return INTERPRETER_CELL_CONFIG if interpreter else CELL_CONFIG[_DTYPE_CLASS[dtype]]
+
+
+def _check_cell(x, h, c, w_ih, w_hh, mode: str) -> tuple[int, int, int, int]:
+    """Checks the shapes / dtypes shared by both cell launchers: (mode id, B, I, H)."""
+    mode_id = _mode_of(mode)
+    if x.dim() != 2 or h.dim() != 2:
+        raise ValueError(f"x and h must be 2-D (B, I) and (B, H), got {tuple(x.shape)} and {tuple(h.shape)}")
+    dtype = x.dtype
+    if dtype not in _DTYPE_CLASS:
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {dtype}")
+    (batch, size), hidden, gates = x.shape, h.shape[1], GATES[mode]
+    _check("h", h, dtype, (batch, hidden))
+    _check("w_ih", w_ih, dtype, (gates * hidden, size))
+    _check("w_hh", w_hh, dtype, (gates * hidden, hidden))
+    if (c is not None) != (mode == "lstm"):
+        raise ValueError(f"c must be given for mode 'lstm' and only then (mode {mode!r})")
+    if c is not None:
+        _check("c", c, dtype, (batch, hidden))
+    return mode_id, batch, size, hidden
+
+
+def rnn_cell_forward(x, h, c, w_ih, w_hh, b_ih, b_hh, mode, allow_tf32=False):
+    """(h_new (B, H), c_new (B, H) or (0, 0), workspace (B, K*H) compute dtype); the contract of
+    rnn_cell_forward_cpp on the Triton kernel (any dtype of _DTYPE_CLASS)."""
+    mode_id, batch, size, hidden = _check_cell(x, h, c, w_ih, w_hh, mode)
+    dtype, gates, lstm = x.dtype, GATES[mode], mode == "lstm"
+    if (b_ih is None) != (b_hh is None):
+        raise ValueError("b_ih and b_hh must be given together")
+    if b_ih is not None:
+        _check("b_ih", b_ih, dtype, (gates * hidden,))
+        _check("b_hh", b_hh, dtype, (gates * hidden,))
+    x, h, w_ih, w_hh = x.contiguous(), h.contiguous(), w_ih.contiguous(), w_hh.contiguous()
+    c = c.contiguous() if lstm else h
+    h_new = torch.empty((batch, hidden), dtype=dtype, device=x.device)
+    c_new = torch.empty((batch, hidden), dtype=dtype, device=x.device) if lstm else x.new_empty(0, 0)
+    workspace = torch.empty((batch, CELL_SLOTS[mode] * hidden), dtype=_compute_dtype(dtype), device=x.device)
+    interpreter = x.device.type == "cpu"
+    block_b, block_h, block_k, num_warps = cell_config(dtype, interpreter)
+    if batch * hidden > 0:
+        _rnn_cell_forward_kernel[(triton.cdiv(batch, block_b), triton.cdiv(hidden, block_h))](
+            x,
+            h,
+            c,
+            w_ih,
+            w_hh,
+            b_ih.contiguous() if b_ih is not None else w_ih,
+            b_hh.contiguous() if b_hh is not None else w_hh,
+            h_new,
+            c_new if lstm else h_new,
+            workspace,
+            batch,
+            size,
+            hidden,
+            MODE=mode_id,
+            HAS_BIAS=b_ih is not None,
+            LOW_PRECISION_DOT=_low_precision_dot(dtype, interpreter),
+            ALLOW_TF32=bool(allow_tf32) and dtype == torch.float32,
+            BLOCK_B=block_b,
+            BLOCK_H=block_h,
+            BLOCK_K=block_k,
+            num_warps=num_warps,
+            num_stages=NUM_STAGES,
+        )
+    return h_new, c_new, workspace
+
+
+def rnn_cell_backward(grad_h_new, grad_c_new, workspace, x, h, c, w_ih, w_hh, has_bias, mode):
+    """(grad_x, grad_h, grad_c ((0, 0) unless LSTM), grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh
+    ((0,) without biases)) in x's dtype: the gate gradients by the kernel, the rest as GEMMs."""
+    mode_id, batch, size, hidden = _check_cell(x, h, c, w_ih, w_hh, mode)
+    dtype, gates, lstm, gru = x.dtype, GATES[mode], mode == "lstm", mode == "gru"
+    cdt = _compute_dtype(dtype)
+    _check("grad_h_new", grad_h_new, dtype, (batch, hidden))
+    _check("workspace", workspace, cdt, (batch, CELL_SLOTS[mode] * hidden))
+    if grad_c_new is not None:
+        _check("grad_c_new", grad_c_new, dtype, (batch, hidden))
+    device = x.device
+    x, h, w_ih, w_hh = x.contiguous(), h.contiguous(), w_ih.contiguous(), w_hh.contiguous()
+    grad_gx = torch.empty((batch, gates * hidden), dtype=cdt, device=device)
+    grad_gh = torch.empty((batch, gates * hidden), dtype=cdt, device=device) if gru else grad_gx
+    carry = torch.empty((batch, hidden), dtype=cdt, device=device)
+    block_b, block_h, _, num_warps = cell_config(dtype, device.type == "cpu")
+    has_grad_c = lstm and grad_c_new is not None
+    if batch * hidden > 0:
+        _rnn_cell_backward_kernel[(triton.cdiv(batch, block_b), triton.cdiv(hidden, block_h))](
+            grad_h_new.contiguous(),
+            grad_c_new.contiguous() if has_grad_c else grad_h_new,
+            workspace.contiguous(),
+            h,
+            c.contiguous() if lstm else h,
+            grad_gx,
+            grad_gh,
+            carry,
+            batch,
+            hidden,
+            MODE=mode_id,
+            HAS_GRAD_C=has_grad_c,
+            BLOCK_B=block_b,
+            BLOCK_H=block_h,
+            num_warps=num_warps,
+            num_stages=NUM_STAGES,
+        )
+    dgx, dgh = grad_gx.to(dtype), grad_gh.to(dtype)
+    grad_x = torch.mm(dgx, w_ih)
+    grad_h = torch.addmm(carry.to(dtype), dgh, w_hh) if gru else torch.mm(dgh, w_hh)
+    grad_c = carry.to(dtype) if lstm else x.new_empty(0, 0)
+    grad_w_ih = torch.mm(dgx.t(), x)
+    grad_w_hh = torch.mm(dgh.t(), h)
+    if has_bias:
+        grad_b_ih = grad_gx.sum(0).to(dtype)
+        grad_b_hh = grad_gh.sum(0).to(dtype) if gru else grad_b_ih.clone()
+    else:
+        grad_b_ih, grad_b_hh = x.new_empty(0), x.new_empty(0)
+    return grad_x, grad_h, grad_c, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh
+
+
+# Cell kernel arguments in the input dtype (the others are pointers in the compute dtype, or i32).
+_CELL_INPUT_DTYPE_ARGS = ("X", "Hs", "C", "WIh", "WHh", "BIh", "BHh", "HNew", "CNew", "DHNew", "DCNew")
+
+
+def cell_kernel_variants() -> list[KernelVariant]:
+    """Every GPU variant of the cell kernels: forward (x HAS_BIAS, x ALLOW_TF32 for fp32) and
+    backward (x HAS_GRAD_C for LSTM) x 4 modes x dtype, one block config per dtype."""
+    variants = []
+    for torch_dtype, dt in _TRITON_DTYPE.items():
+        block_b, block_h, block_k, num_warps = cell_config(torch_dtype, interpreter=False)
+        options = dict(num_warps=num_warps, num_stages=NUM_STAGES)
+        bucket = f"BLOCK_H={block_h} cell"
+        for mode, mode_id in MODES.items():
+            for bias in (False, True):
+                for tf32 in (False, True) if torch_dtype == torch.float32 else (False,):
+                    constexprs = dict(
+                        MODE=mode_id,
+                        HAS_BIAS=bias,
+                        LOW_PRECISION_DOT=_low_precision_dot(torch_dtype, interpreter=False),
+                        ALLOW_TF32=tf32,
+                        BLOCK_B=block_b,
+                        BLOCK_H=block_h,
+                        BLOCK_K=block_k,
+                    )
+                    flags = (("HAS_BIAS",) if bias else ()) + (("ALLOW_TF32",) if tf32 else ())
+                    variants.append(
+                        _cell_variant(
+                            _rnn_cell_forward_kernel, f"cell_forward_{mode}", dt, bucket, constexprs, options, flags
+                        )
+                    )
+            for grad_c in (False, True) if mode == "lstm" else (False,):
+                constexprs = dict(MODE=mode_id, HAS_GRAD_C=grad_c, BLOCK_B=block_b, BLOCK_H=block_h)
+                flags = ("HAS_GRAD_C",) if grad_c else ()
+                variants.append(
+                    _cell_variant(
+                        _rnn_cell_backward_kernel, f"cell_backward_{mode}", dt, bucket, constexprs, options, flags
+                    )
+                )
     return variants
+
+
+def _cell_variant(
+    fn, kernel: str, dt: str, bucket: str, constexprs: dict, options: dict, flags: tuple
+) -> KernelVariant:
+    acc = "fp64" if dt == "fp64" else "fp32"
+    signature, attrs = {}, {}
+    for index, arg in enumerate(fn.arg_names):
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg in ("B", "IN", "H"):
+            signature[arg] = "i32"
+        else:
+            signature[arg] = "*" + (dt if arg in _CELL_INPUT_DTYPE_ARGS else acc)
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    label = f"rnn.{kernel}[{dt},{bucket},{'+'.join(flags) or 'plain'}]"
+    return KernelVariant(label, fn, signature, dict(constexprs), attrs, options, dt, flags, kernel, bucket)
 
 
 __all__ = [
     "rnn_forward",
     "rnn_backward",
     "kernel_variants",
+    "rnn_cell_forward",
+    "rnn_cell_backward",
+    "cell_config",
     "block_config",
     "padded_hidden",
     "BlockConfig",

@@ -183,8 +183,6 @@ def _cell_unfused_reason(module: torch.nn.RNNCellBase, input, hx) -> str | None:
     weight = module._parameters["weight_ih"]
     if dtype != weight.dtype or not (cpu and weight.is_cpu) and input.device != weight.device:
         return "input dtype/device differs from the weights"
-    if not cpu and backends.forced() is None:
-        return "no Triton cell kernel (torch's forward)"
     if hx is None:
         return None
     for t in hx if isinstance(hx, tuple) else (hx,):

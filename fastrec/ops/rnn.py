@@ -390,7 +390,105 @@ class RNNCellFunction(torch.autograd.Function):
         return dx, dh, dc if lstm else None, dw_ih, dw_hh, *bias, None
 
 
+# --------------------------------------------------------------------------- triton cells
+_CELL_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@torch.library.custom_op("fastrec::rnn_cell_forward_triton", mutates_args=())
+def rnn_cell_forward_triton(
+    x: Tensor,
+    h: Tensor,
+    c: Tensor | None,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    mode: str,
+    allow_tf32: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``rnn_cell_forward_cpp``'s contract on the Triton kernel (also fp16 / bf16; the workspace
+    in the compute dtype; ``allow_tf32``: fp32 dots may use TF32)."""
+    from fastrec.kernels import rnn as kernels
+
+    return kernels.rnn_cell_forward(x, h, c, w_ih, w_hh, b_ih, b_hh, mode, allow_tf32)
+
+
+@torch.library.custom_op("fastrec::rnn_cell_backward_triton", mutates_args=())
+def rnn_cell_backward_triton(
+    grad_h_new: Tensor,
+    grad_c_new: Tensor | None,
+    workspace: Tensor,
+    x: Tensor,
+    h: Tensor,
+    c: Tensor | None,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    has_bias: bool,
+    mode: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``rnn_cell_backward_cpp``'s contract on the Triton kernel (gate gradients) and GEMMs."""
+    from fastrec.kernels import rnn as kernels
+
+    return kernels.rnn_cell_backward(grad_h_new, grad_c_new, workspace, x, h, c, w_ih, w_hh, has_bias, mode)
+
+
+@rnn_cell_forward_triton.register_fake
+def _fake_cell_forward_triton(x, h, c, w_ih, w_hh, b_ih, b_hh, mode, allow_tf32):
+    h_new, c_new, _ = _fake_cell_forward(x, h, c, w_ih, w_hh, b_ih, b_hh, mode)
+    return h_new, c_new, h.new_empty(h.shape[0], CELL_SLOTS[mode] * h.shape[1], dtype=_ws_dtype(h))
+
+
+@rnn_cell_backward_triton.register_fake
+def _fake_cell_backward_triton(*args):
+    return _fake_cell_backward(*args)
+
+
+class RNNCellTritonFunction(torch.autograd.Function):
+    """One step of one cell on the triton backend: one fused kernel forward, the gate gradients
+    by one kernel and the input / state / weight / bias gradients as GEMMs backward."""
+
+    @staticmethod
+    def forward(ctx, x, h, c, w_ih, w_hh, b_ih, b_hh, mode):
+        h_new, c_new, workspace = torch.ops.fastrec.rnn_cell_forward_triton(
+            x, h, c, w_ih, w_hh, b_ih, b_hh, mode, _allow_tf32(x)
+        )
+        ctx.save_for_backward(x, h, c, w_ih, w_hh, workspace)
+        ctx.flags = (mode, b_ih is not None)
+        if mode != "lstm":
+            ctx.mark_non_differentiable(c_new)
+        return h_new, c_new
+
+    @staticmethod
+    def backward(ctx, grad_h_new, grad_c_new):
+        x, h, c, w_ih, w_hh, workspace = ctx.saved_tensors
+        mode, has_bias = ctx.flags
+        lstm = mode == "lstm"
+        dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh = torch.ops.fastrec.rnn_cell_backward_triton(
+            grad_h_new, grad_c_new if lstm else None, workspace, x, h, c, w_ih, w_hh, has_bias, mode
+        )
+        bias = (db_ih, db_hh) if has_bias else (None, None)
+        return dx, dh, dc if lstm else None, dw_ih, dw_hh, *bias, None
+
+
+def _cell_triton_unfused_reason(x: Tensor) -> str | None:
+    """Why the Triton cell (CUDA, or forced on CPU = interpreter) does not cover this call, or None."""
+    if x.dtype not in _CELL_TRITON_DTYPES:
+        return f"{x.dtype} cell (the Triton cell takes float16 / bfloat16 / float32 / float64)"
+    return None
+
+
+def _rnn_cell_triton(x, h, c, w_ih, w_hh, b_ih, b_hh, mode) -> tuple[Tensor, Tensor | None]:
+    tensors = (x, h, c, w_ih, w_hh, b_ih, b_hh)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        h_new, c_new = RNNCellTritonFunction.apply(*tensors, mode)
+    else:  # inference: the op alone
+        h_new, c_new, _ = torch.ops.fastrec.rnn_cell_forward_triton(*tensors, mode, _allow_tf32(x))
+    return h_new, c_new if mode == "lstm" else None
+
+
 def _cell_unfused_reason(x: Tensor, mode: str) -> str | None:
+    if x.device.type == "cuda" or backends.forced() == "triton":
+        return _cell_triton_unfused_reason(x)
     if x.device.type != "cpu":
         return f"no fused rnn cell kernel for {x.device.type} tensors (torch's cell)"
     if not HAVE_CELL_CPP:
@@ -424,4 +522,6 @@ def rnn_cell(
         else:  # inference: the op alone, without the autograd.Function's bookkeeping
             h_new, c_new, _ = torch.ops.fastrec.rnn_cell_forward_cpp(*tensors, mode)
         return h_new, c_new if mode == "lstm" else None
+    if backend == "triton":
+        return _rnn_cell_triton(x, h, c, w_ih, w_hh, b_ih, b_hh, mode)
     return rnn_cell_torch(x, h, c, w_ih, w_hh, b_ih, b_hh, mode)
