@@ -909,11 +909,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
 // torch.ops.fastrec.rnn_cell_backward_cpp(grad_h_new, grad_c_new, workspace, x, h, c, w_ih, w_hh,
 //                                         mode) -> (grad_x, grad_h, grad_c, grad_w_ih, grad_w_hh,
 //                                                   grad_b_ih, grad_b_hh)
-// One step of one cell (x (B, I), h / c (B, H), fp32 or fp64) in one op each way: the two GEMMs
-// (ATen's, on unpacked weights: one step gives nothing to amortise a packing over; for
-// Elman / LSTM the second accumulates into the first) and the gate arithmetic in one pass over
-// the rows, parallel over the batch. The backward computes the gate gradients in one pass and
-// every input, state, weight and bias gradient as GEMMs / sums in the same op. workspace (B,
+// One step of one cell (x (B, I), h / c (B, H), fp32 or fp64) in one op each way: the two
+// products with the weights (for Elman / LSTM the second accumulates into the first) and the
+// gate arithmetic in one pass over the rows, parallel over the batch. Up to kCellSmallBatch rows
+// the products are dot products on torch's weight layout, serial; above, register-tiled outer
+// products on weights packed per call (packing costs as much as ~4 rows of product; ATen's GEMM
+// at these shapes, ~64 x 100 x 300, ran at half the rate). The backward computes the gate
+// gradients in one pass and every input, state, weight and bias gradient as GEMMs / sums in the
+// same op (small batches: the same serial loops). workspace (B,
 // K * H): tanh / relu K = 1 [h_new]; gru K = 4 [r, z, n, gh_n]; lstm K = 5 [i, f, g, o,
 // tanh(c_new)]. c_new and grad_c are (0, 0) for modes other than lstm, as are the bias gradients
 // when the forward had no biases.
@@ -1132,6 +1135,62 @@ void cell_small_weight_grad(const T* g, const T* a, int64_t B, int64_t N, int64_
   }
 }
 
+// Larger batches: W (N, K) packed per call as (Np / kN, K, kN), Np = N rounded up to the
+// vector width, so that a (rows, K) x W^T is, for each k, an outer product of broadcast a values
+// with contiguous vectors of W^T: a tile of RB rows x NC vectors of outputs accumulates in
+// registers and is stored once (with the bias, into out (B, ldo), added to it if accumulate).
+template <typename T>
+void cell_pack(const T* w, int64_t N, int64_t K, T* p) {
+  const int64_t Np = round_up(N, kN<T>);
+  for (int64_t n = 0; n < Np; ++n) {
+    T* dst = p + (n / kN<T>) * K * kN<T> + n % kN<T>;
+    const T* src = w + n * K;
+    for (int64_t k = 0; k < K; ++k) dst[k * kN<T>] = n < N ? src[k] : T(0);
+  }
+}
+template <typename T, int RB, int NC>
+void cell_gemm_tile(const T* a, int64_t K, const T* p, int64_t c0, const T* bias, int64_t N, T* out,
+                    int64_t ldo, bool accumulate) {
+  Vec<T> acc[RB][NC];
+  for (int b = 0; b < RB; ++b)
+    for (int q = 0; q < NC; ++q) acc[b][q] = Vec<T>{};
+  const T* pc = p + c0 * K * kN<T>;
+  for (int64_t k = 0; k < K; ++k) {
+    Vec<T> wv[NC];
+    for (int q = 0; q < NC; ++q) wv[q] = vload(pc + (q * K + k) * kN<T>);
+    for (int b = 0; b < RB; ++b) {
+      const T av = a[b * K + k];
+      for (int q = 0; q < NC; ++q) acc[b][q] += av * wv[q];
+    }
+  }
+  for (int q = 0; q < NC; ++q) {
+    const int64_t n0 = (c0 + q) * kN<T>, nc = std::min<int64_t>(kN<T>, N - n0);
+    const Vec<T> bv = bias ? cload(bias + n0, nc) : Vec<T>{};
+    for (int b = 0; b < RB; ++b) {
+      T* o = out + b * ldo + n0;
+      cstore(o, acc[b][q] + bv + (accumulate ? cload(o, nc) : Vec<T>{}), nc);
+    }
+  }
+}
+template <typename T, int NC>
+void cell_gemm_cols(const T* a, int64_t B, int64_t K, const T* p, int64_t c, const T* bias, int64_t N,
+                    T* out, int64_t ldo, bool accumulate) {
+  int64_t b = 0;
+  for (; b + 4 <= B; b += 4)
+    cell_gemm_tile<T, 4, NC>(a + b * K, K, p, c, bias, N, out + b * ldo, ldo, accumulate);
+  for (; b < B; ++b) cell_gemm_tile<T, 1, NC>(a + b * K, K, p, c, bias, N, out + b * ldo, ldo, accumulate);
+}
+// out (B, ldo) (+)= a (B, K) W^T + bias for W packed by cell_pack. Columns outer: a block of
+// 4 vectors of W^T (K * 4 * 64 bytes) stays in L1 while every row block uses it.
+template <typename T>
+void cell_gemm(const T* a, int64_t B, int64_t K, const T* p, const T* bias, int64_t N, T* out,
+               int64_t ldo, bool accumulate) {
+  const int64_t C = round_up(N, kN<T>) / kN<T>;
+  int64_t c = 0;
+  for (; c + 4 <= C; c += 4) cell_gemm_cols<T, 4>(a, B, K, p, c, bias, N, out, ldo, accumulate);
+  for (; c < C; ++c) cell_gemm_cols<T, 1>(a, B, K, p, c, bias, N, out, ldo, accumulate);
+}
+
 void check_cell_dtype(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
               "fastrec rnn cell (cpp): ", name, " must be float32 or float64, got ",
@@ -1213,37 +1272,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_cell_forward_cpp(
     });
     return {hn, cn, ws};
   }
-  const at::ThreadLocalState state;
+  const at::Tensor w_ih_c = w_ih.detach().contiguous(), w_hh_c = w_hh.detach().contiguous();
+  const at::Tensor b_ih_c = b_ih.has_value() ? b_ih->detach().contiguous() : at::Tensor();
+  const at::Tensor b_hh_c = gru && b_hh.has_value() ? b_hh->detach().contiguous() : at::Tensor();
+  const int64_t packed = round_up(G * H, x.element_size() == 4 ? kN<float> : kN<double>);
+  at::Tensor p_ih = at::empty({packed * I}, opts), p_hh = at::empty({packed * H}, opts);
   AT_DISPATCH_FLOATING_TYPES(dt, "rnn_cell_forward_cpp", [&] {
-    const scalar_t* pre_p = pre.data_ptr<scalar_t>();
-    const scalar_t* gh_p = gru ? gh.data_ptr<scalar_t>() : nullptr;
+    scalar_t* pre_p = pre.data_ptr<scalar_t>();
+    scalar_t* gh_p = gru ? gh.data_ptr<scalar_t>() : nullptr;
     const scalar_t* b_p = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* bih_p = b_ih_c.defined() ? b_ih_c.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* bhh_p = b_hh_c.defined() ? b_hh_c.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* x_p = x.data_ptr<scalar_t>();
     const scalar_t* h_p = h.data_ptr<scalar_t>();
     const scalar_t* c_p = lstm ? c.data_ptr<scalar_t>() : nullptr;
     scalar_t* hn_p = hn.data_ptr<scalar_t>();
     scalar_t* cn_p = lstm ? cn.data_ptr<scalar_t>() : nullptr;
     scalar_t* ws_p = ws.data_ptr<scalar_t>();
+    scalar_t* pih_p = p_ih.data_ptr<scalar_t>();
+    scalar_t* phh_p = p_hh.data_ptr<scalar_t>();
+    cell_pack<scalar_t>(w_ih_c.data_ptr<scalar_t>(), G * H, I, pih_p);
+    cell_pack<scalar_t>(w_hh_c.data_ptr<scalar_t>(), G * H, H, phh_p);
     dispatch_mode(mode, [&](auto m) {
       constexpr Mode M = decltype(m)::value;
       at::parallel_for(0, B, cell_grain(B), [&](int64_t begin, int64_t end) {
-        at::ThreadLocalStateGuard guard(state);
         const int64_t n = end - begin;
-        const at::Tensor xs = x.narrow(0, begin, n), hs = h.narrow(0, begin, n);
-        at::Tensor ps = pre.narrow(0, begin, n);
-        if (b_ih.has_value()) {
-          at::addmm_out(ps, b_ih->detach(), xs, w_ih_t);
-        } else {
-          at::mm_out(ps, xs, w_ih_t);
-        }
+        scalar_t* ps = pre_p + begin * G * H;
+        cell_gemm<scalar_t>(x_p + begin * I, n, I, pih_p, bih_p, G * H, ps, G * H, false);
         if (gru) {
-          at::Tensor gs = gh.narrow(0, begin, n);
-          if (b_hh.has_value()) {
-            at::addmm_out(gs, b_hh->detach(), hs, w_hh_t);
-          } else {
-            at::mm_out(gs, hs, w_hh_t);
-          }
+          cell_gemm<scalar_t>(h_p + begin * H, n, H, phh_p, bhh_p, G * H, gh_p + begin * G * H, G * H,
+                              false);
         } else {
-          ps.addmm_(hs, w_hh_t);
+          cell_gemm<scalar_t>(h_p + begin * H, n, H, phh_p, nullptr, G * H, ps, G * H, true);
         }
         for (int64_t b = begin; b < end; ++b)
           cell_forward_row<M, scalar_t>(H, pre_p + b * G * H, gh_p ? gh_p + b * G * H : nullptr,
