@@ -909,14 +909,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
 // torch.ops.fastrec.rnn_cell_backward_cpp(grad_h_new, grad_c_new, workspace, x, h, c, w_ih, w_hh,
 //                                         mode) -> (grad_x, grad_h, grad_c, grad_w_ih, grad_w_hh,
 //                                                   grad_b_ih, grad_b_hh)
-// One step of one cell (x (B, I), h / c (B, H), fp32 or fp64) in one op each way: the two GEMMs
-// (ATen's, on unpacked weights: one step gives nothing to amortise a packing over; for
-// Elman / LSTM the second accumulates into the first) and the gate arithmetic in one pass over
-// the rows, parallel over the batch. The backward computes the gate gradients in one pass and
-// every input, state, weight and bias gradient as GEMMs / sums in the same op. workspace (B,
+// One step of one cell (x (B, I), h / c (B, H), fp32 or fp64) in one op each way: the two
+// products with the weights (for Elman / LSTM the second accumulates into the first) and the
+// gate arithmetic in one pass over the rows, parallel over the batch. Up to kCellSmallBatch rows
+// the products are dot products on torch's weight layout, serial; above, register-tiled outer
+// products on weights packed per call (packing costs as much as ~4 rows of product; ATen's GEMM
+// at these shapes, ~64 x 100 x 300, ran at half the rate). The backward computes the gate
+// gradients in one pass and every input, state, weight and bias gradient as GEMMs / sums in the
+// same op (small batches: the same serial loops). workspace (B,
 // K * H): tanh / relu K = 1 [h_new]; gru K = 4 [r, z, n, gh_n]; lstm K = 5 [i, f, g, o,
 // tanh(c_new)]. c_new and grad_c are (0, 0) for modes other than lstm, as are the bias gradients
 // when the forward had no biases.
+
+// First n lanes (n <= kN) of a cell row, the others zero, and their store: AVX-512 masked
+// loads / stores where available (a per-row tail through memcpy costs a library call and a
+// store-forwarding stall, which dominates a step at a few rows).
+template <typename T>
+inline Vec<T> cload(const T* p, int64_t n) {
+#if defined(__AVX512F__)
+  if (n < kN<T>) {
+    const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
+    if constexpr (sizeof(T) == 4) {
+      return reinterpret_cast<Vec<T>>(_mm512_maskz_loadu_ps(m, p));
+    } else {
+      return reinterpret_cast<Vec<T>>(_mm512_maskz_loadu_pd(static_cast<__mmask8>(m), p));
+    }
+  }
+#endif
+  return vload_n(p, n);
+}
+template <typename T>
+inline void cstore(T* p, const Vec<T>& x, int64_t n) {
+#if defined(__AVX512F__)
+  if (n < kN<T>) {
+    const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
+    if constexpr (sizeof(T) == 4) {
+      _mm512_mask_storeu_ps(p, m, reinterpret_cast<const __m512&>(x));
+    } else {
+      _mm512_mask_storeu_pd(p, static_cast<__mmask8>(m), reinterpret_cast<const __m512d&>(x));
+    }
+    return;
+  }
+#endif
+  vstore_n(p, x, n);
+}
 
 constexpr int cell_slots_of(Mode m) { return m == Mode::kGru ? 4 : m == Mode::kLstm ? 5 : 1; }
 
@@ -926,40 +962,40 @@ template <Mode M, typename T>
 void cell_forward_row(int64_t H, const T* pre, const T* gh, const T* b_hh, const T* h,
                       const T* c, T* hn, T* cn, T* ws) {
   auto ld = [&](const T* q, int64_t off, int64_t nc) {
-    return q ? vload_n(q + off, nc) : Vec<T>{};
+    return q ? cload(q + off, nc) : Vec<T>{};
   };
   for (int64_t j = 0; j < H; j += kN<T>) {
     const int64_t nc = std::min<int64_t>(kN<T>, H - j);
     if constexpr (M == Mode::kTanh || M == Mode::kRelu) {
-      Vec<T> y = vload_n(pre + j, nc) + ld(b_hh, j, nc);
+      Vec<T> y = cload(pre + j, nc) + ld(b_hh, j, nc);
       if constexpr (M == Mode::kTanh) {
         y = vtanh(y);
       } else {
         y = y > T(0) ? y : Vec<T>{};
       }
-      vstore_n(hn + j, y, nc);
-      vstore_n(ws + j, y, nc);
+      cstore(hn + j, y, nc);
+      cstore(ws + j, y, nc);
     } else if constexpr (M == Mode::kGru) {
-      const Vec<T> r = vsigmoid(vload_n(pre + j, nc) + vload_n(gh + j, nc));
-      const Vec<T> z = vsigmoid(vload_n(pre + H + j, nc) + vload_n(gh + H + j, nc));
-      const Vec<T> ghn = vload_n(gh + 2 * H + j, nc);
-      const Vec<T> n = vtanh(vload_n(pre + 2 * H + j, nc) + r * ghn);
-      vstore_n(hn + j, n + z * (vload_n(h + j, nc) - n), nc);
-      vstore_n(ws + j, r, nc);
-      vstore_n(ws + H + j, z, nc);
-      vstore_n(ws + 2 * H + j, n, nc);
-      vstore_n(ws + 3 * H + j, ghn, nc);
+      const Vec<T> r = vsigmoid(cload(pre + j, nc) + cload(gh + j, nc));
+      const Vec<T> z = vsigmoid(cload(pre + H + j, nc) + cload(gh + H + j, nc));
+      const Vec<T> ghn = cload(gh + 2 * H + j, nc);
+      const Vec<T> n = vtanh(cload(pre + 2 * H + j, nc) + r * ghn);
+      cstore(hn + j, n + z * (cload(h + j, nc) - n), nc);
+      cstore(ws + j, r, nc);
+      cstore(ws + H + j, z, nc);
+      cstore(ws + 2 * H + j, n, nc);
+      cstore(ws + 3 * H + j, ghn, nc);
     } else {
-      const Vec<T> i = vsigmoid(vload_n(pre + j, nc) + ld(b_hh, j, nc));
-      const Vec<T> f = vsigmoid(vload_n(pre + H + j, nc) + ld(b_hh, H + j, nc));
-      const Vec<T> g = vtanh(vload_n(pre + 2 * H + j, nc) + ld(b_hh, 2 * H + j, nc));
-      const Vec<T> o = vsigmoid(vload_n(pre + 3 * H + j, nc) + ld(b_hh, 3 * H + j, nc));
-      const Vec<T> cnew = f * vload_n(c + j, nc) + i * g;
+      const Vec<T> i = vsigmoid(cload(pre + j, nc) + ld(b_hh, j, nc));
+      const Vec<T> f = vsigmoid(cload(pre + H + j, nc) + ld(b_hh, H + j, nc));
+      const Vec<T> g = vtanh(cload(pre + 2 * H + j, nc) + ld(b_hh, 2 * H + j, nc));
+      const Vec<T> o = vsigmoid(cload(pre + 3 * H + j, nc) + ld(b_hh, 3 * H + j, nc));
+      const Vec<T> cnew = f * cload(c + j, nc) + i * g;
       const Vec<T> tc = vtanh(cnew);
-      vstore_n(cn + j, cnew, nc);
-      vstore_n(hn + j, o * tc, nc);
+      cstore(cn + j, cnew, nc);
+      cstore(hn + j, o * tc, nc);
       const Vec<T> slots[5] = {i, f, g, o, tc};
-      for (int q = 0; q < 5; ++q) vstore_n(ws + q * H + j, slots[q], nc);
+      for (int q = 0; q < 5; ++q) cstore(ws + q * H + j, slots[q], nc);
     }
   }
 }
@@ -973,39 +1009,186 @@ void cell_backward_row(int64_t H, const T* dhn, const T* dcn, const T* ws, const
   const Vec<T> one = Vec<T>{} + T(1);
   for (int64_t j = 0; j < H; j += kN<T>) {
     const int64_t nc = std::min<int64_t>(kN<T>, H - j);
-    const Vec<T> dh = vload_n(dhn + j, nc);
+    const Vec<T> dh = cload(dhn + j, nc);
     if constexpr (M == Mode::kTanh || M == Mode::kRelu) {
-      const Vec<T> y = vload_n(ws + j, nc);
+      const Vec<T> y = cload(ws + j, nc);
       if constexpr (M == Mode::kTanh) {
-        vstore_n(dgx + j, dh * (one - y * y), nc);
+        cstore(dgx + j, dh * (one - y * y), nc);
       } else {
-        vstore_n(dgx + j, y > T(0) ? dh : Vec<T>{}, nc);
+        cstore(dgx + j, y > T(0) ? dh : Vec<T>{}, nc);
       }
     } else if constexpr (M == Mode::kGru) {
-      const Vec<T> r = vload_n(ws + j, nc), z = vload_n(ws + H + j, nc),
-                   n = vload_n(ws + 2 * H + j, nc), ghn = vload_n(ws + 3 * H + j, nc);
+      const Vec<T> r = cload(ws + j, nc), z = cload(ws + H + j, nc),
+                   n = cload(ws + 2 * H + j, nc), ghn = cload(ws + 3 * H + j, nc);
       const Vec<T> dn = dh * (one - z) * (one - n * n);
-      const Vec<T> dz = dh * (vload_n(h + j, nc) - n) * z * (one - z);
+      const Vec<T> dz = dh * (cload(h + j, nc) - n) * z * (one - z);
       const Vec<T> dr = dn * ghn * r * (one - r);
-      vstore_n(dgx + j, dr, nc);
-      vstore_n(dgx + H + j, dz, nc);
-      vstore_n(dgx + 2 * H + j, dn, nc);
-      vstore_n(dgh + j, dr, nc);
-      vstore_n(dgh + H + j, dz, nc);
-      vstore_n(dgh + 2 * H + j, dn * r, nc);
-      vstore_n(carry + j, dh * z, nc);
+      cstore(dgx + j, dr, nc);
+      cstore(dgx + H + j, dz, nc);
+      cstore(dgx + 2 * H + j, dn, nc);
+      cstore(dgh + j, dr, nc);
+      cstore(dgh + H + j, dz, nc);
+      cstore(dgh + 2 * H + j, dn * r, nc);
+      cstore(carry + j, dh * z, nc);
     } else {
-      const Vec<T> i = vload_n(ws + j, nc), f = vload_n(ws + H + j, nc),
-                   g = vload_n(ws + 2 * H + j, nc), o = vload_n(ws + 3 * H + j, nc),
-                   tc = vload_n(ws + 4 * H + j, nc);
-      const Vec<T> dc = (dcn ? vload_n(dcn + j, nc) : Vec<T>{}) + dh * o * (one - tc * tc);
-      vstore_n(dgx + j, dc * g * i * (one - i), nc);
-      vstore_n(dgx + H + j, dc * vload_n(c + j, nc) * f * (one - f), nc);
-      vstore_n(dgx + 2 * H + j, dc * i * (one - g * g), nc);
-      vstore_n(dgx + 3 * H + j, dh * tc * o * (one - o), nc);
-      vstore_n(dc_prev + j, dc * f, nc);
+      const Vec<T> i = cload(ws + j, nc), f = cload(ws + H + j, nc),
+                   g = cload(ws + 2 * H + j, nc), o = cload(ws + 3 * H + j, nc),
+                   tc = cload(ws + 4 * H + j, nc);
+      const Vec<T> dc = (dcn ? cload(dcn + j, nc) : Vec<T>{}) + dh * o * (one - tc * tc);
+      cstore(dgx + j, dc * g * i * (one - i), nc);
+      cstore(dgx + H + j, dc * cload(c + j, nc) * f * (one - f), nc);
+      cstore(dgx + 2 * H + j, dc * i * (one - g * g), nc);
+      cstore(dgx + 3 * H + j, dh * tc * o * (one - o), nc);
+      cstore(dc_prev + j, dc * f, nc);
     }
   }
+}
+
+// Sum of the lanes of v.
+template <typename T>
+inline T vhsum(const Vec<T>& v) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(T) == 4) {
+    return _mm512_reduce_add_ps(reinterpret_cast<const __m512&>(v));
+  } else {
+    return _mm512_reduce_add_pd(reinterpret_cast<const __m512d&>(v));
+  }
+#else
+  T s = 0;
+  for (int w = 0; w < kN<T>; ++w) s += v[w];
+  return s;
+#endif
+}
+
+// out[b, n] (+)= bias[n] + sum_k w[n, k] a[b, k] for b < B <= kCellSmallBatch: w (N, K) and a
+// (B, K) row-major, out (B, ldo). Dot products along k straight from torch's weight layout: at
+// a handful of rows there is nothing to amortise a packing or a GEMM call over. RB rows and
+// NW weight rows at a time, their RB * NW accumulators in registers (independent FMA chains).
+constexpr int64_t kCellSmallBatch = 4;
+template <typename T, int RB, int NW>
+inline void cell_dot_block(const T* w, const T* a, const T* bias, int64_t n, int64_t K, T* out,
+                           int64_t ldo, bool accumulate) {
+  Vec<T> acc[RB][NW];
+  for (int b = 0; b < RB; ++b)
+    for (int q = 0; q < NW; ++q) acc[b][q] = Vec<T>{};
+  for (int64_t k = 0; k < K; k += kN<T>) {
+    const int64_t nc = std::min<int64_t>(kN<T>, K - k);
+    Vec<T> wv[NW];
+    for (int q = 0; q < NW; ++q) wv[q] = cload(w + (n + q) * K + k, nc);
+    for (int b = 0; b < RB; ++b) {
+      const Vec<T> av = cload(a + b * K + k, nc);
+      for (int q = 0; q < NW; ++q) acc[b][q] += wv[q] * av;
+    }
+  }
+  for (int b = 0; b < RB; ++b)
+    for (int q = 0; q < NW; ++q) {
+      T& o = out[b * ldo + n + q];
+      o = (accumulate ? o : T(0)) + (bias ? bias[n + q] : T(0)) + vhsum<T>(acc[b][q]);
+    }
+}
+template <typename T, int RB>
+void cell_small_gemv_rows(const T* w, const T* a, const T* bias, int64_t N, int64_t K, T* out,
+                          int64_t ldo, bool accumulate) {
+  constexpr int NW = RB <= 2 ? 4 : 2;
+  int64_t n = 0;
+  for (; n + NW <= N; n += NW) cell_dot_block<T, RB, NW>(w, a, bias, n, K, out, ldo, accumulate);
+  for (; n < N; ++n) cell_dot_block<T, RB, 1>(w, a, bias, n, K, out, ldo, accumulate);
+}
+template <typename T>
+void cell_small_gemv(const T* w, const T* a, const T* bias, int64_t B, int64_t N, int64_t K, T* out,
+                     int64_t ldo, bool accumulate) {
+  switch (B) {
+    case 1: return cell_small_gemv_rows<T, 1>(w, a, bias, N, K, out, ldo, accumulate);
+    case 2: return cell_small_gemv_rows<T, 2>(w, a, bias, N, K, out, ldo, accumulate);
+    case 3: return cell_small_gemv_rows<T, 3>(w, a, bias, N, K, out, ldo, accumulate);
+    default: return cell_small_gemv_rows<T, 4>(w, a, bias, N, K, out, ldo, accumulate);
+  }
+}
+
+// The backward's products at b < B <= kCellSmallBatch rows, along the contiguous k of w:
+// out (B, K) (+)= g (B, N) w (N, K), and wgrad (N, K) = g^T a for a (B, K).
+template <typename T>
+void cell_small_input_grad(const T* g, const T* w, int64_t B, int64_t N, int64_t K, T* out,
+                           bool accumulate) {
+  if (!accumulate) std::fill(out, out + B * K, T(0));
+  for (int64_t n = 0; n < N; ++n) {
+    const T* wn = w + n * K;
+    for (int64_t k = 0; k < K; k += kN<T>) {
+      const int64_t nc = std::min<int64_t>(kN<T>, K - k);
+      const Vec<T> wv = cload(wn + k, nc);
+      for (int64_t b = 0; b < B; ++b) {
+        T* o = out + b * K + k;
+        cstore(o, cload(o, nc) + g[b * N + n] * wv, nc);
+      }
+    }
+  }
+}
+template <typename T>
+void cell_small_weight_grad(const T* g, const T* a, int64_t B, int64_t N, int64_t K, T* wgrad) {
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t k = 0; k < K; k += kN<T>) {
+      const int64_t nc = std::min<int64_t>(kN<T>, K - k);
+      Vec<T> acc = {};
+      for (int64_t b = 0; b < B; ++b) acc += g[b * N + n] * cload(a + b * K + k, nc);
+      cstore(wgrad + n * K + k, acc, nc);
+    }
+  }
+}
+
+// Larger batches: W (N, K) packed per call as (Np / kN, K, kN), Np = N rounded up to the
+// vector width, so that a (rows, K) x W^T is, for each k, an outer product of broadcast a values
+// with contiguous vectors of W^T: a tile of RB rows x NC vectors of outputs accumulates in
+// registers and is stored once (with the bias, into out (B, ldo), added to it if accumulate).
+template <typename T>
+void cell_pack(const T* w, int64_t N, int64_t K, T* p) {
+  const int64_t Np = round_up(N, kN<T>);
+  for (int64_t n = 0; n < Np; ++n) {
+    T* dst = p + (n / kN<T>) * K * kN<T> + n % kN<T>;
+    const T* src = w + n * K;
+    for (int64_t k = 0; k < K; ++k) dst[k * kN<T>] = n < N ? src[k] : T(0);
+  }
+}
+template <typename T, int RB, int NC>
+void cell_gemm_tile(const T* a, int64_t K, const T* p, int64_t c0, const T* bias, int64_t N, T* out,
+                    int64_t ldo, bool accumulate) {
+  Vec<T> acc[RB][NC];
+  for (int b = 0; b < RB; ++b)
+    for (int q = 0; q < NC; ++q) acc[b][q] = Vec<T>{};
+  const T* pc = p + c0 * K * kN<T>;
+  for (int64_t k = 0; k < K; ++k) {
+    Vec<T> wv[NC];
+    for (int q = 0; q < NC; ++q) wv[q] = vload(pc + (q * K + k) * kN<T>);
+    for (int b = 0; b < RB; ++b) {
+      const T av = a[b * K + k];
+      for (int q = 0; q < NC; ++q) acc[b][q] += av * wv[q];
+    }
+  }
+  for (int q = 0; q < NC; ++q) {
+    const int64_t n0 = (c0 + q) * kN<T>, nc = std::min<int64_t>(kN<T>, N - n0);
+    const Vec<T> bv = bias ? cload(bias + n0, nc) : Vec<T>{};
+    for (int b = 0; b < RB; ++b) {
+      T* o = out + b * ldo + n0;
+      cstore(o, acc[b][q] + bv + (accumulate ? cload(o, nc) : Vec<T>{}), nc);
+    }
+  }
+}
+template <typename T, int NC>
+void cell_gemm_cols(const T* a, int64_t B, int64_t K, const T* p, int64_t c, const T* bias, int64_t N,
+                    T* out, int64_t ldo, bool accumulate) {
+  int64_t b = 0;
+  for (; b + 4 <= B; b += 4)
+    cell_gemm_tile<T, 4, NC>(a + b * K, K, p, c, bias, N, out + b * ldo, ldo, accumulate);
+  for (; b < B; ++b) cell_gemm_tile<T, 1, NC>(a + b * K, K, p, c, bias, N, out + b * ldo, ldo, accumulate);
+}
+// out (B, ldo) (+)= a (B, K) W^T + bias for W packed by cell_pack. Columns outer: a block of
+// 4 vectors of W^T (K * 4 * 64 bytes) stays in L1 while every row block uses it.
+template <typename T>
+void cell_gemm(const T* a, int64_t B, int64_t K, const T* p, const T* bias, int64_t N, T* out,
+               int64_t ldo, bool accumulate) {
+  const int64_t C = round_up(N, kN<T>) / kN<T>;
+  int64_t c = 0;
+  for (; c + 4 <= C; c += 4) cell_gemm_cols<T, 4>(a, B, K, p, c, bias, N, out, ldo, accumulate);
+  for (; c < C; ++c) cell_gemm_cols<T, 1>(a, B, K, p, c, bias, N, out, ldo, accumulate);
 }
 
 void check_cell_dtype(const at::Tensor& t, const char* name) {
@@ -1058,37 +1241,69 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_cell_forward_cpp(
   at::Tensor ws = at::empty({B, K * H}, opts);
   const at::Tensor bias = (!gru && b_hh.has_value()) ? b_hh->contiguous() : at::Tensor();
   const at::Tensor w_ih_t = w_ih.detach().t(), w_hh_t = w_hh.detach().t();
-  const at::ThreadLocalState state;
+  if (B <= kCellSmallBatch) {  // a few rows: one serial pass, no GEMM calls, no parallel region
+    const at::Tensor w_ih_c = w_ih.detach().contiguous(), w_hh_c = w_hh.detach().contiguous();
+    const at::Tensor b_ih_c = b_ih.has_value() ? b_ih->detach().contiguous() : at::Tensor();
+    const at::Tensor b_hh_c = b_hh.has_value() ? b_hh->detach().contiguous() : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES(dt, "rnn_cell_forward_cpp", [&] {
+      auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
+      scalar_t* pre_p = pre.data_ptr<scalar_t>();
+      scalar_t* gh_p = gru ? gh.data_ptr<scalar_t>() : nullptr;
+      cell_small_gemv<scalar_t>(w_ih_c.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), ptr(b_ih_c), B,
+                                G * H, I, pre_p, G * H, false);
+      if (gru) {
+        cell_small_gemv<scalar_t>(w_hh_c.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), ptr(b_hh_c), B,
+                                  G * H, H, gh_p, G * H, false);
+      } else {
+        cell_small_gemv<scalar_t>(w_hh_c.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), nullptr, B,
+                                  G * H, H, pre_p, G * H, true);
+      }
+      const scalar_t* b_p = gru ? nullptr : ptr(b_hh_c);
+      dispatch_mode(mode, [&](auto m) {
+        constexpr Mode M = decltype(m)::value;
+        for (int64_t b = 0; b < B; ++b)
+          cell_forward_row<M, scalar_t>(H, pre_p + b * G * H, gh_p ? gh_p + b * G * H : nullptr, b_p,
+                                        h.data_ptr<scalar_t>() + b * H,
+                                        lstm ? c.data_ptr<scalar_t>() + b * H : nullptr,
+                                        hn.data_ptr<scalar_t>() + b * H,
+                                        lstm ? cn.data_ptr<scalar_t>() + b * H : nullptr,
+                                        ws.data_ptr<scalar_t>() + b * K * H);
+      });
+    });
+    return {hn, cn, ws};
+  }
+  const at::Tensor w_ih_c = w_ih.detach().contiguous(), w_hh_c = w_hh.detach().contiguous();
+  const at::Tensor b_ih_c = b_ih.has_value() ? b_ih->detach().contiguous() : at::Tensor();
+  const at::Tensor b_hh_c = gru && b_hh.has_value() ? b_hh->detach().contiguous() : at::Tensor();
+  const int64_t packed = round_up(G * H, x.element_size() == 4 ? kN<float> : kN<double>);
+  at::Tensor p_ih = at::empty({packed * I}, opts), p_hh = at::empty({packed * H}, opts);
   AT_DISPATCH_FLOATING_TYPES(dt, "rnn_cell_forward_cpp", [&] {
-    const scalar_t* pre_p = pre.data_ptr<scalar_t>();
-    const scalar_t* gh_p = gru ? gh.data_ptr<scalar_t>() : nullptr;
+    scalar_t* pre_p = pre.data_ptr<scalar_t>();
+    scalar_t* gh_p = gru ? gh.data_ptr<scalar_t>() : nullptr;
     const scalar_t* b_p = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* bih_p = b_ih_c.defined() ? b_ih_c.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* bhh_p = b_hh_c.defined() ? b_hh_c.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* x_p = x.data_ptr<scalar_t>();
     const scalar_t* h_p = h.data_ptr<scalar_t>();
     const scalar_t* c_p = lstm ? c.data_ptr<scalar_t>() : nullptr;
     scalar_t* hn_p = hn.data_ptr<scalar_t>();
     scalar_t* cn_p = lstm ? cn.data_ptr<scalar_t>() : nullptr;
     scalar_t* ws_p = ws.data_ptr<scalar_t>();
+    scalar_t* pih_p = p_ih.data_ptr<scalar_t>();
+    scalar_t* phh_p = p_hh.data_ptr<scalar_t>();
+    cell_pack<scalar_t>(w_ih_c.data_ptr<scalar_t>(), G * H, I, pih_p);
+    cell_pack<scalar_t>(w_hh_c.data_ptr<scalar_t>(), G * H, H, phh_p);
     dispatch_mode(mode, [&](auto m) {
       constexpr Mode M = decltype(m)::value;
       at::parallel_for(0, B, cell_grain(B), [&](int64_t begin, int64_t end) {
-        at::ThreadLocalStateGuard guard(state);
         const int64_t n = end - begin;
-        const at::Tensor xs = x.narrow(0, begin, n), hs = h.narrow(0, begin, n);
-        at::Tensor ps = pre.narrow(0, begin, n);
-        if (b_ih.has_value()) {
-          at::addmm_out(ps, b_ih->detach(), xs, w_ih_t);
-        } else {
-          at::mm_out(ps, xs, w_ih_t);
-        }
+        scalar_t* ps = pre_p + begin * G * H;
+        cell_gemm<scalar_t>(x_p + begin * I, n, I, pih_p, bih_p, G * H, ps, G * H, false);
         if (gru) {
-          at::Tensor gs = gh.narrow(0, begin, n);
-          if (b_hh.has_value()) {
-            at::addmm_out(gs, b_hh->detach(), hs, w_hh_t);
-          } else {
-            at::mm_out(gs, hs, w_hh_t);
-          }
+          cell_gemm<scalar_t>(h_p + begin * H, n, H, phh_p, bhh_p, G * H, gh_p + begin * G * H, G * H,
+                              false);
         } else {
-          ps.addmm_(hs, w_hh_t);
+          cell_gemm<scalar_t>(h_p + begin * H, n, H, phh_p, nullptr, G * H, ps, G * H, true);
         }
         for (int64_t b = begin; b < end; ++b)
           cell_forward_row<M, scalar_t>(H, pre_p + b * G * H, gh_p ? gh_p + b * G * H : nullptr,
@@ -1138,6 +1353,37 @@ rnn_cell_backward_cpp(const at::Tensor& grad_hn_in, const std::optional<at::Tens
   at::Tensor dc = at::empty({lstm ? B : 0, lstm ? H : 0}, opts);
   at::Tensor dx = at::empty({B, I}, opts);
   at::Tensor dh = at::empty({B, H}, opts);
+  if (B <= kCellSmallBatch) {  // a few rows: one serial pass, no GEMM calls, no parallel region
+    const at::Tensor w_ih_c = w_ih_d.contiguous(), w_hh_c = w_hh_d.contiguous();
+    at::Tensor dw_ih = at::empty({G * H, I}, opts), dw_hh = at::empty({G * H, H}, opts);
+    AT_DISPATCH_FLOATING_TYPES(dt, "rnn_cell_backward_cpp", [&] {
+      scalar_t* dgx_p = dgx.data_ptr<scalar_t>();
+      scalar_t* dgh_p = dgh.data_ptr<scalar_t>();
+      scalar_t* dh_p = dh.data_ptr<scalar_t>();
+      dispatch_mode(mode, [&](auto m) {
+        constexpr Mode M = decltype(m)::value;
+        for (int64_t b = 0; b < B; ++b)
+          cell_backward_row<M, scalar_t>(
+              H, dhn.data_ptr<scalar_t>() + b * H,
+              dcn.defined() ? dcn.data_ptr<scalar_t>() + b * H : nullptr,
+              ws.data_ptr<scalar_t>() + b * K * H, h.data_ptr<scalar_t>() + b * H,
+              lstm ? c.data_ptr<scalar_t>() + b * H : nullptr, dgx_p + b * G * H,
+              gru ? dgh_p + b * G * H : nullptr, gru ? dh_p + b * H : nullptr,
+              lstm ? dc.data_ptr<scalar_t>() + b * H : nullptr);
+      });
+      // GRU: dh starts as the carry (dh_new * z) written by the gate pass
+      cell_small_input_grad<scalar_t>(dgx_p, w_ih_c.data_ptr<scalar_t>(), B, G * H, I,
+                                      dx.data_ptr<scalar_t>(), false);
+      cell_small_input_grad<scalar_t>(dgh_p, w_hh_c.data_ptr<scalar_t>(), B, G * H, H, dh_p, gru);
+      cell_small_weight_grad<scalar_t>(dgx_p, x.data_ptr<scalar_t>(), B, G * H, I,
+                                       dw_ih.data_ptr<scalar_t>());
+      cell_small_weight_grad<scalar_t>(dgh_p, h.data_ptr<scalar_t>(), B, G * H, H,
+                                       dw_hh.data_ptr<scalar_t>());
+    });
+    at::Tensor db_ih = has_bias ? dgx.sum(0) : at::empty({0}, opts);
+    at::Tensor db_hh = has_bias ? (gru ? dgh.sum(0) : db_ih.clone()) : at::empty({0}, opts);
+    return {dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh};
+  }
   const at::ThreadLocalState state;
   AT_DISPATCH_FLOATING_TYPES(dt, "rnn_cell_backward_cpp", [&] {
     const scalar_t* dhn_p = dhn.data_ptr<scalar_t>();

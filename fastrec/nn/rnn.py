@@ -185,10 +185,11 @@ def _cell_unfused_reason(module: torch.nn.RNNCellBase, input, hx) -> str | None:
         return "input dtype/device differs from the weights"
     if hx is None:
         return None
+    rank, hidden = input.dim(), module.hidden_size
     for t in hx if isinstance(hx, tuple) else (hx,):
         if not isinstance(t, Tensor) or t.dtype != dtype or t.is_cpu != cpu or not cpu and t.device != input.device:
             return "hx dtype/device differs from the input"
-        if t.shape[:-1] != input.shape[:-1] or t.shape[-1] != module.hidden_size:
+        if t.dim() != rank or t.shape[-1] != hidden or rank == 2 and t.shape[0] != input.shape[0]:
             return "hx shape"  # torch raises its own error
     return None
 

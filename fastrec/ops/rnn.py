@@ -356,6 +356,9 @@ def _fake_cell_backward(grad_h_new, grad_c_new, workspace, x, h, c, w_ih, w_hh, 
 if HAVE_CELL_CPP:
     torch.library.register_fake("fastrec::rnn_cell_forward_cpp")(_fake_cell_forward)
     torch.library.register_fake("fastrec::rnn_cell_backward_cpp")(_fake_cell_backward)
+    # the overloads themselves: calling them skips the packet's overload resolution (per step)
+    _cell_forward_op = torch.ops.fastrec.rnn_cell_forward_cpp.default
+    _cell_backward_op = torch.ops.fastrec.rnn_cell_backward_cpp.default
 
 
 def rnn_cell_torch(x, h, c, w_ih, w_hh, b_ih, b_hh, mode) -> tuple[Tensor, Tensor | None]:
@@ -371,7 +374,7 @@ class RNNCellFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h, c, w_ih, w_hh, b_ih, b_hh, mode):
-        h_new, c_new, workspace = torch.ops.fastrec.rnn_cell_forward_cpp(x, h, c, w_ih, w_hh, b_ih, b_hh, mode)
+        h_new, c_new, workspace = _cell_forward_op(x, h, c, w_ih, w_hh, b_ih, b_hh, mode)
         ctx.save_for_backward(x, h, c, w_ih, w_hh, workspace)
         ctx.flags = (mode, b_ih is not None)
         if mode != "lstm":
@@ -383,7 +386,7 @@ class RNNCellFunction(torch.autograd.Function):
         x, h, c, w_ih, w_hh, workspace = ctx.saved_tensors
         mode, has_bias = ctx.flags
         lstm = mode == "lstm"
-        dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh = torch.ops.fastrec.rnn_cell_backward_cpp(
+        dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh = _cell_backward_op(
             grad_h_new, grad_c_new if lstm else None, workspace, x, h, c, w_ih, w_hh, has_bias, mode
         )
         bias = (db_ih, db_hh) if has_bias else (None, None)
@@ -516,11 +519,17 @@ def rnn_cell(
         backend = backends.select(x.device, reason)
     backends.count(CELL_OP, backend, reason or "")
     if backend == "cpp":
-        tensors = (x, h, c, w_ih, w_hh, b_ih, b_hh)
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-            h_new, c_new = RNNCellFunction.apply(*tensors, mode)
+        if torch.is_grad_enabled() and (
+            x.requires_grad
+            or h.requires_grad
+            or w_ih.requires_grad
+            or w_hh.requires_grad
+            or (c is not None and c.requires_grad)
+            or (b_ih is not None and (b_ih.requires_grad or b_hh.requires_grad))
+        ):
+            h_new, c_new = RNNCellFunction.apply(x, h, c, w_ih, w_hh, b_ih, b_hh, mode)
         else:  # inference: the op alone, without the autograd.Function's bookkeeping
-            h_new, c_new, _ = torch.ops.fastrec.rnn_cell_forward_cpp(*tensors, mode)
+            h_new, c_new, _ = _cell_forward_op(x, h, c, w_ih, w_hh, b_ih, b_hh, mode)
         return h_new, c_new if mode == "lstm" else None
     if backend == "triton":
         return _rnn_cell_triton(x, h, c, w_ih, w_hh, b_ih, b_hh, mode)
