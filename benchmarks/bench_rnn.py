@@ -10,23 +10,13 @@ still runs.
 """
 
 import pytest
-import torch
 
 from fastrec import bench
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+DEVICE, DTYPE = bench.suite_device()
 CASES = bench.rnn_cases(DEVICE, DTYPE, full=False)
-PARAMS = [
-    pytest.param(case, side, id=f"{case.name}|{case.shape}|{case.mode}|{side}") for case in CASES for side in case.fns
-]
 
 
-@pytest.mark.parametrize("case, side", PARAMS)
+@pytest.mark.parametrize("case, side", bench.suite_params(CASES))
 def test_rnn(benchmark, case, side):
-    benchmark.group = f"{case.name} {case.shape} {case.mode}"
-    fn = case.fns[side]
-    if DEVICE.type == "cuda":
-        benchmark(lambda: (fn(), torch.cuda.synchronize()))
-    else:
-        benchmark(fn)
+    bench.suite_run(benchmark, case, side)

@@ -1176,41 +1176,6 @@ def _epilogue_forward_variants() -> list[KernelVariant]:
 ACT_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
 
 
-@triton.jit
-def _caser_activation(z, ACT: tl.constexpr):
-    """act(z) as torch computes it (relu keeps NaN; gelu is the exact erf form)."""
-    if ACT == 1:
-        y = tl.where((z > 0) | (z != z), z, 0.0)
-    elif ACT == 2:
-        y = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
-    elif ACT == 3:
-        y = 2.0 / (1.0 + tl.exp(-2.0 * z)) - 1.0
-    elif ACT == 4:
-        y = 1.0 / (1.0 + tl.exp(-z))
-    else:
-        y = z
-    return y
-
-
-@triton.jit
-def _caser_activation_backward(grad, z, ACT: tl.constexpr):
-    """grad * act'(z); relu passes grad where z > 0 and exactly 0 elsewhere (threshold_backward)."""
-    if ACT == 1:
-        g = tl.where(z > 0, grad, 0.0)
-    elif ACT == 2:
-        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
-        g = grad * (cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327)
-    elif ACT == 3:
-        y = 2.0 / (1.0 + tl.exp(-2.0 * z)) - 1.0
-        g = grad * (1.0 - y * y)
-    elif ACT == 4:
-        y = 1.0 / (1.0 + tl.exp(-z))
-        g = grad * (y * (1.0 - y))
-    else:
-        g = grad
-    return g
-
-
 @triton.jit(do_not_specialize=["B", "L"])
 def _caser_horizontal_forward_kernel(
     E,  # (B, L, d) contiguous
@@ -1261,7 +1226,7 @@ def _caser_horizontal_forward_kernel(
                 w = w.to(compute_dtype)
             acc = tl.dot(e, w, acc, input_precision=DOT_PRECISION, out_dtype=compute_dtype)
         z = acc + bias[None, :]
-        a = _caser_activation(z, ACT)
+        a = _activate(z, ACT)
         # max_pool1d's order: the first maximum wins, and a NaN wins over any number.
         take = (a > best) | ((a != a) & (best == best)) | (t == 0)
         best = tl.where(take, a, best)
@@ -1306,7 +1271,7 @@ def _caser_vertical_forward_kernel(
     mask = v_ok[:, None] & d_ok[None, :]
     if ACT != 0:
         tl.store(ZV + out, acc.to(ZV.dtype.element_ty), mask=mask)
-    tl.store(OutV + out, _caser_activation(acc, ACT).to(OutV.dtype.element_ty), mask=mask)
+    tl.store(OutV + out, _activate(acc, ACT).to(OutV.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["rows"])
@@ -1332,7 +1297,7 @@ def _caser_grad_epilogue_kernel(
         g = tl.load(Grad + index, mask=mask, other=0.0).to(compute_dtype)
         if ACT != 0:
             z = tl.load(Z + index, mask=mask, other=0.0).to(compute_dtype)
-            g = _caser_activation_backward(g, z, ACT)
+            g = _activation_backward(g, z, ACT)
         tl.store(G + index, g, mask=mask)
         total += tl.sum(g, 0)
     tl.store(ColSum + offs_n, total, mask=n_ok)
