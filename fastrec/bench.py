@@ -567,7 +567,6 @@ CASES: dict[str, Callable[[torch.device, torch.dtype, bool], list[Case]]] = {
 }
 
 
-
 # --------------------------------------------------------------------------- pytest-benchmark suites
 def suite_device() -> tuple[torch.device, torch.dtype]:
     """The device and dtype the benchmarks/bench_<family>.py suites run on: CUDA bf16, else CPU fp32."""
