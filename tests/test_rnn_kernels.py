@@ -28,6 +28,8 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from fastrec.ops.rnn import rnn_layer_torch
+
 try:
     importlib.import_module("fastrec._C")
 except ImportError:
@@ -39,7 +41,6 @@ pytestmark = pytest.mark.skipif(not HAVE_OPS, reason="fastrec._C does not regist
 MODES = ("tanh", "relu", "gru", "lstm")
 GATES = {"tanh": 1, "relu": 1, "gru": 3, "lstm": 4}
 SLOTS = {"tanh": 2, "relu": 2, "gru": 5, "lstm": 6}
-CELLS = {"tanh": torch.rnn_tanh_cell, "relu": torch.rnn_relu_cell, "gru": torch.gru_cell}
 FP32_BOUND = 1e-5
 
 
@@ -119,28 +120,10 @@ def torch_module(mode, input_size, hidden, params, bias=True, bidirectional=Fals
 
 
 def reference_loop(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reset=None, reverse=False):
-    """Row-wise lengths, reverse order and state resets around torch's own cells, one step at a time."""
-    steps, batch, _ = x.shape
-    rows = torch.arange(batch)
-    lengths = torch.full((batch,), steps) if lengths is None else lengths.long()
-    out = x.new_zeros(steps, batch, h0.shape[1])
-    h, c = h0, c0
-    for s in range(steps):
-        active = s < lengths
-        t = torch.where(active, lengths - 1 - s if reverse else torch.full_like(lengths, s), 0)
-        x_t = x[t, rows]
-        if reset is not None:
-            zero = (reset[t, rows] & active)[:, None]
-            h = torch.where(zero, 0.0, h)
-            c = torch.where(zero, 0.0, c) if c is not None else None
-        if mode == "lstm":
-            h_new, c_new = torch.lstm_cell(x_t, (h, c), w_ih, w_hh, b_ih, b_hh)
-            c = torch.where(active[:, None], c_new, c)
-        else:
-            h_new = CELLS[mode](x_t, h, w_ih, w_hh, b_ih, b_hh)
-        h = torch.where(active[:, None], h_new, h)
-        out = out.index_put((t[active], rows[active]), h_new[active])
-    return out, h, c
+    """fastrec's torch reference (``rnn_layer_torch``): torch's own cells one step at a time, with
+    row-wise lengths, reverse order and state resets; ``c`` is None unless LSTM."""
+    out, h, c = rnn_layer_torch(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reset, mode, reverse)
+    return out, h, c if mode == "lstm" else None
 
 
 def rel_err(fast: Tensor, ref: Tensor) -> float:
