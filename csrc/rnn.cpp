@@ -1,7 +1,8 @@
 // Fused recurrences on the CPU (Elman tanh / relu, GRU, LSTM), forward and backward, for one
 // layer and one direction:
 //   torch.ops.fastrec.rnn_forward_cpp(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse,
-//                                     batch_first=False, batch_sizes=None)
+//                                     batch_first=False, batch_sizes=None,
+//                                     need_workspace=True)
 //       -> (out, h_n, c_n, workspace)
 //   torch.ops.fastrec.rnn_backward_cpp(grad_out, grad_h_n, grad_c_n, workspace, w_hh, b_hh, h0,
 //                                      c0, lengths, reset, mode, reverse, batch_first=False,
@@ -32,7 +33,8 @@
 //   gru:         K = 5: [r, z, n, gh_n = W_hn h + b_hn, hprev]
 //   lstm:        K = 6: [i, f, g, o, cprev, hprev]
 // where hprev / cprev are the states that entered the step (after reset). Entries of steps a row
-// did not run are zero.
+// did not run are zero. need_workspace=False (inference) returns a (.., 0) workspace and writes
+// none of it.
 //
 // Layout of the work: blocks of rows of the batch are dealt to threads (at::parallel_for, snake
 // order so that length-sorted packed batches balance); each thread owns its rows for the whole
@@ -59,6 +61,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "buffers.h"
 #include "simd.h"
 
 #include <algorithm>
@@ -284,7 +287,7 @@ __attribute__((always_inline)) inline void forward_epilogue(
     }
     vstore(hnext + c, y);
     vstore_n(outr + c, y, nc);
-    vstore_n(wsr + c, y, nc);  // small workspace: streaming does not pay
+    if (wsr) vstore_n(wsr + c, y, nc);  // small workspace: streaming does not pay
   } else if constexpr (M == Mode::kGru) {
     const Vec<T> rg = vsigmoid(vload_n(gxr + c, nc) + acc[r][0] + vload(bias + c));
     const Vec<T> z = vsigmoid(vload_n(gxr + H + c, nc) + acc[r][1] + vload(bias + Hp + c));
@@ -293,10 +296,12 @@ __attribute__((always_inline)) inline void forward_epilogue(
     const Vec<T> h = n + z * (vload(hprev + c) - n);  // (1 - z) n + z h
     vstore(hnext + c, h);
     vstore_n(outr + c, h, nc);
-    vstream_n(wsr + c, rg, nc);
-    vstream_n(wsr + H + c, z, nc);
-    vstream_n(wsr + 2 * H + c, n, nc);
-    vstream_n(wsr + 3 * H + c, ghn, nc);
+    if (wsr) {
+      vstream_n(wsr + c, rg, nc);
+      vstream_n(wsr + H + c, z, nc);
+      vstream_n(wsr + 2 * H + c, n, nc);
+      vstream_n(wsr + 3 * H + c, ghn, nc);
+    }
   } else {
     const Vec<T> i = vsigmoid(vload_n(gxr + c, nc) + acc[r][0] + vload(bias + c));
     const Vec<T> f = vsigmoid(vload_n(gxr + H + c, nc) + acc[r][1] + vload(bias + Hp + c));
@@ -308,11 +313,13 @@ __attribute__((always_inline)) inline void forward_epilogue(
     vstore(crow + c, cn);
     vstore(hnext + c, h);
     vstore_n(outr + c, h, nc);
-    vstream_n(wsr + c, i, nc);
-    vstream_n(wsr + H + c, f, nc);
-    vstream_n(wsr + 2 * H + c, g, nc);
-    vstream_n(wsr + 3 * H + c, o, nc);
-    vstream_n(wsr + 4 * H + c, cp, nc);
+    if (wsr) {
+      vstream_n(wsr + c, i, nc);
+      vstream_n(wsr + H + c, f, nc);
+      vstream_n(wsr + 2 * H + c, g, nc);
+      vstream_n(wsr + 3 * H + c, o, nc);
+      vstream_n(wsr + 4 * H + c, cp, nc);
+    }
   }
 }
 
@@ -333,7 +340,7 @@ void forward_block_cols(const Problem<T>& p, const BlockRows<R>& br, int64_t c0,
     const int64_t tb = p.index(br.t[r], br.b[r]);
     const T* gxr = gx + tb * G * H;
     T* outr = out + tb * H;
-    T* wsr = ws + tb * K * H;
+    T* wsr = ws ? ws + tb * K * H : nullptr;
     T* crow = cst ? cst + r * Hp : nullptr;
     if constexpr (kElman) {
       for (int u = 0; u < NV; ++u) {
@@ -369,20 +376,26 @@ void forward_rows(const Problem<T>& p, const int64_t* rows, int64_t n, const T* 
       if constexpr (kLstm) std::copy(c0 + b * H, c0 + (b + 1) * H, c_n + b * H);
     }
   }
+  // Per step: row bookkeeping for every block, then the matrix product with the column chunks
+  // outermost, so that one chunk's slice of W_hh (H x G vectors) stays in L1 while every block
+  // of rows passes through it (W_hh as a whole is re-read from L2 once per step, not once per
+  // block), then the final states.
+  std::vector<BlockRows<R>> brs(nb / R);
   for (int64_t s = 0; s < p.steps; ++s) {
-    for (int64_t rb = 0; rb < n; rb += R) {
+    int64_t live = 0;  // blocks of this step (packed: the blocks before the first idle one)
+    for (int64_t rb = 0; rb < n; rb += R, ++live) {
       const BlockRows<R> br =
           block_rows<R>(p, s, rows + rb, static_cast<int>(std::min<int64_t>(R, n - rb)));
       if (p.packed && !br.any) break;
+      brs[rb / R] = br;
       T* hc = hcur + rb * Hp;
-      T* hn = hnext + rb * Hp;
       T* cs = kLstm ? &cbuf[rb * Hp] : nullptr;
       for (int r = 0; r < br.nr; ++r) {
         if (!br.active[r]) {  // past the row's length: zero output (dense layouts only)
           if (!p.packed) {
             const int64_t tb = p.index(br.t[r], br.b[r]);
             std::fill(out + tb * H, out + (tb + 1) * H, T(0));
-            std::fill(ws + tb * K * H, ws + (tb + 1) * K * H, T(0));
+            if (ws) std::fill(ws + tb * K * H, ws + (tb + 1) * K * H, T(0));
           }
           continue;
         }
@@ -391,6 +404,7 @@ void forward_rows(const Problem<T>& p, const int64_t* rows, int64_t n, const T* 
           std::fill(hc + r * Hp, hc + (r + 1) * Hp, T(0));
           if constexpr (kLstm) std::fill(cs + r * Hp, cs + (r + 1) * Hp, T(0));
         }
+        if (!ws) continue;
         T* hprev = ws + tb * K * H + (K - 1) * H;
         for (int64_t c = 0; c < H; c += kN<T>) {
           const Vec<T> x = vload(hc + r * Hp + c);
@@ -402,29 +416,39 @@ void forward_rows(const Problem<T>& p, const int64_t* rows, int64_t n, const T* 
           }
         }
       }
-      if (!br.any) continue;
-      if constexpr (M == Mode::kGru) {
-        for (int64_t c = 0; c < Hp; c += kN<T>)
-          forward_block_cols<M, R, 3, T>(p, br, c, gx, hc, hn, cs, out, ws);
-      } else if constexpr (M == Mode::kLstm) {
-        for (int64_t c = 0; c < Hp; c += kN<T>)
-          forward_block_cols<M, R, 4, T>(p, br, c, gx, hc, hn, cs, out, ws);
-      } else {
-        int64_t c = 0;
-        for (; c + 4 * kN<T> <= Hp; c += 4 * kN<T>)
-          forward_block_cols<M, R, 4, T>(p, br, c, gx, hc, hn, cs, out, ws);
-        switch ((Hp - c) / kN<T>) {
-          case 3: forward_block_cols<M, R, 3, T>(p, br, c, gx, hc, hn, cs, out, ws); break;
-          case 2: forward_block_cols<M, R, 2, T>(p, br, c, gx, hc, hn, cs, out, ws); break;
-          case 1: forward_block_cols<M, R, 1, T>(p, br, c, gx, hc, hn, cs, out, ws); break;
-          default: break;
-        }
+    }
+    auto blocks = [&](auto nv, int64_t c) {
+      constexpr int NV = decltype(nv)::value;
+      for (int64_t i = 0; i < live; ++i) {
+        if (!brs[i].any) continue;
+        const int64_t rb = i * R;
+        forward_block_cols<M, R, NV, T>(p, brs[i], c, gx, hcur + rb * Hp, hnext + rb * Hp,
+                                        kLstm ? &cbuf[rb * Hp] : nullptr, out, ws);
       }
-      for (int r = 0; r < br.nr; ++r) {  // rows at their last step: final state
+    };
+    using std::integral_constant;
+    if constexpr (M == Mode::kGru) {
+      for (int64_t c = 0; c < Hp; c += kN<T>) blocks(integral_constant<int, 3>(), c);
+    } else if constexpr (M == Mode::kLstm) {
+      for (int64_t c = 0; c < Hp; c += kN<T>) blocks(integral_constant<int, 4>(), c);
+    } else {
+      int64_t c = 0;
+      for (; c + 4 * kN<T> <= Hp; c += 4 * kN<T>) blocks(integral_constant<int, 4>(), c);
+      switch ((Hp - c) / kN<T>) {
+        case 3: blocks(integral_constant<int, 3>(), c); break;
+        case 2: blocks(integral_constant<int, 2>(), c); break;
+        case 1: blocks(integral_constant<int, 1>(), c); break;
+        default: break;
+      }
+    }
+    for (int64_t i = 0; i < live; ++i) {  // rows at their last step: final state
+      const BlockRows<R>& br = brs[i];
+      const int64_t rb = i * R;
+      for (int r = 0; r < br.nr; ++r) {
         if (!br.active[r] || s != p.length(br.b[r]) - 1) continue;
         const int64_t b = br.b[r];
-        std::copy(hn + r * Hp, hn + r * Hp + H, h_n + b * H);
-        if constexpr (kLstm) std::copy(cs + r * Hp, cs + r * Hp + H, c_n + b * H);
+        std::copy(hnext + (rb + r) * Hp, hnext + (rb + r) * Hp + H, h_n + b * H);
+        if constexpr (kLstm) std::copy(&cbuf[(rb + r) * Hp], &cbuf[(rb + r) * Hp] + H, c_n + b * H);
       }
     }
     std::swap(hcur, hnext);
@@ -765,9 +789,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_forward_cpp(
     const at::Tensor& w_hh_in, const std::optional<at::Tensor>& b_hh_in,
     const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& reset,
     c10::string_view mode_name, bool reverse, bool batch_first,
-    const std::optional<at::Tensor>& batch_sizes) {
+    const std::optional<at::Tensor>& batch_sizes, bool need_workspace) {
   const Mode mode = parse_mode(mode_name);
-  const int64_t G = gates_of(mode), K = slots_of(mode);
+  const int64_t G = gates_of(mode), K = need_workspace ? slots_of(mode) : 0;
   TORCH_CHECK(h0_in.dim() == 2, "fastrec rnn (cpp): h0 must be 2-D (B, H), got ", h0_in.dim(),
               "-D");
   const auto dt = gx_in.scalar_type();
@@ -793,10 +817,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_forward_cpp(
       c0_in.has_value() ? std::optional<at::Tensor>(prep(*c0_in)) : std::nullopt;
 
   const auto opts = gx.options();
-  at::Tensor out = at::empty(with_last(l.lead, H), opts);
+  at::Tensor out = empty_large(with_last(l.lead, H), opts);
   at::Tensor h_n = at::empty({B, H}, opts);
   at::Tensor c_n = at::empty({mode == Mode::kLstm ? B : 0, mode == Mode::kLstm ? H : 0}, opts);
-  at::Tensor ws = at::empty(with_last(l.lead, K * H), opts);
+  at::Tensor ws = empty_large(with_last(l.lead, K * H), opts);
   if (B * H > 0) {
     AT_DISPATCH_FLOATING_TYPES(ct, "rnn_forward_cpp", [&] {
       Problem<scalar_t> p;
@@ -808,7 +832,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_forward_cpp(
       scalar_t* out_p = out.data_ptr<scalar_t>();
       scalar_t* hn_p = h_n.data_ptr<scalar_t>();
       scalar_t* cn_p = c_n.data_ptr<scalar_t>();
-      scalar_t* ws_p = ws.data_ptr<scalar_t>();
+      scalar_t* ws_p = need_workspace ? ws.data_ptr<scalar_t>() : nullptr;
       dispatch_mode(mode, [&](auto m) {
         constexpr Mode M = decltype(m)::value;
         constexpr int R = forward_rows_per_block<M>();
@@ -861,11 +885,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
   const at::Tensor grad_c_n = lstm ? prep(*grad_c_n_in) : at::Tensor();
 
   const auto opts = grad_out.options();
-  at::Tensor dgx = at::empty(with_last(l.lead, G * H), opts);
-  at::Tensor dgh = at::empty(with_last(l.lead, G * H), opts);
+  at::Tensor dgx = empty_large(with_last(l.lead, G * H), opts);
+  at::Tensor dgh = empty_large(with_last(l.lead, G * H), opts);
   at::Tensor dh0 = at::empty({B, H}, opts);
   at::Tensor dc0 = at::empty({lstm ? B : 0, lstm ? H : 0}, opts);
-  at::Tensor hprev = at::empty(with_last(l.lead, H), opts);
+  at::Tensor hprev = empty_large(with_last(l.lead, H), opts);
   if (B * H > 0) {
     AT_DISPATCH_FLOATING_TYPES(ct, "rnn_backward_cpp", [&] {
       Problem<scalar_t> p;
@@ -1423,14 +1447,31 @@ rnn_cell_backward_cpp(const at::Tensor& grad_hn_in, const std::optional<at::Tens
   return {dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh};
 }
 
+// The input projection of every step, x (N, I) W_ih^T + b_ih -> (N, G * H), into a buffer from
+// empty_large: at training shapes it is as large as the workspace.
+at::Tensor rnn_project_cpp(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
+              "fastrec rnn (cpp): rnn_project_cpp takes x (N, I) and w (G*H, I), got ", x.sizes(),
+              " and ", w.sizes());
+  at::Tensor out = empty_large({x.size(0), w.size(0)}, x.options());
+  if (b.has_value()) {
+    at::addmm_out(out, *b, x, w.t());
+  } else {
+    at::mm_out(out, x, w.t());
+  }
+  return out;
+}
+
 }  // namespace
 }  // namespace fastrec
 
 TORCH_LIBRARY_FRAGMENT(fastrec, m) {
+  m.def("rnn_project_cpp(Tensor x, Tensor w, Tensor? b) -> Tensor");
   m.def(
       "rnn_forward_cpp(Tensor gx, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? b_hh, "
       "Tensor? lengths, Tensor? reset, str mode, bool reverse, bool batch_first=False, "
-      "Tensor? batch_sizes=None) -> (Tensor out, Tensor h_n, Tensor c_n, Tensor workspace)");
+      "Tensor? batch_sizes=None, bool need_workspace=True) "
+      "-> (Tensor out, Tensor h_n, Tensor c_n, Tensor workspace)");
   m.def(
       "rnn_backward_cpp(Tensor grad_out, Tensor grad_h_n, Tensor? grad_c_n, Tensor workspace, "
       "Tensor w_hh, Tensor? b_hh, Tensor h0, Tensor? c0, Tensor? lengths, Tensor? reset, "
@@ -1447,6 +1488,7 @@ TORCH_LIBRARY_FRAGMENT(fastrec, m) {
 }
 
 TORCH_LIBRARY_IMPL(fastrec, CPU, m) {
+  m.impl("rnn_project_cpp", &fastrec::rnn_project_cpp);
   m.impl("rnn_forward_cpp", &fastrec::rnn_forward_cpp);
   m.impl("rnn_backward_cpp", &fastrec::rnn_backward_cpp);
   m.impl("rnn_cell_forward_cpp", &fastrec::rnn_cell_forward_cpp);

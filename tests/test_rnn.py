@@ -121,6 +121,23 @@ def test_matches_torch(kind, batch_first, hidden, steps):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("grad_mode", ["no_grad", "inference_mode"])
+def test_inference_matches_torch(kind, grad_mode):
+    """Under no_grad / inference_mode the fused layers run without a workspace (see
+    rnn_forward_cpp's need_workspace); two bidirectional layers on a packed batch."""
+    torch.manual_seed(0)
+    fast, ref = make(kind, 5, 19, num_layers=2, bidirectional=True, batch_first=True)
+    x = torch.randn(6, 11, 5)
+    lengths = torch.tensor([11, 4, 9, 1, 11, 7])
+    context = torch.no_grad() if grad_mode == "no_grad" else torch.inference_mode()
+    with context:
+        for inp in (x, pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)):
+            ref_inp = inp.double() if isinstance(inp, Tensor) else inp.to(torch.float64)
+            for a, b in zip(_flat(fast(inp)), _flat(ref(ref_inp)), strict=True):
+                assert rel_err(a, b) <= BOUND
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_two_layers_bidirectional(kind):
     torch.manual_seed(1)
     fast, ref = make(kind, 6, 7, num_layers=2, bidirectional=True, bias=kind != "relu")

@@ -486,11 +486,18 @@ def test_registered_ops_pass_opcheck(mode):
     for x, lens, rst, batch_first, sizes in layouts:
         args = (x, h0, c0, w_hh, b_hh, lens, rst, mode, True, batch_first, sizes)
         torch.library.opcheck(forward, args)
+        torch.library.opcheck(forward, (*args, False))  # inference: no workspace
         out, h_n, c_n, workspace = forward(*args)
         grads = (torch.randn_like(out), torch.randn_like(h_n), torch.randn_like(h_n) if lstm else None)
         torch.library.opcheck(
             backward, (*grads, workspace, w_hh, b_hh, h0, c0, lens, rst, mode, True, batch_first, sizes)
         )
+
+
+def test_projection_op_passes_opcheck():
+    x, w, b = torch.randn(30, 8), torch.randn(12, 8), torch.randn(12)
+    torch.library.opcheck(torch.ops.fastrec.rnn_project_cpp.default, (x, w, b))
+    torch.library.opcheck(torch.ops.fastrec.rnn_project_cpp.default, (x, w, None))
 
 
 def test_bad_batch_sizes_are_rejected():
@@ -506,3 +513,53 @@ def test_bad_batch_sizes_are_rejected():
     with pytest.raises(RuntimeError, match="lengths and reset"):
         fwd(rows, h0, None, w_hh, b_hh, torch.tensor([3, 3], dtype=torch.int32), None, "gru", False, False,
             torch.tensor([2, 2, 2]))  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layout", ["time_major", "batch_major", "packed"])
+def test_inference_without_workspace_gives_the_same_outputs(mode, layout):
+    """need_workspace=False (what the modules run under no_grad) returns a (.., 0) workspace
+    and bitwise the outputs of the training forward, with lengths and resets, in every layout."""
+    steps, batch, hidden = 9, 7, 37  # two row blocks, a partial SIMD chunk
+    lengths = torch.tensor([9, 9, 6, 4, 4, 2, 1], dtype=torch.int32)
+    gx, h0, c0, w_hh, b_hh = _layout_inputs(mode, steps, batch, hidden, lengths)
+    reset = torch.rand(steps, batch) < 0.2
+    fwd = torch.ops.fastrec.rnn_forward_cpp
+    for reverse in (False, True):
+        if layout == "packed":
+            batch_sizes = pack_padded_sequence(gx, lengths.long()).batch_sizes
+            args = (_packed_rows(gx, lengths), h0, c0, w_hh, b_hh, None, None, mode, reverse, False, batch_sizes)
+        elif layout == "batch_major":
+            args = (
+                gx.transpose(0, 1).contiguous(),
+                h0,
+                c0,
+                w_hh,
+                b_hh,
+                lengths,
+                reset.t().contiguous(),
+                mode,
+                reverse,
+                True,
+                None,
+            )
+        else:
+            args = (gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse, False, None)
+        train = fwd(*args)
+        infer = fwd(*args, False)
+        assert infer[3].shape == (*train[3].shape[:-1], 0)
+        for a, b in zip(infer[:3], train[:3], strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_input_projection_op_matches_torch(bias):
+    x, w = torch.randn(300, 24), torch.randn(57, 24)
+    b = torch.randn(57) if bias else None
+    ref = x @ w.t() + (b if bias else 0)
+    torch.testing.assert_close(torch.ops.fastrec.rnn_project_cpp(x, w, b), ref, rtol=1e-5, atol=1e-5)
+    big = torch.randn(20000, 64)  # an 80 MB result: the huge-page buffer
+    w2 = torch.randn(1000, 64)
+    torch.testing.assert_close(torch.ops.fastrec.rnn_project_cpp(big, w2, None), big @ w2.t(), rtol=1e-5, atol=1e-4)
+    with pytest.raises(RuntimeError, match="rnn_project_cpp takes"):
+        torch.ops.fastrec.rnn_project_cpp(x, w[:, :3], None)

@@ -38,6 +38,7 @@ HAVE_CPP = (
     backends.available()["cpp"] is None
     and hasattr(torch.ops.fastrec, "rnn_forward_cpp")
     and hasattr(torch.ops.fastrec, "rnn_backward_cpp")
+    and hasattr(torch.ops.fastrec, "rnn_project_cpp")
 )
 
 
@@ -99,13 +100,15 @@ def _ws_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _fake_forward(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse, batch_first=False, batch_sizes=None):
+def _fake_forward(
+    gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse, batch_first=False, batch_sizes=None, need_workspace=True
+):
     lead = gx.shape[:-1]
     batch, hidden = h0.shape
     out = gx.new_empty(*lead, hidden)
     h_n = h0.new_empty(batch, hidden)
     c_n = h0.new_empty(batch, hidden) if mode == "lstm" else h0.new_empty(0, 0)
-    workspace = gx.new_empty(*lead, SLOTS[mode] * hidden, dtype=_ws_dtype(gx))
+    workspace = gx.new_empty(*lead, SLOTS[mode] * hidden if need_workspace else 0, dtype=_ws_dtype(gx))
     return out, h_n, c_n, workspace
 
 
@@ -138,7 +141,12 @@ def _fake_backward(
     )
 
 
+def _fake_project(x, w, b):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
 if HAVE_CPP:
+    torch.library.register_fake("fastrec::rnn_project_cpp")(_fake_project)
     torch.library.register_fake("fastrec::rnn_forward_cpp")(_fake_forward)
     torch.library.register_fake("fastrec::rnn_backward_cpp")(_fake_backward)
 
@@ -212,9 +220,13 @@ def _backward_triton(grad_out, grad_h_n, grad_c_n, workspace, w_hh, b_hh, h0, c0
 
 
 def _project(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """``x (.., I) -> x W^T + b`` as one GEMM over all rows, ``(.., G*H)`` contiguous."""
+    """``x (.., I) -> x W^T + b`` as one GEMM over all rows, ``(.., G*H)`` contiguous (on the CPU
+    into a huge-page buffer, see csrc/buffers.h)."""
     flat = x.reshape(-1, x.shape[-1])
-    out = torch.mm(flat, w.t()) if b is None else torch.addmm(b, flat, w.t())
+    if x.device.type == "cpu" and HAVE_CPP:
+        out = torch.ops.fastrec.rnn_project_cpp(flat, w, b)
+    else:
+        out = torch.mm(flat, w.t()) if b is None else torch.addmm(b, flat, w.t())
     return out.view(*x.shape[:-1], w.shape[0])
 
 
@@ -280,6 +292,10 @@ def _unfused_reason(x: Tensor, h0: Tensor, mode: str) -> str | None:
     return None
 
 
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def rnn_layer(
     x: Tensor,
     h0: Tensor,
@@ -301,6 +317,22 @@ def rnn_layer(
     backends.count(OP, backend, reason or "")
     args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reset, mode, reverse)
     if backend == "cpp":
+        if not _needs_grad(x, h0, c0, w_ih, w_hh, b_ih, b_hh):  # inference: no workspace written
+            out, h_n, c_n, _ = torch.ops.fastrec.rnn_forward_cpp(
+                _project(x, w_ih, b_ih),
+                h0,
+                c0,
+                w_hh,
+                b_hh,
+                lengths,
+                reset,
+                mode,
+                reverse,
+                batch_first,
+                batch_sizes,
+                False,
+            )
+            return out, h_n, c_n
         return RNNLayerFunction.apply(*args, batch_first, batch_sizes, "cpp")
     if backend == "triton":
         fn = lambda *a: RNNLayerFunction.apply(*a, False, None, "triton")
@@ -482,7 +514,7 @@ def _cell_triton_unfused_reason(x: Tensor) -> str | None:
 
 def _rnn_cell_triton(x, h, c, w_ih, w_hh, b_ih, b_hh, mode) -> tuple[Tensor, Tensor | None]:
     tensors = (x, h, c, w_ih, w_hh, b_ih, b_hh)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if _needs_grad(*tensors):
         h_new, c_new = RNNCellTritonFunction.apply(*tensors, mode)
     else:  # inference: the op alone
         h_new, c_new, _ = torch.ops.fastrec.rnn_cell_forward_triton(*tensors, mode, _allow_tf32(x))
