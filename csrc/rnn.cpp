@@ -747,6 +747,9 @@ void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype,
 template <Mode M>
 constexpr int forward_rows_per_block() { return M == Mode::kGru ? 8 : 6; }
 constexpr int kBackwardRows = 6;
+// Below this batch the forward runs blocks of one row (a block of R rows costs R rows' FMAs
+// however many are real: at batch 1, 8x the work of the recurrence).
+constexpr int64_t kSingleRowBatch = 4;
 
 template <typename Fn>
 void dispatch_mode(Mode mode, Fn&& fn) {
@@ -836,9 +839,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_forward_cpp(
       dispatch_mode(mode, [&](auto m) {
         constexpr Mode M = decltype(m)::value;
         constexpr int R = forward_rows_per_block<M>();
-        parallel_over_rows(B, R, [&](const int64_t* rows, int64_t n) {
-          forward_rows<M, R, scalar_t>(p, rows, n, gx_p, h0_p, c0_p, out_p, hn_p, cn_p, ws_p);
-        });
+        if (B < kSingleRowBatch) {  // serving: blocks of one row, no FMAs on padding rows
+          parallel_over_rows(B, 1, [&](const int64_t* rows, int64_t n) {
+            forward_rows<M, 1, scalar_t>(p, rows, n, gx_p, h0_p, c0_p, out_p, hn_p, cn_p, ws_p);
+          });
+        } else {
+          parallel_over_rows(B, R, [&](const int64_t* rows, int64_t n) {
+            forward_rows<M, R, scalar_t>(p, rows, n, gx_p, h0_p, c0_p, out_p, hn_p, cn_p, ws_p);
+          });
+        }
       });
     });
   }
