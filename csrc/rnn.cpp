@@ -944,10 +944,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
 //                                                   grad_b_ih, grad_b_hh)
 // One step of one cell (x (B, I), h / c (B, H), fp32 or fp64) in one op each way: the two
 // products with the weights (for Elman / LSTM the second accumulates into the first) and the
-// gate arithmetic in one pass over the rows, parallel over the batch. Up to kCellSmallBatch rows
-// the products are dot products on torch's weight layout, serial; above, register-tiled outer
-// products on weights packed per call (packing costs as much as ~4 rows of product; ATen's GEMM
-// at these shapes, ~64 x 100 x 300, ran at half the rate). The backward computes the gate
+// gate arithmetic in one pass. Up to kCellSmallBatch rows the products are dot products on
+// torch's weight layout, serial; above, register-tiled outer products on weights packed per call,
+// parallel over chunks of hidden units (cell_forward_chunked; ATen's GEMM at these shapes,
+// ~64 x 100 x 300, ran at half the rate). The backward computes the gate
 // gradients in one pass and every input, state, weight and bias gradient as GEMMs / sums in the
 // same op (small batches: the same serial loops). workspace (B,
 // K * H): tanh / relu K = 1 [h_new]; gru K = 4 [r, z, n, gh_n]; lstm K = 5 [i, f, g, o,
@@ -1168,60 +1168,153 @@ void cell_small_weight_grad(const T* g, const T* a, int64_t B, int64_t N, int64_
   }
 }
 
-// Larger batches: W (N, K) packed per call as (Np / kN, K, kN), Np = N rounded up to the
-// vector width, so that a (rows, K) x W^T is, for each k, an outer product of broadcast a values
-// with contiguous vectors of W^T: a tile of RB rows x NC vectors of outputs accumulates in
-// registers and is stored once (with the bias, into out (B, ldo), added to it if accumulate).
+// Larger batches: parallel over chunks of kN hidden units, each task packing its chunk's slice of
+// W_ih and W_hh as (K, G, kN) (for each k the chunk's G gate vectors contiguous), so that a block
+// of R rows accumulates x W_ih^T and h W_hh^T for the chunk in registers, as outer products of
+// broadcast x / h values with the gate vectors, and the gate arithmetic consumes them before
+// anything is stored: no pre-activation buffers, and the packing (at B = 64 as costly as the
+// products) is split over the tasks instead of done once serially. GRU keeps the h part of the
+// n gate apart (b_hn sits inside the reset product): G + 1 accumulators per row.
+
+// dst[(k * G + g) * kN + u] = w[(g * H + j0 + u) * K + k] for u < nc, zero for nc <= u < kN.
+// Written in order (one vector per (k, g)), read from kN rows of w at once.
 template <typename T>
-void cell_pack(const T* w, int64_t N, int64_t K, T* p) {
-  const int64_t Np = round_up(N, kN<T>);
-  for (int64_t n = 0; n < Np; ++n) {
-    T* dst = p + (n / kN<T>) * K * kN<T> + n % kN<T>;
-    const T* src = w + n * K;
-    for (int64_t k = 0; k < K; ++k) dst[k * kN<T>] = n < N ? src[k] : T(0);
-  }
-}
-template <typename T, int RB, int NC>
-void cell_gemm_tile(const T* a, int64_t K, const T* p, int64_t c0, const T* bias, int64_t N, T* out,
-                    int64_t ldo, bool accumulate) {
-  Vec<T> acc[RB][NC];
-  for (int b = 0; b < RB; ++b)
-    for (int q = 0; q < NC; ++q) acc[b][q] = Vec<T>{};
-  const T* pc = p + c0 * K * kN<T>;
-  for (int64_t k = 0; k < K; ++k) {
-    Vec<T> wv[NC];
-    for (int q = 0; q < NC; ++q) wv[q] = vload(pc + (q * K + k) * kN<T>);
-    for (int b = 0; b < RB; ++b) {
-      const T av = a[b * K + k];
-      for (int q = 0; q < NC; ++q) acc[b][q] += av * wv[q];
-    }
-  }
-  for (int q = 0; q < NC; ++q) {
-    const int64_t n0 = (c0 + q) * kN<T>, nc = std::min<int64_t>(kN<T>, N - n0);
-    const Vec<T> bv = bias ? cload(bias + n0, nc) : Vec<T>{};
-    for (int b = 0; b < RB; ++b) {
-      T* o = out + b * ldo + n0;
-      cstore(o, acc[b][q] + bv + (accumulate ? cload(o, nc) : Vec<T>{}), nc);
+void cell_pack_chunk(const T* w, int64_t G, int64_t H, int64_t K, int64_t j0, int64_t nc, T* dst) {
+  for (int64_t g = 0; g < G; ++g) {
+    const T* src = w + (g * H + j0) * K;
+    for (int64_t k = 0; k < K; ++k) {
+      T* d = dst + (k * G + g) * kN<T>;
+      for (int64_t u = 0; u < kN<T>; ++u) d[u] = u < nc ? src[u * K + k] : T(0);
     }
   }
 }
-template <typename T, int NC>
-void cell_gemm_cols(const T* a, int64_t B, int64_t K, const T* p, int64_t c, const T* bias, int64_t N,
-                    T* out, int64_t ldo, bool accumulate) {
-  int64_t b = 0;
-  for (; b + 4 <= B; b += 4)
-    cell_gemm_tile<T, 4, NC>(a + b * K, K, p, c, bias, N, out + b * ldo, ldo, accumulate);
-  for (; b < B; ++b) cell_gemm_tile<T, 1, NC>(a + b * K, K, p, c, bias, N, out + b * ldo, ldo, accumulate);
-}
-// out (B, ldo) (+)= a (B, K) W^T + bias for W packed by cell_pack. Columns outer: a block of
-// 4 vectors of W^T (K * 4 * 64 bytes) stays in L1 while every row block uses it.
+
+// Biases of one chunk: bx[g] added with the x part (b_ih, plus b_hh except for the GRU n gate),
+// bhn the GRU's b_hn (zero vectors without biases).
 template <typename T>
-void cell_gemm(const T* a, int64_t B, int64_t K, const T* p, const T* bias, int64_t N, T* out,
-               int64_t ldo, bool accumulate) {
-  const int64_t C = round_up(N, kN<T>) / kN<T>;
-  int64_t c = 0;
-  for (; c + 4 <= C; c += 4) cell_gemm_cols<T, 4>(a, B, K, p, c, bias, N, out, ldo, accumulate);
-  for (; c < C; ++c) cell_gemm_cols<T, 1>(a, B, K, p, c, bias, N, out, ldo, accumulate);
+struct CellBias {
+  Vec<T> bx[4] = {};
+  Vec<T> bhn = {};
+};
+
+// Rows [0, R) of a block (x (R, I), h (R, H), c (R, H) for LSTM) at chunk j0 (nc real lanes):
+// h_new / c_new (row stride H) and the workspace rows (stride K * H).
+template <Mode M, int R, typename T>
+inline void cell_chunk_rows(const T* __restrict x, int64_t I, const T* __restrict h, int64_t H,
+                            const T* __restrict c, const T* __restrict pih,
+                            const T* __restrict phh, const CellBias<T>& bias, int64_t j0,
+                            int64_t nc, T* __restrict hn, T* __restrict cn, T* __restrict ws) {
+  constexpr int G = gates_of(M);
+  constexpr int A = M == Mode::kGru ? G + 1 : G;
+  constexpr int K = cell_slots_of(M);
+  Vec<T> acc[R][A];
+  for (int r = 0; r < R; ++r)
+    for (int a = 0; a < A; ++a) acc[r][a] = Vec<T>{};
+  for (int64_t k = 0; k < I; ++k) {
+    Vec<T> wv[G];
+    for (int g = 0; g < G; ++g) wv[g] = vload(pih + (k * G + g) * kN<T>);
+    for (int r = 0; r < R; ++r) {
+      const T xr = x[r * I + k];
+      for (int g = 0; g < G; ++g) acc[r][g] += xr * wv[g];
+    }
+  }
+  for (int64_t k = 0; k < H; ++k) {
+    Vec<T> wv[G];
+    for (int g = 0; g < G; ++g) wv[g] = vload(phh + (k * G + g) * kN<T>);
+    for (int r = 0; r < R; ++r) {
+      const T hr = h[r * H + k];
+      for (int g = 0; g < G; ++g) acc[r][M == Mode::kGru && g == 2 ? 3 : g] += hr * wv[g];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    T* wsr = ws + r * K * H + j0;
+    if constexpr (M == Mode::kTanh || M == Mode::kRelu) {
+      Vec<T> y = acc[r][0] + bias.bx[0];
+      if constexpr (M == Mode::kTanh) {
+        y = vtanh(y);
+      } else {
+        y = y > T(0) ? y : Vec<T>{};
+      }
+      cstore(hn + r * H + j0, y, nc);
+      cstore(wsr, y, nc);
+    } else if constexpr (M == Mode::kGru) {
+      const Vec<T> rg = vsigmoid(acc[r][0] + bias.bx[0]);
+      const Vec<T> z = vsigmoid(acc[r][1] + bias.bx[1]);
+      const Vec<T> ghn = acc[r][3] + bias.bhn;
+      const Vec<T> n = vtanh(acc[r][2] + bias.bx[2] + rg * ghn);
+      cstore(hn + r * H + j0, n + z * (cload(h + r * H + j0, nc) - n), nc);
+      cstore(wsr, rg, nc);
+      cstore(wsr + H, z, nc);
+      cstore(wsr + 2 * H, n, nc);
+      cstore(wsr + 3 * H, ghn, nc);
+    } else {
+      const Vec<T> i = vsigmoid(acc[r][0] + bias.bx[0]);
+      const Vec<T> f = vsigmoid(acc[r][1] + bias.bx[1]);
+      const Vec<T> g = vtanh(acc[r][2] + bias.bx[2]);
+      const Vec<T> o = vsigmoid(acc[r][3] + bias.bx[3]);
+      const Vec<T> cnew = f * cload(c + r * H + j0, nc) + i * g;
+      const Vec<T> tc = vtanh(cnew);
+      cstore(cn + r * H + j0, cnew, nc);
+      cstore(hn + r * H + j0, o * tc, nc);
+      const Vec<T> slots[5] = {i, f, g, o, tc};
+      for (int q = 0; q < 5; ++q) cstore(wsr + q * H, slots[q], nc);
+    }
+  }
+}
+
+// Rows per block (accumulators R x (G or G + 1) <= 24 registers).
+template <Mode M>
+constexpr int cell_rows_per_block() { return M == Mode::kTanh || M == Mode::kRelu ? 8 : 6; }
+
+// The whole step for B > kCellSmallBatch: tasks over (chunk, part of the rows) pairs. The rows
+// are split when there are fewer chunks than threads, and at large batches also when the
+// chunks do not divide evenly among the threads (each part repacks its chunk, which pays only
+// when the products dominate).
+template <Mode M, typename T>
+void cell_forward_chunked(const T* x, const T* h, const T* c, const T* w_ih, const T* w_hh,
+                          const T* b_ih, const T* b_hh, int64_t B, int64_t I, int64_t H, T* hn,
+                          T* cn, T* ws) {
+  constexpr int G = gates_of(M), K = cell_slots_of(M), R = cell_rows_per_block<M>();
+  const int64_t chunks = round_up(H, kN<T>) / kN<T>;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const bool uneven = chunks % threads != 0 && B >= 16 * R;
+  const int64_t parts =
+      std::min<int64_t>(std::max((threads + chunks - 1) / chunks, uneven ? threads : 1), (B + R - 1) / R);
+  const int64_t rows_per_part = round_up((B + parts - 1) / parts, R);
+  at::parallel_for(0, chunks * parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> pih(I * G * kN<T>), phh(H * G * kN<T>);
+    int64_t packed = -1;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t chunk = task / parts, part = task % parts;
+      const int64_t j0 = chunk * kN<T>, nc = std::min<int64_t>(kN<T>, H - j0);
+      if (chunk != packed) {
+        cell_pack_chunk(w_ih, G, H, I, j0, nc, pih.data());
+        cell_pack_chunk(w_hh, G, H, H, j0, nc, phh.data());
+        packed = chunk;
+      }
+      CellBias<T> bias;
+      if (b_ih != nullptr) {
+        for (int g = 0; g < G; ++g) {
+          bias.bx[g] = cload(b_ih + g * H + j0, nc);
+          if (M == Mode::kGru && g == 2) {
+            bias.bhn = cload(b_hh + g * H + j0, nc);
+          } else {
+            bias.bx[g] += cload(b_hh + g * H + j0, nc);
+          }
+        }
+      }
+      const int64_t b0 = part * rows_per_part, b1 = std::min<int64_t>(B, b0 + rows_per_part);
+      auto rows = [&](auto rows_c, int64_t b) {
+        constexpr int RR = decltype(rows_c)::value;
+        cell_chunk_rows<M, RR, T>(x + b * I, I, h + b * H, H, c ? c + b * H : nullptr, pih.data(),
+                                  phh.data(), bias, j0, nc, hn + b * H, cn ? cn + b * H : nullptr,
+                                  ws + b * K * H);
+      };
+      int64_t b = b0;
+      for (; b + R <= b1; b += R) rows(std::integral_constant<int, R>(), b);
+      for (; b < b1; ++b) rows(std::integral_constant<int, 1>(), b);
+    }
+  });
 }
 
 void check_cell_dtype(const at::Tensor& t, const char* name) {
@@ -1230,9 +1323,9 @@ void check_cell_dtype(const at::Tensor& t, const char* name) {
               t.scalar_type());
 }
 
-// Cells run in one parallel region over chunks of rows, each chunk doing its rows' GEMMs
-// (single-threaded inside the region) and gate arithmetic: one fork / join per step instead of
-// one per GEMM. Chunks of at least 8 rows, at most one per thread.
+// The cell backward runs one parallel region over chunks of rows, each chunk doing its rows'
+// GEMMs (single-threaded inside the region) and gate arithmetic: one fork / join per step
+// instead of one per GEMM. Chunks of at least 8 rows, at most one per thread.
 int64_t cell_grain(int64_t B) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   return std::max<int64_t>(8, (B + threads - 1) / threads);
@@ -1267,17 +1360,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_cell_forward_cpp(
   const at::Tensor c = lstm ? c_in->contiguous() : at::Tensor();
 
   const auto opts = x.options();
-  at::Tensor pre = at::empty({B, G * H}, opts);
-  at::Tensor gh = gru ? at::empty({B, G * H}, opts) : at::Tensor();
   at::Tensor hn = at::empty({B, H}, opts);
   at::Tensor cn = at::empty({lstm ? B : 0, lstm ? H : 0}, opts);
   at::Tensor ws = at::empty({B, K * H}, opts);
-  const at::Tensor bias = (!gru && b_hh.has_value()) ? b_hh->contiguous() : at::Tensor();
-  const at::Tensor w_ih_t = w_ih.detach().t(), w_hh_t = w_hh.detach().t();
+  const at::Tensor w_ih_c = w_ih.detach().contiguous(), w_hh_c = w_hh.detach().contiguous();
+  const at::Tensor b_ih_c = b_ih.has_value() ? b_ih->detach().contiguous() : at::Tensor();
+  const at::Tensor b_hh_c = b_hh.has_value() ? b_hh->detach().contiguous() : at::Tensor();
   if (B <= kCellSmallBatch) {  // a few rows: one serial pass, no GEMM calls, no parallel region
-    const at::Tensor w_ih_c = w_ih.detach().contiguous(), w_hh_c = w_hh.detach().contiguous();
-    const at::Tensor b_ih_c = b_ih.has_value() ? b_ih->detach().contiguous() : at::Tensor();
-    const at::Tensor b_hh_c = b_hh.has_value() ? b_hh->detach().contiguous() : at::Tensor();
+    at::Tensor pre = at::empty({B, G * H}, opts);
+    at::Tensor gh = gru ? at::empty({B, G * H}, opts) : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES(dt, "rnn_cell_forward_cpp", [&] {
       auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
       scalar_t* pre_p = pre.data_ptr<scalar_t>();
@@ -1305,45 +1396,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_cell_forward_cpp(
     });
     return {hn, cn, ws};
   }
-  const at::Tensor w_ih_c = w_ih.detach().contiguous(), w_hh_c = w_hh.detach().contiguous();
-  const at::Tensor b_ih_c = b_ih.has_value() ? b_ih->detach().contiguous() : at::Tensor();
-  const at::Tensor b_hh_c = gru && b_hh.has_value() ? b_hh->detach().contiguous() : at::Tensor();
-  const int64_t packed = round_up(G * H, x.element_size() == 4 ? kN<float> : kN<double>);
-  at::Tensor p_ih = at::empty({packed * I}, opts), p_hh = at::empty({packed * H}, opts);
   AT_DISPATCH_FLOATING_TYPES(dt, "rnn_cell_forward_cpp", [&] {
-    scalar_t* pre_p = pre.data_ptr<scalar_t>();
-    scalar_t* gh_p = gru ? gh.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* b_p = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* bih_p = b_ih_c.defined() ? b_ih_c.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* bhh_p = b_hh_c.defined() ? b_hh_c.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* x_p = x.data_ptr<scalar_t>();
-    const scalar_t* h_p = h.data_ptr<scalar_t>();
-    const scalar_t* c_p = lstm ? c.data_ptr<scalar_t>() : nullptr;
-    scalar_t* hn_p = hn.data_ptr<scalar_t>();
-    scalar_t* cn_p = lstm ? cn.data_ptr<scalar_t>() : nullptr;
-    scalar_t* ws_p = ws.data_ptr<scalar_t>();
-    scalar_t* pih_p = p_ih.data_ptr<scalar_t>();
-    scalar_t* phh_p = p_hh.data_ptr<scalar_t>();
-    cell_pack<scalar_t>(w_ih_c.data_ptr<scalar_t>(), G * H, I, pih_p);
-    cell_pack<scalar_t>(w_hh_c.data_ptr<scalar_t>(), G * H, H, phh_p);
+    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
     dispatch_mode(mode, [&](auto m) {
-      constexpr Mode M = decltype(m)::value;
-      at::parallel_for(0, B, cell_grain(B), [&](int64_t begin, int64_t end) {
-        const int64_t n = end - begin;
-        scalar_t* ps = pre_p + begin * G * H;
-        cell_gemm<scalar_t>(x_p + begin * I, n, I, pih_p, bih_p, G * H, ps, G * H, false);
-        if (gru) {
-          cell_gemm<scalar_t>(h_p + begin * H, n, H, phh_p, bhh_p, G * H, gh_p + begin * G * H, G * H,
-                              false);
-        } else {
-          cell_gemm<scalar_t>(h_p + begin * H, n, H, phh_p, nullptr, G * H, ps, G * H, true);
-        }
-        for (int64_t b = begin; b < end; ++b)
-          cell_forward_row<M, scalar_t>(H, pre_p + b * G * H, gh_p ? gh_p + b * G * H : nullptr,
-                                        b_p, h_p + b * H, c_p ? c_p + b * H : nullptr,
-                                        hn_p + b * H, cn_p ? cn_p + b * H : nullptr,
-                                        ws_p + b * K * H);
-      });
+      cell_forward_chunked<decltype(m)::value, scalar_t>(
+          x.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), ptr(c), w_ih_c.data_ptr<scalar_t>(),
+          w_hh_c.data_ptr<scalar_t>(), ptr(b_ih_c), ptr(b_hh_c), B, I, H, hn.data_ptr<scalar_t>(),
+          ptr(cn), ws.data_ptr<scalar_t>());
     });
   });
   return {hn, cn, ws};
