@@ -86,7 +86,7 @@ def compare(mode, fast, ref, x, states):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("hidden,batch", [(7, 1), (100, 2), (17, 4), (100, 5), (64, 33)])
+@pytest.mark.parametrize("hidden,batch", [(7, 1), (100, 2), (17, 4), (100, 5), (64, 33), (1, 9), (100, 130)])
 def test_cell_matches_torch_output_and_every_gradient(mode, hidden, batch):
     fast, ref = make(mode, 11, hidden)
     states = [torch.randn(batch, hidden) for _ in range(2 if mode == "lstm" else 1)]
