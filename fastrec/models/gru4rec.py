@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pack_padded_sequence
 
 from fastrec import functional as FF
 from fastrec import nn as fnn
@@ -17,7 +18,9 @@ class GRU4Rec(SequentialRecommender):
     (``backend="torch"``); the same seed gives the same initial weights in both.
 
     Padding: right, with ``lengths``; the representation is the GRU output at the last real
-    item (steps after it never reach it)."""
+    item (steps after it never reach it). The fastrec backend runs the GRU on the packed batch
+    (its final state is that output, and no step of padding is computed); the torch backend
+    runs RecBole's padded GRU and gathers the output."""
 
     padding_side = "right"
 
@@ -55,7 +58,12 @@ class GRU4Rec(SequentialRecommender):
         items, lengths = batch.items, batch.lengths
         if items.shape[1] > self.max_len:
             raise ValueError(f"items must have at most max_len = {self.max_len} columns, got {items.shape[1]}")
-        output, _ = self.gru(self.dropout(self.item_embedding(items)))
+        x = self.dropout(self.item_embedding(items))
+        if self.backend == "fastrec":  # packed: the GRU skips each row's padding steps entirely
+            packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            _, h_n = self.gru(packed)
+            return self.projection(h_n[-1])
+        output, _ = self.gru(x)  # RecBole's way: the padded GRU, then the output at the last item
         last = output[torch.arange(items.shape[0], device=items.device), lengths - 1]
         return self.projection(last)
 

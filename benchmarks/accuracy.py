@@ -1,0 +1,93 @@
+"""Issue 5's accuracy protocol on MovieLens-100K: each model, each backend, several seeds, with
+``fastrec train``'s defaults (RecBole's defaults, train batch 512, at most 12 epochs, early stop
+after 3 epochs without a better validation NDCG@10, full ranking, leave-one-out, no time limit).
+Prints and writes the mean and seed-to-seed standard deviation of test NDCG@10 per model and
+backend next to RecBole 1.2.1's figure on the same split (measured on this machine, seed 2020).
+
+Every finished run is appended to the JSON file at once, so an interrupted sweep keeps its runs
+and a rerun skips them.
+
+Usage: python benchmarks/accuracy.py [--models caser,gru4rec,sasrec] [--seeds 2020,2021,2022]
+       [--threads T] [--json PATH] [--markdown PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+from pathlib import Path
+
+import torch
+
+from fastrec import train
+
+RECBOLE_NDCG10 = {"gru4rec": 0.0551, "sasrec": 0.0549, "caser": 0.0599}
+BACKENDS = ("fastrec", "torch")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", default="caser,gru4rec,sasrec")
+    parser.add_argument("--seeds", default="2020,2021,2022")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", default="benchmarks/results/accuracy-ml100k.json")
+    parser.add_argument("--markdown", default="benchmarks/results/accuracy-ml100k.md")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = Path(args.json)
+    runs = json.loads(path.read_text()) if path.exists() else []
+    done = {(r["model"], r["backend"], r["seed"]) for r in runs}
+    for model in args.models.split(","):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            for backend in BACKENDS:
+                if (model, backend, seed) in done:
+                    continue
+                config = train.TrainConfig(model=model, backend=backend, seed=seed, progress=False)
+                result = train.run(config, log=lambda line: print(line, flush=True))
+                runs.append(
+                    {
+                        "model": model,
+                        "backend": backend,
+                        "seed": seed,
+                        "best_epoch": result.best_epoch,
+                        "epochs": len(result.epochs),
+                        "median_epoch_s": statistics.median(e.seconds for e in result.epochs),
+                        "seconds": result.seconds,
+                        "test": result.test,
+                    }
+                )
+                path.write_text(json.dumps(runs, indent=1))
+    table = summary(runs)
+    print(table)
+    Path(args.markdown).write_text(table + "\n")
+
+
+def summary(runs: list[dict]) -> str:
+    head = (
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}; "
+        "MovieLens-100K, leave-one-out, full ranking (seen items not excluded), test NDCG@10\n\n"
+        "| model | backend | seeds | NDCG@10 mean | std | seen excluded mean | RecBole 1.2.1 | median epoch s |\n"
+        "|---|---|---|---|---|---|---|---|"
+    )
+    lines = [head]
+    for model in dict.fromkeys(r["model"] for r in runs):
+        for backend in BACKENDS:
+            rows = [r for r in runs if r["model"] == model and r["backend"] == backend]
+            if not rows:
+                continue
+            ndcg = [r["test"]["NDCG@10"] for r in rows]
+            excluded = [r["test"]["NDCG@10 (seen excluded)"] for r in rows]
+            std = statistics.stdev(ndcg) if len(ndcg) > 1 else float("nan")
+            epoch_s = statistics.median(r["median_epoch_s"] for r in rows)
+            lines.append(
+                f"| {model} | {backend} | {','.join(str(r['seed']) for r in rows)} | {statistics.mean(ndcg):.4f} | "
+                f"{std:.4f} | {statistics.mean(excluded):.4f} | {RECBOLE_NDCG10[model]:.4f} | {epoch_s:.1f} |"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
