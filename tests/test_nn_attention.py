@@ -492,3 +492,68 @@ def test_patch_transformer_encoder_and_disabled_family():
     assert fastrec.unpatch(encoder) == 4
     assert type(encoder.layers[1]) is torch.nn.TransformerEncoderLayer
     assert type(encoder.layers[1].self_attn) is torch.nn.MultiheadAttention
+
+
+# --------------------------------------------------------------------------- serving op
+HAVE_LAYER_OP = hasattr(torch.ops.fastrec, "encoder_layer_inference_cpp")
+
+
+def _layer_weights(layer: torch.nn.TransformerEncoderLayer) -> list:
+    attn = layer.self_attn
+    return [
+        attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias,
+        layer.norm1.weight, layer.norm1.bias, layer.linear1.weight, layer.linear1.bias,
+        layer.linear2.weight, layer.linear2.bias, layer.norm2.weight, layer.norm2.bias,
+    ]  # fmt: skip
+
+
+@pytest.mark.skipif(not HAVE_LAYER_OP, reason="fastrec._C does not register encoder_layer_inference_cpp")
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_encoder_layer_inference_op_matches_torch_layer_in_eval(norm_first, activation, bias):
+    """The serving op (one TransformerEncoderLayer, eval) against torch's layer in float64:
+    causal and not, per-row key lengths, and the last-query-only form used by SASRec's last
+    block (each row's output at its last real position)."""
+    torch.manual_seed(0)
+    ref = torch.nn.TransformerEncoderLayer(
+        EMBED, HEADS, 3 * EMBED, dropout=0.1, activation=activation, batch_first=True, norm_first=norm_first, bias=bias
+    )
+    ref = perturb(ref).double().eval()
+    batch, length = 5, 11
+    x = torch.randn(batch, length, EMBED, dtype=torch.float64)
+    lengths = torch.tensor([11, 1, 7, 4, 11], dtype=torch.int32)
+    op = torch.ops.fastrec.encoder_layer_inference_cpp
+    weights = [w.float() if w is not None else None for w in _layer_weights(ref)]
+    eps = (ref.norm1.eps, ref.norm2.eps)
+    causal_mask = torch.ones(length, length, dtype=torch.bool).triu(1)
+    key_pad = torch.arange(length)[None, :] >= lengths[:, None].long()
+    with torch.no_grad():
+        for causal in (False, True):
+            mask = causal_mask if causal else None
+            want = ref(x, src_mask=mask, src_key_padding_mask=key_pad, is_causal=causal)
+            got = op(x.float(), weights, HEADS, *eps, activation == "gelu", norm_first, causal, lengths, False)
+            for b in range(batch):  # rows past a length are padding: compare the real positions
+                assert_rel_close(got[b, : lengths[b]], want[b, : lengths[b]], f"row {b} causal={causal}")
+            plain = op(x.float(), weights, HEADS, *eps, activation == "gelu", norm_first, causal, None, False)
+            assert_rel_close(plain, ref(x, src_mask=mask, is_causal=causal), f"no lengths causal={causal}")
+        last = op(x.float(), weights, HEADS, *eps, activation == "gelu", norm_first, True, lengths, True)
+        want = ref(x, src_mask=causal_mask, is_causal=True)
+        rows = want[torch.arange(batch), lengths.long() - 1]
+        assert last.shape == (batch, 1, EMBED)
+        assert_rel_close(last[:, 0], rows, "last query")
+        last_full = op(x.float(), weights, HEADS, *eps, activation == "gelu", norm_first, True, None, True)
+        assert_rel_close(last_full[:, 0], want[:, -1], "last query, no lengths")
+
+
+@pytest.mark.skipif(not HAVE_LAYER_OP, reason="fastrec._C does not register encoder_layer_inference_cpp")
+def test_encoder_layer_inference_op_rejects_bad_weights():
+    layer = torch.nn.TransformerEncoderLayer(EMBED, HEADS, batch_first=True)
+    x = torch.randn(2, 3, EMBED)
+    op = torch.ops.fastrec.encoder_layer_inference_cpp
+    with pytest.raises(RuntimeError, match="weights must hold 12"):
+        op(x, _layer_weights(layer)[:11], HEADS, 1e-5, 1e-5, False, False, True, None, False)
+    with pytest.raises(RuntimeError, match="heads must divide"):
+        op(x, _layer_weights(layer), 5, 1e-5, 1e-5, False, False, True, None, False)
+    with pytest.raises(RuntimeError, match="in_proj_weight must be"):
+        op(x[..., :16], _layer_weights(layer), HEADS, 1e-5, 1e-5, False, False, True, None, False)

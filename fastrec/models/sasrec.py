@@ -114,6 +114,8 @@ class SASRec(SequentialRecommender):
             items = items.gather(1, shift)
         x = F.embedding(items, self.item_embedding.weight) + self.position_embedding.weight[:length]
         x = F.layer_norm(x, (self.dim,), self.norm.weight, self.norm.bias, self.norm.eps)
+        if x.device.type == "cpu" and HAVE_LAYER_OP and backends.select(x.device) == "cpp":
+            return self._serve_cpp(x, lengths)
         dim = self.dim
         for i, block in enumerate(self.blocks):
             attn = block.self_attn
@@ -135,6 +137,37 @@ class SASRec(SequentialRecommender):
             )
             x = F.layer_norm(x + h, (dim,), block.norm2.weight, block.norm2.bias, block.norm2.eps)
         return x[:, 0]
+
+    def _serve_cpp(self, x: Tensor, lengths: Tensor) -> Tensor:
+        """The blocks as one C++ op each (encoder_layer_inference_cpp): at batch 1 the Python
+        and per-op dispatch of a block cost more than its arithmetic."""
+        lengths = lengths.to(torch.int32)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            attn = block.self_attn
+            weights = [
+                attn.in_proj_weight,
+                attn.in_proj_bias,
+                attn.out_proj.weight,
+                attn.out_proj.bias,
+                block.norm1.weight,
+                block.norm1.bias,
+                block.linear1.weight,
+                block.linear1.bias,
+                block.linear2.weight,
+                block.linear2.bias,
+                block.norm2.weight,
+                block.norm2.bias,
+            ]
+            backends.count("attention", "cpp")
+            x = torch.ops.fastrec.encoder_layer_inference_cpp(
+                x, weights, attn.num_heads, block.norm1.eps, block.norm2.eps, True, False, i < last,
+                lengths if i == last else None, i == last,
+            )  # fmt: skip
+        return x[:, 0]
+
+
+HAVE_LAYER_OP = hasattr(torch.ops.fastrec, "encoder_layer_inference_cpp")
 
 
 def _inference_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, lengths: Tensor | None) -> Tensor:
