@@ -547,6 +547,19 @@ def test_encoder_layer_inference_op_matches_torch_layer_in_eval(norm_first, acti
 
 
 @pytest.mark.skipif(not HAVE_LAYER_OP, reason="fastrec._C does not register encoder_layer_inference_cpp")
+def test_encoder_layer_inference_op_passes_opcheck():
+    import fastrec.ops.attention  # noqa: F401  (registers the fake)
+
+    layer = perturb(torch.nn.TransformerEncoderLayer(EMBED, HEADS, batch_first=True)).eval()
+    weights = [w.detach() for w in _layer_weights(layer)]
+    x = torch.randn(3, 6, EMBED)
+    lengths = torch.tensor([6, 2, 4], dtype=torch.int32)
+    op = torch.ops.fastrec.encoder_layer_inference_cpp.default
+    torch.library.opcheck(op, (x, weights, HEADS, 1e-5, 1e-5, True, False, True, None, False))
+    torch.library.opcheck(op, (x, weights, HEADS, 1e-5, 1e-5, False, True, True, lengths, True))
+
+
+@pytest.mark.skipif(not HAVE_LAYER_OP, reason="fastrec._C does not register encoder_layer_inference_cpp")
 def test_encoder_layer_inference_op_rejects_bad_weights():
     layer = torch.nn.TransformerEncoderLayer(EMBED, HEADS, batch_first=True)
     x = torch.randn(2, 3, EMBED)
