@@ -570,3 +570,52 @@ def test_encoder_layer_inference_op_rejects_bad_weights():
         op(x, _layer_weights(layer), 5, 1e-5, 1e-5, False, False, True, None, False)
     with pytest.raises(RuntimeError, match="in_proj_weight must be"):
         op(x[..., :16], _layer_weights(layer), HEADS, 1e-5, 1e-5, False, False, True, None, False)
+
+
+@pytest.mark.skipif(not HAVE_LAYER_OP, reason="fastrec._C does not register encoder_layer_inference_cpp")
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_transformer_encoder_layer_inference_runs_the_serving_op(batch_first, norm_first):
+    """fastrec.nn.TransformerEncoderLayer in eval under no_grad: the serving op, matching torch's
+    layer (float64) with no mask, the causal mask (with or without the is_causal hint) and
+    unbatched input; a key padding mask or an arbitrary mask runs torch's forward."""
+    torch.manual_seed(0)
+    kwargs = dict(dim_feedforward=2 * EMBED, batch_first=batch_first, norm_first=norm_first, activation="gelu")
+    ref = perturb(torch.nn.TransformerEncoderLayer(EMBED, HEADS, **kwargs)).double().eval()
+    ours = fnn.TransformerEncoderLayer(EMBED, HEADS, **kwargs).eval()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 7, EMBED, dtype=torch.float64)
+    x = x if batch_first else x.transpose(0, 1)
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(7, dtype=torch.float64)
+    with torch.no_grad():
+        cases = [
+            ({}, True),
+            ({"src_mask": causal.float()}, True),
+            ({"src_mask": causal.float(), "is_causal": True}, True),
+        ]
+        cases.append(({"src_key_padding_mask": torch.rand(3, 7) < 0.3}, False))
+        cases.append(({"src_mask": torch.rand(7, 7) < 0.3}, False))
+        for extra, fused in cases:
+            fastrec.stats(reset=True)
+            ref_extra = {
+                k: (v.double() if v.is_floating_point() else v) if isinstance(v, torch.Tensor) else v
+                for k, v in extra.items()
+            }
+            got = ours(x.float(), **extra)
+            want = ref(x, **ref_extra)
+            if "src_key_padding_mask" in extra:  # padded positions are not compared (torch's fast path may zero them)
+                keep = ~extra["src_key_padding_mask"]
+                keep = keep if batch_first else keep.t()
+                got, want = got[keep], want[keep]
+            assert_rel_close(got, want, str(extra.keys()))
+            counted = any(k[0] == "TransformerEncoderLayer" for k in fastrec.stats())
+            assert counted == fused, extra.keys()
+        assert_rel_close(
+            ours(x.float()[0] if batch_first else x.float()[:, 0]), ref(x[0] if batch_first else x[:, 0]), "unbatched"
+        )
+    ours.train()
+    ours.dropout.p = ours.dropout1.p = ours.dropout2.p = 0.0
+    fastrec.stats(reset=True)
+    out = ours(x.float().requires_grad_())  # autograd needed: torch's forward with the fused attention
+    out.sum().backward()
+    assert not any(k[0] == "TransformerEncoderLayer" for k in fastrec.stats())
