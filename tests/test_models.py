@@ -18,6 +18,7 @@ import torch
 
 import fastrec
 from fastrec.models import MODELS, Caser, GRU4Rec, ModelInput, SASRec
+from fastrec.models.base import SequentialRecommender
 from fastrec.models.caser import CaserConvLoop
 
 N_ITEMS, N_USERS = 40, 12
@@ -119,6 +120,8 @@ def test_convergence_30_steps_matches_torch(name):
     """TESTING.md's convergence check: same seed, weights and batches; loss curve, final
     parameters and top-k scores agree within the two-reference fp32 bound."""
     fast, pt, ref = three_models(name)
+    for model in (fast, pt, ref):  # Caser's L2 term under Adam at lr 3e-2 swamps 30 toy steps
+        model.reg_weight = 0.0
     generator = torch.Generator().manual_seed(11)
     batches = [random_batch(fast, batch=16, generator=generator) for _ in range(30)]
     curves, finals = [], []
@@ -260,3 +263,16 @@ def test_bad_arguments_raise_value_errors_naming_them(call, message):
 def test_recommend_rejects_non_integer_histories():
     with pytest.raises(TypeError, match="history 0 must be a 1-D sequence of int item ids"):
         build("gru4rec", "fastrec").recommend([np.array([1.5, 2.0])], k=3)
+
+
+def test_caser_loss_adds_recboles_l2_term():
+    """Caser's loss = the base loss + reg_weight * the sum of the (unsquared) L2 norms of the
+    embeddings, every convolution weight and the dense weights, as RecBole's Caser."""
+    model = build("caser", "fastrec", reg_weight=1e-2)
+    batch = random_batch(model, batch=8, generator=torch.Generator().manual_seed(3))
+    base = SequentialRecommender.loss(model, batch)
+    weights = [model.user_embedding.weight, model.item_embedding.weight, model.fc1.weight, model.fc2.weight]
+    weights += [model.conv.conv_v.weight] + [model.conv.conv_h[k].weight for k in range(model.max_len)]
+    torch.testing.assert_close(model.loss(batch), base + 1e-2 * sum(w.norm() for w in weights))
+    with pytest.raises(ValueError, match="reg_weight"):
+        build("caser", "fastrec", reg_weight=-1.0)

@@ -37,10 +37,9 @@ class CaserConvLoop(torch.nn.Module):
 
 
 def _caser_block(backend: str, max_len: int, dim: int, n_h: int, n_v: int) -> torch.nn.Module:
-    """SWITCH POINT for the fused Caser block: ``backend="fastrec"`` builds
-    ``fastrec.nn.CaserConv`` (same parameter names, same ``(out_h, out_v)`` output) once that
-    module exists in ``fastrec.nn``; until then both backends run the per-height loop."""
-    if backend == "fastrec" and hasattr(fnn, "CaserConv"):
+    """``fastrec.nn.CaserConv`` (the fused block) for ``backend="fastrec"``, the per-height loop
+    for ``"torch"``: same parameter names, same ``(out_h, out_v)`` output."""
+    if backend == "fastrec":
         return fnn.CaserConv(max_len, dim, n_h, n_v)
     return CaserConvLoop(max_len, dim, n_h, n_v)
 
@@ -66,13 +65,17 @@ class Caser(SequentialRecommender):
         dim: int = 64,
         n_h: int = 8,
         n_v: int = 4,
-        dropout: float = 0.5,
+        dropout: float = 0.4,
         backend: str = "fastrec",
+        reg_weight: float = 1e-4,
     ) -> None:
         super().__init__(n_items, max_len, dim, backend)
         check_positive(n_users=n_users, n_h=n_h, n_v=n_v)
         check_dropout(dropout)
+        if not reg_weight >= 0:
+            raise ValueError(f"reg_weight must be >= 0, got {reg_weight}")
         self.n_users = n_users
+        self.reg_weight = reg_weight
         self.item_embedding = torch.nn.Embedding(n_items + 1, dim, padding_idx=0)
         self.user_embedding = torch.nn.Embedding(n_users + 1, dim)
         self.conv = _caser_block(backend, max_len, dim, n_h, n_v)
@@ -110,3 +113,14 @@ class Caser(SequentialRecommender):
         out_h, out_v = self.conv(self.item_embedding(items))
         z = F.relu(self.fc1(self.dropout(torch.cat([out_v, out_h], 1))))
         return F.relu(self.fc2(torch.cat([z, self.user_embedding(user)], 1)))
+
+    def loss(self, batch, kind: str = "ce", n_negatives: int = 1) -> Tensor:
+        """The base loss plus RecBole's regularisation: ``reg_weight`` times the sum of the L2
+        (Frobenius) norms, not squared, of the embedding tables, every convolution weight and
+        the dense weights."""
+        loss = super().loss(batch, kind, n_negatives)
+        if self.reg_weight == 0:
+            return loss
+        weights = [self.user_embedding.weight, self.item_embedding.weight, self.fc1.weight, self.fc2.weight]
+        weights += [p for name, p in self.conv.named_parameters() if name.endswith("weight")]
+        return loss + self.reg_weight * sum(w.norm() for w in weights)
