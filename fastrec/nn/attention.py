@@ -186,12 +186,12 @@ def _is_causal_mask(mask: Tensor, len_q: int, len_k: int) -> bool:
 
 
 class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
-    """``torch.nn.TransformerEncoderLayer`` whose self-attention and dropouts are fastrec's (the
-    SASRec / BERT4Rec block). Same constructor, parameters and ``state_dict``; torch's layer calls
-    its attention with ``need_weights=False``, so the fused path runs."""
+    """``torch.nn.TransformerEncoderLayer`` whose self-attention is fastrec's (the SASRec /
+    BERT4Rec block). Same constructor, parameters and ``state_dict``; torch's layer calls its
+    attention with ``need_weights=False``, so the fused path runs."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.self_attn.__class__ = MultiheadAttention
-        for module in (self.dropout, self.dropout1, self.dropout2):
+        for module in (self.dropout, self.dropout1, self.dropout2):  # fastrec's fused dropout
             module.__class__ = Dropout

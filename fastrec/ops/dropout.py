@@ -17,6 +17,8 @@ torch: ``dropout_torch`` below, the readable reference):
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -78,7 +80,7 @@ class DropoutFunction(torch.autograd.Function):
 
 def check_p(p: float) -> None:
     """ValueError unless p is a number in [0, 1]."""
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability p must be a float in [0, 1], got {p!r}")
 
 
