@@ -39,6 +39,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "philox.h"
 #include "simd.h"
 
 #include <algorithm>
@@ -171,26 +172,7 @@ template <typename acc_t>
 inline void dropout_chunk(uint32_t c0, uint32_t c1, uint32_t key0, uint32_t key1, float threshold,
                           acc_t inv_keep, acc_t* __restrict z) {
   static_assert(kW == 16, "one Philox vector per chunk");
-  typedef uint32_t U32 __attribute__((vector_size(64)));   // 16 lanes
-  typedef uint64_t U64 __attribute__((vector_size(128)));  // 16 lanes, for 32 x 32 -> 64 bits
-  U32 x0 = {}, x1 = {}, x2 = {}, x3 = {};
-  for (int w = 0; w < 16; ++w) x0[w] = c0 + static_cast<uint32_t>(w);
-  x1 += c1;
-  uint32_t k0 = key0, k1 = key1;
-  for (int round = 0; round < 10; ++round) {
-    const U64 pa = __builtin_convertvector(x0, U64) * uint64_t{0xD2511F53u};
-    const U64 pb = __builtin_convertvector(x2, U64) * uint64_t{0xCD9E8D57u};
-    const U32 n0 = __builtin_convertvector(pb >> 32, U32) ^ x1 ^ k0;
-    const U32 n2 = __builtin_convertvector(pa >> 32, U32) ^ x3 ^ k1;
-    x1 = __builtin_convertvector(pb, U32);  // low 32 bits
-    x3 = __builtin_convertvector(pa, U32);
-    x0 = n0;
-    x2 = n2;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  typedef float F32 __attribute__((vector_size(64)));
-  const F32 u = __builtin_convertvector(x0 >> 8, F32) * 0x1p-24f;
+  const PhiloxF32 u = philox_uniform16(c0, c1, key0, key1);
   for (int w = 0; w < 16; ++w) z[w] = u[w] >= threshold ? inv_keep : acc_t(0);
 }
 
@@ -750,12 +732,10 @@ Masks<acc_t> make_masks(const at::Tensor& q, const at::Tensor& k,
     TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.numel() >= 1,
                 "fastrec attention (cpp): seed must be a CPU int64 tensor of shape (1,), got ",
                 t.scalar_type(), " ", t.sizes(), " on ", t.device());
-    const uint64_t s = static_cast<uint64_t>(t.data_ptr<int64_t>()[0]);
     m.dropout = true;
     m.threshold = static_cast<float>(dropout_p);
     m.inv_keep = static_cast<acc_t>(1.0 / (1.0 - dropout_p));
-    m.key0 = static_cast<uint32_t>(s & 0xFFFFFFFFu);
-    m.key1 = static_cast<uint32_t>(s >> 32);
+    philox_key(t.data_ptr<int64_t>()[0], &m.key0, &m.key1);
   }
   return m;
 }

@@ -559,11 +559,33 @@ def caser_cases(device: torch.device, dtype: torch.dtype, full: bool) -> list[Ca
     return cases
 
 
+def dropout_cases(device: torch.device, dtype: torch.dtype, full: bool) -> list[Case]:
+    """fastrec.nn.Dropout vs torch.nn.Dropout (training mode) on SASRec's activations
+    (B=512, L=50, d=64), p = 0.2 and 0.5; ``full`` adds d=256."""
+    copies = 4 if device.type == "cuda" else 1
+    shapes = [(512, 50, 64)] + ([(512, 50, 256)] if full else [])
+    dtype_name = _dtype_name(dtype)
+    cases: list[Case] = []
+    for batch, length, dim in shapes:
+        for p in (0.2, 0.5):
+
+            def make(batch=batch, length=length, dim=dim):
+                x = torch.randn(batch, length, dim, device=device, dtype=dtype, requires_grad=True)
+                return (x,), torch.randn_like(x)
+
+            forwards = {"fastrec": fastrec.nn.Dropout(p), "torch.nn.Dropout": torch.nn.Dropout(p)}
+            io = 2 * batch * length * dim * dtype.itemsize  # read x, write out
+            shape = f"B={batch} L={length} d={dim} p={p}"
+            cases += _pair("dropout", "Dropout", shape, dtype_name, forwards, _rotating(make, copies), 0.0, io)
+    return cases
+
+
 CASES: dict[str, Callable[[torch.device, torch.dtype, bool], list[Case]]] = {
     "attention": attention_cases,
     "rnn": rnn_cases,
     "conv": conv_cases,
     "caser": caser_cases,
+    "dropout": dropout_cases,
 }
 
 

@@ -119,7 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="versions, device and available backends").set_defaults(func=_info)
     bench = sub.add_parser("bench", help="benchmark table: fastrec vs torch baselines (ratios)")
     bench.add_argument(
-        "--family", action="append", choices=["attention", "rnn", "conv", "caser"], help="only this family (repeatable)"
+        "--family",
+        action="append",
+        choices=["attention", "rnn", "conv", "caser", "dropout"],
+        help="only this family (repeatable)",
     )
     bench.add_argument("--full", action="store_true", help="the full CPU shape grid (slower)")
     bench.add_argument("--rounds", type=int, default=15, help="interleaved rounds per row (median)")

@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastrec import backends
 from fastrec.ops import attention as attention_ops
 from fastrec.ops import conv as conv_ops
+from fastrec.ops import dropout as dropout_ops
 from fastrec.ops import rnn as rnn_ops
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -92,6 +94,22 @@ def attention(
     return attention_ops.attention(
         q, k, v, key_padding_mask, lengths, bias, causal, scale, dropout_p if training else 0.0
     )
+
+
+def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
+    """``F.dropout`` with fastrec's fused kernel: each element is zeroed with probability ``p``
+    and the others scaled by ``1 / (1 - p)``, in one pass with no mask tensor (the backward
+    recomputes the mask from a seed drawn from torch's generator, so ``torch.manual_seed`` makes
+    runs reproducible). Not training or ``p == 0``: ``input`` itself. ``inplace=True`` runs
+    ``F.dropout`` (counted in ``fastrec.stats()``).
+    """
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    dropout_ops.check_p(p)
+    if inplace and training and p > 0.0:
+        backends.count(dropout_ops.OP, "torch", "inplace=True")
+        return F.dropout(input, p, training, inplace=True)
+    return dropout_ops.dropout(input, p, training)
 
 
 def _is_zero_or_neginf(mask: Tensor) -> bool:

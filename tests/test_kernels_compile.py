@@ -49,6 +49,7 @@ FAMILIES = {
     "attention": "fastrec.kernels.attention",
     "rnn": "fastrec.kernels.rnn",
     "conv": "fastrec.kernels.conv",
+    "dropout": "fastrec.kernels.dropout",
 }
 COMPUTE_CAPABILITIES = (80, 90)
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes per block, opt-in maximum

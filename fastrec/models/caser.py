@@ -79,7 +79,7 @@ class Caser(SequentialRecommender):
         self.item_embedding = torch.nn.Embedding(n_items + 1, dim, padding_idx=0)
         self.user_embedding = torch.nn.Embedding(n_users + 1, dim)
         self.conv = _caser_block(backend, max_len, dim, n_h, n_v)
-        self.dropout = torch.nn.Dropout(dropout)
+        self.dropout = (fnn.Dropout if backend == "fastrec" else torch.nn.Dropout)(dropout)
         self.fc1 = torch.nn.Linear(n_v * dim + n_h * max_len, dim)
         self.fc2 = torch.nn.Linear(2 * dim, dim)
         self.reset_parameters()

@@ -38,7 +38,7 @@ class GRU4Rec(SequentialRecommender):
         check_positive(hidden=hidden, n_layers=n_layers)
         check_dropout(dropout)
         self.item_embedding = torch.nn.Embedding(n_items + 1, dim, padding_idx=0)
-        self.dropout = torch.nn.Dropout(dropout)
+        self.dropout = (fnn.Dropout if backend == "fastrec" else torch.nn.Dropout)(dropout)
         gru = fnn.GRU if backend == "fastrec" else torch.nn.GRU
         self.gru = gru(dim, hidden, num_layers=n_layers, bias=False, batch_first=True)
         self.projection = torch.nn.Linear(hidden, dim)

@@ -51,7 +51,7 @@ class SASRec(SequentialRecommender):
         self.item_embedding = torch.nn.Embedding(n_items + 1, dim, padding_idx=0)
         self.position_embedding = torch.nn.Embedding(max_len, dim)
         self.norm = torch.nn.LayerNorm(dim, eps=1e-12)
-        self.dropout = torch.nn.Dropout(dropout)
+        self.dropout = (fnn.Dropout if backend == "fastrec" else torch.nn.Dropout)(dropout)
         layer = fnn.TransformerEncoderLayer if backend == "fastrec" else torch.nn.TransformerEncoderLayer
         self.blocks = torch.nn.ModuleList(
             layer(

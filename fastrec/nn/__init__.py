@@ -2,6 +2,7 @@
 
 from fastrec.nn.attention import MultiheadAttention, TransformerEncoderLayer
 from fastrec.nn.conv import CaserConv, Conv1d, Conv2d, ConvBlock
+from fastrec.nn.dropout import Dropout
 from fastrec.nn.rnn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 
 __all__ = [
@@ -9,6 +10,7 @@ __all__ = [
     "Conv1d",
     "Conv2d",
     "ConvBlock",
+    "Dropout",
     "GRU",
     "GRUCell",
     "LSTM",

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from fastrec import backends
 from fastrec import functional as FF
+from fastrec.nn.dropout import Dropout
 
 _MODULE = "MultiheadAttention"
 
@@ -194,6 +195,8 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.self_attn.__class__ = MultiheadAttention
+        for module in (self.dropout, self.dropout1, self.dropout2):  # fastrec's fused dropout
+            module.__class__ = Dropout
 
     def forward(
         self,

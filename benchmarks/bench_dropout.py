@@ -1,0 +1,21 @@
+"""pytest-benchmark suite for the dropout family: the same cases as ``fastrec bench`` (fastrec.bench).
+
+    pytest benchmarks/bench_dropout.py --benchmark-enable --benchmark-group-by=param:case
+
+Each case is benchmarked once per side (``fastrec``: fastrec.nn.Dropout; ``torch.nn.Dropout``);
+compare within a group. ``fastrec bench --family dropout`` is the interleaved, ratio-first
+version of the same figures; with the project's default ``--benchmark-disable`` this file runs
+every function once, as a check that the benchmark still runs.
+"""
+
+import pytest
+
+from fastrec import bench
+
+DEVICE, DTYPE = bench.suite_device()
+CASES = bench.dropout_cases(DEVICE, DTYPE, full=False)
+
+
+@pytest.mark.parametrize("case, side", bench.suite_params(CASES))
+def test_dropout(benchmark, case, side):
+    bench.suite_run(benchmark, case, side)
