@@ -26,6 +26,7 @@ from attention_reference import assert_rel_close, device_of, run_forced
 import fastrec
 import fastrec.functional
 from fastrec import nn as fnn
+from fastrec.nn.attention import encoder_layer_weights
 
 EMBED, HEADS = 32, 4
 
@@ -498,15 +499,6 @@ def test_patch_transformer_encoder_and_disabled_family():
 HAVE_LAYER_OP = hasattr(torch.ops.fastrec, "encoder_layer_inference_cpp")
 
 
-def _layer_weights(layer: torch.nn.TransformerEncoderLayer) -> list:
-    attn = layer.self_attn
-    return [
-        attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias,
-        layer.norm1.weight, layer.norm1.bias, layer.linear1.weight, layer.linear1.bias,
-        layer.linear2.weight, layer.linear2.bias, layer.norm2.weight, layer.norm2.bias,
-    ]  # fmt: skip
-
-
 @pytest.mark.skipif(not HAVE_LAYER_OP, reason="fastrec._C does not register encoder_layer_inference_cpp")
 @pytest.mark.parametrize("norm_first", [False, True])
 @pytest.mark.parametrize("activation", ["gelu", "relu"])
@@ -524,7 +516,7 @@ def test_encoder_layer_inference_op_matches_torch_layer_in_eval(norm_first, acti
     x = torch.randn(batch, length, EMBED, dtype=torch.float64)
     lengths = torch.tensor([11, 1, 7, 4, 11], dtype=torch.int32)
     op = torch.ops.fastrec.encoder_layer_inference_cpp
-    weights = [w.float() if w is not None else None for w in _layer_weights(ref)]
+    weights = [w.float() if w is not None else None for w in encoder_layer_weights(ref)]
     eps = (ref.norm1.eps, ref.norm2.eps)
     causal_mask = torch.ones(length, length, dtype=torch.bool).triu(1)
     key_pad = torch.arange(length)[None, :] >= lengths[:, None].long()
@@ -551,7 +543,7 @@ def test_encoder_layer_inference_op_passes_opcheck():
     import fastrec.ops.attention  # noqa: F401  (registers the fake)
 
     layer = perturb(torch.nn.TransformerEncoderLayer(EMBED, HEADS, batch_first=True)).eval()
-    weights = [w.detach() for w in _layer_weights(layer)]
+    weights = [w.detach() for w in encoder_layer_weights(layer)]
     x = torch.randn(3, 6, EMBED)
     lengths = torch.tensor([6, 2, 4], dtype=torch.int32)
     op = torch.ops.fastrec.encoder_layer_inference_cpp.default
@@ -565,11 +557,11 @@ def test_encoder_layer_inference_op_rejects_bad_weights():
     x = torch.randn(2, 3, EMBED)
     op = torch.ops.fastrec.encoder_layer_inference_cpp
     with pytest.raises(RuntimeError, match="weights must hold 12"):
-        op(x, _layer_weights(layer)[:11], HEADS, 1e-5, 1e-5, False, False, True, None, False)
+        op(x, encoder_layer_weights(layer)[:11], HEADS, 1e-5, 1e-5, False, False, True, None, False)
     with pytest.raises(RuntimeError, match="heads must divide"):
-        op(x, _layer_weights(layer), 5, 1e-5, 1e-5, False, False, True, None, False)
+        op(x, encoder_layer_weights(layer), 5, 1e-5, 1e-5, False, False, True, None, False)
     with pytest.raises(RuntimeError, match="in_proj_weight must be"):
-        op(x[..., :16], _layer_weights(layer), HEADS, 1e-5, 1e-5, False, False, True, None, False)
+        op(x[..., :16], encoder_layer_weights(layer), HEADS, 1e-5, 1e-5, False, False, True, None, False)
 
 
 @pytest.mark.skipif(not HAVE_LAYER_OP, reason="fastrec._C does not register encoder_layer_inference_cpp")

@@ -14,6 +14,7 @@ from fastrec import backends
 from fastrec import functional as FF
 from fastrec import nn as fnn
 from fastrec.models.base import SequentialRecommender, check_dropout, check_positive
+from fastrec.nn.attention import encoder_layer_weights
 
 _PADDING_SIDES = ("right", "left")
 
@@ -145,20 +146,7 @@ class SASRec(SequentialRecommender):
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             attn = block.self_attn
-            weights = [
-                attn.in_proj_weight,
-                attn.in_proj_bias,
-                attn.out_proj.weight,
-                attn.out_proj.bias,
-                block.norm1.weight,
-                block.norm1.bias,
-                block.linear1.weight,
-                block.linear1.bias,
-                block.linear2.weight,
-                block.linear2.bias,
-                block.norm2.weight,
-                block.norm2.bias,
-            ]
+            weights = encoder_layer_weights(block)
             backends.count("attention", "cpp")
             x = torch.ops.fastrec.encoder_layer_inference_cpp(
                 x, weights, attn.num_heads, block.norm1.eps, block.norm2.eps, True, False, i < last,

@@ -209,11 +209,7 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
         if causal is None:
             return super().forward(src, src_mask, src_key_padding_mask, is_causal)
         attn = self.self_attn
-        weights = [
-            attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias,
-            self.norm1.weight, self.norm1.bias, self.linear1.weight, self.linear1.bias,
-            self.linear2.weight, self.linear2.bias, self.norm2.weight, self.norm2.bias,
-        ]  # fmt: skip
+        weights = encoder_layer_weights(self)
         batched = src.dim() == 3
         batch_first = self.self_attn.batch_first
         x = src if not batched or batch_first else src.transpose(0, 1)
@@ -255,3 +251,13 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
 
 
 _HAVE_LAYER_OP = hasattr(torch.ops.fastrec, "encoder_layer_inference_cpp")
+
+
+def encoder_layer_weights(layer: torch.nn.TransformerEncoderLayer) -> list[Tensor | None]:
+    """A layer's tensors in the order ``encoder_layer_inference_cpp`` takes them."""
+    attn = layer.self_attn
+    return [
+        attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias,
+        layer.norm1.weight, layer.norm1.bias, layer.linear1.weight, layer.linear1.bias,
+        layer.linear2.weight, layer.linear2.bias, layer.norm2.weight, layer.norm2.bias,
+    ]  # fmt: skip
