@@ -188,7 +188,8 @@ def _is_causal_mask(mask: Tensor, len_q: int, len_k: int) -> bool:
 class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
     """``torch.nn.TransformerEncoderLayer`` whose self-attention is fastrec's (the SASRec /
     BERT4Rec block). Same constructor, parameters and ``state_dict``; torch's layer calls its
-    attention with ``need_weights=False``, so the fused path runs. At inference on the CPU (no
+    attention with ``need_weights=False``, so the fused path runs, and its dropouts are
+    ``fastrec.nn.Dropout``. At inference on the CPU (no
     autograd, dropout off, no key padding mask, no mask or the causal one, ReLU or GELU) the
     whole layer is one C++ op (``encoder_layer_inference_cpp``), for serving at small batches."""
 
