@@ -814,44 +814,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpp(
 }
 
 // ---------------------------------------------------------------------------------------------
-// One TransformerEncoderLayer at inference (serving)
+// TransformerEncoderLayers at inference (serving)
 // ---------------------------------------------------------------------------------------------
-// torch.ops.fastrec.encoder_layer_inference_cpp(x, weights, heads, eps1, eps2, gelu, norm_first,
-//                                               causal, lengths, last_query) -> y
-// torch.nn.TransformerEncoderLayer's forward without dropout (eval) as one op: at batch 1 the
-// layer is a few MFLOP, and the dozen ATen calls and the Python around them cost more than the
-// arithmetic; called from C++ they cost about a microsecond each. weights: in_proj_weight (3E,
-// E), in_proj_bias, out_proj.weight, out_proj.bias, norm1.weight, norm1.bias, linear1.weight,
-// linear1.bias, linear2.weight, linear2.bias, norm2.weight, norm2.bias (biases may be
-// undefined: pass None). x (B, L, E) batch-first. lengths (int32 (B,), optional): keys past a
-// row's length are masked. last_query: only the query at each row's last real position
-// (lengths[b] - 1, or L - 1 without lengths) is computed, y (B, 1, E), for the last layer of a
-// model that reads one position per row (keys and values still come from every position).
-at::Tensor encoder_layer_inference_cpp(const at::Tensor& x,
-                                       const c10::List<std::optional<at::Tensor>>& weight_list,
-                                       int64_t heads,
-                                       double eps1, double eps2, bool gelu, bool norm_first,
-                                       bool causal, const std::optional<at::Tensor>& lengths,
-                                       bool last_query) {
-  TORCH_CHECK(weight_list.size() == 12,
-              "fastrec encoder layer (cpp): weights must hold 12 tensors, got ", weight_list.size());
-  std::vector<at::Tensor> weights;
-  for (const std::optional<at::Tensor>& w : weight_list) weights.push_back(w.value_or(at::Tensor()));
-  for (const size_t i : {0, 2, 4, 6, 8, 10})
-    TORCH_CHECK(weights[i].defined(), "fastrec encoder layer (cpp): weight ", i, " must be given");
-  TORCH_CHECK(x.dim() == 3 && x.device().is_cpu(),
-              "fastrec encoder layer (cpp): x must be a CPU tensor (B, L, E), got ", x.sizes());
-  const int64_t B = x.size(0), L = x.size(1), E = x.size(2);
-  TORCH_CHECK(heads > 0 && E % heads == 0, "fastrec encoder layer (cpp): heads must divide E = ",
-              E, ", got ", heads);
+// torch.ops.fastrec.encoder_inference_cpp(x, weights, heads, eps1, eps2, gelu, norm_first, causal,
+//                                         lengths, last_query) -> y
+// A stack of torch.nn.TransformerEncoderLayer forwards without dropout (eval) as one op: at batch
+// 1 a layer is a few MFLOP, and the dozen ATen calls of each layer and the Python around them
+// cost more than the arithmetic; called from C++ they cost about a microsecond each. weights: 12
+// tensors per layer, in_proj_weight (3E, E), in_proj_bias, out_proj.weight, out_proj.bias,
+// norm1.weight, norm1.bias, linear1.weight, linear1.bias, linear2.weight, linear2.bias,
+// norm2.weight, norm2.bias (biases may be None). x (B, L, E) batch-first. lengths (int32 (B,),
+// optional): keys past a row's length are masked. last_query: the last layer computes only the
+// query at each row's last real position (lengths[b] - 1, or L - 1 without lengths), y (B, 1,
+// E), for a model that reads one position per row (keys and values still come from every
+// position).
+
+// One layer on weights[base .. base + 12).
+at::Tensor encoder_layer(const at::Tensor& x, const std::vector<at::Tensor>& weights, size_t base,
+                         int64_t heads, double eps1, double eps2, bool gelu, bool norm_first,
+                         bool causal, const std::optional<at::Tensor>& lengths, bool last_query) {
+  const int64_t B = x.size(0), L = x.size(1), E = x.size(2), D = E / heads;
   auto opt = [&](size_t i) {
-    return weights[i].defined() ? std::optional<at::Tensor>(weights[i]) : std::nullopt;
+    const at::Tensor& t = weights[base + i];
+    return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
   };
-  const at::Tensor &w_in = weights[0], &w_out = weights[2], &w1 = weights[6], &w2 = weights[8];
+  const at::Tensor &w_in = weights[base], &w_out = weights[base + 2], &w1 = weights[base + 6],
+                   &w2 = weights[base + 8];
   TORCH_CHECK(w_in.dim() == 2 && w_in.size(0) == 3 * E && w_in.size(1) == E,
-              "fastrec encoder layer (cpp): in_proj_weight must be (3E, E) = (", 3 * E, ", ", E,
+              "fastrec encoder (cpp): in_proj_weight must be (3E, E) = (", 3 * E, ", ", E,
               "), got ", w_in.sizes());
-  const int64_t D = E / heads;
   auto norm = [&](const at::Tensor& t, size_t i, double eps) {
     return at::layer_norm(t, {E}, opt(i), opt(i + 1), eps);
   };
@@ -866,13 +857,15 @@ at::Tensor encoder_layer_inference_cpp(const at::Tensor& x,
     rows = x.gather(1, last.view({B, 1, 1}).expand({B, 1, E}));
   }
   const at::Tensor src = norm_first ? norm(x, 4, eps1) : x;
-  const at::Tensor qsrc = last_query ? (norm_first ? norm(rows, 4, eps1) : rows) : src;
   at::Tensor q, k, v;
   if (last_query) {
+    const at::Tensor qsrc = norm_first ? norm(rows, 4, eps1) : rows;
     const std::optional<at::Tensor> b_in = opt(1);
-    q = at::linear(qsrc, w_in.narrow(0, 0, E), b_in ? std::optional<at::Tensor>(b_in->narrow(0, 0, E)) : std::nullopt);
-    const at::Tensor kv = at::linear(
-        src, w_in.narrow(0, E, 2 * E), b_in ? std::optional<at::Tensor>(b_in->narrow(0, E, 2 * E)) : std::nullopt);
+    auto part = [&](int64_t from, int64_t n) {
+      return b_in ? std::optional<at::Tensor>(b_in->narrow(0, from, n)) : std::nullopt;
+    };
+    q = at::linear(qsrc, w_in.narrow(0, 0, E), part(0, E));
+    const at::Tensor kv = at::linear(src, w_in.narrow(0, E, 2 * E), part(E, 2 * E));
     k = kv.narrow(2, 0, E);
     v = kv.narrow(2, E, E);
   } else {
@@ -903,6 +896,30 @@ at::Tensor encoder_layer_inference_cpp(const at::Tensor& x,
   return norm(y + feed_forward(y), 10, eps2);
 }
 
+at::Tensor encoder_inference_cpp(const at::Tensor& x,
+                                 const c10::List<std::optional<at::Tensor>>& weight_list,
+                                 int64_t heads, double eps1, double eps2, bool gelu,
+                                 bool norm_first, bool causal,
+                                 const std::optional<at::Tensor>& lengths, bool last_query) {
+  const size_t n = weight_list.size();
+  TORCH_CHECK(n > 0 && n % 12 == 0,
+              "fastrec encoder (cpp): weights must hold 12 tensors per layer, got ", n);
+  std::vector<at::Tensor> weights;
+  for (const std::optional<at::Tensor>& w : weight_list) weights.push_back(w.value_or(at::Tensor()));
+  for (size_t i = 0; i < n; ++i)
+    TORCH_CHECK(i % 2 == 1 || weights[i].defined(), "fastrec encoder (cpp): weight ", i,
+                " must be given (only biases may be None)");
+  TORCH_CHECK(x.dim() == 3 && x.device().is_cpu(),
+              "fastrec encoder (cpp): x must be a CPU tensor (B, L, E), got ", x.sizes());
+  TORCH_CHECK(heads > 0 && x.size(2) % heads == 0, "fastrec encoder (cpp): heads must divide E = ",
+              x.size(2), ", got ", heads);
+  at::Tensor y = x;
+  for (size_t base = 0; base < n; base += 12)
+    y = encoder_layer(y, weights, base, heads, eps1, eps2, gelu, norm_first, causal, lengths,
+                      last_query && base + 12 == n);
+  return y;
+}
+
 }  // namespace
 }  // namespace fastrec
 
@@ -916,7 +933,7 @@ TORCH_LIBRARY_FRAGMENT(fastrec, m) {
       "Tensor lse, Tensor? key_padding_mask, Tensor? lengths, Tensor? bias, Tensor? seed, "
       "bool causal, float scale, float dropout_p) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "encoder_layer_inference_cpp(Tensor x, Tensor?[] weights, int heads, float eps1, "
+      "encoder_inference_cpp(Tensor x, Tensor?[] weights, int heads, float eps1, "
       "float eps2, bool gelu, bool norm_first, bool causal, Tensor? lengths, bool last_query) "
       "-> Tensor");
 }
@@ -924,5 +941,5 @@ TORCH_LIBRARY_FRAGMENT(fastrec, m) {
 TORCH_LIBRARY_IMPL(fastrec, CPU, m) {
   m.impl("attention_forward_cpp", &fastrec::attention_forward_cpp);
   m.impl("attention_backward_cpp", &fastrec::attention_backward_cpp);
-  m.impl("encoder_layer_inference_cpp", &fastrec::encoder_layer_inference_cpp);
+  m.impl("encoder_inference_cpp", &fastrec::encoder_inference_cpp);
 }

@@ -496,10 +496,10 @@ def test_patch_transformer_encoder_and_disabled_family():
 
 
 # --------------------------------------------------------------------------- serving op
-HAVE_LAYER_OP = hasattr(torch.ops.fastrec, "encoder_layer_inference_cpp")
+HAVE_LAYER_OP = hasattr(torch.ops.fastrec, "encoder_inference_cpp")
 
 
-@pytest.mark.skipif(not HAVE_LAYER_OP, reason="fastrec._C does not register encoder_layer_inference_cpp")
+@pytest.mark.skipif(not HAVE_LAYER_OP, reason="fastrec._C does not register encoder_inference_cpp")
 @pytest.mark.parametrize("norm_first", [False, True])
 @pytest.mark.parametrize("activation", ["gelu", "relu"])
 @pytest.mark.parametrize("bias", [True, False])
@@ -515,7 +515,7 @@ def test_encoder_layer_inference_op_matches_torch_layer_in_eval(norm_first, acti
     batch, length = 5, 11
     x = torch.randn(batch, length, EMBED, dtype=torch.float64)
     lengths = torch.tensor([11, 1, 7, 4, 11], dtype=torch.int32)
-    op = torch.ops.fastrec.encoder_layer_inference_cpp
+    op = torch.ops.fastrec.encoder_inference_cpp
     weights = [w.float() if w is not None else None for w in encoder_layer_weights(ref)]
     eps = (ref.norm1.eps, ref.norm2.eps)
     causal_mask = torch.ones(length, length, dtype=torch.bool).triu(1)
@@ -538,7 +538,32 @@ def test_encoder_layer_inference_op_matches_torch_layer_in_eval(norm_first, acti
         assert_rel_close(last_full[:, 0], want[:, -1], "last query, no lengths")
 
 
-@pytest.mark.skipif(not HAVE_LAYER_OP, reason="fastrec._C does not register encoder_layer_inference_cpp")
+@pytest.mark.skipif(not HAVE_LAYER_OP, reason="fastrec._C does not register encoder_inference_cpp")
+def test_encoder_inference_op_runs_a_stack_of_layers():
+    """Three layers' weights in one call equal the layers one after the other (torch, float64),
+    the last one computing only each row's last real position."""
+    torch.manual_seed(0)
+    layers = [
+        perturb(torch.nn.TransformerEncoderLayer(EMBED, HEADS, 2 * EMBED, activation="gelu", batch_first=True))
+        .double()
+        .eval()
+        for _ in range(3)
+    ]
+    x = torch.randn(4, 9, EMBED, dtype=torch.float64)
+    lengths = torch.tensor([9, 3, 1, 6], dtype=torch.int32)
+    mask = torch.ones(9, 9, dtype=torch.bool).triu(1)
+    weights = [w.float() if w is not None else None for layer in layers for w in encoder_layer_weights(layer)]
+    with torch.no_grad():
+        want = x
+        for layer in layers:
+            want = layer(want, src_mask=mask, is_causal=True)
+        got = torch.ops.fastrec.encoder_inference_cpp(
+            x.float(), weights, HEADS, 1e-5, 1e-5, True, False, True, lengths, True
+        )
+    assert_rel_close(got[:, 0], want[torch.arange(4), lengths.long() - 1], "three layers, last query")
+
+
+@pytest.mark.skipif(not HAVE_LAYER_OP, reason="fastrec._C does not register encoder_inference_cpp")
 def test_encoder_layer_inference_op_passes_opcheck():
     import fastrec.ops.attention  # noqa: F401  (registers the fake)
 
@@ -546,17 +571,17 @@ def test_encoder_layer_inference_op_passes_opcheck():
     weights = [w.detach() for w in encoder_layer_weights(layer)]
     x = torch.randn(3, 6, EMBED)
     lengths = torch.tensor([6, 2, 4], dtype=torch.int32)
-    op = torch.ops.fastrec.encoder_layer_inference_cpp.default
+    op = torch.ops.fastrec.encoder_inference_cpp.default
     torch.library.opcheck(op, (x, weights, HEADS, 1e-5, 1e-5, True, False, True, None, False))
     torch.library.opcheck(op, (x, weights, HEADS, 1e-5, 1e-5, False, True, True, lengths, True))
 
 
-@pytest.mark.skipif(not HAVE_LAYER_OP, reason="fastrec._C does not register encoder_layer_inference_cpp")
+@pytest.mark.skipif(not HAVE_LAYER_OP, reason="fastrec._C does not register encoder_inference_cpp")
 def test_encoder_layer_inference_op_rejects_bad_weights():
     layer = torch.nn.TransformerEncoderLayer(EMBED, HEADS, batch_first=True)
     x = torch.randn(2, 3, EMBED)
-    op = torch.ops.fastrec.encoder_layer_inference_cpp
-    with pytest.raises(RuntimeError, match="weights must hold 12"):
+    op = torch.ops.fastrec.encoder_inference_cpp
+    with pytest.raises(RuntimeError, match="12 tensors per layer"):
         op(x, encoder_layer_weights(layer)[:11], HEADS, 1e-5, 1e-5, False, False, True, None, False)
     with pytest.raises(RuntimeError, match="heads must divide"):
         op(x, encoder_layer_weights(layer), 5, 1e-5, 1e-5, False, False, True, None, False)
@@ -564,7 +589,7 @@ def test_encoder_layer_inference_op_rejects_bad_weights():
         op(x[..., :16], encoder_layer_weights(layer), HEADS, 1e-5, 1e-5, False, False, True, None, False)
 
 
-@pytest.mark.skipif(not HAVE_LAYER_OP, reason="fastrec._C does not register encoder_layer_inference_cpp")
+@pytest.mark.skipif(not HAVE_LAYER_OP, reason="fastrec._C does not register encoder_inference_cpp")
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("norm_first", [False, True])
 def test_transformer_encoder_layer_inference_runs_the_serving_op(batch_first, norm_first):

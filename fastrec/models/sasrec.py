@@ -140,22 +140,20 @@ class SASRec(SequentialRecommender):
         return x[:, 0]
 
     def _serve_cpp(self, x: Tensor, lengths: Tensor) -> Tensor:
-        """The blocks as one C++ op each (encoder_layer_inference_cpp): at batch 1 the Python
-        and per-op dispatch of a block cost more than its arithmetic."""
-        lengths = lengths.to(torch.int32)
-        last = len(self.blocks) - 1
-        for i, block in enumerate(self.blocks):
-            attn = block.self_attn
-            weights = encoder_layer_weights(block)
-            backends.count("attention", "cpp")
-            x = torch.ops.fastrec.encoder_layer_inference_cpp(
-                x, weights, attn.num_heads, block.norm1.eps, block.norm2.eps, True, False, i < last,
-                lengths if i == last else None, i == last,
-            )  # fmt: skip
+        """All blocks as one C++ op (encoder_inference_cpp): at batch 1 the Python and per-op
+        dispatch of a block cost more than its arithmetic. Keys past each row's length are
+        masked in every block, which changes only padding positions."""
+        weights = [w for block in self.blocks for w in encoder_layer_weights(block)]
+        first = self.blocks[0]
+        backends.count("attention", "cpp")
+        x = torch.ops.fastrec.encoder_inference_cpp(
+            x, weights, first.self_attn.num_heads, first.norm1.eps, first.norm2.eps, True, False, True,
+            lengths.to(torch.int32), True,
+        )  # fmt: skip
         return x[:, 0]
 
 
-HAVE_LAYER_OP = hasattr(torch.ops.fastrec, "encoder_layer_inference_cpp")
+HAVE_LAYER_OP = hasattr(torch.ops.fastrec, "encoder_inference_cpp")
 
 
 def _inference_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, lengths: Tensor | None) -> Tensor:

@@ -191,7 +191,7 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
     attention with ``need_weights=False``, so the fused path runs, and its dropouts are
     ``fastrec.nn.Dropout``. At inference on the CPU (no
     autograd, dropout off, no key padding mask, no mask or the causal one, ReLU or GELU) the
-    whole layer is one C++ op (``encoder_layer_inference_cpp``), for serving at small batches."""
+    whole layer is one C++ op (``encoder_inference_cpp``), for serving at small batches."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -216,7 +216,7 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
         x = src if not batched or batch_first else src.transpose(0, 1)
         x = x if batched else x.unsqueeze(0)
         backends.count("TransformerEncoderLayer", "cpp")
-        y = torch.ops.fastrec.encoder_layer_inference_cpp(
+        y = torch.ops.fastrec.encoder_inference_cpp(
             x.contiguous(), weights, attn.num_heads, self.norm1.eps, self.norm2.eps,
             self.activation_relu_or_gelu == 2, self.norm_first, causal, None, False,
         )  # fmt: skip
@@ -251,14 +251,18 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
         return None
 
 
-_HAVE_LAYER_OP = hasattr(torch.ops.fastrec, "encoder_layer_inference_cpp")
+_HAVE_LAYER_OP = hasattr(torch.ops.fastrec, "encoder_inference_cpp")
 
 
 def encoder_layer_weights(layer: torch.nn.TransformerEncoderLayer) -> list[Tensor | None]:
-    """A layer's tensors in the order ``encoder_layer_inference_cpp`` takes them."""
-    attn = layer.self_attn
-    return [
-        attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias,
-        layer.norm1.weight, layer.norm1.bias, layer.linear1.weight, layer.linear1.bias,
-        layer.linear2.weight, layer.linear2.bias, layer.norm2.weight, layer.norm2.bias,
-    ]  # fmt: skip
+    """A layer's tensors in the order ``encoder_inference_cpp`` takes them (read from the
+    modules' dictionaries: ``Module.__getattr__`` costs more than the second layer's arithmetic
+    at batch 1)."""
+    modules = layer._modules
+    attn = modules["self_attn"]
+    names = ("out_proj", "norm1", "linear1", "linear2", "norm2")
+    params = [(attn._modules if name == "out_proj" else modules)[name]._parameters for name in names]
+    weights = [attn._parameters["in_proj_weight"], attn._parameters["in_proj_bias"]]
+    for p in params:
+        weights += [p["weight"], p.get("bias")]
+    return weights
