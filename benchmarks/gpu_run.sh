@@ -36,6 +36,7 @@ run_tests attention 90 tests/test_attention.py tests/test_nn_attention.py
 run_tests rnn 60 tests/test_rnn_triton.py
 run_tests rnn_cell 40 tests/test_rnn_cells_triton.py
 run_tests conv 60 tests/test_conv*.py tests/test_caser.py
+run_tests dropout 20 tests/test_dropout.py
 timeout 140 "$python" -m fastrec bench --rounds 10 --json "$out/bench.json" --markdown "$out/bench.md" 2>&1 \
   | tee "$out/bench.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
