@@ -113,6 +113,9 @@ class SASRec(SequentialRecommender):
         if self.padding_side == "left":
             shift = (torch.arange(length, device=items.device) + (length - lengths).unsqueeze(1)) % length
             items = items.gather(1, shift)
+        if items.device.type == "cpu":  # right-aligned now: columns past the longest history never matter
+            length = int(lengths.max())
+            items = items[:, :length]
         x = F.embedding(items, self.item_embedding.weight) + self.position_embedding.weight[:length]
         x = F.layer_norm(x, (self.dim,), self.norm.weight, self.norm.bias, self.norm.eps)
         if x.device.type == "cpu" and HAVE_LAYER_OP and backends.select(x.device) == "cpp":
