@@ -191,7 +191,7 @@ def test_gradcheck_float64(mode, bias):
     b_ih, b_hh = (leaf(g * hidden), leaf(g * hidden)) if bias else (None, None)
 
     def fn(*args):
-        h_new, c_new = rnn_ops.RNNCellFunction.apply(*args, mode)
+        h_new, c_new = rnn_ops.RNNCellFunction.apply(*args, mode, "cpp")
         return (h_new, c_new) if mode == "lstm" else h_new
 
     assert torch.autograd.gradcheck(fn, (x, h, c, w_ih, w_hh, b_ih, b_hh))

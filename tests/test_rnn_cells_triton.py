@@ -155,7 +155,7 @@ def _leaves(mode, batch, size, hidden, bias, dtype=torch.float64):
 @pytest.mark.parametrize("bias", [True, False])
 def test_gradcheck_float64(mode, bias):
     def fn(*args):
-        h_new, c_new = rnn_ops.RNNCellTritonFunction.apply(*args, mode)
+        h_new, c_new = rnn_ops.RNNCellFunction.apply(*args, mode, "triton")
         return (h_new, c_new) if mode == "lstm" else h_new
 
     # fast mode (random projections of the Jacobian: a few interpreted launches instead of one per
@@ -184,7 +184,7 @@ def test_two_runs_are_bitwise_equal(mode):
     tensors = [t for t in leaves if t is not None]
 
     def run():
-        h_new, c_new = rnn_ops.RNNCellTritonFunction.apply(*leaves, mode)
+        h_new, c_new = rnn_ops.RNNCellFunction.apply(*leaves, mode, "triton")
         out = h_new.sum() + (c_new.square().sum() if mode == "lstm" else 0)
         return [h_new.detach(), *torch.autograd.grad(out, tensors)]
 

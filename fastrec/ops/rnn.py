@@ -400,15 +400,23 @@ def rnn_cell_torch(x, h, c, w_ih, w_hh, b_ih, b_hh, mode) -> tuple[Tensor, Tenso
     return _CELLS[mode](x, h, w_ih, w_hh, b_ih, b_hh), None
 
 
+def _cell_forward(backend, x, h, c, w_ih, w_hh, b_ih, b_hh, mode):
+    """The forward op of ``backend`` ("cpp" or "triton"): ``(h_new, c_new, workspace)``."""
+    if backend == "cpp":
+        return _cell_forward_op(x, h, c, w_ih, w_hh, b_ih, b_hh, mode)
+    return torch.ops.fastrec.rnn_cell_forward_triton(x, h, c, w_ih, w_hh, b_ih, b_hh, mode, _allow_tf32(x))
+
+
 class RNNCellFunction(torch.autograd.Function):
-    """One step of one cell on the cpp backend: both GEMMs and the gate arithmetic in one op,
-    every gradient (input, state, weights, biases) in one op."""
+    """One step of one cell. cpp: both GEMMs and the gate arithmetic in one op, every gradient
+    (input, state, weights, biases) in one op; triton: one fused kernel forward, the gate
+    gradients by one kernel and the input / state / weight / bias gradients as GEMMs backward."""
 
     @staticmethod
-    def forward(ctx, x, h, c, w_ih, w_hh, b_ih, b_hh, mode):
-        h_new, c_new, workspace = _cell_forward_op(x, h, c, w_ih, w_hh, b_ih, b_hh, mode)
+    def forward(ctx, x, h, c, w_ih, w_hh, b_ih, b_hh, mode, backend):
+        h_new, c_new, workspace = _cell_forward(backend, x, h, c, w_ih, w_hh, b_ih, b_hh, mode)
         ctx.save_for_backward(x, h, c, w_ih, w_hh, workspace)
-        ctx.flags = (mode, b_ih is not None)
+        ctx.flags = (mode, b_ih is not None, backend)
         if mode != "lstm":
             ctx.mark_non_differentiable(c_new)
         return h_new, c_new
@@ -416,13 +424,14 @@ class RNNCellFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_h_new, grad_c_new):
         x, h, c, w_ih, w_hh, workspace = ctx.saved_tensors
-        mode, has_bias = ctx.flags
+        mode, has_bias, backend = ctx.flags
         lstm = mode == "lstm"
-        dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh = _cell_backward_op(
+        op = _cell_backward_op if backend == "cpp" else torch.ops.fastrec.rnn_cell_backward_triton
+        dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh = op(
             grad_h_new, grad_c_new if lstm else None, workspace, x, h, c, w_ih, w_hh, has_bias, mode
         )
         bias = (db_ih, db_hh) if has_bias else (None, None)
-        return dx, dh, dc if lstm else None, dw_ih, dw_hh, *bias, None
+        return dx, dh, dc if lstm else None, dw_ih, dw_hh, *bias, None, None
 
 
 # --------------------------------------------------------------------------- triton cells
@@ -478,47 +487,11 @@ def _fake_cell_backward_triton(*args):
     return _fake_cell_backward(*args)
 
 
-class RNNCellTritonFunction(torch.autograd.Function):
-    """One step of one cell on the triton backend: one fused kernel forward, the gate gradients
-    by one kernel and the input / state / weight / bias gradients as GEMMs backward."""
-
-    @staticmethod
-    def forward(ctx, x, h, c, w_ih, w_hh, b_ih, b_hh, mode):
-        h_new, c_new, workspace = torch.ops.fastrec.rnn_cell_forward_triton(
-            x, h, c, w_ih, w_hh, b_ih, b_hh, mode, _allow_tf32(x)
-        )
-        ctx.save_for_backward(x, h, c, w_ih, w_hh, workspace)
-        ctx.flags = (mode, b_ih is not None)
-        if mode != "lstm":
-            ctx.mark_non_differentiable(c_new)
-        return h_new, c_new
-
-    @staticmethod
-    def backward(ctx, grad_h_new, grad_c_new):
-        x, h, c, w_ih, w_hh, workspace = ctx.saved_tensors
-        mode, has_bias = ctx.flags
-        lstm = mode == "lstm"
-        dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh = torch.ops.fastrec.rnn_cell_backward_triton(
-            grad_h_new, grad_c_new if lstm else None, workspace, x, h, c, w_ih, w_hh, has_bias, mode
-        )
-        bias = (db_ih, db_hh) if has_bias else (None, None)
-        return dx, dh, dc if lstm else None, dw_ih, dw_hh, *bias, None
-
-
 def _cell_triton_unfused_reason(x: Tensor) -> str | None:
     """Why the Triton cell (CUDA, or forced on CPU = interpreter) does not cover this call, or None."""
     if x.dtype not in _CELL_TRITON_DTYPES:
         return f"{x.dtype} cell (the Triton cell takes float16 / bfloat16 / float32 / float64)"
     return None
-
-
-def _rnn_cell_triton(x, h, c, w_ih, w_hh, b_ih, b_hh, mode) -> tuple[Tensor, Tensor | None]:
-    tensors = (x, h, c, w_ih, w_hh, b_ih, b_hh)
-    if _needs_grad(*tensors):
-        h_new, c_new = RNNCellTritonFunction.apply(*tensors, mode)
-    else:  # inference: the op alone
-        h_new, c_new, _ = torch.ops.fastrec.rnn_cell_forward_triton(*tensors, mode, _allow_tf32(x))
-    return h_new, c_new if mode == "lstm" else None
 
 
 def _cell_unfused_reason(x: Tensor, mode: str) -> str | None:
@@ -550,19 +523,10 @@ def rnn_cell(
         reason = _cell_unfused_reason(x, mode)
         backend = backends.select(x.device, reason)
     backends.count(CELL_OP, backend, reason or "")
-    if backend == "cpp":
-        if torch.is_grad_enabled() and (
-            x.requires_grad
-            or h.requires_grad
-            or w_ih.requires_grad
-            or w_hh.requires_grad
-            or (c is not None and c.requires_grad)
-            or (b_ih is not None and (b_ih.requires_grad or b_hh.requires_grad))
-        ):
-            h_new, c_new = RNNCellFunction.apply(x, h, c, w_ih, w_hh, b_ih, b_hh, mode)
+    if backend in ("cpp", "triton"):
+        if _needs_grad(x, h, c, w_ih, w_hh, b_ih, b_hh):
+            h_new, c_new = RNNCellFunction.apply(x, h, c, w_ih, w_hh, b_ih, b_hh, mode, backend)
         else:  # inference: the op alone, without the autograd.Function's bookkeeping
-            h_new, c_new, _ = _cell_forward_op(x, h, c, w_ih, w_hh, b_ih, b_hh, mode)
+            h_new, c_new, _ = _cell_forward(backend, x, h, c, w_ih, w_hh, b_ih, b_hh, mode)
         return h_new, c_new if mode == "lstm" else None
-    if backend == "triton":
-        return _rnn_cell_triton(x, h, c, w_ih, w_hh, b_ih, b_hh, mode)
     return rnn_cell_torch(x, h, c, w_ih, w_hh, b_ih, b_hh, mode)
