@@ -4,10 +4,11 @@ after 3 epochs without a better validation NDCG@10, full ranking, leave-one-out,
 Prints and writes the mean and seed-to-seed standard deviation of test NDCG@10 per model and
 backend next to RecBole 1.2.1's figure on the same split (measured on this machine, seed 2020).
 
-Every finished run is appended to the JSON file at once, so an interrupted sweep keeps its runs
-and a rerun skips them.
+Every finished run is appended to the JSON file at once (re-read first, so two sweeps over other
+backends or models can share it), so an interrupted sweep keeps its runs and a rerun skips them.
 
-Usage: python benchmarks/accuracy.py [--models caser,gru4rec,sasrec] [--seeds 2020,2021,2022]
+Usage: python benchmarks/accuracy.py [--models caser,gru4rec,sasrec] [--backends fastrec,torch]
+       [--seeds 2020,2021,2022]
        [--threads T] [--json PATH] [--markdown PATH]
 """
 
@@ -31,6 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="caser,gru4rec,sasrec")
     parser.add_argument("--seeds", default="2020,2021,2022")
+    parser.add_argument("--backends", default=",".join(BACKENDS))
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default="benchmarks/results/accuracy-ml100k.json")
     parser.add_argument("--markdown", default="benchmarks/results/accuracy-ml100k.md")
@@ -38,15 +40,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     path = Path(args.json)
-    runs = json.loads(path.read_text()) if path.exists() else []
-    done = {(r["model"], r["backend"], r["seed"]) for r in runs}
     for model in args.models.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
-            for backend in BACKENDS:
-                if (model, backend, seed) in done:
+            for backend in args.backends.split(","):
+                if (model, backend, seed) in {(r["model"], r["backend"], r["seed"]) for r in load(path)}:
                     continue
                 config = train.TrainConfig(model=model, backend=backend, seed=seed, progress=False)
                 result = train.run(config, log=lambda line: print(line, flush=True))
+                runs = load(path)  # another sweep may have written to the file meanwhile
                 runs.append(
                     {
                         "model": model,
@@ -60,9 +61,13 @@ def main() -> None:
                     }
                 )
                 path.write_text(json.dumps(runs, indent=1))
-    table = summary(runs)
+    table = summary(load(path))
     print(table)
     Path(args.markdown).write_text(table + "\n")
+
+
+def load(path: Path) -> list[dict]:
+    return json.loads(path.read_text()) if path.exists() else []
 
 
 def summary(runs: list[dict]) -> str:

@@ -45,13 +45,12 @@ class GRU4Rec(SequentialRecommender):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """RecBole's initialisation: xavier-normal embeddings, xavier-uniform GRU weights,
-        xavier-normal projection with zero bias."""
+        """RecBole's initialisation: xavier-normal embeddings (the padding row too), xavier-uniform
+        GRU weights, torch's default for the projection (RecBole leaves it as it is)."""
         torch.nn.init.xavier_normal_(self.item_embedding.weight)
         for param in self.gru.parameters():
             torch.nn.init.xavier_uniform_(param)
-        torch.nn.init.xavier_normal_(self.projection.weight)
-        torch.nn.init.zeros_(self.projection.bias)
+        self.projection.reset_parameters()
 
     def forward(self, batch) -> Tensor:
         """(B, dim): the projected GRU output at each history's last real item."""
