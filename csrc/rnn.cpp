@@ -1077,22 +1077,6 @@ void cell_backward_row(int64_t H, const T* dhn, const T* dcn, const T* ws, const
   }
 }
 
-// Sum of the lanes of v.
-template <typename T>
-inline T vhsum(const Vec<T>& v) {
-#if defined(__AVX512F__)
-  if constexpr (sizeof(T) == 4) {
-    return _mm512_reduce_add_ps(reinterpret_cast<const __m512&>(v));
-  } else {
-    return _mm512_reduce_add_pd(reinterpret_cast<const __m512d&>(v));
-  }
-#else
-  T s = 0;
-  for (int w = 0; w < kN<T>; ++w) s += v[w];
-  return s;
-#endif
-}
-
 // out[b, n] (+)= bias[n] + sum_k w[n, k] a[b, k] for b < B <= kCellSmallBatch: w (N, K) and a
 // (B, K) row-major, out (B, ldo). Dot products along k straight from torch's weight layout: at
 // a handful of rows there is nothing to amortise a packing or a GEMM call over. RB rows and

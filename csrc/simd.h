@@ -7,6 +7,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace fastrec {
 
@@ -58,6 +61,22 @@ inline Vec<float> vexp(Vec<float> x) {
   const VI bits = (__builtin_convertvector(n, VI) + 127) << 23;  // 2^n, n in [-126, 128)
   const Vec<float> two_n = reinterpret_cast<const Vec<float>&>(bits);
   return x < lo ? Vec<float>{} : p * two_n;
+}
+
+// Sum of the lanes of v.
+template <typename T>
+inline T vhsum(const Vec<T>& v) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(T) == 4) {
+    return _mm512_reduce_add_ps(reinterpret_cast<const __m512&>(v));
+  } else {
+    return _mm512_reduce_add_pd(reinterpret_cast<const __m512d&>(v));
+  }
+#else
+  T s = 0;
+  for (int w = 0; w < kN<T>; ++w) s += v[w];
+  return s;
+#endif
 }
 
 // fp64 is the gradcheck path: accuracy over speed.

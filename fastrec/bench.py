@@ -179,7 +179,35 @@ def attention_cases(device: torch.device, dtype: torch.dtype, full: bool) -> lis
         )
         if heads == 2 and head_dim == 32 and side == "right":
             cases += _mha_cases(device, dtype, batch, length, p, kpm, causal, copies)
+    if device.type == "cpu":
+        cases += [_encoder_inference_case(dtype, batch) for batch in (1, 128)]
     return cases
+
+
+def _encoder_inference_case(dtype, batch, length=50) -> Case:
+    """A SASRec block at inference (eval, no_grad, causal): fastrec.nn.TransformerEncoderLayer
+    (one C++ op on the CPU) against torch's layer, which takes its native fast path in eval."""
+    embed, heads, ff = 64, 2, 256
+    torch.manual_seed(0)
+    kwargs = dict(dropout=0.2, activation="gelu", batch_first=True, dtype=dtype)
+    ref = torch.nn.TransformerEncoderLayer(embed, heads, ff, **kwargs).eval()
+    ours = fastrec.nn.TransformerEncoderLayer(embed, heads, ff, **kwargs).eval()
+    ours.load_state_dict(ref.state_dict())
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(length, dtype=dtype)
+    x = torch.randn(batch, length, embed, dtype=dtype)
+
+    def run(module):
+        def call():
+            with torch.no_grad():
+                return module(x, src_mask=mask, is_causal=True)
+
+        return call
+
+    fns = {"fastrec": run(ours), "nn.TransformerEncoderLayer": run(ref)}
+    flops = 2 * batch * length * (4 * embed * embed + 2 * embed * ff) + 2 * batch * length * length * embed
+    io = 2 * batch * length * embed * dtype.itemsize
+    shape = f"B={batch} L={length} E={embed} H={heads} F={ff} causal"
+    return Case("attention", "encoder layer, eval", shape, _dtype_name(dtype), "forward", fns, flops, io)
 
 
 def _mha_cases(device, dtype, batch, length, p, kpm, causal, copies) -> list[Case]:

@@ -539,6 +539,57 @@ def test_encoder_layer_inference_op_matches_torch_layer_in_eval(norm_first, acti
 
 
 @pytest.mark.skipif(not HAVE_LAYER_OP, reason="fastrec._C does not register encoder_inference_cpp")
+@pytest.mark.parametrize(
+    "embed, heads, ff, length, dtype",
+    [
+        (24, 2, 42, 70, torch.float32),  # fp32 serving path: tails in every loop, two column blocks
+        (24, 2, 42, 70, torch.float64),  # the ATen path
+        (16, 2, 20, 300, torch.float32),  # fp32 past the serving path's length: the ATen path
+    ],
+)
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_encoder_inference_op_paths_match_torch(embed, heads, ff, length, dtype, norm_first, activation):
+    """Both implementations behind the op (fp32 short sequences: feature-major kernels; else
+    ATen calls) against two torch layers in float64, at shapes that exercise every remainder
+    loop: head size 12, E and F not multiples of 16, L spanning several 64-position blocks."""
+    torch.manual_seed(1)
+    layers = [
+        perturb(
+            torch.nn.TransformerEncoderLayer(
+                embed, heads, ff, activation=activation, batch_first=True, norm_first=norm_first
+            )
+        )
+        .double()
+        .eval()
+        for _ in range(2)
+    ]
+    x = torch.randn(3, length, embed, dtype=torch.float64)
+    lengths = torch.tensor([length, 1, length // 2 + 3], dtype=torch.int32)
+    mask = torch.ones(length, length, dtype=torch.bool).triu(1)
+    weights = [w.to(dtype) if w is not None else None for layer in layers for w in encoder_layer_weights(layer)]
+    op = torch.ops.fastrec.encoder_inference_cpp
+    gelu = activation == "gelu"
+    with torch.no_grad():
+        want = x
+        for layer in layers:
+            want = layer(want, src_mask=mask, is_causal=True)
+        got = op(x.to(dtype), weights, heads, 1e-5, 1e-5, gelu, norm_first, True, None, False)
+        assert_rel_close(got, want, "causal, every position")
+        last = op(x.to(dtype), weights, heads, 1e-5, 1e-5, gelu, norm_first, True, lengths, True)
+        for b in range(3):  # a row's last position sees only its own first lengths[b] keys
+            ref = x[b : b + 1, : lengths[b]]
+            for layer in layers:
+                ref = layer(ref, src_mask=mask[: lengths[b], : lengths[b]], is_causal=True)
+            assert_rel_close(last[b, 0], ref[0, -1], f"row {b}, last query")
+        plain = op(x.to(dtype), weights, heads, 1e-5, 1e-5, gelu, norm_first, False, None, False)
+        want = x
+        for layer in layers:
+            want = layer(want)
+        assert_rel_close(plain, want, "not causal")
+
+
+@pytest.mark.skipif(not HAVE_LAYER_OP, reason="fastrec._C does not register encoder_inference_cpp")
 def test_encoder_inference_op_runs_a_stack_of_layers():
     """Three layers' weights in one call equal the layers one after the other (torch, float64),
     the last one computing only each row's last real position."""
@@ -587,6 +638,15 @@ def test_encoder_layer_inference_op_rejects_bad_weights():
         op(x, encoder_layer_weights(layer), 5, 1e-5, 1e-5, False, False, True, None, False)
     with pytest.raises(RuntimeError, match="in_proj_weight must be"):
         op(x[..., :16], encoder_layer_weights(layer), HEADS, 1e-5, 1e-5, False, False, True, None, False)
+    with pytest.raises(RuntimeError, match="linear2.weight must be"):
+        weights = encoder_layer_weights(layer)
+        op(x, weights[:8] + [weights[8][:, 1:]] + weights[9:], HEADS, 1e-5, 1e-5, False, False, True, None, False)
+    with pytest.raises(RuntimeError, match="of x's dtype"):
+        op(x.double(), encoder_layer_weights(layer), HEADS, 1e-5, 1e-5, False, False, True, None, False)
+    for lengths, last_query in (([4, 1], False), ([-1, 1], False), ([0, 2], True)):
+        with pytest.raises(RuntimeError, match="lengths must lie in"):
+            lengths = torch.tensor(lengths)
+            op(x, encoder_layer_weights(layer), HEADS, 1e-5, 1e-5, False, False, True, lengths, last_query)
 
 
 @pytest.mark.skipif(not HAVE_LAYER_OP, reason="fastrec._C does not register encoder_inference_cpp")

@@ -151,7 +151,7 @@ class SASRec(SequentialRecommender):
         backends.count("attention", "cpp")
         x = torch.ops.fastrec.encoder_inference_cpp(
             x, weights, first.self_attn.num_heads, first.norm1.eps, first.norm2.eps, True, False, True,
-            lengths.to(torch.int32), True,
+            lengths, True,
         )  # fmt: skip
         return x[:, 0]
 
