@@ -5,10 +5,11 @@ Prints and writes the mean and seed-to-seed standard deviation of test NDCG@10 p
 backend next to RecBole 1.2.1's figure on the same split (measured on this machine, seed 2020).
 
 Every finished run is appended to the JSON file at once (re-read first, so two sweeps over other
-backends or models can share it), so an interrupted sweep keeps its runs and a rerun skips them.
+backends or models can share it), so an interrupted sweep keeps its runs and a rerun skips them;
+give a sweep with another --epochs / --patience its own --json.
 
 Usage: python benchmarks/accuracy.py [--models caser,gru4rec,sasrec] [--backends fastrec,torch]
-       [--seeds 2020,2021,2022]
+       [--seeds 2020,2021,2022] [--epochs N] [--patience N]
        [--threads T] [--json PATH] [--markdown PATH]
 """
 
@@ -34,6 +35,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="2020,2021,2022")
     parser.add_argument("--backends", default=",".join(BACKENDS))
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--epochs", type=int, default=None, help="epoch cap (default: fastrec train's, 12)")
+    parser.add_argument("--patience", type=int, default=None, help="early-stopping patience (default: 3)")
     parser.add_argument("--json", default="benchmarks/results/accuracy-ml100k.json")
     parser.add_argument("--markdown", default="benchmarks/results/accuracy-ml100k.md")
     args = parser.parse_args()
@@ -45,7 +48,8 @@ def main() -> None:
             for backend in args.backends.split(","):
                 if (model, backend, seed) in {(r["model"], r["backend"], r["seed"]) for r in load(path)}:
                     continue
-                config = train.TrainConfig(model=model, backend=backend, seed=seed, progress=False)
+                protocol = {k: v for k, v in (("epochs", args.epochs), ("patience", args.patience)) if v is not None}
+                config = train.TrainConfig(model=model, backend=backend, seed=seed, progress=False, **protocol)
                 result = train.run(config, log=lambda line: print(line, flush=True))
                 runs = load(path)  # another sweep may have written to the file meanwhile
                 runs.append(
@@ -53,6 +57,8 @@ def main() -> None:
                         "model": model,
                         "backend": backend,
                         "seed": seed,
+                        "epochs_cap": config.epochs,
+                        "patience": config.patience,
                         "best_epoch": result.best_epoch,
                         "epochs": len(result.epochs),
                         "median_epoch_s": statistics.median(e.seconds for e in result.epochs),
