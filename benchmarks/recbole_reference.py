@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import json
+import os
 import tempfile
 import time
 
@@ -32,6 +33,8 @@ def main() -> None:
     parser.add_argument("seed", type=int)
     parser.add_argument("--out", default="benchmarks/results/recbole-ml100k.jsonl")
     args = parser.parse_args()
+    out = os.path.abspath(args.out)
+    os.chdir(tempfile.mkdtemp(prefix="recbole-"))  # RecBole writes log/ and log_tensorboard/ here
     torch.set_num_threads(1)
     # RecBole 1.2.1 reloads its own best checkpoint with torch.load's pre-2.6 default.
     load = torch.load
@@ -49,7 +52,7 @@ def main() -> None:
         "device": "cpu",
         "use_gpu": False,
         "show_progress": False,
-        "checkpoint_dir": tempfile.mkdtemp(prefix="recbole-"),
+        "checkpoint_dir": "saved",
     }
     if args.model == "Caser":
         config_dict["MAX_ITEM_LIST_LENGTH"] = 10
@@ -71,7 +74,7 @@ def main() -> None:
         "best_valid": {k: float(v) for k, v in best_valid.items()},
     }
     print(json.dumps(row))
-    with open(args.out, "a") as f:
+    with open(out, "a") as f:
         f.write(json.dumps(row) + "\n")
 
 
