@@ -6,10 +6,12 @@ backend next to RecBole 1.2.1's figure on the same split (measured on this machi
 
 Every finished run is appended to the JSON file at once (re-read first, so two sweeps over other
 backends or models can share it), so an interrupted sweep keeps its runs and a rerun skips them;
-give a sweep with another --epochs / --patience its own --json.
+give a sweep with another --epochs / --patience / --dropout-stream its own --json.
+``--dropout-stream torch`` gives the fastrec backend torch's own dropout masks
+(``fastrec.use_dropout_stream``): both backends then train on the same masks, a paired run.
 
 Usage: python benchmarks/accuracy.py [--models caser,gru4rec,sasrec] [--backends fastrec,torch]
-       [--seeds 2020,2021,2022] [--epochs N] [--patience N]
+       [--seeds 2020,2021,2022] [--epochs N] [--patience N] [--dropout-stream fastrec|torch]
        [--threads T] [--json PATH] [--markdown PATH]
 """
 
@@ -37,6 +39,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None, help="epoch cap (default: fastrec train's, 12)")
     parser.add_argument("--patience", type=int, default=None, help="early-stopping patience (default: 3)")
+    parser.add_argument(
+        "--dropout-stream", default="fastrec", choices=["fastrec", "torch"], help="torch: torch's own masks (paired runs)"
+    )
     parser.add_argument("--json", default="benchmarks/results/accuracy-ml100k.json")
     parser.add_argument("--markdown", default="benchmarks/results/accuracy-ml100k.md")
     args = parser.parse_args()
@@ -49,7 +54,14 @@ def main() -> None:
                 if (model, backend, seed) in {(r["model"], r["backend"], r["seed"]) for r in load(path)}:
                     continue
                 protocol = {k: v for k, v in (("epochs", args.epochs), ("patience", args.patience)) if v is not None}
-                config = train.TrainConfig(model=model, backend=backend, seed=seed, progress=False, **protocol)
+                config = train.TrainConfig(
+                    model=model,
+                    backend=backend,
+                    seed=seed,
+                    progress=False,
+                    dropout_stream=args.dropout_stream,
+                    **protocol,
+                )
                 result = train.run(config, log=lambda line: print(line, flush=True))
                 runs = load(path)  # another sweep may have written to the file meanwhile
                 runs.append(
@@ -59,6 +71,7 @@ def main() -> None:
                         "seed": seed,
                         "epochs_cap": config.epochs,
                         "patience": config.patience,
+                        "dropout_stream": config.dropout_stream,
                         "best_epoch": result.best_epoch,
                         "epochs": len(result.epochs),
                         "median_epoch_s": statistics.median(e.seconds for e in result.epochs),

@@ -1,11 +1,13 @@
 // Fused softmax attention on the CPU, forward and backward:
 //   torch.ops.fastrec.attention_forward_cpp(q, k, v, key_padding_mask, lengths, bias, seed,
-//                                           causal, scale, dropout_p) -> (out, lse)
+//                                           causal, scale, dropout_p, dropout_mask=None)
+//                                           -> (out, lse)
 //   torch.ops.fastrec.attention_backward_cpp(grad_out, q, k, v, out, lse, key_padding_mask,
-//                                            lengths, bias, seed, causal, scale, dropout_p)
-//                                           -> (dq, dk, dv)
+//                                            lengths, bias, seed, causal, scale, dropout_p,
+//                                            dropout_mask=None) -> (dq, dk, dv)
 // Semantics (masks, dropout stream, fully masked rows) are those of the Triton kernels in
 // kernels/attention.py; the readable reference is the torch backend in fastrec/ops/attention.py.
+// A bool dropout_mask (B, H, Lq, Lk) replaces the Philox draw (fastrec.use_dropout_stream).
 //
 // Layout of the work: one (batch, head) pair per task, in parallel over B * H. Per task, K is
 // copied once transposed to (D, Lk) (so that query rows times K are FMAs over contiguous keys)
@@ -314,6 +316,7 @@ struct Masks {
   float threshold = 0;              // dropout_p in fp32
   acc_t inv_keep = 1;               // 1 / (1 - dropout_p)
   uint32_t key0 = 0, key1 = 0;      // Philox key from the seed
+  const bool* keep = nullptr;       // (B, H, Lq, Lk) given dropout draw (replaces Philox); or null
 };
 
 // addk[j] = 0 where key j of batch row b may be attended (padding mask and lengths), -inf
@@ -372,6 +375,13 @@ void block_scores(const Masks<acc_t>& m, const acc_t* qb, int64_t ldq, const acc
 template <typename acc_t>
 void dropout_row(const Masks<acc_t>& m, int64_t b, int64_t h, int64_t i, int64_t c0, int64_t c1,
                  acc_t* z) {
+  if (m.keep) {
+    const bool* __restrict kr = m.keep + ((b * m.H + h) * m.Lq + i) * m.Lk;
+    const int64_t jb = std::min(c1, m.Lk);
+    for (int64_t j = c0; j < jb; ++j) z[j] = kr[j] ? m.inv_keep : acc_t(0);
+    for (int64_t j = std::max(c0, jb); j < c1; ++j) z[j] = acc_t(0);
+    return;
+  }
   const uint32_t c1_ctr = static_cast<uint32_t>(b * m.H + h);
   for (int64_t c = c0; c < c1; c += kW)
     dropout_chunk(static_cast<uint32_t>(i * m.Lk + c), c1_ctr, m.key0, m.key1, m.threshold,
@@ -679,7 +689,7 @@ Masks<acc_t> make_masks(const at::Tensor& q, const at::Tensor& k,
                         const std::optional<at::Tensor>& lengths,
                         const std::optional<at::Tensor>& bias,
                         const std::optional<at::Tensor>& seed, bool causal, double scale,
-                        double dropout_p) {
+                        double dropout_p, const std::optional<at::Tensor>& dropout_mask) {
   Masks<acc_t> m;
   m.B = q.size(0);
   m.H = q.size(1);
@@ -726,7 +736,18 @@ Masks<acc_t> make_masks(const at::Tensor& q, const at::Tensor& k,
   }
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0,
               "fastrec attention (cpp): dropout_p must be in [0, 1), got ", dropout_p);
-  if (dropout_p > 0.0) {
+  if (dropout_p > 0.0 && dropout_mask.has_value()) {
+    const at::Tensor& t = *dropout_mask;
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBool && t.dim() == 4 &&
+                    t.size(0) == m.B && t.size(1) == m.H && t.size(2) == m.Lq &&
+                    t.size(3) == m.Lk && t.is_contiguous(),
+                "fastrec attention (cpp): dropout_mask must be a contiguous CPU bool tensor of "
+                "shape (B, H, Lq, Lk) = (",
+                m.B, ", ", m.H, ", ", m.Lq, ", ", m.Lk, "), got ", t.scalar_type(), " ", t.sizes());
+    m.dropout = true;
+    m.inv_keep = static_cast<acc_t>(1.0 / (1.0 - dropout_p));
+    m.keep = t.data_ptr<bool>();
+  } else if (dropout_p > 0.0) {
     TORCH_CHECK(seed.has_value(), "fastrec attention (cpp): dropout_p > 0 needs a seed tensor");
     const at::Tensor& t = *seed;
     TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.numel() >= 1,
@@ -744,7 +765,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpp(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& lengths,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& seed, bool causal,
-    double scale, double dropout_p) {
+    double scale, double dropout_p, const std::optional<at::Tensor>& dropout_mask) {
   check_qkv(q, k, v);
   const auto lse_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
@@ -753,7 +774,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpp(
                                   "attention_forward_cpp", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Masks<acc_t> m = make_masks<acc_t>(q, k, key_padding_mask, lengths, bias, seed, causal,
-                                             scale, dropout_p);
+                                             scale, dropout_p, dropout_mask);
     if (m.B * m.H * m.Lq == 0) return;
     const auto qv = view4<scalar_t>(q), kv = view4<scalar_t>(k), vv = view4<scalar_t>(v);
     scalar_t* out_p = out.data_ptr<scalar_t>();
@@ -772,7 +793,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpp(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& seed, bool causal, double scale, double dropout_p) {
+    const std::optional<at::Tensor>& seed, bool causal, double scale, double dropout_p,
+    const std::optional<at::Tensor>& dropout_mask) {
   check_qkv(q, k, v);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
               "fastrec attention (cpp): grad_out and out must have q's shape ", q.sizes(),
@@ -795,7 +817,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpp(
                                   "attention_backward_cpp", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Masks<acc_t> m = make_masks<acc_t>(q, k, key_padding_mask, lengths, bias, seed, causal,
-                                             scale, dropout_p);
+                                             scale, dropout_p, dropout_mask);
     if (m.B * m.H == 0) return;
     const auto gov = view4<scalar_t>(grad_out), qv = view4<scalar_t>(q), kv = view4<scalar_t>(k),
                vv = view4<scalar_t>(v), ov = view4<scalar_t>(out);
@@ -882,7 +904,8 @@ at::Tensor encoder_layer(const at::Tensor& x, const std::vector<at::Tensor>& wei
   const at::Tensor attn =
       std::get<0>(attention_forward_cpp(split(q), split(k), split(v), std::nullopt, lens,
                                         std::nullopt, std::nullopt, causal && !last_query,
-                                        1.0 / std::sqrt(static_cast<double>(D)), 0.0));
+                                        1.0 / std::sqrt(static_cast<double>(D)), 0.0,
+                                        std::nullopt));
   const at::Tensor a =
       at::linear(attn.transpose(1, 2).reshape({B, rows.size(1), E}), w_out, opt(3));
   auto feed_forward = [&](const at::Tensor& t) {
@@ -1364,12 +1387,13 @@ at::Tensor encoder_inference_cpp(const at::Tensor& x,
 TORCH_LIBRARY_FRAGMENT(fastrec, m) {
   m.def(
       "attention_forward_cpp(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, "
-      "Tensor? lengths, Tensor? bias, Tensor? seed, bool causal, float scale, float dropout_p) "
-      "-> (Tensor, Tensor)");
+      "Tensor? lengths, Tensor? bias, Tensor? seed, bool causal, float scale, float dropout_p, "
+      "Tensor? dropout_mask=None) -> (Tensor, Tensor)");
   m.def(
       "attention_backward_cpp(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, Tensor? key_padding_mask, Tensor? lengths, Tensor? bias, Tensor? seed, "
-      "bool causal, float scale, float dropout_p) -> (Tensor, Tensor, Tensor)");
+      "bool causal, float scale, float dropout_p, Tensor? dropout_mask=None) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def(
       "encoder_inference_cpp(Tensor x, Tensor?[] weights, int heads, float eps1, "
       "float eps2, bool gelu, bool norm_first, bool causal, Tensor? lengths, bool last_query) "

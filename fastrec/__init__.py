@@ -1,12 +1,13 @@
 """fastrec: fused Triton and C++ kernels for sequential recommender models.
 
 Public API: ``patch``/``unpatch`` (swap torch modules for fused twins), ``use_backend``
-(force ``triton``/``cpp``/``torch``), ``stats`` (which backend ran what), ``nn`` (drop-in
-modules) and ``functional`` (the ops).
+(force ``triton``/``cpp``/``torch``), ``use_dropout_stream`` (torch's dropout masks instead of
+fastrec's), ``stats`` (which backend ran what), ``nn`` (drop-in modules) and ``functional``
+(the ops).
 """
 
 from fastrec import backends, functional, nn
-from fastrec.backends import stats, use_backend
+from fastrec.backends import stats, use_backend, use_dropout_stream
 from fastrec.patch import PatchReport, patch, unpatch
 
 __version__ = "0.1.0"
@@ -19,4 +20,5 @@ __all__ = [
     "stats",
     "unpatch",
     "use_backend",
+    "use_dropout_stream",
 ]

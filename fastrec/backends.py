@@ -9,6 +9,12 @@
 
 Unless forced, CUDA tensors go to ``triton`` and CPU tensors to ``cpp``, each falling back to
 ``torch`` when unavailable. ``FASTREC_BACKEND`` or ``with use_backend(name):`` forces one.
+
+Dropout masks come from fastrec's Philox stream (``"fastrec"``, the default: the fused kernels
+draw them in registers) or, inside ``with use_dropout_stream("torch"):``, from torch's own
+stream: the very masks torch's modules draw for the same seed, so a fastrec model trains step
+for step like its torch twin (for validating a swap in training mode; on CPU it costs torch's
+mask generation, which the fused kernels avoid).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from collections.abc import Iterator
 import torch
 
 BACKENDS = ("triton", "cpp", "torch")
+DROPOUT_STREAMS = ("fastrec", "torch")
 
 _state = threading.local()
 _counts: Counter[tuple[str, str, str]] = Counter()
@@ -82,6 +89,34 @@ def use_backend(name: str) -> Iterator[None]:
     stack = getattr(_state, "stack", None)
     if stack is None:
         stack = _state.stack = []
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def dropout_stream() -> str:
+    """Where dropout masks come from now: ``"fastrec"`` (Philox, default) or ``"torch"``."""
+    stack = getattr(_state, "streams", None)
+    return stack[-1] if stack else "fastrec"
+
+
+@contextlib.contextmanager
+def use_dropout_stream(name: str) -> Iterator[None]:
+    """Draw every fastrec dropout mask inside the block (this thread) from ``name``'s stream.
+
+    ``"torch"``: ``fastrec.nn.Dropout`` and ``functional.dropout`` run ``F.dropout``; attention
+    dropout draws ``bernoulli_(1 - p)`` over ``(B, H, Lq, Lk)`` from torch's generator, as
+    torch's CPU attention does, and the fused CPU kernels apply it. torch's CUDA attention draws
+    its masks inside its own kernels, which fastrec does not reproduce: attention dropout on
+    other devices is an error in this mode.
+    """
+    if name not in DROPOUT_STREAMS:
+        raise ValueError(f"dropout stream must be one of {DROPOUT_STREAMS}, got {name!r}")
+    stack = getattr(_state, "streams", None)
+    if stack is None:
+        stack = _state.streams = []
     stack.append(name)
     try:
         yield

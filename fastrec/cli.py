@@ -64,6 +64,7 @@ def _train(args: argparse.Namespace) -> int:
         device=args.device,
         amp=args.amp,
         compile=args.compile,
+        dropout_stream=args.dropout_stream,
         seed=args.seed,
         checkpoint=args.checkpoint,
         resume=args.resume,
@@ -106,6 +107,13 @@ def _add_train(sub) -> None:
     train.add_argument("--amp", default=None, choices=["bf16"], help="autocast to bfloat16")
     train.add_argument("--compile", action="store_true", help="torch.compile the training step")
     train.add_argument("--compare", action="store_true", help="train both backends from the same seed, side by side")
+    train.add_argument(
+        "--dropout-stream",
+        default="fastrec",
+        choices=["fastrec", "torch"],
+        help="where dropout masks come from: fastrec's fused Philox stream (default) or torch's own "
+        "(the masks torch draws for the same seed: with --compare, both backends see the same masks)",
+    )
     train.add_argument("--seed", type=int, default=2020)
     train.add_argument("--checkpoint", help="save the training state here after each epoch")
     train.add_argument("--resume", action="store_true", help="continue from --checkpoint")

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from fastrec import backends
 from fastrec.models import MODELS, ModelInput, SequentialRecommender
 
 DEFAULT_MAX_LEN = {"sasrec": 50, "gru4rec": 50, "caser": 10}
@@ -56,6 +57,7 @@ class TrainConfig:
     device: str = "cpu"
     amp: str | None = None  # "bf16"
     compile: bool = False
+    dropout_stream: str = "fastrec"  # "torch": torch's masks (fastrec.use_dropout_stream), for paired runs
     seed: int = 2020
     checkpoint: str | None = None  # path written after each epoch
     resume: bool = False  # continue from ``checkpoint`` if it exists
@@ -67,6 +69,10 @@ class TrainConfig:
             raise ValueError(f"model must be one of {sorted(MODELS)}, got {self.model!r}")
         if self.amp not in (None, "bf16"):
             raise ValueError(f"amp must be None or 'bf16', got {self.amp!r}")
+        if self.dropout_stream not in backends.DROPOUT_STREAMS:
+            raise ValueError(
+                f"dropout_stream must be one of {backends.DROPOUT_STREAMS}, got {self.dropout_stream!r}"
+            )
         for name in ("epochs", "batch_size", "eval_batch_size", "patience", "n_negatives"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -360,8 +366,10 @@ def run(config: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
             f"{data.train.n_examples} training examples, max_len {config.max_len}, device {config.device}"
             + (f", amp {config.amp}" if config.amp else "")
             + (", compiled" if config.compile else "")
+            + (", torch's dropout masks" if config.dropout_stream == "torch" else "")
         )
-    epochs, best_epoch = fit(model, data, config, log)
+    with backends.use_dropout_stream(config.dropout_stream):
+        epochs, best_epoch = fit(model, data, config, log)
     test = evaluate(model, *data.test, batch_size=config.eval_batch_size)
     seconds = time.perf_counter() - start
     if rank == 0:

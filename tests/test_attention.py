@@ -413,7 +413,7 @@ def fused_with_seed(backend, q, k, v, seed, dropout_p, *, key_padding_mask=None,
     from torch's RNG)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     out, _ = attention_ops.AttentionFunction.apply(
-        q, k, v, key_padding_mask, None, None, seed, causal, scale, dropout_p, backend
+        q, k, v, key_padding_mask, None, None, seed, causal, scale, dropout_p, None, backend
     )
     return out
 
@@ -442,6 +442,43 @@ def test_dropout_matches_reference_with_philox_keep_mask(backend, dropout_p):
     )
     for name, actual, expected in zip(NAMES, (fast[0], *fast[1]), (ref[0], *ref[1]), strict=True):
         assert_rel_close(actual, expected, name)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("backend", ["torch", "cpp"])  # the Triton kernels draw their own masks
+def test_given_dropout_mask_replaces_the_philox_draw(backend, causal):
+    """cpp and torch take a bool keep mask (B, H, Lq, Lk) instead of a seed (torch's own draw,
+    under use_dropout_stream("torch")): forward and gradients against the reference with it."""
+    if unavailable(backend):
+        pytest.skip(f"{backend} unavailable: {unavailable(backend)}")
+    batch, heads, length, head_dim, dropout_p = 2, 3, 37, 25, 0.3
+    keep = torch.rand(batch, heads, length, length) >= dropout_p
+    kpm = padding_mask(torch.tensor([37, 11]), length, "left")
+    q, k, v = qkv(batch, heads, length, length, head_dim)
+    grad_out = randn(batch, heads, length, head_dim)
+    scale = 1.0 / math.sqrt(head_dim)
+
+    def fused(a, b, c):
+        if backend == "torch":
+            return attention_ops.attention_torch(a, b, c, kpm, None, None, None, causal, scale, dropout_p, keep)
+        return attention_ops.AttentionFunction.apply(
+            a, b, c, kpm, None, None, None, causal, scale, dropout_p, keep, backend
+        )[0]
+
+    fast = out_and_grads(fused, [q, k, v], grad_out)
+    allowed = allowed_mask(batch, length, length, causal=causal, key_padding_mask=kpm)
+    ref = out_and_grads(
+        lambda a, b, c: reference(a, b, c, allowed=allowed, keep=keep, dropout_p=dropout_p),
+        [t.double() for t in (q, k, v)],
+        grad_out.double(),
+    )
+    for name, actual, expected in zip(NAMES, (fast[0], *fast[1]), (ref[0], *ref[1]), strict=True):
+        assert_rel_close(actual, expected, name)
+    if backend == "cpp":
+        forward = torch.ops.fastrec.attention_forward_cpp
+        with pytest.raises(RuntimeError, match=r"dropout_mask must be a contiguous CPU bool tensor of shape \(B, H"):
+            forward(q, k, v, None, None, None, None, causal, scale, dropout_p, keep[:, :, :-1])
+        torch.library.opcheck(forward.default, (q, k, v, kpm, None, None, None, causal, scale, dropout_p, keep))
 
 
 def identity_value_probe(backend, dropout_p, seed, batch=2, heads=4, len_q=128, len_k=64):

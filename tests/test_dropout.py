@@ -243,6 +243,25 @@ def test_forced_torch_backend_draws_the_same_bits():
     assert torch.equal(ref, fast)
 
 
+def test_torch_stream_draws_torchs_own_masks():
+    """Under use_dropout_stream("torch") the op is F.dropout itself (same seed, same output,
+    same generator state after); an explicit seed still draws fastrec's Philox mask."""
+    x = torch.randn(6, 50, 16)
+    torch.manual_seed(4)
+    expected = torch.nn.functional.dropout(x, 0.3, True)
+    after = torch.rand(3)
+    fastrec.backends.stats(reset=True)
+    with fastrec.use_dropout_stream("torch"):
+        torch.manual_seed(4)
+        got = FF.dropout(x, 0.3)
+        assert torch.equal(torch.rand(3), after)
+        seeded = dropout_ops.dropout(x, 0.3, True, seed=_seed(8, "cpu"))
+    assert torch.equal(got, expected)
+    assert fastrec.backends.stats(reset=True)[("dropout", "torch", "torch dropout stream")] == 1
+    with fastrec.use_backend("torch"):
+        assert torch.equal(seeded, dropout_ops.dropout(x, 0.3, True, seed=_seed(8, "cpu")))
+
+
 def test_registered_op_passes_opcheck(backend):
     device = _device(backend)
     op = _op(backend).default

@@ -7,7 +7,7 @@ random upstream gradient: relative error within MODEL_FP32_BOUND (2e-5, the mode
 bound measured in tests/test_nn_attention.py) or twice fp32 torch's own error, whichever is
 larger. Convergence: 30 Adam steps on the same batches; the loss curve, final parameters and
 top-k scores agree within the same two-reference bound. Dropout is 0 in the comparisons
-(fastrec's attention dropout draws its own mask).
+(fastrec's dropout draws its own masks), except under ``use_dropout_stream("torch")``.
 """
 
 from __future__ import annotations
@@ -113,6 +113,31 @@ def test_loss_and_every_gradient_match_torch(name, kind):
             assert f_gu[i] is None or not f_gu[i].any()
             continue
         assert_two_reference(f_gu[i], p_gu[i], r_gu[i], f"grad of {param_name} under a random upstream")
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_training_with_dropout_matches_torch_under_the_torch_stream(name):
+    """With dropout on, ``use_dropout_stream("torch")`` gives the fastrec model torch's masks
+    (embedding, attention, feed-forward and residual dropout, in torch's order), so loss and
+    every gradient match the torch model's in training mode; fastrec's own stream differs."""
+    models = [build(name, backend, dropout=0.3) for backend in ("fastrec", "torch", "torch")]
+    models[2] = models[2].double()
+    for model in models[1:]:
+        model.load_state_dict(models[0].state_dict())
+    batch = random_batch(models[0])
+    results = []
+    for i, model in enumerate(models):
+        with fastrec.use_dropout_stream("torch" if i == 0 else "fastrec"):
+            torch.manual_seed(5)
+            loss = model.loss(batch)
+        results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
+    (f_loss, f_g), (p_loss, p_g), (r_loss, r_g) = results
+    assert_two_reference(f_loss, p_loss, r_loss, "loss")
+    for i, (param_name, _) in enumerate(models[0].named_parameters()):
+        assert_two_reference(f_g[i], p_g[i], r_g[i], f"loss grad of {param_name}")
+    torch.manual_seed(5)
+    own = models[0].loss(batch)
+    assert rel_err(own, p_loss) > 10 * MODEL_FP32_BOUND, "fastrec's own stream should draw other masks"
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -21,12 +21,13 @@ import copy
 
 import pytest
 import torch
-from attention_reference import assert_rel_close, device_of, run_forced
+from attention_reference import assert_rel_close, device_of, run_forced, unavailable
 
 import fastrec
 import fastrec.functional
 from fastrec import nn as fnn
 from fastrec.nn.attention import encoder_layer_weights
+from fastrec.ops import attention as attention_ops
 
 EMBED, HEADS = 32, 4
 
@@ -275,6 +276,77 @@ def test_training_dropout_is_reproducible_from_torch_seed_and_active(backend):
     assert not torch.equal(train_out, run(4))
     fast.eval()
     assert not torch.equal(train_out, fast(x, x, x, need_weights=False)[0])
+
+
+# --------------------------------------------------------------------------- torch's dropout stream
+@pytest.fixture(params=["torch", "cpp"])
+def stream_backend(request):
+    """The backends that take torch's attention-dropout masks (CPU)."""
+    yield from run_forced(request.param)
+
+
+def assert_matches_torch_in_training(fast, ref, tensors, order, **kwargs):
+    """``fast`` under ``use_dropout_stream("torch")`` against ``ref`` (float64), both from the
+    same torch seed with dropout active: output and every gradient within 1e-5."""
+    probe = ref(*(tensors[i].double() for i in order), **{n: _to(v, "cpu", torch.float64) for n, v in kwargs.items()})
+    grad_out = torch.randn((probe[0] if isinstance(probe, tuple) else probe).shape)
+    with fastrec.use_dropout_stream("torch"):
+        torch.manual_seed(11)
+        out, grads, _ = run_module(fast, tensors, order, grad_out, **kwargs)
+    torch.manual_seed(11)
+    ref_out, ref_grads, _ = run_module(ref, tensors, order, grad_out, **kwargs)
+    assert_rel_close(out, ref_out, "output")
+    for name, grad in grads.items():
+        assert_rel_close(grad, ref_grads[name], f"grad of {name}")
+    torch.manual_seed(11)
+    own, _, _ = run_module(fast, tensors, order, grad_out, **kwargs)
+    assert (own - ref_out.float()).norm() > 1e-2 * ref_out.norm(), "fastrec's own stream should draw other masks"
+
+
+@pytest.mark.parametrize("mode", ["self", "cross"])
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
+def test_torch_dropout_stream_mha_matches_torch_in_training(stream_backend, batch_first, mode):
+    fast, ref = make_pair(stream_backend, batch_first=batch_first, dropout=0.3)
+    tensors, order = inputs(mode, batch_first)
+    kpm = torch.rand(3, tensors[order[1]].shape[1 if batch_first else 0]) < 0.3
+    kpm[:, 0] = False
+    assert_matches_torch_in_training(fast, ref, tensors, order, key_padding_mask=kpm, need_weights=False)
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
+def test_torch_dropout_stream_encoder_layer_matches_torch_in_training(stream_backend, norm_first):
+    """Attention, residual and feed-forward dropout all draw torch's masks in torch's order
+    (which needs the attention output in torch's memory layout)."""
+    kwargs = dict(d_model=EMBED, nhead=HEADS, dim_feedforward=48, dropout=0.3, batch_first=True, norm_first=norm_first)
+    torch_layer = perturb(torch.nn.TransformerEncoderLayer(**kwargs))
+    fast = fnn.TransformerEncoderLayer(**kwargs)
+    fast.load_state_dict(torch_layer.state_dict())
+    ref = copy.deepcopy(torch_layer).double()
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(12)
+    assert_matches_torch_in_training(fast, ref, [torch.randn(3, 12, EMBED)], (0,), src_mask=causal, is_causal=True)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_mha_output_has_torchs_memory_layout(batch_first):
+    fast, ref = make_pair("torch", batch_first=batch_first)
+    x = torch.randn(3, 11, EMBED) if batch_first else torch.randn(11, 3, EMBED)
+    out = fast(x, x, x, need_weights=False)[0]
+    assert out.stride() == ref.float()(x, x, x, need_weights=False)[0].stride()
+
+
+def test_torch_dropout_stream_errors_name_the_stream_and_device():
+    with pytest.raises(ValueError, match="dropout stream must be one of"):
+        with fastrec.use_dropout_stream("philox"):
+            pass
+    q = torch.empty(2, 2, 5, 8, device="meta")
+    with pytest.raises(RuntimeError, match="CPU only.*meta"):
+        attention_ops.torch_dropout_mask(q, q, 0.1)
+    if unavailable("triton") is None:
+        x = torch.randn(2, 5, EMBED)
+        fast, _ = make_pair("triton", batch_first=True, dropout=0.1)
+        with fastrec.use_backend("triton"), fastrec.use_dropout_stream("torch"):
+            with pytest.raises(RuntimeError, match="cpp or torch backend"):
+                fast(x, x, x, need_weights=False)
 
 
 # --------------------------------------------------------------------------- torch fallbacks

@@ -95,7 +95,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         # Tokens stay in the caller's layout, (B, L, E) or (L, B, E): the projections read the
-        # input in place and the heads are strided views, so nothing is transposed in memory.
+        # input in place and the heads are strided views.
         batch_major = self.batch_first or not batched
         batch, len_q = query.shape[:2] if batch_major else query.shape[1::-1]
         embed, heads, head_dim = self.embed_dim, self.num_heads, self.head_dim
@@ -141,9 +141,11 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
         )
-        out = out.transpose(1, 2) if batch_major else out.permute(2, 0, 1, 3)
-        out = F.linear(out.reshape(-1, embed), self.out_proj.weight, self.out_proj.bias)
-        out = out.view(batch, len_q, embed) if batch_major else out.view(len_q, batch, embed)
+        # The output laid out as torch's: (L, B, E) in memory, a transposed view when batch_first
+        # (strides decide the order in which torch's dropout draws the next mask).
+        out = F.linear(out.permute(2, 0, 1, 3).reshape(-1, embed), self.out_proj.weight, self.out_proj.bias)
+        out = out.view(len_q, batch, embed)
+        out = out.transpose(0, 1) if batch_major else out
         return out if batched else out.squeeze(0)
 
     def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -15,7 +15,8 @@ The contract every backend implements (Triton: ``kernels/attention.py``; C++:
 - ``dropout_p`` in [0, 1) with ``seed`` int64 ``(1,)`` on q's device: probability ``P_ij`` is
   kept iff the Philox uniform of ``fastrec._philox`` for counter ``(i * Lk + j, b * H + h)`` is
   ``>= dropout_p``; kept ones are scaled by ``1 / (1 - dropout_p)``. Every backend draws the
-  same bits.
+  same bits. cpp and torch also take a bool ``dropout_mask`` ``(B, H, Lq, Lk)`` (True = kept)
+  instead of the seed: torch's own draw, under ``fastrec.use_dropout_stream("torch")``.
 - ``out`` ``(B, H, Lq, D)`` contiguous in q's dtype; ``lse`` ``(B, H, Lq)`` fp32 (fp64 for fp64
   q), the natural-log log-sum-exp of the allowed scores before dropout. A row with no allowed
   key has ``out = 0`` and ``lse = +inf``, so its probabilities and gradients are exactly zero.
@@ -50,6 +51,7 @@ def attention_torch(
     causal: bool,
     scale: float,
     dropout_p: float,
+    dropout_mask: Tensor | None = None,
 ) -> Tensor:
     """Plain torch ops, differentiated by autograd: the readable reference of the contract."""
     len_q, len_k = q.shape[-2], k.shape[-2]
@@ -72,7 +74,9 @@ def attention_torch(
     probs = torch.softmax(scores.float() if q.dtype in (torch.float16, torch.bfloat16) else scores, -1)
     probs = probs.masked_fill(~allowed, 0.0)
     if dropout_p > 0.0:
-        keep = dropout_keep_mask(seed, q.shape[0], q.shape[1], len_q, len_k, dropout_p, q.device)
+        keep = dropout_mask
+        if keep is None:
+            keep = dropout_keep_mask(seed, q.shape[0], q.shape[1], len_q, len_k, dropout_p, q.device)
         probs = probs * keep / (1.0 - dropout_p)
     return torch.matmul(probs.to(v.dtype), v)
 
@@ -164,30 +168,31 @@ def _allow_tf32(q: Tensor) -> bool:
 
 
 class AttentionFunction(torch.autograd.Function):
-    """Fused attention on the ``triton`` or ``cpp`` backend; saves q, k, v, out and lse."""
+    """Fused attention on the ``triton`` or ``cpp`` backend; saves q, k, v, out and lse (and a
+    given dropout mask, cpp only)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, lengths, bias, seed, causal, scale, dropout_p, backend):
+    def forward(ctx, q, k, v, key_padding_mask, lengths, bias, seed, causal, scale, dropout_p, dropout_mask, backend):
         masks = (key_padding_mask, lengths, bias, seed, causal, scale, dropout_p)
         if backend == "triton":
             out, lse = torch.ops.fastrec.attention_forward_triton(q, k, v, *masks, _allow_tf32(q))
         else:
-            out, lse = torch.ops.fastrec.attention_forward_cpp(q, k, v, *masks)
-        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, lengths, bias, seed)
+            out, lse = torch.ops.fastrec.attention_forward_cpp(q, k, v, *masks, dropout_mask)
+        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, lengths, bias, seed, dropout_mask)
         ctx.flags = (causal, scale, dropout_p, backend)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, _grad_lse):
-        q, k, v, out, lse, key_padding_mask, lengths, bias, seed = ctx.saved_tensors
+        q, k, v, out, lse, key_padding_mask, lengths, bias, seed, dropout_mask = ctx.saved_tensors
         causal, scale, dropout_p, backend = ctx.flags
         args = (grad_out, q, k, v, out, lse, key_padding_mask, lengths, bias, seed, causal, scale, dropout_p)
         if backend == "triton":
             dq, dk, dv = torch.ops.fastrec.attention_backward_triton(*args, _allow_tf32(q))
         else:
-            dq, dk, dv = torch.ops.fastrec.attention_backward_cpp(*args)
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+            dq, dk, dv = torch.ops.fastrec.attention_backward_cpp(*args, dropout_mask)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 def attention(
@@ -203,16 +208,34 @@ def attention(
 ) -> Tensor:
     """Attention on canonical inputs (see the module docstring); picks the backend per call."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    seed = None
-    if dropout_p > 0.0:
+    seed = mask = None
+    if dropout_p > 0.0 and backends.dropout_stream() == "torch":
+        mask = torch_dropout_mask(q, k, dropout_p)
+    elif dropout_p > 0.0:
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
     reason = _unfused_reason(q, k, v, bias, causal)
     backend = backends.select(q.device, reason)
     backends.count(OP, backend, reason or "")
+    if mask is not None and backend == "triton":
+        raise RuntimeError("use_dropout_stream('torch') needs the cpp or torch backend; triton draws its own masks")
     if backend == "torch":
-        return attention_torch(q, k, v, key_padding_mask, lengths, bias, seed, causal, scale, dropout_p)
-    out, _ = AttentionFunction.apply(q, k, v, key_padding_mask, lengths, bias, seed, causal, scale, dropout_p, backend)
+        return attention_torch(q, k, v, key_padding_mask, lengths, bias, seed, causal, scale, dropout_p, mask)
+    out, _ = AttentionFunction.apply(
+        q, k, v, key_padding_mask, lengths, bias, seed, causal, scale, dropout_p, mask, backend
+    )
     return out
+
+
+def torch_dropout_mask(q: Tensor, k: Tensor, dropout_p: float) -> Tensor:
+    """The keep mask torch's CPU attention draws for these shapes: ``bernoulli_(1 - p)`` over
+    ``(B, H, Lq, Lk)`` from the default generator (SDPA's math path, ``at::dropout``)."""
+    if q.device.type != "cpu":
+        raise RuntimeError(
+            f"use_dropout_stream('torch') reproduces torch's attention-dropout masks on CPU only; "
+            f"on {q.device.type} torch draws them inside its own kernels (got q on {q.device})"
+        )
+    shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
+    return torch.empty(shape, dtype=torch.bool).bernoulli_(1.0 - dropout_p)
 
 
 def _unfused_reason(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, causal: bool) -> str | None:

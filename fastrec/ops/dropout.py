@@ -91,7 +91,8 @@ def dropout(x: Tensor, p: float, training: bool, seed: int | Tensor | None = Non
     int64 ``(1,)``): drawn from torch's default generator when None, so ``torch.manual_seed``
     makes runs reproducible. Calls the fused kernels do not cover run ``F.dropout`` (torch's own
     random stream), counted with the reason; a forced ``torch`` backend runs the reference
-    (``dropout_torch``, the same bits as the kernels).
+    (``dropout_torch``, the same bits as the kernels). Under ``use_dropout_stream("torch")``
+    without a ``seed``, ``F.dropout`` itself (torch's masks).
     """
     check_p(p)
     p = float(p)
@@ -99,6 +100,9 @@ def dropout(x: Tensor, p: float, training: bool, seed: int | Tensor | None = Non
         return x
     if p == 1.0:
         backends.count(OP, "torch", "p == 1")
+        return F.dropout(x, p, True)
+    if seed is None and backends.dropout_stream() == "torch":
+        backends.count(OP, "torch", "torch dropout stream")
         return F.dropout(x, p, True)
     reason = _unfused_reason(x)
     backend = backends.select(x.device, reason)
