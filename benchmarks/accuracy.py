@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="epoch cap (default: fastrec train's, 12)")
     parser.add_argument("--patience", type=int, default=None, help="early-stopping patience (default: 3)")
     parser.add_argument(
-        "--dropout-stream", default="fastrec", choices=["fastrec", "torch"], help="torch: torch's own masks (paired runs)"
+        "--dropout-stream", default="fastrec", choices=["fastrec", "torch"], help="torch: torch's own dropout masks"
     )
     parser.add_argument("--json", default="benchmarks/results/accuracy-ml100k.json")
     parser.add_argument("--markdown", default="benchmarks/results/accuracy-ml100k.md")

@@ -70,9 +70,7 @@ class TrainConfig:
         if self.amp not in (None, "bf16"):
             raise ValueError(f"amp must be None or 'bf16', got {self.amp!r}")
         if self.dropout_stream not in backends.DROPOUT_STREAMS:
-            raise ValueError(
-                f"dropout_stream must be one of {backends.DROPOUT_STREAMS}, got {self.dropout_stream!r}"
-            )
+            raise ValueError(f"dropout_stream must be one of {backends.DROPOUT_STREAMS}, got {self.dropout_stream!r}")
         for name in ("epochs", "batch_size", "eval_batch_size", "patience", "n_negatives"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
