@@ -327,11 +327,13 @@ def test_torch_dropout_stream_encoder_layer_matches_torch_in_training(stream_bac
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
-def test_mha_output_has_torchs_memory_layout(batch_first):
+def test_mha_output_has_torchs_memory_layout_under_the_torch_stream(batch_first):
     fast, ref = make_pair("torch", batch_first=batch_first)
     x = torch.randn(3, 11, EMBED) if batch_first else torch.randn(11, 3, EMBED)
-    out = fast(x, x, x, need_weights=False)[0]
+    with fastrec.use_dropout_stream("torch"):
+        out = fast(x, x, x, need_weights=False)[0]
     assert out.stride() == ref.float()(x, x, x, need_weights=False)[0].stride()
+    assert fast(x, x, x, need_weights=False)[0].is_contiguous()  # fastrec's own stream: contiguous
 
 
 def test_torch_dropout_stream_errors_name_the_stream_and_device():

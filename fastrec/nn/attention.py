@@ -141,11 +141,13 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
         )
-        # The output laid out as torch's: (L, B, E) in memory, a transposed view when batch_first
-        # (strides decide the order in which torch's dropout draws the next mask).
-        out = F.linear(out.permute(2, 0, 1, 3).reshape(-1, embed), self.out_proj.weight, self.out_proj.bias)
-        out = out.view(len_q, batch, embed)
-        out = out.transpose(0, 1) if batch_major else out
+        if batch_major and backends.dropout_stream() != "torch":  # (B, L, E), contiguous
+            out = F.linear(out.transpose(1, 2).reshape(-1, embed), self.out_proj.weight, self.out_proj.bias)
+            out = out.view(batch, len_q, embed)
+        else:  # torch's layout, (L, B, E) in memory: torch's next dropout draws its mask in memory order
+            out = F.linear(out.permute(2, 0, 1, 3).reshape(-1, embed), self.out_proj.weight, self.out_proj.bias)
+            out = out.view(len_q, batch, embed)
+            out = out.transpose(0, 1) if batch_major else out
         return out if batched else out.squeeze(0)
 
     def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
