@@ -19,7 +19,8 @@ _MODULE = "Dropout"
 
 class Dropout(torch.nn.Dropout):
     """``torch.nn.Dropout`` on fastrec's fused dropout (the same masks on every backend for a
-    given seed; reproducible under ``torch.manual_seed``, not torch's own random stream)."""
+    given seed; reproducible under ``torch.manual_seed``, not torch's own random stream, except
+    inside ``fastrec.use_dropout_stream("torch")``)."""
 
     def forward(self, input: Tensor) -> Tensor:
         if self.inplace:
