@@ -86,9 +86,17 @@ def forced() -> str | None:
 def use_backend(name: str) -> Iterator[None]:
     """Force ``name`` for every fastrec op called inside the block (this thread)."""
     _validate(name)
-    stack = getattr(_state, "stack", None)
+    with _pushed("stack", name):
+        yield
+
+
+@contextlib.contextmanager
+def _pushed(attr: str, name: str) -> Iterator[None]:
+    """Push ``name`` on this thread's stack ``attr`` for the block."""
+    stack = getattr(_state, attr, None)
     if stack is None:
-        stack = _state.stack = []
+        stack = []
+        setattr(_state, attr, stack)
     stack.append(name)
     try:
         yield
@@ -114,14 +122,8 @@ def use_dropout_stream(name: str) -> Iterator[None]:
     """
     if name not in DROPOUT_STREAMS:
         raise ValueError(f"dropout stream must be one of {DROPOUT_STREAMS}, got {name!r}")
-    stack = getattr(_state, "streams", None)
-    if stack is None:
-        stack = _state.streams = []
-    stack.append(name)
-    try:
+    with _pushed("streams", name):
         yield
-    finally:
-        stack.pop()
 
 
 def select(device: torch.device, fused_reason: str | None = None) -> str:
