@@ -434,7 +434,13 @@ def test_dropout_matches_reference_with_philox_keep_mask(backend, dropout_p):
         grad_out,
     )
     keep = dropout_keep_mask(seed, batch, heads, length, length, dropout_p)
-    allowed = allowed_mask(batch, length, length, causal=True, key_padding_mask=kpm)
+    assert_matches_reference_with_keep(fast, q, k, v, grad_out, kpm, True, keep, dropout_p)
+
+
+def assert_matches_reference_with_keep(fast, q, k, v, grad_out, kpm, causal, keep, dropout_p):
+    """``fast`` (out, grads) against the float64 reference dropping by ``keep``."""
+    batch, _, len_q, len_k = keep.shape
+    allowed = allowed_mask(batch, len_q, len_k, causal=causal, key_padding_mask=kpm)
     ref = out_and_grads(
         lambda a, b, c: reference(a, b, c, allowed=allowed, keep=keep, dropout_p=dropout_p),
         [t.double() for t in (q, k, v)],
@@ -466,14 +472,7 @@ def test_given_dropout_mask_replaces_the_philox_draw(backend, causal):
         )[0]
 
     fast = out_and_grads(fused, [q, k, v], grad_out)
-    allowed = allowed_mask(batch, length, length, causal=causal, key_padding_mask=kpm)
-    ref = out_and_grads(
-        lambda a, b, c: reference(a, b, c, allowed=allowed, keep=keep, dropout_p=dropout_p),
-        [t.double() for t in (q, k, v)],
-        grad_out.double(),
-    )
-    for name, actual, expected in zip(NAMES, (fast[0], *fast[1]), (ref[0], *ref[1]), strict=True):
-        assert_rel_close(actual, expected, name)
+    assert_matches_reference_with_keep(fast, q, k, v, grad_out, kpm, causal, keep, dropout_p)
     if backend == "cpp":
         forward = torch.ops.fastrec.attention_forward_cpp
         with pytest.raises(RuntimeError, match=r"dropout_mask must be a contiguous CPU bool tensor of shape \(B, H"):
