@@ -5,7 +5,11 @@
   that many steps, so the step ratio is the epoch-time ratio;
 - serving: ``recommend(history, k=10)`` at batch 1 for ml-100k users' full histories.
 
+``--dropout-stream torch`` times the fastrec backend with torch's own dropout masks
+(``fastrec.use_dropout_stream``), the paired-run setting of benchmarks/accuracy.py.
+
 Usage: python benchmarks/models_speed.py [--rounds N] [--models sasrec,gru4rec,caser] [--threads T]
+       [--dropout-stream fastrec|torch]
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import platform
 import numpy as np
 import torch
 
-from fastrec import train
+from fastrec import backends, train
 from fastrec.bench import time_interleaved
 from fastrec.models import MODELS
 
@@ -28,11 +32,15 @@ def main() -> None:
     parser.add_argument("--models", default="sasrec,gru4rec,caser")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--max-len", type=int, default=None, help="override every model's max_len")
+    parser.add_argument("--dropout-stream", default="fastrec", choices=backends.DROPOUT_STREAMS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cpu")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, "
+        f"dropout stream {args.dropout_stream}"
+    )
     for name in args.models.split(","):
         config = train.TrainConfig(model=name, max_len=args.max_len, progress=False)
         data = train.load_data(config, MODELS[name].padding_side)
@@ -52,7 +60,8 @@ def main() -> None:
                 optimizer.step()
 
             steps[backend] = step
-        train_ms = time_interleaved(steps, device, rounds=args.rounds, min_round_s=0.0)
+        with backends.use_dropout_stream(args.dropout_stream):
+            train_ms = time_interleaved(steps, device, rounds=args.rounds, min_round_s=0.0)
         n_steps = len(data.train)
         rng = np.random.default_rng(0)
         users = rng.choice(len(data.test[0]), size=64, replace=False)
