@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from fastrec import train
+from fastrec.backends import DROPOUT_STREAMS
 
 RECBOLE_NDCG10 = {"gru4rec": 0.0551, "sasrec": 0.0549, "caser": 0.0599}
 BACKENDS = ("fastrec", "torch")
@@ -40,7 +41,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="epoch cap (default: fastrec train's, 12)")
     parser.add_argument("--patience", type=int, default=None, help="early-stopping patience (default: 3)")
     parser.add_argument(
-        "--dropout-stream", default="fastrec", choices=["fastrec", "torch"], help="torch: torch's own dropout masks"
+        "--dropout-stream", default="fastrec", choices=DROPOUT_STREAMS, help="torch: torch's own dropout masks"
     )
     parser.add_argument("--json", default="benchmarks/results/accuracy-ml100k.json")
     parser.add_argument("--markdown", default="benchmarks/results/accuracy-ml100k.md")

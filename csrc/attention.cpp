@@ -736,27 +736,28 @@ Masks<acc_t> make_masks(const at::Tensor& q, const at::Tensor& k,
   }
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0,
               "fastrec attention (cpp): dropout_p must be in [0, 1), got ", dropout_p);
-  if (dropout_p > 0.0 && dropout_mask.has_value()) {
-    const at::Tensor& t = *dropout_mask;
-    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBool && t.dim() == 4 &&
-                    t.size(0) == m.B && t.size(1) == m.H && t.size(2) == m.Lq &&
-                    t.size(3) == m.Lk && t.is_contiguous(),
-                "fastrec attention (cpp): dropout_mask must be a contiguous CPU bool tensor of "
-                "shape (B, H, Lq, Lk) = (",
-                m.B, ", ", m.H, ", ", m.Lq, ", ", m.Lk, "), got ", t.scalar_type(), " ", t.sizes());
+  if (dropout_p > 0.0) {
     m.dropout = true;
     m.inv_keep = static_cast<acc_t>(1.0 / (1.0 - dropout_p));
-    m.keep = t.data_ptr<bool>();
-  } else if (dropout_p > 0.0) {
-    TORCH_CHECK(seed.has_value(), "fastrec attention (cpp): dropout_p > 0 needs a seed tensor");
-    const at::Tensor& t = *seed;
-    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.numel() >= 1,
-                "fastrec attention (cpp): seed must be a CPU int64 tensor of shape (1,), got ",
-                t.scalar_type(), " ", t.sizes(), " on ", t.device());
-    m.dropout = true;
-    m.threshold = static_cast<float>(dropout_p);
-    m.inv_keep = static_cast<acc_t>(1.0 / (1.0 - dropout_p));
-    philox_key(t.data_ptr<int64_t>()[0], &m.key0, &m.key1);
+    if (dropout_mask.has_value()) {
+      const at::Tensor& t = *dropout_mask;
+      TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBool && t.dim() == 4 &&
+                      t.size(0) == m.B && t.size(1) == m.H && t.size(2) == m.Lq &&
+                      t.size(3) == m.Lk && t.is_contiguous(),
+                  "fastrec attention (cpp): dropout_mask must be a contiguous CPU bool tensor of "
+                  "shape (B, H, Lq, Lk) = (",
+                  m.B, ", ", m.H, ", ", m.Lq, ", ", m.Lk, "), got ", t.scalar_type(), " ",
+                  t.sizes());
+      m.keep = t.data_ptr<bool>();
+    } else {
+      TORCH_CHECK(seed.has_value(), "fastrec attention (cpp): dropout_p > 0 needs a seed tensor");
+      const at::Tensor& t = *seed;
+      TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.numel() >= 1,
+                  "fastrec attention (cpp): seed must be a CPU int64 tensor of shape (1,), got ",
+                  t.scalar_type(), " ", t.sizes(), " on ", t.device());
+      m.threshold = static_cast<float>(dropout_p);
+      philox_key(t.data_ptr<int64_t>()[0], &m.key0, &m.key1);
+    }
   }
   return m;
 }

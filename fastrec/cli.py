@@ -6,6 +6,8 @@ import argparse
 import platform
 import sys
 
+from fastrec.backends import DROPOUT_STREAMS
+
 
 def _info(_args: argparse.Namespace) -> int:
     import torch
@@ -110,7 +112,7 @@ def _add_train(sub) -> None:
     train.add_argument(
         "--dropout-stream",
         default="fastrec",
-        choices=["fastrec", "torch"],
+        choices=DROPOUT_STREAMS,
         help="where dropout masks come from: fastrec's fused Philox stream (default) or torch's own "
         "(the masks torch draws for the same seed: with --compare, both backends see the same masks)",
     )

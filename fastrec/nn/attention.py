@@ -141,13 +141,14 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
         )
-        if batch_major and backends.dropout_stream() != "torch":  # (B, L, E), contiguous
-            out = F.linear(out.transpose(1, 2).reshape(-1, embed), self.out_proj.weight, self.out_proj.bias)
-            out = out.view(batch, len_q, embed)
-        else:  # torch's layout, (L, B, E) in memory: torch's next dropout draws its mask in memory order
-            out = F.linear(out.permute(2, 0, 1, 3).reshape(-1, embed), self.out_proj.weight, self.out_proj.bias)
-            out = out.view(len_q, batch, embed)
-            out = out.transpose(0, 1) if batch_major else out
+        # Batch-major output is contiguous (B, L, E), except under torch's dropout stream, where it
+        # takes torch's layout ((L, B, E) in memory): torch's next dropout draws in memory order.
+        time_major = not batch_major or backends.dropout_stream() == "torch"
+        out = out.permute(2, 0, 1, 3) if time_major else out.transpose(1, 2)
+        out = F.linear(out.reshape(-1, embed), self.out_proj.weight, self.out_proj.bias)
+        out = out.view(len_q, batch, embed) if time_major else out.view(batch, len_q, embed)
+        if time_major and batch_major:
+            out = out.transpose(0, 1)
         return out if batched else out.squeeze(0)
 
     def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
