@@ -1,13 +1,15 @@
 // Fused softmax attention on the CPU, forward and backward:
 //   torch.ops.fastrec.attention_forward_cpp(q, k, v, key_padding_mask, lengths, bias, seed,
-//                                           causal, scale, dropout_p, dropout_mask=None)
-//                                           -> (out, lse)
+//                                           causal, scale, dropout_p, dropout_mask=None,
+//                                           return_probs=False) -> (out, lse, probs)
 //   torch.ops.fastrec.attention_backward_cpp(grad_out, q, k, v, out, lse, key_padding_mask,
 //                                            lengths, bias, seed, causal, scale, dropout_p,
 //                                            dropout_mask=None) -> (dq, dk, dv)
 // Semantics (masks, dropout stream, fully masked rows) are those of the Triton kernels in
 // kernels/attention.py; the readable reference is the torch backend in fastrec/ops/attention.py.
 // A bool dropout_mask (B, H, Lq, Lk) replaces the Philox draw (fastrec.use_dropout_stream).
+// return_probs=True also writes probs (B, H, Lq, Lk): the attention probabilities after dropout
+// (what torch.nn.MultiheadAttention returns with need_weights=True); else probs is empty.
 //
 // Layout of the work: one (batch, head) pair per task, in parallel over B * H. Per task, K is
 // copied once transposed to (D, Lk) (so that query rows times K are FMAs over contiguous keys)
@@ -472,14 +474,16 @@ struct ForwardScratch {
         ob(kR * m.Dp) {}
 };
 
-// One (b, h): out[b, h] (Lq, D) contiguous and lse[b, h] (Lq) from q, k, v (strided views).
+// One (b, h): out[b, h] (Lq, D) contiguous and lse[b, h] (Lq) from q, k, v (strided views);
+// probs[b, h] (Lq, Lk) contiguous, the probabilities after dropout, unless probs is null.
 template <typename scalar_t, typename acc_t>
 void forward_head(const Masks<acc_t>& m, const View4<scalar_t>& q, const View4<scalar_t>& k,
                   const View4<scalar_t>& v, int64_t b, int64_t h, ForwardScratch<acc_t>& ws,
-                  scalar_t* out, acc_t* lse) {
+                  scalar_t* out, acc_t* lse, scalar_t* probs) {
   const int64_t D = m.D, Dp = m.Dp, Lkp = m.Lkp;
   int64_t jlo, jhi;
   key_mask(m, b, ws.addk.data(), jlo, jhi);
+  if (probs) std::fill(probs, probs + m.Lq * m.Lk, scalar_t(0));  // rows below fill their keys
   if (jlo >= jhi) {  // no key at all: every row is fully masked
     std::fill(out, out + m.Lq * D, scalar_t(0));
     std::fill(lse, lse + m.Lq, kInf<acc_t>);
@@ -548,6 +552,12 @@ void forward_head(const Masks<acc_t>& m, const View4<scalar_t>& q, const View4<s
       const acc_t* __restrict ob = ws.ob.data() + r * Dp;
       const acc_t inv = inv_sum[r];
       for (int64_t e = 0; e < D; ++e) o[e] = static_cast<scalar_t>(ob[e] * inv);
+      if (probs && inv != acc_t(0)) {  // keys outside [c0, c1) keep their zeros
+        scalar_t* __restrict pr = probs + (i0 + r) * m.Lk;
+        const acc_t* __restrict sr = s + r * Lkp;
+        for (int64_t j = c0, je = std::min(c1, m.Lk); j < je; ++j)
+          pr[j] = static_cast<scalar_t>(sr[j] * inv);
+      }
     }
   }
 }
@@ -762,15 +772,19 @@ Masks<acc_t> make_masks(const at::Tensor& q, const at::Tensor& k,
   return m;
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_forward_cpp(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cpp(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& lengths,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& seed, bool causal,
-    double scale, double dropout_p, const std::optional<at::Tensor>& dropout_mask) {
+    double scale, double dropout_p, const std::optional<at::Tensor>& dropout_mask,
+    bool return_probs) {
   check_qkv(q, k, v);
   const auto lse_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(lse_dtype));
+  at::Tensor probs = return_probs
+                         ? at::empty({q.size(0), q.size(1), q.size(2), k.size(2)}, q.options())
+                         : at::empty({0}, q.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(),
                                   "attention_forward_cpp", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -780,14 +794,15 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpp(
     const auto qv = view4<scalar_t>(q), kv = view4<scalar_t>(k), vv = view4<scalar_t>(v);
     scalar_t* out_p = out.data_ptr<scalar_t>();
     acc_t* lse_p = lse.data_ptr<acc_t>();
+    scalar_t* probs_p = return_probs ? probs.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, m.B * m.H, 1, [&](int64_t begin, int64_t end) {
       ForwardScratch<acc_t> ws(m);
       for (int64_t bh = begin; bh < end; ++bh)
         forward_head(m, qv, kv, vv, bh / m.H, bh % m.H, ws, out_p + bh * m.Lq * m.D,
-                     lse_p + bh * m.Lq);
+                     lse_p + bh * m.Lq, probs_p ? probs_p + bh * m.Lq * m.Lk : nullptr);
     });
   });
-  return {out, lse};
+  return {out, lse, probs};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpp(
@@ -906,7 +921,7 @@ at::Tensor encoder_layer(const at::Tensor& x, const std::vector<at::Tensor>& wei
       std::get<0>(attention_forward_cpp(split(q), split(k), split(v), std::nullopt, lens,
                                         std::nullopt, std::nullopt, causal && !last_query,
                                         1.0 / std::sqrt(static_cast<double>(D)), 0.0,
-                                        std::nullopt));
+                                        std::nullopt, false));
   const at::Tensor a =
       at::linear(attn.transpose(1, 2).reshape({B, rows.size(1), E}), w_out, opt(3));
   auto feed_forward = [&](const at::Tensor& t) {
@@ -1389,7 +1404,7 @@ TORCH_LIBRARY_FRAGMENT(fastrec, m) {
   m.def(
       "attention_forward_cpp(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, "
       "Tensor? lengths, Tensor? bias, Tensor? seed, bool causal, float scale, float dropout_p, "
-      "Tensor? dropout_mask=None) -> (Tensor, Tensor)");
+      "Tensor? dropout_mask=None, bool return_probs=False) -> (Tensor, Tensor, Tensor)");
   m.def(
       "attention_backward_cpp(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, Tensor? key_padding_mask, Tensor? lengths, Tensor? bias, Tensor? seed, "

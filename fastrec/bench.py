@@ -221,10 +221,12 @@ def _mha_cases(device, dtype, batch, length, p, kpm, causal, copies) -> list[Cas
         x = torch.randn(batch, length, embed, device=device, dtype=dtype, requires_grad=True)
         return (x,), torch.randn(batch, length, embed, device=device, dtype=dtype)
 
-    def call(module):
-        return lambda x: module(x, x, x, key_padding_mask=kpm, attn_mask=causal, need_weights=False)[0]
+    def call(module, need_weights=False):
+        return lambda x: module(x, x, x, key_padding_mask=kpm, attn_mask=causal, need_weights=need_weights)[0]
 
     forwards = {"fastrec": call(ours), "nn.MultiheadAttention": call(ref)}
+    # torch's default, what most SASRec code calls (the weights unused): torch's math path.
+    weighted = {"fastrec": call(ours, True), "nn.MultiheadAttention": call(ref, True)}
     # Inference runs the modules in eval mode, where torch takes its native fused MHA path.
     inference = {"fastrec": call(copy.deepcopy(ours).eval()), "nn.MultiheadAttention": call(copy.deepcopy(ref).eval())}
     params = {"fastrec": tuple(ours.parameters()), "nn.MultiheadAttention": tuple(ref.parameters())}
@@ -233,7 +235,9 @@ def _mha_cases(device, dtype, batch, length, p, kpm, causal, copies) -> list[Cas
     io = 2 * batch * length * embed * dtype.itemsize
     dtype_name = str(dtype).removeprefix("torch.")
     inputs = _rotating(make, copies)
-    return _pair("attention", "MHA module", shape, dtype_name, forwards, inputs, flops, io, params, inference)
+    cases = _pair("attention", "MHA module", shape, dtype_name, forwards, inputs, flops, io, params, inference)
+    name = "MHA module, need_weights=True"
+    return cases + _pair("attention", name, shape, dtype_name, weighted, inputs, flops, io, params)
 
 
 # --------------------------------------------------------------------------- rnn cases

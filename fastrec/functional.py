@@ -33,7 +33,8 @@ def attention(
     dropout_p: float = 0.0,
     scale: float | None = None,
     training: bool = True,
-) -> Tensor:
+    need_weights: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Scaled dot-product attention on ``(batch, heads, L, head_dim)`` tensors.
 
     Masks follow ``nn.MultiheadAttention``: ``key_padding_mask`` ``(batch, L_k)`` bool (True =
@@ -43,6 +44,8 @@ def attention(
     ``causal`` lets query ``i`` see keys ``j <= i``. All masks combine. A query row with no
     allowed key returns zeros and passes no gradient. Dropout (``dropout_p`` when
     ``training``) acts on the attention probabilities and is reproducible from torch's RNG.
+    ``need_weights=True`` returns ``(out, weights)``: the probabilities after dropout,
+    ``(batch, heads, L_q, L_k)``, differentiable (fused on the CPU; the reference on CUDA).
     """
     _check_qkv(q, k, v)
     batch, heads, len_q, _ = q.shape
@@ -92,7 +95,7 @@ def attention(
         bias = bias.expand(bias.shape[0], bias.shape[1], len_q, len_k)
 
     return attention_ops.attention(
-        q, k, v, key_padding_mask, lengths, bias, causal, scale, dropout_p if training else 0.0
+        q, k, v, key_padding_mask, lengths, bias, causal, scale, dropout_p if training else 0.0, need_weights
     )
 
 

@@ -412,10 +412,9 @@ def fused_with_seed(backend, q, k, v, seed, dropout_p, *, key_padding_mask=None,
     """The backend's autograd.Function with an explicit dropout seed (the functional API draws it
     from torch's RNG)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
-    out, _ = attention_ops.AttentionFunction.apply(
-        q, k, v, key_padding_mask, None, None, seed, causal, scale, dropout_p, None, backend
-    )
-    return out
+    return attention_ops.AttentionFunction.apply(
+        q, k, v, key_padding_mask, None, None, seed, causal, scale, dropout_p, None, False, backend
+    )[0]
 
 
 @pytest.mark.parametrize("dropout_p", [0.2, 0.5])
@@ -468,7 +467,7 @@ def test_given_dropout_mask_replaces_the_philox_draw(backend, causal):
         if backend == "torch":
             return attention_ops.attention_torch(a, b, c, kpm, None, None, None, causal, scale, dropout_p, keep)
         return attention_ops.AttentionFunction.apply(
-            a, b, c, kpm, None, None, None, causal, scale, dropout_p, keep, backend
+            a, b, c, kpm, None, None, None, causal, scale, dropout_p, keep, False, backend
         )[0]
 
     fast = out_and_grads(fused, [q, k, v], grad_out)
@@ -588,6 +587,68 @@ def test_gradcheck_float64(backend, case):
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=interpreted(backend))
 
 
+# --------------------------------------------------------------------------- need_weights
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["no_dropout", "dropout"])
+def test_need_weights_returns_reference_probabilities_and_their_gradients(backend, dropout_p):
+    """``need_weights=True``: the probabilities after dropout (zero where masked or dropped) and
+    gradients through them and the output, against the float64 reference; triton forms none."""
+    batch, heads, length, head_dim = 2, 3, 21, 25
+    q, k, v = qkv(batch, heads, length, length, head_dim)
+    kpm = padding_mask(torch.tensor([21, 8]), length, "right")
+    if backend == "triton":
+        with pytest.raises(RuntimeError, match="need_weights"):
+            FF.attention(q, k, v, key_padding_mask=kpm, need_weights=True)
+        return
+    seed = torch.tensor([2024], dtype=torch.int64)
+    grad_out, grad_probs = randn(batch, heads, length, head_dim), randn(batch, heads, length, length)
+    scale = 1.0 / math.sqrt(head_dim)
+    masks = (kpm, None, None, seed, True, scale, dropout_p, None)
+
+    def out_probs_grads(fn, tensors):
+        leaves = [t.detach().requires_grad_() for t in tensors]
+        out, probs = fn(*leaves)
+        loss = (out * grad_out.to(out)).sum() + (probs * grad_probs.to(probs)).sum()
+        return out.detach(), probs.detach(), torch.autograd.grad(loss, leaves)
+
+    if backend == "torch":
+        fused = lambda a, b, c: attention_ops.attention_torch(a, b, c, *masks, need_weights=True)
+    else:
+        fused = lambda a, b, c: attention_ops.AttentionFunction.apply(a, b, c, *masks, True, backend)[::2]
+    ref = lambda a, b, c: attention_ops.attention_torch(a, b, c, *masks, need_weights=True)
+    out, probs, grads = out_probs_grads(fused, (q, k, v))
+    ref_out, ref_probs, ref_grads = out_probs_grads(ref, [t.double() for t in (q, k, v)])
+    assert probs.dtype == q.dtype and probs.shape == (batch, heads, length, length)
+    allowed = allowed_mask(batch, length, length, causal=True, key_padding_mask=kpm)
+    assert (probs[~allowed.expand_as(probs)] == 0).all(), "masked keys must have probability 0"
+    for name, actual, expected in zip(
+        ("out", "probs", "dq", "dk", "dv"), (out, probs, *grads), (ref_out, ref_probs, *ref_grads), strict=True
+    ):
+        assert_rel_close(actual, expected, name)
+    if dropout_p > 0:
+        keep = dropout_keep_mask(seed, batch, heads, length, length, dropout_p)
+        assert torch.equal(probs != 0, keep & allowed.expand_as(keep)), "dropped where Philox drops"
+
+
+@pytest.mark.parametrize("outputs", ["probs_only", "out_and_probs"])
+def test_need_weights_gradcheck_float64(outputs):
+    """The cpp forward with probabilities; the gradient through them is the torch recomputation
+    in AttentionFunction.backward (an output left unused gets no gradient: the probs-only case)."""
+    if unavailable("cpp"):
+        pytest.skip(f"cpp unavailable: {unavailable('cpp')}")
+    q, k, v = qkv(1, 2, 5, 5, 3, dtype=torch.float64)
+    kpm = torch.tensor([[False, False, True, False, False]])
+    seed = torch.tensor([7], dtype=torch.int64)
+
+    def fn(a, b, c):
+        out, _, probs = attention_ops.AttentionFunction.apply(
+            a, b, c, kpm, None, None, seed, True, 0.6, 0.3, None, True, "cpp"
+        )
+        return probs if outputs == "probs_only" else (out, probs)
+
+    inputs = [t.requires_grad_() for t in (q, k, v)]
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
 # --------------------------------------------------------------------------- compile, ops
 @pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
 def test_torch_compile_fullgraph_matches_reference(backend, compiler):
@@ -676,7 +737,9 @@ def test_registered_ops_pass_opcheck(backend):
     for args in _op_samples(device):
         q, k, v, kpm, lengths, bias, seed, causal, scale, dropout_p = args
         torch.library.opcheck(forward, (*args, *extra))
-        out, lse = forward(*args, *extra)
+        if backend == "cpp":  # with the probabilities (need_weights)
+            torch.library.opcheck(forward, (*args, None, True))
+        out, lse = forward(*args, *extra)[:2]
         assert out.shape == q.shape and lse.shape == q.shape[:-1] and lse.dtype == torch.float32
         grad_out = torch.randn_like(out)
         torch.library.opcheck(
@@ -692,7 +755,7 @@ def test_forward_op_returns_logsumexp_and_inf_for_empty_rows(backend):
     forward = getattr(torch.ops.fastrec, f"attention_forward_{backend}")
     scale = 0.3
     extra = (False,) if backend == "triton" else ()
-    _, lse = forward(*(t.to(device) for t in (q, k, v)), kpm.to(device), None, None, None, True, scale, 0.0, *extra)
+    lse = forward(*(t.to(device) for t in (q, k, v)), kpm.to(device), None, None, None, True, scale, 0.0, *extra)[1]
     scores = (q.double() @ k.double().transpose(-2, -1)) * scale
     allowed = allowed_mask(batch, length, length, causal=True, key_padding_mask=kpm)
     expected = torch.logsumexp(scores.masked_fill(~allowed, NEG_INF), -1)

@@ -6,9 +6,10 @@ Reference and bound: the torch module with the same ``state_dict``, run in float
 the fastrec module runs in fp32 on each backend (``torch``, ``cpp``, ``triton``; unavailable
 ones are skipped with the reason). Output and the gradients of every input and every parameter
 (in_proj weight/bias, out_proj weight/bias, bias_k/bias_v, layer norms, feed-forward), under a
-random upstream gradient, within ``‖fast − ref‖ / ‖ref‖ <= 1e-5``. Fallback calls
-(``need_weights=True``, kdim/vdim) must run torch's forward, be counted in ``fastrec.stats()``
-and return torch's result (float64 ref, same bound). Fully masked query rows give a zero
+random upstream gradient, within ``‖fast − ref‖ / ‖ref‖ <= 1e-5``; with ``need_weights=True``
+also the weights and the gradients through them. Fallback calls (kdim/vdim; need_weights off the
+CPU) must run torch's forward, be counted in ``fastrec.stats()`` and return torch's result
+(float64 ref, same bound). Fully masked query rows give a zero
 attention output, as torch 2.13's ``need_weights=False`` path does. The patched SASRec-like
 model (several layers deep) is held to the same bound or, where the same torch model in fp32 is
 itself further from float64, to twice that torch fp32 error. Structural checks (state_dict keys,
@@ -351,21 +352,104 @@ def test_torch_dropout_stream_errors_name_the_stream_and_device():
                 fast(x, x, x, need_weights=False)
 
 
-# --------------------------------------------------------------------------- torch fallbacks
-def test_need_weights_runs_torch_forward_and_is_counted():
-    fast, ref = make_pair("torch", batch_first=True)
-    tensors, order = inputs("self", True)
-    kpm = torch.rand(3, 11) < 0.3
-    kpm[:, 0] = False
+# --------------------------------------------------------------------------- need_weights
+def run_with_weights(module, tensors, order, grad_out, grad_weights, **kwargs):
+    """``module(...)`` with ``need_weights=True``: output, weights and the gradients of
+    ``<out, grad_out> + <weights, grad_weights>`` for the inputs and every parameter."""
+    param = next(module.parameters())
+    leaves = [t.detach().to(device=param.device, dtype=param.dtype).requires_grad_() for t in tensors]
+    kwargs = {n: _to(x, param.device, param.dtype) for n, x in kwargs.items()}
+    out, weights = module(*(leaves[i] for i in order), need_weights=True, **kwargs)
+    loss = (out * grad_out.to(out)).sum() + (weights * grad_weights.to(weights)).sum()
+    named = [(f"input{i}", t) for i, t in enumerate(leaves)]
+    named += [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [t for _, t in named], allow_unused=True)
+    return out.detach(), weights.detach(), dict(zip((n for n, _ in named), grads, strict=True))
+
+
+def assert_weights_match(fast, ref, tensors, order, **kwargs):
+    """Output, weights and every gradient (through both) of ``fast`` vs ``ref`` (float64)."""
+    probe_out, probe_w = ref(
+        *(tensors[i].double() for i in order), **{n: _to(x, "cpu", torch.float64) for n, x in kwargs.items()}
+    )
+    grad_out, grad_weights = torch.randn(probe_out.shape), torch.randn(probe_w.shape)
+    out, weights, grads = run_with_weights(fast, tensors, order, grad_out, grad_weights, **kwargs)
+    ref_out, ref_weights, ref_grads = run_with_weights(ref, tensors, order, grad_out, grad_weights, **kwargs)
+    assert weights.shape == ref_weights.shape and weights.dtype == out.dtype
+    assert_rel_close(out, ref_out, "output")
+    assert_rel_close(weights, ref_weights, "attention weights")
+    for name, grad in grads.items():
+        assert grad is not None and ref_grads[name] is not None, f"no gradient for {name}"
+        assert_rel_close(grad, ref_grads[name], f"grad of {name}")
+
+
+NEED_WEIGHTS_CASES = ["self_kpm_causal", "cross_seq_first", "unbatched", "attn_3d_float", "bias_kv_zero_attn"]
+
+
+@pytest.mark.parametrize("average", [True, False], ids=["averaged", "per_head"])
+@pytest.mark.parametrize("case", NEED_WEIGHTS_CASES)
+def test_need_weights_matches_torch_output_weights_and_gradients(backend, case, average):
+    """need_weights=True (torch's default) is fused on the CPU; gradients flow through both the
+    output and the weights. On CUDA it runs torch's forward (checked by the same comparison)."""
+    batch_first = case != "cross_seq_first"
+    kwargs = {"add_bias_kv": True, "add_zero_attn": True} if case == "bias_kv_zero_attn" else {}
+    fast, ref = make_pair(backend, batch_first=batch_first, **kwargs)
+    mode = "cross" if case == "cross_seq_first" else "self"
+    tensors, order = inputs(mode, batch_first, batched=case != "unbatched")
+    masks = {"average_attn_weights": average}
+    if case in ("self_kpm_causal", "bias_kv_zero_attn"):
+        masks["key_padding_mask"] = torch.rand(3, 11) < 0.3
+        masks["key_padding_mask"][:, 0] = False
+        masks["attn_mask"] = torch.ones(11, 11, dtype=torch.bool).triu(1)
+    elif case == "cross_seq_first":
+        masks["key_padding_mask"] = torch.rand(3, 7) < 0.3
+        masks["key_padding_mask"][:, 0] = False
+    elif case == "attn_3d_float":
+        masks["attn_mask"] = torch.randn(3 * HEADS, 11, 11)
     fastrec.stats(reset=True)
-    result = assert_module_matches(fast, ref, tensors, order, key_padding_mask=kpm, average_attn_weights=False)
-    assert fastrec.stats()[("MultiheadAttention", "torch", "need_weights=True")] == 1
-    x = tensors[0]
-    _, ref_weights = ref(x.double(), x.double(), x.double(), key_padding_mask=kpm, average_attn_weights=False)
-    assert result[1].shape == (3, HEADS, 11, 11)
-    assert_rel_close(result[1], ref_weights, "attention weights")
+    assert_weights_match(fast, ref, tensors, order, **masks)
+    fused = backend != "triton"  # triton (CUDA, or the interpreter) forms no weights
+    expected = (
+        ("attention", backend, "")
+        if fused
+        else ("MultiheadAttention", "torch", "need_weights=True off the CPU (the triton kernels form no weights)")
+    )
+    assert fastrec.stats() == {expected: 1}
 
 
+def test_need_weights_in_training_matches_torch_under_the_torch_stream(stream_backend):
+    """Dropout acts on the returned weights as in torch (they are the dropped probabilities);
+    with torch's masks, output, weights and gradients match torch's."""
+    fast, ref = make_pair(stream_backend, batch_first=True, dropout=0.3)
+    tensors, order = inputs("self", True)
+    causal = torch.ones(11, 11, dtype=torch.bool).triu(1)
+    probe_out, probe_w = ref(*(tensors[0].double(),) * 3, attn_mask=causal)
+    grad_out, grad_weights = torch.randn(probe_out.shape), torch.randn(probe_w.shape)
+    with fastrec.use_dropout_stream("torch"):
+        torch.manual_seed(5)
+        out, weights, grads = run_with_weights(fast, tensors, order, grad_out, grad_weights, attn_mask=causal)
+    torch.manual_seed(5)
+    ref_out, ref_weights, ref_grads = run_with_weights(ref, tensors, order, grad_out, grad_weights, attn_mask=causal)
+    assert_rel_close(out, ref_out, "output")
+    assert_rel_close(weights, ref_weights, "attention weights")
+    for name, grad in grads.items():
+        assert_rel_close(grad, ref_grads[name], f"grad of {name}")
+
+
+def test_need_weights_in_training_drops_probabilities_with_fastrecs_own_stream(stream_backend):
+    fast, _ = make_pair(stream_backend, batch_first=True, dropout=0.5)
+    x = torch.randn(3, 11, EMBED)
+    torch.manual_seed(0)
+    _, weights = fast(x, x, x, average_attn_weights=False)
+    dropped = (weights == 0).double().mean().item()
+    assert 0.4 < dropped < 0.6, f"{dropped:.2f} of the weights dropped at p = 0.5"
+    kept = weights[weights != 0]
+    fast.eval()
+    _, plain = fast(x, x, x, average_attn_weights=False)
+    assert torch.allclose(kept, plain[weights != 0] * 2, rtol=1e-6), "kept weights are scaled by 1 / (1 - p)"
+
+
+# --------------------------------------------------------------------------- torch fallbacks
 def test_kdim_vdim_run_torch_forward_and_are_counted():
     fast, ref = make_pair("torch", batch_first=True, kdim=16, vdim=24)
     tensors = [torch.randn(3, 11, EMBED), torch.randn(3, 7, 16), torch.randn(3, 7, 24)]
@@ -461,7 +545,8 @@ class UserAttention(torch.nn.MultiheadAttention):
 
 class TinySASRec(torch.nn.Module):
     """SASRec-shaped: item + frozen position embeddings, causal self-attention blocks in a
-    ModuleList with LayerNorm, one attention module called twice, a user subclass."""
+    ModuleList with LayerNorm, one attention module called twice with torch's default
+    ``need_weights=True`` (as most SASRec code calls it), a user subclass."""
 
     def __init__(self, items=40, length=10, dropout=0.0):
         super().__init__()
@@ -484,7 +569,7 @@ class TinySASRec(torch.nn.Module):
         for attn, norm in zip(self.attn, self.norms, strict=True):
             x = norm(x + attn(x, x, x, key_padding_mask=kpm, attn_mask=causal, need_weights=False)[0])
         for _ in range(2):
-            x = x + self.shared(x, x, x, attn_mask=causal, need_weights=False)[0]
+            x = x + self.shared(x, x, x, attn_mask=causal)[0]
         x = x + self.user(x, x, x, key_padding_mask=kpm, need_weights=False)[0]
         return self.final(x) @ self.item_emb.weight.T
 
@@ -533,7 +618,11 @@ def test_patch_sasrec_keeps_parameters_and_matches_torch(backend, mode):
     grad_out = torch.randn(4, 10, 40)
     fastrec.stats(reset=True)
     out, loss, grads = sasrec_step(model, seq, target, grad_out)
-    assert fastrec.stats() == {("attention", backend, ""): 4}  # 2 blocks + the shared module twice
+    expected = {("attention", backend, ""): 4}  # 2 blocks + the shared module twice
+    if backend == "triton":  # no weights from the triton kernels: the shared module runs torch's forward
+        reason = "need_weights=True off the CPU (the triton kernels form no weights)"
+        expected = {("attention", backend, ""): 2, ("MultiheadAttention", "torch", reason): 2}
+    assert fastrec.stats() == expected
     ref_out, ref_loss, ref_grads = sasrec_step(ref, seq, target, grad_out)
     pt_out, pt_loss, pt_grads = sasrec_step(pt, seq, target, grad_out)
     assert_model_close(out, pt_out, ref_out, "logits")

@@ -24,8 +24,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     Fused: self- and cross-attention with ``kdim == vdim == embed_dim``, batched or not,
     ``batch_first`` either way, bool or float ``attn_mask`` (2-D or 3-D) and
     ``key_padding_mask``, ``is_causal``, dropout, ``add_bias_kv``, ``add_zero_attn``.
-    ``need_weights=True`` (torch's default) needs the L x L weights the fused kernel never
-    forms, so such calls run torch's forward: pass ``need_weights=False`` for speed.
+    ``need_weights=True`` (torch's default) is fused on the CPU: the C++ kernel also writes the
+    probabilities it forms (averaged over heads or not, as torch); on CUDA the Triton kernels
+    form none, so such calls run torch's forward there: pass ``need_weights=False`` for speed.
     A 2-D ``attn_mask`` equal to the causal mask is recognised and run as ``causal``.
     """
 
@@ -55,13 +56,18 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             )
         if is_causal and attn_mask is None:
             raise RuntimeError("Need attn_mask if specifying the is_causal hint (as torch.nn.MultiheadAttention)")
-        return self._fused_forward(query, key, value, key_padding_mask, attn_mask, is_causal), None
+        out, weights = self._fused_forward(query, key, value, key_padding_mask, attn_mask, is_causal, need_weights)
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(dim=1)
+        if weights is not None and query.dim() == 2:
+            weights = weights.squeeze(0)
+        return out, weights
 
     def _unfused_reason(self, query, key, value, key_padding_mask, need_weights, attn_mask) -> str | None:
         """Why this call runs torch's forward (``None`` if fused). Bad shapes also go to torch,
         which raises its own errors."""
-        if need_weights:
-            return "need_weights=True"
+        if need_weights and (query.device.type != "cpu" or backends.forced() == "triton"):
+            return "need_weights=True off the CPU (the triton kernels form no weights)"
         if not self._qkv_same_embed_dim:
             return "kdim/vdim differ from embed_dim"
         tensors = (query, key, value, key_padding_mask, attn_mask)
@@ -88,7 +94,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 return "mask dtype"
         return None
 
-    def _fused_forward(self, query, key, value, key_padding_mask, attn_mask, is_causal) -> Tensor:
+    def _fused_forward(
+        self, query, key, value, key_padding_mask, attn_mask, is_causal, need_weights
+    ) -> tuple[Tensor, Tensor | None]:
+        """(output, per-head weights (B, H, Lq, Lk) or None)."""
         batched = query.dim() == 3
         if not batched:  # (L, E) -> (1, L, E)
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
@@ -140,7 +149,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             key_padding_mask=key_padding_mask,
             attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
+            need_weights=need_weights,
         )
+        out, weights = out if need_weights else (out, None)
         # Batch-major output is contiguous (B, L, E), except under torch's dropout stream, where it
         # takes torch's layout ((L, B, E) in memory): torch's next dropout draws in memory order.
         time_major = not batch_major or backends.dropout_stream() == "torch"
@@ -149,7 +160,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         out = out.view(len_q, batch, embed) if time_major else out.view(batch, len_q, embed)
         if time_major and batch_major:
             out = out.transpose(0, 1)
-        return out if batched else out.squeeze(0)
+        return (out if batched else out.squeeze(0)), weights
 
     def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The input projections; one GEMM for self-attention (query is key is value)."""

@@ -4,6 +4,7 @@ The contract every backend implements (Triton: ``kernels/attention.py``; C++:
 ``csrc/attention.cpp``; torch: ``attention_torch`` below, the readable reference):
 
 ``forward(q, k, v, key_padding_mask, lengths, bias, seed, causal, scale, dropout_p) -> (out, lse)``
+(cpp: ``-> (out, lse, probs)``, see ``return_probs`` below)
 ``backward(grad_out, q, k, v, out, lse, <the same masks and flags>) -> (dq, dk, dv)``
 
 - q ``(B, H, Lq, D)``, k/v ``(B, H, Lk, D)``, any strides, one of fp16/bf16/fp32/fp64.
@@ -22,6 +23,11 @@ The contract every backend implements (Triton: ``kernels/attention.py``; C++:
   key has ``out = 0`` and ``lse = +inf``, so its probabilities and gradients are exactly zero.
 - Backward recomputes ``P = exp(s - lse)`` (nothing of size L x L is saved or written) and
   returns contiguous gradients in the dtypes of q, k, v.
+- ``need_weights`` (cpp and torch; the C++ op's ``return_probs``): the forward also returns the
+  probabilities after dropout, ``(B, H, Lq, Lk)`` in q's dtype, zero where masked (what
+  ``nn.MultiheadAttention`` averages into its weights). A gradient reaching them is added to
+  dq and dk by recomputing P with the torch reference (``attention_probs_torch``): an L x L
+  cost paid only by callers that differentiate the weights.
 - Numerics: fp32 in fp32 (no TF32 unless torch's ``allow_tf32`` flag says so), fp16/bf16
   accumulate in fp32, fp64 in fp64 (for gradcheck).
 
@@ -52,8 +58,26 @@ def attention_torch(
     scale: float,
     dropout_p: float,
     dropout_mask: Tensor | None = None,
-) -> Tensor:
+    need_weights: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Plain torch ops, differentiated by autograd: the readable reference of the contract."""
+    probs = attention_probs_torch(q, k, key_padding_mask, lengths, bias, causal, scale)
+    if dropout_p > 0.0:
+        probs = probs * dropout_keep(q, k, seed, dropout_p, dropout_mask) / (1.0 - dropout_p)
+    out = torch.matmul(probs.to(v.dtype), v)
+    return (out, probs.to(q.dtype)) if need_weights else out
+
+
+def attention_probs_torch(
+    q: Tensor,
+    k: Tensor,
+    key_padding_mask: Tensor | None,
+    lengths: Tensor | None,
+    bias: Tensor | None,
+    causal: bool,
+    scale: float,
+) -> Tensor:
+    """The attention probabilities before dropout, ``(B, H, Lq, Lk)`` (fp32 for fp16/bf16 q)."""
     len_q, len_k = q.shape[-2], k.shape[-2]
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale
     if bias is not None:
@@ -72,13 +96,14 @@ def attention_torch(
     empty_row = ~allowed.any(dim=-1, keepdim=True)
     scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(empty_row, 0.0)
     probs = torch.softmax(scores.float() if q.dtype in (torch.float16, torch.bfloat16) else scores, -1)
-    probs = probs.masked_fill(~allowed, 0.0)
-    if dropout_p > 0.0:
-        keep = dropout_mask
-        if keep is None:
-            keep = dropout_keep_mask(seed, q.shape[0], q.shape[1], len_q, len_k, dropout_p, q.device)
-        probs = probs * keep / (1.0 - dropout_p)
-    return torch.matmul(probs.to(v.dtype), v)
+    return probs.masked_fill(~allowed, 0.0)
+
+
+def dropout_keep(q: Tensor, k: Tensor, seed: Tensor | None, dropout_p: float, dropout_mask: Tensor | None) -> Tensor:
+    """The bool keep mask ``(B, H, Lq, Lk)``: the given one, else the Philox draw of ``seed``."""
+    if dropout_mask is not None:
+        return dropout_mask
+    return dropout_keep_mask(seed, q.shape[0], q.shape[1], q.shape[-2], k.shape[-2], dropout_p, q.device)
 
 
 # --------------------------------------------------------------------------- registered ops
@@ -86,6 +111,13 @@ def _fake_forward(q, k, v, key_padding_mask, lengths, bias, seed, causal, scale,
     out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return out, q.new_empty(q.shape[:-1], dtype=lse_dtype)
+
+
+def _fake_forward_cpp(
+    q, k, v, key_padding_mask, lengths, bias, seed, causal, scale, dropout_p, dropout_mask=None, return_probs=False
+):
+    out, lse = _fake_forward(q, k, v, key_padding_mask, lengths, bias, seed, causal, scale, dropout_p)
+    return out, lse, q.new_empty((*q.shape[:-1], k.shape[-2]) if return_probs else (0,))
 
 
 def _fake_backward(grad_out, q, k, v, *rest):
@@ -154,7 +186,7 @@ def attention_backward_triton(
 attention_forward_triton.register_fake(_fake_forward)
 attention_backward_triton.register_fake(_fake_backward)
 if backends.available()["cpp"] is None and hasattr(torch.ops.fastrec, "attention_forward_cpp"):
-    torch.library.register_fake("fastrec::attention_forward_cpp")(_fake_forward)
+    torch.library.register_fake("fastrec::attention_forward_cpp")(_fake_forward_cpp)
     torch.library.register_fake("fastrec::attention_backward_cpp")(_fake_backward)
 if backends.available()["cpp"] is None and hasattr(torch.ops.fastrec, "encoder_inference_cpp"):
 
@@ -168,31 +200,52 @@ def _allow_tf32(q: Tensor) -> bool:
 
 
 class AttentionFunction(torch.autograd.Function):
-    """Fused attention on the ``triton`` or ``cpp`` backend; saves q, k, v, out and lse (and a
-    given dropout mask, cpp only)."""
+    """Fused attention on the ``triton`` or ``cpp`` backend: ``(out, lse, probs)``, probs empty
+    unless ``need_probs`` (cpp only). Saves q, k, v, out and lse (and a given dropout mask, cpp
+    only)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, lengths, bias, seed, causal, scale, dropout_p, dropout_mask, backend):
+    def forward(
+        ctx, q, k, v, key_padding_mask, lengths, bias, seed, causal, scale, dropout_p, dropout_mask, need_probs, backend
+    ):
         masks = (key_padding_mask, lengths, bias, seed, causal, scale, dropout_p)
         if backend == "triton":
+            if need_probs:
+                raise RuntimeError("the triton attention kernels form no attention probabilities (need_weights)")
             out, lse = torch.ops.fastrec.attention_forward_triton(q, k, v, *masks, _allow_tf32(q))
+            probs = q.new_empty(0)
         else:
-            out, lse = torch.ops.fastrec.attention_forward_cpp(q, k, v, *masks, dropout_mask)
+            out, lse, probs = torch.ops.fastrec.attention_forward_cpp(q, k, v, *masks, dropout_mask, need_probs)
         ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, lengths, bias, seed, dropout_mask)
-        ctx.flags = (causal, scale, dropout_p, backend)
+        ctx.flags = (causal, scale, dropout_p, need_probs, backend)
         ctx.mark_non_differentiable(lse)
-        return out, lse
+        if not need_probs:
+            ctx.mark_non_differentiable(probs)
+        ctx.set_materialize_grads(False)
+        return out, lse, probs
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_lse):
+    def backward(ctx, grad_out, _grad_lse, grad_probs):
         q, k, v, out, lse, key_padding_mask, lengths, bias, seed, dropout_mask = ctx.saved_tensors
-        causal, scale, dropout_p, backend = ctx.flags
-        args = (grad_out, q, k, v, out, lse, key_padding_mask, lengths, bias, seed, causal, scale, dropout_p)
-        if backend == "triton":
-            dq, dk, dv = torch.ops.fastrec.attention_backward_triton(*args, _allow_tf32(q))
-        else:
-            dq, dk, dv = torch.ops.fastrec.attention_backward_cpp(*args, dropout_mask)
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+        causal, scale, dropout_p, need_probs, backend = ctx.flags
+        dq = dk = dv = None
+        if grad_out is not None:
+            args = (grad_out, q, k, v, out, lse, key_padding_mask, lengths, bias, seed, causal, scale, dropout_p)
+            if backend == "triton":
+                dq, dk, dv = torch.ops.fastrec.attention_backward_triton(*args, _allow_tf32(q))
+            else:
+                dq, dk, dv = torch.ops.fastrec.attention_backward_cpp(*args, dropout_mask)
+        if need_probs and grad_probs is not None:  # through the returned weights W = P * Z, P = softmax(S)
+            probs = attention_probs_torch(q, k, key_padding_mask, lengths, bias, causal, scale)
+            grad_p = grad_probs.to(probs.dtype)
+            if dropout_p > 0.0:
+                grad_p = grad_p * dropout_keep(q, k, seed, dropout_p, dropout_mask) / (1.0 - dropout_p)
+            grad_s = probs * (grad_p - (probs * grad_p).sum(-1, keepdim=True)) * scale
+            dq_w = torch.matmul(grad_s, k.to(grad_s.dtype)).to(q.dtype)
+            dk_w = torch.matmul(grad_s.transpose(-2, -1), q.to(grad_s.dtype)).to(k.dtype)
+            dq = dq_w if dq is None else dq + dq_w
+            dk = dk_w if dk is None else dk + dk_w
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 def attention(
@@ -205,25 +258,28 @@ def attention(
     causal: bool,
     scale: float | None,
     dropout_p: float,
-) -> Tensor:
-    """Attention on canonical inputs (see the module docstring); picks the backend per call."""
+    need_weights: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Attention on canonical inputs (see the module docstring); picks the backend per call.
+    ``need_weights``: ``(out, probs)``, probs ``(B, H, Lq, Lk)`` after dropout in q's dtype."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     seed = mask = None
     if dropout_p > 0.0 and backends.dropout_stream() == "torch":
         mask = torch_dropout_mask(q, k, dropout_p)
     elif dropout_p > 0.0:
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
-    reason = _unfused_reason(q, k, v, bias, causal)
+    reason = _unfused_reason(q, k, v, bias, causal, need_weights)
     backend = backends.select(q.device, reason)
     backends.count(OP, backend, reason or "")
     if mask is not None and backend == "triton":
         raise RuntimeError("use_dropout_stream('torch') needs the cpp or torch backend; triton draws its own masks")
     if backend == "torch":
-        return attention_torch(q, k, v, key_padding_mask, lengths, bias, seed, causal, scale, dropout_p, mask)
-    out, _ = AttentionFunction.apply(
-        q, k, v, key_padding_mask, lengths, bias, seed, causal, scale, dropout_p, mask, backend
+        masks = (key_padding_mask, lengths, bias, seed, causal, scale, dropout_p, mask)
+        return attention_torch(q, k, v, *masks, need_weights)
+    out, _, probs = AttentionFunction.apply(
+        q, k, v, key_padding_mask, lengths, bias, seed, causal, scale, dropout_p, mask, need_weights, backend
     )
-    return out
+    return (out, probs) if need_weights else out
 
 
 def torch_dropout_mask(q: Tensor, k: Tensor, dropout_p: float) -> Tensor:
@@ -238,8 +294,12 @@ def torch_dropout_mask(q: Tensor, k: Tensor, dropout_p: float) -> Tensor:
     return torch.empty(shape, dtype=torch.bool).bernoulli_(1.0 - dropout_p)
 
 
-def _unfused_reason(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, causal: bool) -> str | None:
+def _unfused_reason(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, causal: bool, need_weights: bool = False
+) -> str | None:
     """Why the fused kernels do not cover this call, or None."""
+    if need_weights and (q.device.type != "cpu" or backends.forced() == "triton"):
+        return "need_weights (the triton kernels form no attention probabilities)"
     if v.shape[-1] != q.shape[-1]:
         return "value head_dim differs from query head_dim"
     if q.shape[-1] > 256:
