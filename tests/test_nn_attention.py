@@ -519,7 +519,9 @@ def test_transformer_encoder_layer_matches_torch(backend, norm_first):
     assert fastrec.stats().get(("attention", backend, ""), 0) == 1, fastrec.stats()
 
 
-def test_compiled_module_fullgraph_matches_torch(backend):
+@pytest.mark.parametrize("need_weights", [False, True], ids=["no_weights", "weights"])
+def test_compiled_module_fullgraph_matches_torch(backend, need_weights):
+    """With weights, the block adds them into its output so that their gradient is checked too."""
     torch._dynamo.reset()
     fast, ref = make_pair(backend, batch_first=True)
     length = 9
@@ -530,7 +532,8 @@ def test_compiled_module_fullgraph_matches_torch(backend):
             self.attn = attn
 
         def forward(self, x, kpm, mask):
-            return x + self.attn(x, x, x, key_padding_mask=kpm, attn_mask=mask, need_weights=False)[0]
+            out, weights = self.attn(x, x, x, key_padding_mask=kpm, attn_mask=mask, need_weights=need_weights)
+            return x + out if weights is None else x + out + weights @ x
 
     compiled = torch.compile(Block(fast), fullgraph=True, backend="aot_eager")
     kpm = torch.arange(length) >= torch.tensor([9, 4, 6])[:, None]
