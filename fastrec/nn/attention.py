@@ -27,7 +27,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     ``need_weights=True`` (torch's default) is fused on the CPU: the C++ kernel also writes the
     probabilities it forms (averaged over heads or not, as torch); on CUDA the Triton kernels
     form none, so such calls run torch's forward there: pass ``need_weights=False`` for speed.
-    A 2-D ``attn_mask`` equal to the causal mask is recognised and run as ``causal``.
+    A query row with no allowed key gets zero attention (the output is out_proj's bias) and zero
+    weights; torch's weights path gives NaN for both there. A 2-D ``attn_mask`` equal to the
+    causal mask is recognised and run as ``causal``.
     """
 
     def forward(
