@@ -52,7 +52,7 @@ setup(
     description="Fused Triton and C++ kernels for sequential recommender models",
     python_requires=">=3.10",
     packages=["fastrec", "fastrec.ops", "fastrec.nn", "fastrec.models", "fastrec.kernels"],
-    package_data={"fastrec": ["conv_dispatch.json"]},
+    package_data={"fastrec": ["conv_dispatch.json", "attention_configs.json"]},
     package_dir={"fastrec.kernels": "kernels"},
     install_requires=["torch>=2.4", "triton>=3.0", "numpy", "tqdm"],
     extras_require={"test": ["pytest", "pytest-benchmark", "ruff"]},

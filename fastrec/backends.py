@@ -148,7 +148,8 @@ def select(device: torch.device, fused_reason: str | None = None) -> str:
     if fused_reason is not None:
         return "torch"
     preferred = "triton" if device.type == "cuda" else "cpp" if device.type == "cpu" else "torch"
-    return preferred if available()[preferred] is None else "torch"
+    # available() less its interpreter caveat, which concerns CPU tensors only (per-call cost).
+    return preferred if _REASONS[preferred] is None else "torch"
 
 
 def count(op: str, backend: str, reason: str = "") -> None:
@@ -163,3 +164,30 @@ def stats(reset: bool = False) -> dict[tuple[str, str, str], int]:
     if reset:
         _counts.clear()
     return snapshot
+
+
+class TritonOp:
+    """A Triton launcher registered as the custom op ``fastrec::<name>``, callable like it.
+
+    torch.compile must meet the registered op (opaque, with its fake), but in eager mode the
+    custom-op dispatch costs ~25 us of Python per call (measured on this project's CPU), as
+    much as a whole kernel at recommender shapes. Our autograd.Functions already sit below
+    autograd, so outside compilation a call goes straight to the launcher.
+    """
+
+    def __init__(self, name: str, fn) -> None:
+        self.fn = fn
+        self.op = torch.library.custom_op(f"fastrec::{name}", mutates_args=())(fn)
+
+    def register_fake(self, fake):
+        return self.op.register_fake(fake)
+
+    def __call__(self, *args):
+        if torch.compiler.is_compiling():
+            return self.op(*args)
+        return self.fn(*args)
+
+
+def triton_op(name: str):
+    """Decorator: ``TritonOp(name, fn)``."""
+    return lambda fn: TritonOp(name, fn)

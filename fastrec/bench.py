@@ -9,6 +9,7 @@ memory bandwidth and bf16 matmul rate. Families add their cases to ``CASES``.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import platform
@@ -543,6 +544,155 @@ def dispatch_main(args, device: torch.device, dtypes: list[torch.dtype]) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- attention configs
+# The tuner times each Triton attention kernel's candidate block configs on the bench's flag set
+# (causal + right key padding, no dropout) and large-batch shapes, one kernel at a time (the
+# backward's dK/dV pass with the default dQ pass, then the dQ pass with the chosen dK/dV pass),
+# and keeps a candidate only if it beats the default config by TUNE_MARGIN.
+TUNE_SHAPES = ((1024, 2, 200), (1024, 2, 50))  # (B, H, L); times are summed over them
+TUNE_HEAD_DIMS = (32, 64)  # one per BLOCK_D bucket that recommender head dims (17-64) fall in
+TUNE_MARGIN = 0.03
+_BF16_CANDIDATES = {
+    "forward": ((64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3)),
+    "dkdv": ((32, 128, 8, 3), (64, 64, 4, 3), (16, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 2)),
+    "dq": ((128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 16, 4, 3), (128, 128, 8, 3)),
+}
+# (dtype class, BLOCK_D) -> kernel -> (BLOCK_M, BLOCK_N, num_warps, num_stages): the candidates
+# that compile without spills for sm_90 (triton 3.6 and 3.9) with every flag the tuned table
+# serves (causal, key padding, lengths) and with none; fp32 tiles need 8 warps, and at BLOCK_D=64
+# few fit at all.
+_TUNE_CANDIDATES = {
+    ("16", 32): _BF16_CANDIDATES,
+    ("16", 64): _BF16_CANDIDATES,
+    ("32", 32): {
+        "forward": ((64, 64, 8, 3), (128, 32, 8, 3), (64, 32, 8, 2), (32, 32, 4, 3)),
+        "dkdv": ((32, 128, 8, 3), (16, 64, 4, 3), (32, 64, 8, 3), (16, 128, 8, 3)),
+        "dq": ((128, 32, 8, 3), (64, 16, 4, 3), (64, 32, 8, 3), (64, 64, 8, 3)),
+    },
+    ("32", 64): {"forward": ((64, 32, 8, 2),), "dkdv": (), "dq": ((64, 16, 4, 3), (64, 32, 8, 3))},
+}
+
+
+def _median_ms(fn: Callable[[], object]) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median"))
+
+
+def tune_attention(device: torch.device, dtypes, progress=None) -> tuple[dict[str, dict], list[dict]]:
+    """``(configs, rows)``: the table entries ({tuned_key: config and times}) that beat the default,
+    and every candidate's measurement (``error`` for one that did not compile or run)."""
+    from fastrec.kernels import attention as K
+
+    configs: dict[str, dict] = {}
+    rows: list[dict] = []
+    gen = torch.Generator().manual_seed(0)
+    for dtype in dtypes:
+        for head_dim in TUNE_HEAD_DIMS:
+            cases = []
+            for batch, heads, length in TUNE_SHAPES:
+                q, k, v, grad = (
+                    torch.randn(batch, heads, length, head_dim, generator=gen).to(device, dtype) for _ in range(4)
+                )
+                kpm = _padding_mask(batch, length, 0.3, False, device, gen)
+                masks = (kpm, None, None, None, True, head_dim**-0.5, 0.0)
+                out, lse = K.attention_forward(q, k, v, *masks)
+                cases.append((q, k, v, grad, masks, out, lse, K.attention_backward(grad, q, k, v, out, lse, *masks)))
+
+            def forward(cfg):
+                return [functools.partial(K.attention_forward, *c[:3], *c[4], config=cfg) for c in cases]
+
+            def backward(configs):  # configs: dkdv_config and dq_config
+                return [
+                    functools.partial(K.attention_backward, c[3], *c[:3], c[5], c[6], *c[4], **configs) for c in cases
+                ]
+
+            chosen: dict[str, K.BlockConfig] = {}
+            for kernel in K.TUNED_KERNELS:
+                key = K.tuned_key(kernel, dtype, K.block_d_for(head_dim))
+                default = K.block_config(kernel, dtype, head_dim, interpreter=False)
+                # the dK/dV pass is timed beside the default dQ pass, the dQ pass beside the chosen dK/dV
+                fixed = dict(dq_config=K.block_config("dq", dtype, head_dim, False), dkdv_config=chosen.get("dkdv"))
+                own = _TUNE_CANDIDATES["16" if dtype.itemsize == 2 else "32", K.block_d_for(head_dim)][kernel]
+                candidates = [default] + [K.BlockConfig(*c) for c in own]
+                best, best_ms, default_ms = default, math.inf, math.inf
+                for cfg in dict.fromkeys(candidates):  # default first, no repeats
+                    row = {"key": key, "dtype": _dtype_name(dtype), "head_dim": head_dim, **asdict(cfg)}
+                    try:
+                        fns = forward(cfg) if kernel == "forward" else backward({**fixed, f"{kernel}_config": cfg})
+                        results = [fn() for fn in fns]
+                        _check_tuned(kernel, results, cases)
+                        row["ms"] = sum(_median_ms(fn) for fn in fns)
+                    except Exception as error:  # a candidate that does not compile, fit or agree
+                        row["error"] = f"{type(error).__name__}: {error}"[:300]
+                    rows.append(row)
+                    if progress:
+                        progress(row)
+                    if "ms" in row:
+                        default_ms = row["ms"] if cfg == default else default_ms
+                        if row["ms"] < best_ms:
+                            best, best_ms = cfg, row["ms"]
+                chosen[kernel] = best if best_ms < default_ms * (1 - TUNE_MARGIN) else default
+                if chosen[kernel] != default:
+                    configs[key] = {**asdict(best), "ms": round(best_ms, 5), "default_ms": round(default_ms, 5)}
+    return configs, rows
+
+
+def _check_tuned(kernel: str, results: list, cases: list) -> None:
+    """A candidate's outputs must match the default config's (same math, other tiling)."""
+    for got, case in zip(results, cases, strict=True):
+        want = case[5:7] if kernel == "forward" else case[7]
+        for g, w in zip(got, want, strict=True):
+            bound = 2e-2 if w.dtype in (torch.float16, torch.bfloat16) else 1e-4
+            finite = torch.isfinite(w)
+            err = (g.float() - w.float())[finite].abs().max().item() if finite.any() else 0.0
+            if not err <= bound * max(1.0, w.float()[finite].abs().max().item()):
+                raise AssertionError(f"differs from the default config's result by {err:.3g}")
+
+
+def write_configs(path: str | Path, card: str, configs: dict[str, dict], env: dict) -> dict:
+    """Write ``configs`` as ``card``'s entry of the table at ``path`` (other cards kept), in the
+    format fastrec.kernels.attention.parse_configs reads; returns the whole table."""
+    from fastrec.kernels import attention as K
+
+    path = Path(path)
+    table = json.loads(path.read_text()) if path.exists() else {"version": K.CONFIGS_VERSION, "cards": {}}
+    table.pop("note", None)
+    table["cards"][card] = {
+        "measured": env["date"],
+        "torch": env["torch"],
+        "triton": env["triton"],
+        "commit": env["commit"],
+        "configs": configs,
+    }
+    K.parse_configs(table, str(path))
+    path.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
+    return table
+
+
+def configs_main(args, device: torch.device, dtypes: list[torch.dtype]) -> int:
+    """``fastrec bench --family attention --write-configs PATH``: tune, write the table."""
+    if device.type != "cuda":
+        print("--write-configs times the Triton attention kernels: it needs a CUDA device", file=sys.stderr)
+        return 2
+    if args.family and "attention" not in args.family:
+        print("--write-configs belongs to --family attention", file=sys.stderr)
+        return 2
+
+    def progress(row: dict) -> None:
+        tiles = f"{row['block_m']}x{row['block_n']} w{row['num_warps']} s{row['num_stages']}"
+        result = f"{row['ms']:.4f} ms" if "ms" in row else row["error"]
+        print(f"{row['key']:12s} {row['dtype']:9s} d={row['head_dim']:<3d} {tiles:18s} {result}", flush=True)
+
+    card = torch.cuda.get_device_name(device)
+    configs, rows = tune_attention(device, [d for d in (torch.bfloat16, torch.float32) if d in dtypes], progress)
+    write_configs(args.write_configs, card, configs, environment(device))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"card": card, "configs": configs, "rows": rows}, indent=2))
+    print(f"wrote {card}'s attention configs ({len(configs)} changed from the defaults) to {args.write_configs}")
+    return 0
+
+
 # --------------------------------------------------------------------------- caser cases
 def _recbole_caser_loop(conv_h: torch.nn.ModuleList, conv_v: torch.nn.Conv2d, E: torch.Tensor):
     """RecBole's Caser convolutions: per height Conv2d + ReLU + max-pool over time, then the
@@ -755,11 +905,19 @@ def main(args) -> int:
         dtypes = [torch.float32]
     if getattr(args, "write_dispatch", None):
         return dispatch_main(args, device, dtypes)
+    if getattr(args, "write_configs", None):
+        return configs_main(args, device, dtypes)
     families = args.family or list(CASES)
+
+    done: list[dict] = []
+    env = environment(device) if args.json else {}
 
     def progress(r: Result) -> None:
         speed = ", ".join(f"{v:.2f}x vs {k}" for k, v in r.speedup.items())
         print(f"{r.family:10s} {r.name:18s} {r.shape:40s} {r.dtype:9s} {r.mode:17s} {speed}", flush=True)
+        if args.json:  # the rows so far, so that a run cut short keeps them
+            done.append(asdict(r))
+            Path(args.json).write_text(json.dumps({"environment": env, "partial": True, "results": done}, indent=2))
 
     report = run(families, device, dtypes, args.full, args.rounds, args.min_round_s, progress)
     table = markdown(report)

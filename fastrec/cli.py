@@ -144,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="PATH",
         help="CUDA, with --family conv: time cuDNN vs Triton per shape class, write the dispatch table here",
     )
+    bench.add_argument(
+        "--write-configs",
+        metavar="PATH",
+        help="CUDA, with --family attention: time the Triton attention block configs, write the table here",
+    )
     bench.set_defaults(func=_bench)
     _add_train(sub)
     args = parser.parse_args(argv)

@@ -42,6 +42,8 @@ compute dtype, which keeps fp64 results accurate to ~1e-14.
 
 from __future__ import annotations
 
+import importlib.resources
+import json
 import struct
 from dataclasses import dataclass, field
 
@@ -1162,11 +1164,98 @@ def preprocess_block_m(dtype: torch.dtype, head_dim: int) -> int:
     return max(8, min(128, elements // block_d_for(head_dim)))
 
 
-def block_config(kernel: str, dtype: torch.dtype, head_dim: int, interpreter: bool) -> BlockConfig:
-    """Tile sizes and launch options for ``kernel`` in {"forward", "dkdv", "dq"}."""
+# Measured configs per card (fastrec/attention_configs.json, written on the card by ``fastrec
+# bench --family attention --write-configs PATH``) replace the ones above for variants without
+# dropout and without a bias tile, which have registers to spare for larger tiles. Dropout (Philox)
+# and bias (a (BLOCK_M, BLOCK_N) fp32 tile) variants keep the configs above everywhere. The
+# compile check covers the table's configs too.
+CONFIGS_VERSION = 1
+TUNED_KERNELS = ("forward", "dkdv", "dq")
+
+
+def _valid_config(kernel: str, cfg: BlockConfig) -> bool:
+    """What the kernels' static asserts and tl.dot need: tiles >= 16, the loop tile dividing the
+    program's tile (forward, dq: BLOCK_N | BLOCK_M; dkdv: BLOCK_M | BLOCK_N)."""
+    outer, inner = (cfg.block_n, cfg.block_m) if kernel == "dkdv" else (cfg.block_m, cfg.block_n)
+    return kernel in TUNED_KERNELS and inner >= 16 and outer % inner == 0 and cfg.num_warps in (1, 2, 4, 8, 16)
+
+
+def tuned_key(kernel: str, dtype: torch.dtype, block_d: int) -> str:
+    """The table's key of one block-config slot, e.g. ``"dkdv/16/32"``."""
+    return f"{kernel}/{_DTYPE_CLASS[dtype]}/{block_d}"
+
+
+def parse_configs(table: dict, source: str = "attention config table") -> dict[str, dict[str, BlockConfig]]:
+    """``{card: {tuned_key: BlockConfig}}`` from the JSON table; ValueError naming what is wrong.
+
+    Format: ``{"version": 1, "cards": {card: {"measured": date, "torch": version, "triton":
+    version, "configs": {key: {"block_m", "block_n", "num_warps", "num_stages", "ms",
+    "default_ms"}}}}}``.
+    """
+    if table.get("version") != CONFIGS_VERSION:
+        raise ValueError(f"{source}: version must be {CONFIGS_VERSION}, got {table.get('version')!r}")
+    cards = table.get("cards")
+    if not isinstance(cards, dict):
+        raise ValueError(f"{source}: cards must be an object, got {type(cards).__name__}")
+    parsed = {}
+    for card, entry in cards.items():
+        configs = entry.get("configs") if isinstance(entry, dict) else None
+        if not isinstance(configs, dict):
+            raise ValueError(f"{source}: cards[{card!r}].configs must be an object, got {configs!r}")
+        parsed[card] = {}
+        for key, row in configs.items():
+            try:
+                cfg = BlockConfig(*(int(row[f]) for f in ("block_m", "block_n", "num_warps", "num_stages")))
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(
+                    f"{source}: cards[{card!r}].configs[{key!r}] needs integer block_m, block_n, num_warps, num_stages"
+                ) from None
+            if not _valid_config(key.split("/")[0], cfg):
+                raise ValueError(f"{source}: cards[{card!r}].configs[{key!r}] is not a valid config: {cfg}")
+            parsed[card][key] = cfg
+    return parsed
+
+
+_TABLE: dict[str, dict[str, BlockConfig]] | None = None
+_CARDS: dict[int, str] = {}
+
+
+def tuned_configs() -> dict[str, dict[str, BlockConfig]]:
+    """The package's table (fastrec/attention_configs.json), parsed once."""
+    global _TABLE
+    if _TABLE is None:
+        path = importlib.resources.files("fastrec") / "attention_configs.json"
+        _TABLE = parse_configs(json.loads(path.read_text()), str(path))
+    return _TABLE
+
+
+def card_name(device: torch.device) -> str:
+    """``torch.cuda.get_device_name`` of ``device``, cached (the table's card key)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CARDS:
+        _CARDS[index] = torch.cuda.get_device_name(index)
+    return _CARDS[index]
+
+
+def block_config(
+    kernel: str,
+    dtype: torch.dtype,
+    head_dim: int,
+    interpreter: bool,
+    dropout_or_bias: bool = True,
+    card: str | None = None,
+) -> BlockConfig:
+    """Tile sizes and launch options for ``kernel`` in {"forward", "dkdv", "dq"}: the interpreter's,
+    else ``card``'s measured config when there is one and neither dropout nor a bias, else the
+    spill-free default."""
     if interpreter:
         return _INTERPRETER_CONFIG
-    return _GPU_CONFIGS[kernel][(_DTYPE_CLASS[dtype], block_d_for(head_dim))]
+    block_d = block_d_for(head_dim)
+    if not dropout_or_bias and card is not None:
+        tuned = tuned_configs().get(card, {}).get(tuned_key(kernel, dtype, block_d))
+        if tuned is not None:
+            return tuned
+    return _GPU_CONFIGS[kernel][(_DTYPE_CLASS[dtype], block_d)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1220,8 +1309,20 @@ def _optional_args(q, key_padding_mask, lengths, bias, seed, dropout_p):
     )
 
 
-def attention_forward(q, k, v, key_padding_mask, lengths, bias, seed, causal, scale, dropout_p, allow_tf32=False):
-    """(out (B, H, Lq, D), lse (B, H, Lq)); see fastrec/ops/attention.py. Inputs may be strided views."""
+def _config(kernel: str, q: torch.Tensor, bias, dropout_p: float, interpreter: bool, override) -> BlockConfig:
+    """``override`` (the tuner's candidate) or block_config for this call's card."""
+    if override is not None:
+        return override
+    heavy = bias is not None or dropout_p > 0.0
+    card = None if interpreter or heavy else card_name(q.device)
+    return block_config(kernel, q.dtype, q.shape[-1], interpreter, heavy, card)
+
+
+def attention_forward(
+    q, k, v, key_padding_mask, lengths, bias, seed, causal, scale, dropout_p, allow_tf32=False, config=None
+):
+    """(out (B, H, Lq, D), lse (B, H, Lq)); see fastrec/ops/attention.py. Inputs may be strided views.
+    ``config``: a BlockConfig instead of the table's (the tuner's candidates)."""
     batch, heads, len_q, head_dim = q.shape
     len_k = k.shape[2]
     dropout_p = float(dropout_p)
@@ -1231,7 +1332,7 @@ def attention_forward(q, k, v, key_padding_mask, lengths, bias, seed, causal, sc
     out = torch.empty((batch, heads, len_q, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, len_q), dtype=acc_dtype, device=q.device)
     interpreter = _on_interpreter(q)
-    cfg = block_config("forward", q.dtype, head_dim, interpreter)
+    cfg = _config("forward", q, bias, dropout_p, interpreter, config)
     kpm, lens, bias_arg, seed_arg, bias_strides = _optional_args(q, key_padding_mask, lengths, bias, seed, dropout_p)
     scale_hi, scale_lo = _split_fp32(scale * LOG2E)
     drop_hi, drop_lo = _split_fp32(1.0 / (1.0 - dropout_p))
@@ -1284,8 +1385,11 @@ def attention_backward(
     scale,
     dropout_p,
     allow_tf32=False,
+    dkdv_config=None,
+    dq_config=None,
 ):
-    """(dq, dk, dv), contiguous, dtypes of q, k, v; see fastrec/ops/attention.py."""
+    """(dq, dk, dv), contiguous, dtypes of q, k, v; see fastrec/ops/attention.py. ``dkdv_config``,
+    ``dq_config``: BlockConfigs instead of the table's (the tuner's candidates)."""
     batch, heads, len_q, head_dim = q.shape
     len_k = k.shape[2]
     dropout_p = float(dropout_p)
@@ -1338,7 +1442,7 @@ def attention_backward(
         drop_lo,
     )
 
-    cfg = block_config("dkdv", q.dtype, head_dim, interpreter)
+    cfg = _config("dkdv", q, bias, dropout_p, interpreter, dkdv_config)
     _attention_backward_dkdv_kernel[(batch * heads, triton.cdiv(len_k, cfg.block_n))](
         q,
         k,
@@ -1360,7 +1464,7 @@ def attention_backward(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    cfg = block_config("dq", q.dtype, head_dim, interpreter)
+    cfg = _config("dq", q, bias, dropout_p, interpreter, dq_config)
     _attention_backward_dq_kernel[(batch * heads, triton.cdiv(len_q, cfg.block_m))](
         q,
         k,
@@ -1419,11 +1523,15 @@ def _pointer_type(arg: str, dt: str, acc: str) -> str | None:
     return {"KeyPaddingMask": "*i1", "Lengths": "*i32", "Seed": "*i64"}.get(arg)
 
 
-def _variant(fn, kernel, dt, constexprs, options, flags=()):
+def _variant(fn, kernel, dt, constexprs, options, flags=(), tuned=""):
     """Signature as the JIT would build it for the common case: 16-byte aligned pointers,
-    unit stride along the head dim (specialised to the constant 1), other strides % 16 == 0."""
+    unit stride along the head dim (specialised to the constant 1), other strides % 16 == 0.
+    ``tuned``: the card whose measured config this is (its own bucket)."""
     acc = "fp64" if dt == "fp64" else "fp32"
     bucket = f"BLOCK_D={constexprs['BLOCK_D']}"
+    if tuned:
+        tiles = f"{constexprs['BLOCK_M']}x{constexprs['BLOCK_N']}w{options['num_warps']}s{options['num_stages']}"
+        bucket += f" {tuned} {tiles}"
     label = f"attention.{kernel}[{dt},{bucket},{'+'.join(flags) or 'plain'}]"
     signature, consts, attrs = {}, dict(constexprs), {}
     for index, arg in enumerate(fn.arg_names):
@@ -1451,7 +1559,8 @@ def kernel_variants() -> list[KernelVariant]:
     """Every GPU variant the launchers can pick: dtype x flags x BLOCK_D bucket x kernel.
 
     4 dtypes x 32 flag combinations (x2 for fp32's ALLOW_TF32) x 5 BLOCK_D buckets x 3 kernels,
-    plus the preprocess kernel per dtype x BLOCK_D.
+    plus the preprocess kernel per dtype x BLOCK_D, plus each card's measured configs (flag
+    combinations without DROPOUT; their own bucket, named after the card and the tiles).
     """
     kernels = (
         ("forward", _attention_forward_kernel),
@@ -1475,25 +1584,24 @@ def kernel_variants() -> list[KernelVariant]:
                 for tf32 in (False, True) if torch_dtype == torch.float32 else (False,):
                     flags = on + (("ALLOW_TF32",) if tf32 else ())
                     for kernel, fn in kernels:
-                        cfg = block_config(kernel, torch_dtype, block_d, interpreter=False)
-                        constexprs = {n: (n in on) for n in FLAG_NAMES}
-                        constexprs.update(
-                            UPCAST_INPUTS=False,
-                            ALLOW_TF32=tf32,
-                            BLOCK_M=cfg.block_m,
-                            BLOCK_N=cfg.block_n,
-                            BLOCK_D=block_d,
-                        )
-                        variants.append(
-                            _variant(
-                                fn,
-                                kernel,
-                                dt,
-                                constexprs,
-                                dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-                                flags,
+                        default = block_config(kernel, torch_dtype, block_d, interpreter=False)
+                        configs = {"": default}
+                        heavy = "DROPOUT" in on or "HAS_BIAS" in on
+                        for card in [] if heavy else sorted(tuned_configs()):
+                            cfg = block_config(kernel, torch_dtype, block_d, False, dropout_or_bias=False, card=card)
+                            if cfg != default and cfg not in configs.values():
+                                configs[card] = cfg
+                        for card, cfg in configs.items():
+                            constexprs = {n: (n in on) for n in FLAG_NAMES}
+                            constexprs.update(
+                                UPCAST_INPUTS=False,
+                                ALLOW_TF32=tf32,
+                                BLOCK_M=cfg.block_m,
+                                BLOCK_N=cfg.block_n,
+                                BLOCK_D=block_d,
                             )
-                        )
+                            options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                            variants.append(_variant(fn, kernel, dt, constexprs, options, flags, card))
     return variants
 
 

@@ -16,6 +16,9 @@ import pytest  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
+# fp32 is compared with float64 references at fp32 bounds: no TF32 in cuDNN's convolutions
+# (on by default, unlike matmuls), which fastrec's conv follows as torch's Conv2d does.
+torch.backends.cudnn.allow_tf32 = False
 
 
 def pytest_collection_modifyitems(config, items):

@@ -22,7 +22,9 @@ References and bounds (helpers in ``attention_reference.py``; recipe in TESTING.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -941,3 +943,78 @@ def test_dropout_keep_mask_uses_documented_counters_and_drop_rate():
         assert keep[b, h, i, j].item() == (u >= p)
     big = dropout_keep_mask(torch.tensor([seed]), 4, 4, 128, 128, p)
     assert abs((1 - big.double().mean().item()) - p) <= 0.01
+
+
+# --------------------------------------------------------------------------- measured block configs
+def test_tuned_config_table_parses_and_names_what_is_wrong():
+    from fastrec.kernels import attention as K
+
+    entry = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3, "ms": 1.0, "default_ms": 2.0}
+    table = {"version": 1, "cards": {"Card X": {"configs": {"forward/16/32": entry}}}}
+    assert K.parse_configs(table) == {"Card X": {"forward/16/32": K.BlockConfig(128, 64, 8, 3)}}
+    with pytest.raises(ValueError, match="version must be 1"):
+        K.parse_configs({**table, "version": 2})
+    with pytest.raises(ValueError, match=r"cards\['Card X'\].configs must be an object"):
+        K.parse_configs({"version": 1, "cards": {"Card X": {}}})
+    bad = {"version": 1, "cards": {"Card X": {"configs": {"dkdv/16/32": entry}}}}  # dK/dV needs BLOCK_M | BLOCK_N
+    with pytest.raises(ValueError, match=r"configs\['dkdv/16/32'\] is not a valid config"):
+        K.parse_configs(bad)
+    missing = {"version": 1, "cards": {"Card X": {"configs": {"dq/16/32": {"block_m": 64}}}}}
+    with pytest.raises(ValueError, match="needs integer block_m"):
+        K.parse_configs(missing)
+    shipped = json.loads(Path(fastrec.__file__).with_name("attention_configs.json").read_text())
+    assert K.tuned_configs() == K.parse_configs(shipped)  # the package's own table parses
+
+
+def test_tuned_configs_serve_light_variants_of_their_card_only(monkeypatch):
+    """A card's measured config replaces the default for variants without dropout or bias, on
+    that card; the compile check's variant list gains exactly those."""
+    from fastrec.kernels import attention as K
+
+    tuned = K.BlockConfig(128, 64, 8, 3)
+    monkeypatch.setattr(K, "_TABLE", {"Card X": {"forward/16/32": tuned}})
+    default = K.block_config("forward", torch.bfloat16, 32, False)
+    assert default != tuned
+    assert K.block_config("forward", torch.bfloat16, 25, False, dropout_or_bias=False, card="Card X") == tuned
+    assert K.block_config("forward", torch.float16, 32, False, dropout_or_bias=False, card="Card X") == tuned
+    assert K.block_config("forward", torch.bfloat16, 32, False, dropout_or_bias=True, card="Card X") == default
+    assert K.block_config("forward", torch.bfloat16, 32, False, dropout_or_bias=False, card="Card Y") == default
+    assert K.block_config("dq", torch.bfloat16, 32, False, dropout_or_bias=False, card="Card X") == K.block_config(
+        "dq", torch.bfloat16, 32, False
+    )
+    assert K.block_config("forward", torch.bfloat16, 32, True, dropout_or_bias=False, card="Card X").block_m == 64
+    extra = [v for v in K.kernel_variants() if "Card X" in v.bucket]
+    assert {v.dtype for v in extra} == {"fp16", "bf16"} and {v.kernel for v in extra} == {"forward"}
+    assert len(extra) == 2 * 8  # fp16 and bf16 x the 8 combinations of CAUSAL, key padding, lengths
+    assert all(not {"DROPOUT", "HAS_BIAS"} & set(v.flags) for v in extra)
+    assert all(
+        (v.constexprs["BLOCK_M"], v.constexprs["BLOCK_N"], v.constexprs["BLOCK_D"]) == (128, 64, 32) for v in extra
+    )
+
+
+def test_tuner_keeps_only_candidates_that_beat_the_default(monkeypatch, tmp_path):
+    """The tuner on the interpreter with a made-up clock: the candidate it is told is fastest wins
+    where it beats the default by the margin, and the table it writes round-trips."""
+    from fastrec.kernels import attention as K
+
+    from fastrec import bench
+
+    fast = K.BlockConfig(32, 16, 4, 3)  # dq: BLOCK_N | BLOCK_M
+    candidates = {"forward": ((32, 32, 4, 3),), "dkdv": ((16, 32, 4, 3),), "dq": ((32, 16, 4, 3),)}
+    monkeypatch.setattr(bench, "_TUNE_CANDIDATES", {("32", 16): candidates})
+    monkeypatch.setattr(bench, "TUNE_SHAPES", ((1, 1, 20),))
+    monkeypatch.setattr(bench, "TUNE_HEAD_DIMS", (16,))
+    seen = []
+
+    def clock(fn):  # a launch with dq_config=fast takes 1 ms, any other 2 ms
+        seen.append(fn.keywords)
+        return 1.0 if fn.keywords.get("dq_config") == fast else 2.0
+
+    monkeypatch.setattr(bench, "_median_ms", clock)
+    configs, rows = bench.tune_attention(torch.device("cpu"), [torch.float32])
+    assert len(seen) == len(rows) == 3 * 2  # per kernel: the default and the one candidate
+    assert all("ms" in row for row in rows), rows
+    assert list(configs) == ["dq/32/16"] and configs["dq/32/16"]["block_m"] == 32
+    path = tmp_path / "configs.json"
+    bench.write_configs(path, "Card X", configs, bench.environment(torch.device("cpu")))
+    assert K.parse_configs(json.loads(path.read_text())) == {"Card X": {"dq/32/16": fast}}

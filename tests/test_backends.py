@@ -227,3 +227,27 @@ def test_cli_info_lists_versions_and_backends():
     for name, reason in backends.available().items():  # same verdicts as in this process
         if name != "triton":  # the subprocess has no TRITON_INTERPRET unless CUDA is present
             assert listed[name] == ("available" if reason is None else "unavailable:"), name
+
+
+def test_triton_op_calls_its_launcher_directly_in_eager_mode_and_the_op_under_compile():
+    """Eager calls skip the custom-op dispatcher (its Python cost); torch.compile sees the op."""
+    calls = []
+
+    def launcher(x: torch.Tensor) -> torch.Tensor:
+        calls.append(torch.compiler.is_compiling())
+        return x * 2
+
+    op = backends.TritonOp("test_eager_probe", launcher)
+    op.register_fake(lambda x: torch.empty_like(x))
+    x = torch.randn(3)
+    assert torch.equal(op(x), x * 2) and calls == [False]
+    assert torch.equal(torch.ops.fastrec.test_eager_probe(x), x * 2)  # registered and callable
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    assert torch.equal(torch.compile(lambda t: op(t) + 1, fullgraph=True, backend=capture)(x), x * 2 + 1)
+    assert any("test_eager_probe" in str(node.target) for node in graphs[0].graph.nodes)

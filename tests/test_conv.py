@@ -35,7 +35,9 @@ ACT_FNS = {"none": lambda z: z, "relu": F.relu, "gelu": F.gelu, "tanh": torch.ta
 
 @pytest.fixture(params=BACKENDS)
 def backend(request):
-    with backends.use_backend(request.param):
+    """Each backend, forced; triton's tests make their tensors on the GPU where there is one."""
+    device = "cuda" if request.param == "triton" and torch.cuda.is_available() else "cpu"
+    with backends.use_backend(request.param), torch.device(device):
         yield request.param
 
 

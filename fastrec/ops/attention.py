@@ -125,7 +125,7 @@ def _fake_backward(grad_out, q, k, v, *rest):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-@torch.library.custom_op("fastrec::attention_forward_triton", mutates_args=())
+@backends.triton_op("attention_forward_triton")
 def attention_forward_triton(
     q: Tensor,
     k: Tensor,
@@ -146,7 +146,7 @@ def attention_forward_triton(
     )
 
 
-@torch.library.custom_op("fastrec::attention_backward_triton", mutates_args=())
+@backends.triton_op("attention_backward_triton")
 def attention_backward_triton(
     grad_out: Tensor,
     q: Tensor,
@@ -212,7 +212,7 @@ class AttentionFunction(torch.autograd.Function):
         if backend == "triton":
             if need_probs:
                 raise RuntimeError("the triton attention kernels form no attention probabilities (need_weights)")
-            out, lse = torch.ops.fastrec.attention_forward_triton(q, k, v, *masks, _allow_tf32(q))
+            out, lse = attention_forward_triton(q, k, v, *masks, _allow_tf32(q))
             probs = q.new_empty(0)
         else:
             out, lse, probs = torch.ops.fastrec.attention_forward_cpp(q, k, v, *masks, dropout_mask, need_probs)
@@ -232,7 +232,7 @@ class AttentionFunction(torch.autograd.Function):
         if grad_out is not None:
             args = (grad_out, q, k, v, out, lse, key_padding_mask, lengths, bias, seed, causal, scale, dropout_p)
             if backend == "triton":
-                dq, dk, dv = torch.ops.fastrec.attention_backward_triton(*args, _allow_tf32(q))
+                dq, dk, dv = attention_backward_triton(*args, _allow_tf32(q))
             else:
                 dq, dk, dv = torch.ops.fastrec.attention_backward_cpp(*args, dropout_mask)
         if need_probs and grad_probs is not None:  # through the returned weights W = P * Z, P = softmax(S)
@@ -273,12 +273,16 @@ def attention(
     backends.count(OP, backend, reason or "")
     if mask is not None and backend == "triton":
         raise RuntimeError("use_dropout_stream('torch') needs the cpp or torch backend; triton draws its own masks")
+    masks = (key_padding_mask, lengths, bias, seed, causal, scale, dropout_p)
     if backend == "torch":
-        masks = (key_padding_mask, lengths, bias, seed, causal, scale, dropout_p, mask)
-        return attention_torch(q, k, v, *masks, need_weights)
-    out, _, probs = AttentionFunction.apply(
-        q, k, v, key_padding_mask, lengths, bias, seed, causal, scale, dropout_p, mask, need_weights, backend
-    )
+        return attention_torch(q, k, v, *masks, mask, need_weights)
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        # inference: the forward op alone, without autograd.Function's per-call cost
+        if backend == "triton":
+            return attention_forward_triton(q, k, v, *masks, _allow_tf32(q))[0]
+        out, _, probs = torch.ops.fastrec.attention_forward_cpp(q, k, v, *masks, mask, need_weights)
+        return (out, probs) if need_weights else out
+    out, _, probs = AttentionFunction.apply(q, k, v, *masks, mask, need_weights, backend)
     return (out, probs) if need_weights else out
 
 

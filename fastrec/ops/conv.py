@@ -129,7 +129,7 @@ def _fake_backward(
     return dx, dw, db
 
 
-@torch.library.custom_op("fastrec::conv_forward_triton", mutates_args=())
+@backends.triton_op("conv_forward_triton")
 def conv_forward_triton(
     x: Tensor,
     w: Tensor,
@@ -148,7 +148,7 @@ def conv_forward_triton(
     return kernels.conv_forward(x, w, bias, *geometry, act, tuple(pool), allow_tf32)
 
 
-@torch.library.custom_op("fastrec::conv_backward_triton", mutates_args=())
+@backends.triton_op("conv_backward_triton")
 def conv_backward_triton(
     grad_y: Tensor,
     x: Tensor,
@@ -178,7 +178,7 @@ def conv_backward_triton(
     return dx, dw, db
 
 
-@torch.library.custom_op("fastrec::conv_epilogue_triton", mutates_args=())
+@backends.triton_op("conv_epilogue_triton")
 def conv_epilogue_triton(z: Tensor, bias: Tensor | None, act: str, pool: list[int]) -> tuple[Tensor, Tensor, Tensor]:
     """(y, saved_z, argmax) of the contract from z = the convolution without bias (cuDNN's)."""
     from fastrec.kernels import conv as kernels
@@ -196,7 +196,7 @@ def _fake_epilogue(z, bias, act, pool):
     return y, saved_z, argmax
 
 
-@torch.library.custom_op("fastrec::conv_backward_cudnn", mutates_args=())
+@backends.triton_op("conv_backward_cudnn")
 def conv_backward_cudnn(
     grad_y: Tensor,
     x: Tensor,
@@ -252,9 +252,9 @@ class ConvFunction(torch.autograd.Function):
         args = (x, w, bias, stride, padding, dilation, groups, act, pool)
         if backend == "cudnn":
             z = F.conv2d(x, w, None, stride, padding, dilation, groups)
-            y, saved_z, argmax = torch.ops.fastrec.conv_epilogue_triton(z, bias, act, pool)
+            y, saved_z, argmax = conv_epilogue_triton(z, bias, act, pool)
         elif backend == "triton":
-            y, saved_z, argmax = torch.ops.fastrec.conv_forward_triton(*args, _allow_tf32(x))
+            y, saved_z, argmax = conv_forward_triton(*args, _allow_tf32(x))
         else:
             y, saved_z, argmax = torch.ops.fastrec.conv_forward_cpp(*args)
         ctx.save_for_backward(x, w, saved_z, argmax)
@@ -269,9 +269,9 @@ class ConvFunction(torch.autograd.Function):
         mask = [need[0], need[1], has_bias and need[2]]
         args = (grad_y.contiguous(), x, w, saved_z, argmax, stride, padding, dilation, groups, act, pool, mask)
         if backend == "cudnn":
-            dx, dw, db = torch.ops.fastrec.conv_backward_cudnn(*args)
+            dx, dw, db = conv_backward_cudnn(*args)
         elif backend == "triton":
-            dx, dw, db = torch.ops.fastrec.conv_backward_triton(*args, _allow_tf32(x))
+            dx, dw, db = conv_backward_triton(*args, _allow_tf32(x))
         else:
             dx, dw, db = torch.ops.fastrec.conv_backward_cpp(*args)
         return (
@@ -541,7 +541,7 @@ def _fake_caser_backward(grad_h, grad_v, E, w_h, w_v, *rest):
     )
 
 
-@torch.library.custom_op("fastrec::caser_forward_triton", mutates_args=())
+@backends.triton_op("caser_forward_triton")
 def caser_forward_triton(
     E: Tensor,
     w_h: list[Tensor],
@@ -557,7 +557,7 @@ def caser_forward_triton(
     return kernels.caser_forward(E, w_h, b_h, w_v, b_v, act_h, act_v, allow_tf32)
 
 
-@torch.library.custom_op("fastrec::caser_backward_triton", mutates_args=())
+@backends.triton_op("caser_backward_triton")
 def caser_backward_triton(
     grad_h: Tensor,
     grad_v: Tensor,
@@ -595,7 +595,7 @@ class CaserFunction(torch.autograd.Function):
     def forward(ctx, E, b_h, w_v, b_v, act_h, act_v, backend, *w_h):
         w_h = list(w_h)
         if backend == "triton":
-            out_h, out_v, z_h, argmax, z_v = torch.ops.fastrec.caser_forward_triton(
+            out_h, out_v, z_h, argmax, z_v = caser_forward_triton(
                 E, w_h, b_h, w_v, b_v, act_h, act_v, _caser_allow_tf32(E)
             )
         else:
@@ -611,7 +611,7 @@ class CaserFunction(torch.autograd.Function):
         grad_h = grad_h.contiguous()
         grad_v = grad_v.contiguous()
         if backend == "triton":
-            grad_E, grad_w_h, grad_b_h, grad_w_v, grad_b_v = torch.ops.fastrec.caser_backward_triton(
+            grad_E, grad_w_h, grad_b_h, grad_w_v, grad_b_v = caser_backward_triton(
                 grad_h, grad_v, E, w_h, w_v, z_h, argmax, z_v, act_h, act_v, _caser_allow_tf32(E)
             )
         else:
@@ -648,9 +648,7 @@ def caser(
     stacked_b_h = None if b_h is None else torch.stack(b_h)
     if not torch.is_grad_enabled():  # inference: the forward op alone, without autograd's wrapper
         if backend == "triton":
-            outs = torch.ops.fastrec.caser_forward_triton(
-                E, list(w_h), stacked_b_h, w_v, b_v, act_h, act_v, _caser_allow_tf32(E)
-            )
+            outs = caser_forward_triton(E, list(w_h), stacked_b_h, w_v, b_v, act_h, act_v, _caser_allow_tf32(E))
         else:
             outs = torch.ops.fastrec.caser_forward_cpp(E, list(w_h), stacked_b_h, w_v, b_v, act_h, act_v)
         return outs[0], outs[1]

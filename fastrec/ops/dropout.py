@@ -47,7 +47,7 @@ def _fake(x: Tensor, seed: Tensor, p: float) -> Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("fastrec::dropout_triton", mutates_args=())
+@backends.triton_op("dropout_triton")
 def dropout_triton(x: Tensor, seed: Tensor, p: float) -> Tensor:
     from fastrec.kernels import dropout as kernels
 
@@ -68,7 +68,7 @@ class DropoutFunction(torch.autograd.Function):
         ctx.save_for_backward(seed)
         ctx.flags = (p, backend)
         if backend == "triton":
-            return torch.ops.fastrec.dropout_triton(x, seed, p)
+            return dropout_triton(x, seed, p)
         return torch.ops.fastrec.dropout_cpp(x, seed, p)
 
     @staticmethod

@@ -152,7 +152,7 @@ if HAVE_CPP:
 
 
 # --------------------------------------------------------------------------- triton ops
-@torch.library.custom_op("fastrec::rnn_forward_triton", mutates_args=())
+@backends.triton_op("rnn_forward_triton")
 def rnn_forward_triton(
     gx: Tensor,
     h0: Tensor,
@@ -171,7 +171,7 @@ def rnn_forward_triton(
     return kernels.rnn_forward(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse, allow_tf32)
 
 
-@torch.library.custom_op("fastrec::rnn_backward_triton", mutates_args=())
+@backends.triton_op("rnn_backward_triton")
 def rnn_backward_triton(
     grad_out: Tensor,
     grad_h_n: Tensor,
@@ -210,11 +210,11 @@ def _allow_tf32(t: Tensor) -> bool:
 
 
 def _forward_triton(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse):
-    return torch.ops.fastrec.rnn_forward_triton(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse, _allow_tf32(gx))
+    return rnn_forward_triton(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse, _allow_tf32(gx))
 
 
 def _backward_triton(grad_out, grad_h_n, grad_c_n, workspace, w_hh, b_hh, h0, c0, lengths, reset, mode, reverse):
-    return torch.ops.fastrec.rnn_backward_triton(
+    return rnn_backward_triton(
         grad_out, grad_h_n, grad_c_n, workspace, w_hh, b_hh, h0, c0, lengths, reset, mode, reverse, _allow_tf32(h0)
     )
 
@@ -404,7 +404,7 @@ def _cell_forward(backend, x, h, c, w_ih, w_hh, b_ih, b_hh, mode):
     """The forward op of ``backend`` ("cpp" or "triton"): ``(h_new, c_new, workspace)``."""
     if backend == "cpp":
         return _cell_forward_op(x, h, c, w_ih, w_hh, b_ih, b_hh, mode)
-    return torch.ops.fastrec.rnn_cell_forward_triton(x, h, c, w_ih, w_hh, b_ih, b_hh, mode, _allow_tf32(x))
+    return rnn_cell_forward_triton(x, h, c, w_ih, w_hh, b_ih, b_hh, mode, _allow_tf32(x))
 
 
 class RNNCellFunction(torch.autograd.Function):
@@ -426,7 +426,7 @@ class RNNCellFunction(torch.autograd.Function):
         x, h, c, w_ih, w_hh, workspace = ctx.saved_tensors
         mode, has_bias, backend = ctx.flags
         lstm = mode == "lstm"
-        op = _cell_backward_op if backend == "cpp" else torch.ops.fastrec.rnn_cell_backward_triton
+        op = _cell_backward_op if backend == "cpp" else rnn_cell_backward_triton
         dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh = op(
             grad_h_new, grad_c_new if lstm else None, workspace, x, h, c, w_ih, w_hh, has_bias, mode
         )
@@ -438,7 +438,7 @@ class RNNCellFunction(torch.autograd.Function):
 _CELL_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-@torch.library.custom_op("fastrec::rnn_cell_forward_triton", mutates_args=())
+@backends.triton_op("rnn_cell_forward_triton")
 def rnn_cell_forward_triton(
     x: Tensor,
     h: Tensor,
@@ -457,7 +457,7 @@ def rnn_cell_forward_triton(
     return kernels.rnn_cell_forward(x, h, c, w_ih, w_hh, b_ih, b_hh, mode, allow_tf32)
 
 
-@torch.library.custom_op("fastrec::rnn_cell_backward_triton", mutates_args=())
+@backends.triton_op("rnn_cell_backward_triton")
 def rnn_cell_backward_triton(
     grad_h_new: Tensor,
     grad_c_new: Tensor | None,
