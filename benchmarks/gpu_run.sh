@@ -8,7 +8,7 @@
 # The tuned table is written into fastrec/attention_configs.json of this checkout, so the bench
 # and the tests after it run with it; commit the copy in OUTDIR. Builds nothing it does not
 # need: the Triton kernels need no build, so the C++ extension is skipped. Without CUDA it says
-# so and exits 0. Budget: about 9 minutes in all; each step has its own time limit.
+# so and exits 0. Budget: about 7 minutes in all; each step has its own time limit.
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_run.sh OUTDIR}
 mkdir -p "$out"
@@ -27,12 +27,12 @@ FASTREC_NO_EXTENSION=1 "$python" -m pip install -q --no-build-isolation --no-dep
 export PYTHONUNBUFFERED=1
 status=0
 
-timeout 200 "$python" -m fastrec bench --family attention --write-configs fastrec/attention_configs.json \
+timeout 150 "$python" -m fastrec bench --family attention --write-configs fastrec/attention_configs.json \
   --json "$out/attention_tuning.json" 2>&1 | tee "$out/tune.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 cp fastrec/attention_configs.json "$out/attention_configs.json"
 
-timeout 150 "$python" -m fastrec bench --rounds 5 --min-round-s 0.02 --json "$out/bench.json" \
+timeout 130 "$python" -m fastrec bench --rounds 5 --min-round-s 0.02 --json "$out/bench.json" \
   --markdown "$out/bench.md" 2>&1 | tee "$out/bench.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
@@ -49,9 +49,9 @@ run_tests() {  # run_tests FAMILY SECONDS FILE... : pytest -k "triton or cuda" o
   echo "=== $family: exit $rc" | tee -a "$out/tests.log"
   [ $rc -eq 0 ] || status=1
 }
-run_tests attention 60 tests/test_attention.py tests/test_nn_attention.py
-run_tests rnn 40 tests/test_rnn_triton.py
-run_tests rnn_cell 20 tests/test_rnn_cells_triton.py
-run_tests conv 40 tests/test_conv*.py tests/test_caser.py
-run_tests dropout 15 tests/test_dropout.py
+run_tests attention 50 tests/test_attention.py tests/test_nn_attention.py
+run_tests rnn 35 tests/test_rnn_triton.py
+run_tests rnn_cell 15 tests/test_rnn_cells_triton.py
+run_tests conv 35 tests/test_conv*.py tests/test_caser.py
+run_tests dropout 10 tests/test_dropout.py
 exit $status
