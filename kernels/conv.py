@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 import torch
 import triton
 import triton.language as tl
+from fastrec.kernels._host import cdiv, next_power_of_2
 
 ACTIVATIONS = ("none", "relu", "gelu", "tanh", "sigmoid")  # constexpr ACT = index in this tuple
 ACT_NONE, ACT_RELU, ACT_GELU, ACT_TANH, ACT_SIGMOID = range(5)
@@ -550,7 +551,7 @@ def block_config(kernel: str, dtype: torch.dtype, columns: int, depth: int, inte
     if interpreter:
 
         def fit(v):
-            return max(16, min(64, triton.next_power_of_2(v)))
+            return max(16, min(64, next_power_of_2(v)))
 
         if kernel == "weight":
             return BlockConfig(fit(columns), fit(depth), 32, 4, 1)
@@ -564,7 +565,7 @@ def window_block(window: int, rows: int) -> int:
     if window == 1:
         return 1
     choices = [w for w in WIN_BLOCKS if w <= rows]
-    return min(choices, key=lambda w: (triton.cdiv(window, w) * w, -w))
+    return min(choices, key=lambda w: (cdiv(window, w) * w, -w))
 
 
 def weight_split(tiles: int, total_rows: int, block_r: int, device: torch.device) -> tuple[int, int]:
@@ -572,10 +573,10 @@ def weight_split(tiles: int, total_rows: int, block_r: int, device: torch.device
     (4 per SM), each walking >= WEIGHT_SPLIT_MIN_STEPS blocks; depends on shapes only (deterministic).
     On the interpreter, two programs' worth so that the split path runs in tests."""
     target = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-    steps = triton.cdiv(total_rows, block_r)
-    splits = max(1, min(triton.cdiv(target, tiles), steps // WEIGHT_SPLIT_MIN_STEPS))
-    rows_per_split = triton.cdiv(steps, splits) * block_r
-    return triton.cdiv(total_rows, rows_per_split), rows_per_split
+    steps = cdiv(total_rows, block_r)
+    splits = max(1, min(cdiv(target, tiles), steps // WEIGHT_SPLIT_MIN_STEPS))
+    rows_per_split = cdiv(steps, splits) * block_r
+    return cdiv(total_rows, rows_per_split), rows_per_split
 
 
 # ------------------------------------------------------------------------------------------------
@@ -651,8 +652,8 @@ def conv_forward(
     cfg = block_config("forward", x.dtype, out_per_group, channels_per_group * kernel_h * kernel_w, interpreter)
     win = window_block(pool_h * pool_w, cfg.rows)
     grid = (
-        triton.cdiv(batch * pooled_h * pooled_w, cfg.rows // win),
-        groups * triton.cdiv(out_per_group, cfg.cols),
+        cdiv(batch * pooled_h * pooled_w, cfg.rows // win),
+        groups * cdiv(out_per_group, cfg.cols),
     )
     _conv_forward_kernel[grid](
         x,
@@ -720,7 +721,7 @@ def epilogue_backward(
     grad_y = grad_y.contiguous()
     _check_int32_offsets(grad_z=grad_z)
     block = _EPILOGUE_BLOCK[_DTYPE_CLASS[grad_y.dtype]]
-    _epilogue_backward_kernel[(triton.cdiv(total, block),)](
+    _epilogue_backward_kernel[(cdiv(total, block),)](
         grad_y,
         saved_z.contiguous() if act_code else grad_y,
         argmax.contiguous() if pooled else grad_y,
@@ -764,7 +765,7 @@ def conv_backward_input(
     out_per_group = out_channels // groups
     interpreter = dz.device.type == "cpu"
     cfg = block_config("input", dz.dtype, channels_per_group, out_per_group * kernel_h * kernel_w, interpreter)
-    grid = (triton.cdiv(batch * height * width, cfg.rows), groups * triton.cdiv(channels_per_group, cfg.cols))
+    grid = (cdiv(batch * height * width, cfg.rows), groups * cdiv(channels_per_group, cfg.cols))
     _conv_backward_input_kernel[grid](
         dz,
         w,
@@ -825,7 +826,7 @@ def conv_backward_weight(
     out_per_group = out_channels // groups
     interpreter = x.device.type == "cpu"
     cfg = block_config("weight", x.dtype, out_per_group, k_total, interpreter)
-    tiles = triton.cdiv(out_per_group, cfg.rows) * triton.cdiv(k_total, cfg.cols)
+    tiles = cdiv(out_per_group, cfg.rows) * cdiv(k_total, cfg.cols)
     splits, rows_per_split = weight_split(tiles * groups, total_rows, cfg.depth, x.device)
     partial = torch.empty((splits, out_channels, k_total), dtype=acc_dtype, device=x.device)
     _conv_backward_weight_kernel[(tiles, groups, splits)](
@@ -1104,7 +1105,7 @@ def epilogue_forward(
     z = z.contiguous()
     _check_int32_offsets(z=z)
     block = _EPILOGUE_FORWARD_BLOCK[_DTYPE_CLASS[z.dtype]]
-    _epilogue_forward_kernel[(triton.cdiv(total, block),)](
+    _epilogue_forward_kernel[(cdiv(total, block),)](
         z,
         bias.contiguous() if bias is not None else z,
         y,
@@ -1454,14 +1455,14 @@ class CaserBlocks:
 def caser_blocks(batch: int, dim: int, filters: int, vertical: int, interpreter: bool) -> CaserBlocks:
     """Block sizes: tl.dot needs every side >= 16; the gathered backward tiles are
     (BLOCK_B, BLOCK_F, BLOCK_D), kept to 2048 elements (8 per thread with 8 warps) on the GPU."""
-    block_d = min(_CASER_BLOCK_D_MAX, max(16, triton.next_power_of_2(dim)))
-    block_f = min(64, max(16, triton.next_power_of_2(filters)))
+    block_d = min(_CASER_BLOCK_D_MAX, max(16, next_power_of_2(dim)))
+    block_f = min(64, max(16, next_power_of_2(filters)))
     if interpreter:
-        big_b = min(64, max(16, triton.next_power_of_2(batch)))
-        return CaserBlocks(big_b, block_f, 64, triton.next_power_of_2(vertical), block_d, big_b, block_f)
+        big_b = min(64, max(16, next_power_of_2(batch)))
+        return CaserBlocks(big_b, block_f, 64, next_power_of_2(vertical), block_d, big_b, block_f)
     backward_f = min(16, block_f)
     backward_b = max(1, 2048 // (backward_f * block_d))
-    return CaserBlocks(32, block_f, 32, min(16, triton.next_power_of_2(vertical)), block_d, backward_b, backward_f)
+    return CaserBlocks(32, block_f, 32, min(16, next_power_of_2(vertical)), block_d, backward_b, backward_f)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -1497,7 +1498,7 @@ def caser_forward(
     z_v = E.new_empty(0) if act_v == "none" else E.new_empty(batch, vertical * dim)
     if batch == 0:
         return out_h, out_v, z_h, argmax, z_v
-    grid = (triton.cdiv(batch, cfg.forward_b), length, triton.cdiv(filters, cfg.forward_f))
+    grid = (cdiv(batch, cfg.forward_b), length, cdiv(filters, cfg.forward_f))
     _caser_horizontal_forward_kernel[grid](
         E,
         W,
@@ -1519,7 +1520,7 @@ def caser_forward(
         num_warps=cfg.num_warps,
         num_stages=cfg.forward_stages,
     )
-    grid = (batch, triton.cdiv(vertical, cfg.vertical_v), triton.cdiv(dim, cfg.block_d))
+    grid = (batch, cdiv(vertical, cfg.vertical_v), cdiv(dim, cfg.block_d))
     _caser_vertical_forward_kernel[grid](
         E,
         w_v,
@@ -1544,7 +1545,7 @@ def _grad_epilogue(grad: torch.Tensor, z: torch.Tensor, act: str) -> tuple[torch
     g = torch.empty(rows, n, device=grad.device, dtype=_compute_dtype(grad.dtype))
     col_sum = torch.empty(n, device=grad.device, dtype=g.dtype)
     block_n = 64
-    _caser_grad_epilogue_kernel[(triton.cdiv(n, block_n),)](
+    _caser_grad_epilogue_kernel[(cdiv(n, block_n),)](
         grad,
         grad if act == "none" else z,
         g,
@@ -1586,9 +1587,9 @@ def caser_backward(
     grad_E = torch.empty_like(E)
     grad_W = torch.empty_like(W)
     grad_w_v = torch.empty_like(w_v)
-    d_blocks = triton.cdiv(dim, cfg.block_d)
+    d_blocks = cdiv(dim, cfg.block_d)
     if batch > 0:
-        _caser_input_grad_kernel[(triton.cdiv(batch, cfg.backward_b), length, d_blocks)](
+        _caser_input_grad_kernel[(cdiv(batch, cfg.backward_b), length, d_blocks)](
             g_h,
             argmax,
             W,
@@ -1605,7 +1606,7 @@ def caser_backward(
             BLOCK_D=cfg.block_d,
             num_warps=cfg.num_warps,
         )
-    _caser_weight_grad_kernel[(length * length, triton.cdiv(filters, cfg.backward_f), d_blocks)](
+    _caser_weight_grad_kernel[(length * length, cdiv(filters, cfg.backward_f), d_blocks)](
         g_h,
         argmax,
         E,
@@ -1619,8 +1620,8 @@ def caser_backward(
         BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps,
     )
-    block_l = min(64, triton.next_power_of_2(length))
-    _caser_vertical_weight_grad_kernel[(vertical, triton.cdiv(length, block_l))](
+    block_l = min(64, next_power_of_2(length))
+    _caser_vertical_weight_grad_kernel[(vertical, cdiv(length, block_l))](
         g_v, E, grad_w_v, batch, length, dim, vertical, BLOCK_L=block_l, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps
     )
     # Separate tensors, not views of one buffer: a custom op's outputs must not alias each other.

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+from fastrec.kernels._host import cdiv
 
 BLOCK = 1024
 NUM_WARPS = 4
@@ -78,7 +79,7 @@ def dropout(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
     numel = xc.numel()
     if numel == 0:
         return out
-    grid = (triton.cdiv(numel, BLOCK),)
+    grid = (cdiv(numel, BLOCK),)
     _dropout_kernel[grid](xc, out, seed, numel, p, *_scale_parts(p), BLOCK=BLOCK, num_warps=NUM_WARPS)
     return out
 

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 import torch
 import triton
 import triton.language as tl
+from fastrec.kernels._host import cdiv, next_power_of_2
 
 MODES = {"tanh": 0, "relu": 1, "gru": 2, "lstm": 3}
 GATES = {"tanh": 1, "relu": 1, "gru": 3, "lstm": 4}
@@ -574,8 +575,9 @@ class BlockConfig:
 # state; above, streamed tiles (the same compiled kernel for every larger hidden size). Chosen
 # with the compile check (tests/test_kernels_compile.py): the largest tiles whose worst case
 # (LSTM, every flag) neither spills on sm_80 / sm_90 nor exceeds shared memory.
-# fp64 (gradcheck only) always streams: triton 3.6 cannot lower the resident fp64 dot with
-# K = 32 on sm_90 ("fp64 don't support largeK MMA"), the 16-wide streamed tiles it can.
+# fp64 (gradcheck only) always streams: in the resident loop the state feeding the dot passes
+# through the 8-bit reset mask, which makes triton 3.6 pick a dot operand width that its fp64 MMA
+# lowering rejects ("fp64 don't support largeK MMA"); the streamed loop reads the state back.
 RESIDENT_MAX = {"16": 64, "32": 64, "64": 0}
 # Warps per resident (dtype class, BLOCK_H); BLOCK_H = 32 also serves hidden sizes below 32.
 RESIDENT_WARPS = {("16", 32): 4, ("16", 64): 8, ("32", 32): 8, ("32", 64): 8}
@@ -594,7 +596,7 @@ _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "
 
 def padded_hidden(hidden: int) -> int:
     """Next power of two >= max(hidden, 16) (tl.dot needs K, N >= 16)."""
-    return max(16, triton.next_power_of_2(hidden))
+    return max(16, next_power_of_2(hidden))
 
 
 def block_config(dtype: torch.dtype, hidden: int, interpreter: bool) -> BlockConfig:
@@ -672,7 +674,7 @@ def rnn_forward(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse, allow_tf3
     interpreter = gx.device.type == "cpu"
     cfg = block_config(dtype, hidden, interpreter)
     if batch * hidden > 0:
-        _rnn_forward_kernel[(triton.cdiv(batch, cfg.block_b),)](
+        _rnn_forward_kernel[(cdiv(batch, cfg.block_b),)](
             gx,
             w_hh,
             b_hh.contiguous() if b_hh is not None else w_hh,
@@ -740,7 +742,7 @@ def rnn_backward(
     interpreter = device.type == "cpu"
     cfg = block_config(dtype, hidden, interpreter)
     if batch * hidden > 0:
-        _rnn_backward_kernel[(triton.cdiv(batch, cfg.block_b),)](
+        _rnn_backward_kernel[(cdiv(batch, cfg.block_b),)](
             grad_out,
             workspace,
             w_hh,
@@ -1350,7 +1352,7 @@ def rnn_cell_forward(x, h, c, w_ih, w_hh, b_ih, b_hh, mode, allow_tf32=False):
     interpreter = x.device.type == "cpu"
     block_b, block_h, block_k, num_warps = cell_config(dtype, interpreter)
     if batch * hidden > 0:
-        _rnn_cell_forward_kernel[(triton.cdiv(batch, block_b), triton.cdiv(hidden, block_h))](
+        _rnn_cell_forward_kernel[(cdiv(batch, block_b), cdiv(hidden, block_h))](
             x,
             h,
             c,
@@ -1395,7 +1397,7 @@ def rnn_cell_backward(grad_h_new, grad_c_new, workspace, x, h, c, w_ih, w_hh, ha
     block_b, block_h, _, num_warps = cell_config(dtype, device.type == "cpu")
     has_grad_c = lstm and grad_c_new is not None
     if batch * hidden > 0:
-        _rnn_cell_backward_kernel[(triton.cdiv(batch, block_b), triton.cdiv(hidden, block_h))](
+        _rnn_cell_backward_kernel[(cdiv(batch, block_b), cdiv(hidden, block_h))](
             grad_h_new.contiguous(),
             grad_c_new.contiguous() if has_grad_c else grad_h_new,
             workspace.contiguous(),
