@@ -504,31 +504,44 @@ def write_dispatch(path: str | Path, card: str, classes: dict[str, dict], env: d
     format fastrec.ops.conv.parse_dispatch reads; returns the whole table."""
     from fastrec.ops import conv as conv_ops
 
+    empty = {"version": conv_ops.DISPATCH_VERSION, "default": conv_ops.DEFAULT_PATH, "cards": {}}
+    return _write_card_entry(path, card, "classes", classes, env, empty, conv_ops.parse_dispatch)
+
+
+def _write_card_entry(path: str | Path, card: str, field: str, entries: dict, env: dict, empty: dict, parse) -> dict:
+    """Set ``cards[card]`` of the JSON table at ``path`` (``empty`` if there is none; other cards
+    kept) to ``entries`` under ``field`` with the date and versions of ``env``; ``parse`` checks
+    the table before and after. Returns the whole table."""
     path = Path(path)
-    if path.exists():
-        table = json.loads(path.read_text())
-        conv_ops.parse_dispatch(table, str(path))
-    else:
-        table = {"version": conv_ops.DISPATCH_VERSION, "default": conv_ops.DEFAULT_PATH, "cards": {}}
+    table = json.loads(path.read_text()) if path.exists() else empty
+    parse(table, str(path))
+    table.pop("note", None)
     table["cards"][card] = {
         "measured": env["date"],
         "torch": env["torch"],
         "triton": env["triton"],
         "commit": env["commit"],
-        "classes": classes,
+        field: entries,
     }
-    conv_ops.parse_dispatch(table, str(path))
+    parse(table, str(path))
     path.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
     return table
 
 
+def _table_writer_unusable(args, device: torch.device, flag: str, family: str, what: str) -> bool:
+    """Say why (and return True) when a ``--write-*`` table writer cannot run with these arguments."""
+    if device.type != "cuda":
+        print(f"{flag} times {what}: it needs a CUDA device", file=sys.stderr)
+        return True
+    if args.family and family not in args.family:
+        print(f"{flag} belongs to --family {family}", file=sys.stderr)
+        return True
+    return False
+
+
 def dispatch_main(args, device: torch.device, dtypes: list[torch.dtype]) -> int:
     """``fastrec bench --family conv --write-dispatch PATH``: time both paths, write the table."""
-    if device.type != "cuda":
-        print("--write-dispatch times cuDNN against the Triton kernels: it needs a CUDA device", file=sys.stderr)
-        return 2
-    if args.family and "conv" not in args.family:
-        print("--write-dispatch belongs to --family conv", file=sys.stderr)
+    if _table_writer_unusable(args, device, "--write-dispatch", "conv", "cuDNN against the Triton kernels"):
         return 2
 
     def progress(row: dict) -> None:
@@ -655,28 +668,13 @@ def write_configs(path: str | Path, card: str, configs: dict[str, dict], env: di
     format fastrec.kernels.attention.parse_configs reads; returns the whole table."""
     from fastrec.kernels import attention as K
 
-    path = Path(path)
-    table = json.loads(path.read_text()) if path.exists() else {"version": K.CONFIGS_VERSION, "cards": {}}
-    table.pop("note", None)
-    table["cards"][card] = {
-        "measured": env["date"],
-        "torch": env["torch"],
-        "triton": env["triton"],
-        "commit": env["commit"],
-        "configs": configs,
-    }
-    K.parse_configs(table, str(path))
-    path.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
-    return table
+    empty = {"version": K.CONFIGS_VERSION, "cards": {}}
+    return _write_card_entry(path, card, "configs", configs, env, empty, K.parse_configs)
 
 
 def configs_main(args, device: torch.device, dtypes: list[torch.dtype]) -> int:
     """``fastrec bench --family attention --write-configs PATH``: tune, write the table."""
-    if device.type != "cuda":
-        print("--write-configs times the Triton attention kernels: it needs a CUDA device", file=sys.stderr)
-        return 2
-    if args.family and "attention" not in args.family:
-        print("--write-configs belongs to --family attention", file=sys.stderr)
+    if _table_writer_unusable(args, device, "--write-configs", "attention", "the Triton attention kernels"):
         return 2
 
     def progress(row: dict) -> None:

@@ -8,10 +8,10 @@ Layout of this file, top-down:
    - ``_attention_forward_kernel``: grid (B*H, cdiv(Lq, BLOCK_M)). Online softmax over key
      blocks; writes ``out`` and the natural-log ``lse`` (+inf, with out = 0, for a query row that
      has no allowed key).
-   - ``_attention_backward_dq_kernel``: grid over query blocks; first writes Delta_i =
-     rowsum(dO_i * O_i) of its rows, then loops over key blocks. Runs first.
+   - ``_attention_backward_preprocess_kernel``: Delta_i = rowsum(dO_i * O_i).
    - ``_attention_backward_dkdv_kernel``: grid over key blocks; loops over query blocks and
-     recomputes P from lse, reading the Delta the dQ pass wrote.
+     recomputes P from lse.
+   - ``_attention_backward_dq_kernel``: grid over query blocks; loops over key blocks.
    No atomics: every output element is written by exactly one program (deterministic).
    B*H is grid axis 0 (limit 2**31 - 1), the sequence blocks axis 1 (limit 65535): recommender
    batches times heads exceed 65535.
@@ -423,6 +423,45 @@ def _attention_forward_kernel(
 # ------------------------------------------------------------------------------------------------
 
 
+@triton.jit(do_not_specialize=["Lq"])
+def _attention_backward_preprocess_kernel(
+    Out,  # (B, H, Lq, D) strided
+    GradOut,  # (B, H, Lq, D) strided
+    Delta,  # (B, H, Lq) contiguous, fp32 (fp64 for fp64 inputs)
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    stride_gb,
+    stride_gh,
+    stride_gm,
+    stride_gd,
+    H,
+    Lq,
+    head_dim,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    compute_dtype: tl.constexpr = tl.float64 if Out.dtype.element_ty == tl.float64 else tl.float32
+    batch_head = tl.program_id(0)
+    b64 = (batch_head // H).to(tl.int64)
+    h64 = (batch_head % H).to(tl.int64)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < Lq)[:, None] & (offs_d < head_dim)[None, :]
+    o = tl.load(
+        Out + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+        mask=mask,
+        other=0.0,
+    ).to(compute_dtype)
+    do = tl.load(
+        GradOut + b64 * stride_gb + h64 * stride_gh + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd,
+        mask=mask,
+        other=0.0,
+    ).to(compute_dtype)
+    tl.store(Delta + batch_head.to(tl.int64) * Lq + offs_m, tl.sum(o * do, 1), mask=offs_m < Lq)
+
+
 @triton.jit
 def _dkdv_inner(
     dk,  # (BLOCK_N, BLOCK_D) accumulator, compute dtype
@@ -816,9 +855,8 @@ def _attention_backward_dq_kernel(
     K,  # (B, H, Lk, D) strided
     V,  # (B, H, Lk, D) strided
     GradOut,  # (B, H, Lq, D) strided
-    Out,  # (B, H, Lq, D) strided: the forward's output
     LSE,  # (B, H, Lq) contiguous, fp32 (fp64 for fp64 q)
-    Delta,  # (B, H, Lq) contiguous, fp32 (fp64 for fp64 q): written here, read by the dK/dV pass
+    Delta,  # (B, H, Lq) contiguous, fp32 (fp64 for fp64 q)
     GradQ,  # (B, H, Lq, D) contiguous, dtype of q
     KeyPaddingMask,  # (B, Lk) bool contiguous (int32 for fp64); read iff HAS_KEY_PADDING_MASK
     Lengths,  # (B,) int32; read iff HAS_LENGTHS
@@ -840,10 +878,6 @@ def _attention_backward_dq_kernel(
     stride_gh,
     stride_gm,
     stride_gd,
-    stride_ob,
-    stride_oh,
-    stride_om,
-    stride_od,
     stride_bias_b,
     stride_bias_h,
     stride_bias_m,
@@ -896,15 +930,9 @@ def _attention_backward_dq_kernel(
     if UPCAST_INPUTS:
         q = q.to(compute_dtype)
         do = do.to(compute_dtype)
-    o = tl.load(
-        Out + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-        mask=tile_mask,
-        other=0.0,
-    )
     row = batch_head.to(tl.int64) * Lq + offs_m
-    delta = tl.sum(o.to(compute_dtype) * do.to(compute_dtype), 1)
-    tl.store(Delta + row, delta, mask=row_ok)
     lse = tl.load(LSE + row, mask=row_ok, other=float("inf")).to(compute_dtype)
+    delta = tl.load(Delta + row, mask=row_ok, other=0.0).to(compute_dtype)
     K += b64 * stride_kb + h64 * stride_kh
     V += b64 * stride_vb + h64 * stride_vh
     KeyPaddingMask += b64 * Lk
@@ -1130,6 +1158,12 @@ BLOCK_D_BUCKETS = (16, 32, 64, 128, 256)
 def block_d_for(head_dim: int) -> int:
     """Padded head dim: next power of two >= max(head_dim, 16) (tl.dot needs K >= 16)."""
     return max(16, next_power_of_2(head_dim))
+
+
+def preprocess_block_m(dtype: torch.dtype, head_dim: int) -> int:
+    """Rows per program of the Delta kernel: two (rows, BLOCK_D) tiles of ~32 values per thread."""
+    elements = 2048 if dtype == torch.float64 else 4096
+    return max(8, min(128, elements // block_d_for(head_dim)))
 
 
 # Measured configs per card (fastrec/attention_configs.json, written on the card by ``fastrec
@@ -1373,6 +1407,20 @@ def attention_backward(
     block_d = block_d_for(head_dim)
 
     delta = torch.empty((batch, heads, len_q), dtype=acc_dtype, device=q.device)
+    pre_block_m = preprocess_block_m(q.dtype, head_dim)
+    _attention_backward_preprocess_kernel[(batch * heads, cdiv(len_q, pre_block_m))](
+        out,
+        grad_out,
+        delta,
+        *out.stride(),
+        *grad_out.stride(),
+        heads,
+        len_q,
+        head_dim,
+        BLOCK_M=pre_block_m,
+        BLOCK_D=block_d,
+    )
+
     dq = torch.empty((batch, heads, len_q, head_dim), dtype=q.dtype, device=q.device)
     dk = torch.empty((batch, heads, len_k, head_dim), dtype=k.dtype, device=q.device)
     dv = torch.empty((batch, heads, len_k, head_dim), dtype=v.dtype, device=q.device)
@@ -1381,34 +1429,25 @@ def attention_backward(
     qk_scale_hi, qk_scale_lo = _split_fp32(scale * LOG2E)
     drop_hi, drop_lo = _split_fp32(1.0 / (1.0 - dropout_p))
     flags = _flags(key_padding_mask, lengths, bias, causal, dropout_p, allow_tf32, q.dtype, interpreter)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    scalars = (heads, len_q, len_k, head_dim, scale_hi, scale_lo, qk_scale_hi, qk_scale_lo)
-    scalars += (dropout_p, drop_hi, drop_lo)
-    optional = (kpm, lens, bias_arg, seed_arg)
-
-    # dQ first: it also writes Delta, which the dK/dV pass reads.
-    cfg = _config("dq", q, bias, dropout_p, interpreter, dq_config)
-    _attention_backward_dq_kernel[(batch * heads, cdiv(len_q, cfg.block_m))](
-        q,
-        k,
-        v,
-        grad_out,
-        out,
-        lse,
-        delta,
-        dq,
-        *optional,
-        *strides,
-        *out.stride(),
+    common = (
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *grad_out.stride(),
         *bias_strides,
-        *scalars,
-        **flags,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_D=block_d,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        heads,
+        len_q,
+        len_k,
+        head_dim,
+        scale_hi,
+        scale_lo,
+        qk_scale_hi,
+        qk_scale_lo,
+        dropout_p,
+        drop_hi,
+        drop_lo,
     )
+
     cfg = _config("dkdv", q, bias, dropout_p, interpreter, dkdv_config)
     _attention_backward_dkdv_kernel[(batch * heads, cdiv(len_k, cfg.block_n))](
         q,
@@ -1419,10 +1458,32 @@ def attention_backward(
         delta,
         dk,
         dv,
-        *optional,
-        *strides,
-        *bias_strides,
-        *scalars,
+        kpm,
+        lens,
+        bias_arg,
+        seed_arg,
+        *common,
+        **flags,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_D=block_d,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    cfg = _config("dq", q, bias, dropout_p, interpreter, dq_config)
+    _attention_backward_dq_kernel[(batch * heads, cdiv(len_q, cfg.block_m))](
+        q,
+        k,
+        v,
+        grad_out,
+        lse,
+        delta,
+        dq,
+        kpm,
+        lens,
+        bias_arg,
+        seed_arg,
+        *common,
         **flags,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
@@ -1455,7 +1516,7 @@ class KernelVariant:
     options: dict = field(default_factory=dict)  # num_warps, num_stages
     dtype: str = ""  # Triton dtype of q/k/v: fp16, bf16, fp32, fp64
     flags: tuple = ()  # the constexpr flags that are on
-    kernel: str = ""  # forward, dkdv, dq
+    kernel: str = ""  # forward, dkdv, dq, backward_preprocess
     bucket: str = ""  # block-config key: "BLOCK_D=64"
     spills_expected: str = ""  # non-empty: known to spill, and why (reported, not failed)
 
@@ -1505,8 +1566,9 @@ def kernel_variants() -> list[KernelVariant]:
     """Every GPU variant the launchers can pick: dtype x flags x BLOCK_D bucket x kernel.
 
     4 dtypes x 32 flag combinations (x2 for fp32's ALLOW_TF32) x 5 BLOCK_D buckets x 3 kernels,
-    plus each card's measured configs (flag combinations without DROPOUT or HAS_BIAS; their own
-    bucket, named after the card and the tiles).
+    plus the preprocess kernel per dtype x BLOCK_D, plus each card's measured configs (flag
+    combinations without DROPOUT or HAS_BIAS; their own bucket, named after the card and the
+    tiles).
     """
     kernels = (
         ("forward", _attention_forward_kernel),
@@ -1516,6 +1578,15 @@ def kernel_variants() -> list[KernelVariant]:
     variants = []
     for torch_dtype, dt in _TRITON_DTYPE.items():
         for block_d in BLOCK_D_BUCKETS:
+            variants.append(
+                _variant(
+                    _attention_backward_preprocess_kernel,
+                    "backward_preprocess",
+                    dt,
+                    dict(BLOCK_M=preprocess_block_m(torch_dtype, block_d), BLOCK_D=block_d),
+                    dict(num_warps=4, num_stages=1),
+                )
+            )
             for bits in range(2 ** len(FLAG_NAMES)):
                 on = tuple(n for i, n in enumerate(FLAG_NAMES) if bits >> i & 1)
                 for tf32 in (False, True) if torch_dtype == torch.float32 else (False,):

@@ -1018,3 +1018,17 @@ def test_tuner_keeps_only_candidates_that_beat_the_default(monkeypatch, tmp_path
     path = tmp_path / "configs.json"
     bench.write_configs(path, "Card X", configs, bench.environment(torch.device("cpu")))
     assert K.parse_configs(json.loads(path.read_text())) == {"Card X": {"dq/32/16": fast}}
+
+
+def test_config_writer_refuses_the_cpu_and_other_families(capsys):
+    from fastrec import bench
+
+    class Args:
+        family = ["attention"]
+        write_configs = "unused.json"
+
+    assert bench.configs_main(Args, torch.device("cpu"), [torch.float32]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
+    Args.family = ["conv"]
+    assert bench.configs_main(Args, torch.device("cuda"), [torch.float32]) == 2
+    assert "belongs to --family attention" in capsys.readouterr().err
