@@ -37,13 +37,13 @@ step() {  # step SECONDS LOG COMMAND...: run with a time limit, output to the te
   [ "$rc" -eq 0 ] || status=1
 }
 
-step 120 "$out/tune.log" "$python" -m fastrec bench --family attention \
+step 150 "$out/tune.log" "$python" -m fastrec bench --family attention \
   --write-configs fastrec/attention_configs.json --json "$out/attention_tuning.json"
 cp fastrec/attention_configs.json "$out/attention_configs.json"
 step 100 "$out/tune.log" "$python" -m fastrec bench --family conv --rounds 5 --min-round-s 0.02 \
   --write-dispatch fastrec/conv_dispatch.json
 cp fastrec/conv_dispatch.json "$out/conv_dispatch.json"
-step 140 "$out/bench.log" "$python" -m fastrec bench --rounds 5 --min-round-s 0.02 --json "$out/bench.json"
+step 130 "$out/bench.log" "$python" -m fastrec bench --rounds 5 --min-round-s 0.02 --json "$out/bench.json"
 
 # The triton-backend and CUDA tests of every family in one session, spread over the host's cores
 # when pytest-xdist is there (each test JIT-compiles its kernel variants, ~1-2 s each, so a serial

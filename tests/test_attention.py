@@ -1012,7 +1012,10 @@ def test_tuner_keeps_only_candidates_that_beat_the_default(monkeypatch, tmp_path
 
     monkeypatch.setattr(bench, "_median_ms", clock)
     configs, rows = bench.tune_attention(torch.device("cpu"), [torch.float32])
-    assert len(seen) == len(rows) == 3 * 2  # per kernel: the default and the one candidate
+    assert len(rows) == 3 * 2  # per kernel: the default and the one candidate
+    assert len(seen) == len(rows) * bench.TUNE_ROUNDS and all(
+        len(row["rounds_ms"]) == bench.TUNE_ROUNDS for row in rows
+    )
     assert all("ms" in row for row in rows), rows
     assert list(configs) == ["dq/32/16"] and configs["dq/32/16"]["block_m"] == 32
     path = tmp_path / "configs.json"
