@@ -64,7 +64,7 @@ LN2 = 0.6931471805599453  # ln(2)
 
 @triton.jit
 def _allowed_keys(
-    KeyPaddingMask,  # (B, Lk) bool, contiguous; already offset to this batch row
+    KeyPaddingMask,  # (B, Lk) bool (int32 for fp64), contiguous; already offset to this batch row
     offs_k,  # (BLOCK,) int32 key indices of this tile
     hi,  # keys at or beyond hi are not allowed (hi <= min(Lk, lengths[b]))
     HAS_KEY_PADDING_MASK: tl.constexpr,
@@ -136,7 +136,7 @@ def _forward_inner(
     q,  # (BLOCK_M, BLOCK_D) query tile
     K,  # (B, H, Lk, D) strided; already offset to this (b, h)
     V,  # (B, H, Lk, D) strided; already offset to this (b, h)
-    KeyPaddingMask,  # (B, Lk) bool; already offset to this b
+    KeyPaddingMask,  # (B, Lk) bool (int32 for fp64); already offset to this b
     Bias,  # (B|1, H|1, Lq, Lk) strided; already offset to this (b, h)
     seed,
     stride_kn,
@@ -780,7 +780,7 @@ def _dq_inner(
     delta,  # (BLOCK_M,) Delta, compute dtype
     K,  # (B, H, Lk, D) strided; already offset to this (b, h)
     V,  # (B, H, Lk, D) strided; already offset to this (b, h)
-    KeyPaddingMask,  # (B, Lk) bool; already offset to this b
+    KeyPaddingMask,  # (B, Lk) bool (int32 for fp64); already offset to this b
     Bias,  # (B|1, H|1, Lq, Lk) strided; already offset to this (b, h)
     seed,
     stride_kn,
