@@ -152,6 +152,15 @@ def select(device: torch.device, fused_reason: str | None = None) -> str:
     return preferred if _REASONS[preferred] is None else "torch"
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast casts to on ``device_type`` now, or None when it is off. CPU and CUDA
+    only (where the fused kernels run): ``torch.amp.is_autocast_available``, the general check,
+    breaks ``torch.compile(fullgraph=True)`` on torch 2.11 (dynamo cannot trace it there)."""
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def count(op: str, backend: str, reason: str = "") -> None:
     """Record one call of ``op`` on ``backend`` (``reason`` says why a fallback happened)."""
     if not torch.compiler.is_compiling():

@@ -55,8 +55,7 @@ def attention(
     if scale is not None and not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
 
-    if torch.amp.is_autocast_available(q.device.type) and torch.is_autocast_enabled(q.device.type):
-        dtype = torch.get_autocast_dtype(q.device.type)
+    if (dtype := backends.autocast_dtype(q.device.type)) is not None:
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
 
     bias_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -425,8 +424,7 @@ def _conv(input, weight, bias, stride, padding, dilation, groups, act, pool, dim
     if after != before:  # 'same' with an even extent: torch pads the extra element at the end
         extra = [a - b for a, b in zip(after, before, strict=True)]
         x = F.pad(x, [v for e in reversed(extra) for v in (0, e)])
-    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
+    if (dtype := backends.autocast_dtype(x.device.type)) is not None:
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
     if dims == 1:
@@ -609,8 +607,7 @@ def caser(
     if b_v is not None:
         _check_caser_bias("b_v", b_v, E, vertical)
 
-    if torch.amp.is_autocast_available(E.device.type) and torch.is_autocast_enabled(E.device.type):
-        dtype = torch.get_autocast_dtype(E.device.type)
+    if (dtype := backends.autocast_dtype(E.device.type)) is not None:
         E, w_v = E.to(dtype), w_v.to(dtype)
         w_h = [w.to(dtype) for w in w_h]
         b_h = None if b_h is None else [b.to(dtype) for b in b_h]

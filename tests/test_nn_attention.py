@@ -258,15 +258,15 @@ def test_eval_mode_ignores_dropout_like_torch(backend):
     kpm[:, 0] = False
     assert_module_matches(fast, ref, tensors, order, key_padding_mask=kpm, need_weights=False)
     with torch.no_grad():  # torch takes its native fast path here
-        x = tensors[0]
-        got = fast(x, x, x, key_padding_mask=kpm, need_weights=False)[0]
+        x, device = tensors[0], device_of(backend)
+        got = fast(x.to(device), x.to(device), x.to(device), key_padding_mask=kpm.to(device), need_weights=False)[0]
         expected = ref(x.double(), x.double(), x.double(), key_padding_mask=kpm, need_weights=False)[0]
-    assert_rel_close(got, expected, "eval no_grad output")
+    assert_rel_close(got.cpu(), expected, "eval no_grad output")
 
 
 def test_training_dropout_is_reproducible_from_torch_seed_and_active(backend):
     fast, _ = make_pair(backend, batch_first=True, dropout=0.3)
-    x = torch.randn(3, 11, EMBED)
+    x = torch.randn(3, 11, EMBED, device=device_of(backend))
 
     def run(seed):
         torch.manual_seed(seed)

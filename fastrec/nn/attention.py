@@ -82,10 +82,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if key.shape[:-1] != value.shape[:-1]:
             return "key/value shapes differ"
         if query.dtype != self.in_proj_weight.dtype or key.dtype != query.dtype or value.dtype != query.dtype:
-            autocast = torch.amp.is_autocast_available(query.device.type) and torch.is_autocast_enabled(
-                query.device.type
-            )
-            if not autocast:
+            if backends.autocast_dtype(query.device.type) is None:
                 return "dtype differs from the weights"
         if query.dim() == 3:
             batch_dim = 0 if self.batch_first else 1

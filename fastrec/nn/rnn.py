@@ -50,7 +50,7 @@ def _unfused_reason(module: torch.nn.RNNBase, input, hx) -> str | None:
         return "LSTM on CPU (torch's oneDNN LSTM is as fast)"
     if not isinstance(data, Tensor) or data.is_nested:
         return "input is not a dense tensor"
-    if torch.amp.is_autocast_available(data.device.type) and torch.is_autocast_enabled(data.device.type):
+    if backends.autocast_dtype(data.device.type) is not None:
         # The fused recurrence takes one dtype for input, states and weights; under autocast its
         # input projection would come out in the autocast dtype and the states not.
         return "autocast enabled"
