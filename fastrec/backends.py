@@ -20,6 +20,7 @@ mask generation, which the fused kernels avoid).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 import threading
@@ -150,6 +151,13 @@ def select(device: torch.device, fused_reason: str | None = None) -> str:
     preferred = "triton" if device.type == "cuda" else "cpp" if device.type == "cpu" else "torch"
     # available() less its interpreter caveat, which concerns CPU tensors only (per-call cost).
     return preferred if _REASONS[preferred] is None else "torch"
+
+
+@functools.cache
+def card_name(device_index: int) -> str:
+    """``torch.cuda.get_device_name`` of a CUDA device, cached: the key of the per-card tables
+    (fastrec/conv_dispatch.json, fastrec/attention_configs.json)."""
+    return torch.cuda.get_device_name(device_index)
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:

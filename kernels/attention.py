@@ -53,6 +53,8 @@ import triton
 import triton.language as tl
 from fastrec.kernels._host import cdiv, next_power_of_2
 
+from fastrec import backends
+
 LOG2E = 1.4426950408889634  # log2(e)
 LN2 = 0.6931471805599453  # ln(2)
 
@@ -1219,7 +1221,6 @@ def parse_configs(table: dict, source: str = "attention config table") -> dict[s
 
 
 _TABLE: dict[str, dict[str, BlockConfig]] | None = None
-_CARDS: dict[int, str] = {}
 
 
 def tuned_configs() -> dict[str, dict[str, BlockConfig]]:
@@ -1232,11 +1233,8 @@ def tuned_configs() -> dict[str, dict[str, BlockConfig]]:
 
 
 def card_name(device: torch.device) -> str:
-    """``torch.cuda.get_device_name`` of ``device``, cached (the table's card key)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _CARDS:
-        _CARDS[index] = torch.cuda.get_device_name(index)
-    return _CARDS[index]
+    """The table's card key for ``device`` (a CUDA device)."""
+    return backends.card_name(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def block_config(

@@ -226,7 +226,7 @@ def test_table_lookup_by_card_and_class(monkeypatch):
     key = conv_ops.shape_class(32, 64, (3, 3), (32, 32), 1, torch.float32)
     table = {"version": 1, "default": "triton", "cards": {"Fake GPU": {"classes": {key: {"path": "cudnn"}}}}}
     monkeypatch.setattr(conv_ops, "_TABLE", conv_ops.parse_dispatch(table))
-    monkeypatch.setattr(conv_ops, "_CARDS", {0: "Fake GPU", 1: "Other GPU"})
+    monkeypatch.setattr(conv_ops.backends, "card_name", {0: "Fake GPU", 1: "Other GPU"}.__getitem__)
     assert conv_ops._table_path(0, key) == "cudnn"
     assert conv_ops._table_path(0, "c4-o4-k1-s64-g1-fp32") == "triton"  # unmeasured class
     assert conv_ops._table_path(1, key) == "triton"  # unmeasured card

@@ -396,7 +396,6 @@ def parse_dispatch(table: dict, source: str = "conv dispatch table") -> dict[str
 
 
 _TABLE: dict[str, dict[str, str]] | None = None
-_CARDS: dict[int, str] = {}
 
 
 def dispatch_table() -> dict[str, dict[str, str]]:
@@ -410,9 +409,7 @@ def dispatch_table() -> dict[str, dict[str, str]]:
 @torch.compiler.assume_constant_result
 def _table_path(device_index: int, key: str) -> str:
     """The table's path for ``key`` on the card at ``device_index`` (a constant under torch.compile)."""
-    if device_index not in _CARDS:
-        _CARDS[device_index] = torch.cuda.get_device_name(device_index)
-    return dispatch_table().get(_CARDS[device_index], {}).get(key, DEFAULT_PATH)
+    return dispatch_table().get(backends.card_name(device_index), {}).get(key, DEFAULT_PATH)
 
 
 @contextlib.contextmanager
