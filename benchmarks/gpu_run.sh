@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # The GPU run (BENCHMARKS.md): on a machine with CUDA, PyTorch and Triton installed and no
 # network, measure this card's tables (the Triton attention block configs, the conv path per
-# shape class), run the benchmark table with them, then the CUDA correctness tests, writing to
-# OUTDIR (8 files at most, what the device tool returns):
-#   env.log (nvidia-smi, install), tune.log (both table writers' output), attention_tuning.json
-#   (every candidate's time), attention_configs.json and conv_dispatch.json (the package's tables
-#   with this card's entries), bench.json (every figure, with card and versions; written row by
-#   row), bench.log (with benchmarks/host_profile.py's profile), tests.log.
-# The tables are written into fastrec/ of this checkout, so the bench and the tests after them
-# use them; commit the copies in OUTDIR. Builds nothing it does not need: the Triton kernels need
-# no build, so the C++ extension is skipped. Without CUDA it says so and exits 0. Budget: about
-# 9 minutes in all; each step has its own time limit.
+# shape class), run the benchmark table with them, the diagnostics, a short training run of the
+# three models on both backends, then the CUDA correctness tests, writing to OUTDIR (at most 8
+# files, what the device tool returns):
+#   env.log (nvidia-smi, install), tune.log (both table writers' output), attention_configs.json
+#   and conv_dispatch.json (the package's tables with this card's entries), bench.json (every
+#   figure, with card and versions; written row by row), bench.log (with host_profile.py's
+#   profile and gpu_diagnostics.py's report), train.log (fastrec train --compare per model),
+#   tests.log.
+# GPU_RUN_STEPS picks steps (default all: tune,bench,diag,train,tests). The tables are written
+# into fastrec/ of this checkout, so the bench and the tests after them use them; commit the
+# copies in OUTDIR. Training reads MovieLens-100K from .data/ml-100k.inter (carried: the machine
+# has no network and no recbole; the step is skipped without it). Builds nothing it does not
+# need: the Triton kernels need no build, so the C++ extension is skipped. Without CUDA it says so
+# and exits 0. Budget: about 10 minutes for all steps; each has its own time limit.
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_run.sh OUTDIR}
 mkdir -p "$out"
@@ -37,21 +41,37 @@ step() {  # step SECONDS LOG COMMAND...: run with a time limit, output to the te
   [ "$rc" -eq 0 ] || status=1
 }
 
+steps=",${GPU_RUN_STEPS:-tune,bench,diag,train,tests},"
+want() { [[ $steps == *",$1,"* ]]; }
+
+if want tune; then
 step 140 "$out/tune.log" "$python" -m fastrec bench --family attention \
-  --write-configs fastrec/attention_configs.json --json "$out/attention_tuning.json"
+  --write-configs fastrec/attention_configs.json --json /tmp/attention_tuning.json
 cp fastrec/attention_configs.json "$out/attention_configs.json"
 step 90 "$out/tune.log" "$python" -m fastrec bench --family conv --rounds 5 --min-round-s 0.02 \
   --write-dispatch fastrec/conv_dispatch.json
 cp fastrec/conv_dispatch.json "$out/conv_dispatch.json"
+fi
+if want bench; then
 step 130 "$out/bench.log" "$python" -m fastrec bench --rounds 5 --min-round-s 0.02 --json "$out/bench.json"
 step 30 "$out/bench.log" "$python" benchmarks/host_profile.py  # where a small training step's host time goes
+fi
+want diag && step 90 "$out/bench.log" "$python" benchmarks/gpu_diagnostics.py
+if want train && [ -f .data/ml-100k.inter ]; then
+  for model in sasrec gru4rec caser; do
+    step 60 "$out/train.log" "$python" -m fastrec train --model $model --data .data/ml-100k.inter --device cuda \
+      --compare --epochs 3 --time-limit 0 --no-progress
+  done
+  step 60 "$out/train.log" "$python" -m fastrec train --model sasrec --data .data/ml-100k.inter --device cuda \
+    --compare --epochs 2 --amp bf16 --time-limit 0 --no-progress
+fi
 
 # The triton-backend and CUDA tests of every family in one session, spread over the host's cores
 # when pytest-xdist is there (each test JIT-compiles its kernel variants, ~1-2 s each, so a serial
 # run does not fit); -v so that a run cut at its limit still shows what passed and failed.
 parallel=()
 "$python" -c "import xdist" 2>/dev/null && parallel=(-n 8)
-step 160 "$out/tests.log" "$python" -m pytest -v --tb=short -p no:cacheprovider "${parallel[@]}" \
+want tests && step 160 "$out/tests.log" "$python" -m pytest -v --tb=short -p no:cacheprovider "${parallel[@]}" \
   -k "triton or cuda" tests/test_attention.py tests/test_nn_attention.py tests/test_rnn_triton.py \
   tests/test_rnn_cells_triton.py tests/test_conv.py tests/test_conv_triton.py tests/test_conv_dispatch.py \
   tests/test_caser.py tests/test_dropout.py

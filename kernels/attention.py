@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 import torch
 import triton
 import triton.language as tl
-from fastrec.kernels._host import cdiv, next_power_of_2
+from fastrec.kernels._host import cdiv, launcher, next_power_of_2
 
 from fastrec import backends
 
@@ -215,6 +215,7 @@ def _forward_inner(
     return acc, l_i, m_i
 
 
+@launcher
 @triton.jit(do_not_specialize=["Lq", "Lk"])
 def _attention_forward_kernel(
     Q,  # (B, H, Lq, D) strided
@@ -425,6 +426,7 @@ def _attention_forward_kernel(
 # ------------------------------------------------------------------------------------------------
 
 
+@launcher
 @triton.jit(do_not_specialize=["Lq"])
 def _attention_backward_preprocess_kernel(
     Out,  # (B, H, Lq, D) strided
@@ -552,6 +554,7 @@ def _dkdv_inner(
     return dk, dv
 
 
+@launcher
 @triton.jit(do_not_specialize=["Lq", "Lk"])
 def _attention_backward_dkdv_kernel(
     Q,  # (B, H, Lq, D) strided
@@ -851,6 +854,7 @@ def _dq_inner(
     return dq
 
 
+@launcher
 @triton.jit(do_not_specialize=["Lq", "Lk"])
 def _attention_backward_dq_kernel(
     Q,  # (B, H, Lq, D) strided

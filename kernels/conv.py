@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import torch
 import triton
 import triton.language as tl
-from fastrec.kernels._host import cdiv, next_power_of_2
+from fastrec.kernels._host import cdiv, launcher, next_power_of_2
 
 ACTIVATIONS = ("none", "relu", "gelu", "tanh", "sigmoid")  # constexpr ACT = index in this tuple
 ACT_NONE, ACT_RELU, ACT_GELU, ACT_TANH, ACT_SIGMOID = range(5)
@@ -123,6 +123,7 @@ def _pool_chunk(
 # ------------------------------------------------------------------------------------------------
 
 
+@launcher
 @triton.jit(do_not_specialize=["batch", "height", "width", "pooled_h", "pooled_w"])
 def _conv_forward_kernel(
     X,  # (N, C, H, W) strided
@@ -265,6 +266,7 @@ def _conv_forward_kernel(
 # ------------------------------------------------------------------------------------------------
 
 
+@launcher
 @triton.jit(do_not_specialize=["total", "pooled_h", "pooled_w", "out_h", "out_w"])
 def _epilogue_backward_kernel(
     GradY,  # (N, O, Hp, Wp) contiguous
@@ -303,6 +305,7 @@ def _epilogue_backward_kernel(
         tl.store(GradZ + offs, g, mask=ok)
 
 
+@launcher
 @triton.jit(do_not_specialize=["batch", "height", "width", "out_h", "out_w"])
 def _conv_backward_input_kernel(
     GradZ,  # (N, O, Ho, Wo) strided
@@ -391,6 +394,7 @@ def _conv_backward_input_kernel(
     tl.store(GradX + out_off, acc.to(GradX.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
 
 
+@launcher
 @triton.jit(do_not_specialize=["batch", "height", "width", "out_h", "out_w", "rows_per_split"])
 def _conv_backward_weight_kernel(
     GradZ,  # (N, O, Ho, Wo) strided
@@ -1023,6 +1027,7 @@ def _conv_variants() -> list[KernelVariant]:
 _EPILOGUE_FORWARD_BLOCK = {"16": 1024, "32": 1024, "64": 512}
 
 
+@launcher
 @triton.jit(do_not_specialize=["total", "pooled_h", "pooled_w", "out_h", "out_w", "out_channels", "pool_h", "pool_w"])
 def _epilogue_forward_kernel(
     Z,  # (N, O, Ho, Wo) contiguous: the convolution without bias
@@ -1177,6 +1182,7 @@ def _epilogue_forward_variants() -> list[KernelVariant]:
 ACT_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
 
 
+@launcher
 @triton.jit(do_not_specialize=["B", "L"])
 def _caser_horizontal_forward_kernel(
     E,  # (B, L, d) contiguous
@@ -1240,6 +1246,7 @@ def _caser_horizontal_forward_kernel(
     tl.store(ArgMax + out, best_t, mask=mask)
 
 
+@launcher
 @triton.jit(do_not_specialize=["L"])
 def _caser_vertical_forward_kernel(
     E,  # (B, L, d) contiguous
@@ -1275,6 +1282,7 @@ def _caser_vertical_forward_kernel(
     tl.store(OutV + out, _activate(acc, ACT).to(OutV.dtype.element_ty), mask=mask)
 
 
+@launcher
 @triton.jit(do_not_specialize=["rows"])
 def _caser_grad_epilogue_kernel(
     Grad,  # (rows, N) upstream gradient of act(z), contiguous
@@ -1304,6 +1312,7 @@ def _caser_grad_epilogue_kernel(
     tl.store(ColSum + offs_n, total, mask=n_ok)
 
 
+@launcher
 @triton.jit(do_not_specialize=["B", "L"])
 def _caser_input_grad_kernel(
     G,  # (B, L * nh) g at each maximum, compute dtype
@@ -1357,6 +1366,7 @@ def _caser_input_grad_kernel(
     tl.store(GradE + out, acc.to(GradE.dtype.element_ty), mask=b_ok[:, None] & d_ok[None, :])
 
 
+@launcher
 @triton.jit(do_not_specialize=["B", "L"])
 def _caser_weight_grad_kernel(
     G,  # (B, L * nh) g at each maximum, compute dtype
@@ -1398,6 +1408,7 @@ def _caser_weight_grad_kernel(
     tl.store(GradW + out, acc.to(GradW.dtype.element_ty), mask=f_ok[:, None] & d_ok[None, :])
 
 
+@launcher
 @triton.jit(do_not_specialize=["B", "L"])
 def _caser_vertical_weight_grad_kernel(
     GV,  # (B, nv * d) gradient of z_v, compute dtype

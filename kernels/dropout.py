@@ -19,13 +19,14 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
-from fastrec.kernels._host import cdiv
+from fastrec.kernels._host import cdiv, launcher
 
 BLOCK = 1024
 NUM_WARPS = 4
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 
 
+@launcher
 @triton.jit
 def _dropout_kernel(
     X,  # (numel,) contiguous input, fp16 / bf16 / fp32 / fp64

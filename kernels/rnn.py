@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 import torch
 import triton
 import triton.language as tl
-from fastrec.kernels._host import cdiv, next_power_of_2
+from fastrec.kernels._host import cdiv, launcher, next_power_of_2
 
 MODES = {"tanh": 0, "relu": 1, "gru": 2, "lstm": 3}
 GATES = {"tanh": 1, "relu": 1, "gru": 3, "lstm": 4}
@@ -310,6 +310,7 @@ def _backward_gates(
 # ------------------------------------------------------------------------------------------------
 
 
+@launcher
 @triton.jit(do_not_specialize=["T", "B"])
 def _rnn_forward_kernel(
     GX,  # (T, B, G * H) contiguous, input dtype: x W_ih^T + b_ih
@@ -446,6 +447,7 @@ def _rnn_forward_kernel(
             tl.debug_barrier()
 
 
+@launcher
 @triton.jit(do_not_specialize=["T", "B"])
 def _rnn_backward_kernel(
     GradOut,  # (T, B, H) contiguous, compute dtype
@@ -965,6 +967,7 @@ def _cell_preact(
     return acc
 
 
+@launcher
 @triton.jit
 def _rnn_cell_forward_kernel(
     X,  # (B, I) input dtype, contiguous
@@ -1242,6 +1245,7 @@ def _rnn_cell_forward_kernel(
         tl.store(ws + 4 * H, tc, mask=mask)
 
 
+@launcher
 @triton.jit
 def _rnn_cell_backward_kernel(
     DHNew,  # (B, H) input dtype: gradient of h_new

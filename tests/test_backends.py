@@ -251,3 +251,116 @@ def test_triton_op_calls_its_launcher_directly_in_eager_mode_and_the_op_under_co
 
     assert torch.equal(torch.compile(lambda t: op(t) + 1, fullgraph=True, backend=capture)(x), x * 2 + 1)
     assert any("test_eager_probe" in str(node.target) for node in graphs[0].graph.nodes)
+
+
+# --------------------------------------------------------------------------- kernel launcher cache
+class _Param:
+    def __init__(self, name, is_constexpr=False, default=None, has_default=False):
+        self.name, self.is_constexpr, self.default, self.has_default = name, is_constexpr, default, has_default
+
+
+class _Compiled:
+    """Stands in for triton's CompiledKernel: records the fast path's launcher calls."""
+
+    def __init__(self, tag):
+        self.function, self.packed_metadata, self.calls = f"function-{tag}", f"metadata-{tag}", []
+
+    def run(self, *call):
+        self.calls.append(call)
+
+
+class _FakeJit:
+    """A JITFunction stand-in for kernel(X, n, BLOCK: constexpr, FLAG: constexpr = 7): every slow
+    launch "compiles" a kernel of its own, so a test sees which path ran."""
+
+    params = [_Param("X"), _Param("n"), _Param("BLOCK", True), _Param("FLAG", True, 7, True)]
+
+    def __init__(self):
+        self.slow = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.slow.append((grid, args, kwargs))
+            return _Compiled(len(self.slow))
+
+        return launch
+
+
+@pytest.fixture
+def fast_launcher(monkeypatch):
+    from fastrec.kernels import _host
+
+    monkeypatch.setattr(_host, "FAST_LAUNCH", True)
+    monkeypatch.setattr(_host, "_current_device", lambda: 0)
+    monkeypatch.setattr(_host, "_current_stream", lambda device: 1234)
+    monkeypatch.setattr(_host, "_launch_hooks", lambda: False)
+    jit = _FakeJit()
+    return _host, jit, _host.Launcher(jit)
+
+
+def test_launcher_reuses_the_compiled_kernel_with_arguments_in_signature_order(fast_launcher):
+    _, jit, kernel = fast_launcher
+    x = torch.zeros(64)
+    first = kernel[(3, 2)](x, 100, BLOCK=32, num_warps=4)
+    assert len(jit.slow) == 1 and first.calls == []
+    kernel[(5,)](x, 200, BLOCK=32, num_warps=4)  # same specialisation: 100 and 200 are both i32, not 16-aligned
+    assert len(jit.slow) == 1
+    assert first.calls == [(5, 1, 1, 1234, "function-1", "metadata-1", None, None, None, x, 200, 32, 7)]
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["misaligned tensor", "dtype", "int alignment", "int one", "int64", "constexpr", "option", "device"],
+)
+def test_launcher_takes_the_slow_path_when_the_specialisation_changes(fast_launcher, monkeypatch, change):
+    host, jit, kernel = fast_launcher
+    x = torch.zeros(64)
+    args, kwargs = [x, 100], {"BLOCK": 32, "num_warps": 4}
+    kernel[(1,)](*args, **kwargs)
+    if change == "misaligned tensor":
+        args[0] = x[1:]
+    elif change == "dtype":
+        args[0] = x.double()
+    elif change == "int alignment":
+        args[1] = 96
+    elif change == "int one":
+        args[1] = 1
+    elif change == "int64":
+        args[1] = 2**31 + 1
+    elif change == "constexpr":
+        kwargs["BLOCK"] = 64
+    elif change == "option":
+        kwargs["num_warps"] = 8
+    else:
+        monkeypatch.setattr(host, "_current_device", lambda: 1)
+    kernel[(1,)](*args, **kwargs)
+    assert len(jit.slow) == 2
+    kernel[(1,)](*args, **kwargs)  # and the new key is remembered
+    assert len(jit.slow) == 2
+
+
+def test_launcher_keeps_triton_path_for_positional_constexpr_hooks_and_when_off(fast_launcher, monkeypatch):
+    host, jit, kernel = fast_launcher
+    x = torch.zeros(64)
+    for _ in range(2):
+        kernel[(1,)](x, 100, 32)  # BLOCK positional: the key would not see its value
+    assert len(jit.slow) == 2
+    kernel[(1,)](x, 100, BLOCK=32)
+    monkeypatch.setattr(host, "_launch_hooks", lambda: True)
+    kernel[(1,)](x, 100, BLOCK=32)
+    assert len(jit.slow) == 4
+    monkeypatch.setattr(host, "FAST_LAUNCH", False)
+    off = host.Launcher(jit)
+    for _ in range(2):
+        off[(1,)](x, 100, BLOCK=32)
+    assert len(jit.slow) == 6
+
+
+def test_launcher_forwards_attributes_and_leaves_the_interpreter_to_triton():
+    from fastrec.kernels import attention
+
+    kernel = attention._attention_forward_kernel
+    assert kernel.arg_names == kernel.jit.arg_names
+    assert kernel.__name__ == kernel.jit.__name__
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        assert not kernel._fast  # the interpreter's function has no compiled kernels to reuse

@@ -166,7 +166,10 @@ def _compile_one(job):
         with contextlib.redirect_stdout(captured):
             kernel = triton.compile(
                 ASTSource(
-                    fn=variant.fn, signature=variant.signature, constexprs=variant.constexprs, attrs=variant.attrs
+                    fn=getattr(variant.fn, "jit", variant.fn),
+                    signature=variant.signature,
+                    constexprs=variant.constexprs,
+                    attrs=variant.attrs,
                 ),
                 target=GPUTarget("cuda", cc, 32),
                 options=dict(variant.options),

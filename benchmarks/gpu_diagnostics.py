@@ -1,0 +1,194 @@
+"""GPU diagnostics that the benchmark table cannot show, one section each (CUDA only).
+
+- ``steps``: host cost of one forward + backward step, per op, with the backward on autograd's
+  device thread (the default) and on the calling thread, and with the Triton launch cache
+  (kernels/_host.Launcher) on and off. Ops: SDPA, a Python autograd.Function whose backward is
+  one torch op (the cost of a Python backward node), fastrec dropout (one Triton launch each
+  way), fastrec attention (four launches). Shapes are small, so the times are the host's.
+- ``kernels``: GPU kernel time (torch.profiler) of fastrec attention and of SDPA + mask, forward
+  + backward, at the issue-2 bar shape, next to the wall time of a step: how far the step is from
+  its kernels.
+- ``conv``: the fp16 fused conv backward of tests/test_conv.py::test_low_precision... repeated,
+  checking dz after each stage (dx, dw, db) to find what changes it.
+
+Usage: python benchmarks/gpu_diagnostics.py [--sections steps,kernels,conv] [--steps N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+from fastrec.kernels import _host
+
+import fastrec
+
+
+class _Scale(torch.autograd.Function):
+    """x * 2 with a Python backward of one torch op: the cost of a Python node in the backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 2
+
+
+DEVICE = "cuda"  # "cpu" under TRITON_INTERPRET=1 to try the script without a GPU (conv section)
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time_step(step, steps: int) -> float:
+    for _ in range(20):
+        step()
+    _sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync()
+    return (time.perf_counter() - start) / steps * 1e3
+
+
+def _attention_inputs(batch, heads, length, dim, dtype):
+    q, k, v = (torch.randn(batch, heads, length, dim, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(3))
+    kpm = torch.arange(length, device=DEVICE)[None, :] >= torch.randint(
+        length // 2, length + 1, (batch, 1), device=DEVICE
+    )
+    causal = torch.ones(length, length, dtype=torch.bool, device=DEVICE).triu(1)
+    sdpa_mask = ~(causal[None, None] | kpm[:, None, None, :])
+    return q, k, v, kpm, sdpa_mask
+
+
+def steps_section(steps: int) -> None:
+    print("== steps: ms per forward+backward step (B=128 H=2 L=50 d=32 bf16; dropout on 128x50x64)")
+    q, k, v, kpm, sdpa_mask = _attention_inputs(128, 2, 50, 32, torch.bfloat16)
+    x = torch.randn(128, 50, 64, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    grad_q, grad_x = torch.randn_like(q), torch.randn_like(x)
+    ops = {
+        "sdpa": (lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask), (q, k, v), grad_q),
+        "python node (x*2)": (lambda: _Scale.apply(x), (x,), grad_x),
+        "fastrec dropout": (lambda: fastrec.functional.dropout(x, 0.2), (x,), grad_x),
+        "fastrec attention": (
+            lambda: fastrec.functional.attention(q, k, v, causal=True, key_padding_mask=kpm),
+            (q, k, v),
+            grad_q,
+        ),
+    }
+    print(f"{'op':<20} {'fast launch':<12} {'threaded':>9} {'calling thread':>15} {'forward only':>13}")
+    for name, (forward, inputs, grad) in ops.items():
+        for fast in (True, False) if name.startswith("fastrec") else (True,):
+            _host.FAST_LAUNCH = fast
+            times = []
+            for threaded in (True, False):
+                with torch.autograd.set_multithreading_enabled(threaded):
+                    times.append(_time_step(lambda: torch.autograd.grad(forward(), inputs, grad), steps))
+            with torch.no_grad():
+                times.append(_time_step(forward, steps))
+            print(f"{name:<20} {str(fast):<12} {times[0]:>9.3f} {times[1]:>15.3f} {times[2]:>13.3f}")
+    _host.FAST_LAUNCH = True
+
+
+def kernels_section(steps: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    print("\n== kernels: bf16 B=1024 H=2 L=200 d=32 causal + right padding, forward + backward")
+    q, k, v, kpm, sdpa_mask = _attention_inputs(1024, 2, 200, 32, torch.bfloat16)
+    grad = torch.randn_like(q)
+    ops = {
+        "fastrec": lambda: fastrec.functional.attention(q, k, v, causal=True, key_padding_mask=kpm),
+        "sdpa+mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask),
+    }
+    for name, forward in ops.items():
+        step = lambda forward=forward: torch.autograd.grad(forward(), (q, k, v), grad)  # noqa: E731
+        wall = _time_step(step, steps)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                step()
+            _sync()
+        rows = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.device_time_total > 0]
+        total = sum(e.device_time_total for e in rows) / steps / 1e3
+        print(f"{name}: wall {wall:.3f} ms per step, GPU kernels {total:.3f} ms per step")
+        for e in sorted(rows, key=lambda e: -e.device_time_total)[:8]:
+            print(f"    {e.device_time_total / steps / 1e3:8.4f} ms  x{e.count // steps}  {e.key[:90]}")
+
+
+def conv_section(trials: int) -> None:
+    from fastrec.kernels import conv as kernels
+
+    from fastrec.ops.conv import conv_forward_triton, conv_output_size
+
+    print("\n== conv: fp16 fused conv backward, dz checked after each stage")
+    bad = 0
+    for trial in range(trials):
+        torch.manual_seed(trial)
+        x = torch.randn(2, 6, 10, 10, device=DEVICE, dtype=torch.float16)
+        w = (torch.randn(8, 6, 3, 3, device=DEVICE) / 4).half()
+        b = torch.randn(8, device=DEVICE).half()
+        y, saved_z, argmax = conv_forward_triton(x, w, b, [1, 1], [1, 1], [1, 1], 1, "relu", [2, 2], False)
+        grad_y = torch.randn_like(y)
+        conv_out = (2, 8, *conv_output_size(x.shape, w.shape, [1, 1], [1, 1], [1, 1]))
+        dz = kernels.epilogue_backward(grad_y, saved_z, argmax, "relu", (2, 2), conv_out)
+        _sync()
+        reference = dz.clone()
+        stages = {}
+        kernels.conv_backward_input(dz, w, tuple(x.shape), (1, 1), (1, 1), (1, 1), 1)
+        _sync()
+        stages["after dx"] = (dz != reference).sum().item()
+        kernels.conv_backward_weight(dz, x, tuple(w.shape), (1, 1), (1, 1), (1, 1), 1)
+        _sync()
+        stages["after dw"] = (dz != reference).sum().item()
+        db = dz.sum((0, 2, 3), dtype=torch.float32)
+        db_ref = reference.double().sum((0, 2, 3))
+        stages["db error"] = (db.double() - db_ref).abs().max().item()
+        # The full op as the test runs it (through autograd), against torch in fp64.
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        out = fastrec.functional.conv2d(*leaves, padding=1, act="relu", pool=2)
+        got = torch.autograd.grad(out, leaves, grad_y)
+        refs = [t.double().requires_grad_() for t in (x, w, b)]
+        want = torch.autograd.grad(F.max_pool2d(F.relu(F.conv2d(*refs, padding=1)), 2), refs, grad_y.double())
+        stages["op errors dx/dw/db"] = [
+            round((g.double() - r).abs().max().item(), 4) for g, r in zip(got, want, strict=True)
+        ]
+        if (
+            stages["after dx"]
+            or stages["after dw"]
+            or stages["db error"] > 0.05
+            or max(stages["op errors dx/dw/db"]) > 0.1
+        ):
+            bad += 1
+            print(f"trial {trial}: {stages}")
+    print(f"{bad} of {trials} trials showed a difference")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sections", default="steps,kernels,conv")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--trials", type=int, default=200)
+    args = parser.parse_args()
+    global DEVICE
+    if not torch.cuda.is_available():
+        DEVICE = "cpu"
+        print("no CUDA: a dry run of the conv section on the CPU (TRITON_INTERPRET=1)")
+        sections = ["conv"]
+    else:
+        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+        sections = args.sections.split(",")
+    if "steps" in sections:
+        steps_section(args.steps)
+    if "kernels" in sections:
+        kernels_section(args.steps)
+    if "conv" in sections:
+        conv_section(args.trials)
+
+
+if __name__ == "__main__":
+    main()
