@@ -9,7 +9,8 @@
 #   figure, with card and versions; written row by row), bench.log (with host_profile.py's
 #   profile and gpu_diagnostics.py's report), train.log (fastrec train --compare per model),
 #   tests.log.
-# GPU_RUN_STEPS picks steps (default all: tune,bench,diag,train,tests). The tables are written
+# GPU_RUN_STEPS picks steps (default all: tune,dispatch,bench,diag,train,tests), GPU_RUN_TESTS the
+# test files (default: every family's). The tables are written
 # into fastrec/ of this checkout, so the bench and the tests after them use them; commit the
 # copies in OUTDIR. Training reads MovieLens-100K from .data/ml-100k.inter (carried: the machine
 # has no network and no recbole; the step is skipped without it). Builds nothing it does not
@@ -41,22 +42,24 @@ step() {  # step SECONDS LOG COMMAND...: run with a time limit, output to the te
   [ "$rc" -eq 0 ] || status=1
 }
 
-steps=",${GPU_RUN_STEPS:-tune,bench,diag,train,tests},"
+steps=",${GPU_RUN_STEPS:-tune,dispatch,bench,diag,train,tests},"
 want() { [[ $steps == *",$1,"* ]]; }
 
 if want tune; then
 step 140 "$out/tune.log" "$python" -m fastrec bench --family attention \
   --write-configs fastrec/attention_configs.json --json /tmp/attention_tuning.json
 cp fastrec/attention_configs.json "$out/attention_configs.json"
+fi
+if want dispatch; then
 step 90 "$out/tune.log" "$python" -m fastrec bench --family conv --rounds 5 --min-round-s 0.02 \
   --write-dispatch fastrec/conv_dispatch.json
 cp fastrec/conv_dispatch.json "$out/conv_dispatch.json"
 fi
 if want bench; then
-step 130 "$out/bench.log" "$python" -m fastrec bench --rounds 5 --min-round-s 0.02 --json "$out/bench.json"
+step 170 "$out/bench.log" "$python" -m fastrec bench --rounds 5 --min-round-s 0.02 --json "$out/bench.json"
 step 30 "$out/bench.log" "$python" benchmarks/host_profile.py  # where a small training step's host time goes
 fi
-want diag && step 90 "$out/bench.log" "$python" benchmarks/gpu_diagnostics.py
+want diag && step 90 "$out/bench.log" "$python" benchmarks/gpu_diagnostics.py --sections "${GPU_RUN_DIAG:-steps,kernels,conv}"
 if want train && [ -f .data/ml-100k.inter ]; then
   for model in sasrec gru4rec caser; do
     step 60 "$out/train.log" "$python" -m fastrec train --model $model --data .data/ml-100k.inter --device cuda \
@@ -71,8 +74,10 @@ fi
 # run does not fit); -v so that a run cut at its limit still shows what passed and failed.
 parallel=()
 "$python" -c "import xdist" 2>/dev/null && parallel=(-n 8)
-want tests && step 160 "$out/tests.log" "$python" -m pytest -v --tb=short -p no:cacheprovider "${parallel[@]}" \
-  -k "triton or cuda" tests/test_attention.py tests/test_nn_attention.py tests/test_rnn_triton.py \
+tests=${GPU_RUN_TESTS:-tests/test_attention.py tests/test_nn_attention.py tests/test_rnn_triton.py \
   tests/test_rnn_cells_triton.py tests/test_conv.py tests/test_conv_triton.py tests/test_conv_dispatch.py \
-  tests/test_caser.py tests/test_dropout.py
+  tests/test_caser.py tests/test_dropout.py tests/test_backends.py}
+# shellcheck disable=SC2086  # the file list splits on spaces
+want tests && step 160 "$out/tests.log" "$python" -m pytest -v --tb=short -p no:cacheprovider "${parallel[@]}" \
+  -k "triton or cuda or launcher" $tests
 exit $status
