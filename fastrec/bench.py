@@ -438,8 +438,8 @@ DISPATCH_SHAPES = (
 
 
 def _dispatch_case(device, dtype, batch, c_in, c_out, kernel, size, groups, padding, act, pool):
-    """(shape class, description, {"triton": step, "cudnn": step}): forward + every gradient of
-    fastrec.functional.conv2d on the triton backend, forced onto each path."""
+    """(shape class, description, {path: step} for each of conv_ops.CONV_PATHS): forward + every
+    gradient of fastrec.functional.conv2d on the triton backend, forced onto each path."""
     from fastrec.ops import conv as conv_ops
 
     gen = torch.Generator().manual_seed(0)
@@ -468,7 +468,7 @@ def _dispatch_case(device, dtype, batch, c_in, c_out, kernel, size, groups, padd
 
 
 def time_dispatch(device: torch.device, dtypes, rounds: int, min_round_s: float, progress=None) -> list[dict]:
-    """Interleaved medians (ms) of the two paths, forward + backward, per DISPATCH_SHAPES x dtype."""
+    """Interleaved medians (ms) of the paths, forward + backward, per DISPATCH_SHAPES x dtype."""
     rows = []
     for dtype in dtypes:
         for shape in DISPATCH_SHAPES:
@@ -482,21 +482,22 @@ def time_dispatch(device: torch.device, dtypes, rounds: int, min_round_s: float,
 
 
 def select_dispatch(rows: list[dict], margin: float = DISPATCH_MARGIN) -> dict[str, dict]:
-    """Per shape class: the times summed over its measured shapes and the path, "cudnn" only when
-    cuDNN's sum is below (1 - margin) x Triton's (otherwise the default fused path stays)."""
-    sums: dict[str, list[float]] = {}
+    """Per shape class: each path's times summed over its measured shapes and the path, the fastest
+    one where its sum is below (1 - margin) x the fused Triton path's (otherwise "triton" stays)."""
+    from fastrec.ops import conv as conv_ops
+
+    sums: dict[str, dict[str, float]] = {}
     for row in rows:
-        total = sums.setdefault(row["class"], [0.0, 0.0])
-        total[0] += row["triton_ms"]
-        total[1] += row["cudnn_ms"]
-    return {
-        key: {
-            "path": "cudnn" if cudnn < triton * (1 - margin) else "triton",
-            "triton_ms": round(triton, 4),
-            "cudnn_ms": round(cudnn, 4),
-        }
-        for key, (triton, cudnn) in sorted(sums.items())
-    }
+        total = sums.setdefault(row["class"], {})
+        for path in conv_ops.CONV_PATHS:
+            if f"{path}_ms" in row:
+                total[path] = total.get(path, 0.0) + row[f"{path}_ms"]
+    classes = {}
+    for key, times in sorted(sums.items()):
+        best = min(times, key=times.__getitem__)
+        path = best if times[best] < times["triton"] * (1 - margin) else "triton"
+        classes[key] = {"path": path, **{f"{p}_ms": round(t, 4) for p, t in times.items()}}
+    return classes
 
 
 def write_dispatch(path: str | Path, card: str, classes: dict[str, dict], env: dict) -> dict:
@@ -540,15 +541,15 @@ def _table_writer_unusable(args, device: torch.device, flag: str, family: str, w
 
 
 def dispatch_main(args, device: torch.device, dtypes: list[torch.dtype]) -> int:
-    """``fastrec bench --family conv --write-dispatch PATH``: time both paths, write the table."""
+    """``fastrec bench --family conv --write-dispatch PATH``: time the paths, write the table."""
+    from fastrec.ops import conv as conv_ops
+
     if _table_writer_unusable(args, device, "--write-dispatch", "conv", "cuDNN against the Triton kernels"):
         return 2
 
     def progress(row: dict) -> None:
-        print(
-            f"{row['class']:28s} {row['shape']:55s} triton {row['triton_ms']:.4f} ms  cudnn {row['cudnn_ms']:.4f} ms",
-            flush=True,
-        )
+        times = "  ".join(f"{path} {row[f'{path}_ms']:.4f} ms" for path in conv_ops.CONV_PATHS)
+        print(f"{row['class']:28s} {row['shape']:55s} {times}", flush=True)
 
     rows = time_dispatch(device, dtypes, args.rounds, args.min_round_s, progress)
     card = torch.cuda.get_device_name(device)

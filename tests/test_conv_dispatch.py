@@ -158,6 +158,20 @@ def test_cudnn_path_forward_and_every_gradient_match_torch(case, dtype):
         torch.testing.assert_close(g.double(), r, **tol)
 
 
+@pytest.mark.parametrize("case", CASES[:2], ids=["relu-pool", "gelu-groups"])
+def test_torch_path_runs_torchs_ops_counted_and_matches(case):
+    x, w, b, kwargs, act, pool = _inputs(case, torch.float64)
+    backends.stats(reset=True)
+    with backends.use_backend("triton"), conv_ops.use_conv_path("torch"):
+        y = FF.conv2d(x, w, b, **kwargs, act=act, pool=pool)
+    assert backends.stats() == {("conv", "torch", "torch's convolution and epilogue ops (dispatch table)"): 1}
+    ref = _torch_module_output(x, w, b, kwargs, act, pool)
+    torch.testing.assert_close(y, ref, atol=1e-12, rtol=1e-12)
+    grad = torch.randn_like(ref)
+    for g, r in zip(torch.autograd.grad(y, (x, w, b), grad), torch.autograd.grad(ref, (x, w, b), grad), strict=True):
+        torch.testing.assert_close(g, r, atol=1e-12, rtol=1e-12)
+
+
 def test_cudnn_path_only_weight_gradient():
     x, w, b, kwargs, act, pool = _inputs(CASES[0], torch.float64)
     x = x.detach()
@@ -217,6 +231,8 @@ def test_package_table_loads_and_conv_path_defaults():
         assert conv_ops.conv_path(x, w, 1, (3, 3)) == "cudnn"
         with conv_ops.use_conv_path("triton"):
             assert conv_ops.conv_path(x, w, 1, (3, 3)) == "triton"
+            with conv_ops.use_conv_path("torch"):
+                assert conv_ops.conv_path(x, w, 1, (3, 3)) == "torch"
     with pytest.raises(ValueError, match="path must be one of"):
         with conv_ops.use_conv_path("cublas"):
             pass
@@ -253,10 +269,14 @@ def test_writer_selects_per_class_and_writes_the_loader_format(tmp_path):
         {"class": "a", "triton_ms": 1.0, "cudnn_ms": 1.4},  # summed: 2.0 vs 1.9 -> cudnn (> 3% faster)
         {"class": "b", "triton_ms": 1.0, "cudnn_ms": 0.98},  # within the margin: the fused path stays
         {"class": "c", "triton_ms": 0.5, "cudnn_ms": 2.0},
+        {"class": "d", "triton_ms": 1.0, "cudnn_ms": 0.8, "torch_ms": 0.6},  # the fastest of three
+        {"class": "e", "triton_ms": 1.0, "cudnn_ms": 1.2, "torch_ms": 0.98},  # within the margin
     ]
     classes = bench.select_dispatch(rows)
-    assert {k: v["path"] for k, v in classes.items()} == {"a": "cudnn", "b": "triton", "c": "triton"}
+    paths = {"a": "cudnn", "b": "triton", "c": "triton", "d": "torch", "e": "triton"}
+    assert {k: v["path"] for k, v in classes.items()} == paths
     assert classes["a"]["triton_ms"] == 2.0 and classes["a"]["cudnn_ms"] == 1.9
+    assert classes["d"]["torch_ms"] == 0.6 and "torch_ms" not in classes["a"]
     env = {"date": "2026-11-28", "torch": "2.11", "triton": "3.6", "commit": "abc"}
     path = tmp_path / "dispatch.json"
     bench.write_dispatch(path, "Card A", classes, env)
@@ -265,7 +285,7 @@ def test_writer_selects_per_class_and_writes_the_loader_format(tmp_path):
     assert written["version"] == 1 and written["default"] == "triton"
     assert written["cards"]["Card A"]["measured"] == "2026-11-28"
     assert conv_ops.parse_dispatch(written) == {
-        "Card A": {"a": "cudnn", "b": "triton", "c": "triton"},
+        "Card A": paths,
         "Card B": {"b": "cudnn"},
     }
 

@@ -316,3 +316,20 @@ def test_models_use_fastrec_dropout_only_on_the_fastrec_backend():
     assert fast_dropouts and all(isinstance(m, fastrec.nn.Dropout) for m in fast_dropouts)
     assert not any(isinstance(m, fastrec.nn.Dropout) for m in ref.modules())
     assert fast.state_dict().keys() == ref.state_dict().keys()
+
+
+@pytest.mark.cuda
+def test_cuda_unseeded_dropout_runs_torchs_kernel_unless_forced():
+    x = torch.randn(64, 50, device="cuda")
+    fastrec.backends.stats(reset=True)
+    torch.manual_seed(5)
+    out = FF.dropout(x, 0.3)
+    torch.manual_seed(5)
+    assert torch.equal(out, torch.nn.functional.dropout(x, 0.3))  # torch's masks, torch's generator
+    assert fastrec.backends.stats(reset=True)[("dropout", "torch", dropout_ops.CUDA_ROUTE)] == 1
+    with fastrec.use_backend("triton"):
+        FF.dropout(x, 0.3)
+    seed = torch.tensor([7], device="cuda")
+    assert torch.equal(dropout_ops.dropout(x, 0.3, True, seed), dropout_ops.dropout_torch(x, seed, 0.3))
+    stats = fastrec.backends.stats()
+    assert stats[("dropout", "triton", "")] == 2  # forced, and seeded: the Philox kernel

@@ -234,9 +234,9 @@ def test_launcher_bad_inputs_name_the_argument():
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode", ["gru", "lstm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_cells_route_to_triton_unforced(mode, dtype):
+def test_cuda_cells_route_to_torchs_cell_unforced(mode, dtype):
     fast, ref = make(mode, 24, 100, dtype)
     states = [torch.randn(64, 100) for _ in range(2 if mode == "lstm" else 1)]
     backends.stats(reset=True)
     check(mode, fast, ref, torch.randn(64, 24), states, dtype)
-    assert backends.stats()[("rnn_cell", "triton", "")] == 1
+    assert backends.stats()[("rnn_cell", "torch", rnn_ops.CELL_CUDA_ROUTE)] == 1

@@ -55,12 +55,24 @@ def _triton_backend(request):
 
 @pytest.mark.cuda
 @pytest.mark.default_dispatch
-def test_cuda_modules_run_the_triton_kernels_by_default():
+def test_cuda_modules_run_triton_in_16_bit_and_cudnn_in_fp32_by_default():
     gru = fnn.GRU(5, 7, batch_first=True).to(DEVICE)
+    ref = torch.nn.GRU(5, 7, batch_first=True).to(DEVICE)
+    ref.load_state_dict(gru.state_dict())
+    x = torch.randn(3, 4, 5, device=DEVICE)
     backends.stats(reset=True)
-    out, h_n = gru(torch.randn(3, 4, 5, device=DEVICE))
+    out, h_n = gru(x)
+    counts = backends.stats(reset=True)
+    assert (
+        counts.get(
+            ("GRU", "torch", "torch.float32 on CUDA (cuDNN is faster there; the Triton recurrence wins in 16-bit)")
+        )
+        == 1
+    )
+    torch.testing.assert_close((out, h_n), ref(x))
+    out, h_n = gru.to(torch.bfloat16)(x.bfloat16())
     assert backends.stats().get(("rnn", "triton", ""), 0) == 1
-    assert out.shape == (3, 4, 7) and h_n.shape == (1, 3, 7)
+    assert out.shape == (3, 4, 7) and h_n.shape == (1, 3, 7) and out.dtype == torch.bfloat16
 
 
 # --------------------------------------------------------------------------- helpers

@@ -19,8 +19,10 @@ class GRU4Rec(SequentialRecommender):
 
     Padding: right, with ``lengths``; the representation is the GRU output at the last real
     item (steps after it never reach it). The fastrec backend runs the GRU on the packed batch
-    (its final state is that output, and no step of padding is computed); the torch backend
-    runs RecBole's padded GRU and gathers the output."""
+    (its final state is that output, and no step of padding is computed) on the CPU; elsewhere,
+    and on the torch backend, the padded GRU runs (RecBole's way) and the output is gathered
+    (on CUDA packing costs a host sync for the lengths, and the padded GRU is what the fastrec
+    module routes: cuDNN in fp32, the Triton recurrence in 16-bit)."""
 
     padding_side = "right"
 
@@ -58,7 +60,7 @@ class GRU4Rec(SequentialRecommender):
         if items.shape[1] > self.max_len:
             raise ValueError(f"items must have at most max_len = {self.max_len} columns, got {items.shape[1]}")
         x = self.dropout(self.item_embedding(items))
-        if self.backend == "fastrec":  # packed: the GRU skips each row's padding steps entirely
+        if self.backend == "fastrec" and x.device.type == "cpu":  # packed: no step of padding computed
             packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
             _, h_n = self.gru(packed)
             return self.projection(h_n[-1])

@@ -4,9 +4,10 @@ Only ``forward`` is overridden, so constructor, defaults, initialisation, parame
 ``state_dict`` are torch's by construction. Fused: any ``num_layers``, ``bidirectional``,
 ``batch_first``, ``bias``, dropout between layers, given or zero initial states, unbatched
 input and ``PackedSequence`` input (returned packed, with torch's ordering of ``h_n``; only the
-real rows are computed). ``LSTM`` on padded CPU input runs oneDNN's LSTM unless a backend is
-forced (it ties the fused kernel). ``proj_size != 0`` and other uncovered calls run torch's own forward,
-counted in ``fastrec.stats()``.
+real rows are computed). Unless a backend is forced, ``LSTM`` on padded CPU input runs oneDNN's
+LSTM (it ties the fused kernel), fp32/fp64 padded CUDA input runs cuDNN and CUDA cells torch's
+cell (both faster on the H200; the Triton recurrence wins in 16-bit). ``proj_size != 0`` and
+other uncovered calls run torch's own forward, counted in ``fastrec.stats()``.
 
 fastrec extensions, keyword-only on ``forward`` (padded, batched input):
 ``lengths`` ``(B,)`` in [1, T]: right-padded rows; outputs past a row's length are zero and
@@ -48,6 +49,17 @@ def _unfused_reason(module: torch.nn.RNNBase, input, hx) -> str | None:
         # CPU LSTM stays on torch's path unless forced. Packed input runs fused: it skips the
         # finished rows (1.4x-1.9x forward, 2.5x-2.9x forward+backward even on one thread).
         return "LSTM on CPU (torch's oneDNN LSTM is as fast)"
+    if (
+        not isinstance(input, PackedSequence)
+        and isinstance(data, Tensor)
+        and data.is_cuda
+        and data.dtype in (torch.float32, torch.float64)
+        and backends.forced() is None
+    ):
+        # Measured on the H200 (benchmarks/results/gpu-2026-11-28d-h200, B=128 T=50 64/64): cuDNN
+        # wins in fp32 (fused 0.14x-0.39x forward, 0.58x-0.73x forward+backward), the Triton
+        # recurrence in bf16 (2.55x-3.55x / 1.56x-1.78x): fp32/fp64 CUDA input runs cuDNN.
+        return f"{data.dtype} on CUDA (cuDNN is faster there; the Triton recurrence wins in 16-bit)"
     if not isinstance(data, Tensor) or data.is_nested:
         return "input is not a dense tensor"
     if backends.autocast_dtype(data.device.type) is not None:

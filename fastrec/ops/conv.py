@@ -318,9 +318,13 @@ def conv(
     backend = backends.select(x.device, reason)
     if backend == "triton":
         out_size = conv_output_size(x.shape, w.shape, stride, padding, dilation)
-        if conv_path(x, w, groups, out_size) == "cudnn":
+        path = conv_path(x, w, groups, out_size)
+        if path == "cudnn":
             backends.count(OP, backend, "cudnn convolution + triton epilogue (dispatch table)")
             return ConvFunction.apply(x, w, bias, stride, padding, dilation, groups, act, pool, "cudnn")
+        if path == "torch":
+            backends.count(OP, "torch", "torch's convolution and epilogue ops (dispatch table)")
+            return conv_torch(x, w, bias, stride, padding, dilation, groups, act, pool)[0]
     backends.count(OP, backend, reason or "")
     if backend == "torch":
         return conv_torch(x, w, bias, stride, padding, dilation, groups, act, pool)[0]
@@ -328,7 +332,7 @@ def conv(
 
 
 # --------------------------------------------------------------------------- GPU dispatch table
-CONV_PATHS = ("triton", "cudnn")
+CONV_PATHS = ("triton", "cudnn", "torch")
 DEFAULT_PATH = "triton"
 DISPATCH_FILE = Path(__file__).resolve().parent.parent / "conv_dispatch.json"
 DISPATCH_VERSION = 1
@@ -371,8 +375,8 @@ def parse_dispatch(table: dict, source: str = "conv dispatch table") -> dict[str
     """``{card name: {shape class: path}}`` from the JSON table; ValueError naming what is wrong.
 
     Format: ``{"version": 1, "default": "triton", "cards": {card: {"measured": date, "torch":
-    version, "triton": version, "classes": {shape class: {"path": "triton" | "cudnn",
-    "triton_ms": float, "cudnn_ms": float}}}}}``.
+    version, "triton": version, "classes": {shape class: {"path": "triton" | "cudnn" | "torch",
+    "triton_ms": float, "cudnn_ms": float, "torch_ms": float}}}}}``.
     """
     if table.get("version") != DISPATCH_VERSION:
         raise ValueError(f"{source}: version must be {DISPATCH_VERSION}, got {table.get('version')!r}")
@@ -414,9 +418,9 @@ def _table_path(device_index: int, key: str) -> str:
 
 @contextlib.contextmanager
 def use_conv_path(path: str) -> Iterator[None]:
-    """Force the triton backend's conv path (``"triton"`` or ``"cudnn"``) inside the block (this
-    thread): the table writer times both paths this way, and the CPU tests run the cudnn path
-    (torch's CPU convolution standing in for cuDNN) under the interpreter."""
+    """Force the triton backend's conv path (``"triton"``, ``"cudnn"`` or ``"torch"``) inside the
+    block (this thread): the table writer times the paths this way, and the CPU tests run the
+    cudnn path (torch's CPU convolution standing in for cuDNN) under the interpreter."""
     if path not in CONV_PATHS:
         raise ValueError(f"path must be one of {CONV_PATHS}, got {path!r}")
     stack = getattr(_override, "stack", None)
@@ -436,7 +440,9 @@ def conv_path(x: Tensor, w: Tensor, groups: int, out_size: tuple[int, int]) -> s
     Unmeasured classes (and cards the table does not list) default to "triton", the fused implicit
     GEMM: the issue routes a class to cuDNN only where a benchmark on that card showed cuDNN's
     convolution plus the separate epilogue faster, and the fused path keeps the epilogue's
-    memory traffic out of the convolution.
+    memory traffic out of the convolution. "torch" (torch's own convolution, activation and pool,
+    unfused) is the third path: at recommender sizes a convolution is microseconds of GPU work and
+    the host cost of a call decides (the H200 bench: both fastrec paths 0.3x-0.7x of torch's).
     """
     stack = getattr(_override, "stack", None)
     if stack:

@@ -78,6 +78,14 @@ class DropoutFunction(torch.autograd.Function):
         return DropoutFunction.apply(grad_out, seed, p, backend), None, None, None
 
 
+# Measured on the H200 (benchmarks/results/gpu-2026-11-28d-h200): at recommender sizes a dropout
+# is a few microseconds of GPU work, so the call's host cost decides, and torch's one C++ launch
+# beats the Triton launcher's Python (B=512 L=50 d=64: fastrec 0.24x-0.38x of nn.Dropout). Unseeded
+# CUDA calls therefore run F.dropout unless a backend is forced; the Triton kernel stays for
+# forced/seeded calls (the same masks as the CPU kernels for a given seed).
+CUDA_ROUTE = "CUDA: torch's dropout kernel launches faster than the Triton kernel (H200, 0.24x-0.38x)"
+
+
 def check_p(p: float) -> None:
     """ValueError unless p is a number in [0, 1]."""
     if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p <= 1.0:
@@ -92,7 +100,8 @@ def dropout(x: Tensor, p: float, training: bool, seed: int | Tensor | None = Non
     makes runs reproducible. Calls the fused kernels do not cover run ``F.dropout`` (torch's own
     random stream), counted with the reason; a forced ``torch`` backend runs the reference
     (``dropout_torch``, the same bits as the kernels). Under ``use_dropout_stream("torch")``
-    without a ``seed``, ``F.dropout`` itself (torch's masks).
+    without a ``seed``, ``F.dropout`` itself (torch's masks); so are unseeded CUDA calls unless a
+    backend is forced (``CUDA_ROUTE``).
     """
     check_p(p)
     p = float(p)
@@ -103,6 +112,9 @@ def dropout(x: Tensor, p: float, training: bool, seed: int | Tensor | None = Non
         return F.dropout(x, p, True)
     if seed is None and backends.dropout_stream() == "torch":
         backends.count(OP, "torch", "torch dropout stream")
+        return F.dropout(x, p, True)
+    if seed is None and x.is_cuda and backends.forced() is None:
+        backends.count(OP, "torch", CUDA_ROUTE)
         return F.dropout(x, p, True)
     reason = _unfused_reason(x)
     backend = backends.select(x.device, reason)

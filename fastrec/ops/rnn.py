@@ -494,8 +494,18 @@ def _cell_triton_unfused_reason(x: Tensor) -> str | None:
     return None
 
 
+# Measured on the H200 (benchmarks/results/gpu-2026-11-28d-h200): one cell step is microseconds of
+# GPU work, so the host cost decides, and torch's fused cell kernels (C++ launches) beat the Triton
+# cell's Python launches (GRUCell B=1/64/512, hidden 100: 0.59x-0.78x). CUDA cells run torch's cell
+# unless a backend is forced.
+CELL_CUDA_ROUTE = "CUDA cell step: torch's fused cell launches faster than the Triton cell (H200, 0.59x-0.78x)"
+
+
 def _cell_unfused_reason(x: Tensor, mode: str) -> str | None:
-    if x.device.type == "cuda" or backends.forced() == "triton":
+    forced = backends.forced()
+    if x.device.type == "cuda" and forced is None:
+        return CELL_CUDA_ROUTE
+    if x.device.type == "cuda" or forced == "triton":
         return _cell_triton_unfused_reason(x)
     if x.device.type != "cpu":
         return f"no fused rnn cell kernel for {x.device.type} tensors (torch's cell)"
