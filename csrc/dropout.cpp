@@ -9,9 +9,25 @@
 // Work: chunks of 16 elements aligned to multiples of 16 (so one chunk never straddles a 2^32
 // boundary of n and its counters are (c0 + w, c1)), one Philox vector per chunk, in parallel
 // over ranges of chunks with at::parallel_for (parallel only when built with -fopenmp).
+//
+// torch's own stream (fastrec.use_dropout_stream("torch")), the same bits as torch's CPU ops:
+//   torch_stream_mask_cpp(int[] shape, float keep) -> Tensor (bool)
+//   torch_stream_dropout_cpp(Tensor x, float keep, float scale) -> (Tensor out, Tensor mask)
+//   masked_scale_cpp(Tensor x, Tensor mask, float scale) -> Tensor
+// torch's CPU bernoulli_(keep) draws, element by element in memory order, two 32-bit words of
+// the default generator's MT19937 (hi, lo), u = ((hi << 32 | lo) & (2^53 - 1)) * 2^-53 in double
+// and keeps iff u < keep (at::bernoulli_distribution<double>), serially, at ~15 ns an element
+// for a float tensor. These ops run the same engine on a copy of the generator's state in a
+// tight loop and write the advanced state back, so the mask and every later draw are torch's.
+// F.dropout(x, p) on the CPU is x * noise with noise = bernoulli_(1 - p) / (1 - p) in x's dtype:
+// torch_stream_dropout_cpp takes that factor (``scale``, computed by torch) and returns the mask
+// for the backward, grad * (mask ? scale : 0) = masked_scale_cpp.
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include "philox.h"
@@ -19,6 +35,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <mutex>
+#include <tuple>
 #include <type_traits>
 
 namespace fastrec {
@@ -87,9 +105,174 @@ at::Tensor dropout_cpp(const at::Tensor& x, const at::Tensor& seed, double p) {
   return out;
 }
 
+// --------------------------------------------------------------------------- torch's stream
+// at::mt19937_engine's operator() on a local copy of its state (same twist, same tempering).
+class TorchEngine {
+ public:
+  explicit TorchEngine(const at::mt19937_data_pod& data) : d_(data) {}
+  const at::mt19937_data_pod& data() const { return d_; }
+
+  inline uint32_t next() {
+    if (--d_.left_ == 0) twist();
+    uint32_t y = d_.state_[d_.next_++];
+    y ^= (y >> 11);
+    y ^= (y << 7) & 0x9d2c5680u;
+    y ^= (y << 15) & 0xefc60000u;
+    y ^= (y >> 18);
+    return y;
+  }
+
+  // count words, as count calls of next() would return them (in blocks, so the tempering and the
+  // callers' loops vectorise).
+  void words(uint32_t* __restrict out, int64_t count) {
+    int64_t i = 0;
+    while (i < count) {
+      if (d_.left_ == 1) {  // the next call twists, then reads state[0] without a decrement
+        twist();
+        d_.left_ = kN + 1;
+      }
+      const int64_t take = std::min<int64_t>(d_.left_ - 1, count - i);
+      const uint32_t* s = d_.state_.data() + d_.next_;
+      for (int64_t w = 0; w < take; ++w) {
+        uint32_t y = s[w];
+        y ^= (y >> 11);
+        y ^= (y << 7) & 0x9d2c5680u;
+        y ^= (y << 15) & 0xefc60000u;
+        y ^= (y >> 18);
+        out[i + w] = y;
+      }
+      d_.next_ += static_cast<uint32_t>(take);
+      d_.left_ -= static_cast<int>(take);
+      i += take;
+    }
+  }
+
+  // bernoulli_distribution<double>(keep) for count elements: u in [0, 1) from 53 bits of two words
+  // (hi, lo) per element, keep iff u < keep_prob.
+  void keep(bool* __restrict out, int64_t count, double keep_prob) {
+    constexpr int64_t kBlock = 1024;
+    uint32_t w[2 * kBlock];
+    for (int64_t n0 = 0; n0 < count; n0 += kBlock) {
+      const int64_t len = std::min(kBlock, count - n0);
+      words(w, 2 * len);
+      for (int64_t n = 0; n < len; ++n) {
+        const uint64_t bits = ((uint64_t{w[2 * n]} << 32) | w[2 * n + 1]) & ((uint64_t{1} << 53) - 1);
+        out[n0 + n] = static_cast<double>(bits) * 0x1.0p-53 < keep_prob;
+      }
+    }
+  }
+
+ private:
+  static constexpr int kN = 624, kM = 397;
+  static inline uint32_t mix(uint32_t u, uint32_t v) {
+    return (((u & 0x80000000u) | (v & 0x7fffffffu)) >> 1) ^ ((v & 1u) ? 0x9908b0dfu : 0u);
+  }
+  void twist() {
+    uint32_t* s = d_.state_.data();
+    d_.left_ = kN;
+    d_.next_ = 0;
+    int j = 0;
+    for (; j < kN - kM; ++j) s[j] = s[j + kM] ^ mix(s[j], s[j + 1]);
+    for (; j < kN - 1; ++j) s[j] = s[j + kM - kN] ^ mix(s[j], s[j + 1]);
+    s[kN - 1] = s[kM - 1] ^ mix(s[kN - 1], s[0]);
+  }
+  at::mt19937_data_pod d_;
+};
+
+// Runs fn(engine) on the default CPU generator's state under its lock, then stores the state.
+template <typename Fn>
+void with_default_engine(Fn&& fn) {
+  auto* gen = at::check_generator<at::CPUGeneratorImpl>(at::detail::getDefaultCPUGenerator());
+  std::lock_guard<std::mutex> lock(gen->mutex_);
+  TorchEngine engine(gen->engine().data());
+  fn(engine);
+  at::mt19937 advanced;
+  advanced.set_data(engine.data());
+  gen->set_engine(advanced);
+}
+
+void check_keep(double keep, const char* op) {
+  TORCH_CHECK(keep >= 0.0 && keep <= 1.0, "fastrec ", op, ": keep must be in [0, 1], got ", keep);
+}
+
+at::Tensor torch_stream_mask_cpp(at::IntArrayRef shape, double keep) {
+  check_keep(keep, "torch_stream_mask_cpp");
+  at::Tensor mask = at::empty(shape, at::TensorOptions().dtype(at::kBool));
+  bool* m = mask.data_ptr<bool>();
+  const int64_t numel = mask.numel();
+  with_default_engine([&](TorchEngine& engine) { engine.keep(m, numel, keep); });
+  return mask;
+}
+
+template <typename T>
+void dropout_with_engine(const T* __restrict x, T* __restrict out, bool* __restrict m, int64_t numel,
+                         double keep, T scale, TorchEngine& engine) {
+  constexpr int64_t kBlock = 4096;
+  for (int64_t n0 = 0; n0 < numel; n0 += kBlock) {
+    const int64_t len = std::min(kBlock, numel - n0);
+    engine.keep(m + n0, len, keep);
+    for (int64_t n = n0; n < n0 + len; ++n) out[n] = x[n] * (m[n] ? scale : T(0));
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> torch_stream_dropout_cpp(const at::Tensor& x, double keep, double scale) {
+  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
+              "fastrec torch_stream_dropout_cpp: x must be a float32 or float64 CPU tensor, got ",
+              x.scalar_type(), " on ", x.device());
+  TORCH_CHECK(x.is_contiguous(), "fastrec torch_stream_dropout_cpp: x must be contiguous");
+  check_keep(keep, "torch_stream_dropout_cpp");
+  at::Tensor out = at::empty_like(x);
+  at::Tensor mask = at::empty(x.sizes(), x.options().dtype(at::kBool));
+  const int64_t numel = x.numel();
+  bool* m = mask.data_ptr<bool>();
+  with_default_engine([&](TorchEngine& engine) {
+    if (x.scalar_type() == at::kFloat) {
+      dropout_with_engine(x.data_ptr<float>(), out.data_ptr<float>(), m, numel, keep, static_cast<float>(scale),
+                          engine);
+    } else {
+      dropout_with_engine(x.data_ptr<double>(), out.data_ptr<double>(), m, numel, keep, scale, engine);
+    }
+  });
+  return {out, mask};
+}
+
+at::Tensor masked_scale_cpp(const at::Tensor& x, const at::Tensor& mask, double scale) {
+  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
+              "fastrec masked_scale_cpp: x must be a float32 or float64 CPU tensor, got ", x.scalar_type());
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.sizes() == x.sizes() && mask.is_contiguous(),
+              "fastrec masked_scale_cpp: mask must be a contiguous bool tensor of x's shape ", x.sizes(),
+              ", got ", mask.scalar_type(), " ", mask.sizes());
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty(x.sizes(), xc.options());
+  const bool* m = mask.data_ptr<bool>();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "masked_scale_cpp", [&] {
+    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const scalar_t s = static_cast<scalar_t>(scale);
+    at::parallel_for(0, xc.numel(), 32768, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) op[n] = xp[n] * (m[n] ? s : scalar_t(0));
+    });
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace fastrec
 
-TORCH_LIBRARY_FRAGMENT(fastrec, m) { m.def("dropout_cpp(Tensor x, Tensor seed, float p) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(fastrec, m) {
+  m.def("dropout_cpp(Tensor x, Tensor seed, float p) -> Tensor");
+  m.def("torch_stream_mask_cpp(int[] shape, float keep) -> Tensor");
+  m.def("torch_stream_dropout_cpp(Tensor x, float keep, float scale) -> (Tensor, Tensor)");
+  m.def("masked_scale_cpp(Tensor x, Tensor mask, float scale) -> Tensor");
+}
 
-TORCH_LIBRARY_IMPL(fastrec, CPU, m) { m.impl("dropout_cpp", &fastrec::dropout_cpp); }
+TORCH_LIBRARY_IMPL(fastrec, CPU, m) {
+  m.impl("dropout_cpp", &fastrec::dropout_cpp);
+  m.impl("torch_stream_dropout_cpp", &fastrec::torch_stream_dropout_cpp);
+  m.impl("masked_scale_cpp", &fastrec::masked_scale_cpp);
+}
+
+// No tensor argument to dispatch on: registered for every key.
+TORCH_LIBRARY_IMPL(fastrec, CompositeExplicitAutograd, m) {
+  m.impl("torch_stream_mask_cpp", &fastrec::torch_stream_mask_cpp);
+}

@@ -262,6 +262,63 @@ def test_torch_stream_draws_torchs_own_masks():
         assert torch.equal(seeded, dropout_ops.dropout(x, 0.3, True, seed=_seed(8, "cpu")))
 
 
+needs_torch_stream_op = pytest.mark.skipif(not dropout_ops.HAVE_TORCH_STREAM_CPP, reason="fastrec._C not built")
+
+
+@needs_torch_stream_op
+@pytest.mark.parametrize("keep", [0.8, 0.5, 0.123456789, 0.0, 1.0])
+def test_torch_stream_mask_op_is_torchs_bernoulli_bit_for_bit(keep):
+    """The mask and the generator's state after equal torch's own bernoulli_, from a fresh seed and
+    from the middle of the generator's 624-word blocks (an odd number of words drawn before)."""
+    for shape, words_before in (((7,), 0), ((3, 5, 11), 1), ((2, 3, 40, 40), 623), ((4000,), 2)):
+        torch.manual_seed(11)
+        torch.randint(0, 2, (words_before,))  # advances the engine by words_before 32-bit words
+        want = torch.empty(shape, dtype=torch.bool).bernoulli_(keep)
+        after = torch.rand(5)
+        torch.manual_seed(11)
+        torch.randint(0, 2, (words_before,))
+        got = torch.ops.fastrec.torch_stream_mask_cpp(list(shape), keep)
+        assert torch.equal(got, want), (shape, words_before)
+        assert torch.equal(torch.rand(5), after)
+
+
+@needs_torch_stream_op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
+@pytest.mark.parametrize("p", [0.2, 0.5, 0.3])
+def test_torch_stream_dropout_is_f_dropout_bit_for_bit(dtype, layout, p):
+    """Output, strides, gradient (and its gradient) and the generator's state after all equal
+    F.dropout's; a dense transposed input draws in memory order as torch does, a sliced one runs
+    F.dropout itself."""
+    base = torch.randn(40, 33, dtype=dtype)
+    x = {"contiguous": base, "transposed": base.t(), "sliced": base[:, ::2]}[layout]
+    leaves = [x.detach().clone().requires_grad_() for _ in range(2)]
+    grads = [torch.randn(x.shape, dtype=dtype).requires_grad_() for _ in range(2)]
+    grads[1] = grads[0].detach().clone().requires_grad_()
+    torch.manual_seed(5)
+    want = torch.nn.functional.dropout(leaves[0], p, True)
+    after = torch.rand(3)
+    torch.manual_seed(5)
+    got = dropout_ops.torch_stream_dropout(leaves[1], p)
+    assert torch.equal(torch.rand(3), after)
+    assert torch.equal(got, want) and got.stride() == want.stride()
+    (g_want,) = torch.autograd.grad(want, leaves[0], grads[0], create_graph=True)
+    (g_got,) = torch.autograd.grad(got, leaves[1], grads[1], create_graph=True)
+    assert torch.equal(g_got, g_want)
+    v = torch.randn(x.shape, dtype=dtype)  # the backward is linear in the gradient: d/d(grad) again
+    assert torch.equal(torch.autograd.grad(g_got, grads[1], v)[0], torch.autograd.grad(g_want, grads[0], v)[0])
+
+
+@needs_torch_stream_op
+def test_torch_stream_ops_reject_bad_arguments():
+    with pytest.raises(RuntimeError, match="keep must be in"):
+        torch.ops.fastrec.torch_stream_mask_cpp([3], 1.5)
+    with pytest.raises(RuntimeError, match="x must be a float32 or float64"):
+        torch.ops.fastrec.torch_stream_dropout_cpp(torch.zeros(3, dtype=torch.int32), 0.5, 2.0)
+    with pytest.raises(RuntimeError, match="mask must be a contiguous bool tensor"):
+        torch.ops.fastrec.masked_scale_cpp(torch.zeros(3), torch.zeros(4, dtype=torch.bool), 2.0)
+
+
 def test_registered_op_passes_opcheck(backend):
     device = _device(backend)
     op = _op(backend).default

@@ -295,6 +295,8 @@ def torch_dropout_mask(q: Tensor, k: Tensor, dropout_p: float) -> Tensor:
             f"on {q.device.type} torch draws them inside its own kernels (got q on {q.device})"
         )
     shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
+    if hasattr(torch.ops.fastrec, "torch_stream_mask_cpp"):  # the same bits, ~10x faster (csrc/dropout.cpp)
+        return torch.ops.fastrec.torch_stream_mask_cpp(list(shape), 1.0 - dropout_p)
     return torch.empty(shape, dtype=torch.bool).bernoulli_(1.0 - dropout_p)
 
 
