@@ -204,15 +204,12 @@ at::Tensor torch_stream_mask_cpp(at::IntArrayRef shape, double keep) {
   return mask;
 }
 
+// out = x * (mask ? scale : 0), in parallel over ranges of elements.
 template <typename T>
-void dropout_with_engine(const T* __restrict x, T* __restrict out, bool* __restrict m, int64_t numel,
-                         double keep, T scale, TorchEngine& engine) {
-  constexpr int64_t kBlock = 4096;
-  for (int64_t n0 = 0; n0 < numel; n0 += kBlock) {
-    const int64_t len = std::min(kBlock, numel - n0);
-    engine.keep(m + n0, len, keep);
-    for (int64_t n = n0; n < n0 + len; ++n) out[n] = x[n] * (m[n] ? scale : T(0));
-  }
+void masked_scale(const T* __restrict x, const bool* __restrict m, T* __restrict out, int64_t numel, T scale) {
+  at::parallel_for(0, numel, 32768, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) out[n] = x[n] * (m[n] ? scale : T(0));
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> torch_stream_dropout_cpp(const at::Tensor& x, double keep, double scale) {
@@ -225,13 +222,9 @@ std::tuple<at::Tensor, at::Tensor> torch_stream_dropout_cpp(const at::Tensor& x,
   at::Tensor mask = at::empty(x.sizes(), x.options().dtype(at::kBool));
   const int64_t numel = x.numel();
   bool* m = mask.data_ptr<bool>();
-  with_default_engine([&](TorchEngine& engine) {
-    if (x.scalar_type() == at::kFloat) {
-      dropout_with_engine(x.data_ptr<float>(), out.data_ptr<float>(), m, numel, keep, static_cast<float>(scale),
-                          engine);
-    } else {
-      dropout_with_engine(x.data_ptr<double>(), out.data_ptr<double>(), m, numel, keep, scale, engine);
-    }
+  with_default_engine([&](TorchEngine& engine) { engine.keep(m, numel, keep); });  // serial, as torch's
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "torch_stream_dropout_cpp", [&] {
+    masked_scale(x.data_ptr<scalar_t>(), m, out.data_ptr<scalar_t>(), numel, static_cast<scalar_t>(scale));
   });
   return {out, mask};
 }
@@ -244,14 +237,9 @@ at::Tensor masked_scale_cpp(const at::Tensor& x, const at::Tensor& mask, double 
               ", got ", mask.scalar_type(), " ", mask.sizes());
   const at::Tensor xc = x.contiguous();
   at::Tensor out = at::empty(x.sizes(), xc.options());
-  const bool* m = mask.data_ptr<bool>();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "masked_scale_cpp", [&] {
-    const scalar_t* xp = xc.data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    const scalar_t s = static_cast<scalar_t>(scale);
-    at::parallel_for(0, xc.numel(), 32768, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) op[n] = xp[n] * (m[n] ? s : scalar_t(0));
-    });
+    masked_scale(xc.data_ptr<scalar_t>(), mask.data_ptr<bool>(), out.data_ptr<scalar_t>(), xc.numel(),
+                 static_cast<scalar_t>(scale));
   });
   return out;
 }
