@@ -40,9 +40,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None, help="epoch cap (default: fastrec train's, 12)")
     parser.add_argument("--patience", type=int, default=None, help="early-stopping patience (default: 3)")
-    parser.add_argument(
-        "--dropout-stream", default="fastrec", choices=DROPOUT_STREAMS, help="torch: torch's own dropout masks"
-    )
+    parser.add_argument("--dropout-stream", default="auto", choices=DROPOUT_STREAMS, help="fastrec.use_dropout_stream")
     parser.add_argument("--json", default="benchmarks/results/accuracy-ml100k.json")
     parser.add_argument("--markdown", default="benchmarks/results/accuracy-ml100k.md")
     args = parser.parse_args()

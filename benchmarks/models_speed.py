@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--models", default="sasrec,gru4rec,caser")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--max-len", type=int, default=None, help="override every model's max_len")
-    parser.add_argument("--dropout-stream", default="fastrec", choices=backends.DROPOUT_STREAMS)
+    parser.add_argument("--dropout-stream", default="auto", choices=backends.DROPOUT_STREAMS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -10,11 +10,13 @@
 Unless forced, CUDA tensors go to ``triton`` and CPU tensors to ``cpp``, each falling back to
 ``torch`` when unavailable. ``FASTREC_BACKEND`` or ``with use_backend(name):`` forces one.
 
-Dropout masks come from fastrec's Philox stream (``"fastrec"``, the default: the fused kernels
-draw them in registers) or, inside ``with use_dropout_stream("torch"):``, from torch's own
-stream: the very masks torch's modules draw for the same seed, so a fastrec model trains step
-for step like its torch twin (for validating a swap in training mode; on CPU it costs torch's
-mask generation, which the fused kernels avoid).
+Dropout masks come from torch's own stream or from fastrec's Philox stream (the fused kernels
+draw those in registers, with no mask tensor). torch's stream gives the very masks torch's
+modules draw for the same seed, so a fastrec model trains step for step like its torch twin;
+fastrec draws them bit for bit on the CPU ~10x faster than torch (csrc/dropout.cpp). The
+default, ``"auto"``, takes torch's masks on the CPU and Philox where torch's cannot be reproduced
+(attention dropout on CUDA, drawn inside torch's kernels); ``with use_dropout_stream(name):``
+picks ``"torch"`` or ``"fastrec"`` everywhere.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from collections.abc import Iterator
 import torch
 
 BACKENDS = ("triton", "cpp", "torch")
-DROPOUT_STREAMS = ("fastrec", "torch")
+DROPOUT_STREAMS = ("auto", "fastrec", "torch")
 
 _state = threading.local()
 _counts: Counter[tuple[str, str, str]] = Counter()
@@ -106,20 +108,29 @@ def _pushed(attr: str, name: str) -> Iterator[None]:
 
 
 def dropout_stream() -> str:
-    """Where dropout masks come from now: ``"fastrec"`` (Philox, default) or ``"torch"``."""
+    """Where dropout masks come from now: ``"auto"`` (the default), ``"fastrec"`` or ``"torch"``."""
     stack = getattr(_state, "streams", None)
-    return stack[-1] if stack else "fastrec"
+    return stack[-1] if stack else "auto"
+
+
+def torch_masks(device: torch.device) -> bool:
+    """Whether dropout on ``device`` draws torch's own masks now: under ``"torch"``, and under
+    ``"auto"`` on the CPU (where fastrec reproduces them bit for bit)."""
+    stream = dropout_stream()
+    return stream == "torch" or (stream == "auto" and device.type == "cpu")
 
 
 @contextlib.contextmanager
 def use_dropout_stream(name: str) -> Iterator[None]:
     """Draw every fastrec dropout mask inside the block (this thread) from ``name``'s stream.
 
-    ``"torch"``: ``fastrec.nn.Dropout`` and ``functional.dropout`` run ``F.dropout``; attention
-    dropout draws ``bernoulli_(1 - p)`` over ``(B, H, Lq, Lk)`` from torch's generator, as
-    torch's CPU attention does, and the fused CPU kernels apply it. torch's CUDA attention draws
-    its masks inside its own kernels, which fastrec does not reproduce: attention dropout on
-    other devices is an error in this mode.
+    ``"torch"``: ``fastrec.nn.Dropout`` and ``functional.dropout`` give ``F.dropout``'s output
+    (on the CPU from fastrec's copy of torch's generator loop, else ``F.dropout`` itself);
+    attention dropout draws ``bernoulli_(1 - p)`` over ``(B, H, Lq, Lk)`` from torch's
+    generator, as torch's CPU attention does, and the fused CPU kernels apply it. torch's CUDA
+    attention draws its masks inside its own kernels, which fastrec does not reproduce: attention
+    dropout on other devices is an error in this mode. ``"fastrec"``: Philox everywhere.
+    ``"auto"`` (the default): ``"torch"`` on the CPU, ``"fastrec"`` elsewhere.
     """
     if name not in DROPOUT_STREAMS:
         raise ValueError(f"dropout stream must be one of {DROPOUT_STREAMS}, got {name!r}")

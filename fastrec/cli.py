@@ -111,10 +111,11 @@ def _add_train(sub) -> None:
     train.add_argument("--compare", action="store_true", help="train both backends from the same seed, side by side")
     train.add_argument(
         "--dropout-stream",
-        default="fastrec",
+        default="auto",
         choices=DROPOUT_STREAMS,
-        help="where dropout masks come from: fastrec's fused Philox stream (default) or torch's own "
-        "(the masks torch draws for the same seed: with --compare, both backends see the same masks)",
+        help="where dropout masks come from: torch's own (the masks torch draws for the same seed, so "
+        "with --compare both backends see the same masks), fastrec's fused Philox stream, or auto "
+        "(default): torch's on the CPU, Philox where torch's cannot be reproduced (CUDA attention)",
     )
     train.add_argument("--seed", type=int, default=2020)
     train.add_argument("--checkpoint", help="save the training state here after each epoch")

@@ -57,7 +57,7 @@ class TrainConfig:
     device: str = "cpu"
     amp: str | None = None  # "bf16"
     compile: bool = False
-    dropout_stream: str = "fastrec"  # "torch": torch's masks (fastrec.use_dropout_stream), for paired runs
+    dropout_stream: str = "auto"  # fastrec.use_dropout_stream: "auto" = torch's masks on the CPU
     seed: int = 2020
     checkpoint: str | None = None  # path written after each epoch
     resume: bool = False  # continue from ``checkpoint`` if it exists
@@ -364,7 +364,7 @@ def run(config: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
             f"{data.train.n_examples} training examples, max_len {config.max_len}, device {config.device}"
             + (f", amp {config.amp}" if config.amp else "")
             + (", compiled" if config.compile else "")
-            + (", torch's dropout masks" if config.dropout_stream == "torch" else "")
+            + (f", dropout stream {config.dropout_stream}" if config.dropout_stream != "auto" else "")
         )
     with backends.use_dropout_stream(config.dropout_stream):
         epochs, best_epoch = fit(model, data, config, log)

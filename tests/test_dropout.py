@@ -223,7 +223,8 @@ def test_fallbacks_are_counted():
     x = torch.randn(10)
     fastrec.nn.Dropout(0.5, inplace=True)(x.clone())
     FF.dropout(x, 1.0)
-    FF.dropout(torch.randn(10).half(), 0.5)
+    with fastrec.use_dropout_stream("fastrec"):
+        FF.dropout(torch.randn(10).half(), 0.5)
     stats = fastrec.backends.stats(reset=True)
     assert stats[("Dropout", "torch", "inplace=True")] == 1
     assert stats[("dropout", "torch", "p == 1")] == 1
@@ -344,12 +345,13 @@ def test_torch_compile_fullgraph_matches_eager(backend, compiler):
     model = Block().to(device)
     compiled = torch.compile(model, fullgraph=True, backend=compiler)
     x = torch.randn(4, 9, 16, dtype=torch.float64, device=device, requires_grad=True)
-    torch.manual_seed(1)
-    out = compiled(x)
-    (grad,) = torch.autograd.grad(out.sum(), x)
-    torch.manual_seed(1)
-    ref = model(x)
-    (ref_grad,) = torch.autograd.grad(ref.sum(), x)
+    with fastrec.use_dropout_stream("fastrec"):  # Philox: the same seed, the same masks compiled
+        torch.manual_seed(1)
+        out = compiled(x)
+        (grad,) = torch.autograd.grad(out.sum(), x)
+        torch.manual_seed(1)
+        ref = model(x)
+        (ref_grad,) = torch.autograd.grad(ref.sum(), x)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
 

@@ -300,7 +300,8 @@ def assert_matches_torch_in_training(fast, ref, tensors, order, **kwargs):
     for name, grad in grads.items():
         assert_rel_close(grad, ref_grads[name], f"grad of {name}")
     torch.manual_seed(11)
-    own, _, _ = run_module(fast, tensors, order, grad_out, **kwargs)
+    with fastrec.use_dropout_stream("fastrec"):
+        own, _, _ = run_module(fast, tensors, order, grad_out, **kwargs)
     assert (own - ref_out.float()).norm() > 1e-2 * ref_out.norm(), "fastrec's own stream should draw other masks"
 
 
@@ -334,7 +335,10 @@ def test_mha_output_has_torchs_memory_layout_under_the_torch_stream(batch_first)
     with fastrec.use_dropout_stream("torch"):
         out = fast(x, x, x, need_weights=False)[0]
     assert out.stride() == ref.float()(x, x, x, need_weights=False)[0].stride()
-    assert fast(x, x, x, need_weights=False)[0].is_contiguous()  # fastrec's own stream: contiguous
+    assert fast(x, x, x, need_weights=False)[0].stride() == out.stride()  # the default on the CPU: torch's masks
+    with fastrec.use_dropout_stream("fastrec"):
+        assert fast(x, x, x, need_weights=False)[0].is_contiguous()  # fastrec's own stream: contiguous
+    assert fast.eval()(x, x, x, need_weights=False)[0].is_contiguous()  # nothing draws in eval mode
 
 
 def test_torch_dropout_stream_errors_name_the_stream_and_device():

@@ -153,7 +153,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         out, weights = out if need_weights else (out, None)
         # Batch-major output is contiguous (B, L, E), except under torch's dropout stream, where it
         # takes torch's layout ((L, B, E) in memory): torch's next dropout draws in memory order.
-        time_major = not batch_major or backends.dropout_stream() == "torch"
+        # (In eval mode nothing draws, and the contiguous layout is the faster one.)
+        time_major = not batch_major or (self.training and backends.torch_masks(query.device))
         out = out.permute(2, 0, 1, 3) if time_major else out.transpose(1, 2)
         out = F.linear(out.reshape(-1, embed), self.out_proj.weight, self.out_proj.bias)
         out = out.view(len_q, batch, embed) if time_major else out.view(batch, len_q, embed)

@@ -263,16 +263,19 @@ def attention(
     """Attention on canonical inputs (see the module docstring); picks the backend per call.
     ``need_weights``: ``(out, probs)``, probs ``(B, H, Lq, Lk)`` after dropout in q's dtype."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    seed = mask = None
-    if dropout_p > 0.0 and backends.dropout_stream() == "torch":
-        mask = torch_dropout_mask(q, k, dropout_p)
-    elif dropout_p > 0.0:
-        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
     reason = _unfused_reason(q, k, v, bias, causal, need_weights)
     backend = backends.select(q.device, reason)
     backends.count(OP, backend, reason or "")
-    if mask is not None and backend == "triton":
-        raise RuntimeError("use_dropout_stream('torch') needs the cpp or torch backend; triton draws its own masks")
+    seed = mask = None
+    torch_masks = dropout_p > 0.0 and backends.torch_masks(q.device)
+    if torch_masks and backend == "triton":
+        if backends.dropout_stream() == "torch":
+            raise RuntimeError("use_dropout_stream('torch') needs the cpp or torch backend; triton draws its own masks")
+        torch_masks = False  # "auto": the Triton kernels draw Philox masks
+    if torch_masks:
+        mask = torch_dropout_mask(q, k, dropout_p)
+    elif dropout_p > 0.0:
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
     masks = (key_padding_mask, lengths, bias, seed, causal, scale, dropout_p)
     if backend == "torch":
         return attention_torch(q, k, v, *masks, mask, need_weights)
@@ -295,7 +298,8 @@ def torch_dropout_mask(q: Tensor, k: Tensor, dropout_p: float) -> Tensor:
             f"on {q.device.type} torch draws them inside its own kernels (got q on {q.device})"
         )
     shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
-    if hasattr(torch.ops.fastrec, "torch_stream_mask_cpp"):  # the same bits, ~10x faster (csrc/dropout.cpp)
+    if hasattr(torch.ops.fastrec, "torch_stream_mask_cpp") and not torch.compiler.is_compiling():
+        # the same bits, ~10x faster (csrc/dropout.cpp)
         return torch.ops.fastrec.torch_stream_mask_cpp(list(shape), 1.0 - dropout_p)
     return torch.empty(shape, dtype=torch.bool).bernoulli_(1.0 - dropout_p)
 

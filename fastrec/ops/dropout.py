@@ -99,7 +99,8 @@ def torch_stream_dropout(x: Tensor, p: float) -> Tensor:
     float32/float64 CPU input runs TorchStreamDropoutFunction (~10x faster masks, csrc/dropout.cpp);
     a dense permuted layout runs it on the permuted contiguous view (torch draws in memory order
     and its output keeps x's strides); anything else runs F.dropout itself."""
-    if not (HAVE_TORCH_STREAM_CPP and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)):
+    fast = HAVE_TORCH_STREAM_CPP and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    if not fast or torch.compiler.is_compiling():  # compiled: F.dropout, as torch.compile draws it
         return F.dropout(x, p, True)
     if x.is_contiguous():
         return TorchStreamDropoutFunction.apply(x, p)
@@ -152,8 +153,9 @@ def dropout(x: Tensor, p: float, training: bool, seed: int | Tensor | None = Non
     makes runs reproducible. Calls the fused kernels do not cover run ``F.dropout`` (torch's own
     random stream), counted with the reason; a forced ``torch`` backend runs the reference
     (``dropout_torch``, the same bits as the kernels). Under ``use_dropout_stream("torch")``
-    without a ``seed``, ``F.dropout`` itself (torch's masks); so are unseeded CUDA calls unless a
-    backend is forced (``CUDA_ROUTE``).
+    without a ``seed`` (and by default on the CPU), ``F.dropout``'s output and masks
+    (``torch_stream_dropout``); unseeded CUDA calls run ``F.dropout`` unless a backend is forced
+    (``CUDA_ROUTE``).
     """
     check_p(p)
     p = float(p)
@@ -162,7 +164,7 @@ def dropout(x: Tensor, p: float, training: bool, seed: int | Tensor | None = Non
     if p == 1.0:
         backends.count(OP, "torch", "p == 1")
         return F.dropout(x, p, True)
-    if seed is None and backends.dropout_stream() == "torch":
+    if seed is None and backends.torch_masks(x.device):
         backends.count(OP, "torch", "torch dropout stream")
         return torch_stream_dropout(x, p)
     if seed is None and x.is_cuda and backends.forced() is None:
