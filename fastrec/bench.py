@@ -751,9 +751,20 @@ def caser_cases(device: torch.device, dtype: torch.dtype, full: bool) -> list[Ca
     return cases
 
 
+def _in_stream(module: torch.nn.Module, stream: str) -> Callable:
+    """``module`` called under ``fastrec.use_dropout_stream(stream)``."""
+
+    def forward(*args):
+        with backends.use_dropout_stream(stream):
+            return module(*args)
+
+    return forward
+
+
 def dropout_cases(device: torch.device, dtype: torch.dtype, full: bool) -> list[Case]:
     """fastrec.nn.Dropout vs torch.nn.Dropout (training mode) on SASRec's activations
-    (B=512, L=50, d=64), p = 0.2 and 0.5; ``full`` adds d=256."""
+    (B=512, L=50, d=64), p = 0.2 and 0.5, with the default stream (torch's masks on the CPU) and
+    with fastrec's Philox stream; ``full`` adds d=256."""
     copies = 4 if device.type == "cuda" else 1
     shapes = [(512, 50, 64)] + ([(512, 50, 256)] if full else [])
     dtype_name = _dtype_name(dtype)
@@ -765,10 +776,14 @@ def dropout_cases(device: torch.device, dtype: torch.dtype, full: bool) -> list[
                 x = torch.randn(batch, length, dim, device=device, dtype=dtype, requires_grad=True)
                 return (x,), torch.randn_like(x)
 
-            forwards = {"fastrec": fastrec.nn.Dropout(p), "torch.nn.Dropout": torch.nn.Dropout(p)}
             io = 2 * batch * length * dim * dtype.itemsize  # read x, write out
             shape = f"B={batch} L={length} d={dim} p={p}"
-            cases += _pair("dropout", "Dropout", shape, dtype_name, forwards, _rotating(make, copies), 0.0, io)
+            for stream, name in (("auto", "Dropout"), ("fastrec", "Dropout, Philox stream")):
+                forwards = {
+                    "fastrec": _in_stream(fastrec.nn.Dropout(p), stream),
+                    "torch.nn.Dropout": torch.nn.Dropout(p),
+                }
+                cases += _pair("dropout", name, shape, dtype_name, forwards, _rotating(make, copies), 0.0, io)
     return cases
 
 
