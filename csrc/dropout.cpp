@@ -208,7 +208,10 @@ at::Tensor torch_stream_mask_cpp(at::IntArrayRef shape, double keep) {
 template <typename T>
 void masked_scale(const T* __restrict x, const bool* __restrict m, T* __restrict out, int64_t numel, T scale) {
   at::parallel_for(0, numel, 32768, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) out[n] = x[n] * (m[n] ? scale : T(0));
+    // float(m) * scale is scale or 0 exactly, so this is x * (m ? scale : 0) bit for bit (inf * 0
+    // included), written so that it vectorises.
+    const uint8_t* mb = reinterpret_cast<const uint8_t*>(m);
+    for (int64_t n = begin; n < end; ++n) out[n] = x[n] * (static_cast<T>(mb[n]) * scale);
   });
 }
 
