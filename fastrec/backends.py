@@ -115,9 +115,12 @@ def dropout_stream() -> str:
 
 def torch_masks(device: torch.device) -> bool:
     """Whether dropout on ``device`` draws torch's own masks now: under ``"torch"``, and under
-    ``"auto"`` on the CPU (where fastrec reproduces them bit for bit)."""
+    ``"auto"`` on the CPU (where fastrec reproduces them bit for bit) unless the triton backend
+    is forced there (the Triton kernels draw Philox masks)."""
     stream = dropout_stream()
-    return stream == "torch" or (stream == "auto" and device.type == "cpu")
+    if stream == "auto":
+        return device.type == "cpu" and forced() != "triton"
+    return stream == "torch"
 
 
 @contextlib.contextmanager
@@ -130,7 +133,8 @@ def use_dropout_stream(name: str) -> Iterator[None]:
     generator, as torch's CPU attention does, and the fused CPU kernels apply it. torch's CUDA
     attention draws its masks inside its own kernels, which fastrec does not reproduce: attention
     dropout on other devices is an error in this mode. ``"fastrec"``: Philox everywhere.
-    ``"auto"`` (the default): ``"torch"`` on the CPU, ``"fastrec"`` elsewhere.
+    ``"auto"`` (the default): ``"torch"`` on the CPU, ``"fastrec"`` elsewhere and under a forced
+    triton backend.
     """
     if name not in DROPOUT_STREAMS:
         raise ValueError(f"dropout stream must be one of {DROPOUT_STREAMS}, got {name!r}")

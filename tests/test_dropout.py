@@ -263,6 +263,22 @@ def test_torch_stream_draws_torchs_own_masks():
         assert torch.equal(seeded, dropout_ops.dropout(x, 0.3, True, seed=_seed(8, "cpu")))
 
 
+def test_default_stream_is_torchs_masks_on_cpu_and_philox_under_forced_triton():
+    x = torch.randn(6, 50, 16)
+    torch.manual_seed(4)
+    want = torch.nn.functional.dropout(x, 0.3, True)
+    torch.manual_seed(4)
+    assert torch.equal(FF.dropout(x, 0.3), want)
+    if _unavailable("triton") is None:
+        xt = x.to(_device("triton"))
+        draws = []
+        for stream in ("auto", "fastrec"):
+            with fastrec.use_backend("triton"), fastrec.use_dropout_stream(stream):
+                torch.manual_seed(4)
+                draws.append(FF.dropout(xt, 0.3))
+        assert torch.equal(draws[0], draws[1])  # the Triton kernels draw Philox masks
+
+
 needs_torch_stream_op = pytest.mark.skipif(not dropout_ops.HAVE_TORCH_STREAM_CPP, reason="fastrec._C not built")
 
 

@@ -268,10 +268,8 @@ def attention(
     backends.count(OP, backend, reason or "")
     seed = mask = None
     torch_masks = dropout_p > 0.0 and backends.torch_masks(q.device)
-    if torch_masks and backend == "triton":
-        if backends.dropout_stream() == "torch":
-            raise RuntimeError("use_dropout_stream('torch') needs the cpp or torch backend; triton draws its own masks")
-        torch_masks = False  # "auto": the Triton kernels draw Philox masks
+    if torch_masks and backend == "triton":  # only under an explicit "torch" stream ("auto" gives Philox there)
+        raise RuntimeError("use_dropout_stream('torch') needs the cpp or torch backend; triton draws its own masks")
     if torch_masks:
         mask = torch_dropout_mask(q, k, dropout_p)
     elif dropout_p > 0.0:
