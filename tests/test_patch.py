@@ -415,3 +415,33 @@ def test_conv_block_from_conv1d_chain_matches_torch(backend):
         assert_rel_close(g, r, f"grad of {name}")
     with pytest.raises(TypeError, match="pool must be a torch.nn.MaxPool1d"):
         fnn.ConvBlock.from_modules(seq[0], seq[1], torch.nn.MaxPool2d(2))
+
+
+def test_patched_model_with_dropout_trains_like_torch_by_default():
+    """The default dropout stream draws torch's masks on the CPU: a patched SASRec-like model in
+    training mode, with attention, residual and feed-forward dropout on, gives the unpatched
+    model's output, loss and every gradient under the same seed (and the Philox stream does not)."""
+    model, make_input, target = _sasrec()
+    perturb(model)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.2
+        if isinstance(module, torch.nn.MultiheadAttention):
+            module.dropout = 0.2
+    ref, pt = copy.deepcopy(model).double(), copy.deepcopy(model)
+    fastrec.patch(model)
+    x = make_input()
+    grad_out = torch.randn(pt(x).shape)
+    results = []
+    for m in (model, ref, pt):
+        torch.manual_seed(3)
+        results.append(step(m, x, target, grad_out))
+    (out, loss, grads), (ref_out, ref_loss, ref_grads), (pt_out, pt_loss, pt_grads) = results
+    assert_model_close(out, pt_out, ref_out, "output")
+    assert_model_close(loss, pt_loss, ref_loss, "loss")
+    for pname, grad in ref_grads.items():
+        assert_model_close(grads[pname], pt_grads[pname], grad, f"grad of {pname}")
+    with fastrec.use_dropout_stream("fastrec"):
+        torch.manual_seed(3)
+        own, _, _ = step(model, x, target, grad_out)
+    assert (own - pt_out).norm() > 1e-2 * pt_out.norm()
