@@ -106,24 +106,14 @@ at::Tensor dropout_cpp(const at::Tensor& x, const at::Tensor& seed, double p) {
 }
 
 // --------------------------------------------------------------------------- torch's stream
-// at::mt19937_engine's operator() on a local copy of its state (same twist, same tempering).
+// at::mt19937_engine on a local copy of its state (same twist, same tempering).
 class TorchEngine {
  public:
   explicit TorchEngine(const at::mt19937_data_pod& data) : d_(data) {}
   const at::mt19937_data_pod& data() const { return d_; }
 
-  inline uint32_t next() {
-    if (--d_.left_ == 0) twist();
-    uint32_t y = d_.state_[d_.next_++];
-    y ^= (y >> 11);
-    y ^= (y << 7) & 0x9d2c5680u;
-    y ^= (y << 15) & 0xefc60000u;
-    y ^= (y >> 18);
-    return y;
-  }
-
-  // count words, as count calls of next() would return them (in blocks, so the tempering and the
-  // callers' loops vectorise).
+  // count words, as count calls of at::mt19937's operator() would return them (in blocks, so the
+  // tempering and the callers' loops vectorise).
   void words(uint32_t* __restrict out, int64_t count) {
     int64_t i = 0;
     while (i < count) {

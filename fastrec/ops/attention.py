@@ -41,6 +41,7 @@ from torch import Tensor
 
 from fastrec import backends
 from fastrec._philox import dropout_keep_mask
+from fastrec.ops.dropout import HAVE_TORCH_STREAM_CPP
 
 OP = "attention"
 
@@ -296,7 +297,7 @@ def torch_dropout_mask(q: Tensor, k: Tensor, dropout_p: float) -> Tensor:
             f"on {q.device.type} torch draws them inside its own kernels (got q on {q.device})"
         )
     shape = (q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
-    if hasattr(torch.ops.fastrec, "torch_stream_mask_cpp") and not torch.compiler.is_compiling():
+    if HAVE_TORCH_STREAM_CPP and not torch.compiler.is_compiling():
         # the same bits, ~10x faster (csrc/dropout.cpp)
         return torch.ops.fastrec.torch_stream_mask_cpp(list(shape), 1.0 - dropout_p)
     return torch.empty(shape, dtype=torch.bool).bernoulli_(1.0 - dropout_p)

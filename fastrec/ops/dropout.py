@@ -76,7 +76,7 @@ class TorchStreamDropoutFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (mask,) = ctx.saved_tensors
-        return MaskedScaleFunction.apply(grad_out.contiguous(), mask, ctx.scale), None
+        return MaskedScaleFunction.apply(grad_out, mask, ctx.scale), None
 
 
 class MaskedScaleFunction(torch.autograd.Function):
@@ -91,7 +91,7 @@ class MaskedScaleFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (mask,) = ctx.saved_tensors
-        return MaskedScaleFunction.apply(grad_out.contiguous(), mask, ctx.scale), None, None
+        return MaskedScaleFunction.apply(grad_out, mask, ctx.scale), None, None
 
 
 def torch_stream_dropout(x: Tensor, p: float) -> Tensor:
