@@ -44,6 +44,23 @@ def _bench(args: argparse.Namespace) -> int:
 BEHAVIOR_MODELS = ("behavior-cnn", "behavior-rnn", "behavior-attention")
 
 
+def _model_options(items: list[str]) -> dict[str, int | float | str]:
+    """``--option KEY=VALUE`` pairs as model constructor arguments: numbers where VALUE reads as
+    one (int before float), else the string."""
+    options: dict[str, int | float | str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not (sep and key and value):
+            raise SystemExit(f"fastrec train: --option takes KEY=VALUE (e.g. n_h=8), got {item!r}")
+        for kind in (int, float, str):
+            try:
+                options[key] = kind(value)
+                break
+            except ValueError:
+                continue
+    return options
+
+
 def _train(args: argparse.Namespace) -> int:
     from fastrec import train
 
@@ -71,6 +88,7 @@ def _train(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint,
         resume=args.resume,
         progress=not args.no_progress,
+        model_options=_model_options(args.option),
     )
     if args.compare:
         train.compare(config)
@@ -116,6 +134,13 @@ def _add_train(sub) -> None:
         help="where dropout masks come from: torch's own (the masks torch draws for the same seed, so "
         "with --compare both backends see the same masks), fastrec's fused Philox stream, or auto "
         "(default): torch's on the CPU, Philox where torch's cannot be reproduced (CUDA attention)",
+    )
+    train.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a model constructor argument, repeatable (e.g. --option n_h=8 --option n_v=4: RecBole's Caser)",
     )
     train.add_argument("--seed", type=int, default=2020)
     train.add_argument("--checkpoint", help="save the training state here after each epoch")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import math
 import os
 import time
@@ -81,6 +82,17 @@ class TrainConfig:
             raise ValueError("resume=True needs checkpoint= (the path to resume from), got None")
         if self.max_len is None:
             self.max_len = DEFAULT_MAX_LEN[self.model]
+        takes = model_option_names(self.model)
+        unknown = sorted(set(self.model_options) - takes)
+        if unknown:
+            raise ValueError(f"model_options: {self.model} takes {sorted(takes)}, not {unknown}")
+
+
+def model_option_names(model: str) -> set[str]:
+    """The constructor arguments of ``model`` that ``TrainConfig.model_options`` may set (the
+    rest come from the config itself: sizes from the data, ``backend``, ``max_len``, ``dropout``)."""
+    own = {"self", "n_items", "n_users", "backend", "max_len", "dropout"}
+    return set(inspect.signature(MODELS[model].__init__).parameters) - own
 
 
 @dataclass

@@ -118,6 +118,33 @@ def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="resume=True needs checkpoint="):
         train.TrainConfig(resume=True)
     assert train.TrainConfig(model="caser").max_len == 10
+    with pytest.raises(ValueError, match=r"model_options: caser takes .*'n_h'.*, not \['heads'\]"):
+        train.TrainConfig(model="caser", model_options={"heads": 2})
+    with pytest.raises(ValueError, match="model_options: sasrec takes"):
+        train.TrainConfig(model="sasrec", model_options={"max_len": 20})  # the config's own field
+
+
+def test_cli_option_reaches_the_model(monkeypatch):
+    built = {}
+    real = train.build_model
+
+    def spy(config, n_items, n_users):
+        built["model"] = real(config, n_items, n_users)
+        return built["model"]
+
+    monkeypatch.setattr(train, "build_model", spy)
+    args = ["train", "--model", "caser", "--data", "synthetic", "--epochs", "1", "--no-progress", "--max-len", "4"]
+    assert cli.main([*args, "--option", "n_h=3", "--option", "n_v=2", "--option", "reg_weight=0"]) == 0
+    model = built["model"]
+    assert model.reg_weight == 0.0
+    assert model.conv.conv_v.out_channels == 2 and model.conv.conv_h[0].out_channels == 3
+    assert cli.main(["train", "--model", "sasrec", "--data", "synthetic", "--epochs", "1", "--no-progress",
+                     "--max-len", "4", "--option", "padding_side=left"]) == 0  # fmt: skip
+    assert built["model"].padding_side == "left"
+    with pytest.raises(SystemExit, match="--option takes KEY=VALUE"):
+        cli.main([*args, "--option", "n_h"])
+    with pytest.raises(ValueError, match="model_options: caser takes"):
+        cli.main([*args, "--option", "heads=2"])
 
 
 def test_cli_train_smoke(capsys):
