@@ -8,10 +8,13 @@
 - ``kernels``: GPU kernel time (torch.profiler) of fastrec attention and of SDPA + mask, forward
   + backward, at the issue-2 bar shape, next to the wall time of a step: how far the step is from
   its kernels.
+- ``convpaths``: ms per forward + backward step of the bench's conv2d + ReLU + 2x2 pool shapes,
+  plain torch ops against fastrec.functional.conv2d as dispatched and forced onto each path, in
+  one process, round-robin: the bench and the dispatch writer disagreed on these (run 6/7 notes).
 - ``conv``: the fp16 fused conv backward of tests/test_conv.py::test_low_precision... repeated,
   checking dz after each stage (dx, dw, db) to find what changes it.
 
-Usage: python benchmarks/gpu_diagnostics.py [--sections steps,kernels,conv] [--steps N]
+Usage: python benchmarks/gpu_diagnostics.py [--sections steps,kernels,convpaths,conv] [--steps N]
 """
 
 from __future__ import annotations
@@ -203,6 +206,47 @@ def failing_test_case() -> None:
         )
 
 
+def convpaths_section(steps: int) -> None:
+    from fastrec.ops import conv as conv_ops
+
+    print("== convpaths: ms per forward+backward step, conv2d 3x3 pad 1 + relu + 2x2 max-pool, 32x32")
+    for batch, c_in, c_out, dtype in (
+        (64, 32, 64, torch.bfloat16),
+        (64, 1, 32, torch.float32),
+        (256, 32, 64, torch.float32),
+    ):
+        x = torch.randn(batch, c_in, 32, 32, device=DEVICE, dtype=dtype, requires_grad=True)
+        w = (torch.randn(c_out, c_in, 3, 3, device=DEVICE, dtype=dtype) / (3 * c_in**0.5)).requires_grad_()
+        b = torch.randn(c_out, device=DEVICE, dtype=dtype, requires_grad=True)
+        grad = torch.randn(batch, c_out, 16, 16, device=DEVICE, dtype=dtype)
+
+        def step(forward):
+            return lambda: torch.autograd.grad(forward(), (x, w, b), grad)
+
+        def fastrec_conv():
+            return fastrec.functional.conv2d(x, w, b, padding=1, act="relu", pool=2)
+
+        def forced(path):
+            def run():
+                with conv_ops.use_conv_path(path):
+                    return fastrec_conv()
+
+            return run
+
+        fns = {
+            "torch ops": step(lambda: F.max_pool2d(F.relu(F.conv2d(x, w, b, padding=1)), 2)),
+            "fastrec": step(fastrec_conv),
+            **{f"fastrec {path}": step(forced(path)) for path in conv_ops.CONV_PATHS},
+        }
+        times = {name: [] for name in fns}
+        for _ in range(5):
+            for name, fn in fns.items():
+                times[name].append(_time_step(fn, steps // 4))
+        key = conv_ops.shape_class(c_in, c_out, (3, 3), (32, 32), 1, dtype)
+        row = "  ".join(f"{name} {sorted(t)[2]:.3f}" for name, t in times.items())
+        print(f"B={batch} {c_in}->{c_out} {str(dtype)[6:]} ({key} -> {conv_ops.conv_path(x, w, 1, (32, 32))}): {row}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sections", default="steps,kernels,conv")
@@ -221,6 +265,8 @@ def main() -> None:
         steps_section(args.steps)
     if "kernels" in sections:
         kernels_section(args.steps)
+    if "convpaths" in sections:
+        convpaths_section(args.steps)
     if "conv" in sections:
         conv_section(args.trials)
 

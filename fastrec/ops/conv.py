@@ -91,7 +91,8 @@ def conv_torch(
     act: str,
     pool: tuple[int, int],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """F.conv2d + act + F.max_pool2d (autograd differentiates ``y``): the readable reference.
+    """F.conv2d + act + F.max_pool2d (autograd differentiates ``y``): the readable reference of
+    the contract, what the fused forwards must return.
 
     Returns ``(y, saved_z, argmax)`` as the contract defines them.
     """
@@ -107,6 +108,23 @@ def conv_torch(
     argmax = ((flat // width - rows) * pool[1] + (flat % width - cols)).to(torch.int32)
     saved_z = z.flatten(2).gather(2, flat.flatten(2)).view_as(y) if act != "none" else z.new_empty(0)
     return y, saved_z, argmax
+
+
+def conv_unfused(
+    x: Tensor,
+    w: Tensor,
+    bias: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    act: str,
+    pool: tuple[int, int],
+) -> Tensor:
+    """torch's own ops, unfused, output only: what the torch backend and the dispatch table's
+    "torch" path run (``conv_torch``'s saved_z and argmax would cost extra launches a call)."""
+    a = _ACT_FNS[act](F.conv2d(x, w, bias, stride, padding, dilation, groups))
+    return a if tuple(pool) == (1, 1) else F.max_pool2d(a, pool, pool)
 
 
 # --------------------------------------------------------------------------- registered ops
@@ -324,10 +342,10 @@ def conv(
             return ConvFunction.apply(x, w, bias, stride, padding, dilation, groups, act, pool, "cudnn")
         if path == "torch":
             backends.count(OP, "torch", "torch's convolution and epilogue ops (dispatch table)")
-            return conv_torch(x, w, bias, stride, padding, dilation, groups, act, pool)[0]
+            return conv_unfused(x, w, bias, stride, padding, dilation, groups, act, pool)
     backends.count(OP, backend, reason or "")
     if backend == "torch":
-        return conv_torch(x, w, bias, stride, padding, dilation, groups, act, pool)[0]
+        return conv_unfused(x, w, bias, stride, padding, dilation, groups, act, pool)
     return ConvFunction.apply(x, w, bias, stride, padding, dilation, groups, act, pool, backend)
 
 
