@@ -342,6 +342,8 @@ def _check_rnn_lengths(lengths: Tensor, x: Tensor, batch: int, steps: int) -> Te
 # --------------------------------------------------------------------------- convolution
 def _int_tuple(name: str, value, dims: int, minimum: int) -> tuple[int, ...]:
     """An int or a ``dims``-tuple of ints, each ``>= minimum``, as a tuple."""
+    if type(value) is int and value >= minimum:  # the common case, checked cheaply (per call)
+        return (value,) * dims
     values = (value,) * dims if isinstance(value, int) and not isinstance(value, bool) else value
     if (
         not isinstance(values, (tuple, list))
