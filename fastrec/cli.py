@@ -67,6 +67,11 @@ def _train(args: argparse.Namespace) -> int:
     if args.model in BEHAVIOR_MODELS:  # the seed document's purchase prediction on CDNOW
         from fastrec.models import behavior
 
+        if args.option:
+            raise SystemExit(
+                "fastrec train: --option sets sasrec / gru4rec / caser arguments; the behavior-* models take "
+                "theirs from python -m fastrec.models.behavior"
+            )
         return behavior.main(["--model", args.model.removeprefix("behavior-"), "--seed", str(args.seed)])
     config = train.TrainConfig(
         model=args.model,

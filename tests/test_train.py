@@ -145,6 +145,8 @@ def test_cli_option_reaches_the_model(monkeypatch):
         cli.main([*args, "--option", "n_h"])
     with pytest.raises(ValueError, match="model_options: caser takes"):
         cli.main([*args, "--option", "heads=2"])
+    with pytest.raises(SystemExit, match="behavior-\\* models take theirs"):
+        cli.main(["train", "--model", "behavior-cnn", "--option", "hidden=8"])
 
 
 def test_cli_train_smoke(capsys):
