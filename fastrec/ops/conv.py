@@ -460,7 +460,7 @@ def conv_path(x: Tensor, w: Tensor, groups: int, out_size: tuple[int, int]) -> s
     convolution plus the separate epilogue faster, and the fused path keeps the epilogue's
     memory traffic out of the convolution. "torch" (torch's own convolution, activation and pool,
     unfused) is the third path: at recommender sizes a convolution is microseconds of GPU work and
-    the host cost of a call decides (the H200 bench: both fastrec paths 0.3x-0.7x of torch's).
+    the host cost of a call decides (the H200 table sends every class it measured to torch).
     """
     stack = getattr(_override, "stack", None)
     if stack:
