@@ -331,11 +331,10 @@ def conv(
 ) -> Tensor:
     """The fused op on canonical inputs (see the module docstring); picks the backend per call."""
     stride, padding, dilation, pool = (list(v) for v in (stride, padding, dilation, pool))
-    conv_width = conv_output_size(x.shape, w.shape, stride, padding, dilation)[1]
-    reason = _unfused_reason(x, act, pool, conv_width)
+    out_size = conv_output_size(x.shape, w.shape, stride, padding, dilation)
+    reason = _unfused_reason(x, act, pool, out_size[1])
     backend = backends.select(x.device, reason)
     if backend == "triton":
-        out_size = conv_output_size(x.shape, w.shape, stride, padding, dilation)
         path = conv_path(x, w, groups, out_size)
         if path == "cudnn":
             backends.count(OP, backend, "cudnn convolution + triton epilogue (dispatch table)")
