@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import importlib.util
 import os
 import threading
 from collections import Counter
@@ -51,6 +52,8 @@ def _probe_triton() -> str | None:
         importlib.import_module("triton")
     except ImportError as exc:
         return f"triton not importable ({exc})"
+    if importlib.util.find_spec("fastrec.kernels") is None:  # a source tree run without installing
+        return "fastrec.kernels (the Triton kernels, kernels/ in the source tree) not installed; run `pip install -e .`"
     return None
 
 

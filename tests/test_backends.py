@@ -183,6 +183,19 @@ def test_available_reports_missing_extension_with_a_fix():
     assert "fastrec._C not importable" in result.stdout and "pip install" in result.stdout
 
 
+def test_available_reports_uninstalled_triton_kernels_with_a_fix():
+    code = (  # a source tree used without `pip install -e .`: no fastrec.kernels package
+        "import importlib.util as util\n"
+        "find = util.find_spec\n"
+        "util.find_spec = lambda name, *a: None if name == 'fastrec.kernels' else find(name, *a)\n"
+        "import fastrec\n"
+        "print(fastrec.backends.available()['triton'])\n"
+    )
+    result = run_python(code, TRITON_INTERPRET="1")
+    assert result.returncode == 0, result.stderr
+    assert "fastrec.kernels" in result.stdout and "pip install -e ." in result.stdout
+
+
 def test_stats_counts_calls_and_resets():
     q, k, v = qkv(1, 2, 4, 8)
     fastrec.stats(reset=True)
