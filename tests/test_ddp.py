@@ -22,7 +22,7 @@ from fastrec.models import MODELS
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-@pytest.mark.parametrize("name", ["sasrec", "gru4rec"])
+@pytest.mark.parametrize("name", ["sasrec", "gru4rec", "caser"])
 def test_two_process_ddp_matches_one_process(tmp_path, name):
     out = tmp_path / "ddp.pt"
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
