@@ -9,8 +9,9 @@ processes can share one file and a rerun skips what is there.
 
 Usage: python benchmarks/sweep.py --model caser --seeds 3000,3001,3002 --json F
        --config base= --config lr2e-3=lr=2e-3 --config wide=n_h=16,n_v=8 ...
-A configuration is NAME=KEY=VALUE,KEY=VALUE,...; ``lr``, ``dropout`` and ``patience`` set the
-training config, any other key is a model option (Caser: n_h, n_v, reg_weight, dim).
+A configuration is NAME=KEY=VALUE,KEY=VALUE,...; ``lr``, ``lr_schedule``, ``dropout``,
+``patience``, ``epochs`` and ``batch_size`` set the training config, any other key is a model
+option (Caser: n_h, n_v, reg_weight, dim).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 
 from fastrec import train
 
-TRAIN_KEYS = {"lr": float, "dropout": float, "patience": int, "epochs": int}
+TRAIN_KEYS = {"lr": float, "lr_schedule": str, "dropout": float, "patience": int, "epochs": int, "batch_size": int}
 
 
 def parse_config(text: str) -> tuple[str, dict, dict]:

@@ -80,6 +80,7 @@ def _train(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
+        lr_schedule=args.lr_schedule,
         loss=args.loss,
         n_negatives=args.negatives,
         max_len=args.max_len,
@@ -118,6 +119,12 @@ def _add_train(sub) -> None:
     train.add_argument("--epochs", type=int, default=12, help="at most this many epochs (default 12)")
     train.add_argument("--batch-size", type=int, default=512)
     train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument(
+        "--lr-schedule",
+        default="constant",
+        choices=["constant", "cosine"],
+        help="constant (default) or cosine: decay --lr to 0 over --epochs, every batch",
+    )
     train.add_argument("--loss", default="ce", choices=["ce", "bce"])
     train.add_argument("--negatives", type=int, default=1, help="sampled negatives per example for --loss bce")
     train.add_argument("--max-len", type=int, default=None, help="history length (default 50; Caser 10)")

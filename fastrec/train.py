@@ -35,6 +35,7 @@ from fastrec.models import MODELS, ModelInput, SequentialRecommender
 DEFAULT_MAX_LEN = {"sasrec": 50, "gru4rec": 50, "caser": 10}
 KS = (5, 10, 20)
 MONITOR = "NDCG@10"
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -49,6 +50,7 @@ class TrainConfig:
     batch_size: int = 512
     eval_batch_size: int = 1024
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # or "cosine": per step from lr down to 0 over ``epochs``
     loss: str = "ce"
     n_negatives: int = 1
     max_len: int | None = None  # None: 50 (SASRec, GRU4Rec) or 10 (Caser)
@@ -70,6 +72,8 @@ class TrainConfig:
             raise ValueError(f"model must be one of {sorted(MODELS)}, got {self.model!r}")
         if self.amp not in (None, "bf16"):
             raise ValueError(f"amp must be None or 'bf16', got {self.amp!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.dropout_stream not in backends.DROPOUT_STREAMS:
             raise ValueError(f"dropout_stream must be one of {backends.DROPOUT_STREAMS}, got {self.dropout_stream!r}")
         for name in ("epochs", "batch_size", "eval_batch_size", "patience", "n_negatives"):
@@ -113,6 +117,7 @@ class EpochResult:
     samples_per_s: float
     seconds: float
     valid: dict[str, float]
+    lr: float  # the learning rate after the epoch's last step
 
 
 @dataclass
@@ -271,13 +276,25 @@ def fit(
         torch._dynamo.config.allow_rnn = True  # fastrec.nn.GRU is an RNNBase (README: torch.compile)
         step_module = torch.compile(step_module)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    steps = config.epochs * len(data.train)
+    schedule = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps) if config.lr_schedule == "cosine" else None
+    )
 
     epochs: list[EpochResult] = []
     best_epoch, best_value, best_state, bad_epochs, first_epoch = 0, -math.inf, None, 0, 1
     if config.resume and config.checkpoint and os.path.exists(config.checkpoint):
         state = torch.load(config.checkpoint, map_location=device, weights_only=False)
+        saved = state.get("config", {}).get("lr_schedule", "constant")
+        if saved != config.lr_schedule:
+            raise ValueError(
+                f"lr_schedule={config.lr_schedule!r}, but {config.checkpoint} was trained with {saved!r}; "
+                "resume with the same schedule"
+            )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if schedule is not None:
+            schedule.load_state_dict(state["schedule"])
         epochs = [EpochResult(**e) for e in state["epochs"]]
         best_epoch, best_value, best_state, bad_epochs = (
             state["best_epoch"],
@@ -311,6 +328,8 @@ def fit(
                 loss = step_module(*tensors, user) * weight
             loss.backward()
             optimizer.step()
+            if schedule is not None:
+                schedule.step()
             value = loss.detach()
             if world > 1:
                 dist.all_reduce(value)
@@ -323,7 +342,8 @@ def fit(
                 break
         seconds = time.perf_counter() - start
         valid = evaluate(model, *data.valid, batch_size=config.eval_batch_size)
-        result = EpochResult(epoch, total / max(count, 1), count / seconds, seconds, valid)
+        lr = optimizer.param_groups[0]["lr"]
+        result = EpochResult(epoch, total / max(count, 1), count / seconds, seconds, valid, lr)
         epochs.append(result)
         improved = valid[MONITOR] > best_value
         if improved:
@@ -350,6 +370,7 @@ def fit(
                         "epoch": epoch,
                         "model": model.state_dict(),
                         "optimizer": optimizer.state_dict(),
+                        "schedule": None if schedule is None else schedule.state_dict(),
                         "epochs": [dataclasses.asdict(e) for e in epochs],
                         "best_epoch": best_epoch,
                         "best_value": best_value,

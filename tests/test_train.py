@@ -39,6 +39,16 @@ def test_early_stopping_after_patience_epochs_without_better_ndcg():
     assert result.best_epoch == 1
 
 
+def test_cosine_schedule_decays_per_step_to_zero_over_the_epoch_cap():
+    """lr_schedule="cosine": lr * (1 + cos(pi * step / total)) / 2 with total = epochs x batches,
+    stepped after every batch, so half the rate after one of two epochs and 0 after the last;
+    the constant schedule keeps the rate."""
+    cosine = train.run(config(epochs=2, lr_schedule="cosine"), log=lambda _: None)
+    assert [e.lr for e in cosine.epochs] == pytest.approx([5e-4, 0.0], abs=1e-12)
+    constant = train.run(config(epochs=2), log=lambda _: None)
+    assert [e.lr for e in constant.epochs] == [1e-3, 1e-3]
+
+
 def test_time_limit_cuts_the_epoch_and_stops_training():
     lines = []
     result = train.run(config(epochs=5, time_limit_s=1e-6), log=lines.append)
@@ -58,12 +68,13 @@ def test_best_epoch_weights_are_restored_for_the_test_line():
     assert epochs[best - 1].valid["NDCG@10"] == again["NDCG@10"]
 
 
-@pytest.mark.parametrize("name", ["sasrec", "caser"])
-def test_checkpoint_resume_continues_exactly(tmp_path, name):
-    """One epoch, save, resume for the second: the same weights and metrics as two epochs in
-    one go (optimizer state, batch order and dropout RNG all restored)."""
+@pytest.mark.parametrize("name, schedule", [("sasrec", "constant"), ("caser", "constant"), ("caser", "cosine")])
+def test_checkpoint_resume_continues_exactly(tmp_path, name, schedule):
+    """A two-epoch run killed while logging epoch 2 (its checkpoint still holds epoch 1), then
+    resumed: the same weights and metrics as two epochs in one go (optimizer and learning-rate
+    schedule state, batch order and dropout RNG restored)."""
     path = str(tmp_path / "ckpt.pt")
-    cfg = config(model=name, epochs=2, max_len=5)
+    cfg = config(model=name, epochs=2, max_len=5, lr_schedule=schedule)
 
     def fresh(c):
         data = train.load_data(c, MODELS[c.model].padding_side)
@@ -72,9 +83,17 @@ def test_checkpoint_resume_continues_exactly(tmp_path, name):
     data, straight = fresh(cfg)
     straight_epochs, _ = train.fit(straight, data, cfg, log=lambda _: None)
 
-    first = dataclasses.replace(cfg, epochs=1, checkpoint=path)
-    data, resumed = fresh(first)
-    train.fit(resumed, data, first, log=lambda _: None)
+    class Killed(Exception):
+        pass
+
+    def kill_at_epoch_2(line: str) -> None:
+        if line.startswith("epoch   2"):
+            raise Killed
+
+    interrupted = dataclasses.replace(cfg, checkpoint=path)
+    data, resumed = fresh(interrupted)
+    with pytest.raises(Killed):
+        train.fit(resumed, data, interrupted, log=kill_at_epoch_2)
     second = dataclasses.replace(cfg, checkpoint=path, resume=True)
     data, resumed = fresh(second)
     lines = []
@@ -83,6 +102,10 @@ def test_checkpoint_resume_continues_exactly(tmp_path, name):
     assert [e.epoch for e in resumed_epochs] == [1, 2]
     assert resumed_epochs[1].loss == straight_epochs[1].loss
     assert resumed_epochs[1].valid == straight_epochs[1].valid
+    assert resumed_epochs[1].lr == straight_epochs[1].lr
+    if schedule == "cosine":
+        with pytest.raises(ValueError, match="lr_schedule='constant', but .* was trained with 'cosine'"):
+            train.fit(resumed, data, dataclasses.replace(second, lr_schedule="constant"), log=lambda _: None)
     for key, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
 
@@ -109,6 +132,8 @@ def test_config_rejects_bad_values():
         train.TrainConfig(model="bert4rec")
     with pytest.raises(ValueError, match="amp must be None or 'bf16'"):
         train.TrainConfig(amp="fp8")
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        train.TrainConfig(lr_schedule="step")
     with pytest.raises(ValueError, match="dropout_stream must be one of"):
         train.TrainConfig(dropout_stream="philox")
     with pytest.raises(ValueError, match="epochs must be a positive int"):
