@@ -18,6 +18,7 @@ Usage: python benchmarks/accuracy.py [--models caser,gru4rec,sasrec] [--backends
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import platform
 import statistics
@@ -27,6 +28,7 @@ import torch
 
 from fastrec import train
 from fastrec.backends import DROPOUT_STREAMS
+from fastrec.models import MODELS
 
 RECBOLE_NDCG10 = {"gru4rec": 0.0551, "sasrec": 0.0549, "caser": 0.0599}
 BACKENDS = ("fastrec", "torch")
@@ -71,6 +73,9 @@ def main() -> None:
                         "epochs_cap": config.epochs,
                         "patience": config.patience,
                         "dropout_stream": config.dropout_stream,
+                        "lr": config.lr,
+                        "lr_schedule": config.lr_schedule,
+                        "model_options": model_defaults(model),
                         "best_epoch": result.best_epoch,
                         "epochs": len(result.epochs),
                         "median_epoch_s": statistics.median(e.seconds for e in result.epochs),
@@ -82,6 +87,12 @@ def main() -> None:
     table = summary(load(path))
     print(table)
     Path(args.markdown).write_text(table + "\n")
+
+
+def model_defaults(model: str) -> dict:
+    """The constructor defaults a run used for the options ``fastrec train --option`` can set."""
+    params = inspect.signature(MODELS[model].__init__).parameters
+    return {name: params[name].default for name in sorted(train.model_option_names(model))}
 
 
 def load(path: Path) -> list[dict]:

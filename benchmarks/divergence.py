@@ -3,8 +3,9 @@ the torch backend with torch's own dropout masks (``fastrec.use_dropout_stream("
 that the only difference left is floating-point rounding in the fused kernels; and, as the
 control (``--control``), the torch backend against itself with every initial weight moved by
 one part in 1e7. Same seed, weights, batches and masks otherwise; Adam at ``fastrec train``'s
-learning rate. Prints and writes the largest relative parameter difference (over parameter
-tensors) and the relative loss difference every ``--every`` steps.
+learning rate and schedule (``train.make_optimizer``). Prints and writes the largest relative
+parameter difference (over parameter tensors) and the relative loss difference every ``--every``
+steps.
 
 Usage: python benchmarks/divergence.py --model caser [--steps 760] [--every 40] [--control]
        [--threads 1] [--json benchmarks/results/divergence-ml100k.json]
@@ -42,14 +43,14 @@ def main() -> None:
             generator = torch.Generator().manual_seed(0)
             for p in models[0].parameters():
                 p.mul_(1 + 1e-7 * torch.randn(p.shape, generator=generator))
-    optimizers = [torch.optim.Adam(m.parameters(), lr=configs[0].lr) for m in models]
+    optimizers, schedules = zip(*(train.make_optimizer(m, configs[0], len(data.train)) for m in models), strict=True)
     rows = []
     step = 0
     while step < args.steps:
         for batch in data.train:
             batch = ModelInput(batch.items, batch.lengths, batch.user, batch.target)
             losses = []
-            for model, optimizer in zip(models, optimizers, strict=True):
+            for model, optimizer, schedule in zip(models, optimizers, schedules, strict=True):
                 model.train()
                 with fastrec.use_dropout_stream("torch"):
                     torch.manual_seed(1000 + step)  # the same masks for both
@@ -57,6 +58,8 @@ def main() -> None:
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
+                if schedule is not None:
+                    schedule.step()
                 losses.append(loss.item())
             if step % args.every == 0 or step == args.steps - 1:
                 params = zip(models[0].parameters(), models[1].parameters(), strict=True)

@@ -77,13 +77,15 @@ def main() -> None:
         config = train.TrainConfig(model=name, backend="fastrec", progress=False)
         data = train.load_data(config, MODELS[name].padding_side)
         model = train.build_model(config, data.n_items, data.n_users).train()
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+        optimizer, schedule = train.make_optimizer(model, config, len(data.train))
         batches = (ModelInput(b.items, b.lengths, b.user, b.target) for b in data.train)
         first = next(batches)
         for batch in itertools.islice(itertools.chain([first], batches), args.warm_steps):
             optimizer.zero_grad()
             model.loss(batch).backward()
             optimizer.step()
+            if schedule is not None:
+                schedule.step()
         rows = slice(0, args.batch)
         user = first.user[rows] if first.user is not None else None
         batch = ModelInput(first.items[rows], first.lengths[rows], user, first.target[rows])

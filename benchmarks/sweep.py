@@ -75,6 +75,8 @@ def main() -> None:
                 {
                     "config": name,
                     "settings": settings,
+                    "lr": config.lr,
+                    "lr_schedule": config.lr_schedule,
                     "options": options,
                     "model": args.model,
                     "backend": args.backend,

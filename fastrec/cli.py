@@ -118,12 +118,12 @@ def _add_train(sub) -> None:
     train.add_argument("--backend", default="fastrec", choices=["fastrec", "torch"])
     train.add_argument("--epochs", type=int, default=12, help="at most this many epochs (default 12)")
     train.add_argument("--batch-size", type=int, default=512)
-    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--lr", type=float, default=None, help="Adam's learning rate (default 1e-3; Caser 3e-3)")
     train.add_argument(
         "--lr-schedule",
-        default="constant",
+        default=None,
         choices=["constant", "cosine"],
-        help="constant (default) or cosine: decay --lr to 0 over --epochs, every batch",
+        help="constant, or cosine: decay --lr to 0 over --epochs, every batch (default constant; Caser cosine)",
     )
     train.add_argument("--loss", default="ce", choices=["ce", "bce"])
     train.add_argument("--negatives", type=int, default=1, help="sampled negatives per example for --loss bce")

@@ -142,7 +142,14 @@ def test_config_rejects_bad_values():
         train.TrainConfig(time_limit_s=0)
     with pytest.raises(ValueError, match="resume=True needs checkpoint="):
         train.TrainConfig(resume=True)
-    assert train.TrainConfig(model="caser").max_len == 10
+    with pytest.raises(ValueError, match="lr must be >= 0"):
+        train.TrainConfig(lr=-1e-3)
+    caser = train.TrainConfig(model="caser")
+    assert (caser.max_len, caser.lr, caser.lr_schedule) == (10, 3e-3, "cosine")
+    sasrec = train.TrainConfig(model="sasrec")
+    assert (sasrec.max_len, sasrec.lr, sasrec.lr_schedule) == (50, 1e-3, "constant")
+    chosen = train.TrainConfig(model="caser", max_len=5, lr=1e-3, lr_schedule="constant")
+    assert (chosen.max_len, chosen.lr, chosen.lr_schedule) == (5, 1e-3, "constant")
     with pytest.raises(ValueError, match=r"model_options: caser takes .*'n_h'.*, not \['heads'\]"):
         train.TrainConfig(model="caser", model_options={"heads": 2})
     with pytest.raises(ValueError, match="model_options: sasrec takes"):
