@@ -105,6 +105,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _add_train(sub) -> None:
     from fastrec.models import MODELS
+    from fastrec.train import LR_SCHEDULES
 
     train = sub.add_parser("train", help="train and evaluate a sequential recommender (HR/NDCG@K)")
     train.add_argument(
@@ -122,7 +123,7 @@ def _add_train(sub) -> None:
     train.add_argument(
         "--lr-schedule",
         default=None,
-        choices=["constant", "cosine"],
+        choices=LR_SCHEDULES,
         help="constant, or cosine: decay --lr to 0 over --epochs, every batch (default constant; Caser cosine)",
     )
     train.add_argument("--loss", default="ce", choices=["ce", "bce"])

@@ -196,3 +196,16 @@ def test_cli_train_compare_prints_both_backends(capsys):
     out = capsys.readouterr().out
     assert "caser (fastrec backend)" in out and "caser (torch backend)" in out
     assert "test NDCG@10" in out and "epoch time fastrec / torch" in out
+
+
+def test_cli_learning_rate_flags_and_model_defaults(monkeypatch):
+    """--lr / --lr-schedule reach the config; left out, the model's defaults apply."""
+    seen = []
+    monkeypatch.setattr(train, "run", lambda config: seen.append(config))
+    args = ["train", "--model", "caser", "--data", "synthetic", "--no-progress"]
+    assert cli.main(args) == 0
+    assert cli.main([*args, "--lr", "2e-3", "--lr-schedule", "constant"]) == 0
+    assert cli.main(["train", "--model", "gru4rec", "--data", "synthetic", "--lr-schedule", "cosine"]) == 0
+    assert [(c.lr, c.lr_schedule) for c in seen] == [(3e-3, "cosine"), (2e-3, "constant"), (1e-3, "cosine")]
+    with pytest.raises(SystemExit):
+        cli.main([*args, "--lr-schedule", "step"])
