@@ -105,7 +105,11 @@ def _train(args: argparse.Namespace) -> int:
 
 def _add_train(sub) -> None:
     from fastrec.models import MODELS
-    from fastrec.train import LR_SCHEDULES
+    from fastrec.train import LR_SCHEDULES, MODEL_DEFAULTS
+
+    def defaults(key: str) -> str:
+        """'default: sasrec 50, gru4rec 50, caser 10' from train.MODEL_DEFAULTS, the one source."""
+        return "default: " + ", ".join(f"{name} {values[key]}" for name, values in MODEL_DEFAULTS.items())
 
     train = sub.add_parser("train", help="train and evaluate a sequential recommender (HR/NDCG@K)")
     train.add_argument(
@@ -119,16 +123,16 @@ def _add_train(sub) -> None:
     train.add_argument("--backend", default="fastrec", choices=["fastrec", "torch"])
     train.add_argument("--epochs", type=int, default=12, help="at most this many epochs (default 12)")
     train.add_argument("--batch-size", type=int, default=512)
-    train.add_argument("--lr", type=float, default=None, help="Adam's learning rate (default 1e-3; Caser 3e-3)")
+    train.add_argument("--lr", type=float, default=None, help=f"Adam's learning rate ({defaults('lr')})")
     train.add_argument(
         "--lr-schedule",
         default=None,
         choices=LR_SCHEDULES,
-        help="constant, or cosine: decay --lr to 0 over --epochs, every batch (default constant; Caser cosine)",
+        help=f"constant, or cosine: decay --lr to 0 over --epochs, every batch ({defaults('lr_schedule')})",
     )
     train.add_argument("--loss", default="ce", choices=["ce", "bce"])
     train.add_argument("--negatives", type=int, default=1, help="sampled negatives per example for --loss bce")
-    train.add_argument("--max-len", type=int, default=None, help="history length (default 50; Caser 10)")
+    train.add_argument("--max-len", type=int, default=None, help=f"history length ({defaults('max_len')})")
     train.add_argument("--patience", type=int, default=3, help="stop after this many epochs without a better NDCG@10")
     train.add_argument(
         "--time-limit",
