@@ -8,8 +8,8 @@ bandwidth and bf16 matmul rate.
 Each row also records what ran on each side during the timed calls, from ``fastrec.stats()``:
 which backend's kernel (``triton``, ``cpp``) or which route to torch's own op. A row whose
 fastrec side ran torch's op is shown as routed (its ratio is torch against torch); after it the
-same row runs with the device's kernel forced, and a forced row whose kernel did not run every
-counted call fails.
+same row runs with the device's kernel forced (where the case allows), and a forced row whose
+kernel did not run every counted call fails.
 """
 
 from __future__ import annotations
@@ -229,7 +229,7 @@ def routed(counts: Counter, forced: str | None) -> str | None:
     counted on ``torch``), ``"partly"``, or None; None too where the row forces fastrec's torch
     backend."""
     on_torch = [backend == "torch" for _, backend, _ in counts]
-    if forced == "torch" or not any(on_torch) and counts:
+    if forced == "torch" or (counts and not any(on_torch)):
         return None
     return "all" if all(on_torch) else "partly"
 
