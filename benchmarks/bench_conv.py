@@ -10,12 +10,13 @@ that the benchmark still runs.
 
 import pytest
 
-from fastrec import bench
+from fastrec.bench.cases import caser, conv
+from fastrec.bench.suite import suite_device, suite_params, suite_run
 
-DEVICE, DTYPE = bench.suite_device()
-CASES = bench.conv_cases(DEVICE, DTYPE, full=False) + bench.caser_cases(DEVICE, DTYPE, full=False)
+DEVICE, DTYPE = suite_device()
+CASES = conv.cases(DEVICE, DTYPE, full=False) + caser.cases(DEVICE, DTYPE, full=False)
 
 
-@pytest.mark.parametrize("case, side", bench.suite_params(CASES))
+@pytest.mark.parametrize("case, side", suite_params(CASES))
 def test_conv(benchmark, case, side):
-    bench.suite_run(benchmark, case, side)
+    suite_run(benchmark, case, side)

@@ -10,12 +10,13 @@ every function once, as a check that the benchmark still runs.
 
 import pytest
 
-from fastrec import bench
+from fastrec.bench.cases import dropout
+from fastrec.bench.suite import suite_device, suite_params, suite_run
 
-DEVICE, DTYPE = bench.suite_device()
-CASES = bench.dropout_cases(DEVICE, DTYPE, full=False)
+DEVICE, DTYPE = suite_device()
+CASES = dropout.cases(DEVICE, DTYPE, full=False)
 
 
-@pytest.mark.parametrize("case, side", bench.suite_params(CASES))
+@pytest.mark.parametrize("case, side", suite_params(CASES))
 def test_dropout(benchmark, case, side):
-    bench.suite_run(benchmark, case, side)
+    suite_run(benchmark, case, side)

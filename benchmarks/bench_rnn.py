@@ -11,12 +11,13 @@ still runs.
 
 import pytest
 
-from fastrec import bench
+from fastrec.bench.cases import rnn
+from fastrec.bench.suite import suite_device, suite_params, suite_run
 
-DEVICE, DTYPE = bench.suite_device()
-CASES = bench.rnn_cases(DEVICE, DTYPE, full=False)
+DEVICE, DTYPE = suite_device()
+CASES = rnn.cases(DEVICE, DTYPE, full=False)
 
 
-@pytest.mark.parametrize("case, side", bench.suite_params(CASES))
+@pytest.mark.parametrize("case, side", suite_params(CASES))
 def test_rnn(benchmark, case, side):
-    bench.suite_run(benchmark, case, side)
+    suite_run(benchmark, case, side)

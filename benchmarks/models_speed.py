@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from fastrec import backends, train
-from fastrec.bench import time_interleaved
+from fastrec.bench.harness import time_interleaved
 from fastrec.models import MODELS
 
 

@@ -36,9 +36,9 @@ def _info(_args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from fastrec import bench
+    from fastrec.bench.cli import main
 
-    return bench.main(args)
+    return main(args)
 
 
 BEHAVIOR_MODELS = ("behavior-cnn", "behavior-rnn", "behavior-attention")

@@ -997,41 +997,41 @@ def test_tuner_keeps_only_candidates_that_beat_the_default(monkeypatch, tmp_path
     where it beats the default by the margin, and the table it writes round-trips."""
     from fastrec.kernels import attention as K
 
-    from fastrec import bench
+    from fastrec.bench import harness, tables
 
     fast = K.BlockConfig(32, 16, 4, 3)  # dq: BLOCK_N | BLOCK_M
     candidates = {"forward": ((32, 32, 4, 3),), "dkdv": ((16, 32, 4, 3),), "dq": ((32, 16, 4, 3),)}
-    monkeypatch.setattr(bench, "_TUNE_CANDIDATES", {("32", 16): candidates})
-    monkeypatch.setattr(bench, "TUNE_SHAPES", ((1, 1, 20),))
-    monkeypatch.setattr(bench, "TUNE_HEAD_DIMS", (16,))
+    monkeypatch.setattr(tables, "_TUNE_CANDIDATES", {("32", 16): candidates})
+    monkeypatch.setattr(tables, "TUNE_SHAPES", ((1, 1, 20),))
+    monkeypatch.setattr(tables, "TUNE_HEAD_DIMS", (16,))
     seen = []
 
     def clock(fn):  # a launch with dq_config=fast takes 1 ms, any other 2 ms
         seen.append(fn.keywords)
         return 1.0 if fn.keywords.get("dq_config") == fast else 2.0
 
-    monkeypatch.setattr(bench, "_median_ms", clock)
-    configs, rows = bench.tune_attention(torch.device("cpu"), [torch.float32])
+    monkeypatch.setattr(tables, "_median_ms", clock)
+    configs, rows = tables.tune_attention(torch.device("cpu"), [torch.float32])
     assert len(rows) == 3 * 2  # per kernel: the default and the one candidate
-    assert len(seen) == len(rows) * bench.TUNE_ROUNDS and all(
-        len(row["rounds_ms"]) == bench.TUNE_ROUNDS for row in rows
+    assert len(seen) == len(rows) * tables.TUNE_ROUNDS and all(
+        len(row["rounds_ms"]) == tables.TUNE_ROUNDS for row in rows
     )
     assert all("ms" in row for row in rows), rows
     assert list(configs) == ["dq/32/16"] and configs["dq/32/16"]["block_m"] == 32
     path = tmp_path / "configs.json"
-    bench.write_configs(path, "Card X", configs, bench.environment(torch.device("cpu")))
+    tables.write_configs(path, "Card X", configs, harness.environment(torch.device("cpu")))
     assert K.parse_configs(json.loads(path.read_text())) == {"Card X": {"dq/32/16": fast}}
 
 
 def test_config_writer_refuses_the_cpu_and_other_families(capsys):
-    from fastrec import bench
+    from fastrec.bench import tables
 
     class Args:
         family = ["attention"]
         write_configs = "unused.json"
 
-    assert bench.configs_main(Args, torch.device("cpu"), [torch.float32]) == 2
+    assert tables.configs_main(Args, torch.device("cpu"), [torch.float32]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
     Args.family = ["conv"]
-    assert bench.configs_main(Args, torch.device("cuda"), [torch.float32]) == 2
+    assert tables.configs_main(Args, torch.device("cuda"), [torch.float32]) == 2
     assert "belongs to --family attention" in capsys.readouterr().err

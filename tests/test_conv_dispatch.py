@@ -1,5 +1,5 @@
 """The conv family's "cudnn" path and GPU dispatch table (fastrec/ops/conv.py, kernels/conv.py
-epilogue-only forward, fastrec/bench.py writer).
+epilogue-only forward, the fastrec.bench.tables writer).
 
 The epilogue kernel runs under the Triton interpreter against torch (act x pool x ties / NaN,
 fp64 / fp32 / fp16); the whole cudnn path (torch's CPU convolution standing in for cuDNN, forced
@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from fastrec.kernels import conv as kconv
 
-from fastrec import backends, bench
+from fastrec import backends
 from fastrec import functional as FF
+from fastrec.bench import tables
 from fastrec.ops import conv as conv_ops
 
 ACTS = ("none", "relu", "gelu", "tanh", "sigmoid")
@@ -272,15 +273,15 @@ def test_writer_selects_per_class_and_writes_the_loader_format(tmp_path):
         {"class": "d", "triton_ms": 1.0, "cudnn_ms": 0.8, "torch_ms": 0.6},  # the fastest of three
         {"class": "e", "triton_ms": 1.0, "cudnn_ms": 1.2, "torch_ms": 0.98},  # within the margin
     ]
-    classes = bench.select_dispatch(rows)
+    classes = tables.select_dispatch(rows)
     paths = {"a": "cudnn", "b": "triton", "c": "triton", "d": "torch", "e": "triton"}
     assert {k: v["path"] for k, v in classes.items()} == paths
     assert classes["a"]["triton_ms"] == 2.0 and classes["a"]["cudnn_ms"] == 1.9
     assert classes["d"]["torch_ms"] == 0.6 and "torch_ms" not in classes["a"]
     env = {"date": "2026-11-28", "torch": "2.11", "triton": "3.6", "commit": "abc"}
     path = tmp_path / "dispatch.json"
-    bench.write_dispatch(path, "Card A", classes, env)
-    bench.write_dispatch(path, "Card B", {"b": {"path": "cudnn", "triton_ms": 1.0, "cudnn_ms": 0.5}}, env)
+    tables.write_dispatch(path, "Card A", classes, env)
+    tables.write_dispatch(path, "Card B", {"b": {"path": "cudnn", "triton_ms": 1.0, "cudnn_ms": 0.5}}, env)
     written = json.loads(path.read_text())
     assert written["version"] == 1 and written["default"] == "triton"
     assert written["cards"]["Card A"]["measured"] == "2026-11-28"
@@ -296,12 +297,12 @@ def test_kernel_variants_list_every_epilogue_forward_variant():
 
 
 def test_writer_dispatch_shapes_have_classes_and_cpu_is_refused(capsys):
-    keys = {bench._dispatch_case(torch.device("cpu"), torch.float32, *s)[0] for s in bench.DISPATCH_SHAPES}
+    keys = {tables._dispatch_case(torch.device("cpu"), torch.float32, *s)[0] for s in tables.DISPATCH_SHAPES}
     assert len(keys) >= 6
 
     class Args:
         family = ["conv"]
         write_dispatch = "unused.json"
 
-    assert bench.dispatch_main(Args, torch.device("cpu"), [torch.float32]) == 2
+    assert tables.dispatch_main(Args, torch.device("cpu"), [torch.float32]) == 2
     assert "CUDA" in capsys.readouterr().err

@@ -1,0 +1,175 @@
+"""``fastrec bench``'s harness on tiny cases: timing, the record of what ran on each side (from
+``fastrec.stats()``), forced rows that must run their kernel, routed rows, and the writers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastrec
+from fastrec import backends
+from fastrec.bench import cli, harness
+from fastrec.bench.cases import rnn
+
+CPU = torch.device("cpu")
+needs_cpp = pytest.mark.skipif(backends.available()["cpp"] is not None, reason="fastrec._C not built")
+
+
+def _dropout_case(device: torch.device = CPU, stream: str = "fastrec", inplace: bool = False) -> harness.Case:
+    """fastrec.nn.Dropout in ``stream`` against torch's on a (4, 8) input, forward only."""
+    ours = fastrec.nn.Dropout(0.5, inplace=inplace)
+    theirs = torch.nn.Dropout(0.5)
+    x = torch.randn(4, 8, device=device)
+
+    def run_ours() -> torch.Tensor:
+        with backends.use_dropout_stream(stream):
+            return ours(x.clone() if inplace else x)
+
+    fns = {"fastrec": run_ours, "torch.nn.Dropout": lambda: theirs(x)}
+    return harness.Case("dropout", "Dropout", "4x8", "float32", "forward", fns, bytes=2 * x.numel() * 4)
+
+
+def _measure(case: harness.Case, device: torch.device = CPU) -> harness.Row:
+    return harness.measure(case, device, rounds=2, min_round_s=0.0, ceilings={})
+
+
+@needs_cpp
+def test_harness_times_a_case_and_records_what_ran_on_each_side():
+    row = _measure(_dropout_case())
+    assert set(row.ms) == {"fastrec", "torch.nn.Dropout"} and all(math.isfinite(v) and v > 0 for v in row.ms.values())
+    assert row.speedup["torch.nn.Dropout"] == pytest.approx(row.ms["torch.nn.Dropout"] / row.ms["fastrec"])
+    assert row.paths == {"fastrec": "cpp dropout", "torch.nn.Dropout": "torch"}
+    assert row.routed is None and row.forced is None and row.error is None
+
+
+def test_time_interleaved_counts_only_the_timed_calls():
+    calls = []
+
+    def fn():
+        calls.append(1)
+        backends.count("probe", "cpp")
+
+    counts = {}
+    harness.time_interleaved({"fastrec": fn}, CPU, rounds=3, min_round_s=0.0, counts=counts)
+    assert len(calls) == 2 + 3  # warm-up and sizing, then one call a round
+    assert counts["fastrec"] == {("probe", "cpp", ""): 3}
+
+
+def test_routed_row_is_labelled_routed_torch_vs_torch():
+    row = _measure(_dropout_case(inplace=True))  # inplace=True runs torch's forward, counted with the reason
+    assert row.routed == "all" and row.paths["fastrec"] == "torch Dropout (inplace=True)"
+    report = {"environment": harness.environment(CPU), "ceilings": {}, "results": [asdict(row)]}
+    table = harness.markdown(report)
+    assert "routed: " in table and "(torch vs torch)" in table and "routed: torch Dropout (inplace=True)" in table
+
+
+def _routed_unless_forced() -> harness.Case:
+    """A fastrec side that takes torch's op unless a backend is forced (counted as the ops do)."""
+    x = torch.randn(4, 8)
+
+    def ours():
+        if backends.forced() is None:
+            backends.count("probe", "torch", "torch is faster here")
+            return F.relu(x)
+        backends.count("probe", backends.forced())
+        return x.clamp(min=0)
+
+    return harness.Case("probe", "relu", "4x8", "float32", "forward", {"fastrec": ours, "F.relu": lambda: F.relu(x)})
+
+
+@needs_cpp
+def test_a_routed_row_is_followed_by_the_row_with_the_kernel_forced():
+    rows = list(harness.measured_rows([_routed_unless_forced()], CPU, 1, 0.0, {}))
+    assert [(r.name, r.routed, r.forced, r.paths["fastrec"]) for r in rows] == [
+        ("relu", "all", None, "torch probe (torch is faster here)"),
+        ("relu, cpp forced", None, "cpp", "cpp probe"),
+    ]
+    case = _routed_unless_forced()
+    case.force_when_routed = False
+    assert len(list(harness.measured_rows([case], CPU, 1, 0.0, {}))) == 1
+
+
+@needs_cpp
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_forced_row_runs_the_forced_backend(backend):
+    case = rnn._padded_cases(CPU, torch.float32, batch=2, steps=3, hidden=4)[3]  # LSTM, forward + backward
+    assert case.name == "LSTM" and case.mode == "forward+backward"
+    row = _measure(case.forced_onto(backend))
+    assert row.name == f"LSTM, {backend} forced" and row.forced == backend and row.error is None, row.error
+    assert row.paths["fastrec"] == f"{backend} rnn" and row.routed is None
+
+
+def test_forced_triton_row_runs_the_triton_kernel():
+    device = torch.device("cuda") if torch.cuda.is_available() else CPU
+    if device.type == "cpu" and not backends.interpreter_enabled():
+        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1 before triton is imported")
+    if backends.available()["triton"] is not None:
+        pytest.skip(backends.available()["triton"])
+    row = _measure(_dropout_case(device, stream="auto").forced_onto("triton"), device)
+    assert row.error is None, row.error
+    assert row.paths["fastrec"] == "triton dropout" and row.name == "Dropout, triton forced"
+
+
+@needs_cpp
+def test_forced_row_whose_kernel_did_not_run_fails():
+    # Under the default stream the CPU draws torch's masks, which forcing cpp does not change.
+    row = _measure(_dropout_case(stream="auto").forced_onto("cpp"))
+    assert row.error == "cpp forced, but ran: torch dropout (torch dropout stream)"
+    report = {"environment": {}, "ceilings": {}, "results": [asdict(row)]}
+    assert harness.failed(report)
+    assert "| FAILED: cpp forced, but ran: torch dropout" in harness.markdown(_with_env(report))
+
+
+def test_forced_row_that_raises_fails_with_the_error():
+    def ours():
+        backends.select(CPU, "an option the kernels do not cover")
+
+    case = harness.Case("probe", "p", "s", "float32", "forward", {"fastrec": ours, "torch": lambda: None})
+    row = _measure(case.forced_onto("cpp"))
+    assert row.error.startswith("cpp forced, but the call failed: RuntimeError")
+    assert all(math.isnan(v) for v in row.ms.values())
+
+
+def _with_env(report: dict) -> dict:
+    return {**report, "environment": harness.environment(CPU)}
+
+
+@needs_cpp
+def test_cli_writes_the_paths_to_json_and_markdown(monkeypatch, tmp_path, capsys):
+    routed = _dropout_case(inplace=True)
+    routed.force_when_routed = False  # the kernels do not cover inplace=True: no forced row after it
+    monkeypatch.setattr(cli, "family_cases", lambda *_: [_dropout_case(), routed])
+    args = argparse.Namespace(
+        family=["dropout"],
+        full=False,
+        rounds=1,
+        min_round_s=0.0,
+        json=str(tmp_path / "bench.json"),
+        markdown=str(tmp_path / "bench.md"),
+        write_dispatch=None,
+        write_configs=None,
+    )
+    assert cli.main(args) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert [(r["paths"]["fastrec"], r["routed"], r["forced"]) for r in rows] == [
+        ("cpp dropout", None, None),
+        ("torch Dropout (inplace=True)", "all", None),
+    ]
+    table = (tmp_path / "bench.md").read_text()
+    assert "| fastrec ran |" in table and "| cpp dropout |" in table and "(torch vs torch)" in table
+    assert "[cpp dropout]" in capsys.readouterr().out  # the progress line names the path too
+
+
+@needs_cpp
+def test_cli_exits_1_when_a_forced_kernel_did_not_run(monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, "family_cases", lambda *_: [_dropout_case(stream="auto").forced_onto("cpp")])
+    args = argparse.Namespace(
+        family=["dropout"], full=False, rounds=1, min_round_s=0.0, json=None, markdown=None, write_dispatch=None
+    )
+    assert cli.main(args) == 1
