@@ -1,4 +1,5 @@
-"""Shared helpers of the attention tests: the references, the error bounds, backend checks.
+"""Shared helpers of the attention and encoder tests: the references, the error bounds, backend
+checks, and the comparison of a fastrec module with its torch twin.
 
 References (TESTING.md "Two references"):
 - ``reference``: ``F.scaled_dot_product_attention`` with an equivalent additive mask (or, with
@@ -182,3 +183,77 @@ def assert_two_reference(fast: Tensor, pt: Tensor, ref: Tensor, name: str, facto
         f"{name}: maxabs(fast - ref) = {err_fast:.3e} > {factor} * maxabs(pt - ref) = {factor * err_pt:.3e}"
         f" + floor {floor:.3e}"
     )
+
+
+# --------------------------------------------------------------------------- modules
+def perturb(module: torch.nn.Module) -> torch.nn.Module:
+    """torch initialises biases to zero; make every parameter generic."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return module
+
+
+def cast_input(x, device, dtype):
+    """A module input on ``device``, floating-point tensors in ``dtype``; other values as given."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    return x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
+
+
+def run_module(module, tensors, order, grad_out, **kwargs):
+    """Call ``module(*(tensors[i] for i in order), **kwargs)`` on fresh leaves (so ``query is
+    key`` holds exactly where ``order`` repeats an index); return the output and the gradients
+    of the inputs and of every trainable parameter, by name."""
+    param = next(module.parameters())
+    leaves = [
+        t.detach().to(device=param.device, dtype=param.dtype).requires_grad_()
+        if t.is_floating_point()
+        else t.to(param.device)
+        for t in tensors
+    ]
+    kwargs = {n: cast_input(x, param.device, param.dtype) for n, x in kwargs.items()}
+    result = module(*(leaves[i] for i in order), **kwargs)
+    out = result[0] if isinstance(result, tuple) else result
+    named = [(f"input{i}", t) for i, t in enumerate(leaves) if t.requires_grad]
+    named += [(n.removeprefix("_orig_mod."), p) for n, p in module.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(out, [t for _, t in named], grad_out.to(out.device, out.dtype), allow_unused=True)
+    return out.detach(), {n: g for (n, _), g in zip(named, grads, strict=True)}, result
+
+
+def random_grad_out(ref, tensors, order, **kwargs) -> Tensor:
+    """A random upstream gradient shaped as the output of ``ref`` (float64, on the CPU)."""
+    kwargs = {n: cast_input(x, "cpu", torch.float64) for n, x in kwargs.items()}
+    probe = ref(*(tensors[i].double() for i in order), **kwargs)
+    return torch.randn((probe[0] if isinstance(probe, tuple) else probe).shape)
+
+
+def assert_module_matches(fast, ref, tensors, order, **kwargs):
+    """Output and every gradient of ``fast`` (fp32) vs ``ref`` (float64) within 1e-5."""
+    grad_out = random_grad_out(ref, tensors, order, **kwargs)
+    out, grads, result = run_module(fast, tensors, order, grad_out, **kwargs)
+    ref_out, ref_grads, _ = run_module(ref, tensors, order, grad_out, **kwargs)
+    assert_rel_close(out, ref_out, "output")
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        assert grad is not None and ref_grads[name] is not None, f"no gradient for {name}"
+        assert_rel_close(grad, ref_grads[name], f"grad of {name}")
+    return result
+
+
+def assert_matches_torch_in_training(fast, ref, tensors, order, **kwargs):
+    """``fast`` under ``use_dropout_stream("torch")`` against ``ref`` (float64), both from the
+    same torch seed with dropout active: output and every gradient within 1e-5."""
+    grad_out = random_grad_out(ref, tensors, order, **kwargs)
+    with fastrec.use_dropout_stream("torch"):
+        torch.manual_seed(11)
+        out, grads, _ = run_module(fast, tensors, order, grad_out, **kwargs)
+    torch.manual_seed(11)
+    ref_out, ref_grads, _ = run_module(ref, tensors, order, grad_out, **kwargs)
+    assert_rel_close(out, ref_out, "output")
+    for name, grad in grads.items():
+        assert_rel_close(grad, ref_grads[name], f"grad of {name}")
+    torch.manual_seed(11)
+    with fastrec.use_dropout_stream("fastrec"):
+        own, _, _ = run_module(fast, tensors, order, grad_out, **kwargs)
+    assert (own - ref_out.float()).norm() > 1e-2 * ref_out.norm(), "fastrec's own stream should draw other masks"

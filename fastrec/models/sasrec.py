@@ -4,17 +4,14 @@ blocks, GELU feed-forward of 4 x dim, embedding layer norm, normal(0, 0.02) init
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastrec import backends
-from fastrec import functional as FF
 from fastrec import nn as fnn
 from fastrec.models.base import SequentialRecommender, check_dropout, check_positive
-from fastrec.nn.attention import encoder_layer_weights
+from fastrec.nn.encoder import encoder_layer_weights
+from fastrec.ops import encoder as encoder_ops
 
 _PADDING_SIDES = ("right", "left")
 
@@ -105,11 +102,12 @@ class SASRec(SequentialRecommender):
         return x[torch.arange(batch_size, device=items.device), lengths - 1]
 
     def serve(self, batch) -> Tensor:
-        """Inference with the blocks' weights called through functional ops (no module dispatch);
-        the last block computes only the rows that are returned (one query per history, its keys
-        limited by ``lengths``)."""
+        """Inference through the encoder op (``fastrec.ops.encoder``; on the CPU one C++ call for
+        every block, whose Python and per-op dispatch would cost more than the arithmetic at batch
+        1). The last block computes only the rows that are returned (one query per history); keys
+        past each row's length are masked in every block, which changes only padding positions."""
         items, lengths = batch.items, batch.lengths
-        batch_size, length = items.shape
+        length = items.shape[1]
         if self.padding_side == "left":
             shift = (torch.arange(length, device=items.device) + (length - lengths).unsqueeze(1)) % length
             items = items.gather(1, shift)
@@ -118,55 +116,10 @@ class SASRec(SequentialRecommender):
             items = items[:, :length]
         x = F.embedding(items, self.item_embedding.weight) + self.position_embedding.weight[:length]
         x = F.layer_norm(x, (self.dim,), self.norm.weight, self.norm.bias, self.norm.eps)
-        if x.device.type == "cpu" and HAVE_LAYER_OP and backends.select(x.device) == "cpp":
-            return self._serve_cpp(x, lengths)
-        dim = self.dim
-        for i, block in enumerate(self.blocks):
-            attn = block.self_attn
-            w, b = attn.in_proj_weight, attn.in_proj_bias
-            if i == len(self.blocks) - 1:  # keys and values for every row, the query at the last item only
-                rows = x[torch.arange(batch_size, device=items.device), lengths - 1].unsqueeze(1)
-                q = F.linear(rows, w[:dim], b[:dim])
-                k, v = F.linear(x, w[dim:], b[dim:]).chunk(2, dim=-1)
-                x, causal, key_lengths = rows, False, lengths
-            else:
-                q, k, v = F.linear(x, w, b).chunk(3, dim=-1)
-                causal, key_lengths = True, None
-            q, k, v = (t.view(batch_size, -1, attn.num_heads, attn.head_dim).transpose(1, 2) for t in (q, k, v))
-            a = _inference_attention(q, k, v, causal, key_lengths)
-            a = F.linear(a.transpose(1, 2).reshape(batch_size, -1, dim), attn.out_proj.weight, attn.out_proj.bias)
-            x = F.layer_norm(x + a, (dim,), block.norm1.weight, block.norm1.bias, block.norm1.eps)
-            h = F.linear(
-                F.gelu(F.linear(x, block.linear1.weight, block.linear1.bias)), block.linear2.weight, block.linear2.bias
-            )
-            x = F.layer_norm(x + h, (dim,), block.norm2.weight, block.norm2.bias, block.norm2.eps)
-        return x[:, 0]
-
-    def _serve_cpp(self, x: Tensor, lengths: Tensor) -> Tensor:
-        """All blocks as one C++ op (encoder_inference_cpp): at batch 1 the Python and per-op
-        dispatch of a block cost more than its arithmetic. Keys past each row's length are
-        masked in every block, which changes only padding positions."""
         weights = [w for block in self.blocks for w in encoder_layer_weights(block)]
         first = self.blocks[0]
-        backends.count("attention", "cpp")
-        x = torch.ops.fastrec.encoder_inference_cpp(
-            x, weights, first.self_attn.num_heads, first.norm1.eps, first.norm2.eps, True, False, True,
-            lengths, True,
+        x = encoder_ops.encoder_inference(
+            x, weights, first.self_attn.num_heads, first.norm1.eps, first.norm2.eps,
+            gelu=True, norm_first=False, causal=True, lengths=lengths, last_query=True,
         )  # fmt: skip
         return x[:, 0]
-
-
-HAVE_LAYER_OP = hasattr(torch.ops.fastrec, "encoder_inference_cpp")
-
-
-def _inference_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, lengths: Tensor | None) -> Tensor:
-    """Attention without autograd: on CPU with the C++ backend selected, the registered C++ op
-    itself (skipping the functional layer's argument checks, which cost several times the
-    kernel at batch 1: the inputs here are built right above); elsewhere the functional API."""
-    if backends.select(q.device) == "cpp":
-        backends.count("attention", "cpp")
-        if lengths is not None:
-            lengths = lengths.to(torch.int32)
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        return torch.ops.fastrec.attention_forward_cpp(q, k, v, None, lengths, None, None, causal, scale, 0.0)[0]
-    return FF.attention(q, k, v, causal=causal, lengths=lengths, training=False)

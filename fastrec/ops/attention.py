@@ -189,11 +189,6 @@ attention_backward_triton.register_fake(_fake_backward)
 if backends.available()["cpp"] is None and hasattr(torch.ops.fastrec, "attention_forward_cpp"):
     torch.library.register_fake("fastrec::attention_forward_cpp")(_fake_forward_cpp)
     torch.library.register_fake("fastrec::attention_backward_cpp")(_fake_backward)
-if backends.available()["cpp"] is None and hasattr(torch.ops.fastrec, "encoder_inference_cpp"):
-
-    @torch.library.register_fake("fastrec::encoder_inference_cpp")
-    def _fake_encoder(x, weights, heads, eps1, eps2, gelu, norm_first, causal, lengths, last_query):
-        return x.new_empty(x.shape[0], 1 if last_query else x.shape[1], x.shape[2])
 
 
 def _allow_tf32(q: Tensor) -> bool:

@@ -1,0 +1,384 @@
+"""The encoder layer: ``fastrec.nn.TransformerEncoderLayer`` against torch's layer, and the
+encoder op at inference (``fastrec.ops.encoder``: the C++ op ``encoder_inference_cpp`` and the
+torch composite ``encoder_torch``) against torch's layers.
+
+Reference and bound: torch's ``TransformerEncoderLayer`` with the same weights in float64; fastrec
+in fp32, output (and in training every gradient) within ``‖fast − ref‖ / ‖ref‖ <= 1e-5``, as in
+tests/test_nn_attention.py. Padding positions (past a row's length) are not compared.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from attention_reference import (
+    assert_matches_torch_in_training,
+    assert_module_matches,
+    assert_rel_close,
+    device_of,
+    perturb,
+    run_forced,
+)
+
+import fastrec
+from fastrec import nn as fnn
+from fastrec.models import SASRec
+from fastrec.nn.encoder import encoder_layer_weights
+from fastrec.ops import encoder as encoder_ops
+
+EMBED, HEADS = 32, 4
+HAVE_LAYER_OP = encoder_ops.HAVE_CPP
+
+
+@pytest.fixture(params=["torch", "cpp", "triton"])
+def backend(request):
+    """Each backend, forced; skipped with the reason when it cannot run here."""
+    yield from run_forced(request.param)
+
+
+@pytest.fixture(params=["torch", "cpp"])
+def stream_backend(request):
+    """The backends that take torch's attention-dropout masks (CPU)."""
+    yield from run_forced(request.param)
+
+
+# --------------------------------------------------------------------------- module
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
+def test_transformer_encoder_layer_matches_torch(backend, norm_first):
+    kwargs = dict(d_model=EMBED, nhead=HEADS, dim_feedforward=48, dropout=0.0, batch_first=True, norm_first=norm_first)
+    torch_layer = perturb(torch.nn.TransformerEncoderLayer(**kwargs))
+    fast = fnn.TransformerEncoderLayer(**kwargs)
+    assert isinstance(fast.self_attn, fnn.MultiheadAttention)
+    fast.load_state_dict(torch_layer.state_dict())
+    fast.to(device_of(backend))
+    ref = copy.deepcopy(torch_layer).double()
+    length = 12
+    kpm = torch.arange(length) >= torch.tensor([12, 7, 1])[:, None]
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(length)
+    fastrec.stats(reset=True)
+    assert_module_matches(
+        fast, ref, [torch.randn(3, length, EMBED)], (0,), src_mask=causal, src_key_padding_mask=kpm, is_causal=True
+    )
+    assert fastrec.stats().get(("attention", backend, ""), 0) == 1, fastrec.stats()
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
+def test_torch_dropout_stream_encoder_layer_matches_torch_in_training(stream_backend, norm_first):
+    """Attention, residual and feed-forward dropout all draw torch's masks in torch's order
+    (which needs the attention output in torch's memory layout)."""
+    kwargs = dict(d_model=EMBED, nhead=HEADS, dim_feedforward=48, dropout=0.3, batch_first=True, norm_first=norm_first)
+    torch_layer = perturb(torch.nn.TransformerEncoderLayer(**kwargs))
+    fast = fnn.TransformerEncoderLayer(**kwargs)
+    fast.load_state_dict(torch_layer.state_dict())
+    ref = copy.deepcopy(torch_layer).double()
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(12)
+    assert_matches_torch_in_training(fast, ref, [torch.randn(3, 12, EMBED)], (0,), src_mask=causal, is_causal=True)
+
+
+def test_patch_transformer_encoder_and_disabled_family():
+    layer = torch.nn.TransformerEncoderLayer(EMBED, HEADS, dim_feedforward=48, dropout=0.0, batch_first=True)
+    encoder = perturb(torch.nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False))
+    ref = copy.deepcopy(encoder).double()
+
+    kept = fastrec.patch(encoder, attention=False)
+    assert kept.replaced == [] and all(why == "attention=False" for _, _, why in kept.left)
+
+    report = fastrec.patch(encoder)
+    replaced = sorted(name for name, _, _ in report.replaced)
+    assert replaced == ["layers.0", "layers.0.self_attn", "layers.1", "layers.1.self_attn"]
+    assert type(encoder.layers[0]) is fnn.TransformerEncoderLayer
+    assert type(encoder.layers[0].self_attn) is fnn.MultiheadAttention
+    kpm = torch.arange(8) >= torch.tensor([8, 3])[:, None]
+    with fastrec.use_backend("torch"):
+        assert_module_matches(encoder, ref, [torch.randn(2, 8, EMBED)], (0,), src_key_padding_mask=kpm)
+    assert fastrec.unpatch(encoder) == 4
+    assert type(encoder.layers[1]) is torch.nn.TransformerEncoderLayer
+    assert type(encoder.layers[1].self_attn) is torch.nn.MultiheadAttention
+
+
+# --------------------------------------------------------------------------- serving op
+@pytest.mark.skipif(not HAVE_LAYER_OP, reason="fastrec._C does not register encoder_inference_cpp")
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_encoder_layer_inference_op_matches_torch_layer_in_eval(norm_first, activation, bias):
+    """The serving op (one TransformerEncoderLayer, eval) against torch's layer in float64:
+    causal and not, per-row key lengths, and the last-query-only form used by SASRec's last
+    block (each row's output at its last real position)."""
+    torch.manual_seed(0)
+    ref = torch.nn.TransformerEncoderLayer(
+        EMBED, HEADS, 3 * EMBED, dropout=0.1, activation=activation, batch_first=True, norm_first=norm_first, bias=bias
+    )
+    ref = perturb(ref).double().eval()
+    batch, length = 5, 11
+    x = torch.randn(batch, length, EMBED, dtype=torch.float64)
+    lengths = torch.tensor([11, 1, 7, 4, 11], dtype=torch.int32)
+    op = torch.ops.fastrec.encoder_inference_cpp
+    weights = [w.float() if w is not None else None for w in encoder_layer_weights(ref)]
+    eps = (ref.norm1.eps, ref.norm2.eps)
+    causal_mask = torch.ones(length, length, dtype=torch.bool).triu(1)
+    key_pad = torch.arange(length)[None, :] >= lengths[:, None].long()
+    with torch.no_grad():
+        for causal in (False, True):
+            mask = causal_mask if causal else None
+            want = ref(x, src_mask=mask, src_key_padding_mask=key_pad, is_causal=causal)
+            got = op(x.float(), weights, HEADS, *eps, activation == "gelu", norm_first, causal, lengths, False)
+            for b in range(batch):  # rows past a length are padding: compare the real positions
+                assert_rel_close(got[b, : lengths[b]], want[b, : lengths[b]], f"row {b} causal={causal}")
+            plain = op(x.float(), weights, HEADS, *eps, activation == "gelu", norm_first, causal, None, False)
+            assert_rel_close(plain, ref(x, src_mask=mask, is_causal=causal), f"no lengths causal={causal}")
+        last = op(x.float(), weights, HEADS, *eps, activation == "gelu", norm_first, True, lengths, True)
+        want = ref(x, src_mask=causal_mask, is_causal=True)
+        rows = want[torch.arange(batch), lengths.long() - 1]
+        assert last.shape == (batch, 1, EMBED)
+        assert_rel_close(last[:, 0], rows, "last query")
+        last_full = op(x.float(), weights, HEADS, *eps, activation == "gelu", norm_first, True, None, True)
+        assert_rel_close(last_full[:, 0], want[:, -1], "last query, no lengths")
+
+
+@pytest.mark.skipif(not HAVE_LAYER_OP, reason="fastrec._C does not register encoder_inference_cpp")
+@pytest.mark.parametrize(
+    "embed, heads, ff, length, dtype",
+    [
+        (24, 2, 42, 70, torch.float32),  # fp32 serving path: tails in every loop, two column blocks
+        (24, 2, 42, 70, torch.float64),  # the ATen path
+        (16, 2, 20, 300, torch.float32),  # fp32 past the serving path's length: the ATen path
+    ],
+)
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_encoder_inference_op_paths_match_torch(embed, heads, ff, length, dtype, norm_first, activation):
+    """Both implementations behind the op (fp32 short sequences: feature-major kernels; else
+    ATen calls) against two torch layers in float64, at shapes that exercise every remainder
+    loop: head size 12, E and F not multiples of 16, L spanning several 64-position blocks."""
+    torch.manual_seed(1)
+    layers = [
+        perturb(
+            torch.nn.TransformerEncoderLayer(
+                embed, heads, ff, activation=activation, batch_first=True, norm_first=norm_first
+            )
+        )
+        .double()
+        .eval()
+        for _ in range(2)
+    ]
+    x = torch.randn(3, length, embed, dtype=torch.float64)
+    lengths = torch.tensor([length, 1, length // 2 + 3], dtype=torch.int32)
+    mask = torch.ones(length, length, dtype=torch.bool).triu(1)
+    weights = [w.to(dtype) if w is not None else None for layer in layers for w in encoder_layer_weights(layer)]
+    op = torch.ops.fastrec.encoder_inference_cpp
+    gelu = activation == "gelu"
+    with torch.no_grad():
+        want = x
+        for layer in layers:
+            want = layer(want, src_mask=mask, is_causal=True)
+        got = op(x.to(dtype), weights, heads, 1e-5, 1e-5, gelu, norm_first, True, None, False)
+        assert_rel_close(got, want, "causal, every position")
+        last = op(x.to(dtype), weights, heads, 1e-5, 1e-5, gelu, norm_first, True, lengths, True)
+        for b in range(3):  # a row's last position sees only its own first lengths[b] keys
+            ref = x[b : b + 1, : lengths[b]]
+            for layer in layers:
+                ref = layer(ref, src_mask=mask[: lengths[b], : lengths[b]], is_causal=True)
+            assert_rel_close(last[b, 0], ref[0, -1], f"row {b}, last query")
+        plain = op(x.to(dtype), weights, heads, 1e-5, 1e-5, gelu, norm_first, False, None, False)
+        want = x
+        for layer in layers:
+            want = layer(want)
+        assert_rel_close(plain, want, "not causal")
+
+
+@pytest.mark.skipif(not HAVE_LAYER_OP, reason="fastrec._C does not register encoder_inference_cpp")
+def test_encoder_inference_op_runs_a_stack_of_layers():
+    """Three layers' weights in one call equal the layers one after the other (torch, float64),
+    the last one computing only each row's last real position."""
+    torch.manual_seed(0)
+    layers = [
+        perturb(torch.nn.TransformerEncoderLayer(EMBED, HEADS, 2 * EMBED, activation="gelu", batch_first=True))
+        .double()
+        .eval()
+        for _ in range(3)
+    ]
+    x = torch.randn(4, 9, EMBED, dtype=torch.float64)
+    lengths = torch.tensor([9, 3, 1, 6], dtype=torch.int32)
+    mask = torch.ones(9, 9, dtype=torch.bool).triu(1)
+    weights = [w.float() if w is not None else None for layer in layers for w in encoder_layer_weights(layer)]
+    with torch.no_grad():
+        want = x
+        for layer in layers:
+            want = layer(want, src_mask=mask, is_causal=True)
+        got = torch.ops.fastrec.encoder_inference_cpp(
+            x.float(), weights, HEADS, 1e-5, 1e-5, True, False, True, lengths, True
+        )
+    assert_rel_close(got[:, 0], want[torch.arange(4), lengths.long() - 1], "three layers, last query")
+
+
+@pytest.mark.skipif(not HAVE_LAYER_OP, reason="fastrec._C does not register encoder_inference_cpp")
+def test_encoder_layer_inference_op_passes_opcheck():
+    layer = perturb(torch.nn.TransformerEncoderLayer(EMBED, HEADS, batch_first=True)).eval()
+    weights = [w.detach() for w in encoder_layer_weights(layer)]
+    x = torch.randn(3, 6, EMBED)
+    lengths = torch.tensor([6, 2, 4], dtype=torch.int32)
+    op = torch.ops.fastrec.encoder_inference_cpp.default
+    torch.library.opcheck(op, (x, weights, HEADS, 1e-5, 1e-5, True, False, True, None, False))
+    torch.library.opcheck(op, (x, weights, HEADS, 1e-5, 1e-5, False, True, True, lengths, True))
+
+
+@pytest.mark.skipif(not HAVE_LAYER_OP, reason="fastrec._C does not register encoder_inference_cpp")
+def test_encoder_layer_inference_op_rejects_bad_weights():
+    layer = torch.nn.TransformerEncoderLayer(EMBED, HEADS, batch_first=True)
+    x = torch.randn(2, 3, EMBED)
+    op = torch.ops.fastrec.encoder_inference_cpp
+    with pytest.raises(RuntimeError, match="12 tensors per layer"):
+        op(x, encoder_layer_weights(layer)[:11], HEADS, 1e-5, 1e-5, False, False, True, None, False)
+    with pytest.raises(RuntimeError, match="heads must divide"):
+        op(x, encoder_layer_weights(layer), 5, 1e-5, 1e-5, False, False, True, None, False)
+    with pytest.raises(RuntimeError, match="in_proj_weight must be"):
+        op(x[..., :16], encoder_layer_weights(layer), HEADS, 1e-5, 1e-5, False, False, True, None, False)
+    with pytest.raises(RuntimeError, match="linear2.weight must be"):
+        weights = encoder_layer_weights(layer)
+        op(x, weights[:8] + [weights[8][:, 1:]] + weights[9:], HEADS, 1e-5, 1e-5, False, False, True, None, False)
+    with pytest.raises(RuntimeError, match="of x's dtype"):
+        op(x.double(), encoder_layer_weights(layer), HEADS, 1e-5, 1e-5, False, False, True, None, False)
+    for lengths, last_query in (([4, 1], False), ([-1, 1], False), ([0, 2], True)):
+        with pytest.raises(RuntimeError, match="lengths must lie in"):
+            lengths = torch.tensor(lengths)
+            op(x, encoder_layer_weights(layer), HEADS, 1e-5, 1e-5, False, False, True, lengths, last_query)
+
+
+@pytest.mark.skipif(not HAVE_LAYER_OP, reason="fastrec._C does not register encoder_inference_cpp")
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_transformer_encoder_layer_inference_runs_the_serving_op(batch_first, norm_first):
+    """fastrec.nn.TransformerEncoderLayer in eval under no_grad: the serving op, matching torch's
+    layer (float64) with no mask, the causal mask (with or without the is_causal hint) and
+    unbatched input; a key padding mask or an arbitrary mask runs torch's forward."""
+    torch.manual_seed(0)
+    kwargs = dict(dim_feedforward=2 * EMBED, batch_first=batch_first, norm_first=norm_first, activation="gelu")
+    ref = perturb(torch.nn.TransformerEncoderLayer(EMBED, HEADS, **kwargs)).double().eval()
+    ours = fnn.TransformerEncoderLayer(EMBED, HEADS, **kwargs).eval()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 7, EMBED, dtype=torch.float64)
+    x = x if batch_first else x.transpose(0, 1)
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(7, dtype=torch.float64)
+    with torch.no_grad():
+        cases = [
+            ({}, True),
+            ({"src_mask": causal.float()}, True),
+            ({"src_mask": causal.float(), "is_causal": True}, True),
+        ]
+        cases.append(({"src_key_padding_mask": torch.rand(3, 7) < 0.3}, False))
+        cases.append(({"src_mask": torch.rand(7, 7) < 0.3}, False))
+        for extra, fused in cases:
+            fastrec.stats(reset=True)
+            ref_extra = {
+                k: (v.double() if v.is_floating_point() else v) if isinstance(v, torch.Tensor) else v
+                for k, v in extra.items()
+            }
+            got = ours(x.float(), **extra)
+            want = ref(x, **ref_extra)
+            if "src_key_padding_mask" in extra:  # padded positions are not compared (torch's fast path may zero them)
+                keep = ~extra["src_key_padding_mask"]
+                keep = keep if batch_first else keep.t()
+                got, want = got[keep], want[keep]
+            assert_rel_close(got, want, str(extra.keys()))
+            counted = ("encoder", "cpp", "") in fastrec.stats()
+            assert counted == fused, extra.keys()
+        assert_rel_close(
+            ours(x.float()[0] if batch_first else x.float()[:, 0]), ref(x[0] if batch_first else x[:, 0]), "unbatched"
+        )
+    ours.train()
+    ours.dropout.p = ours.dropout1.p = ours.dropout2.p = 0.0
+    fastrec.stats(reset=True)
+    out = ours(x.float().requires_grad_())  # autograd needed: torch's forward with the fused attention
+    out.sum().backward()
+    assert not any(k[0] == "encoder" for k in fastrec.stats())
+
+
+# --------------------------------------------------------------------------- op dispatch, torch composite
+def _stack(n_layers: int, activation: str, norm_first: bool) -> list[torch.nn.TransformerEncoderLayer]:
+    """Float64 torch layers in eval mode, with generic weights."""
+    return [
+        perturb(
+            torch.nn.TransformerEncoderLayer(
+                EMBED, HEADS, 2 * EMBED, activation=activation, batch_first=True, norm_first=norm_first
+            )
+        )
+        .double()
+        .eval()
+        for _ in range(n_layers)
+    ]
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_encoder_torch_matches_torch_layers(norm_first, activation):
+    """The composite (the reference of the C++ op) under the torch backend: every position,
+    causal or not, with per-row key lengths, and the last-query form."""
+    layers = _stack(2, activation, norm_first)
+    x = torch.randn(4, 9, EMBED, dtype=torch.float64)
+    lengths = torch.tensor([9, 3, 1, 6], dtype=torch.int32)
+    mask = torch.ones(9, 9, dtype=torch.bool).triu(1)
+    weights = [w.float() if w is not None else None for layer in layers for w in encoder_layer_weights(layer)]
+    args = (HEADS, 1e-5, 1e-5, activation == "gelu", norm_first)
+    with torch.no_grad(), fastrec.use_backend("torch"):
+        for causal in (False, True):
+            want = x
+            for layer in layers:
+                want = layer(want, src_mask=mask if causal else None, is_causal=causal)
+            got = encoder_ops.encoder_torch(x.float(), weights, *args, causal)
+            assert_rel_close(got, want, f"causal={causal}")
+        got = encoder_ops.encoder_torch(x.float(), weights, *args, True, lengths, True)
+        want = x
+        for layer in layers:
+            want = layer(want, src_mask=mask, is_causal=True)
+        assert got.shape == (4, 1, EMBED)
+        assert_rel_close(got[:, 0], want[torch.arange(4), lengths.long() - 1], "last query")
+        got = encoder_ops.encoder_torch(x.float(), weights, *args, True, None, True)
+        assert_rel_close(got[:, 0], want[:, -1], "last query, no lengths")
+
+
+def test_encoder_inference_picks_the_backend_and_counts_it():
+    """CPU tensors run the C++ op; a forced torch backend or autograd runs the composite (which
+    is differentiable), each counted under ``encoder``."""
+    layers = _stack(2, "gelu", False)
+    x = torch.randn(3, 7, EMBED)
+    lengths = torch.tensor([7, 2, 5])
+    weights = [w.float() for layer in layers for w in encoder_layer_weights(layer)]
+    args = (weights, HEADS, 1e-5, 1e-5, True, False, True, lengths, True)
+    with torch.no_grad():
+        fastrec.stats(reset=True)
+        with fastrec.use_backend("torch"):
+            want = encoder_ops.encoder_inference(x, *args)
+        assert fastrec.stats().get(("encoder", "torch", ""), 0) == 1, fastrec.stats()
+        if HAVE_LAYER_OP:
+            fastrec.stats(reset=True)
+            got = encoder_ops.encoder_inference(x, *args)
+            assert fastrec.stats() == {("encoder", "cpp", ""): 1}
+            assert_rel_close(got, want, "cpp against the composite")
+    fastrec.stats(reset=True)
+    leaf = x.clone().requires_grad_()
+    out = encoder_ops.encoder_inference(leaf, *args)
+    reason = "autograd (the C++ op is inference only)"
+    assert fastrec.stats().get(("encoder", "torch", reason), 0) == 1, fastrec.stats()
+    out.sum().backward()
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+    assert_rel_close(out.detach(), want, "composite with autograd")
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_sasrec_serve_matches_forward_on_every_backend(backend, padding_side):
+    """``SASRec.serve`` goes through the encoder op on every backend (the C++ op on cpp, the
+    composite with the selected attention elsewhere) and computes forward's function."""
+    torch.manual_seed(0)
+    model = SASRec(50, max_len=9, dim=16, n_blocks=2, n_heads=2, dropout=0.0, padding_side=padding_side)
+    model = model.to(device_of(backend)).eval()
+    histories = [torch.randint(1, 51, (n,)) for n in (4, 9, 1, 12)]
+    batch = model.make_input(histories, full_length=True)
+    with torch.no_grad():
+        expected = model(batch)
+        fastrec.stats(reset=True)
+        got = model.serve(batch)
+    assert ("encoder", backend, "") in fastrec.stats(), fastrec.stats()
+    assert_rel_close(got, expected, "serve against forward")
