@@ -16,7 +16,7 @@ class, written on the card by ``fastrec bench --family conv --write-dispatch``);
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -51,6 +51,7 @@ class Rule:
     per_card: bool = False
 
 
+# Two runs that measured several rules; each rule adds its own figures (``replace``).
 _H200_BENCH = Measurement(
     "GPU_RUN_STEPS=bench benchmarks/gpu_run.sh (fastrec bench --rounds 5 --min-round-s 0.02), on an H200",
     "benchmarks/results/gpu-2026-11-28d-h200/bench.json",
@@ -63,25 +64,22 @@ _CPU_ROUTES = Measurement(
 )
 
 
-def _with(measurement: Measurement, figures: str) -> Measurement:
-    return Measurement(measurement.command, measurement.results, figures)
-
-
 RNN_LSTM_CPU = Rule(
     name="rnn-lstm-cpu",
     op="fastrec.nn.LSTM",
     device="cpu",
     condition="padded (not packed) input",
     reason="LSTM on CPU (torch's oneDNN LSTM is as fast)",
-    measurement=_with(
-        _CPU_ROUTES, "B=128 T=50 64/64 padded, 1 thread: fused 0.95x forward, 0.79x forward+backward of oneDNN's"
+    measurement=replace(
+        _CPU_ROUTES,
+        figures="B=128 T=50 64/64 padded, 1 thread: fused 0.95x forward, 0.79x forward+backward of oneDNN's",
     ),
 )
 RNN_PACKED_CUDA = Rule(
     name="rnn-packed-cuda",
     op="fastrec.nn.RNN / GRU / LSTM",
     device="cuda",
-    condition="PackedSequence input",
+    condition="PackedSequence input (the Triton path would pad and re-pack it; not measured against cuDNN's)",
     reason="PackedSequence on CUDA (the Triton RNN has no packed layout yet)",
     measurement=None,
 )
@@ -91,9 +89,9 @@ RNN_FP32_CUDA = Rule(
     device="cuda",
     condition="padded float32 / float64 input",
     reason="cuDNN is faster there; the Triton recurrence wins in 16-bit",
-    measurement=_with(
+    measurement=replace(
         _H200_BENCH,
-        "B=128 T=50 64/64 padded fp32: 0.14x-0.39x forward, 0.58x-0.73x forward+backward "
+        figures="B=128 T=50 64/64 padded fp32: 0.14x-0.39x forward, 0.58x-0.73x forward+backward "
         "(bf16: 2.55x-3.55x / 1.56x-1.78x)",
     ),
 )
@@ -103,7 +101,7 @@ RNN_CELL_CUDA = Rule(
     device="cuda",
     condition="every call",
     reason="CUDA cell step: torch's fused cell launches faster than the Triton cell (H200, 0.59x-0.78x)",
-    measurement=_with(_H200_BENCH, "GRUCell B=1/64/512 hidden 100: 0.59x-0.78x (host-bound steps)"),
+    measurement=replace(_H200_BENCH, figures="GRUCell B=1/64/512 hidden 100: 0.59x-0.78x (host-bound steps)"),
 )
 DROPOUT_CUDA = Rule(
     name="dropout-cuda",
@@ -111,7 +109,9 @@ DROPOUT_CUDA = Rule(
     device="cuda",
     condition="no seed given",
     reason="CUDA: torch's dropout kernel launches faster than the Triton kernel (H200, 0.24x-0.38x)",
-    measurement=_with(_H200_BENCH, "B=512 L=50 d=64 p=0.2/0.5: 0.24x-0.28x forward, 0.31x-0.38x forward+backward"),
+    measurement=replace(
+        _H200_BENCH, figures="B=512 L=50 d=64 p=0.2/0.5: 0.24x-0.28x forward, 0.31x-0.38x forward+backward"
+    ),
 )
 CONV_PLAIN_CPU = Rule(
     name="conv-plain-cpu",
@@ -119,9 +119,9 @@ CONV_PLAIN_CPU = Rule(
     device="cpu",
     condition='act="none" and no pool (no epilogue to fuse)',
     reason="plain convolution on CPU (no epilogue to fuse: oneDNN's convolution is as fast)",
-    measurement=_with(
+    measurement=replace(
         _CPU_ROUTES,
-        "1 thread, forward / forward+backward: conv2d B=64 32->64 3x3 0.86x / 0.95x, conv1d B=512 64->64 k=3 "
+        figures="1 thread, forward / forward+backward: conv2d B=64 32->64 3x3 0.86x / 0.95x, conv1d B=512 64->64 k=3 "
         "0.97x / 0.95x",
     ),
 )
@@ -131,9 +131,9 @@ CONV_NARROW_CPU = Rule(
     device="cpu",
     condition="conv output narrower than 16 columns (full-width kernels, as Caser's)",
     reason="conv output narrower than 16 on CPU (full-width kernels: oneDNN's convolution is as fast)",
-    measurement=_with(
+    measurement=replace(
         _CPU_ROUTES,
-        "Caser's 3x64 / 5x64 filters + relu + max over time, 1 thread: 0.49x / 0.97x forward, but 1.23x / "
+        figures="Caser's 3x64 / 5x64 filters + relu + max over time, 1 thread: 0.49x / 0.97x forward, but 1.23x / "
         "1.15x forward+backward (the kernel wins training steps there: to re-measure on a quiet machine)",
     ),
 )
@@ -204,8 +204,11 @@ def conv(x: Tensor, act: str, pool, conv_width: int) -> str | None:
 
 
 # --------------------------------------------------------------------------- the table
-def _current_card() -> str | None:
-    return backends.card_name(torch.cuda.current_device()) if torch.cuda.is_available() else None
+def _card(device: torch.device) -> str | None:
+    """The name of CUDA ``device`` (its index, else the current one), None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    return backends.card_name(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _table_detail(card: str | None) -> tuple[bool, str]:
@@ -214,7 +217,7 @@ def _table_detail(card: str | None) -> tuple[bool, str]:
 
     table = conv_ops.dispatch_table()
     if card is None:
-        return False, f"no CUDA card here; the table lists {', '.join(sorted(table)) or 'no card'}"
+        return False, f"cards in the table: {', '.join(sorted(table)) or 'none'}"
     classes = table.get(card)
     if not classes:
         return False, f"{card}: not in the table (every shape class runs the fused Triton conv)"
@@ -228,10 +231,11 @@ def routes(device: str | torch.device, card: str | None = None) -> list[dict[str
     """Every rule as a dict for ``device``: the rule's fields, its measurement's (``command``,
     ``results``, ``figures``; None when unmeasured) and ``applies`` (whether the rule can route a
     call on this device when no backend is forced; per-card rules: on ``card``, by default the
-    current CUDA card, named in ``card_detail``)."""
-    device_type = torch.device(device).type
+    device's card, named in ``card_detail``)."""
+    device = torch.device(device)
+    device_type = device.type
     if card is None and device_type == "cuda":
-        card = _current_card()
+        card = _card(device)
     rows = []
     for rule in RULES:
         applies, detail = rule.device == device_type, None
