@@ -8,7 +8,9 @@
   anything the fused kernels do not cover.
 
 Unless forced, CUDA tensors go to ``triton`` and CPU tensors to ``cpp``, each falling back to
-``torch`` when unavailable. ``FASTREC_BACKEND`` or ``with use_backend(name):`` forces one.
+``torch`` when unavailable, and the routes of ``fastrec.routing`` send the calls where torch's own
+op is faster to it. ``FASTREC_BACKEND`` or ``with use_backend(name):`` forces one (and bypasses
+the routes).
 
 Dropout masks come from torch's own stream or from fastrec's Philox stream (the fused kernels
 draw those in registers, with no mask tensor). torch's stream gives the very masks torch's

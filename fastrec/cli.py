@@ -9,7 +9,7 @@ import sys
 from fastrec.backends import DROPOUT_STREAMS
 
 
-def _info(_args: argparse.Namespace) -> int:
+def _info(args: argparse.Namespace) -> int:
     import torch
 
     import fastrec
@@ -32,7 +32,30 @@ def _info(_args: argparse.Namespace) -> int:
     print("backends")
     for name, reason in backends.available().items():
         print(f"  {name:7s} {'available' if reason is None else 'unavailable: ' + reason}")
+    if args.routes:
+        _print_routes("cuda" if torch.cuda.is_available() else "cpu", forced)
     return 0
+
+
+def _print_routes(device: str, forced: str | None) -> None:
+    """The routing table for ``device``: each rule, whether it applies here, why, and its measurement."""
+    from fastrec import routing
+
+    note = f"none apply now: backend {forced!r} is forced" if forced else "they apply unless a backend is forced"
+    print(f"routes    where torch's op runs instead of fastrec's kernel, on {device} ({note})")
+    for row in routing.routes(device):
+        status = "applies" if row["applies"] else f"not on {device}" if row["device"] != device else "not on this card"
+        print(f"  {row['name']}  [{row['device']}, {status}]  {row['op']}")
+        print(f"      when      {row['condition']}")
+        if row["card_detail"]:
+            print(f"      card      {row['card_detail']}")
+        print(f"      why       {row['reason']}")
+        if row["results"] is None:
+            print("      measured  not on record")
+        else:
+            print(f"      measured  {row['figures']}")
+            print(f"      command   {row['command']}")
+            print(f"      results   {row['results']}")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -169,7 +192,11 @@ def _add_train(sub) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastrec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="versions, device and available backends").set_defaults(func=_info)
+    info = sub.add_parser("info", help="versions, device and available backends")
+    info.add_argument(
+        "--routes", action="store_true", help="also the routes to torch's ops on this device, with their measurements"
+    )
+    info.set_defaults(func=_info)
     bench = sub.add_parser("bench", help="benchmark table: fastrec vs torch baselines (ratios)")
     bench.add_argument(
         "--family",

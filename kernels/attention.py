@@ -43,8 +43,6 @@ compute dtype, which keeps fp64 results accurate to ~1e-14.
 from __future__ import annotations
 
 import functools
-import importlib.resources
-import json
 import struct
 from dataclasses import dataclass, field
 
@@ -54,6 +52,7 @@ import triton.language as tl
 from fastrec.kernels._host import cdiv, launcher, next_power_of_2
 
 from fastrec import backends
+from fastrec._tables import package_table
 
 LOG2E = 1.4426950408889634  # log2(e)
 LN2 = 0.6931471805599453  # ln(2)
@@ -1224,16 +1223,12 @@ def parse_configs(table: dict, source: str = "attention config table") -> dict[s
     return parsed
 
 
-_TABLE: dict[str, dict[str, BlockConfig]] | None = None
+_TABLE: dict[str, dict[str, BlockConfig]] | None = None  # a parsed table standing in for the package's (tests)
 
 
 def tuned_configs() -> dict[str, dict[str, BlockConfig]]:
     """The package's table (fastrec/attention_configs.json), parsed once."""
-    global _TABLE
-    if _TABLE is None:
-        path = importlib.resources.files("fastrec") / "attention_configs.json"
-        _TABLE = parse_configs(json.loads(path.read_text()), str(path))
-    return _TABLE
+    return _TABLE if _TABLE is not None else package_table("attention_configs.json", parse_configs)
 
 
 def card_name(device: torch.device) -> str:

@@ -4,10 +4,10 @@ Only ``forward`` is overridden, so constructor, defaults, initialisation, parame
 ``state_dict`` are torch's by construction. Fused: any ``num_layers``, ``bidirectional``,
 ``batch_first``, ``bias``, dropout between layers, given or zero initial states, unbatched
 input and ``PackedSequence`` input (returned packed, with torch's ordering of ``h_n``; only the
-real rows are computed). Unless a backend is forced, ``LSTM`` on padded CPU input runs oneDNN's
-LSTM (it ties the fused kernel), fp32/fp64 padded CUDA input runs cuDNN and CUDA cells torch's
-cell (both faster on the H200; the Triton recurrence wins in 16-bit). ``proj_size != 0`` and
-other uncovered calls run torch's own forward, counted in ``fastrec.stats()``.
+real rows are computed). Unless a backend is forced, some calls run torch's forward where it is
+faster: padded CPU ``LSTM``, fp32/fp64 or packed CUDA input, CUDA cells (``fastrec.routing``).
+``proj_size != 0`` and other uncovered calls run torch's own forward too; both are counted in
+``fastrec.stats()``.
 
 fastrec extensions, keyword-only on ``forward`` (padded, batched input):
 ``lengths`` ``(B,)`` in [1, T]: right-padded rows; outputs past a row's length are zero and
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
-from fastrec import backends
+from fastrec import backends, routing
 from fastrec import functional as FF
 from fastrec.ops import rnn as rnn_ops
 
@@ -31,42 +31,23 @@ _MODES = {"RNN_TANH": "tanh", "RNN_RELU": "relu", "GRU": "gru", "LSTM": "lstm"}
 
 
 def _unfused_reason(module: torch.nn.RNNBase, input, hx) -> str | None:
+    """Why this call runs torch's forward, or None: what the fused path does not cover, then the
+    routes to torch's op (``fastrec.routing.rnn``)."""
     if getattr(module, "proj_size", 0):
         return "proj_size != 0"
     if module.mode not in _MODES:
         return f"mode {module.mode}"
-    data = input.data if isinstance(input, PackedSequence) else input
+    packed = isinstance(input, PackedSequence)
+    data = input.data if packed else input
     if isinstance(data, Tensor) and data.device.type not in ("cpu", "cuda") and backends.forced() is None:
         return f"no fused RNN kernel for {data.device.type} tensors"
-    if isinstance(input, PackedSequence) and isinstance(data, Tensor) and data.is_cuda and backends.forced() is None:
-        # The Triton kernels are time-major: packed input would go through a pad/pack round
-        # trip, unmeasured against cuDNN's packed path, so CUDA keeps torch's path for it.
-        return "PackedSequence on CUDA (the Triton RNN has no packed layout yet)"
-    padded_cpu = not isinstance(input, PackedSequence) and isinstance(data, Tensor) and data.device.type == "cpu"
-    if module.mode == "LSTM" and padded_cpu and backends.forced() is None:
-        # Measured by `fastrec bench --family rnn` (B=128, T=50, 64/64): oneDNN's LSTM and the
-        # fused kernel tie on padded input (0.92x-1.11x; 0.76x-0.98x on one thread), so the
-        # CPU LSTM stays on torch's path unless forced. Packed input runs fused: it skips the
-        # finished rows (1.4x-1.9x forward, 2.5x-2.9x forward+backward even on one thread).
-        return "LSTM on CPU (torch's oneDNN LSTM is as fast)"
-    if (
-        not isinstance(input, PackedSequence)
-        and isinstance(data, Tensor)
-        and data.is_cuda
-        and data.dtype in (torch.float32, torch.float64)
-        and backends.forced() is None
-    ):
-        # Measured on the H200 (benchmarks/results/gpu-2026-11-28d-h200, B=128 T=50 64/64): cuDNN
-        # wins in fp32 (fused 0.14x-0.39x forward, 0.58x-0.73x forward+backward), the Triton
-        # recurrence in bf16 (2.55x-3.55x / 1.56x-1.78x): fp32/fp64 CUDA input runs cuDNN.
-        return f"{data.dtype} on CUDA (cuDNN is faster there; the Triton recurrence wins in 16-bit)"
     if not isinstance(data, Tensor) or data.is_nested:
         return "input is not a dense tensor"
     if backends.autocast_dtype(data.device.type) is not None:
         # The fused recurrence takes one dtype for input, states and weights; under autocast its
         # input projection would come out in the autocast dtype and the states not.
         return "autocast enabled"
-    if not isinstance(input, PackedSequence) and data.dim() not in (2, 3):
+    if not packed and data.dim() not in (2, 3):
         return "input rank"  # torch raises its own error
     if data.numel() == 0:
         return "empty input"
@@ -79,7 +60,7 @@ def _unfused_reason(module: torch.nn.RNNBase, input, hx) -> str | None:
     for t in states:
         if t is not None and (not isinstance(t, Tensor) or t.dtype != data.dtype or t.device != data.device):
             return "hx dtype/device differs from the input"
-    return None
+    return routing.rnn(module.mode, data, packed)
 
 
 def _weights(module: torch.nn.RNNBase) -> list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]]:

@@ -27,11 +27,10 @@ torch: ``conv_torch`` below, the readable reference). Canonical form, 2-D only (
 - Numerics: fp32 in fp32 (no TF32 unless torch's ``allow_tf32`` flags allow it), fp16/bf16
   accumulate in fp32, fp64 in fp64 (gradcheck).
 
-CPU dispatch (unless a backend is forced): the C++ kernel runs calls with an epilogue to fuse
-(an activation or a pool). Two shape classes go to torch's oneDNN convolution, where the C++
-kernel only tied or lost in single-thread measurements (2 loaded cores, interleaved medians):
-a plain convolution (``act="none"``, no pool: 0.87x-1.03x, except the seed CNN's layers), and
-conv outputs narrower than 16 columns, i.e. full-width kernels such as Caser's (0.76x-0.93x).
+Routes (``fastrec.routing``, unless a backend is forced): on the CPU the C++ kernel runs calls
+with an epilogue to fuse (an activation or a pool), and torch's oneDNN convolution runs plain
+convolutions and conv outputs narrower than 16 columns (full-width kernels such as Caser's); on
+CUDA the per-card table below picks the path.
 
 CUDA dispatch (the triton backend): two paths compute the same contract. "triton" is the fused
 implicit GEMM (kernels/conv.py conv_forward and its backward kernels); "cudnn" is torch's
@@ -45,16 +44,15 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastrec import backends
+from fastrec import backends, routing
+from fastrec._tables import package_table
 
 OP = "conv"
 ACTS = ("none", "relu", "gelu", "tanh", "sigmoid")
@@ -300,19 +298,14 @@ class ConvFunction(torch.autograd.Function):
         )
 
 
-def _unfused_reason(x: Tensor, act: str, pool: tuple[int, int], conv_width: int) -> str | None:
-    """Why the fused kernels do not cover (or should not take) this call, or None."""
+def _unfused_reason(x: Tensor) -> str | None:
+    """Why the fused kernels do not cover this call, or None."""
     if x.device.type == "cuda" and not HAVE_TRITON_KERNELS:
         return "no triton conv kernels (fastrec.kernels.conv) in this build"
     if x.device.type == "cpu" and not HAVE_CPP:
         return "fastrec._C does not register conv_forward_cpp"
     if x.device.type not in ("cpu", "cuda"):
         return f"no fused conv kernel for {x.device.type} tensors"
-    if x.device.type == "cpu" and backends.forced() is None:
-        if act == "none" and tuple(pool) == (1, 1):
-            return "plain convolution on CPU (no epilogue to fuse: oneDNN's convolution is as fast)"
-        if conv_width < 16:
-            return "conv output narrower than 16 on CPU (full-width kernels: oneDNN's convolution is as fast)"
     if x.numel() == 0:
         return "empty input"
     return None
@@ -332,15 +325,15 @@ def conv(
     """The fused op on canonical inputs (see the module docstring); picks the backend per call."""
     stride, padding, dilation, pool = (list(v) for v in (stride, padding, dilation, pool))
     out_size = conv_output_size(x.shape, w.shape, stride, padding, dilation)
-    reason = _unfused_reason(x, act, pool, out_size[1])
+    reason = _unfused_reason(x) or routing.conv(x, act, pool, out_size[1])
     backend = backends.select(x.device, reason)
     if backend == "triton":
         path = conv_path(x, w, groups, out_size)
         if path == "cudnn":
-            backends.count(OP, backend, "cudnn convolution + triton epilogue (dispatch table)")
+            backends.count(OP, backend, routing.CONV_TABLE_CUDNN)
             return ConvFunction.apply(x, w, bias, stride, padding, dilation, groups, act, pool, "cudnn")
         if path == "torch":
-            backends.count(OP, "torch", "torch's convolution and epilogue ops (dispatch table)")
+            backends.count(OP, "torch", routing.CONV_TABLE_TORCH)
             return conv_unfused(x, w, bias, stride, padding, dilation, groups, act, pool)
     backends.count(OP, backend, reason or "")
     if backend == "torch":
@@ -351,7 +344,6 @@ def conv(
 # --------------------------------------------------------------------------- GPU dispatch table
 CONV_PATHS = ("triton", "cudnn", "torch")
 DEFAULT_PATH = "triton"
-DISPATCH_FILE = Path(__file__).resolve().parent.parent / "conv_dispatch.json"
 DISPATCH_VERSION = 1
 _CHANNEL_BUCKETS = (4, 8, 16, 32, 64, 128, 256)  # upper bounds; above the last: "256+"
 _KERNEL_BUCKETS = (1, 9, 25, 64)  # KH * KW upper bounds (1x1, up to 3x3, up to 5x5, wide)
@@ -416,15 +408,12 @@ def parse_dispatch(table: dict, source: str = "conv dispatch table") -> dict[str
     return paths
 
 
-_TABLE: dict[str, dict[str, str]] | None = None
+_TABLE: dict[str, dict[str, str]] | None = None  # a parsed table standing in for the package's (tests)
 
 
 def dispatch_table() -> dict[str, dict[str, str]]:
     """The package's table (fastrec/conv_dispatch.json), parsed once."""
-    global _TABLE
-    if _TABLE is None:
-        _TABLE = parse_dispatch(json.loads(DISPATCH_FILE.read_text()), str(DISPATCH_FILE))
-    return _TABLE
+    return _TABLE if _TABLE is not None else package_table("conv_dispatch.json", parse_dispatch)
 
 
 @torch.compiler.assume_constant_result
@@ -452,10 +441,11 @@ def use_conv_path(path: str) -> Iterator[None]:
 
 def conv_path(x: Tensor, w: Tensor, groups: int, out_size: tuple[int, int]) -> str:
     """The triton backend's path for this call: the ``use_conv_path`` override, else on CUDA the
-    table's entry for (card name, ``shape_class``), else DEFAULT_PATH.
+    table's entry for (card name, ``shape_class``), else DEFAULT_PATH. This is the CUDA route of
+    ``fastrec.routing`` (rule ``conv-table-cuda``), which ``fastrec info --routes`` lists per card.
 
     Unmeasured classes (and cards the table does not list) default to "triton", the fused implicit
-    GEMM: the issue routes a class to cuDNN only where a benchmark on that card showed cuDNN's
+    GEMM: a class goes to cuDNN only where a benchmark on that card showed cuDNN's
     convolution plus the separate epilogue faster, and the fused path keeps the epilogue's
     memory traffic out of the convolution. "torch" (torch's own convolution, activation and pool,
     unfused) is the third path: at recommender sizes a convolution is microseconds of GPU work and

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastrec import backends
+from fastrec import backends, routing
 from fastrec._philox import philox_uniform
 
 OP = "dropout"
@@ -131,12 +131,7 @@ class DropoutFunction(torch.autograd.Function):
         return DropoutFunction.apply(grad_out, seed, p, backend), None, None, None
 
 
-# Measured on the H200 (benchmarks/results/gpu-2026-11-28d-h200): at recommender sizes a dropout
-# is a few microseconds of GPU work, so the call's host cost decides, and torch's one C++ launch
-# beats the Triton launcher's Python (B=512 L=50 d=64: fastrec 0.24x-0.38x of nn.Dropout). Unseeded
-# CUDA calls therefore run F.dropout unless a backend is forced; the Triton kernel stays for
-# forced/seeded calls (the same masks as the CPU kernels for a given seed).
-CUDA_ROUTE = "CUDA: torch's dropout kernel launches faster than the Triton kernel (H200, 0.24x-0.38x)"
+CUDA_ROUTE = routing.DROPOUT_CUDA.reason  # what stats() records for a routed CUDA dropout
 
 
 def check_p(p: float) -> None:
@@ -154,8 +149,8 @@ def dropout(x: Tensor, p: float, training: bool, seed: int | Tensor | None = Non
     random stream), counted with the reason; a forced ``torch`` backend runs the reference
     (``dropout_torch``, the same bits as the kernels). Under ``use_dropout_stream("torch")``
     without a ``seed`` (and by default on the CPU), ``F.dropout``'s output and masks
-    (``torch_stream_dropout``); unseeded CUDA calls run ``F.dropout`` unless a backend is forced
-    (``CUDA_ROUTE``).
+    (``torch_stream_dropout``); unseeded calls that ``fastrec.routing.dropout`` routes (CUDA, unless
+    a backend is forced) run ``F.dropout``.
     """
     check_p(p)
     p = float(p)
@@ -167,8 +162,8 @@ def dropout(x: Tensor, p: float, training: bool, seed: int | Tensor | None = Non
     if seed is None and backends.torch_masks(x.device):
         backends.count(OP, "torch", "torch dropout stream")
         return torch_stream_dropout(x, p)
-    if seed is None and x.is_cuda and backends.forced() is None:
-        backends.count(OP, "torch", CUDA_ROUTE)
+    if seed is None and (route := routing.dropout(x)) is not None:
+        backends.count(OP, "torch", route)
         return F.dropout(x, p, True)
     reason = _unfused_reason(x)
     backend = backends.select(x.device, reason)

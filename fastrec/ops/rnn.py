@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from fastrec import backends
+from fastrec import backends, routing
 
 OP = "rnn"
 GATES = {"tanh": 1, "relu": 1, "gru": 3, "lstm": 4}
@@ -494,18 +494,12 @@ def _cell_triton_unfused_reason(x: Tensor) -> str | None:
     return None
 
 
-# Measured on the H200 (benchmarks/results/gpu-2026-11-28d-h200): one cell step is microseconds of
-# GPU work, so the host cost decides, and torch's fused cell kernels (C++ launches) beat the Triton
-# cell's Python launches (GRUCell B=1/64/512, hidden 100: 0.59x-0.78x). CUDA cells run torch's cell
-# unless a backend is forced.
-CELL_CUDA_ROUTE = "CUDA cell step: torch's fused cell launches faster than the Triton cell (H200, 0.59x-0.78x)"
+CELL_CUDA_ROUTE = routing.RNN_CELL_CUDA.reason  # what stats() records for a routed CUDA cell step
 
 
 def _cell_unfused_reason(x: Tensor, mode: str) -> str | None:
-    forced = backends.forced()
-    if x.device.type == "cuda" and forced is None:
-        return CELL_CUDA_ROUTE
-    if x.device.type == "cuda" or forced == "triton":
+    """Why the fused cells (cpp on CPU, triton on CUDA or forced) do not cover this call, or None."""
+    if x.device.type == "cuda" or backends.forced() == "triton":
         return _cell_triton_unfused_reason(x)
     if x.device.type != "cpu":
         return f"no fused rnn cell kernel for {x.device.type} tensors (torch's cell)"
@@ -530,7 +524,7 @@ def rnn_cell(
     if backends.forced() is None and x.device.type == "cpu" and HAVE_CELL_CPP and x.dtype in _CELL_DTYPES:
         backend, reason = "cpp", None  # the common case, decided without the general selection (per step)
     else:
-        reason = _cell_unfused_reason(x, mode)
+        reason = _cell_unfused_reason(x, mode) or routing.rnn_cell(x)
         backend = backends.select(x.device, reason)
     backends.count(CELL_OP, backend, reason or "")
     if backend in ("cpp", "triton"):
