@@ -4,7 +4,7 @@
 
 For each CPU rule, fastrec's C++ kernel (forced with ``use_backend("cpp")``, which bypasses the
 routes) against the torch op the route runs, forward and forward+backward, fp32, interleaved
-medians (``fastrec.bench.time_interleaved``) at 1 and 2 threads. Ratio = torch ms / fastrec ms:
+medians (``fastrec.bench.harness.time_interleaved``) at 1 and 2 threads. Ratio = torch ms / fastrec ms:
 above 1, the kernel is faster and the route should go.
 """
 
@@ -19,9 +19,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from fastrec import backends, bench
+from fastrec import backends
 from fastrec import functional as FF
 from fastrec import nn as fnn
+from fastrec.bench import harness as bench
 
 
 def _forward_backward(forward: Callable, inputs: tuple, grad: torch.Tensor) -> Callable[[], object]:
