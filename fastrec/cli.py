@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import sys
 
@@ -105,7 +106,9 @@ def _train(args: argparse.Namespace) -> int:
 
 def _add_train(sub) -> None:
     from fastrec.models import MODELS
-    from fastrec.train import LR_SCHEDULES, MODEL_DEFAULTS
+    from fastrec.train import LR_SCHEDULES, MODEL_DEFAULTS, PROTOCOL, TrainConfig
+
+    config = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
 
     def defaults(key: str) -> str:
         """'default: sasrec 50, gru4rec 50, caser 10' from train.MODEL_DEFAULTS, the one source."""
@@ -119,34 +122,46 @@ def _add_train(sub) -> None:
         help="a recommender on --data, or a purchase-prediction model on CDNOW (behavior-*: other options via "
         "python -m fastrec.models.behavior)",
     )
-    train.add_argument("--data", default="ml-100k", help="ml-100k (default), synthetic, or a data file path")
-    train.add_argument("--backend", default="fastrec", choices=["fastrec", "torch"])
-    train.add_argument("--epochs", type=int, default=12, help="at most this many epochs (default 12)")
-    train.add_argument("--batch-size", type=int, default=512)
-    train.add_argument("--lr", type=float, default=None, help=f"Adam's learning rate ({defaults('lr')})")
+    train.add_argument("--data", default=config["data"], help="ml-100k (default), synthetic, or a data file path")
+    train.add_argument("--backend", default=config["backend"], choices=["fastrec", "torch"])
+    train.add_argument(
+        "--epochs",
+        type=int,
+        default=config["epochs"],
+        help=f"at most this many epochs ({defaults('epochs')}; the accuracy protocol: {PROTOCOL['epochs']})",
+    )
+    train.add_argument("--batch-size", type=int, default=config["batch_size"], help="default: %(default)s")
+    train.add_argument("--lr", type=float, default=config["lr"], help=f"Adam's learning rate ({defaults('lr')})")
     train.add_argument(
         "--lr-schedule",
-        default=None,
+        default=config["lr_schedule"],
         choices=LR_SCHEDULES,
         help=f"constant, or cosine: decay --lr to 0 over --epochs, every batch ({defaults('lr_schedule')})",
     )
-    train.add_argument("--loss", default="ce", choices=["ce", "bce"])
-    train.add_argument("--negatives", type=int, default=1, help="sampled negatives per example for --loss bce")
-    train.add_argument("--max-len", type=int, default=None, help=f"history length ({defaults('max_len')})")
-    train.add_argument("--patience", type=int, default=3, help="stop after this many epochs without a better NDCG@10")
+    train.add_argument("--loss", default=config["loss"], choices=["ce", "bce"])
+    train.add_argument(
+        "--negatives", type=int, default=config["n_negatives"], help="sampled negatives per example for --loss bce"
+    )
+    train.add_argument("--max-len", type=int, default=config["max_len"], help=f"history length ({defaults('max_len')})")
+    train.add_argument(
+        "--patience",
+        type=int,
+        default=config["patience"],
+        help="stop after this many epochs without a better NDCG@10 (default: %(default)s)",
+    )
     train.add_argument(
         "--time-limit",
         type=float,
-        default=540.0,
-        help="stop training after this many seconds, mid-epoch if need be, then test (default 540; 0 = none)",
+        default=config["time_limit_s"],
+        help="stop training after this many seconds, mid-epoch if need be, then test (default: none; 0 = none)",
     )
-    train.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    train.add_argument("--amp", default=None, choices=["bf16"], help="autocast to bfloat16")
+    train.add_argument("--device", default=config["device"], choices=["cpu", "cuda"])
+    train.add_argument("--amp", default=config["amp"], choices=["bf16"], help="autocast to bfloat16")
     train.add_argument("--compile", action="store_true", help="torch.compile the training step")
     train.add_argument("--compare", action="store_true", help="train both backends from the same seed, side by side")
     train.add_argument(
         "--dropout-stream",
-        default="auto",
+        default=config["dropout_stream"],
         choices=DROPOUT_STREAMS,
         help="where dropout masks come from: torch's own (the masks torch draws for the same seed, so "
         "with --compare both backends see the same masks), fastrec's fused Philox stream, or auto "
@@ -159,7 +174,7 @@ def _add_train(sub) -> None:
         metavar="KEY=VALUE",
         help="a model constructor argument, repeatable (e.g. --option n_h=8 --option n_v=4: RecBole's Caser)",
     )
-    train.add_argument("--seed", type=int, default=2020)
+    train.add_argument("--seed", type=int, default=config["seed"], help="default: %(default)s")
     train.add_argument("--checkpoint", help="save the training state here after each epoch")
     train.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
