@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import platform
 import sys
+from pathlib import Path
+from types import ModuleType
 
 from fastrec.backends import DROPOUT_STREAMS
 
@@ -43,6 +46,25 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 BEHAVIOR_MODELS = ("behavior-cnn", "behavior-rnn", "behavior-attention")
+BEHAVIOR_EXPERIMENT = Path(__file__).resolve().parent.parent / "benchmarks" / "behavior.py"
+
+
+def behavior_experiment() -> ModuleType:
+    """The CDNOW purchase-prediction experiment, ``benchmarks/behavior.py`` of the checkout this
+    fastrec runs from: a script of the repository, not part of the installed package."""
+    name = "fastrec_behavior_experiment"
+    if name in sys.modules:
+        return sys.modules[name]
+    if not BEHAVIOR_EXPERIMENT.is_file():
+        raise SystemExit(
+            "fastrec train: the behavior-* models run the CDNOW experiment benchmarks/behavior.py of "
+            f"fastrec's repository, which is not at {BEHAVIOR_EXPERIMENT}; run it from a checkout"
+        )
+    spec = importlib.util.spec_from_file_location(name, BEHAVIOR_EXPERIMENT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def _model_options(items: list[str]) -> dict[str, int | float | str]:
@@ -65,15 +87,14 @@ def _model_options(items: list[str]) -> dict[str, int | float | str]:
 def _train(args: argparse.Namespace) -> int:
     from fastrec import train
 
-    if args.model in BEHAVIOR_MODELS:  # the seed document's purchase prediction on CDNOW
-        from fastrec.models import behavior
-
+    if args.model in BEHAVIOR_MODELS:  # purchase prediction on CDNOW
         if args.option:
             raise SystemExit(
                 "fastrec train: --option sets sasrec / gru4rec / caser arguments; the behavior-* models take "
-                "theirs from python -m fastrec.models.behavior"
+                "theirs from python benchmarks/behavior.py"
             )
-        return behavior.main(["--model", args.model.removeprefix("behavior-"), "--seed", str(args.seed)])
+        experiment = behavior_experiment()
+        return experiment.main(["--model", args.model.removeprefix("behavior-"), "--seed", str(args.seed)])
     config = train.TrainConfig(
         model=args.model,
         data=args.data,
@@ -120,7 +141,7 @@ def _add_train(sub) -> None:
         required=True,
         choices=[*sorted(MODELS), *BEHAVIOR_MODELS],
         help="a recommender on --data, or a purchase-prediction model on CDNOW (behavior-*: other options via "
-        "python -m fastrec.models.behavior)",
+        "python benchmarks/behavior.py)",
     )
     train.add_argument("--data", default=config["data"], help="ml-100k (default), synthetic, or a data file path")
     train.add_argument("--backend", default=config["backend"], choices=["fastrec", "torch"])
