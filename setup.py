@@ -9,7 +9,7 @@ import os
 import platform
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 ROOT = Path(__file__).parent
@@ -32,6 +32,12 @@ def _cxx_flags() -> list[str]:
     return flags
 
 
+def _packages() -> list[str]:
+    """Every package under ``fastrec/``, and ``kernels/`` (with any subpackage) as ``fastrec.kernels``."""
+    kernels = find_packages(str(ROOT), include=["kernels", "kernels.*"])
+    return find_packages(str(ROOT), include=["fastrec", "fastrec.*"]) + [f"fastrec.{name}" for name in kernels]
+
+
 def _extensions() -> list[CppExtension]:
     if os.environ.get("FASTREC_NO_EXTENSION") == "1":
         return []
@@ -51,8 +57,8 @@ setup(
     version="0.1.0",
     description="Fused Triton and C++ kernels for sequential recommender models",
     python_requires=">=3.10",
-    packages=["fastrec", "fastrec.ops", "fastrec.nn", "fastrec.models", "fastrec.kernels"],
-    package_data={"fastrec": ["conv_dispatch.json", "attention_configs.json"]},
+    packages=_packages(),
+    package_data={"": ["*.json"]},  # the tables the code reads (conv dispatch, attention configs), in any package
     package_dir={"fastrec.kernels": "kernels"},
     install_requires=["torch>=2.4", "triton>=3.0", "numpy", "tqdm"],
     extras_require={"test": ["pytest", "pytest-benchmark", "ruff"]},

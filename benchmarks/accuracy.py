@@ -1,6 +1,7 @@
-"""Issue 5's accuracy protocol on MovieLens-100K: each model, each backend, several seeds, with
-``fastrec train``'s defaults (RecBole's defaults, train batch 512, at most 12 epochs, early stop
-after 3 epochs without a better validation NDCG@10, full ranking, leave-one-out, no time limit).
+"""The accuracy protocol on MovieLens-100K: each model, each backend, several seeds, with
+``fastrec train``'s defaults (RecBole's defaults, train batch 512, full ranking, leave-one-out, no
+time limit) and the protocol's schedule (``train.PROTOCOL``: at most 12 epochs, early stop after 3
+epochs without a better validation NDCG@10), set here whatever the models' default epoch caps.
 Prints and writes the mean and seed-to-seed standard deviation of test NDCG@10 per model and
 backend next to RecBole 1.2.1's figure on the same split (measured on this machine, seed 2020).
 
@@ -40,8 +41,13 @@ def main() -> None:
     parser.add_argument("--seeds", default="2020,2021,2022")
     parser.add_argument("--backends", default=",".join(BACKENDS))
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--epochs", type=int, default=None, help="epoch cap (default: fastrec train's, 12)")
-    parser.add_argument("--patience", type=int, default=None, help="early-stopping patience (default: 3)")
+    parser.add_argument("--epochs", type=int, default=train.PROTOCOL["epochs"], help="epoch cap (default: %(default)s)")
+    parser.add_argument(
+        "--patience",
+        type=int,
+        default=train.PROTOCOL["patience"],
+        help="early-stopping patience (default: %(default)s)",
+    )
     parser.add_argument("--dropout-stream", default="auto", choices=DROPOUT_STREAMS, help="fastrec.use_dropout_stream")
     parser.add_argument("--json", default="benchmarks/results/accuracy-ml100k.json")
     parser.add_argument("--markdown", default="benchmarks/results/accuracy-ml100k.md")
@@ -54,14 +60,14 @@ def main() -> None:
             for backend in args.backends.split(","):
                 if (model, backend, seed) in {(r["model"], r["backend"], r["seed"]) for r in load(path)}:
                     continue
-                protocol = {k: v for k, v in (("epochs", args.epochs), ("patience", args.patience)) if v is not None}
                 config = train.TrainConfig(
                     model=model,
                     backend=backend,
                     seed=seed,
+                    epochs=args.epochs,
+                    patience=args.patience,
                     progress=False,
                     dropout_stream=args.dropout_stream,
-                    **protocol,
                 )
                 result = train.run(config, log=lambda line: print(line, flush=True))
                 runs = load(path)  # another sweep may have written to the file meanwhile

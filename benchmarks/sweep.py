@@ -1,7 +1,7 @@
 """Hyperparameter sweep on the validation split: each named configuration trains on several
-seeds under ``fastrec train``'s protocol (12 epochs at most, patience 3, ml-100k leave-one-out)
-and is ranked by its mean best validation NDCG@10; test figures are recorded but play no part
-in the ranking. Use seeds other than the ones the accuracy table reports, so that the choice is
+seeds under the accuracy protocol (``train.PROTOCOL``: 12 epochs at most, patience 3, ml-100k
+leave-one-out) and is ranked by its mean best validation NDCG@10; test figures are recorded but
+play no part in the ranking. Use seeds other than the ones the accuracy table reports, so that the choice is
 made on runs the reported figures do not include.
 
 Every finished run is appended to the JSON file at once (re-read first), so sweeps in several
@@ -66,7 +66,7 @@ def main() -> None:
                 seed=seed,
                 progress=False,
                 model_options=options,
-                **settings,
+                **{**train.PROTOCOL, **settings},
             )
             result = train.run(config, log=lambda line: print(line, flush=True))
             best = result.epochs[result.best_epoch - 1].valid

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
 import platform
 import sys
+from pathlib import Path
+from types import ModuleType
 
 from fastrec.backends import DROPOUT_STREAMS
 
@@ -65,6 +69,25 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 BEHAVIOR_MODELS = ("behavior-cnn", "behavior-rnn", "behavior-attention")
+BEHAVIOR_EXPERIMENT = Path(__file__).resolve().parent.parent / "benchmarks" / "behavior.py"
+
+
+def behavior_experiment() -> ModuleType:
+    """The CDNOW purchase-prediction experiment, ``benchmarks/behavior.py`` of the checkout this
+    fastrec runs from: a script of the repository, not part of the installed package."""
+    name = "fastrec_behavior_experiment"
+    if name in sys.modules:
+        return sys.modules[name]
+    if not BEHAVIOR_EXPERIMENT.is_file():
+        raise SystemExit(
+            "fastrec train: the behavior-* models run the CDNOW experiment benchmarks/behavior.py of "
+            f"fastrec's repository, which is not at {BEHAVIOR_EXPERIMENT}; run it from a checkout"
+        )
+    spec = importlib.util.spec_from_file_location(name, BEHAVIOR_EXPERIMENT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def _model_options(items: list[str]) -> dict[str, int | float | str]:
@@ -87,15 +110,14 @@ def _model_options(items: list[str]) -> dict[str, int | float | str]:
 def _train(args: argparse.Namespace) -> int:
     from fastrec import train
 
-    if args.model in BEHAVIOR_MODELS:  # the seed document's purchase prediction on CDNOW
-        from fastrec.models import behavior
-
+    if args.model in BEHAVIOR_MODELS:  # purchase prediction on CDNOW
         if args.option:
             raise SystemExit(
                 "fastrec train: --option sets sasrec / gru4rec / caser arguments; the behavior-* models take "
-                "theirs from python -m fastrec.models.behavior"
+                "theirs from python benchmarks/behavior.py"
             )
-        return behavior.main(["--model", args.model.removeprefix("behavior-"), "--seed", str(args.seed)])
+        experiment = behavior_experiment()
+        return experiment.main(["--model", args.model.removeprefix("behavior-"), "--seed", str(args.seed)])
     config = train.TrainConfig(
         model=args.model,
         data=args.data,
@@ -128,7 +150,9 @@ def _train(args: argparse.Namespace) -> int:
 
 def _add_train(sub) -> None:
     from fastrec.models import MODELS
-    from fastrec.train import LR_SCHEDULES, MODEL_DEFAULTS
+    from fastrec.train import LR_SCHEDULES, MODEL_DEFAULTS, PROTOCOL, TrainConfig
+
+    config = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
 
     def defaults(key: str) -> str:
         """'default: sasrec 50, gru4rec 50, caser 10' from train.MODEL_DEFAULTS, the one source."""
@@ -140,36 +164,48 @@ def _add_train(sub) -> None:
         required=True,
         choices=[*sorted(MODELS), *BEHAVIOR_MODELS],
         help="a recommender on --data, or a purchase-prediction model on CDNOW (behavior-*: other options via "
-        "python -m fastrec.models.behavior)",
+        "python benchmarks/behavior.py)",
     )
-    train.add_argument("--data", default="ml-100k", help="ml-100k (default), synthetic, or a data file path")
-    train.add_argument("--backend", default="fastrec", choices=["fastrec", "torch"])
-    train.add_argument("--epochs", type=int, default=12, help="at most this many epochs (default 12)")
-    train.add_argument("--batch-size", type=int, default=512)
-    train.add_argument("--lr", type=float, default=None, help=f"Adam's learning rate ({defaults('lr')})")
+    train.add_argument("--data", default=config["data"], help="ml-100k (default), synthetic, or a data file path")
+    train.add_argument("--backend", default=config["backend"], choices=["fastrec", "torch"])
+    train.add_argument(
+        "--epochs",
+        type=int,
+        default=config["epochs"],
+        help=f"at most this many epochs ({defaults('epochs')}; the accuracy protocol: {PROTOCOL['epochs']})",
+    )
+    train.add_argument("--batch-size", type=int, default=config["batch_size"], help="default: %(default)s")
+    train.add_argument("--lr", type=float, default=config["lr"], help=f"Adam's learning rate ({defaults('lr')})")
     train.add_argument(
         "--lr-schedule",
-        default=None,
+        default=config["lr_schedule"],
         choices=LR_SCHEDULES,
         help=f"constant, or cosine: decay --lr to 0 over --epochs, every batch ({defaults('lr_schedule')})",
     )
-    train.add_argument("--loss", default="ce", choices=["ce", "bce"])
-    train.add_argument("--negatives", type=int, default=1, help="sampled negatives per example for --loss bce")
-    train.add_argument("--max-len", type=int, default=None, help=f"history length ({defaults('max_len')})")
-    train.add_argument("--patience", type=int, default=3, help="stop after this many epochs without a better NDCG@10")
+    train.add_argument("--loss", default=config["loss"], choices=["ce", "bce"])
+    train.add_argument(
+        "--negatives", type=int, default=config["n_negatives"], help="sampled negatives per example for --loss bce"
+    )
+    train.add_argument("--max-len", type=int, default=config["max_len"], help=f"history length ({defaults('max_len')})")
+    train.add_argument(
+        "--patience",
+        type=int,
+        default=config["patience"],
+        help="stop after this many epochs without a better NDCG@10 (default: %(default)s)",
+    )
     train.add_argument(
         "--time-limit",
         type=float,
-        default=540.0,
-        help="stop training after this many seconds, mid-epoch if need be, then test (default 540; 0 = none)",
+        default=config["time_limit_s"],
+        help="stop training after this many seconds, mid-epoch if need be, then test (default: none; 0 = none)",
     )
-    train.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    train.add_argument("--amp", default=None, choices=["bf16"], help="autocast to bfloat16")
+    train.add_argument("--device", default=config["device"], choices=["cpu", "cuda"])
+    train.add_argument("--amp", default=config["amp"], choices=["bf16"], help="autocast to bfloat16")
     train.add_argument("--compile", action="store_true", help="torch.compile the training step")
     train.add_argument("--compare", action="store_true", help="train both backends from the same seed, side by side")
     train.add_argument(
         "--dropout-stream",
-        default="auto",
+        default=config["dropout_stream"],
         choices=DROPOUT_STREAMS,
         help="where dropout masks come from: torch's own (the masks torch draws for the same seed, so "
         "with --compare both backends see the same masks), fastrec's fused Philox stream, or auto "
@@ -182,7 +218,7 @@ def _add_train(sub) -> None:
         metavar="KEY=VALUE",
         help="a model constructor argument, repeatable (e.g. --option n_h=8 --option n_v=4: RecBole's Caser)",
     )
-    train.add_argument("--seed", type=int, default=2020)
+    train.add_argument("--seed", type=int, default=config["seed"], help="default: %(default)s")
     train.add_argument("--checkpoint", help="save the training state here after each epoch")
     train.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")

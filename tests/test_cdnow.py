@@ -1,6 +1,7 @@
 """CDNOW purchase prediction: the calibration/hold-out split (lifetimes' weekly semantics) on a
 hand-made file, the real file's naive-rate RMSE (1.842, issue 5) and BG/NBD (1.463), checked
-against a per-customer recount with Python's own calendar, and the three behaviour models."""
+against a per-customer recount with Python's own calendar, the three behaviour models, and their
+experiment (benchmarks/behavior.py, run by ``fastrec train --model behavior-*``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import copy
 import datetime as dt
 import importlib.util
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -15,9 +17,12 @@ import torch
 
 import fastrec
 import fastrec.nn as fnn
+from fastrec import cli
 from fastrec.data import DataError, load_cdnow
 from fastrec.data.cdnow import _hyp2f1, bgnbd_expected, fit_bgnbd, mae, rmse
-from fastrec.models.behavior import BehaviorAttention, BehaviorCNN, BehaviorRNN, fit, predict
+from fastrec.models.behavior import BehaviorAttention, BehaviorCNN, BehaviorRNN
+
+experiment = cli.behavior_experiment()  # benchmarks/behavior.py: training, cross-fitting, the table
 
 HAS_LIFETIMES = importlib.util.find_spec("lifetimes") is not None
 needs_lifetimes = pytest.mark.skipif(not HAS_LIFETIMES, reason="lifetimes wheel not installed (./dev.sh installs it)")
@@ -145,14 +150,30 @@ def one_thread():
 @pytest.mark.parametrize("kind", ["cnn", "rnn", "attention"])
 def test_behavior_model_learns_beyond_the_mean(cdnow, kind, one_thread):
     """Trained on 3,000 customers for 3 epochs, each model beats predicting the training mean on
-    2,000 other customers (the full comparison with the naive rate is `python -m fastrec.models.behavior`)."""
+    2,000 other customers (the full comparison with the naive rate is `python benchmarks/behavior.py`)."""
     order = np.random.default_rng(1).permutation(cdnow.customer_ids.shape[0])
     train, test = order[:3000], order[3000:5000]
     x, y = cdnow.features(), cdnow.frequency_holdout
-    model = fit(kind, x[train], y[train].astype(np.float32), epochs=3, batch_size=128, seed=0)
-    prediction = predict(model, torch.from_numpy(x[test]))
+    model = experiment.fit(kind, x[train], y[train].astype(np.float32), epochs=3, batch_size=128, seed=0)
+    prediction = experiment.predict(model, torch.from_numpy(x[test]))
     assert math.isfinite(rmse(prediction, y[test]))
     assert rmse(prediction, y[test]) < 0.95 * rmse(np.full(test.shape[0], y[train].mean()), y[test])
+
+
+@pytest.mark.parametrize("kind", ["cnn", "rnn", "attention"])
+def test_fastrec_train_runs_the_experiment(monkeypatch, kind):
+    """`fastrec train --model behavior-KIND` runs benchmarks/behavior.py's main for that model."""
+    seen = []
+    monkeypatch.setattr(experiment, "main", lambda argv: seen.append(argv) or 0)
+    assert cli.main(["train", "--model", f"behavior-{kind}", "--seed", "7"]) == 0
+    assert seen == [["--model", kind, "--seed", "7"]]
+
+
+def test_experiment_outside_a_checkout_says_where_it_lives(monkeypatch, tmp_path):
+    monkeypatch.delitem(sys.modules, "fastrec_behavior_experiment")
+    monkeypatch.setattr(cli, "BEHAVIOR_EXPERIMENT", tmp_path / "benchmarks" / "behavior.py")
+    with pytest.raises(SystemExit, match="benchmarks/behavior.py of fastrec's repository"):
+        cli.main(["train", "--model", "behavior-cnn"])
 
 
 @pytest.mark.parametrize("model_class", [BehaviorRNN, BehaviorAttention])

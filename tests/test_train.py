@@ -4,6 +4,9 @@ popularity, sessions with a learnable successor order), small enough for seconds
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,11 +148,12 @@ def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="lr must be >= 0"):
         train.TrainConfig(lr=-1e-3)
     caser = train.TrainConfig(model="caser")
-    assert (caser.max_len, caser.lr, caser.lr_schedule) == (10, 3e-3, "cosine")
+    assert (caser.max_len, caser.lr, caser.lr_schedule, caser.epochs) == (10, 3e-3, "cosine", 12)
     sasrec = train.TrainConfig(model="sasrec")
-    assert (sasrec.max_len, sasrec.lr, sasrec.lr_schedule) == (50, 1e-3, "constant")
-    chosen = train.TrainConfig(model="caser", max_len=5, lr=1e-3, lr_schedule="constant")
-    assert (chosen.max_len, chosen.lr, chosen.lr_schedule) == (5, 1e-3, "constant")
+    assert (sasrec.max_len, sasrec.lr, sasrec.lr_schedule, sasrec.epochs) == (50, 1e-3, "constant", 5)
+    assert train.TrainConfig(model="gru4rec").epochs == 12
+    chosen = train.TrainConfig(model="caser", max_len=5, lr=1e-3, lr_schedule="constant", epochs=3)
+    assert (chosen.max_len, chosen.lr, chosen.lr_schedule, chosen.epochs) == (5, 1e-3, "constant", 3)
     with pytest.raises(ValueError, match=r"model_options: caser takes .*'n_h'.*, not \['heads'\]"):
         train.TrainConfig(model="caser", model_options={"heads": 2})
     with pytest.raises(ValueError, match="model_options: sasrec takes"):
@@ -209,3 +213,69 @@ def test_cli_learning_rate_flags_and_model_defaults(monkeypatch):
     assert [(c.lr, c.lr_schedule) for c in seen] == [(3e-3, "cosine"), (2e-3, "constant"), (1e-3, "cosine")]
     with pytest.raises(SystemExit):
         cli.main([*args, "--lr-schedule", "step"])
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_cli_defaults_are_train_configs(monkeypatch, name):
+    """`fastrec train --model M` runs exactly TrainConfig(model=M): the CLI reads its defaults
+    from TrainConfig (and the per-model ones from MODEL_DEFAULTS), it repeats none of them."""
+    seen = []
+    monkeypatch.setattr(train, "run", lambda config: seen.append(config))
+    assert cli.main(["train", "--model", name]) == 0
+    assert seen == [train.TrainConfig(model=name)]
+    assert seen[0].epochs == train.MODEL_DEFAULTS[name]["epochs"] and seen[0].patience == 3
+
+
+def test_no_time_limit_unless_given(monkeypatch):
+    assert train.TrainConfig().time_limit_s is None
+    seen = []
+    monkeypatch.setattr(train, "run", lambda config: seen.append(config))
+    args = ["train", "--model", "gru4rec", "--data", "synthetic"]
+    for extra in ([], ["--time-limit", "30"], ["--time-limit", "0"]):
+        assert cli.main([*args, *extra]) == 0
+    assert [c.time_limit_s for c in seen] == [None, 30.0, None]
+    monkeypatch.undo()
+    lines = []
+    result = train.run(config(epochs=3), log=lines.append)
+    assert [e.epoch for e in result.epochs] == [1, 2, 3]
+    assert not any("time limit" in line for line in lines)
+
+
+def _script(name: str):
+    """benchmarks/<name>.py as a module."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "name, argv",
+    [
+        ("accuracy", ["--models", "sasrec", "--seeds", "1", "--backends", "fastrec"]),
+        ("sweep", ["--model", "sasrec", "--seeds", "1", "--config", "base="]),
+    ],
+)
+def test_accuracy_scripts_run_the_protocol_whatever_the_default_epochs(monkeypatch, tmp_path, name, argv):
+    """benchmarks/accuracy.py and sweep.py train SASRec for at most 12 epochs with patience 3
+    (train.PROTOCOL), not `fastrec train`'s shorter default run."""
+
+    class Ran(Exception):
+        pass
+
+    def run(config, log=print):
+        raise Ran(config)
+
+    monkeypatch.setattr(train, "run", run)
+    threads = torch.get_num_threads()
+    outputs = ["--json", str(tmp_path / "runs.json")] + (
+        ["--markdown", str(tmp_path / "runs.md")] * (name == "accuracy")
+    )
+    monkeypatch.setattr(sys, "argv", [name, *argv, *outputs])
+    with pytest.raises(Ran) as ran:
+        _script(name).main()
+    torch.set_num_threads(threads)
+    (config,) = ran.value.args
+    assert (config.model, config.epochs, config.patience, config.time_limit_s) == ("sasrec", 12, 3, None)
+    assert train.PROTOCOL == {"epochs": 12, "patience": 3}
