@@ -120,10 +120,10 @@ def test_forced_triton_row_runs_the_triton_kernel():
 def test_forced_row_whose_kernel_did_not_run_fails():
     # Under the default stream the CPU draws torch's masks, which forcing cpp does not change.
     row = _measure(_dropout_case(stream="auto").forced_onto("cpp"))
-    assert row.error == "cpp forced, but ran: torch dropout (torch dropout stream)"
+    assert row.error == "cpp forced, but ran: cpp dropout (torch dropout stream)"
     report = {"environment": {}, "ceilings": {}, "results": [asdict(row)]}
     assert harness.failed(report)
-    assert "| FAILED: cpp forced, but ran: torch dropout" in harness.markdown(_with_env(report))
+    assert "| FAILED: cpp forced, but ran: cpp dropout" in harness.markdown(_with_env(report))
 
 
 def test_forced_row_that_raises_fails_with_the_error():

@@ -258,7 +258,7 @@ def test_torch_stream_draws_torchs_own_masks():
         assert torch.equal(torch.rand(3), after)
         seeded = dropout_ops.dropout(x, 0.3, True, seed=_seed(8, "cpu"))
     assert torch.equal(got, expected)
-    assert fastrec.backends.stats(reset=True)[("dropout", "torch", "torch dropout stream")] == 1
+    assert fastrec.backends.stats(reset=True)[("dropout", "cpp", dropout_ops.TORCH_STREAM)] == 1
     with fastrec.use_backend("torch"):
         assert torch.equal(seeded, dropout_ops.dropout(x, 0.3, True, seed=_seed(8, "cpu")))
 

@@ -94,22 +94,27 @@ class MaskedScaleFunction(torch.autograd.Function):
         return MaskedScaleFunction.apply(grad_out, mask, ctx.scale), None, None
 
 
+TORCH_STREAM = "torch dropout stream"  # the stats reason of calls that draw torch's masks
+
+
 def torch_stream_dropout(x: Tensor, p: float) -> Tensor:
     """``F.dropout(x, p, True)``: the same output, gradient and generator state. Contiguous
     float32/float64 CPU input runs TorchStreamDropoutFunction (~10x faster masks, csrc/dropout.cpp);
     a dense permuted layout runs it on the permuted contiguous view (torch draws in memory order
     and its output keeps x's strides); anything else runs F.dropout itself."""
     fast = HAVE_TORCH_STREAM_CPP and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-    if not fast or torch.compiler.is_compiling():  # compiled: F.dropout, as torch.compile draws it
-        return F.dropout(x, p, True)
-    if x.is_contiguous():
-        return TorchStreamDropoutFunction.apply(x, p)
-    order = sorted(range(x.dim()), key=lambda d: (-x.stride(d), -x.shape[d]))
-    permuted = x.permute(order)
-    if not permuted.is_contiguous():
-        return F.dropout(x, p, True)
-    inverse = sorted(range(x.dim()), key=order.__getitem__)
-    return TorchStreamDropoutFunction.apply(permuted, p).permute(inverse)
+    if fast and not torch.compiler.is_compiling():  # compiled: F.dropout, as torch.compile draws it
+        if x.is_contiguous():
+            backends.count(OP, "cpp", TORCH_STREAM)
+            return TorchStreamDropoutFunction.apply(x, p)
+        order = sorted(range(x.dim()), key=lambda d: (-x.stride(d), -x.shape[d]))
+        permuted = x.permute(order)
+        if permuted.is_contiguous():
+            backends.count(OP, "cpp", TORCH_STREAM)
+            inverse = sorted(range(x.dim()), key=order.__getitem__)
+            return TorchStreamDropoutFunction.apply(permuted, p).permute(inverse)
+    backends.count(OP, "torch", TORCH_STREAM)
+    return F.dropout(x, p, True)
 
 
 class DropoutFunction(torch.autograd.Function):
@@ -160,7 +165,6 @@ def dropout(x: Tensor, p: float, training: bool, seed: int | Tensor | None = Non
         backends.count(OP, "torch", "p == 1")
         return F.dropout(x, p, True)
     if seed is None and backends.torch_masks(x.device):
-        backends.count(OP, "torch", "torch dropout stream")
         return torch_stream_dropout(x, p)
     if seed is None and (route := routing.dropout(x)) is not None:
         backends.count(OP, "torch", route)
