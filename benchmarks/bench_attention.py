@@ -10,11 +10,11 @@ that the benchmark still runs.
 
 import pytest
 
-from fastrec.bench.cases import attention, encoder
+from fastrec.bench.cases import attention
 from fastrec.bench.suite import suite_device, suite_params, suite_run
 
 DEVICE, DTYPE = suite_device()
-CASES = attention.cases(DEVICE, DTYPE, full=False) + encoder.cases(DEVICE, DTYPE, full=False)
+CASES = attention.cases(DEVICE, DTYPE, full=False)
 
 
 @pytest.mark.parametrize("case, side", suite_params(CASES))

@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument(
         "--family",
         action="append",
-        choices=["attention", "rnn", "conv", "caser", "dropout"],
+        choices=["attention", "encoder", "rnn", "conv", "caser", "dropout"],
         help="only this family (repeatable)",
     )
     bench.add_argument("--full", action="store_true", help="the full CPU shape grid (slower)")

@@ -37,4 +37,4 @@ def _inference_case(dtype: torch.dtype, batch: int, length: int = 50) -> Case:
     flops = 2 * batch * length * (4 * embed * embed + 2 * embed * ff) + 2 * batch * length * length * embed
     io = 2 * batch * length * embed * dtype.itemsize
     shape = f"B={batch} L={length} E={embed} H={heads} F={ff} causal"
-    return Case("attention", "encoder layer, eval", shape, dtype_name(dtype), "forward", fns, flops, io)
+    return Case("encoder", "encoder layer, eval", shape, dtype_name(dtype), "forward", fns, flops, io)
