@@ -1,4 +1,4 @@
-"""pytest-benchmark suite for conv (fused conv rows and the Caser block): the cases of ``fastrec bench``.
+"""pytest-benchmark suite for conv (the fused conv rows): the cases of ``fastrec bench``.
 
     pytest benchmarks/bench_conv.py --benchmark-enable --benchmark-group-by=param:case
 
@@ -13,7 +13,7 @@ import pytest
 from fastrec import bench
 
 DEVICE, DTYPE = bench.suite_device()
-CASES = bench.conv_cases(DEVICE, DTYPE, full=False) + bench.caser_cases(DEVICE, DTYPE, full=False)
+CASES = bench.conv_cases(DEVICE, DTYPE, full=False)
 
 
 @pytest.mark.parametrize("case, side", bench.suite_params(CASES))
