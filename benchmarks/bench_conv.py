@@ -1,4 +1,4 @@
-"""pytest-benchmark suite for conv (fused conv rows and the Caser block): the cases of ``fastrec bench``.
+"""pytest-benchmark suite for conv (the fused conv rows): the cases of ``fastrec bench``.
 
     pytest benchmarks/bench_conv.py --benchmark-enable --benchmark-group-by=param:case
 
@@ -10,11 +10,11 @@ that the benchmark still runs.
 
 import pytest
 
-from fastrec.bench.cases import caser, conv
+from fastrec.bench.cases import conv
 from fastrec.bench.suite import suite_device, suite_params, suite_run
 
 DEVICE, DTYPE = suite_device()
-CASES = conv.cases(DEVICE, DTYPE, full=False) + caser.cases(DEVICE, DTYPE, full=False)
+CASES = conv.cases(DEVICE, DTYPE, full=False)
 
 
 @pytest.mark.parametrize("case, side", suite_params(CASES))

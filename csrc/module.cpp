@@ -2,8 +2,9 @@
 //
 // The module itself is empty: the kernels are registered with the dispatcher by
 // TORCH_LIBRARY_FRAGMENT blocks in the other translation units (attention.cpp, encoder.cpp,
-// rnn.cpp, conv.cpp, dropout.cpp), which run when this shared library is loaded. Only <Python.h>
-// is included here so that this file compiles in a second, not in the ~40 s a torch header costs.
+// rnn.cpp, conv.cpp, caser.cpp, dropout.cpp), which run when this shared library is loaded. Only
+// <Python.h> is included here so that this file compiles in a second, not in the ~40 s a torch
+// header costs.
 #include <Python.h>
 
 static struct PyModuleDef fastrec_c_module = {

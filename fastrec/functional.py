@@ -1,4 +1,7 @@
-"""The functional API: validate the arguments, put masks in canonical form, call the ops."""
+"""The functional API: validate the arguments, put masks in canonical form, call the ops.
+
+One section per op family, in the package's op order: attention, rnn, conv, caser, dropout.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +13,11 @@ from torch import Tensor
 
 from fastrec import backends
 from fastrec.ops import attention as attention_ops
+from fastrec.ops import caser as caser_ops
 from fastrec.ops import conv as conv_ops
 from fastrec.ops import dropout as dropout_ops
 from fastrec.ops import rnn as rnn_ops
+from fastrec.ops._conv_common import ACTIVATIONS
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -21,6 +26,9 @@ def _shape(t: Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
+# =============================================================================================
+# attention
+# =============================================================================================
 def attention(
     q: Tensor,
     k: Tensor,
@@ -98,22 +106,6 @@ def attention(
     )
 
 
-def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
-    """``F.dropout`` with fastrec's fused kernel: each element is zeroed with probability ``p``
-    and the others scaled by ``1 / (1 - p)``, in one pass with no mask tensor (the backward
-    recomputes the mask from a seed drawn from torch's generator, so ``torch.manual_seed`` makes
-    runs reproducible). Not training or ``p == 0``: ``input`` itself. ``inplace=True`` runs
-    ``F.dropout`` (counted in ``fastrec.stats()``).
-    """
-    if not isinstance(input, Tensor):
-        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    dropout_ops.check_p(p)
-    if inplace and training and p > 0.0:
-        backends.count(dropout_ops.OP, "torch", "inplace=True")
-        return F.dropout(input, p, training, inplace=True)
-    return dropout_ops.dropout(input, p, training)
-
-
 def _is_zero_or_neginf(mask: Tensor) -> bool:
     """Whether a float mask is a bool mask in disguise (checked on the CPU only: no sync)."""
     if mask.device.type != "cpu" or mask.requires_grad or torch.compiler.is_compiling():
@@ -166,6 +158,9 @@ def _check_lengths(lengths: Tensor, q: Tensor, batch: int, len_k: int) -> Tensor
     return lengths
 
 
+# =============================================================================================
+# rnn: layers (RNN, GRU, LSTM) and cells
+# =============================================================================================
 _RNN_MODES = ("tanh", "relu", "gru", "lstm")
 _RNN_GATES = {"tanh": 1, "relu": 1, "gru": 3, "lstm": 4}
 RNNWeights = list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]]
@@ -339,147 +334,6 @@ def _check_rnn_lengths(lengths: Tensor, x: Tensor, batch: int, steps: int) -> Te
     return lengths.to(device=x.device, dtype=torch.int32).contiguous()
 
 
-# --------------------------------------------------------------------------- convolution
-def _int_tuple(name: str, value, dims: int, minimum: int) -> tuple[int, ...]:
-    """An int or a ``dims``-tuple of ints, each ``>= minimum``, as a tuple."""
-    if type(value) is int and value >= minimum:  # the common case, checked cheaply (per call)
-        return (value,) * dims
-    values = (value,) * dims if isinstance(value, int) and not isinstance(value, bool) else value
-    if (
-        not isinstance(values, (tuple, list))
-        or len(values) != dims
-        or not all(isinstance(v, int) and not isinstance(v, bool) for v in values)
-    ):
-        raise TypeError(f"{name} must be an int or a tuple of {dims} ints, got {value!r}")
-    if any(v < minimum for v in values):
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return tuple(values)
-
-
-def _conv(input, weight, bias, stride, padding, dilation, groups, act, pool, dims: int) -> Tensor:
-    """conv1d / conv2d: validate in torch's argument forms, then the canonical 2-D op."""
-    fn = f"conv{dims}d"
-    for name, t in (("input", input), ("weight", weight)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if weight.dim() != dims + 2:
-        raise ValueError(
-            f"weight must be {dims + 2}-D (out_channels, in_channels / groups, *kernel), got shape {_shape(weight)}"
-        )
-    if input.dim() not in (dims + 1, dims + 2):
-        raise ValueError(
-            f"input must be {dims + 2}-D (N, C, *spatial) or {dims + 1}-D unbatched for {fn}, got shape {_shape(input)}"
-        )
-    if input.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"input must be float16, bfloat16, float32 or float64, got {input.dtype}")
-    if weight.dtype != input.dtype or weight.device != input.device:
-        raise TypeError(
-            f"weight must have input's dtype and device ({input.dtype}, {input.device}), "
-            f"got ({weight.dtype}, {weight.device})"
-        )
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
-    if act not in conv_ops.ACTS:
-        raise ValueError(f"act must be one of {conv_ops.ACTS}, got {act!r}")
-    stride = _int_tuple("stride", stride, dims, 1)
-    dilation = _int_tuple("dilation", dilation, dims, 1)
-    pool = _int_tuple("pool", pool, dims, 1)
-    unbatched = input.dim() == dims + 1
-    x = input.unsqueeze(0) if unbatched else input
-    out_channels, in_per_group = weight.shape[0], weight.shape[1]
-    if x.shape[1] != in_per_group * groups:
-        raise ValueError(
-            f"input must have weight.size(1) * groups = {in_per_group * groups} channels, got {x.shape[1]} "
-            f"(input {_shape(input)}, weight {_shape(weight)}, groups {groups})"
-        )
-    if out_channels % groups != 0:
-        raise ValueError(f"weight.size(0) = {out_channels} out_channels must be divisible by groups = {groups}")
-    if bias is not None:
-        if not isinstance(bias, Tensor):
-            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if _shape(bias) != (out_channels,):
-            raise ValueError(f"bias must be (out_channels,) = ({out_channels},), got {_shape(bias)}")
-        if bias.dtype != input.dtype or bias.device != input.device:
-            raise TypeError(f"bias must have input's dtype and device ({input.dtype}, {input.device})")
-    kernel = tuple(weight.shape[2:])
-    spatial = tuple(x.shape[2:])
-    if isinstance(padding, str):
-        if padding == "valid":
-            before, after = (0,) * dims, (0,) * dims
-        elif padding == "same":
-            if any(s != 1 for s in stride):
-                raise ValueError(f"padding='same' needs stride 1, got stride {stride}")
-            total = tuple(d * (k - 1) for d, k in zip(dilation, kernel, strict=True))
-            before = tuple(t // 2 for t in total)
-            after = tuple(t - t // 2 for t in total)
-        else:
-            raise ValueError(f"padding must be 'same', 'valid', an int or a tuple of {dims} ints, got {padding!r}")
-    else:
-        before = after = _int_tuple("padding", padding, dims, 0)
-    padded = tuple(s + a + b for s, a, b in zip(spatial, before, after, strict=True))
-    reach = tuple(d * (k - 1) + 1 for d, k in zip(dilation, kernel, strict=True))
-    if any(r > p for r, p in zip(reach, padded, strict=True)):
-        raise ValueError(f"weight's kernel {kernel} (dilated extent {reach}) is larger than the padded input {padded}")
-    conv_out = tuple((p - r) // s + 1 for p, r, s in zip(padded, reach, stride, strict=True))
-    if any(k > c for k, c in zip(pool, conv_out, strict=True)):
-        raise ValueError(f"pool {pool} is larger than the convolution output {conv_out}")
-    if after != before:  # 'same' with an even extent: torch pads the extra element at the end
-        extra = [a - b for a, b in zip(after, before, strict=True)]
-        x = F.pad(x, [v for e in reversed(extra) for v in (0, e)])
-    if (dtype := backends.autocast_dtype(x.device.type)) is not None:
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    if dims == 1:
-        x, weight = x.unsqueeze(2), weight.unsqueeze(2)
-        stride, dilation, pool = ((1, *v) for v in (stride, dilation, pool))
-        before = (0, *before)
-    y = conv_ops.conv(x, weight, bias, stride, before, dilation, groups, act, pool)
-    if dims == 1:
-        y = y.squeeze(2)
-    return y.squeeze(0) if unbatched else y
-
-
-def conv2d(
-    input: Tensor,
-    weight: Tensor,
-    bias: Tensor | None = None,
-    stride: int | tuple[int, int] = 1,
-    padding: str | int | tuple[int, int] = 0,
-    dilation: int | tuple[int, int] = 1,
-    groups: int = 1,
-    *,
-    act: str = "none",
-    pool: int | tuple[int, int] = 1,
-) -> Tensor:
-    """``F.conv2d`` (same arguments) followed by ``act`` and a ``pool x pool`` max-pool with
-    stride ``pool`` (``F.max_pool2d(a, pool)``), fused: the conv output is never written.
-
-    ``act`` is one of ``"none"``, ``"relu"``, ``"gelu"`` (exact), ``"tanh"``, ``"sigmoid"``;
-    ``pool=1`` means no pool. Input ``(N, C, H, W)`` or unbatched ``(C, H, W)``.
-    """
-    return _conv(input, weight, bias, stride, padding, dilation, groups, act, pool, 2)
-
-
-def conv1d(
-    input: Tensor,
-    weight: Tensor,
-    bias: Tensor | None = None,
-    stride: int | tuple[int] = 1,
-    padding: str | int | tuple[int] = 0,
-    dilation: int | tuple[int] = 1,
-    groups: int = 1,
-    *,
-    act: str = "none",
-    pool: int | tuple[int] = 1,
-) -> Tensor:
-    """``F.conv1d`` (same arguments) followed by ``act`` and ``F.max_pool1d(a, pool)``, fused.
-
-    Input ``(N, C, L)`` or unbatched ``(C, L)``; ``pool`` equal to the output length is
-    max-over-time.
-    """
-    return _conv(input, weight, bias, stride, padding, dilation, groups, act, pool, 1)
-
-
 def rnn_tanh_cell(
     input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None, b_hh: Tensor | None = None
 ) -> Tensor:
@@ -553,10 +407,151 @@ def _cell(mode, input, h, c, w_ih, w_hh, b_ih, b_hh):
 
 
 # =============================================================================================
-# Caser block
+# conv: conv1d / conv2d with a fused activation and max-pool
 # =============================================================================================
+def conv2d(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: str | int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+    *,
+    act: str = "none",
+    pool: int | tuple[int, int] = 1,
+) -> Tensor:
+    """``F.conv2d`` (same arguments) followed by ``act`` and a ``pool x pool`` max-pool with
+    stride ``pool`` (``F.max_pool2d(a, pool)``), fused: the conv output is never written.
+
+    ``act`` is one of ``"none"``, ``"relu"``, ``"gelu"`` (exact), ``"tanh"``, ``"sigmoid"``;
+    ``pool=1`` means no pool. Input ``(N, C, H, W)`` or unbatched ``(C, H, W)``.
+    """
+    return _conv(input, weight, bias, stride, padding, dilation, groups, act, pool, 2)
 
 
+def conv1d(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int | tuple[int] = 1,
+    padding: str | int | tuple[int] = 0,
+    dilation: int | tuple[int] = 1,
+    groups: int = 1,
+    *,
+    act: str = "none",
+    pool: int | tuple[int] = 1,
+) -> Tensor:
+    """``F.conv1d`` (same arguments) followed by ``act`` and ``F.max_pool1d(a, pool)``, fused.
+
+    Input ``(N, C, L)`` or unbatched ``(C, L)``; ``pool`` equal to the output length is
+    max-over-time.
+    """
+    return _conv(input, weight, bias, stride, padding, dilation, groups, act, pool, 1)
+
+
+def _conv(input, weight, bias, stride, padding, dilation, groups, act, pool, dims: int) -> Tensor:
+    """conv1d / conv2d: validate in torch's argument forms, then the canonical 2-D op."""
+    fn = f"conv{dims}d"
+    for name, t in (("input", input), ("weight", weight)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if weight.dim() != dims + 2:
+        raise ValueError(
+            f"weight must be {dims + 2}-D (out_channels, in_channels / groups, *kernel), got shape {_shape(weight)}"
+        )
+    if input.dim() not in (dims + 1, dims + 2):
+        raise ValueError(
+            f"input must be {dims + 2}-D (N, C, *spatial) or {dims + 1}-D unbatched for {fn}, got shape {_shape(input)}"
+        )
+    if input.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"input must be float16, bfloat16, float32 or float64, got {input.dtype}")
+    if weight.dtype != input.dtype or weight.device != input.device:
+        raise TypeError(
+            f"weight must have input's dtype and device ({input.dtype}, {input.device}), "
+            f"got ({weight.dtype}, {weight.device})"
+        )
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    stride = _int_tuple("stride", stride, dims, 1)
+    dilation = _int_tuple("dilation", dilation, dims, 1)
+    pool = _int_tuple("pool", pool, dims, 1)
+    unbatched = input.dim() == dims + 1
+    x = input.unsqueeze(0) if unbatched else input
+    out_channels, in_per_group = weight.shape[0], weight.shape[1]
+    if x.shape[1] != in_per_group * groups:
+        raise ValueError(
+            f"input must have weight.size(1) * groups = {in_per_group * groups} channels, got {x.shape[1]} "
+            f"(input {_shape(input)}, weight {_shape(weight)}, groups {groups})"
+        )
+    if out_channels % groups != 0:
+        raise ValueError(f"weight.size(0) = {out_channels} out_channels must be divisible by groups = {groups}")
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if _shape(bias) != (out_channels,):
+            raise ValueError(f"bias must be (out_channels,) = ({out_channels},), got {_shape(bias)}")
+        if bias.dtype != input.dtype or bias.device != input.device:
+            raise TypeError(f"bias must have input's dtype and device ({input.dtype}, {input.device})")
+    kernel = tuple(weight.shape[2:])
+    spatial = tuple(x.shape[2:])
+    if isinstance(padding, str):
+        if padding == "valid":
+            before, after = (0,) * dims, (0,) * dims
+        elif padding == "same":
+            if any(s != 1 for s in stride):
+                raise ValueError(f"padding='same' needs stride 1, got stride {stride}")
+            total = tuple(d * (k - 1) for d, k in zip(dilation, kernel, strict=True))
+            before = tuple(t // 2 for t in total)
+            after = tuple(t - t // 2 for t in total)
+        else:
+            raise ValueError(f"padding must be 'same', 'valid', an int or a tuple of {dims} ints, got {padding!r}")
+    else:
+        before = after = _int_tuple("padding", padding, dims, 0)
+    padded = tuple(s + a + b for s, a, b in zip(spatial, before, after, strict=True))
+    reach = tuple(d * (k - 1) + 1 for d, k in zip(dilation, kernel, strict=True))
+    if any(r > p for r, p in zip(reach, padded, strict=True)):
+        raise ValueError(f"weight's kernel {kernel} (dilated extent {reach}) is larger than the padded input {padded}")
+    conv_out = tuple((p - r) // s + 1 for p, r, s in zip(padded, reach, stride, strict=True))
+    if any(k > c for k, c in zip(pool, conv_out, strict=True)):
+        raise ValueError(f"pool {pool} is larger than the convolution output {conv_out}")
+    if after != before:  # 'same' with an even extent: torch pads the extra element at the end
+        extra = [a - b for a, b in zip(after, before, strict=True)]
+        x = F.pad(x, [v for e in reversed(extra) for v in (0, e)])
+    if (dtype := backends.autocast_dtype(x.device.type)) is not None:
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    if dims == 1:
+        x, weight = x.unsqueeze(2), weight.unsqueeze(2)
+        stride, dilation, pool = ((1, *v) for v in (stride, dilation, pool))
+        before = (0, *before)
+    y = conv_ops.conv(x, weight, bias, stride, before, dilation, groups, act, pool)
+    if dims == 1:
+        y = y.squeeze(2)
+    return y.squeeze(0) if unbatched else y
+
+
+def _int_tuple(name: str, value, dims: int, minimum: int) -> tuple[int, ...]:
+    """An int or a ``dims``-tuple of ints, each ``>= minimum``, as a tuple."""
+    if type(value) is int and value >= minimum:  # the common case, checked cheaply (per call)
+        return (value,) * dims
+    values = (value,) * dims if isinstance(value, int) and not isinstance(value, bool) else value
+    if (
+        not isinstance(values, (tuple, list))
+        or len(values) != dims
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+    ):
+        raise TypeError(f"{name} must be an int or a tuple of {dims} ints, got {value!r}")
+    if any(v < minimum for v in values):
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return tuple(values)
+
+
+# =============================================================================================
+# caser: Caser's convolution block
+# =============================================================================================
 def caser(
     E: Tensor,
     w_h: Sequence[Tensor],
@@ -587,8 +582,8 @@ def caser(
     if length < 1 or dim < 1:
         raise ValueError(f"E must have L >= 1 and d >= 1, got shape {_shape(E)}")
     for name, act in (("act_h", act_h), ("act_v", act_v)):
-        if act not in conv_ops.ACTIVATIONS:
-            raise ValueError(f"{name} must be one of {conv_ops.ACTIVATIONS}, got {act!r}")
+        if act not in ACTIVATIONS:
+            raise ValueError(f"{name} must be one of {ACTIVATIONS}, got {act!r}")
     if isinstance(w_h, Tensor) or not isinstance(w_h, Sequence):
         raise TypeError(f"w_h must be a sequence of L = {length} tensors, got {type(w_h).__name__}")
     if len(w_h) != length:
@@ -614,7 +609,7 @@ def caser(
         w_h = [w.to(dtype) for w in w_h]
         b_h = None if b_h is None else [b.to(dtype) for b in b_h]
         b_v = None if b_v is None else b_v.to(dtype)
-    return conv_ops.caser(E, tuple(w_h), None if b_h is None else tuple(b_h), w_v, b_v, act_h, act_v)
+    return caser_ops.caser(E, tuple(w_h), None if b_h is None else tuple(b_h), w_v, b_v, act_h, act_v)
 
 
 def _all_match(tensors: Sequence[Tensor], shapes: list[tuple[int, ...]], E: Tensor) -> bool:
@@ -652,3 +647,29 @@ def _check_caser_bias(name: str, b: Tensor, E: Tensor, out: int) -> None:
         raise TypeError(f"{name} must have E's dtype {E.dtype}, got {b.dtype}")
     if b.device != E.device:
         raise ValueError(f"{name} must be on E's device {E.device}, got {b.device}")
+
+
+# =============================================================================================
+# dropout
+# =============================================================================================
+def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
+    """``F.dropout`` through fastrec: each element is zeroed with probability ``p`` and the
+    others scaled by ``1 / (1 - p)``. Not training or ``p == 0``: ``input`` itself.
+    ``inplace=True`` runs ``F.dropout`` (counted in ``fastrec.stats()``).
+
+    Masks (``fastrec.use_dropout_stream``): the default stream, ``"auto"``, takes torch's masks,
+    on the CPU with ``F.dropout``'s own output, gradient and generator state (drawn bit for bit
+    by fastrec, csrc/dropout.cpp) and on CUDA by running ``F.dropout`` itself (torch's kernel
+    launches faster at recommender sizes); fastrec's Philox masks only where a backend is forced
+    on CUDA or the triton backend on the CPU. Philox masks are drawn in one fused pass with no
+    mask tensor, and the backward recomputes them from a seed drawn from torch's generator, so
+    ``torch.manual_seed`` makes runs reproducible. ``"fastrec"`` draws Philox masks wherever
+    fastrec's kernels run, ``"torch"`` torch's masks everywhere.
+    """
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    dropout_ops.check_p(p)
+    if inplace and training and p > 0.0:
+        backends.count(dropout_ops.OP, "torch", "inplace=True")
+        return F.dropout(input, p, training, inplace=True)
+    return dropout_ops.dropout(input, p, training)

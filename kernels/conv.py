@@ -8,7 +8,8 @@ offset must be below 2**31, which the launchers check (ValueError; the caller ro
 problems elsewhere).
 Layout of this file, top-down:
 
-1. ``@triton.jit`` helpers: activation and its derivative, the first-maximum pool reduction.
+1. ``@triton.jit`` helper: the first-maximum pool reduction (the activations and their
+   derivatives are in ``_conv_common.py``, shared with the Caser kernels).
 2. Kernels
    - ``_conv_forward_kernel``: grid (cdiv(N*Hp*Wp, BLOCK_P), groups * cdiv(O/groups, BLOCK_O)).
      The GEMM rows of a program are BLOCK_P pooled outputs x WIN_BLOCK window positions, so the
@@ -39,63 +40,26 @@ at once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+from fastrec.kernels._conv_common import (
+    TRITON_DTYPES,
+    KernelVariant,
+    activate,
+    activation_backward,
+    activation_code,
+)
 from fastrec.kernels._host import cdiv, launcher, next_power_of_2
 
-ACTIVATIONS = ("none", "relu", "gelu", "tanh", "sigmoid")  # constexpr ACT = index in this tuple
-ACT_NONE, ACT_RELU, ACT_GELU, ACT_TANH, ACT_SIGMOID = range(5)
 WIN_BLOCKS = (4, 16, 64)  # pool-window rows per GEMM tile (1 when not pooled)
 
 
 # ------------------------------------------------------------------------------------------------
 # jit helpers
 # ------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _tanh(z):
-    """tanh from exp (the interpreter has no libdevice tanh): sign(z) (1 - e) / (1 + e), e = exp(-2|z|)."""
-    e = tl.exp(-2.0 * tl.abs(z))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(z < 0, -t, t)
-
-
-@triton.jit
-def _activate(z, ACT: tl.constexpr):
-    """act(z) in z's dtype; NaN stays NaN (relu included, as torch)."""
-    if ACT == 1:
-        return tl.where(z < 0, 0.0, z)
-    elif ACT == 2:
-        return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
-    elif ACT == 3:
-        return _tanh(z)
-    elif ACT == 4:
-        return 1.0 / (1.0 + tl.exp(-z))
-    else:
-        return z
-
-
-@triton.jit
-def _activation_backward(g, z, ACT: tl.constexpr):
-    """g * act'(z); relu: 0 where z <= 0, else g (torch's threshold_backward: a NaN z passes g)."""
-    if ACT == 1:
-        return tl.where(z <= 0, 0.0, g)
-    elif ACT == 2:
-        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
-        pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327  # 1 / sqrt(2 pi)
-        return g * (cdf + z * pdf)
-    elif ACT == 3:
-        t = _tanh(z)
-        return g * (1.0 - t * t)
-    elif ACT == 4:
-        s = 1.0 / (1.0 + tl.exp(-z))
-        return g * (s * (1.0 - s))
-    else:
-        return g
 
 
 @triton.jit
@@ -230,7 +194,7 @@ def _conv_forward_kernel(
                 w_tile = w_tile.to(compute_dtype)
             acc = tl.dot(a_tile, w_tile, acc, input_precision=DOT_PRECISION, out_dtype=compute_dtype)
         z = acc + bias[None, :]
-        act = _activate(z, ACT)
+        act = activate(z, ACT)
         if POOLED:
             e3 = tl.reshape(e, (BLOCK_P, WIN_BLOCK, 1))
             value, z_at, index, has_nan = _pool_chunk(
@@ -290,7 +254,7 @@ def _epilogue_backward_kernel(
     g = tl.load(GradY + offs, mask=ok, other=0.0).to(compute_dtype)
     if ACT != 0:
         z = tl.load(SavedZ + offs, mask=ok, other=0.0).to(compute_dtype)
-        g = _activation_backward(g, z, ACT)
+        g = activation_backward(g, z, ACT)
     g = g.to(GradZ.dtype.element_ty)
     if POOLED:
         pooled_hw = pooled_h * pooled_w
@@ -538,7 +502,6 @@ _EPILOGUE_BLOCK = {"16": 1024, "32": 1024, "64": 512}
 # The interpreter's cost grows with programs x operations, not tile size: big tiles there.
 _INTERPRETER_ROWS = 64
 _DTYPE_CLASS = {torch.float16: "16", torch.bfloat16: "16", torch.float32: "32", torch.float64: "64"}
-_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 WEIGHT_SPLIT_MIN_STEPS = 4  # a split of the weight-gradient reduction walks at least this many BLOCK_R
 
 
@@ -594,12 +557,6 @@ def _pair(v, name: str) -> tuple[int, int]:
     return int(v[0]), int(v[1])
 
 
-def _activation_code(act: str) -> int:
-    if act not in ACTIVATIONS:
-        raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
-    return ACTIVATIONS.index(act)
-
-
 def _check_int32_offsets(**tensors: torch.Tensor) -> None:
     """ValueError naming the first tensor whose largest element offset does not fit int32."""
     for name, t in tensors.items():
@@ -635,7 +592,7 @@ def conv_forward(
         _pair(dilation, "dilation"),
         _pair(pool, "pool"),
     )
-    act_code = _activation_code(act)
+    act_code = activation_code(act)
     batch, channels, height, width = x.shape
     out_channels, channels_per_group, kernel_h, kernel_w = w.shape
     out_h = conv_output_size(height, kernel_h, sh, ph, dh)
@@ -711,7 +668,7 @@ def epilogue_backward(
     """dz (N, O, Ho, Wo) contiguous, dtype of grad_y: grad_y * act'(saved_z) at the argmax position
     of each window, zero elsewhere (and at the conv outputs no window covers). With act "none"
     and no pool it is a copy of grad_y (the caller may skip it)."""
-    act_code = _activation_code(act)
+    act_code = activation_code(act)
     pool_h, pool_w = _pair(pool, "pool")
     pooled = (pool_h, pool_w) != (1, 1)
     batch, channels, out_h, out_w = (int(s) for s in conv_out_shape)
@@ -878,23 +835,6 @@ ACT_FLAGS = ("", "RELU", "GELU", "TANH", "SIGMOID")  # the flag naming each act 
 COVERAGE_ALTERNATE_FLAGS = ("ALLOW_TF32", "HAS_BIAS")
 
 
-@dataclass
-class KernelVariant:
-    """One GPU compilation unit: triton.compile(ASTSource(fn, signature, constexprs, attrs))."""
-
-    name: str  # e.g. "conv.forward[fp16,O=64,WIN=4,RELU+POOLED]"
-    fn: object  # the @triton.jit function
-    signature: dict  # argument name -> Triton type ("*fp16", "i32", "constexpr")
-    constexprs: dict  # argument name -> value
-    attrs: dict  # (arg index,) -> [["tt.divisibility", 16]] for 16-aligned pointers
-    options: dict = field(default_factory=dict)  # num_warps, num_stages
-    dtype: str = ""  # Triton dtype of x / dz: fp16, bf16, fp32, fp64
-    flags: tuple = ()  # the constexpr flags that are on
-    kernel: str = ""  # forward, epilogue_backward, input, weight
-    bucket: str = ""  # block-config key: "O=64,WIN=4"
-    spills_expected: str = ""  # non-empty: known to spill, and why (reported, not failed)
-
-
 _UNIT_STRIDES = ("stride_xw", "stride_gw")  # contiguous inputs: the JIT specialises a stride of 1
 
 
@@ -927,7 +867,7 @@ def _conv_variants() -> list[KernelVariant]:
     (x ALLOW_TF32).
     """
     variants = []
-    for torch_dtype, dt in _TRITON_DTYPE.items():
+    for torch_dtype, dt in TRITON_DTYPES.items():
         dclass = _DTYPE_CLASS[torch_dtype]
         tf32_options = (False, True) if torch_dtype == torch.float32 else (False,)
         buckets = sorted({column_bucket(torch_dtype, c) for c in COLUMN_BUCKETS})
@@ -1067,7 +1007,7 @@ def _epilogue_forward_kernel(
         run_nan = tl.zeros([BLOCK], dtype=tl.int1)
         for e in range(0, pool_h * pool_w):
             z = tl.load(Z + base + (e // pool_w) * out_w + e % pool_w, mask=ok, other=0.0).to(compute_dtype) + bias
-            a = _activate(z, ACT)
+            a = activate(z, ACT)
             is_nan = a != a
             # e == 0 seeds the window (an all -inf window's winner is its first place).
             take = (e == 0) | is_nan | ((run_nan == 0) & (a > run_value))
@@ -1078,7 +1018,7 @@ def _epilogue_forward_kernel(
         tl.store(Argmax + offs, run_index, mask=ok)
     else:
         run_z = tl.load(Z + offs, mask=ok, other=0.0).to(compute_dtype) + bias
-        run_value = _activate(run_z, ACT)
+        run_value = activate(run_z, ACT)
     tl.store(Y + offs, run_value.to(Y.dtype.element_ty), mask=ok)
     if ACT != 0:
         tl.store(SavedZ + offs, run_z.to(SavedZ.dtype.element_ty), mask=ok)
@@ -1092,7 +1032,7 @@ def epilogue_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, saved_z, argmax) as ``conv_forward`` returns them, from the convolution output z
     (N, O, Ho, Wo) computed without bias (cuDNN's) and ``bias`` (O,) or None of z's dtype."""
-    act_code = _activation_code(act)
+    act_code = activation_code(act)
     pool_h, pool_w = _pair(pool, "pool")
     if z.dim() != 4:
         raise ValueError(f"z must be (N, O, Ho, Wo), got shape {tuple(z.shape)}")
@@ -1135,7 +1075,7 @@ def epilogue_forward(
 def _epilogue_forward_variants() -> list[KernelVariant]:
     """dtype x act (5) x POOLED x HAS_BIAS: every variant ``epilogue_forward`` can pick."""
     variants = []
-    for torch_dtype, dt in _TRITON_DTYPE.items():
+    for torch_dtype, dt in TRITON_DTYPES.items():
         block = _EPILOGUE_FORWARD_BLOCK[_DTYPE_CLASS[torch_dtype]]
         for act_code, act_flag in enumerate(ACT_FLAGS):
             for pooled in (False, True):
@@ -1155,616 +1095,14 @@ def _epilogue_forward_variants() -> list[KernelVariant]:
     return variants
 
 
-# =============================================================================================
-# Caser block
-# =============================================================================================
-# Contract: fastrec/ops/conv.py, Caser section. Kernels:
-# - ``_caser_horizontal_forward_kernel``: grid (batch blocks, heights k, filter blocks). For each
-#   t < L - k the window E[b, t:t+k+1, :] is one contiguous run of (k+1) d values, so z for a
-#   (BLOCK_B, BLOCK_F) tile is a dot of the windows with the filters (BLOCK_K at a time);
-#   the activation, running max over t and argmax stay in registers. Only valid windows are
-#   computed.
-# - ``_caser_vertical_forward_kernel``: grid (B, filter blocks, d blocks): sum over l of
-#   w_v[v, l] E[b, l, :], bias, activation.
-# - ``_caser_grad_epilogue_kernel``: g = grad * act'(z) and its column sums (the bias gradients),
-#   for the horizontal maxima and the vertical outputs.
-# - ``_caser_input_grad_kernel``: grid (batch blocks, positions p, d blocks). grad_E[b, p] =
-#   sum over (k, f) whose maximum window covers p (i = p - t* in [0, k]) of g w_h[k][f, i] (a
-#   gathered, masked load: weights outside a window are not read) + the vertical part.
-# - ``_caser_weight_grad_kernel``: grid (heights x rows (k, i), filter blocks, d blocks):
-#   grad_w_h[k][f, i] = sum_b g[b, k, f] E[b, t*[b, k, f] + i] (a gathered load per (b, f)).
-# - ``_caser_vertical_weight_grad_kernel``: grid (nv,): grad_w_v[v, l] = sum_b,j gv E[b, l, j].
-# No atomics: every output element is written by one program, in a fixed order (deterministic).
-# fp64 computes in fp64, everything else in fp32 (fp16/bf16 dots in the input dtype with fp32
-# accumulation; fp32 dots in ieee fp32 unless ALLOW_TF32). UPCAST_INPUTS (interpreter) casts the
-# forward's dot inputs to fp32 first: the interpreter's bf16 is broken.
-
-ACT_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
-
-
-@launcher
-@triton.jit(do_not_specialize=["B", "L"])
-def _caser_horizontal_forward_kernel(
-    E,  # (B, L, d) contiguous
-    W,  # (nh * d * L (L+1) / 2,): w_h[k] (nh, 1, k+1, d) flattened, concatenated over k
-    Bias,  # (L, nh) contiguous (row k: bias of height k+1); not read without HAS_BIAS
-    OutH,  # (B, L * nh) out: max over t of act(z), E's dtype
-    ZH,  # (B, L * nh) out: z at that maximum, E's dtype
-    ArgMax,  # (B, L * nh) out, int32: t of that maximum
-    B,
-    L,
-    d,
-    nh,
-    ACT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    ALLOW_TF32: tl.constexpr,
-    UPCAST_INPUTS: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_F: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    DOT_PRECISION: tl.constexpr = "tf32" if ALLOW_TF32 else "ieee"
-    compute_dtype = tl.float64 if E.dtype.element_ty == tl.float64 else tl.float32
-    k = tl.program_id(1)
-    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    offs_f = tl.program_id(2) * BLOCK_F + tl.arange(0, BLOCK_F)
-    offs_k = tl.arange(0, BLOCK_K)
-    b_ok = offs_b < B
-    f_ok = offs_f < nh
-    window = (k + 1) * d
-    rows = E + offs_b.to(tl.int64) * (L * d)  # (BLOCK_B,) start of each E[b]
-    filters = W + nh * d * (k * (k + 1) // 2) + offs_f * window  # (BLOCK_F,) start of w_h[k][f]
-    if HAS_BIAS:
-        bias = tl.load(Bias + k * nh + offs_f, mask=f_ok, other=0.0).to(compute_dtype)
-    else:
-        bias = tl.zeros((BLOCK_F,), dtype=compute_dtype)
-    best = tl.full((BLOCK_B, BLOCK_F), float("-inf"), compute_dtype)
-    best_z = tl.zeros((BLOCK_B, BLOCK_F), dtype=compute_dtype)
-    best_t = tl.zeros((BLOCK_B, BLOCK_F), dtype=tl.int32)
-    for t in range(0, L - k):
-        acc = tl.zeros((BLOCK_B, BLOCK_F), dtype=compute_dtype)
-        for k0 in range(0, window, BLOCK_K):
-            kk = k0 + offs_k
-            kk_ok = kk < window
-            e = tl.load(rows[:, None] + t * d + kk[None, :], mask=b_ok[:, None] & kk_ok[None, :], other=0.0)
-            w = tl.load(filters[None, :] + kk[:, None], mask=kk_ok[:, None] & f_ok[None, :], other=0.0)
-            if UPCAST_INPUTS:
-                e = e.to(compute_dtype)
-                w = w.to(compute_dtype)
-            acc = tl.dot(e, w, acc, input_precision=DOT_PRECISION, out_dtype=compute_dtype)
-        z = acc + bias[None, :]
-        a = _activate(z, ACT)
-        # max_pool1d's order: the first maximum wins, and a NaN wins over any number.
-        take = (a > best) | ((a != a) & (best == best)) | (t == 0)
-        best = tl.where(take, a, best)
-        best_z = tl.where(take, z, best_z)
-        best_t = tl.where(take, t, best_t)
-    out = offs_b.to(tl.int64)[:, None] * (L * nh) + k * nh + offs_f[None, :]
-    mask = b_ok[:, None] & f_ok[None, :]
-    tl.store(OutH + out, best.to(OutH.dtype.element_ty), mask=mask)
-    tl.store(ZH + out, best_z.to(ZH.dtype.element_ty), mask=mask)
-    tl.store(ArgMax + out, best_t, mask=mask)
-
-
-@launcher
-@triton.jit(do_not_specialize=["L"])
-def _caser_vertical_forward_kernel(
-    E,  # (B, L, d) contiguous
-    WV,  # (nv, L): w_v (nv, 1, L, 1) contiguous
-    BiasV,  # (nv,); not read without HAS_BIAS
-    OutV,  # (B, nv * d) out: act(z_v), E's dtype
-    ZV,  # (B, nv * d) out: z_v; not written when ACT == 0
-    L,
-    d,
-    nv,
-    ACT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    compute_dtype = tl.float64 if E.dtype.element_ty == tl.float64 else tl.float32
-    b = tl.program_id(0).to(tl.int64)
-    offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    v_ok = offs_v < nv
-    d_ok = offs_d < d
-    acc = tl.zeros((BLOCK_V, BLOCK_D), dtype=compute_dtype)
-    for pos in range(0, L):
-        w = tl.load(WV + offs_v * L + pos, mask=v_ok, other=0.0).to(compute_dtype)
-        e = tl.load(E + b * L * d + pos * d + offs_d, mask=d_ok, other=0.0).to(compute_dtype)
-        acc += w[:, None] * e[None, :]
-    if HAS_BIAS:
-        acc += tl.load(BiasV + offs_v, mask=v_ok, other=0.0).to(compute_dtype)[:, None]
-    out = b * nv * d + offs_v[:, None] * d + offs_d[None, :]
-    mask = v_ok[:, None] & d_ok[None, :]
-    if ACT != 0:
-        tl.store(ZV + out, acc.to(ZV.dtype.element_ty), mask=mask)
-    tl.store(OutV + out, _activate(acc, ACT).to(OutV.dtype.element_ty), mask=mask)
-
-
-@launcher
-@triton.jit(do_not_specialize=["rows"])
-def _caser_grad_epilogue_kernel(
-    Grad,  # (rows, N) upstream gradient of act(z), contiguous
-    Z,  # (rows, N) z; not read when ACT == 0
-    G,  # (rows, N) out: grad * act'(z), compute dtype
-    ColSum,  # (N,) out: sum over rows of G, compute dtype
-    rows,
-    N,
-    ACT: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    compute_dtype = G.dtype.element_ty
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    total = tl.zeros((BLOCK_N,), dtype=compute_dtype)
-    for r0 in range(0, rows, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        mask = (offs_r < rows)[:, None] & n_ok[None, :]
-        index = offs_r.to(tl.int64)[:, None] * N + offs_n[None, :]
-        g = tl.load(Grad + index, mask=mask, other=0.0).to(compute_dtype)
-        if ACT != 0:
-            z = tl.load(Z + index, mask=mask, other=0.0).to(compute_dtype)
-            g = _activation_backward(g, z, ACT)
-        tl.store(G + index, g, mask=mask)
-        total += tl.sum(g, 0)
-    tl.store(ColSum + offs_n, total, mask=n_ok)
-
-
-@launcher
-@triton.jit(do_not_specialize=["B", "L"])
-def _caser_input_grad_kernel(
-    G,  # (B, L * nh) g at each maximum, compute dtype
-    ArgMax,  # (B, L * nh) int32
-    W,  # (nh * d * L (L+1) / 2,): w_h flattened, concatenated over heights
-    WV,  # (nv, L)
-    GV,  # (B, nv * d) gradient of z_v, compute dtype
-    GradE,  # (B, L, d) out, E's dtype
-    B,
-    L,
-    d,
-    nh,
-    nv,
-    BLOCK_B: tl.constexpr,
-    BLOCK_F: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    compute_dtype = G.dtype.element_ty
-    p = tl.program_id(1)
-    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    b_ok = offs_b < B
-    d_ok = offs_d < d
-    row = offs_b.to(tl.int64)[:, None] * (L * nh)  # (BLOCK_B, 1)
-    acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=compute_dtype)
-    for k in range(0, L):
-        w_k = W + nh * d * (k * (k + 1) // 2)
-        for f0 in range(0, nh, BLOCK_F):
-            offs_f = f0 + tl.arange(0, BLOCK_F)
-            ok = b_ok[:, None] & (offs_f < nh)[None, :]
-            index = row + k * nh + offs_f[None, :]
-            g = tl.load(G + index, mask=ok, other=0.0)
-            t = tl.load(ArgMax + index, mask=ok, other=0)
-            i = p - t  # row of the filter that the maximum's window puts on p
-            ok = ok & (i >= 0) & (i <= k) & (g != 0)
-            w = tl.load(  # (BLOCK_B, BLOCK_F, BLOCK_D) gathered filter rows w_h[k][f, 0, i, :]
-                w_k + (offs_f[None, :, None] * (k + 1) + i[:, :, None]) * d + offs_d[None, None, :],
-                mask=ok[:, :, None] & d_ok[None, None, :],
-                other=0.0,
-            ).to(compute_dtype)
-            acc += tl.sum(g[:, :, None] * w, 1)
-    for v in range(0, nv):
-        wv = tl.load(WV + v * L + p).to(compute_dtype)
-        gv = tl.load(
-            GV + offs_b.to(tl.int64)[:, None] * (nv * d) + v * d + offs_d[None, :],
-            mask=b_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        acc += wv * gv
-    out = (offs_b.to(tl.int64)[:, None] * L + p) * d + offs_d[None, :]
-    tl.store(GradE + out, acc.to(GradE.dtype.element_ty), mask=b_ok[:, None] & d_ok[None, :])
-
-
-@launcher
-@triton.jit(do_not_specialize=["B", "L"])
-def _caser_weight_grad_kernel(
-    G,  # (B, L * nh) g at each maximum, compute dtype
-    ArgMax,  # (B, L * nh) int32
-    E,  # (B, L, d) contiguous
-    GradW,  # (nh * d * L (L+1) / 2,) out: grad of the concatenated w_h, E's dtype
-    B,
-    L,
-    d,
-    nh,
-    BLOCK_B: tl.constexpr,
-    BLOCK_F: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    compute_dtype = G.dtype.element_ty
-    k = tl.program_id(0) // L
-    i = tl.program_id(0) % L
-    # Programs with i > k (no such filter row) read and write nothing. (Masks rather than an early
-    # return: the return made ptxas spill on sm_90.)
-    rows_b = tl.where(i <= k, B, 0)
-    offs_f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
-    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    f_ok = offs_f < tl.where(i <= k, nh, 0)
-    d_ok = offs_d < d
-    acc = tl.zeros((BLOCK_F, BLOCK_D), dtype=compute_dtype)
-    for b0 in range(0, rows_b, BLOCK_B):
-        offs_b = b0 + tl.arange(0, BLOCK_B)
-        ok = (offs_b < B)[:, None] & f_ok[None, :]
-        index = offs_b.to(tl.int64)[:, None] * (L * nh) + k * nh + offs_f[None, :]
-        g = tl.load(G + index, mask=ok, other=0.0)
-        t = tl.load(ArgMax + index, mask=ok, other=0)
-        ok = ok & (g != 0)
-        rows = offs_b.to(tl.int64)[:, None] * L + t + i  # (BLOCK_B, BLOCK_F) row of E under w_h[k][f, 0, i]
-        e = tl.load(
-            E + rows[:, :, None] * d + offs_d[None, None, :], mask=ok[:, :, None] & d_ok[None, None, :], other=0.0
-        ).to(compute_dtype)
-        acc += tl.sum(g[:, :, None] * e, 0)
-    out = nh * d * (k * (k + 1) // 2) + (offs_f[:, None] * (k + 1) + i) * d + offs_d[None, :]
-    tl.store(GradW + out, acc.to(GradW.dtype.element_ty), mask=f_ok[:, None] & d_ok[None, :])
-
-
-@launcher
-@triton.jit(do_not_specialize=["B", "L"])
-def _caser_vertical_weight_grad_kernel(
-    GV,  # (B, nv * d) gradient of z_v, compute dtype
-    E,  # (B, L, d) contiguous
-    GradWV,  # (nv, L) out, E's dtype
-    B,
-    L,
-    d,
-    nv,
-    BLOCK_L: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    compute_dtype = GV.dtype.element_ty
-    v = tl.program_id(0)
-    offs_l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
-    l_ok = offs_l < L
-    acc = tl.zeros((BLOCK_L,), dtype=compute_dtype)
-    for d0 in range(0, d, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_ok = offs_d < d
-        part = tl.zeros((BLOCK_L, BLOCK_D), dtype=compute_dtype)
-        for b in range(0, B):
-            gv = tl.load(GV + b * nv * d + v * d + offs_d, mask=d_ok, other=0.0)
-            e = tl.load(
-                E + (b * L + offs_l[:, None]).to(tl.int64) * d + offs_d[None, :],
-                mask=l_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            ).to(compute_dtype)
-            part += e * gv[None, :]
-        acc += tl.sum(part, 1)
-    tl.store(GradWV + v * L + offs_l, acc.to(GradWV.dtype.element_ty), mask=l_ok)
-
-
-# --------------------------------------------------------------------------------- launchers
-_CASER_BLOCK_D_MAX = 64  # d is split over grid axis 2 in chunks of at most this
-
-
-@dataclass(frozen=True)
-class CaserBlocks:
-    """Block sizes of the Caser kernels for one problem (interpreter: larger, fewer programs)."""
-
-    forward_b: int
-    forward_f: int
-    forward_k: int
-    vertical_v: int
-    block_d: int
-    backward_b: int
-    backward_f: int
-    # Measured with the compile-only check: 4 warps spill in the forward at BLOCK_F = 64 (fp32
-    # ieee dots run on FMA units) and in the gathered backward tiles on sm_90; 8 warps do not.
-    num_warps: int = 8
-    forward_stages: int = 2
-
-
-def caser_blocks(batch: int, dim: int, filters: int, vertical: int, interpreter: bool) -> CaserBlocks:
-    """Block sizes: tl.dot needs every side >= 16; the gathered backward tiles are
-    (BLOCK_B, BLOCK_F, BLOCK_D), kept to 2048 elements (8 per thread with 8 warps) on the GPU."""
-    block_d = min(_CASER_BLOCK_D_MAX, max(16, next_power_of_2(dim)))
-    block_f = min(64, max(16, next_power_of_2(filters)))
-    if interpreter:
-        big_b = min(64, max(16, next_power_of_2(batch)))
-        return CaserBlocks(big_b, block_f, 64, next_power_of_2(vertical), block_d, big_b, block_f)
-    backward_f = min(16, block_f)
-    backward_b = max(1, 2048 // (backward_f * block_d))
-    return CaserBlocks(32, block_f, 32, min(16, next_power_of_2(vertical)), block_d, backward_b, backward_f)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _concat_weights(w_h: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([w.reshape(-1) for w in w_h])
-
-
-def caser_forward(
-    E: torch.Tensor,
-    w_h: list[torch.Tensor],
-    b_h: torch.Tensor | None,
-    w_v: torch.Tensor,
-    b_v: torch.Tensor | None,
-    act_h: str,
-    act_v: str,
-    allow_tf32: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The Caser forward: ``(out_h, out_v, z_h, argmax, z_v)`` (contract in fastrec/ops/conv.py)."""
-    E = E.contiguous()
-    batch, length, dim = E.shape
-    filters, vertical = w_h[0].shape[0], w_v.shape[0]
-    interpreter = E.device.type == "cpu"
-    cfg = caser_blocks(batch, dim, filters, vertical, interpreter)
-    W = _concat_weights(w_h)
-    w_v = w_v.contiguous()
-    out_h = E.new_empty(batch, length * filters)
-    z_h = E.new_empty(batch, length * filters)
-    argmax = E.new_empty(batch, length * filters, dtype=torch.int32)
-    out_v = E.new_empty(batch, vertical * dim)
-    z_v = E.new_empty(0) if act_v == "none" else E.new_empty(batch, vertical * dim)
-    if batch == 0:
-        return out_h, out_v, z_h, argmax, z_v
-    grid = (cdiv(batch, cfg.forward_b), length, cdiv(filters, cfg.forward_f))
-    _caser_horizontal_forward_kernel[grid](
-        E,
-        W,
-        W if b_h is None else b_h.contiguous(),
-        out_h,
-        z_h,
-        argmax,
-        batch,
-        length,
-        dim,
-        filters,
-        ACT=ACT_CODES[act_h],
-        HAS_BIAS=b_h is not None,
-        ALLOW_TF32=bool(allow_tf32) and E.dtype == torch.float32,
-        UPCAST_INPUTS=interpreter,
-        BLOCK_B=cfg.forward_b,
-        BLOCK_F=cfg.forward_f,
-        BLOCK_K=cfg.forward_k,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.forward_stages,
-    )
-    grid = (batch, cdiv(vertical, cfg.vertical_v), cdiv(dim, cfg.block_d))
-    _caser_vertical_forward_kernel[grid](
-        E,
-        w_v,
-        w_v if b_v is None else b_v.contiguous(),
-        out_v,
-        out_v if act_v == "none" else z_v,
-        length,
-        dim,
-        vertical,
-        ACT=ACT_CODES[act_v],
-        HAS_BIAS=b_v is not None,
-        BLOCK_V=cfg.vertical_v,
-        BLOCK_D=cfg.block_d,
-        num_warps=cfg.num_warps,
-    )
-    return out_h, out_v, z_h, argmax, z_v
-
-
-def _grad_epilogue(grad: torch.Tensor, z: torch.Tensor, act: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(grad * act'(z), its column sums)`` in the compute dtype, for a (rows, N) gradient."""
-    rows, n = grad.shape
-    g = torch.empty(rows, n, device=grad.device, dtype=_compute_dtype(grad.dtype))
-    col_sum = torch.empty(n, device=grad.device, dtype=g.dtype)
-    block_n = 64
-    _caser_grad_epilogue_kernel[(cdiv(n, block_n),)](
-        grad,
-        grad if act == "none" else z,
-        g,
-        col_sum,
-        rows,
-        n,
-        ACT=ACT_CODES[act],
-        BLOCK_R=32,
-        BLOCK_N=block_n,
-        num_warps=4,
-    )
-    return g, col_sum
-
-
-def caser_backward(
-    grad_h: torch.Tensor,
-    grad_v: torch.Tensor,
-    E: torch.Tensor,
-    w_h: list[torch.Tensor],
-    w_v: torch.Tensor,
-    z_h: torch.Tensor,
-    argmax: torch.Tensor,
-    z_v: torch.Tensor,
-    act_h: str,
-    act_v: str,
-    allow_tf32: bool,
-) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The Caser backward: ``(grad_E, grad_w_h, grad_b_h (L, nh), grad_w_v, grad_b_v)``.
-
-    ``allow_tf32`` is accepted for the op's signature; the backward kernels use no dots."""
-    E = E.contiguous()
-    batch, length, dim = E.shape
-    filters, vertical = w_h[0].shape[0], w_v.shape[0]
-    cfg = caser_blocks(batch, dim, filters, vertical, E.device.type == "cpu")
-    g_h, grad_b_h = _grad_epilogue(grad_h.contiguous(), z_h.contiguous(), act_h)
-    g_v, col_v = _grad_epilogue(grad_v.contiguous(), z_v.contiguous(), act_v)
-    W = _concat_weights(w_h)
-    w_v = w_v.contiguous()
-    grad_E = torch.empty_like(E)
-    grad_W = torch.empty_like(W)
-    grad_w_v = torch.empty_like(w_v)
-    d_blocks = cdiv(dim, cfg.block_d)
-    if batch > 0:
-        _caser_input_grad_kernel[(cdiv(batch, cfg.backward_b), length, d_blocks)](
-            g_h,
-            argmax,
-            W,
-            w_v,
-            g_v,
-            grad_E,
-            batch,
-            length,
-            dim,
-            filters,
-            vertical,
-            BLOCK_B=cfg.backward_b,
-            BLOCK_F=cfg.backward_f,
-            BLOCK_D=cfg.block_d,
-            num_warps=cfg.num_warps,
-        )
-    _caser_weight_grad_kernel[(length * length, cdiv(filters, cfg.backward_f), d_blocks)](
-        g_h,
-        argmax,
-        E,
-        grad_W,
-        batch,
-        length,
-        dim,
-        filters,
-        BLOCK_B=cfg.backward_b,
-        BLOCK_F=cfg.backward_f,
-        BLOCK_D=cfg.block_d,
-        num_warps=cfg.num_warps,
-    )
-    block_l = min(64, next_power_of_2(length))
-    _caser_vertical_weight_grad_kernel[(vertical, cdiv(length, block_l))](
-        g_v, E, grad_w_v, batch, length, dim, vertical, BLOCK_L=block_l, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps
-    )
-    # Separate tensors, not views of one buffer: a custom op's outputs must not alias each other.
-    sizes = [w.numel() for w in w_h]
-    grad_w_h = [part.view(w.shape).clone() for part, w in zip(torch.split(grad_W, sizes), w_h, strict=True)]
-    dtype = E.dtype
-    return (
-        grad_E,
-        grad_w_h,
-        grad_b_h.view(length, filters).to(dtype),
-        grad_w_v,
-        col_v.view(vertical, dim).sum(1).to(dtype),
-    )
-
-
-# ------------------------------------------------------------- Caser variants for the compile test
-_CASER_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
-_CASER_INT_ARGS = ("B", "L", "d", "nh", "nv", "rows", "N")
-
-
-def _caser_variant(fn, kernel: str, dt: str, pointer_types: dict, constexprs: dict, flags=(), options=None):
-    """Signature for the common case: 16-byte aligned pointers, integer sizes as i32."""
-    signature, attrs = {}, {}
-    for index, arg in enumerate(fn.arg_names):
-        if arg in constexprs:
-            signature[arg] = "constexpr"
-        elif arg in _CASER_INT_ARGS:
-            signature[arg] = "i32"
-        else:
-            signature[arg] = pointer_types[arg]
-            attrs[(index,)] = [["tt.divisibility", 16]]
-    bucket = ",".join(f"{k}={v}" for k, v in constexprs.items() if k.startswith("BLOCK_"))
-    name = f"caser.{kernel}[{dt},{bucket},{'+'.join(flags) or 'plain'}]"
-    return KernelVariant(
-        name,
-        fn,
-        signature,
-        dict(constexprs),
-        attrs,
-        dict(options or {"num_warps": 8}),
-        dt,
-        tuple(flags),
-        kernel,
-        bucket,
-    )
-
-
-def _caser_variants() -> list[KernelVariant]:
-    """Every Caser kernel variant the launchers pick on the GPU: dtype x activation x bias (x tf32
-    for fp32 dots) x the block configs of nh in {8, 16, 32, 64+} and d in {16, 32, 64+}."""
-    variants = []
-    for torch_dtype, dt in _CASER_DTYPES.items():
-        acc = "fp64" if dt == "fp64" else "fp32"
-        io = {"E": "*" + dt, "W": "*" + dt, "Bias": "*" + dt, "OutH": "*" + dt, "ZH": "*" + dt}
-        io.update(ArgMax="*i32", WV="*" + dt, BiasV="*" + dt, OutV="*" + dt, ZV="*" + dt)
-        io.update(Grad="*" + dt, Z="*" + dt, G="*" + acc, ColSum="*" + acc, GV="*" + acc)
-        io.update(GradE="*" + dt, GradW="*" + dt, GradWV="*" + dt)
-        for filters in (8, 32, 64):
-            for dim in (16, 32, 64):
-                cfg = caser_blocks(512, dim, filters, 4, interpreter=False)
-                for act, code in ACT_CODES.items():
-                    for bias in (False, True):
-                        for tf32 in (False, True) if torch_dtype == torch.float32 else (False,):
-                            flags = tuple(
-                                f for f, on in ((f"ACT={act}", code), ("HAS_BIAS", bias), ("ALLOW_TF32", tf32)) if on
-                            )
-                            constexprs = dict(
-                                ACT=code,
-                                HAS_BIAS=bias,
-                                ALLOW_TF32=tf32,
-                                UPCAST_INPUTS=False,
-                                BLOCK_B=cfg.forward_b,
-                                BLOCK_F=cfg.forward_f,
-                                BLOCK_K=cfg.forward_k,
-                            )
-                            if dim == 64:
-                                variants.append(
-                                    _caser_variant(
-                                        _caser_horizontal_forward_kernel,
-                                        "horizontal_forward",
-                                        dt,
-                                        io,
-                                        constexprs,
-                                        flags,
-                                    )
-                                )
-                        if filters == 8:
-                            flags = tuple(f for f, on in ((f"ACT={act}", code), ("HAS_BIAS", bias)) if on)
-                            constexprs = dict(ACT=code, HAS_BIAS=bias, BLOCK_V=cfg.vertical_v, BLOCK_D=cfg.block_d)
-                            variants.append(
-                                _caser_variant(
-                                    _caser_vertical_forward_kernel, "vertical_forward", dt, io, constexprs, flags
-                                )
-                            )
-                    if filters == 8 and dim == 64:
-                        constexprs = dict(ACT=code, BLOCK_R=32, BLOCK_N=64)
-                        flags = (f"ACT={act}",) if code else ()
-                        variants.append(
-                            _caser_variant(
-                                _caser_grad_epilogue_kernel,
-                                "grad_epilogue",
-                                dt,
-                                io,
-                                constexprs,
-                                flags,
-                                dict(num_warps=4),
-                            )
-                        )
-                blocks = dict(BLOCK_B=cfg.backward_b, BLOCK_F=cfg.backward_f, BLOCK_D=cfg.block_d)
-                variants.append(_caser_variant(_caser_input_grad_kernel, "input_grad", dt, io, blocks))
-                variants.append(_caser_variant(_caser_weight_grad_kernel, "weight_grad", dt, io, blocks))
-            if filters == 8:
-                constexprs = dict(BLOCK_L=64, BLOCK_D=64)
-                variants.append(
-                    _caser_variant(_caser_vertical_weight_grad_kernel, "vertical_weight_grad", dt, io, constexprs)
-                )
-    return list({v.name: v for v in variants}.values())  # configs shared by several shapes once
-
-
 def kernel_variants() -> list[KernelVariant]:
     """Every GPU variant of this family's kernels (each section of the file adds its own list)."""
-    return _conv_variants() + _epilogue_forward_variants() + _caser_variants()
+    return _conv_variants() + _epilogue_forward_variants()
 
 
 __all__ = [
-    "ACTIVATIONS",
     "BlockConfig",
-    "KernelVariant",
     "block_config",
-    "caser_backward",
-    "caser_blocks",
-    "caser_forward",
     "conv_backward_input",
     "conv_backward_weight",
     "conv_forward",

@@ -22,11 +22,11 @@ from torch import Tensor
 from fastrec import backends
 from fastrec import functional as FF
 from fastrec import nn as fnn
-from fastrec.ops import conv as conv_ops
+from fastrec.ops import caser as caser_ops
 
 BOUND = 1e-5
 BACKENDS = [
-    pytest.param("cpp", marks=pytest.mark.skipif(not conv_ops._CASER_CPP, reason="fastrec._C not built")),
+    pytest.param("cpp", marks=pytest.mark.skipif(not caser_ops.HAVE_CPP, reason="fastrec._C not built")),
     "torch",
     pytest.param("triton", marks=pytest.mark.skipif(backends.available()["triton"] is not None, reason="no triton")),
 ]
@@ -241,7 +241,7 @@ def test_nan_propagates_through_the_max(backend):
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_repeated_runs_are_bitwise_equal(backend):
-    if backend == "cpp" and not conv_ops._CASER_CPP:
+    if backend == "cpp" and not caser_ops.HAVE_CPP:
         pytest.skip("fastrec._C not built")
     device = device_of(backend)
     fast, _ = make(4, 8, 5, 2)
@@ -259,7 +259,7 @@ def test_repeated_runs_are_bitwise_equal(backend):
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_gradcheck_float64(backend):
-    if backend == "cpp" and not conv_ops._CASER_CPP:
+    if backend == "cpp" and not caser_ops.HAVE_CPP:
         pytest.skip("fastrec._C not built")
     L, d, n_h, n_v = 3, 4, 2, 2
     kw = dict(dtype=torch.float64, device=device_of(backend), requires_grad=True)
@@ -290,7 +290,7 @@ def _op_args(device, dtype=torch.float32, act_v="tanh"):
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 @pytest.mark.parametrize("act_v", ["none", "tanh"])
 def test_opcheck_registered_ops(backend, act_v):
-    if backend == "cpp" and not conv_ops._CASER_CPP:
+    if backend == "cpp" and not caser_ops.HAVE_CPP:
         pytest.skip("fastrec._C not built")
     forward = getattr(torch.ops.fastrec, f"caser_forward_{backend}")
     backward = getattr(torch.ops.fastrec, f"caser_backward_{backend}")
@@ -327,7 +327,7 @@ def test_default_dispatch_uses_cpp_on_cpu_and_torch_for_half():
     fast(torch.randn(2, 3, 4))
     fast.to(torch.bfloat16)(torch.randn(2, 3, 4, dtype=torch.bfloat16))
     counts = backends.stats()
-    expected = "cpp" if conv_ops._CASER_CPP else "torch"
+    expected = "cpp" if caser_ops.HAVE_CPP else "torch"
     assert counts.get(("caser", expected, ""), 0) == 1
     assert sum(n for (op, b, why), n in counts.items() if op == "caser" and b == "torch" and "bfloat16" in why) == 1
 

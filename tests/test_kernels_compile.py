@@ -49,6 +49,7 @@ FAMILIES = {
     "attention": "fastrec.kernels.attention",
     "rnn": "fastrec.kernels.rnn",
     "conv": "fastrec.kernels.conv",
+    "caser": "fastrec.kernels.caser",
     "dropout": "fastrec.kernels.dropout",
 }
 COMPUTE_CAPABILITIES = (80, 90)

@@ -1,7 +1,8 @@
 """Drop-in replacements for ``torch.nn`` modules (subclasses; same parameters and state_dict)."""
 
 from fastrec.nn.attention import MultiheadAttention
-from fastrec.nn.conv import CaserConv, Conv1d, Conv2d, ConvBlock
+from fastrec.nn.caser import CaserConv
+from fastrec.nn.conv import Conv1d, Conv2d, ConvBlock
 from fastrec.nn.dropout import Dropout
 from fastrec.nn.encoder import TransformerEncoderLayer
 from fastrec.nn.rnn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell

@@ -5,7 +5,7 @@ torch: ``conv_torch`` below, the readable reference). Canonical form, 2-D only (
 ``(N, C, L)`` is conv2d on ``(N, C, 1, L)`` with a ``(1, k)`` kernel)::
 
     z = conv2d(x, w, stride, padding, dilation, groups) + bias
-    a = act(z)        act in ACTS; "gelu" is the exact erf form (torch's default)
+    a = act(z)        act in ACTIVATIONS (ops/_conv_common.py); "gelu" is the exact erf form
     y = maxpool(a)    window = stride = pool; (1, 1) = no pool; floor division of the output
                       size, as F.max_pool2d(kernel=stride=pool, ceil_mode=False)
 
@@ -53,21 +53,15 @@ from torch import Tensor
 
 from fastrec import backends, routing
 from fastrec._tables import package_table
+from fastrec.ops._conv_common import act_fn
 
 OP = "conv"
-ACTS = ("none", "relu", "gelu", "tanh", "sigmoid")
-_ACT_FNS = {"none": lambda z: z, "relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
 
 HAVE_CPP = backends.available()["cpp"] is None and hasattr(torch.ops.fastrec, "conv_forward_cpp")
 try:
     HAVE_TRITON_KERNELS = importlib.util.find_spec("fastrec.kernels.conv") is not None
 except ImportError:  # fastrec.kernels itself not importable (no triton)
     HAVE_TRITON_KERNELS = False
-
-
-def act_fn(act: str):
-    """The torch function of activation ``act`` (one of ACTS)."""
-    return _ACT_FNS[act]
 
 
 def conv_output_size(x_shape, w_shape, stride, padding, dilation) -> tuple[int, int]:
@@ -95,7 +89,7 @@ def conv_torch(
     Returns ``(y, saved_z, argmax)`` as the contract defines them.
     """
     z = F.conv2d(x, w, bias, stride, padding, dilation, groups)
-    a = _ACT_FNS[act](z)
+    a = act_fn(act)(z)
     empty_index = torch.empty(0, dtype=torch.int32, device=x.device)
     if tuple(pool) == (1, 1):
         return a, (z if act != "none" else z.new_empty(0)), empty_index
@@ -121,7 +115,7 @@ def conv_unfused(
 ) -> Tensor:
     """torch's own ops, unfused, output only: what the torch backend and the dispatch table's
     "torch" path run (``conv_torch``'s saved_z and argmax would cost extra launches a call)."""
-    a = _ACT_FNS[act](F.conv2d(x, w, bias, stride, padding, dilation, groups))
+    a = act_fn(act)(F.conv2d(x, w, bias, stride, padding, dilation, groups))
     return a if tuple(pool) == (1, 1) else F.max_pool2d(a, pool, pool)
 
 
@@ -458,217 +452,3 @@ def conv_path(x: Tensor, w: Tensor, groups: int, out_size: tuple[int, int]) -> s
         return DEFAULT_PATH
     key = shape_class(x.shape[1], w.shape[0], tuple(w.shape[2:]), tuple(out_size), groups, x.dtype)
     return _table_path(x.device.index if x.device.index is not None else torch.cuda.current_device(), key)
-
-
-# =============================================================================================
-# Caser block
-# =============================================================================================
-# Contract (Triton: kernels/conv.py, Caser section; C++: csrc/conv.cpp, Caser section; torch:
-# ``caser_torch`` below, the readable reference). E ``(B, L, d)`` item embeddings; heights
-# k = 0..L-1 with ``w_h[k]`` ``(nh, 1, k+1, d)`` (torch's ``nn.Conv2d(1, nh, (k+1, d))`` weight),
-# ``b_h`` ``(L, nh)`` or None (row k = the bias of height k+1), ``w_v`` ``(nv, 1, L, 1)``,
-# ``b_v`` ``(nv,)`` or None; activations in ACTIVATIONS.
-#
-#   z[b, k, f, t] = b_h[k, f] + sum_{i <= k} E[b, t + i, :] . w_h[k][f, 0, i, :]   (t < L - k)
-#   out_h[b, k * nh + f] = max_t act_h(z[b, k, f, t])      (B, L * nh): torch.cat over heights
-#   out_v[b, v * d + j] = act_v(b_v[v] + sum_l w_v[v, 0, l, 0] E[b, l, j])   (B, nv * d)
-#
-# The max is max_pool1d's: the first maximum in t order wins, a NaN wins. The forward ops return
-# ``(out_h, out_v, z_h, argmax, z_v)``: ``z_h`` the pre-activation at the maximum and ``argmax``
-# (int32) its t, both ``(B, L * nh)``; ``z_v`` the vertical pre-activation ``(B, nv * d)``, or an
-# empty ``(0,)`` tensor when act_v is "none". The backward ops take ``(grad_h, grad_v, E, w_h,
-# w_v, z_h, argmax, z_v)`` and return ``(grad_E, grad_w_h (list), grad_b_h (L, nh), grad_w_v,
-# grad_b_v)``: the gradient of out_h flows only through each maximum's window,
-# g = grad_h * act_h'(z_h) (relu': z > 0). Numerics: fp32 in fp32 (Triton: no tf32 unless torch's
-# allow_tf32 flag says so), fp16/bf16 accumulate in fp32, fp64 in fp64 (gradcheck).
-
-CASER_OP = "caser"
-ACTIVATIONS = ("none", "relu", "gelu", "tanh", "sigmoid")
-_CASER_CPP = (
-    backends.available()["cpp"] is None
-    and hasattr(torch.ops.fastrec, "caser_forward_cpp")
-    and hasattr(torch.ops.fastrec, "caser_backward_cpp")
-)
-
-
-def activation(x: Tensor, act: str) -> Tensor:
-    """``act`` applied as torch's modules do (gelu: the exact erf form)."""
-    if act == "relu":
-        return F.relu(x)
-    if act == "gelu":
-        return F.gelu(x)
-    if act == "tanh":
-        return torch.tanh(x)
-    if act == "sigmoid":
-        return torch.sigmoid(x)
-    return x
-
-
-def caser_torch(
-    E: Tensor,
-    w_h: tuple[Tensor, ...],
-    b_h: tuple[Tensor, ...] | None,
-    w_v: Tensor,
-    b_v: Tensor | None,
-    act_h: str,
-    act_v: str,
-) -> tuple[Tensor, Tensor]:
-    """RecBole's Caser loop (one Conv2d + activation + max-pool per height, then the vertical
-    conv), differentiated by autograd: the readable reference."""
-    x = E.unsqueeze(1)
-    pooled = []
-    for k, w in enumerate(w_h):
-        a = activation(F.conv2d(x, w, None if b_h is None else b_h[k]).squeeze(3), act_h)
-        pooled.append(F.max_pool1d(a, a.shape[2]).squeeze(2))
-    out_h = torch.cat(pooled, 1)
-    out_v = activation(F.conv2d(x, w_v, b_v), act_v).reshape(E.shape[0], -1)
-    return out_h, out_v
-
-
-def _fake_caser_forward(E, w_h, b_h, w_v, b_v, act_h, act_v, *rest):
-    batch, length, dim = E.shape
-    heights = length * w_h[0].shape[0]
-    vertical = w_v.shape[0] * dim
-    z_v = E.new_empty(0) if act_v == "none" else E.new_empty(batch, vertical)
-    return (
-        E.new_empty(batch, heights),
-        E.new_empty(batch, vertical),
-        E.new_empty(batch, heights),
-        E.new_empty(batch, heights, dtype=torch.int32),
-        z_v,
-    )
-
-
-def _fake_caser_backward(grad_h, grad_v, E, w_h, w_v, *rest):
-    length, filters = E.shape[1], w_h[0].shape[0]
-    grad_w_h = [w.new_empty(w.shape) for w in w_h]
-    return (
-        E.new_empty(E.shape),
-        grad_w_h,
-        E.new_empty(length, filters),
-        w_v.new_empty(w_v.shape),
-        w_v.new_empty(w_v.shape[0]),
-    )
-
-
-@backends.triton_op("caser_forward_triton")
-def caser_forward_triton(
-    E: Tensor,
-    w_h: list[Tensor],
-    b_h: Tensor | None,
-    w_v: Tensor,
-    b_v: Tensor | None,
-    act_h: str,
-    act_v: str,
-    allow_tf32: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    from fastrec.kernels import conv as kernels
-
-    return kernels.caser_forward(E, w_h, b_h, w_v, b_v, act_h, act_v, allow_tf32)
-
-
-@backends.triton_op("caser_backward_triton")
-def caser_backward_triton(
-    grad_h: Tensor,
-    grad_v: Tensor,
-    E: Tensor,
-    w_h: list[Tensor],
-    w_v: Tensor,
-    z_h: Tensor,
-    argmax: Tensor,
-    z_v: Tensor,
-    act_h: str,
-    act_v: str,
-    allow_tf32: bool,
-) -> tuple[Tensor, list[Tensor], Tensor, Tensor, Tensor]:
-    from fastrec.kernels import conv as kernels
-
-    return kernels.caser_backward(grad_h, grad_v, E, w_h, w_v, z_h, argmax, z_v, act_h, act_v, allow_tf32)
-
-
-caser_forward_triton.register_fake(_fake_caser_forward)
-caser_backward_triton.register_fake(_fake_caser_backward)
-if _CASER_CPP:
-    torch.library.register_fake("fastrec::caser_forward_cpp")(_fake_caser_forward)
-    torch.library.register_fake("fastrec::caser_backward_cpp")(_fake_caser_backward)
-
-
-def _caser_allow_tf32(E: Tensor) -> bool:
-    return E.dtype == torch.float32 and E.is_cuda and torch.backends.cuda.matmul.allow_tf32
-
-
-class CaserFunction(torch.autograd.Function):
-    """The fused Caser block on the ``triton`` or ``cpp`` backend; saves E, the weights, and the
-    pre-activations and argmax of the maxima. ``w_h`` comes last, one argument per height."""
-
-    @staticmethod
-    def forward(ctx, E, b_h, w_v, b_v, act_h, act_v, backend, *w_h):
-        w_h = list(w_h)
-        if backend == "triton":
-            out_h, out_v, z_h, argmax, z_v = caser_forward_triton(
-                E, w_h, b_h, w_v, b_v, act_h, act_v, _caser_allow_tf32(E)
-            )
-        else:
-            out_h, out_v, z_h, argmax, z_v = torch.ops.fastrec.caser_forward_cpp(E, w_h, b_h, w_v, b_v, act_h, act_v)
-        ctx.save_for_backward(E, w_v, z_h, argmax, z_v, *w_h)
-        ctx.flags = (act_h, act_v, backend, b_h is not None, b_v is not None)
-        return out_h, out_v
-
-    @staticmethod
-    def backward(ctx, grad_h, grad_v):
-        E, w_v, z_h, argmax, z_v, *w_h = ctx.saved_tensors
-        act_h, act_v, backend, has_b_h, has_b_v = ctx.flags
-        grad_h = grad_h.contiguous()
-        grad_v = grad_v.contiguous()
-        if backend == "triton":
-            grad_E, grad_w_h, grad_b_h, grad_w_v, grad_b_v = caser_backward_triton(
-                grad_h, grad_v, E, w_h, w_v, z_h, argmax, z_v, act_h, act_v, _caser_allow_tf32(E)
-            )
-        else:
-            grad_E, grad_w_h, grad_b_h, grad_w_v, grad_b_v = torch.ops.fastrec.caser_backward_cpp(
-                grad_h, grad_v, E, w_h, w_v, z_h, argmax, z_v, act_h, act_v
-            )
-        return (
-            grad_E,
-            grad_b_h if has_b_h else None,
-            grad_w_v,
-            grad_b_v if has_b_v else None,
-            None,
-            None,
-            None,
-            *grad_w_h,
-        )
-
-
-def caser(
-    E: Tensor,
-    w_h: tuple[Tensor, ...],
-    b_h: tuple[Tensor, ...] | None,
-    w_v: Tensor,
-    b_v: Tensor | None,
-    act_h: str,
-    act_v: str,
-) -> tuple[Tensor, Tensor]:
-    """The Caser block on validated inputs (see the contract above); picks the backend per call."""
-    reason = _caser_unfused_reason(E)
-    backend = backends.select(E.device, reason)
-    backends.count(CASER_OP, backend, reason or "")
-    if backend == "torch":
-        return caser_torch(E, w_h, b_h, w_v, b_v, act_h, act_v)
-    stacked_b_h = None if b_h is None else torch.stack(b_h)
-    if not torch.is_grad_enabled():  # inference: the forward op alone, without autograd's wrapper
-        if backend == "triton":
-            outs = caser_forward_triton(E, list(w_h), stacked_b_h, w_v, b_v, act_h, act_v, _caser_allow_tf32(E))
-        else:
-            outs = torch.ops.fastrec.caser_forward_cpp(E, list(w_h), stacked_b_h, w_v, b_v, act_h, act_v)
-        return outs[0], outs[1]
-    return CaserFunction.apply(E, stacked_b_h, w_v, b_v, act_h, act_v, backend, *w_h)
-
-
-def _caser_unfused_reason(E: Tensor) -> str | None:
-    """Why the fused kernels do not cover this call, or None. The Triton kernels cover every
-    float dtype (on CPU tensors: the interpreter, when forced); the C++ kernel fp32 / fp64."""
-    cpu_half = E.device.type == "cpu" and E.dtype not in (torch.float32, torch.float64)
-    if cpu_half and backends.forced() != "triton":
-        return f"{E.dtype} on CPU (the fused CPU kernel runs float32 / float64)"
-    return None
