@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU run (BENCHMARKS.md): on a machine with CUDA, PyTorch and Triton installed and no
+# The GPU run (docs/gpu-run.md): on a machine with CUDA, PyTorch and Triton installed and no
 # network, measure this card's tables (the Triton attention block configs, the conv path per
 # shape class), run the benchmark table with them, the diagnostics, a short training run of the
 # three models on both backends, then the CUDA correctness tests, writing to OUTDIR (at most 8

@@ -1,7 +1,7 @@
 """Shared helpers of the attention and encoder tests: the references, the error bounds, backend
 checks, and the comparison of a fastrec module with its torch twin.
 
-References (TESTING.md "Two references"):
+References (docs/testing.md, "References and bounds"):
 - ``reference``: ``F.scaled_dot_product_attention`` with an equivalent additive mask (or, with
   dropout, the explicit softmax times the keep mask), run in float64 on the CPU: ``ref``; run in
   the kernel's own dtype it is ``pt``. ``F.scaled_dot_product_attention`` in torch 2.13 returns

@@ -2,7 +2,7 @@
 backends (Triton in its interpreter when there is no CUDA device), and the ``torch`` backend
 that serves as the readable reference.
 
-References and bounds (helpers in ``attention_reference.py``; recipe in TESTING.md):
+References and bounds (helpers in ``attention_reference.py``; recipe in docs/testing.md):
 - fp32 groups (odd shapes, causal, padding, lengths, attn_mask, cross-attention, non-contiguous,
   x5 inputs, dropout with the recovered mask, compile, autocast's fp32 leaves): ``ref`` =
   ``F.scaled_dot_product_attention`` in float64 with the equivalent additive mask (explicit

@@ -7,7 +7,7 @@ Reference: torch's own ops, ``F.conv2d`` + the activation (``F.relu``, exact ``F
 differentiated by autograd under one random upstream gradient; the Triton side is
 ``conv_forward`` -> ``epilogue_backward`` -> ``conv_backward_input`` / ``conv_backward_weight``
 (+ db = dz summed over N, H, W), the chain the contract prescribes.
-Bounds (TESTING.md):
+Bounds (docs/testing.md):
 - float64: ``‖fast − ref‖ / ‖ref‖ <= 1e-12`` for y, saved z and every gradient; the window
   argmax equals torch's ``return_indices`` exactly.
 - fp32: the same against the float64 reference with bound 1e-5 (ieee dots).

@@ -1,7 +1,7 @@
 """fastrec.models: SASRec, GRU4Rec and Caser with fastrec modules against the same models built
 from plain torch modules.
 
-References (TESTING.md): the torch-backend model in float64 (``ref``) and in float32 (``pt``),
+References (docs/testing.md): the torch-backend model in float64 (``ref``) and in float32 (``pt``),
 loaded with the fastrec model's initial weights. Forward and every parameter gradient under a
 random upstream gradient: relative error within MODEL_FP32_BOUND (2e-5, the model-level fp32
 bound measured in tests/test_nn_attention.py) or twice fp32 torch's own error, whichever is
@@ -145,7 +145,7 @@ def test_training_with_dropout_matches_torch_under_the_torch_stream(name):
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_convergence_30_steps_matches_torch(name):
-    """TESTING.md's convergence check: same seed, weights and batches; loss curve, final
+    """docs/testing.md's convergence check: same seed, weights and batches; loss curve, final
     parameters and top-k scores agree within the two-reference fp32 bound."""
     fast, pt, ref = three_models(name)
     for model in (fast, pt, ref):  # Caser's L2 term under Adam at lr 3e-2 swamps 30 toy steps

@@ -66,7 +66,7 @@ MODEL_FP32_BOUND = 2e-5
 def assert_model_close(fast, pt, ref, name):
     """A whole model in fp32 (fast) vs float64 (ref): relative error within MODEL_FP32_BOUND, or
     within twice that of the same torch model in fp32 (pt) where fp32 torch itself is further
-    off (errors compound through layers; two references, as TESTING.md prescribes)."""
+    off (errors compound through layers; two references, as docs/testing.md prescribes)."""
     fast, pt, ref = (t.detach().cpu().double() for t in (fast, pt, ref))
     norm = ref.norm().item()
     err_pt = (pt - ref).norm().item() / norm

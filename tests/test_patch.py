@@ -7,7 +7,7 @@ Reference and bound: the unpatched model in float64 (``ref``) and in fp32 (``pt`
 model runs in fp32 on each backend (``torch``, ``cpp``, ``triton`` — the interpreter here; a
 backend that cannot run is skipped with its reason). Outputs, the loss and the gradient of every
 trainable parameter (random upstream gradient plus the loss) are within ``‖fast − ref‖ / ‖ref‖
-<= 2e-5`` or twice the fp32 torch model's own error, whichever is larger (TESTING.md's fp32 bound
+<= 2e-5`` or twice the fp32 torch model's own error, whichever is larger (docs/testing.md's fp32 bound
 for a whole model, as tests/test_nn_attention.py's ``assert_model_close``). After ``.double()``
 the patched model is held to float64 rounding (1e-12). Structural checks are exact: the same
 parameter objects (so an optimizer built before ``patch`` steps the patched model), identical

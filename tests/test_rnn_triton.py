@@ -5,7 +5,7 @@ The interpreter configuration runs both kernel paths: W_hh resident in registers
 up to 16 (H = 1, 7) and streamed 32 x 16 tiles with the two-phase step above (H = 50); one test
 also runs the tile configurations the GPU picks (resident 64, streamed 64 x 32 and 16 x 16).
 
-References and bounds (TESTING.md):
+References and bounds (docs/testing.md):
 - ``torch.nn.RNN`` / ``GRU`` / ``LSTM`` in float64 with the same weights; with ``lengths``
   through ``pack_padded_sequence(enforce_sorted=False)`` (outputs padded with zeros); the reverse
   direction as the reverse half of a bidirectional module. float64 kernel: relative error
