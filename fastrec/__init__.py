@@ -1,9 +1,9 @@
 """fastrec: fused Triton and C++ kernels for sequential recommender models.
 
 Public API: ``patch``/``unpatch`` (swap torch modules for fused twins), ``use_backend``
-(force ``triton``/``cpp``/``torch``), ``use_dropout_stream`` (torch's dropout masks instead of
-fastrec's), ``stats`` (which backend ran what), ``nn`` (drop-in modules) and ``functional``
-(the ops).
+(force ``triton``/``cpp``/``torch``), ``use_dropout_stream`` (where dropout masks come from:
+``auto``, ``torch`` or fastrec's Philox), ``stats`` (which backend ran what), ``nn`` (drop-in
+modules) and ``functional`` (the ops).
 """
 
 from fastrec import backends, functional, nn

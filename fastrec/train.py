@@ -34,7 +34,7 @@ from fastrec.models import MODELS, ModelInput, SequentialRecommender
 
 # What a TrainConfig field left None means for each model. Caser's learning rate and schedule
 # (with its reg_weight and filter counts) had the best validation NDCG@10 in a sweep over seeds
-# the README's accuracy table does not use (benchmarks/results/sweep-caser-ml100k.json).
+# the accuracy runs (docs/accuracy.md) do not use (benchmarks/results/sweep-caser-ml100k.json).
 # The epoch cap keeps each model's default run on ml-100k (fastrec backend) under 10 minutes on
 # 2 CPU cores: a run's seconds per epoch, validation and test included, at most ~100 for SASRec,
 # ~33 for GRU4Rec, ~7 for Caser (benchmarks/results/accuracy-ml100k-default-stream.json,
@@ -304,7 +304,7 @@ def fit(
     if world > 1:
         step_module = torch.nn.parallel.DistributedDataParallel(step_module)
     if config.compile:
-        torch._dynamo.config.allow_rnn = True  # fastrec.nn.GRU is an RNNBase (README: torch.compile)
+        torch._dynamo.config.allow_rnn = True  # fastrec.nn.GRU is an RNNBase (docs/design.md: torch.compile)
         step_module = torch.compile(step_module)
     optimizer, schedule = make_optimizer(model, config, len(data.train))
 

@@ -1,5 +1,5 @@
 """``fastrec.patch`` / ``unpatch`` on models written the way people write them, built from plain
-``torch.nn`` modules: the source document's CNN (conv 3x3 pad 1 -> ReLU -> 2x2 max-pool, twice)
+``torch.nn`` modules: a small CNN (conv 3x3 pad 1 -> ReLU -> 2x2 max-pool, twice)
 in an ``nn.Sequential``, a Conv1d stack with ModuleLists looped in forward, a module reused twice,
 nested submodules, eval mode and frozen parameters, a GRU4Rec and a SASRec-like model.
 
@@ -54,7 +54,7 @@ def assert_model_close(fast, pt, ref, name):
 
 # --------------------------------------------------------------------------- models
 class SeedCNN(torch.nn.Module):
-    """The source document's CNN: two conv 3x3 pad 1 -> ReLU -> 2x2 max-pool stages, a head."""
+    """A small CNN: two conv 3x3 pad 1 -> ReLU -> 2x2 max-pool stages, a head."""
 
     def __init__(self, classes=5):
         super().__init__()

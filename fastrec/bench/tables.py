@@ -33,7 +33,7 @@ from fastrec.ops import conv as conv_ops
 # --------------------------------------------------------------------------- conv dispatch table
 DISPATCH_MARGIN = 0.03  # cuDNN takes a class only when its summed time is at least 3% lower
 # (batch, C_in, C_out, (KH, KW), (H, W), groups, padding, act, pool): recommender convolutions
-# (the seed CNN's stages, 1x1 channel mixes, a depthwise 3x3, text-CNN / Caser-style 1-D
+# (image-style CNN stages, 1x1 channel mixes, a depthwise 3x3, text-CNN / Caser-style 1-D
 # convolutions with max over time, Caser's vertical conv), each with its usual epilogue.
 DISPATCH_SHAPES = (
     (64, 3, 32, (3, 3), (32, 32), 1, (1, 1), "relu", (2, 2)),

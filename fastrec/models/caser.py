@@ -55,7 +55,7 @@ class Caser(SequentialRecommender):
     Defaults are RecBole's except the filter counts and the regularisation: ``n_h=32, n_v=16,
     reg_weight=1e-3`` (RecBole: 8, 4 and 1e-4), with ``fastrec train``'s Caser learning rate 3e-3
     decayed on a cosine, had the best validation NDCG@10 on MovieLens-100K in a sweep over seeds
-    the README's accuracy table does not use (``benchmarks/results/sweep-caser-ml100k.json``).
+    the accuracy runs (docs/accuracy.md) do not use (``benchmarks/results/sweep-caser-ml100k.json``).
     """
 
     padding_side = "left"

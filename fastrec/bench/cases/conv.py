@@ -1,4 +1,4 @@
-"""Conv rows: the seed CNN's conv + ReLU + 2x2 max-pool stages and Conv1d + ReLU +
+"""Conv rows: an image-style CNN's conv + ReLU + 2x2 max-pool stages and Conv1d + ReLU +
 max-over-time, fused, against torch's three ops."""
 
 from __future__ import annotations
