@@ -2,10 +2,10 @@
 
 ``TRITON_DTYPES`` names the float dtypes every kernel takes as Triton spells them (the variant
 signatures, shape-class keys); ``DTYPE_CLASSES`` is the key of the per-dtype block-config tables
-(fp16 and bf16 share theirs). ``KernelVariant`` and ``variant_signature`` describe one GPU
-compilation unit for the compile-only check (tests/test_kernels_compile.py), which every family's
-``kernel_variants()`` lists. Imports torch only (no triton), so that ``fastrec.ops`` can use it
-where triton is not installed.
+(fp16 and bf16 share theirs). ``KernelVariant`` is one GPU compilation unit of the compile-only
+check (tests/test_kernels_compile.py), which every family's ``kernel_variants()`` lists;
+``variant`` and ``variant_signature`` build one the way the JIT would specialise the call.
+Imports torch only (no triton), so that ``fastrec.ops`` can use it where triton is not installed.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def tf32_choices(dtype: torch.dtype) -> tuple[bool, ...]:
 class KernelVariant:
     """One GPU compilation unit: triton.compile(ASTSource(fn, signature, constexprs, attrs))."""
 
-    name: str  # "<family>.<kernel>[<dtype>,<bucket>,<flags>]", see variant_name
+    name: str  # e.g. "attention.forward[fp16,BLOCK_D=64,CAUSAL+DROPOUT]"
     fn: object  # the @triton.jit function (or its launcher)
     signature: dict  # argument name -> Triton type ("*fp16", "i32", "fp32", "constexpr")
     constexprs: dict  # argument name -> value
@@ -49,11 +49,6 @@ class KernelVariant:
     kernel: str = ""  # the family's short kernel name, e.g. "forward", "dkdv"
     bucket: str = ""  # block-config key, e.g. "BLOCK_D=64"
     spills_expected: str = ""  # non-empty: known to spill, and why (reported, not failed)
-
-
-def variant_name(family: str, kernel: str, dt: str, bucket: str, flags: tuple) -> str:
-    """The variant's label, e.g. ``"attention.forward[fp16,BLOCK_D=64,CAUSAL+DROPOUT]"``."""
-    return f"{family}.{kernel}[{dt},{bucket},{'+'.join(flags) or 'plain'}]"
 
 
 def variant_signature(
@@ -82,3 +77,23 @@ def variant_signature(
         if aligned(arg, kind):
             attrs[(index,)] = [["tt.divisibility", 16]]
     return signature, consts, attrs
+
+
+def variant(
+    family: str,
+    kernel: str,
+    fn,
+    dt: str,
+    bucket: str,
+    constexprs: dict,
+    options: dict,
+    flags: tuple,
+    arg_type: Callable[[str], str | int],
+    aligned: Callable[[str, str], bool] | None = None,
+    spills_expected: str = "",
+) -> KernelVariant:
+    """A variant named ``"<family>.<kernel>[<dt>,<bucket>,<flags or 'plain'>]"`` whose signature
+    is ``variant_signature(fn, constexprs, arg_type, aligned)``."""
+    signature, consts, attrs = variant_signature(fn, constexprs, arg_type, aligned)
+    name = f"{family}.{kernel}[{dt},{bucket},{'+'.join(flags) or 'plain'}]"
+    return KernelVariant(name, fn, signature, consts, attrs, options, dt, flags, kernel, bucket, spills_expected)

@@ -51,15 +51,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from fastrec.kernels._common import (
-    DTYPE_CLASSES,
-    TRITON_DTYPES,
-    KernelVariant,
-    accumulator_type,
-    tf32_choices,
-    variant_name,
-    variant_signature,
-)
+from fastrec.kernels._common import DTYPE_CLASSES, TRITON_DTYPES, KernelVariant, accumulator_type, tf32_choices, variant
 from fastrec.kernels._host import cdiv, launcher, next_power_of_2
 
 from fastrec import backends
@@ -308,9 +300,11 @@ def _attention_forward_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=compute_dtype)
     l_i = tl.zeros([BLOCK_M], dtype=compute_dtype)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=compute_dtype)
+    lo, hi = 0, kv_len
     if CAUSAL:
         # Keys below start_m are allowed for every row of the block (no causal mask needed);
-        # keys in [start_m, start_m + BLOCK_M) straddle the diagonal; later keys are skipped.
+        # keys in [start_m, start_m + BLOCK_M) straddle the diagonal (the masked call below);
+        # later keys are skipped.
         acc, l_i, m_i = _forward_inner(
             acc,
             l_i,
@@ -345,75 +339,41 @@ def _attention_forward_kernel(
             DOT_PRECISION,
             BLOCK_N,
         )
-        acc, l_i, m_i = _forward_inner(
-            acc,
-            l_i,
-            m_i,
-            q,
-            K,
-            V,
-            KeyPaddingMask,
-            Bias,
-            seed,
-            stride_kn,
-            stride_kd,
-            stride_vn,
-            stride_vd,
-            stride_bias_m,
-            stride_bias_n,
-            batch_head,
-            offs_m,
-            offs_d,
-            start_m,
-            tl.minimum(start_m + BLOCK_M, kv_len),
-            Lq,
-            Lk,
-            head_dim,
-            qk_scale,
-            dropout_p,
-            True,
-            HAS_KEY_PADDING_MASK,
-            HAS_BIAS,
-            DROPOUT,
-            UPCAST_INPUTS,
-            DOT_PRECISION,
-            BLOCK_N,
-        )
-    else:
-        acc, l_i, m_i = _forward_inner(
-            acc,
-            l_i,
-            m_i,
-            q,
-            K,
-            V,
-            KeyPaddingMask,
-            Bias,
-            seed,
-            stride_kn,
-            stride_kd,
-            stride_vn,
-            stride_vd,
-            stride_bias_m,
-            stride_bias_n,
-            batch_head,
-            offs_m,
-            offs_d,
-            0,
-            kv_len,
-            Lq,
-            Lk,
-            head_dim,
-            qk_scale,
-            dropout_p,
-            False,
-            HAS_KEY_PADDING_MASK,
-            HAS_BIAS,
-            DROPOUT,
-            UPCAST_INPUTS,
-            DOT_PRECISION,
-            BLOCK_N,
-        )
+        lo, hi = start_m, tl.minimum(start_m + BLOCK_M, kv_len)
+    acc, l_i, m_i = _forward_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        K,
+        V,
+        KeyPaddingMask,
+        Bias,
+        seed,
+        stride_kn,
+        stride_kd,
+        stride_vn,
+        stride_vd,
+        stride_bias_m,
+        stride_bias_n,
+        batch_head,
+        offs_m,
+        offs_d,
+        lo,
+        hi,
+        Lq,
+        Lk,
+        head_dim,
+        qk_scale,
+        dropout_p,
+        CAUSAL,
+        HAS_KEY_PADDING_MASK,
+        HAS_BIAS,
+        DROPOUT,
+        UPCAST_INPUTS,
+        DOT_PRECISION,
+        BLOCK_N,
+    )
 
     empty = l_i == 0.0  # no allowed key: out = 0, lse = +inf
     l_safe = tl.where(empty, 1.0, l_i)
@@ -665,9 +625,11 @@ def _attention_backward_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=compute_dtype)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=compute_dtype)
+    lo = 0
     if CAUSAL:
         # Queries before start_n see none of these keys (skipped); queries in
-        # [start_n, start_n + BLOCK_N) straddle the diagonal; later queries see all of them.
+        # [start_n, start_n + BLOCK_N) straddle the diagonal (masked, first); later queries see all
+        # of them (the unmasked call below).
         dk, dv = _dkdv_inner(
             dk,
             dv,
@@ -704,79 +666,43 @@ def _attention_backward_dkdv_kernel(
             DOT_PRECISION,
             BLOCK_M,
         )
-        dk, dv = _dkdv_inner(
-            dk,
-            dv,
-            k,
-            v,
-            Q,
-            GradOut,
-            LSE,
-            Delta,
-            Bias,
-            seed,
-            stride_qm,
-            stride_qd,
-            stride_gm,
-            stride_gd,
-            stride_bias_m,
-            stride_bias_n,
-            batch_head,
-            offs_k,
-            key_ok,
-            offs_d,
-            start_n + BLOCK_N,
-            q_hi,
-            Lq,
-            Lk,
-            head_dim,
-            qk_scale,
-            dropout_p,
-            dropout_scale,
-            False,
-            HAS_BIAS,
-            DROPOUT,
-            UPCAST_INPUTS,
-            DOT_PRECISION,
-            BLOCK_M,
-        )
-    else:
-        dk, dv = _dkdv_inner(
-            dk,
-            dv,
-            k,
-            v,
-            Q,
-            GradOut,
-            LSE,
-            Delta,
-            Bias,
-            seed,
-            stride_qm,
-            stride_qd,
-            stride_gm,
-            stride_gd,
-            stride_bias_m,
-            stride_bias_n,
-            batch_head,
-            offs_k,
-            key_ok,
-            offs_d,
-            0,
-            q_hi,
-            Lq,
-            Lk,
-            head_dim,
-            qk_scale,
-            dropout_p,
-            dropout_scale,
-            False,
-            HAS_BIAS,
-            DROPOUT,
-            UPCAST_INPUTS,
-            DOT_PRECISION,
-            BLOCK_M,
-        )
+        lo = start_n + BLOCK_N
+    dk, dv = _dkdv_inner(
+        dk,
+        dv,
+        k,
+        v,
+        Q,
+        GradOut,
+        LSE,
+        Delta,
+        Bias,
+        seed,
+        stride_qm,
+        stride_qd,
+        stride_gm,
+        stride_gd,
+        stride_bias_m,
+        stride_bias_n,
+        batch_head,
+        offs_k,
+        key_ok,
+        offs_d,
+        lo,
+        q_hi,
+        Lq,
+        Lk,
+        head_dim,
+        qk_scale,
+        dropout_p,
+        dropout_scale,
+        False,
+        HAS_BIAS,
+        DROPOUT,
+        UPCAST_INPUTS,
+        DOT_PRECISION,
+        BLOCK_M,
+    )
 
     dk = dk * (tl.cast(scale_hi, compute_dtype) + tl.cast(scale_lo, compute_dtype))
     row = batch_head.to(tl.int64) * Lk + offs_k
@@ -962,7 +888,9 @@ def _attention_backward_dq_kernel(
         kv_len = tl.minimum(tl.load(Lengths + b), Lk)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=compute_dtype)
+    lo, hi = 0, kv_len
     if CAUSAL:
+        # As in the forward: unmasked key blocks below start_m, then the diagonal block masked.
         dq = _dq_inner(
             dq,
             q,
@@ -999,79 +927,43 @@ def _attention_backward_dq_kernel(
             DOT_PRECISION,
             BLOCK_N,
         )
-        dq = _dq_inner(
-            dq,
-            q,
-            do,
-            lse,
-            delta,
-            K,
-            V,
-            KeyPaddingMask,
-            Bias,
-            seed,
-            stride_kn,
-            stride_kd,
-            stride_vn,
-            stride_vd,
-            stride_bias_m,
-            stride_bias_n,
-            batch_head,
-            offs_m,
-            offs_d,
-            start_m,
-            tl.minimum(start_m + BLOCK_M, kv_len),
-            Lq,
-            Lk,
-            head_dim,
-            qk_scale,
-            dropout_p,
-            dropout_scale,
-            True,
-            HAS_KEY_PADDING_MASK,
-            HAS_BIAS,
-            DROPOUT,
-            UPCAST_INPUTS,
-            DOT_PRECISION,
-            BLOCK_N,
-        )
-    else:
-        dq = _dq_inner(
-            dq,
-            q,
-            do,
-            lse,
-            delta,
-            K,
-            V,
-            KeyPaddingMask,
-            Bias,
-            seed,
-            stride_kn,
-            stride_kd,
-            stride_vn,
-            stride_vd,
-            stride_bias_m,
-            stride_bias_n,
-            batch_head,
-            offs_m,
-            offs_d,
-            0,
-            kv_len,
-            Lq,
-            Lk,
-            head_dim,
-            qk_scale,
-            dropout_p,
-            dropout_scale,
-            False,
-            HAS_KEY_PADDING_MASK,
-            HAS_BIAS,
-            DROPOUT,
-            UPCAST_INPUTS,
-            DOT_PRECISION,
-            BLOCK_N,
-        )
+        lo, hi = start_m, tl.minimum(start_m + BLOCK_M, kv_len)
+    dq = _dq_inner(
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        K,
+        V,
+        KeyPaddingMask,
+        Bias,
+        seed,
+        stride_kn,
+        stride_kd,
+        stride_vn,
+        stride_vd,
+        stride_bias_m,
+        stride_bias_n,
+        batch_head,
+        offs_m,
+        offs_d,
+        lo,
+        hi,
+        Lq,
+        Lk,
+        head_dim,
+        qk_scale,
+        dropout_p,
+        dropout_scale,
+        CAUSAL,
+        HAS_KEY_PADDING_MASK,
+        HAS_BIAS,
+        DROPOUT,
+        UPCAST_INPUTS,
+        DOT_PRECISION,
+        BLOCK_N,
+    )
     dq = dq * (tl.cast(scale_hi, compute_dtype) + tl.cast(scale_lo, compute_dtype))
     tl.store(
         GradQ + row[:, None] * head_dim + offs_d[None, :],
@@ -1541,10 +1433,9 @@ def _variant(fn, kernel, dt, constexprs, options, flags=(), tuned=""):
     if tuned:
         tiles = f"{constexprs['BLOCK_M']}x{constexprs['BLOCK_N']}w{options['num_warps']}s{options['num_stages']}"
         bucket += f" {tuned} {tiles}"
-    signature, consts, attrs = variant_signature(fn, constexprs, lambda arg: _arg_type(arg, dt), _aligned)
     spills = SPILLS_ACCEPTED.get((kernel, dt, constexprs["BLOCK_D"]), "")
-    label = variant_name("attention", kernel, dt, bucket, flags)
-    return KernelVariant(label, fn, signature, consts, attrs, options, dt, flags, kernel, bucket, spills)
+    arg_type = lambda arg: _arg_type(arg, dt)
+    return variant("attention", kernel, fn, dt, bucket, constexprs, options, flags, arg_type, _aligned, spills)
 
 
 def kernel_variants() -> list[KernelVariant]:

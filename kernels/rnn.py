@@ -50,15 +50,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from fastrec.kernels._common import (
-    DTYPE_CLASSES,
-    TRITON_DTYPES,
-    KernelVariant,
-    accumulator_type,
-    tf32_choices,
-    variant_name,
-    variant_signature,
-)
+from fastrec.kernels._common import DTYPE_CLASSES, TRITON_DTYPES, KernelVariant, accumulator_type, tf32_choices, variant
 from fastrec.kernels._host import cdiv, launcher, next_power_of_2
 
 MODES = {"tanh": 0, "relu": 1, "gru": 2, "lstm": 3}
@@ -832,10 +824,9 @@ def _arg_type(arg: str, dt: str) -> str:
 
 def _variant(fn, kernel: str, dt: str, bucket: str, constexprs: dict, options: dict, flags: tuple) -> KernelVariant:
     """Signature as the JIT builds it for contiguous inputs: 16-byte aligned pointers, i32 sizes."""
-    signature, consts, attrs = variant_signature(fn, constexprs, lambda arg: _arg_type(arg, dt))
     spills = SPILLS_ACCEPTED.get((kernel, dt, bucket), "")
-    label = variant_name("rnn", kernel, dt, bucket, flags)
-    return KernelVariant(label, fn, signature, consts, attrs, options, dt, flags, kernel, bucket, spills)
+    arg_type = lambda arg: _arg_type(arg, dt)
+    return variant("rnn", kernel, fn, dt, bucket, constexprs, options, flags, arg_type, None, spills)
 
 
 def _configs(dtype: torch.dtype) -> list[BlockConfig]:
@@ -1007,61 +998,39 @@ def _rnn_cell_forward_kernel(
     mask = (offs_b < B)[:, None] & (offs_j < H)[None, :]
     state = offs_b[:, None] * H + offs_j[None, :]
     ws = Ws + offs_b[:, None] * (K * H) + offs_j[None, :]
+    # Gate 0 (Elman's only gate, GRU's r, LSTM's i) and gate 1 (z, f) take x W_ih^T + b_ih + h W_hh^T + b_hh.
+    p0 = _cell_preact(
+        X,
+        Hs,
+        WIh,
+        WHh,
+        BIh,
+        BHh,
+        0,
+        offs_b,
+        offs_j,
+        B,
+        IN,
+        H,
+        CDT,
+        True,
+        True,
+        HAS_BIAS,
+        LOW_PRECISION_DOT,
+        DOT_PRECISION,
+        BLOCK_B,
+        BLOCK_H,
+        BLOCK_K,
+    )
     if MODE <= 1:
-        y = _cell_preact(
-            X,
-            Hs,
-            WIh,
-            WHh,
-            BIh,
-            BHh,
-            0,
-            offs_b,
-            offs_j,
-            B,
-            IN,
-            H,
-            CDT,
-            True,
-            True,
-            HAS_BIAS,
-            LOW_PRECISION_DOT,
-            DOT_PRECISION,
-            BLOCK_B,
-            BLOCK_H,
-            BLOCK_K,
-        )
         if MODE == 0:
-            y = _tanh(y)
+            y = _tanh(p0)
         else:
-            y = tl.maximum(y, 0.0)
+            y = tl.maximum(p0, 0.0)
         tl.store(HNew + state, y.to(HNew.dtype.element_ty), mask=mask)
         tl.store(ws, y, mask=mask)
-    elif MODE == 2:
-        pr = _cell_preact(
-            X,
-            Hs,
-            WIh,
-            WHh,
-            BIh,
-            BHh,
-            0,
-            offs_b,
-            offs_j,
-            B,
-            IN,
-            H,
-            CDT,
-            True,
-            True,
-            HAS_BIAS,
-            LOW_PRECISION_DOT,
-            DOT_PRECISION,
-            BLOCK_B,
-            BLOCK_H,
-            BLOCK_K,
-        )
-        pz = _cell_preact(
+    else:
+        p1 = _cell_preact(
             X,
             Hs,
             WIh,
@@ -1084,7 +1053,8 @@ def _rnn_cell_forward_kernel(
             BLOCK_H,
             BLOCK_K,
         )
-        gin = _cell_preact(
+        # Gate 2: LSTM's g adds both products; GRU's n keeps h W_hn^T + b_hn apart (r scales it).
+        p2 = _cell_preact(
             X,
             Hs,
             WIh,
@@ -1099,7 +1069,7 @@ def _rnn_cell_forward_kernel(
             H,
             CDT,
             True,
-            False,
+            MODE == 3,
             HAS_BIAS,
             LOW_PRECISION_DOT,
             DOT_PRECISION,
@@ -1107,91 +1077,8 @@ def _rnn_cell_forward_kernel(
             BLOCK_H,
             BLOCK_K,
         )
-        ghn = _cell_preact(
-            X,
-            Hs,
-            WIh,
-            WHh,
-            BIh,
-            BHh,
-            2,
-            offs_b,
-            offs_j,
-            B,
-            IN,
-            H,
-            CDT,
-            False,
-            True,
-            HAS_BIAS,
-            LOW_PRECISION_DOT,
-            DOT_PRECISION,
-            BLOCK_B,
-            BLOCK_H,
-            BLOCK_K,
-        )
-        r = _sigmoid(pr)
-        z = _sigmoid(pz)
-        n = _tanh(gin + r * ghn)
-        h = tl.load(Hs + state, mask=mask, other=0.0).to(CDT)
-        tl.store(HNew + state, (n + z * (h - n)).to(HNew.dtype.element_ty), mask=mask)
-        tl.store(ws, r, mask=mask)
-        tl.store(ws + H, z, mask=mask)
-        tl.store(ws + 2 * H, n, mask=mask)
-        tl.store(ws + 3 * H, ghn, mask=mask)
-    else:
-        i = _sigmoid(
-            _cell_preact(
-                X,
-                Hs,
-                WIh,
-                WHh,
-                BIh,
-                BHh,
-                0,
-                offs_b,
-                offs_j,
-                B,
-                IN,
-                H,
-                CDT,
-                True,
-                True,
-                HAS_BIAS,
-                LOW_PRECISION_DOT,
-                DOT_PRECISION,
-                BLOCK_B,
-                BLOCK_H,
-                BLOCK_K,
-            )
-        )
-        f = _sigmoid(
-            _cell_preact(
-                X,
-                Hs,
-                WIh,
-                WHh,
-                BIh,
-                BHh,
-                1,
-                offs_b,
-                offs_j,
-                B,
-                IN,
-                H,
-                CDT,
-                True,
-                True,
-                HAS_BIAS,
-                LOW_PRECISION_DOT,
-                DOT_PRECISION,
-                BLOCK_B,
-                BLOCK_H,
-                BLOCK_K,
-            )
-        )
-        g = _tanh(
-            _cell_preact(
+        if MODE == 2:
+            ghn = _cell_preact(
                 X,
                 Hs,
                 WIh,
@@ -1205,7 +1092,7 @@ def _rnn_cell_forward_kernel(
                 IN,
                 H,
                 CDT,
-                True,
+                False,
                 True,
                 HAS_BIAS,
                 LOW_PRECISION_DOT,
@@ -1214,9 +1101,17 @@ def _rnn_cell_forward_kernel(
                 BLOCK_H,
                 BLOCK_K,
             )
-        )
-        o = _sigmoid(
-            _cell_preact(
+            r = _sigmoid(p0)
+            z = _sigmoid(p1)
+            n = _tanh(p2 + r * ghn)
+            h = tl.load(Hs + state, mask=mask, other=0.0).to(CDT)
+            tl.store(HNew + state, (n + z * (h - n)).to(HNew.dtype.element_ty), mask=mask)
+            tl.store(ws, r, mask=mask)
+            tl.store(ws + H, z, mask=mask)
+            tl.store(ws + 2 * H, n, mask=mask)
+            tl.store(ws + 3 * H, ghn, mask=mask)
+        else:
+            p3 = _cell_preact(
                 X,
                 Hs,
                 WIh,
@@ -1239,17 +1134,20 @@ def _rnn_cell_forward_kernel(
                 BLOCK_H,
                 BLOCK_K,
             )
-        )
-        c = tl.load(C + state, mask=mask, other=0.0).to(CDT)
-        c_new = f * c + i * g
-        tc = _tanh(c_new)
-        tl.store(CNew + state, c_new.to(CNew.dtype.element_ty), mask=mask)
-        tl.store(HNew + state, (o * tc).to(HNew.dtype.element_ty), mask=mask)
-        tl.store(ws, i, mask=mask)
-        tl.store(ws + H, f, mask=mask)
-        tl.store(ws + 2 * H, g, mask=mask)
-        tl.store(ws + 3 * H, o, mask=mask)
-        tl.store(ws + 4 * H, tc, mask=mask)
+            i = _sigmoid(p0)
+            f = _sigmoid(p1)
+            g = _tanh(p2)
+            o = _sigmoid(p3)
+            c = tl.load(C + state, mask=mask, other=0.0).to(CDT)
+            c_new = f * c + i * g
+            tc = _tanh(c_new)
+            tl.store(CNew + state, c_new.to(CNew.dtype.element_ty), mask=mask)
+            tl.store(HNew + state, (o * tc).to(HNew.dtype.element_ty), mask=mask)
+            tl.store(ws, i, mask=mask)
+            tl.store(ws + H, f, mask=mask)
+            tl.store(ws + 2 * H, g, mask=mask)
+            tl.store(ws + 3 * H, o, mask=mask)
+            tl.store(ws + 4 * H, tc, mask=mask)
 
 
 @launcher
