@@ -1315,6 +1315,25 @@ int64_t cell_grain(int64_t B) {
   return std::max<int64_t>(8, (B + threads - 1) / threads);
 }
 
+// The checks both cell ops share: x (B, I) and h (B, H) of one cell dtype, the weights' shapes,
+// and c (B, H) given for LSTM and only then.
+void check_cell_inputs(const at::Tensor& x, const at::Tensor& h, const std::optional<at::Tensor>& c,
+                       const at::Tensor& w_ih, const at::Tensor& w_hh, Mode mode) {
+  TORCH_CHECK(x.dim() == 2 && h.dim() == 2,
+              "fastrec rnn cell (cpp): x and h must be 2-D (B, I) and (B, H), got ", x.sizes(),
+              " and ", h.sizes());
+  check_cell_dtype(x, "x");
+  const auto dt = x.scalar_type();
+  const int64_t G = gates_of(mode), B = x.size(0), I = x.size(1), H = h.size(1);
+  check_tensor(h, "h", dt, {B, H});
+  check_tensor(w_ih, "w_ih", dt, {G * H, I});
+  check_tensor(w_hh, "w_hh", dt, {G * H, H});
+  const bool lstm = mode == Mode::kLstm;
+  TORCH_CHECK(c.has_value() == lstm,
+              "fastrec rnn cell (cpp): c must be given for mode 'lstm' and only then");
+  if (lstm) check_tensor(*c, "c", dt, {B, H});
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_cell_forward_cpp(
     const at::Tensor& x_in, const at::Tensor& h_in, const std::optional<at::Tensor>& c_in,
     const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
@@ -1322,24 +1341,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_cell_forward_cpp(
   const Mode mode = parse_mode(mode_name);
   const int64_t G = gates_of(mode), K = cell_slots_of(mode);
   const bool lstm = mode == Mode::kLstm, gru = mode == Mode::kGru;
-  TORCH_CHECK(x_in.dim() == 2 && h_in.dim() == 2,
-              "fastrec rnn cell (cpp): x and h must be 2-D (B, I) and (B, H), got ", x_in.sizes(),
-              " and ", h_in.sizes());
-  check_cell_dtype(x_in, "x");
+  check_cell_inputs(x_in, h_in, c_in, w_ih, w_hh, mode);
   const auto dt = x_in.scalar_type();
   const int64_t B = x_in.size(0), I = x_in.size(1), H = h_in.size(1);
-  check_tensor(h_in, "h", dt, {B, H});
-  check_tensor(w_ih, "w_ih", dt, {G * H, I});
-  check_tensor(w_hh, "w_hh", dt, {G * H, H});
   TORCH_CHECK(b_ih.has_value() == b_hh.has_value(),
               "fastrec rnn cell (cpp): b_ih and b_hh must be given together");
   if (b_ih.has_value()) {
     check_tensor(*b_ih, "b_ih", dt, {G * H});
     check_tensor(*b_hh, "b_hh", dt, {G * H});
   }
-  TORCH_CHECK(c_in.has_value() == lstm,
-              "fastrec rnn cell (cpp): c must be given for mode 'lstm' and only then");
-  if (lstm) check_tensor(*c_in, "c", dt, {B, H});
   const at::Tensor x = x_in.detach().contiguous(), h = h_in.detach().contiguous();
   const at::Tensor c = lstm ? c_in->contiguous() : at::Tensor();
 
@@ -1400,20 +1410,11 @@ rnn_cell_backward_cpp(const at::Tensor& grad_hn_in, const std::optional<at::Tens
   const Mode mode = parse_mode(mode_name);
   const int64_t G = gates_of(mode), K = cell_slots_of(mode);
   const bool lstm = mode == Mode::kLstm, gru = mode == Mode::kGru;
-  TORCH_CHECK(x_in.dim() == 2 && h_in.dim() == 2,
-              "fastrec rnn cell (cpp): x and h must be 2-D (B, I) and (B, H), got ", x_in.sizes(),
-              " and ", h_in.sizes());
-  check_cell_dtype(x_in, "x");
+  check_cell_inputs(x_in, h_in, c_in, w_ih, w_hh, mode);
   const auto dt = x_in.scalar_type();
   const int64_t B = x_in.size(0), I = x_in.size(1), H = h_in.size(1);
   check_tensor(grad_hn_in, "grad_h_new", dt, {B, H});
   check_tensor(ws, "workspace", dt, {B, K * H});
-  check_tensor(h_in, "h", dt, {B, H});
-  check_tensor(w_ih, "w_ih", dt, {G * H, I});
-  check_tensor(w_hh, "w_hh", dt, {G * H, H});
-  TORCH_CHECK(c_in.has_value() == lstm,
-              "fastrec rnn cell (cpp): c must be given for mode 'lstm' and only then");
-  if (lstm) check_tensor(*c_in, "c", dt, {B, H});
   if (grad_cn_in.has_value()) check_tensor(*grad_cn_in, "grad_c_new", dt, {B, H});
   const at::Tensor x = x_in.detach().contiguous(), h = h_in.detach().contiguous(),
                    dhn = grad_hn_in.contiguous();

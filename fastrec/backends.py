@@ -189,6 +189,16 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return None
 
 
+def allow_tf32(t: torch.Tensor, convolution: bool = False) -> bool:
+    """Whether the fused kernels may run fp32 dots on ``t`` in TF32: only where torch's own flag
+    lets torch's op do so (``torch.backends.cudnn.allow_tf32`` for convolutions, as for
+    ``torch.nn.functional.conv2d``; ``torch.backends.cuda.matmul.allow_tf32`` otherwise), and only
+    for fp32 CUDA tensors."""
+    if t.dtype != torch.float32 or not t.is_cuda:
+        return False
+    return torch.backends.cudnn.allow_tf32 if convolution else torch.backends.cuda.matmul.allow_tf32
+
+
 def count(op: str, backend: str, reason: str = "") -> None:
     """Record one call of ``op`` on ``backend`` (``reason`` says why a fallback happened)."""
     if not torch.compiler.is_compiling():

@@ -44,11 +44,12 @@ from __future__ import annotations
 
 import functools
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+from fastrec.kernels._common import DTYPE_CLASSES, TRITON_DTYPES, KernelVariant, accumulator_type, tf32_choices, variant
 from fastrec.kernels._host import cdiv, launcher, next_power_of_2
 
 from fastrec import backends
@@ -298,9 +299,11 @@ def _attention_forward_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=compute_dtype)
     l_i = tl.zeros([BLOCK_M], dtype=compute_dtype)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=compute_dtype)
+    lo, hi = 0, kv_len
     if CAUSAL:
         # Keys below start_m are allowed for every row of the block (no causal mask needed);
-        # keys in [start_m, start_m + BLOCK_M) straddle the diagonal; later keys are skipped.
+        # keys in [start_m, start_m + BLOCK_M) straddle the diagonal (the masked call below);
+        # later keys are skipped.
         acc, l_i, m_i = _forward_inner(
             acc,
             l_i,
@@ -335,75 +338,41 @@ def _attention_forward_kernel(
             DOT_PRECISION,
             BLOCK_N,
         )
-        acc, l_i, m_i = _forward_inner(
-            acc,
-            l_i,
-            m_i,
-            q,
-            K,
-            V,
-            KeyPaddingMask,
-            Bias,
-            seed,
-            stride_kn,
-            stride_kd,
-            stride_vn,
-            stride_vd,
-            stride_bias_m,
-            stride_bias_n,
-            batch_head,
-            offs_m,
-            offs_d,
-            start_m,
-            tl.minimum(start_m + BLOCK_M, kv_len),
-            Lq,
-            Lk,
-            head_dim,
-            qk_scale,
-            dropout_p,
-            True,
-            HAS_KEY_PADDING_MASK,
-            HAS_BIAS,
-            DROPOUT,
-            UPCAST_INPUTS,
-            DOT_PRECISION,
-            BLOCK_N,
-        )
-    else:
-        acc, l_i, m_i = _forward_inner(
-            acc,
-            l_i,
-            m_i,
-            q,
-            K,
-            V,
-            KeyPaddingMask,
-            Bias,
-            seed,
-            stride_kn,
-            stride_kd,
-            stride_vn,
-            stride_vd,
-            stride_bias_m,
-            stride_bias_n,
-            batch_head,
-            offs_m,
-            offs_d,
-            0,
-            kv_len,
-            Lq,
-            Lk,
-            head_dim,
-            qk_scale,
-            dropout_p,
-            False,
-            HAS_KEY_PADDING_MASK,
-            HAS_BIAS,
-            DROPOUT,
-            UPCAST_INPUTS,
-            DOT_PRECISION,
-            BLOCK_N,
-        )
+        lo, hi = start_m, tl.minimum(start_m + BLOCK_M, kv_len)
+    acc, l_i, m_i = _forward_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        K,
+        V,
+        KeyPaddingMask,
+        Bias,
+        seed,
+        stride_kn,
+        stride_kd,
+        stride_vn,
+        stride_vd,
+        stride_bias_m,
+        stride_bias_n,
+        batch_head,
+        offs_m,
+        offs_d,
+        lo,
+        hi,
+        Lq,
+        Lk,
+        head_dim,
+        qk_scale,
+        dropout_p,
+        CAUSAL,
+        HAS_KEY_PADDING_MASK,
+        HAS_BIAS,
+        DROPOUT,
+        UPCAST_INPUTS,
+        DOT_PRECISION,
+        BLOCK_N,
+    )
 
     empty = l_i == 0.0  # no allowed key: out = 0, lse = +inf
     l_safe = tl.where(empty, 1.0, l_i)
@@ -655,9 +624,11 @@ def _attention_backward_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=compute_dtype)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=compute_dtype)
+    lo = 0
     if CAUSAL:
         # Queries before start_n see none of these keys (skipped); queries in
-        # [start_n, start_n + BLOCK_N) straddle the diagonal; later queries see all of them.
+        # [start_n, start_n + BLOCK_N) straddle the diagonal (masked, first); later queries see all
+        # of them (the unmasked call below).
         dk, dv = _dkdv_inner(
             dk,
             dv,
@@ -694,79 +665,43 @@ def _attention_backward_dkdv_kernel(
             DOT_PRECISION,
             BLOCK_M,
         )
-        dk, dv = _dkdv_inner(
-            dk,
-            dv,
-            k,
-            v,
-            Q,
-            GradOut,
-            LSE,
-            Delta,
-            Bias,
-            seed,
-            stride_qm,
-            stride_qd,
-            stride_gm,
-            stride_gd,
-            stride_bias_m,
-            stride_bias_n,
-            batch_head,
-            offs_k,
-            key_ok,
-            offs_d,
-            start_n + BLOCK_N,
-            q_hi,
-            Lq,
-            Lk,
-            head_dim,
-            qk_scale,
-            dropout_p,
-            dropout_scale,
-            False,
-            HAS_BIAS,
-            DROPOUT,
-            UPCAST_INPUTS,
-            DOT_PRECISION,
-            BLOCK_M,
-        )
-    else:
-        dk, dv = _dkdv_inner(
-            dk,
-            dv,
-            k,
-            v,
-            Q,
-            GradOut,
-            LSE,
-            Delta,
-            Bias,
-            seed,
-            stride_qm,
-            stride_qd,
-            stride_gm,
-            stride_gd,
-            stride_bias_m,
-            stride_bias_n,
-            batch_head,
-            offs_k,
-            key_ok,
-            offs_d,
-            0,
-            q_hi,
-            Lq,
-            Lk,
-            head_dim,
-            qk_scale,
-            dropout_p,
-            dropout_scale,
-            False,
-            HAS_BIAS,
-            DROPOUT,
-            UPCAST_INPUTS,
-            DOT_PRECISION,
-            BLOCK_M,
-        )
+        lo = start_n + BLOCK_N
+    dk, dv = _dkdv_inner(
+        dk,
+        dv,
+        k,
+        v,
+        Q,
+        GradOut,
+        LSE,
+        Delta,
+        Bias,
+        seed,
+        stride_qm,
+        stride_qd,
+        stride_gm,
+        stride_gd,
+        stride_bias_m,
+        stride_bias_n,
+        batch_head,
+        offs_k,
+        key_ok,
+        offs_d,
+        lo,
+        q_hi,
+        Lq,
+        Lk,
+        head_dim,
+        qk_scale,
+        dropout_p,
+        dropout_scale,
+        False,
+        HAS_BIAS,
+        DROPOUT,
+        UPCAST_INPUTS,
+        DOT_PRECISION,
+        BLOCK_M,
+    )
 
     dk = dk * (tl.cast(scale_hi, compute_dtype) + tl.cast(scale_lo, compute_dtype))
     row = batch_head.to(tl.int64) * Lk + offs_k
@@ -952,7 +887,9 @@ def _attention_backward_dq_kernel(
         kv_len = tl.minimum(tl.load(Lengths + b), Lk)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=compute_dtype)
+    lo, hi = 0, kv_len
     if CAUSAL:
+        # As in the forward: unmasked key blocks below start_m, then the diagonal block masked.
         dq = _dq_inner(
             dq,
             q,
@@ -989,79 +926,43 @@ def _attention_backward_dq_kernel(
             DOT_PRECISION,
             BLOCK_N,
         )
-        dq = _dq_inner(
-            dq,
-            q,
-            do,
-            lse,
-            delta,
-            K,
-            V,
-            KeyPaddingMask,
-            Bias,
-            seed,
-            stride_kn,
-            stride_kd,
-            stride_vn,
-            stride_vd,
-            stride_bias_m,
-            stride_bias_n,
-            batch_head,
-            offs_m,
-            offs_d,
-            start_m,
-            tl.minimum(start_m + BLOCK_M, kv_len),
-            Lq,
-            Lk,
-            head_dim,
-            qk_scale,
-            dropout_p,
-            dropout_scale,
-            True,
-            HAS_KEY_PADDING_MASK,
-            HAS_BIAS,
-            DROPOUT,
-            UPCAST_INPUTS,
-            DOT_PRECISION,
-            BLOCK_N,
-        )
-    else:
-        dq = _dq_inner(
-            dq,
-            q,
-            do,
-            lse,
-            delta,
-            K,
-            V,
-            KeyPaddingMask,
-            Bias,
-            seed,
-            stride_kn,
-            stride_kd,
-            stride_vn,
-            stride_vd,
-            stride_bias_m,
-            stride_bias_n,
-            batch_head,
-            offs_m,
-            offs_d,
-            0,
-            kv_len,
-            Lq,
-            Lk,
-            head_dim,
-            qk_scale,
-            dropout_p,
-            dropout_scale,
-            False,
-            HAS_KEY_PADDING_MASK,
-            HAS_BIAS,
-            DROPOUT,
-            UPCAST_INPUTS,
-            DOT_PRECISION,
-            BLOCK_N,
-        )
+        lo, hi = start_m, tl.minimum(start_m + BLOCK_M, kv_len)
+    dq = _dq_inner(
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        K,
+        V,
+        KeyPaddingMask,
+        Bias,
+        seed,
+        stride_kn,
+        stride_kd,
+        stride_vn,
+        stride_vd,
+        stride_bias_m,
+        stride_bias_n,
+        batch_head,
+        offs_m,
+        offs_d,
+        lo,
+        hi,
+        Lq,
+        Lk,
+        head_dim,
+        qk_scale,
+        dropout_p,
+        dropout_scale,
+        CAUSAL,
+        HAS_KEY_PADDING_MASK,
+        HAS_BIAS,
+        DROPOUT,
+        UPCAST_INPUTS,
+        DOT_PRECISION,
+        BLOCK_N,
+    )
     dq = dq * (tl.cast(scale_hi, compute_dtype) + tl.cast(scale_lo, compute_dtype))
     tl.store(
         GradQ + row[:, None] * head_dim + offs_d[None, :],
@@ -1155,8 +1056,6 @@ SPILLS_ACCEPTED = {
 }
 # The interpreter's cost grows with programs x operations, not tile size: use big tiles there.
 _INTERPRETER_CONFIG = BlockConfig(64, 64, 4, 1)
-_DTYPE_CLASS = {torch.float16: "16", torch.bfloat16: "16", torch.float32: "32", torch.float64: "64"}
-_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 BLOCK_D_BUCKETS = (16, 32, 64, 128, 256)
 
 
@@ -1189,7 +1088,7 @@ def _valid_config(kernel: str, cfg: BlockConfig) -> bool:
 
 def tuned_key(kernel: str, dtype: torch.dtype, block_d: int) -> str:
     """The table's key of one block-config slot, e.g. ``"dkdv/16/32"``."""
-    return f"{kernel}/{_DTYPE_CLASS[dtype]}/{block_d}"
+    return f"{kernel}/{DTYPE_CLASSES[dtype]}/{block_d}"
 
 
 def parse_configs(table: dict, source: str = "attention config table") -> dict[str, dict[str, BlockConfig]]:
@@ -1254,7 +1153,7 @@ def block_config(
         tuned = tuned_configs().get(card, {}).get(tuned_key(kernel, dtype, block_d))
         if tuned is not None:
             return tuned
-    return _GPU_CONFIGS[kernel][(_DTYPE_CLASS[dtype], block_d)]
+    return _GPU_CONFIGS[kernel][(DTYPE_CLASSES[dtype], block_d)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1501,62 +1400,37 @@ FLAG_NAMES = ("CAUSAL", "HAS_KEY_PADDING_MASK", "HAS_LENGTHS", "HAS_BIAS", "DROP
 COVERAGE_ALTERNATE_FLAGS = ("ALLOW_TF32",)
 
 
-@dataclass
-class KernelVariant:
-    """One GPU compilation unit: triton.compile(ASTSource(fn, signature, constexprs, attrs))."""
-
-    name: str  # e.g. "attention.forward[fp16,D=64,CAUSAL+DROPOUT]"
-    fn: object  # the @triton.jit function
-    signature: dict  # argument name -> Triton type ("*fp16", "i32", "fp32", "constexpr")
-    constexprs: dict  # argument name -> value
-    attrs: dict  # (arg index,) -> [["tt.divisibility", 16]] for 16-aligned pointers / strides
-    options: dict = field(default_factory=dict)  # num_warps, num_stages
-    dtype: str = ""  # Triton dtype of q/k/v: fp16, bf16, fp32, fp64
-    flags: tuple = ()  # the constexpr flags that are on
-    kernel: str = ""  # forward, dkdv, dq, backward_preprocess
-    bucket: str = ""  # block-config key: "BLOCK_D=64"
-    spills_expected: str = ""  # non-empty: known to spill, and why (reported, not failed)
-
-
-def _pointer_type(arg: str, dt: str, acc: str) -> str | None:
+def _arg_type(arg: str, dt: str) -> str | int:
+    """Triton type of a kernel argument (1: the unit stride along the head dim)."""
+    if arg.startswith("stride_"):
+        return 1 if arg.endswith("d") else "i32"
     if arg in ("Q", "K", "V", "Out", "GradOut", "GradQ", "GradK", "GradV"):
         return "*" + dt
     if arg in ("LSE", "Delta", "Bias"):
-        return "*" + acc
+        return "*" + accumulator_type(dt)
     mask = "*i32" if dt == "fp64" else "*i1"  # see _optional_args
-    return {"KeyPaddingMask": mask, "Lengths": "*i32", "Seed": "*i64"}.get(arg)
+    pointer = {"KeyPaddingMask": mask, "Lengths": "*i32", "Seed": "*i64"}.get(arg)
+    if pointer is not None:
+        return pointer
+    return "i32" if arg in ("H", "Lq", "Lk", "head_dim") else "fp32"  # else scale / dropout floats
+
+
+def _aligned(arg: str, kind: str) -> bool:
+    """Pointers and strides are multiples of 16 in the common case (not the broadcast bias's)."""
+    return kind.startswith("*") or (arg.startswith("stride_") and not arg.startswith("stride_bias"))
 
 
 def _variant(fn, kernel, dt, constexprs, options, flags=(), tuned=""):
     """Signature as the JIT would build it for the common case: 16-byte aligned pointers,
     unit stride along the head dim (specialised to the constant 1), other strides % 16 == 0.
     ``tuned``: the card whose measured config this is (its own bucket)."""
-    acc = "fp64" if dt == "fp64" else "fp32"
     bucket = f"BLOCK_D={constexprs['BLOCK_D']}"
     if tuned:
         tiles = f"{constexprs['BLOCK_M']}x{constexprs['BLOCK_N']}w{options['num_warps']}s{options['num_stages']}"
         bucket += f" {tuned} {tiles}"
-    label = f"attention.{kernel}[{dt},{bucket},{'+'.join(flags) or 'plain'}]"
-    signature, consts, attrs = {}, dict(constexprs), {}
-    for index, arg in enumerate(fn.arg_names):
-        if arg in consts:
-            signature[arg] = "constexpr"
-        elif arg.startswith("stride_") and arg.endswith("d"):
-            signature[arg] = "constexpr"
-            consts[arg] = 1
-        elif (ptr := _pointer_type(arg, dt, acc)) is not None:
-            signature[arg] = ptr
-            attrs[(index,)] = [["tt.divisibility", 16]]
-        elif arg.startswith("stride_"):
-            signature[arg] = "i32"
-            if not arg.startswith("stride_bias"):
-                attrs[(index,)] = [["tt.divisibility", 16]]
-        elif arg in ("H", "Lq", "Lk", "head_dim"):
-            signature[arg] = "i32"
-        else:  # scale / dropout floats
-            signature[arg] = "fp32"
     spills = SPILLS_ACCEPTED.get((kernel, dt, constexprs["BLOCK_D"]), "")
-    return KernelVariant(label, fn, signature, consts, attrs, options, dt, flags, kernel, bucket, spills)
+    arg_type = lambda arg: _arg_type(arg, dt)
+    return variant("attention", kernel, fn, dt, bucket, constexprs, options, flags, arg_type, _aligned, spills)
 
 
 def kernel_variants() -> list[KernelVariant]:
@@ -1573,7 +1447,7 @@ def kernel_variants() -> list[KernelVariant]:
         ("dq", _attention_backward_dq_kernel),
     )
     variants = []
-    for torch_dtype, dt in _TRITON_DTYPE.items():
+    for torch_dtype, dt in TRITON_DTYPES.items():
         for block_d in BLOCK_D_BUCKETS:
             variants.append(
                 _variant(
@@ -1586,7 +1460,7 @@ def kernel_variants() -> list[KernelVariant]:
             )
             for bits in range(2 ** len(FLAG_NAMES)):
                 on = tuple(n for i, n in enumerate(FLAG_NAMES) if bits >> i & 1)
-                for tf32 in (False, True) if torch_dtype == torch.float32 else (False,):
+                for tf32 in tf32_choices(torch_dtype):
                     flags = on + (("ALLOW_TF32",) if tf32 else ())
                     for kernel, fn in kernels:
                         default = block_config(kernel, torch_dtype, block_d, interpreter=False)

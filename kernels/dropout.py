@@ -13,17 +13,15 @@ torch would use, fp32 / fp16 / bf16 use hi (the fp32 rounding), all bit-exact wi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import torch
 import triton
 import triton.language as tl
+from fastrec.kernels._common import TRITON_DTYPES, KernelVariant, variant_signature
 from fastrec.kernels._host import cdiv, launcher
 
 BLOCK = 1024
 NUM_WARPS = 4
-_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 
 
 @launcher
@@ -69,7 +67,7 @@ def _scale_parts(p: float) -> tuple[float, float, float]:
 
 def dropout(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
     """Launcher: dropout of x with the Philox stream of ``seed`` (int64 ``(1,)`` on x's device)."""
-    if x.dtype not in _TRITON_DTYPE:
+    if x.dtype not in TRITON_DTYPES:
         raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
     if seed.dtype != torch.int64 or seed.numel() < 1 or seed.device != x.device:
         raise ValueError(f"seed must be an int64 tensor of shape (1,) on {x.device}, got {seed.dtype} on {seed.device}")
@@ -90,46 +88,21 @@ def dropout(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class KernelVariant:
-    """One GPU compilation unit: triton.compile(ASTSource(fn, signature, constexprs, attrs))."""
-
-    name: str  # e.g. "dropout.forward[fp16,BLOCK=1024]"
-    fn: object  # the @triton.jit function
-    signature: dict  # argument name -> Triton type
-    constexprs: dict  # argument name -> value
-    attrs: dict  # (arg index,) -> [["tt.divisibility", 16]] for 16-aligned pointers
-    options: dict = field(default_factory=dict)  # num_warps, num_stages
-    dtype: str = ""  # Triton dtype of x
-    flags: tuple = ()  # the constexpr flags that are on (none)
-    kernel: str = ""  # "forward" (the backward is the same kernel)
-    bucket: str = ""  # block-config key
-    spills_expected: str = ""  # non-empty: known to spill, and why
-
-
 def kernel_variants() -> list[KernelVariant]:
     """One variant per dtype (numel as i32 and as i64: the JIT types numel >= 2**31 as i64)."""
     variants = []
-    for dt in _TRITON_DTYPE.values():
+    for dt in TRITON_DTYPES.values():
         for numel_type in ("i32", "i64"):
-            signature = {
-                "X": "*" + dt,
-                "Out": "*" + dt,
-                "Seed": "*i64",
-                "numel": numel_type,
-                "p": "fp32",
-                "scale_hi": "fp32",
-                "scale_mid": "fp32",
-                "scale_lo": "fp32",
-                "BLOCK": "constexpr",
-            }
-            attrs = {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]], (2,): [["tt.divisibility", 16]]}
+            types = {"X": "*" + dt, "Out": "*" + dt, "Seed": "*i64", "numel": numel_type}
+            signature, constexprs, attrs = variant_signature(
+                _dropout_kernel, {"BLOCK": BLOCK}, lambda arg: types.get(arg, "fp32")
+            )
             variants.append(
                 KernelVariant(
                     name=f"dropout.forward[{dt},BLOCK={BLOCK},numel:{numel_type}]",
                     fn=_dropout_kernel,
                     signature=signature,
-                    constexprs={"BLOCK": BLOCK},
+                    constexprs=constexprs,
                     attrs=attrs,
                     options=dict(num_warps=NUM_WARPS, num_stages=1),
                     dtype=dt,

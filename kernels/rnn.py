@@ -45,11 +45,12 @@ bf16 arithmetic is broken) bf16 dots run in fp32 instead.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+from fastrec.kernels._common import DTYPE_CLASSES, TRITON_DTYPES, KernelVariant, accumulator_type, tf32_choices, variant
 from fastrec.kernels._host import cdiv, launcher, next_power_of_2
 
 MODES = {"tanh": 0, "relu": 1, "gru": 2, "lstm": 3}
@@ -592,8 +593,6 @@ INTERPRETER_STREAMED = (32, 16, 4)
 # the compile check then covers exactly what is launched. Prefetching the next step's gx / W tiles
 # (num_stages = 2) is a tuning left for a GPU session.
 NUM_STAGES = 1
-_DTYPE_CLASS = {torch.float16: "16", torch.bfloat16: "16", torch.float32: "32", torch.float64: "64"}
-_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 
 
 def padded_hidden(hidden: int) -> int:
@@ -604,10 +603,10 @@ def padded_hidden(hidden: int) -> int:
 def block_config(dtype: torch.dtype, hidden: int, interpreter: bool) -> BlockConfig:
     """Tile sizes and launch options for both kernels at this dtype and hidden size."""
     padded = padded_hidden(hidden) if interpreter else max(32, padded_hidden(hidden))
-    resident_max = INTERPRETER_RESIDENT_MAX if interpreter else RESIDENT_MAX[_DTYPE_CLASS[dtype]]
+    resident_max = INTERPRETER_RESIDENT_MAX if interpreter else RESIDENT_MAX[DTYPE_CLASSES[dtype]]
     if padded <= resident_max:
-        return BlockConfig(16, padded, padded, True, 4 if interpreter else RESIDENT_WARPS[_DTYPE_CLASS[dtype], padded])
-    block_h, block_k, num_warps = INTERPRETER_STREAMED if interpreter else STREAMED[_DTYPE_CLASS[dtype]]
+        return BlockConfig(16, padded, padded, True, 4 if interpreter else RESIDENT_WARPS[DTYPE_CLASSES[dtype], padded])
+    block_h, block_k, num_warps = INTERPRETER_STREAMED if interpreter else STREAMED[DTYPE_CLASSES[dtype]]
     return BlockConfig(16, block_h, block_k, False, num_warps)
 
 
@@ -652,7 +651,7 @@ def rnn_forward(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse, allow_tf3
     steps, batch, _ = gx.shape
     hidden = h0.shape[1]
     dtype, gates, lstm = gx.dtype, GATES[mode], mode == "lstm"
-    if dtype not in _DTYPE_CLASS:
+    if dtype not in DTYPE_CLASSES:
         raise TypeError(f"gx must be float16, bfloat16, float32 or float64, got {dtype}")
     if hidden > MAX_HIDDEN:
         raise ValueError(f"hidden size must be <= {MAX_HIDDEN}, got {hidden}")
@@ -720,7 +719,7 @@ def rnn_backward(
         )
     steps, batch, hidden = grad_out.shape
     dtype, gates, lstm = h0.dtype, GATES[mode], mode == "lstm"
-    if dtype not in _DTYPE_CLASS:
+    if dtype not in DTYPE_CLASSES:
         raise TypeError(f"h0 must be float16, bfloat16, float32 or float64, got {dtype}")
     cdt = _compute_dtype(dtype)
     _check("grad_out", grad_out, dtype, (steps, batch, hidden))
@@ -793,44 +792,41 @@ WORST_CASE_KERNELS = ("forward_lstm", "backward_lstm", "cell_forward_lstm", "cel
 SPILLS_ACCEPTED: dict[tuple[str, str, str], str] = {}
 
 
-@dataclass
-class KernelVariant:
-    """One GPU compilation unit: triton.compile(ASTSource(fn, signature, constexprs, attrs))."""
+# Kernel arguments that are integers, and pointers in the input dtype (the other pointers are in
+# the compute dtype, or int32 / bool masks).
+_INT_ARGS = ("T", "B", "IN", "H", "reverse", "has_bias")
+_INPUT_DTYPE_ARGS = (
+    "GX",
+    "W",
+    "Bias",
+    "Out",
+    "X",
+    "Hs",
+    "C",
+    "WIh",
+    "WHh",
+    "BIh",
+    "BHh",
+    "HNew",
+    "CNew",
+    "DHNew",
+    "DCNew",
+)
 
-    name: str  # e.g. "rnn.forward_gru[fp16,BLOCK_H=64 resident,HAS_LENGTHS+HAS_RESET]"
-    fn: object  # the @triton.jit function
-    signature: dict  # argument name -> Triton type ("*fp16", "i32", "constexpr")
-    constexprs: dict  # argument name -> value
-    attrs: dict  # (arg index,) -> [["tt.divisibility", 16]] for 16-aligned pointers
-    options: dict = field(default_factory=dict)  # num_warps, num_stages
-    dtype: str = ""  # Triton dtype of the input: fp16, bf16, fp32, fp64
-    flags: tuple = ()  # the constexpr flags that are on
-    kernel: str = ""  # forward_<mode> / backward_<mode>
-    bucket: str = ""  # block-config key: "BLOCK_H=32 resident" / "BLOCK_H=64 streamed"
-    spills_expected: str = ""  # non-empty: known to spill, and why (reported, not failed)
 
-
-def _pointer_type(arg: str, dt: str, acc: str) -> str:
-    if arg in ("GX", "W", "Bias", "Out"):
+def _arg_type(arg: str, dt: str) -> str:
+    if arg in _INT_ARGS:
+        return "i32"
+    if arg in _INPUT_DTYPE_ARGS:
         return "*" + dt
-    return {"Lengths": "*i32", "Reset": "*i1"}.get(arg, "*" + acc)
+    return {"Lengths": "*i32", "Reset": "*i1"}.get(arg, "*" + accumulator_type(dt))
 
 
-def _variant(fn, kernel: str, dt: str, constexprs: dict, options: dict, flags: tuple) -> KernelVariant:
-    acc = "fp64" if dt == "fp64" else "fp32"
-    bucket = f"BLOCK_H={constexprs['BLOCK_H']} {'resident' if constexprs['RESIDENT'] else 'streamed'}"
-    label = f"rnn.{kernel}[{dt},{bucket},{'+'.join(flags) or 'plain'}]"
-    signature, attrs = {}, {}
-    for index, arg in enumerate(fn.arg_names):
-        if arg in constexprs:
-            signature[arg] = "constexpr"
-        elif arg in ("T", "B", "H", "reverse", "has_bias"):
-            signature[arg] = "i32"
-        else:
-            signature[arg] = _pointer_type(arg, dt, acc)
-            attrs[(index,)] = [["tt.divisibility", 16]]
+def _variant(fn, kernel: str, dt: str, bucket: str, constexprs: dict, options: dict, flags: tuple) -> KernelVariant:
+    """Signature as the JIT builds it for contiguous inputs: 16-byte aligned pointers, i32 sizes."""
     spills = SPILLS_ACCEPTED.get((kernel, dt, bucket), "")
-    return KernelVariant(label, fn, signature, dict(constexprs), attrs, options, dt, flags, kernel, bucket, spills)
+    arg_type = lambda arg: _arg_type(arg, dt)
+    return variant("rnn", kernel, fn, dt, bucket, constexprs, options, flags, arg_type, None, spills)
 
 
 def _configs(dtype: torch.dtype) -> list[BlockConfig]:
@@ -849,13 +845,14 @@ def kernel_variants() -> list[KernelVariant]:
     the single-step cell kernels (``cell_kernel_variants``)."""
     kernels = (("forward", _rnn_forward_kernel), ("backward", _rnn_backward_kernel))
     variants = []
-    for torch_dtype, dt in _TRITON_DTYPE.items():
+    for torch_dtype, dt in TRITON_DTYPES.items():
         for cfg in _configs(torch_dtype):
+            bucket = f"BLOCK_H={cfg.block_h} {'resident' if cfg.resident else 'streamed'}"
             for direction, fn in kernels:
                 for mode, mode_id in MODES.items():
                     for bits in range(2 ** len(FLAG_NAMES)):
                         on = tuple(n for i, n in enumerate(FLAG_NAMES) if bits >> i & 1)
-                        for tf32 in (False, True) if torch_dtype == torch.float32 else (False,):
+                        for tf32 in tf32_choices(torch_dtype):
                             constexprs = {n: (n in on) for n in FLAG_NAMES}
                             constexprs.update(
                                 MODE=mode_id,
@@ -871,6 +868,7 @@ def kernel_variants() -> list[KernelVariant]:
                                     fn,
                                     f"{direction}_{mode}",
                                     dt,
+                                    bucket,
                                     constexprs,
                                     dict(num_warps=cfg.num_warps, num_stages=NUM_STAGES),
                                     on + (("ALLOW_TF32",) if tf32 else ()),
@@ -1000,61 +998,39 @@ def _rnn_cell_forward_kernel(
     mask = (offs_b < B)[:, None] & (offs_j < H)[None, :]
     state = offs_b[:, None] * H + offs_j[None, :]
     ws = Ws + offs_b[:, None] * (K * H) + offs_j[None, :]
+    # Gate 0 (Elman's only gate, GRU's r, LSTM's i) and gate 1 (z, f) take x W_ih^T + b_ih + h W_hh^T + b_hh.
+    p0 = _cell_preact(
+        X,
+        Hs,
+        WIh,
+        WHh,
+        BIh,
+        BHh,
+        0,
+        offs_b,
+        offs_j,
+        B,
+        IN,
+        H,
+        CDT,
+        True,
+        True,
+        HAS_BIAS,
+        LOW_PRECISION_DOT,
+        DOT_PRECISION,
+        BLOCK_B,
+        BLOCK_H,
+        BLOCK_K,
+    )
     if MODE <= 1:
-        y = _cell_preact(
-            X,
-            Hs,
-            WIh,
-            WHh,
-            BIh,
-            BHh,
-            0,
-            offs_b,
-            offs_j,
-            B,
-            IN,
-            H,
-            CDT,
-            True,
-            True,
-            HAS_BIAS,
-            LOW_PRECISION_DOT,
-            DOT_PRECISION,
-            BLOCK_B,
-            BLOCK_H,
-            BLOCK_K,
-        )
         if MODE == 0:
-            y = _tanh(y)
+            y = _tanh(p0)
         else:
-            y = tl.maximum(y, 0.0)
+            y = tl.maximum(p0, 0.0)
         tl.store(HNew + state, y.to(HNew.dtype.element_ty), mask=mask)
         tl.store(ws, y, mask=mask)
-    elif MODE == 2:
-        pr = _cell_preact(
-            X,
-            Hs,
-            WIh,
-            WHh,
-            BIh,
-            BHh,
-            0,
-            offs_b,
-            offs_j,
-            B,
-            IN,
-            H,
-            CDT,
-            True,
-            True,
-            HAS_BIAS,
-            LOW_PRECISION_DOT,
-            DOT_PRECISION,
-            BLOCK_B,
-            BLOCK_H,
-            BLOCK_K,
-        )
-        pz = _cell_preact(
+    else:
+        p1 = _cell_preact(
             X,
             Hs,
             WIh,
@@ -1077,7 +1053,8 @@ def _rnn_cell_forward_kernel(
             BLOCK_H,
             BLOCK_K,
         )
-        gin = _cell_preact(
+        # Gate 2: LSTM's g adds both products; GRU's n keeps h W_hn^T + b_hn apart (r scales it).
+        p2 = _cell_preact(
             X,
             Hs,
             WIh,
@@ -1092,7 +1069,7 @@ def _rnn_cell_forward_kernel(
             H,
             CDT,
             True,
-            False,
+            MODE == 3,
             HAS_BIAS,
             LOW_PRECISION_DOT,
             DOT_PRECISION,
@@ -1100,91 +1077,8 @@ def _rnn_cell_forward_kernel(
             BLOCK_H,
             BLOCK_K,
         )
-        ghn = _cell_preact(
-            X,
-            Hs,
-            WIh,
-            WHh,
-            BIh,
-            BHh,
-            2,
-            offs_b,
-            offs_j,
-            B,
-            IN,
-            H,
-            CDT,
-            False,
-            True,
-            HAS_BIAS,
-            LOW_PRECISION_DOT,
-            DOT_PRECISION,
-            BLOCK_B,
-            BLOCK_H,
-            BLOCK_K,
-        )
-        r = _sigmoid(pr)
-        z = _sigmoid(pz)
-        n = _tanh(gin + r * ghn)
-        h = tl.load(Hs + state, mask=mask, other=0.0).to(CDT)
-        tl.store(HNew + state, (n + z * (h - n)).to(HNew.dtype.element_ty), mask=mask)
-        tl.store(ws, r, mask=mask)
-        tl.store(ws + H, z, mask=mask)
-        tl.store(ws + 2 * H, n, mask=mask)
-        tl.store(ws + 3 * H, ghn, mask=mask)
-    else:
-        i = _sigmoid(
-            _cell_preact(
-                X,
-                Hs,
-                WIh,
-                WHh,
-                BIh,
-                BHh,
-                0,
-                offs_b,
-                offs_j,
-                B,
-                IN,
-                H,
-                CDT,
-                True,
-                True,
-                HAS_BIAS,
-                LOW_PRECISION_DOT,
-                DOT_PRECISION,
-                BLOCK_B,
-                BLOCK_H,
-                BLOCK_K,
-            )
-        )
-        f = _sigmoid(
-            _cell_preact(
-                X,
-                Hs,
-                WIh,
-                WHh,
-                BIh,
-                BHh,
-                1,
-                offs_b,
-                offs_j,
-                B,
-                IN,
-                H,
-                CDT,
-                True,
-                True,
-                HAS_BIAS,
-                LOW_PRECISION_DOT,
-                DOT_PRECISION,
-                BLOCK_B,
-                BLOCK_H,
-                BLOCK_K,
-            )
-        )
-        g = _tanh(
-            _cell_preact(
+        if MODE == 2:
+            ghn = _cell_preact(
                 X,
                 Hs,
                 WIh,
@@ -1198,7 +1092,7 @@ def _rnn_cell_forward_kernel(
                 IN,
                 H,
                 CDT,
-                True,
+                False,
                 True,
                 HAS_BIAS,
                 LOW_PRECISION_DOT,
@@ -1207,9 +1101,17 @@ def _rnn_cell_forward_kernel(
                 BLOCK_H,
                 BLOCK_K,
             )
-        )
-        o = _sigmoid(
-            _cell_preact(
+            r = _sigmoid(p0)
+            z = _sigmoid(p1)
+            n = _tanh(p2 + r * ghn)
+            h = tl.load(Hs + state, mask=mask, other=0.0).to(CDT)
+            tl.store(HNew + state, (n + z * (h - n)).to(HNew.dtype.element_ty), mask=mask)
+            tl.store(ws, r, mask=mask)
+            tl.store(ws + H, z, mask=mask)
+            tl.store(ws + 2 * H, n, mask=mask)
+            tl.store(ws + 3 * H, ghn, mask=mask)
+        else:
+            p3 = _cell_preact(
                 X,
                 Hs,
                 WIh,
@@ -1232,17 +1134,20 @@ def _rnn_cell_forward_kernel(
                 BLOCK_H,
                 BLOCK_K,
             )
-        )
-        c = tl.load(C + state, mask=mask, other=0.0).to(CDT)
-        c_new = f * c + i * g
-        tc = _tanh(c_new)
-        tl.store(CNew + state, c_new.to(CNew.dtype.element_ty), mask=mask)
-        tl.store(HNew + state, (o * tc).to(HNew.dtype.element_ty), mask=mask)
-        tl.store(ws, i, mask=mask)
-        tl.store(ws + H, f, mask=mask)
-        tl.store(ws + 2 * H, g, mask=mask)
-        tl.store(ws + 3 * H, o, mask=mask)
-        tl.store(ws + 4 * H, tc, mask=mask)
+            i = _sigmoid(p0)
+            f = _sigmoid(p1)
+            g = _tanh(p2)
+            o = _sigmoid(p3)
+            c = tl.load(C + state, mask=mask, other=0.0).to(CDT)
+            c_new = f * c + i * g
+            tc = _tanh(c_new)
+            tl.store(CNew + state, c_new.to(CNew.dtype.element_ty), mask=mask)
+            tl.store(HNew + state, (o * tc).to(HNew.dtype.element_ty), mask=mask)
+            tl.store(ws, i, mask=mask)
+            tl.store(ws + H, f, mask=mask)
+            tl.store(ws + 2 * H, g, mask=mask)
+            tl.store(ws + 3 * H, o, mask=mask)
+            tl.store(ws + 4 * H, tc, mask=mask)
 
 
 @launcher
@@ -1316,7 +1221,7 @@ def _rnn_cell_backward_kernel(
 
 def cell_config(dtype: torch.dtype, interpreter: bool) -> tuple[int, int, int, int]:
     """(BLOCK_B, BLOCK_H, BLOCK_K, num_warps) of the cell kernels at this dtype."""
-    return INTERPRETER_CELL_CONFIG if interpreter else CELL_CONFIG[_DTYPE_CLASS[dtype]]
+    return INTERPRETER_CELL_CONFIG if interpreter else CELL_CONFIG[DTYPE_CLASSES[dtype]]
 
 
 def _check_cell(x, h, c, w_ih, w_hh, mode: str) -> tuple[int, int, int, int]:
@@ -1325,7 +1230,7 @@ def _check_cell(x, h, c, w_ih, w_hh, mode: str) -> tuple[int, int, int, int]:
     if x.dim() != 2 or h.dim() != 2:
         raise ValueError(f"x and h must be 2-D (B, I) and (B, H), got {tuple(x.shape)} and {tuple(h.shape)}")
     dtype = x.dtype
-    if dtype not in _DTYPE_CLASS:
+    if dtype not in DTYPE_CLASSES:
         raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {dtype}")
     (batch, size), hidden, gates = x.shape, h.shape[1], GATES[mode]
     _check("h", h, dtype, (batch, hidden))
@@ -1340,7 +1245,7 @@ def _check_cell(x, h, c, w_ih, w_hh, mode: str) -> tuple[int, int, int, int]:
 
 def rnn_cell_forward(x, h, c, w_ih, w_hh, b_ih, b_hh, mode, allow_tf32=False):
     """(h_new (B, H), c_new (B, H) or (0, 0), workspace (B, K*H) compute dtype); the contract of
-    rnn_cell_forward_cpp on the Triton kernel (any dtype of _DTYPE_CLASS)."""
+    rnn_cell_forward_cpp on the Triton kernel (any dtype of DTYPE_CLASSES)."""
     mode_id, batch, size, hidden = _check_cell(x, h, c, w_ih, w_hh, mode)
     dtype, gates, lstm = x.dtype, GATES[mode], mode == "lstm"
     if (b_ih is None) != (b_hh is None):
@@ -1433,21 +1338,17 @@ def rnn_cell_backward(grad_h_new, grad_c_new, workspace, x, h, c, w_ih, w_hh, ha
     return grad_x, grad_h, grad_c, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh
 
 
-# Cell kernel arguments in the input dtype (the others are pointers in the compute dtype, or i32).
-_CELL_INPUT_DTYPE_ARGS = ("X", "Hs", "C", "WIh", "WHh", "BIh", "BHh", "HNew", "CNew", "DHNew", "DCNew")
-
-
 def cell_kernel_variants() -> list[KernelVariant]:
     """Every GPU variant of the cell kernels: forward (x HAS_BIAS, x ALLOW_TF32 for fp32) and
     backward (x HAS_GRAD_C for LSTM) x 4 modes x dtype, one block config per dtype."""
     variants = []
-    for torch_dtype, dt in _TRITON_DTYPE.items():
+    for torch_dtype, dt in TRITON_DTYPES.items():
         block_b, block_h, block_k, num_warps = cell_config(torch_dtype, interpreter=False)
         options = dict(num_warps=num_warps, num_stages=NUM_STAGES)
         bucket = f"BLOCK_H={block_h} cell"
         for mode, mode_id in MODES.items():
             for bias in (False, True):
-                for tf32 in (False, True) if torch_dtype == torch.float32 else (False,):
+                for tf32 in tf32_choices(torch_dtype):
                     constexprs = dict(
                         MODE=mode_id,
                         HAS_BIAS=bias,
@@ -1459,7 +1360,7 @@ def cell_kernel_variants() -> list[KernelVariant]:
                     )
                     flags = (("HAS_BIAS",) if bias else ()) + (("ALLOW_TF32",) if tf32 else ())
                     variants.append(
-                        _cell_variant(
+                        _variant(
                             _rnn_cell_forward_kernel, f"cell_forward_{mode}", dt, bucket, constexprs, options, flags
                         )
                     )
@@ -1467,28 +1368,9 @@ def cell_kernel_variants() -> list[KernelVariant]:
                 constexprs = dict(MODE=mode_id, HAS_GRAD_C=grad_c, BLOCK_B=block_b, BLOCK_H=block_h)
                 flags = ("HAS_GRAD_C",) if grad_c else ()
                 variants.append(
-                    _cell_variant(
-                        _rnn_cell_backward_kernel, f"cell_backward_{mode}", dt, bucket, constexprs, options, flags
-                    )
+                    _variant(_rnn_cell_backward_kernel, f"cell_backward_{mode}", dt, bucket, constexprs, options, flags)
                 )
     return variants
-
-
-def _cell_variant(
-    fn, kernel: str, dt: str, bucket: str, constexprs: dict, options: dict, flags: tuple
-) -> KernelVariant:
-    acc = "fp64" if dt == "fp64" else "fp32"
-    signature, attrs = {}, {}
-    for index, arg in enumerate(fn.arg_names):
-        if arg in constexprs:
-            signature[arg] = "constexpr"
-        elif arg in ("B", "IN", "H"):
-            signature[arg] = "i32"
-        else:
-            signature[arg] = "*" + (dt if arg in _CELL_INPUT_DTYPE_ARGS else acc)
-            attrs[(index,)] = [["tt.divisibility", 16]]
-    label = f"rnn.{kernel}[{dt},{bucket},{'+'.join(flags) or 'plain'}]"
-    return KernelVariant(label, fn, signature, dict(constexprs), attrs, options, dt, flags, kernel, bucket)
 
 
 __all__ = [

@@ -9,12 +9,12 @@ division slow paths are calls that use one) and fits shared memory
 this itself). Whether fp16/bf16 dots reach the tensor cores (HMMA / HGMMA in the SASS) is
 reported, not asserted. Reference: none (a build check); bound: the hardware limits above.
 
-How: each kernel family module exposes ``kernel_variants()`` -> list of objects with ``name``,
-``fn``, ``signature``, ``constexprs``, ``attrs``, ``options`` (num_warps, num_stages), ``dtype``,
-``flags`` (the constexpr flags that are on) and ``bucket`` (the block-config key, e.g.
-``"BLOCK_D=64"``), ``kernel`` (short kernel name) and ``spills_expected`` (non-empty: a known
-spill, with its reason; reported, not failed). Add a family by adding its module to
-``FAMILIES``. The compilation runs in a subprocess (this file run as a script) whose environment
+How: each kernel family module exposes ``kernel_variants()`` -> list of ``KernelVariant``
+(kernels/_common.py): ``name``, ``fn``, ``signature``, ``constexprs``, ``attrs``, ``options``
+(num_warps, num_stages), ``dtype``, ``flags`` (the constexpr flags that are on), ``bucket`` (the
+block-config key, e.g. ``"BLOCK_D=64"``), ``kernel`` (short kernel name) and ``spills_expected``
+(non-empty: a known spill, with its reason; reported, not failed). Add a family by adding its
+module to ``FAMILIES``. The compilation runs in a subprocess (this file run as a script) whose environment
 has no ``TRITON_INTERPRET`` (the suite sets it globally) and sets ``TRITON_DEFAULT_FP_FUSION``,
 with one worker per CPU core.
 

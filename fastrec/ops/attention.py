@@ -191,10 +191,6 @@ if backends.available()["cpp"] is None and hasattr(torch.ops.fastrec, "attention
     torch.library.register_fake("fastrec::attention_backward_cpp")(_fake_backward)
 
 
-def _allow_tf32(q: Tensor) -> bool:
-    return q.dtype == torch.float32 and q.is_cuda and torch.backends.cuda.matmul.allow_tf32
-
-
 class AttentionFunction(torch.autograd.Function):
     """Fused attention on the ``triton`` or ``cpp`` backend: ``(out, lse, probs)``, probs empty
     unless ``need_probs`` (cpp only). Saves q, k, v, out and lse (and a given dropout mask, cpp
@@ -208,7 +204,7 @@ class AttentionFunction(torch.autograd.Function):
         if backend == "triton":
             if need_probs:
                 raise RuntimeError("the triton attention kernels form no attention probabilities (need_weights)")
-            out, lse = attention_forward_triton(q, k, v, *masks, _allow_tf32(q))
+            out, lse = attention_forward_triton(q, k, v, *masks, backends.allow_tf32(q))
             probs = q.new_empty(0)
         else:
             out, lse, probs = torch.ops.fastrec.attention_forward_cpp(q, k, v, *masks, dropout_mask, need_probs)
@@ -228,7 +224,7 @@ class AttentionFunction(torch.autograd.Function):
         if grad_out is not None:
             args = (grad_out, q, k, v, out, lse, key_padding_mask, lengths, bias, seed, causal, scale, dropout_p)
             if backend == "triton":
-                dq, dk, dv = attention_backward_triton(*args, _allow_tf32(q))
+                dq, dk, dv = attention_backward_triton(*args, backends.allow_tf32(q))
             else:
                 dq, dk, dv = torch.ops.fastrec.attention_backward_cpp(*args, dropout_mask)
         if need_probs and grad_probs is not None:  # through the returned weights W = P * Z, P = softmax(S)
@@ -276,7 +272,7 @@ def attention(
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         # inference: the forward op alone, without autograd.Function's per-call cost
         if backend == "triton":
-            return attention_forward_triton(q, k, v, *masks, _allow_tf32(q))[0]
+            return attention_forward_triton(q, k, v, *masks, backends.allow_tf32(q))[0]
         out, _, probs = torch.ops.fastrec.attention_forward_cpp(q, k, v, *masks, mask, need_weights)
         return (out, probs) if need_weights else out
     out, _, probs = AttentionFunction.apply(q, k, v, *masks, mask, need_weights, backend)

@@ -205,17 +205,14 @@ def _fake_backward_triton(*args):
     return _fake_backward(*args[:-1])
 
 
-def _allow_tf32(t: Tensor) -> bool:
-    return t.dtype == torch.float32 and t.is_cuda and torch.backends.cuda.matmul.allow_tf32
-
-
 def _forward_triton(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse):
-    return rnn_forward_triton(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse, _allow_tf32(gx))
+    return rnn_forward_triton(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse, backends.allow_tf32(gx))
 
 
 def _backward_triton(grad_out, grad_h_n, grad_c_n, workspace, w_hh, b_hh, h0, c0, lengths, reset, mode, reverse):
+    tf32 = backends.allow_tf32(h0)
     return rnn_backward_triton(
-        grad_out, grad_h_n, grad_c_n, workspace, w_hh, b_hh, h0, c0, lengths, reset, mode, reverse, _allow_tf32(h0)
+        grad_out, grad_h_n, grad_c_n, workspace, w_hh, b_hh, h0, c0, lengths, reset, mode, reverse, tf32
     )
 
 
@@ -404,7 +401,7 @@ def _cell_forward(backend, x, h, c, w_ih, w_hh, b_ih, b_hh, mode):
     """The forward op of ``backend`` ("cpp" or "triton"): ``(h_new, c_new, workspace)``."""
     if backend == "cpp":
         return _cell_forward_op(x, h, c, w_ih, w_hh, b_ih, b_hh, mode)
-    return rnn_cell_forward_triton(x, h, c, w_ih, w_hh, b_ih, b_hh, mode, _allow_tf32(x))
+    return rnn_cell_forward_triton(x, h, c, w_ih, w_hh, b_ih, b_hh, mode, backends.allow_tf32(x))
 
 
 class RNNCellFunction(torch.autograd.Function):
