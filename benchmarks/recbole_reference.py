@@ -1,4 +1,4 @@
-"""RecBole 1.2.1's own figure for a model on ml-100k under issue 5's protocol (RecBole's
+"""RecBole 1.2.1's own figure for a model on ml-100k under the accuracy protocol (RecBole's
 defaults, train batch 512, at most 12 epochs, early stop after 3 epochs without a better
 validation NDCG@10, full ranking; Caser at MAX_ITEM_LIST_LENGTH 10), one seed per call, one
 torch thread. Appends the test and best-validation metrics to a JSON-lines file.

@@ -1,5 +1,5 @@
 """CDNOW purchase prediction: the calibration/hold-out split (lifetimes' weekly semantics) on a
-hand-made file, the real file's naive-rate RMSE (1.842, issue 5) and BG/NBD (1.463), checked
+hand-made file, the real file's naive-rate RMSE (1.842) and BG/NBD (1.463), checked
 against a per-customer recount with Python's own calendar, the three behaviour models, and their
 experiment (benchmarks/behavior.py, run by ``fastrec train --model behavior-*``)."""
 
