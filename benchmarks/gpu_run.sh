@@ -76,7 +76,7 @@ parallel=()
 "$python" -c "import xdist" 2>/dev/null && parallel=(-n 8)
 tests=${GPU_RUN_TESTS:-tests/test_attention.py tests/test_nn_attention.py tests/test_encoder.py tests/test_rnn_triton.py \
   tests/test_rnn_cells_triton.py tests/test_conv.py tests/test_conv_triton.py tests/test_conv_dispatch.py \
-  tests/test_caser.py tests/test_dropout.py tests/test_backends.py}
+  tests/test_caser.py tests/test_dropout.py tests/test_backends.py tests/test_routing.py tests/test_bench.py}
 # shellcheck disable=SC2086  # the file list splits on spaces
 want tests && step 160 "$out/tests.log" "$python" -m pytest -v --tb=short -p no:cacheprovider "${parallel[@]}" \
   -k "triton or cuda or launcher" $tests
