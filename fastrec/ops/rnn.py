@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from fastrec import backends, routing
+from fastrec.kernels._common import TRITON_DTYPES
 
 OP = "rnn"
 GATES = {"tanh": 1, "relu": 1, "gru": 3, "lstm": 4}
@@ -432,7 +433,7 @@ class RNNCellFunction(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------- triton cells
-_CELL_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_CELL_TRITON_DTYPES = tuple(TRITON_DTYPES)
 
 
 @backends.triton_op("rnn_cell_forward_triton")
