@@ -113,22 +113,7 @@ def _fake_forward(
     return out, h_n, c_n, workspace
 
 
-def _fake_backward(
-    grad_out,
-    grad_h_n,
-    grad_c_n,
-    workspace,
-    w_hh,
-    b_hh,
-    h0,
-    c0,
-    lengths,
-    reset,
-    mode,
-    reverse,
-    batch_first=False,
-    batch_sizes=None,
-):
+def _fake_backward(grad_out, grad_h_n, grad_c_n, workspace, w_hh, b_hh, h0, c0, lengths, reset, mode, *rest):
     lead = grad_out.shape[:-1]
     batch, hidden = h0.shape
     gh = GATES[mode] * hidden
