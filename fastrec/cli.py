@@ -118,26 +118,11 @@ def _train(args: argparse.Namespace) -> int:
             )
         experiment = behavior_experiment()
         return experiment.main(["--model", args.model.removeprefix("behavior-"), "--seed", str(args.seed)])
+    fields = {f.name for f in dataclasses.fields(train.TrainConfig)}
     config = train.TrainConfig(
-        model=args.model,
-        data=args.data,
-        backend=args.backend,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        lr_schedule=args.lr_schedule,
-        loss=args.loss,
+        **{name: value for name, value in vars(args).items() if name in fields},  # the options named as the fields
         n_negatives=args.negatives,
-        max_len=args.max_len,
-        patience=args.patience,
         time_limit_s=args.time_limit or None,
-        device=args.device,
-        amp=args.amp,
-        compile=args.compile,
-        dropout_stream=args.dropout_stream,
-        seed=args.seed,
-        checkpoint=args.checkpoint,
-        resume=args.resume,
         progress=not args.no_progress,
         model_options=_model_options(args.option),
     )

@@ -16,7 +16,7 @@ class, written on the card by ``fastrec bench --family conv --write-dispatch``);
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -51,18 +51,19 @@ class Rule:
     per_card: bool = False
 
 
-# Two runs that measured several rules; each rule adds its own figures (``replace``).
-_H200_BENCH = Measurement(
+# Two runs that measured several rules, as (command, results); each rule adds its figures.
+_H200_BENCH = (
     "GPU_RUN_STEPS=bench benchmarks/gpu_run.sh (fastrec bench --rounds 5 --min-round-s 0.02), on an H200",
     "benchmarks/results/gpu-2026-11-28d-h200/bench.json",
-    "",
 )
-_CPU_ROUTES = Measurement(
+_CPU_ROUTES = (
     "python benchmarks/routes_cpu.py --json benchmarks/results/2026-12-06-cpu-routes.json",
     "benchmarks/results/2026-12-06-cpu-routes.json",
-    "",
 )
 
+# The ops that several rules route.
+_RNN_MODULES = "fastrec.nn.RNN / GRU / LSTM"
+_CONV = "conv (fastrec.nn.Conv1d / Conv2d, functional.conv*)"
 
 RNN_LSTM_CPU = Rule(
     name="rnn-lstm-cpu",
@@ -70,14 +71,13 @@ RNN_LSTM_CPU = Rule(
     device="cpu",
     condition="padded (not packed) input",
     reason="LSTM on CPU (torch's oneDNN LSTM is as fast)",
-    measurement=replace(
-        _CPU_ROUTES,
-        figures="B=128 T=50 64/64 padded, 1 thread: fused 0.95x forward, 0.79x forward+backward of oneDNN's",
+    measurement=Measurement(
+        *_CPU_ROUTES, "B=128 T=50 64/64 padded, 1 thread: fused 0.95x forward, 0.79x forward+backward of oneDNN's"
     ),
 )
 RNN_PACKED_CUDA = Rule(
     name="rnn-packed-cuda",
-    op="fastrec.nn.RNN / GRU / LSTM",
+    op=_RNN_MODULES,
     device="cuda",
     condition="PackedSequence input (the Triton path would pad and re-pack it; not measured against cuDNN's)",
     reason="PackedSequence on CUDA (the Triton RNN has no packed layout yet)",
@@ -85,13 +85,13 @@ RNN_PACKED_CUDA = Rule(
 )
 RNN_FP32_CUDA = Rule(
     name="rnn-fp32-cuda",
-    op="fastrec.nn.RNN / GRU / LSTM",
+    op=_RNN_MODULES,
     device="cuda",
     condition="padded float32 / float64 input",
     reason="cuDNN is faster there; the Triton recurrence wins in 16-bit",
-    measurement=replace(
-        _H200_BENCH,
-        figures="B=128 T=50 64/64 padded fp32: 0.14x-0.39x forward, 0.58x-0.73x forward+backward "
+    measurement=Measurement(
+        *_H200_BENCH,
+        "B=128 T=50 64/64 padded fp32: 0.14x-0.39x forward, 0.58x-0.73x forward+backward "
         "(bf16: 2.55x-3.55x / 1.56x-1.78x)",
     ),
 )
@@ -101,7 +101,7 @@ RNN_CELL_CUDA = Rule(
     device="cuda",
     condition="every call",
     reason="CUDA cell step: torch's fused cell launches faster than the Triton cell (H200, 0.59x-0.78x)",
-    measurement=replace(_H200_BENCH, figures="GRUCell B=1/64/512 hidden 100: 0.59x-0.78x (host-bound steps)"),
+    measurement=Measurement(*_H200_BENCH, "GRUCell B=1/64/512 hidden 100: 0.59x-0.78x (host-bound steps)"),
 )
 DROPOUT_CUDA = Rule(
     name="dropout-cuda",
@@ -109,37 +109,37 @@ DROPOUT_CUDA = Rule(
     device="cuda",
     condition="no seed given",
     reason="CUDA: torch's dropout kernel launches faster than the Triton kernel (H200, 0.24x-0.38x)",
-    measurement=replace(
-        _H200_BENCH, figures="B=512 L=50 d=64 p=0.2/0.5: 0.24x-0.28x forward, 0.31x-0.38x forward+backward"
+    measurement=Measurement(
+        *_H200_BENCH, "B=512 L=50 d=64 p=0.2/0.5: 0.24x-0.28x forward, 0.31x-0.38x forward+backward"
     ),
 )
 CONV_PLAIN_CPU = Rule(
     name="conv-plain-cpu",
-    op="conv (fastrec.nn.Conv1d / Conv2d, functional.conv*)",
+    op=_CONV,
     device="cpu",
     condition='act="none" and no pool (no epilogue to fuse)',
     reason="plain convolution on CPU (no epilogue to fuse: oneDNN's convolution is as fast)",
-    measurement=replace(
-        _CPU_ROUTES,
-        figures="1 thread, forward / forward+backward: conv2d B=64 32->64 3x3 0.86x / 0.95x, conv1d B=512 64->64 k=3 "
+    measurement=Measurement(
+        *_CPU_ROUTES,
+        "1 thread, forward / forward+backward: conv2d B=64 32->64 3x3 0.86x / 0.95x, conv1d B=512 64->64 k=3 "
         "0.97x / 0.95x",
     ),
 )
 CONV_NARROW_CPU = Rule(
     name="conv-narrow-cpu",
-    op="conv (fastrec.nn.Conv1d / Conv2d, functional.conv*)",
+    op=_CONV,
     device="cpu",
     condition="conv output narrower than 16 columns (full-width kernels, as Caser's)",
     reason="conv output narrower than 16 on CPU (full-width kernels: oneDNN's convolution is as fast)",
-    measurement=replace(
-        _CPU_ROUTES,
-        figures="Caser's 3x64 / 5x64 filters + relu + max over time, 1 thread: 0.49x / 0.97x forward, but 1.23x / "
+    measurement=Measurement(
+        *_CPU_ROUTES,
+        "Caser's 3x64 / 5x64 filters + relu + max over time, 1 thread: 0.49x / 0.97x forward, but 1.23x / "
         "1.15x forward+backward (the kernel wins training steps there: to re-measure on a quiet machine)",
     ),
 )
 CONV_TABLE_CUDA = Rule(
     name="conv-table-cuda",
-    op="conv (fastrec.nn.Conv1d / Conv2d, functional.conv*)",
+    op=_CONV,
     device="cuda",
     condition="the card's entry in fastrec/conv_dispatch.json for the call's shape class is torch or cudnn",
     reason="host-bound at recommender sizes: torch's unfused ops (or cuDNN + the Triton epilogue) timed faster",

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastrec import nn as fnn
+
 BACKENDS = ("fastrec", "torch")
 LOSSES = ("ce", "bce")
 
@@ -48,18 +50,23 @@ def check_dropout(dropout: float) -> None:
 
 
 class SequentialRecommender(torch.nn.Module):
-    """Base class: subclasses define ``item_embedding`` ((n_items + 1, dim), row 0 = padding),
-    ``forward(batch) -> (B, dim)`` and ``padding_side`` (how ``recommend`` lays out histories)."""
+    """Base class: builds what every model has, ``item_embedding`` ((n_items + 1, dim), row 0 =
+    padding; tied with the output layer) and ``dropout`` (``fastrec.nn.Dropout`` on the fastrec
+    backend, else torch's); subclasses define ``forward(batch) -> (B, dim)`` and
+    ``padding_side`` (how ``recommend`` lays out histories)."""
 
     padding_side = "right"
     uses_users = False
     pads_to_max_len = False  # Caser's vertical filter spans exactly max_len rows
 
-    def __init__(self, n_items: int, max_len: int, dim: int, backend: str) -> None:
+    def __init__(self, n_items: int, max_len: int, dim: int, backend: str, dropout: float) -> None:
         super().__init__()
         check_positive(n_items=n_items, max_len=max_len, dim=dim)
+        check_dropout(dropout)
         self.n_items, self.max_len, self.dim = n_items, max_len, dim
         self.backend = check_backend(backend)
+        self.item_embedding = torch.nn.Embedding(n_items + 1, dim, padding_idx=0)
+        self.dropout = (fnn.Dropout if backend == "fastrec" else torch.nn.Dropout)(dropout)
 
     def scores(self, batch) -> Tensor:
         """(B, n_items + 1) scores of every item; column 0 (padding) is -inf."""

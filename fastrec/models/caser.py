@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastrec import nn as fnn
-from fastrec.models.base import SequentialRecommender, check_dropout, check_positive
+from fastrec.models.base import SequentialRecommender, check_positive
 
 
 class CaserConvLoop(torch.nn.Module):
@@ -74,17 +74,14 @@ class Caser(SequentialRecommender):
         backend: str = "fastrec",
         reg_weight: float = 1e-3,
     ) -> None:
-        super().__init__(n_items, max_len, dim, backend)
+        super().__init__(n_items, max_len, dim, backend, dropout)
         check_positive(n_users=n_users, n_h=n_h, n_v=n_v)
-        check_dropout(dropout)
         if not reg_weight >= 0:
             raise ValueError(f"reg_weight must be >= 0, got {reg_weight}")
         self.n_users = n_users
         self.reg_weight = reg_weight
-        self.item_embedding = torch.nn.Embedding(n_items + 1, dim, padding_idx=0)
         self.user_embedding = torch.nn.Embedding(n_users + 1, dim)
         self.conv = _caser_block(backend, max_len, dim, n_h, n_v)
-        self.dropout = (fnn.Dropout if backend == "fastrec" else torch.nn.Dropout)(dropout)
         self.fc1 = torch.nn.Linear(n_v * dim + n_h * max_len, dim)
         self.fc2 = torch.nn.Linear(2 * dim, dim)
         self.reset_parameters()

@@ -10,7 +10,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from fastrec import functional as FF
 from fastrec import nn as fnn
-from fastrec.models.base import SequentialRecommender, check_dropout, check_positive
+from fastrec.models.base import SequentialRecommender, check_positive
 
 
 class GRU4Rec(SequentialRecommender):
@@ -36,11 +36,8 @@ class GRU4Rec(SequentialRecommender):
         backend: str = "fastrec",
         max_len: int = 50,
     ) -> None:
-        super().__init__(n_items, max_len, dim, backend)
+        super().__init__(n_items, max_len, dim, backend, dropout)
         check_positive(hidden=hidden, n_layers=n_layers)
-        check_dropout(dropout)
-        self.item_embedding = torch.nn.Embedding(n_items + 1, dim, padding_idx=0)
-        self.dropout = (fnn.Dropout if backend == "fastrec" else torch.nn.Dropout)(dropout)
         gru = fnn.GRU if backend == "fastrec" else torch.nn.GRU
         self.gru = gru(dim, hidden, num_layers=n_layers, bias=False, batch_first=True)
         self.projection = torch.nn.Linear(hidden, dim)

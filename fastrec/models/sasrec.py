@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastrec import nn as fnn
-from fastrec.models.base import SequentialRecommender, check_dropout, check_positive
+from fastrec.models.base import SequentialRecommender, check_positive
 from fastrec.nn.encoder import encoder_layer_weights
 from fastrec.ops import encoder as encoder_ops
 
@@ -38,18 +38,15 @@ class SASRec(SequentialRecommender):
         backend: str = "fastrec",
         padding_side: str = "right",
     ) -> None:
-        super().__init__(n_items, max_len, dim, backend)
+        super().__init__(n_items, max_len, dim, backend, dropout)
         check_positive(n_blocks=n_blocks, n_heads=n_heads)
-        check_dropout(dropout)
         if dim % n_heads:
             raise ValueError(f"dim must be divisible by n_heads = {n_heads}, got {dim}")
         if padding_side not in _PADDING_SIDES:
             raise ValueError(f"padding_side must be one of {_PADDING_SIDES}, got {padding_side!r}")
         self.padding_side = padding_side
-        self.item_embedding = torch.nn.Embedding(n_items + 1, dim, padding_idx=0)
         self.position_embedding = torch.nn.Embedding(max_len, dim)
         self.norm = torch.nn.LayerNorm(dim, eps=1e-12)
-        self.dropout = (fnn.Dropout if backend == "fastrec" else torch.nn.Dropout)(dropout)
         layer = fnn.TransformerEncoderLayer if backend == "fastrec" else torch.nn.TransformerEncoderLayer
         self.blocks = torch.nn.ModuleList(
             layer(

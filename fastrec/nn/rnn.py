@@ -128,43 +128,39 @@ def _fused_forward(module: torch.nn.RNNBase, input, hx, lengths=None, reset=None
     return out, h_n, c_n
 
 
-class RNN(torch.nn.RNN):
-    """``torch.nn.RNN`` (tanh or relu) on fastrec's fused recurrence."""
+class _FusedForward:
+    """``forward`` of the drop-in RNN modules, a base listed before the torch class it overrides:
+    torch's forward where ``_unfused_reason`` gives a reason (and neither ``lengths`` nor ``reset`` is
+    given), counted in ``fastrec.stats()`` as ``_STATS_OP``; else the fused recurrence."""
+
+    _STATS_OP: str
 
     def forward(self, input, hx=None, *, lengths: Tensor | None = None, reset: Tensor | None = None):
         """torch's forward, plus the ``lengths`` / ``reset`` extensions (module docstring)."""
         reason = _unfused_reason(self, input, hx)
         if reason is not None and lengths is None and reset is None:
-            backends.count("RNN", "torch", reason)
-            return super().forward(input, hx)
-        out, h_n, _ = _fused_forward(self, input, hx, lengths, reset)
-        return out, h_n
-
-
-class GRU(torch.nn.GRU):
-    """``torch.nn.GRU`` on fastrec's fused recurrence."""
-
-    def forward(self, input, hx=None, *, lengths: Tensor | None = None, reset: Tensor | None = None):
-        """torch's forward, plus the ``lengths`` / ``reset`` extensions (module docstring)."""
-        reason = _unfused_reason(self, input, hx)
-        if reason is not None and lengths is None and reset is None:
-            backends.count("GRU", "torch", reason)
-            return super().forward(input, hx)
-        out, h_n, _ = _fused_forward(self, input, hx, lengths, reset)
-        return out, h_n
-
-
-class LSTM(torch.nn.LSTM):
-    """``torch.nn.LSTM`` on fastrec's fused recurrence (``proj_size`` runs torch's forward)."""
-
-    def forward(self, input, hx=None, *, lengths: Tensor | None = None, reset: Tensor | None = None):
-        """torch's forward, plus the ``lengths`` / ``reset`` extensions (module docstring)."""
-        reason = _unfused_reason(self, input, hx)
-        if reason is not None and lengths is None and reset is None:
-            backends.count("LSTM", "torch", reason)
+            backends.count(self._STATS_OP, "torch", reason)
             return super().forward(input, hx)
         out, h_n, c_n = _fused_forward(self, input, hx, lengths, reset)
-        return out, (h_n, c_n)
+        return (out, (h_n, c_n)) if self.mode == "LSTM" else (out, h_n)
+
+
+class RNN(_FusedForward, torch.nn.RNN):
+    """``torch.nn.RNN`` (tanh or relu) on fastrec's fused recurrence."""
+
+    _STATS_OP = "RNN"
+
+
+class GRU(_FusedForward, torch.nn.GRU):
+    """``torch.nn.GRU`` on fastrec's fused recurrence."""
+
+    _STATS_OP = "GRU"
+
+
+class LSTM(_FusedForward, torch.nn.LSTM):
+    """``torch.nn.LSTM`` on fastrec's fused recurrence (``proj_size`` runs torch's forward)."""
+
+    _STATS_OP = "LSTM"
 
 
 # --------------------------------------------------------------------------- single-step cells
@@ -210,34 +206,38 @@ def _cell_forward(module: torch.nn.RNNCellBase, mode: str, input: Tensor, hx):
     return h if batched else h.squeeze(0)
 
 
-class RNNCell(torch.nn.RNNCell):
+class _FusedCellForward:
+    """``forward`` of the drop-in cells, a base listed before the torch class it overrides:
+    torch's forward where ``_cell_unfused_reason`` gives a reason, counted in ``fastrec.stats()``
+    as ``_STATS_OP``; else one fused step of ``_CELL_MODE`` (None: the module's nonlinearity)."""
+
+    _STATS_OP: str
+    _CELL_MODE: str | None
+
+    def forward(
+        self, input: Tensor, hx: Tensor | tuple[Tensor, Tensor] | None = None
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """torch's forward: ``h'`` (``(h', c')`` for LSTMCell)."""
+        reason = _cell_unfused_reason(self, input, hx)
+        if reason is not None:
+            backends.count(self._STATS_OP, "torch", reason)
+            return super().forward(input, hx)
+        return _cell_forward(self, self._CELL_MODE or self.nonlinearity, input, hx)
+
+
+class RNNCell(_FusedCellForward, torch.nn.RNNCell):
     """``torch.nn.RNNCell`` (tanh or relu) as one fused op per step (forward and backward)."""
 
-    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
-        reason = _cell_unfused_reason(self, input, hx)
-        if reason is not None:
-            backends.count("RNNCell", "torch", reason)
-            return super().forward(input, hx)
-        return _cell_forward(self, self.nonlinearity, input, hx)
+    _STATS_OP, _CELL_MODE = "RNNCell", None
 
 
-class GRUCell(torch.nn.GRUCell):
+class GRUCell(_FusedCellForward, torch.nn.GRUCell):
     """``torch.nn.GRUCell`` as one fused op per step (forward and backward)."""
 
-    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
-        reason = _cell_unfused_reason(self, input, hx)
-        if reason is not None:
-            backends.count("GRUCell", "torch", reason)
-            return super().forward(input, hx)
-        return _cell_forward(self, "gru", input, hx)
+    _STATS_OP, _CELL_MODE = "GRUCell", "gru"
 
 
-class LSTMCell(torch.nn.LSTMCell):
+class LSTMCell(_FusedCellForward, torch.nn.LSTMCell):
     """``torch.nn.LSTMCell`` as one fused op per step (forward and backward)."""
 
-    def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-        reason = _cell_unfused_reason(self, input, hx)
-        if reason is not None:
-            backends.count("LSTMCell", "torch", reason)
-            return super().forward(input, hx)
-        return _cell_forward(self, "lstm", input, hx)
+    _STATS_OP, _CELL_MODE = "LSTMCell", "lstm"

@@ -167,20 +167,7 @@ def attention_backward_triton(
     from fastrec.kernels import attention as kernels
 
     return kernels.attention_backward(
-        grad_out,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        key_padding_mask,
-        lengths,
-        bias,
-        seed,
-        causal,
-        scale,
-        dropout_p,
-        allow_tf32,
+        grad_out, q, k, v, out, lse, key_padding_mask, lengths, bias, seed, causal, scale, dropout_p, allow_tf32
     )
 
 

@@ -25,10 +25,11 @@ from torch import Tensor
 
 from fastrec import backends, routing
 from fastrec._philox import philox_uniform
+from fastrec.kernels._common import TRITON_DTYPES
 
 OP = "dropout"
 _MASK32 = 0xFFFFFFFF
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOAT_DTYPES = tuple(TRITON_DTYPES)
 HAVE_CPP = backends.available()["cpp"] is None and hasattr(torch.ops.fastrec, "dropout_cpp")
 HAVE_TORCH_STREAM_CPP = HAVE_CPP and hasattr(torch.ops.fastrec, "torch_stream_dropout_cpp")
 

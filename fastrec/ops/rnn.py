@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from fastrec import backends, routing
+from fastrec.kernels._common import TRITON_DTYPES
 
 OP = "rnn"
 GATES = {"tanh": 1, "relu": 1, "gru": 3, "lstm": 4}
@@ -112,22 +113,7 @@ def _fake_forward(
     return out, h_n, c_n, workspace
 
 
-def _fake_backward(
-    grad_out,
-    grad_h_n,
-    grad_c_n,
-    workspace,
-    w_hh,
-    b_hh,
-    h0,
-    c0,
-    lengths,
-    reset,
-    mode,
-    reverse,
-    batch_first=False,
-    batch_sizes=None,
-):
+def _fake_backward(grad_out, grad_h_n, grad_c_n, workspace, w_hh, b_hh, h0, c0, lengths, reset, mode, *rest):
     lead = grad_out.shape[:-1]
     batch, hidden = h0.shape
     gh = GATES[mode] * hidden
@@ -432,7 +418,7 @@ class RNNCellFunction(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------- triton cells
-_CELL_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_CELL_TRITON_DTYPES = tuple(TRITON_DTYPES)
 
 
 @backends.triton_op("rnn_cell_forward_triton")
