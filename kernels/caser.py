@@ -31,14 +31,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from fastrec.kernels._conv_common import (
-    ACTIVATIONS,
-    TRITON_DTYPES,
-    KernelVariant,
-    activate,
-    activation_backward,
-    activation_code,
-)
+from fastrec.kernels._common import TRITON_DTYPES, KernelVariant, accumulator_type, tf32_choices, variant
+from fastrec.kernels._conv_common import ACTIVATIONS, activate, activation_backward, activation_code
 from fastrec.kernels._host import cdiv, launcher, next_power_of_2
 
 
@@ -520,30 +514,12 @@ COVERAGE_ALTERNATE_FLAGS = ("ALLOW_TF32", "HAS_BIAS")
 
 
 def _caser_variant(fn, kernel: str, dt: str, pointer_types: dict, constexprs: dict, flags=(), options=None):
-    """Signature for the common case: 16-byte aligned pointers, integer sizes as i32."""
-    signature, attrs = {}, {}
-    for index, arg in enumerate(fn.arg_names):
-        if arg in constexprs:
-            signature[arg] = "constexpr"
-        elif arg in _CASER_INT_ARGS:
-            signature[arg] = "i32"
-        else:
-            signature[arg] = pointer_types[arg]
-            attrs[(index,)] = [["tt.divisibility", 16]]
+    """Signature for the common case: 16-byte aligned pointers, integer sizes as i32; the bucket
+    names the BLOCK_ constexprs."""
     bucket = ",".join(f"{k}={v}" for k, v in constexprs.items() if k.startswith("BLOCK_"))
-    name = f"caser.{kernel}[{dt},{bucket},{'+'.join(flags) or 'plain'}]"
-    return KernelVariant(
-        name,
-        fn,
-        signature,
-        dict(constexprs),
-        attrs,
-        dict(options or {"num_warps": 8}),
-        dt,
-        tuple(flags),
-        kernel,
-        bucket,
-    )
+    arg_type = lambda arg: "i32" if arg in _CASER_INT_ARGS else pointer_types[arg]
+    options = dict(options or {"num_warps": 8})
+    return variant("caser", kernel, fn, dt, bucket, constexprs, options, tuple(flags), arg_type)
 
 
 def _caser_variants() -> list[KernelVariant]:
@@ -551,7 +527,7 @@ def _caser_variants() -> list[KernelVariant]:
     for fp32 dots) x the block configs of nh in {8, 16, 32, 64+} and d in {16, 32, 64+}."""
     variants = []
     for torch_dtype, dt in TRITON_DTYPES.items():
-        acc = "fp64" if dt == "fp64" else "fp32"
+        acc = accumulator_type(dt)
         io = {"E": "*" + dt, "W": "*" + dt, "Bias": "*" + dt, "OutH": "*" + dt, "ZH": "*" + dt}
         io.update(ArgMax="*i32", WV="*" + dt, BiasV="*" + dt, OutV="*" + dt, ZV="*" + dt)
         io.update(Grad="*" + dt, Z="*" + dt, G="*" + acc, ColSum="*" + acc, GV="*" + acc)
@@ -561,7 +537,7 @@ def _caser_variants() -> list[KernelVariant]:
                 cfg = caser_blocks(512, dim, filters, 4, interpreter=False)
                 for code, act in enumerate(ACTIVATIONS):
                     for bias in (False, True):
-                        for tf32 in (False, True) if torch_dtype == torch.float32 else (False,):
+                        for tf32 in tf32_choices(torch_dtype):
                             flags = tuple(
                                 f for f, on in ((f"ACT={act}", code), ("HAS_BIAS", bias), ("ALLOW_TF32", tf32)) if on
                             )

@@ -45,13 +45,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from fastrec.kernels._conv_common import (
-    TRITON_DTYPES,
-    KernelVariant,
-    activate,
-    activation_backward,
-    activation_code,
-)
+from fastrec.kernels._common import DTYPE_CLASSES, TRITON_DTYPES, KernelVariant, accumulator_type, tf32_choices, variant
+from fastrec.kernels._conv_common import activate, activation_backward, activation_code
 from fastrec.kernels._host import cdiv, launcher, next_power_of_2
 
 WIN_BLOCKS = (4, 16, 64)  # pool-window rows per GEMM tile (1 when not pooled)
@@ -501,7 +496,6 @@ _GPU_CONFIGS = {
 _EPILOGUE_BLOCK = {"16": 1024, "32": 1024, "64": 512}
 # The interpreter's cost grows with programs x operations, not tile size: big tiles there.
 _INTERPRETER_ROWS = 64
-_DTYPE_CLASS = {torch.float16: "16", torch.bfloat16: "16", torch.float32: "32", torch.float64: "64"}
 WEIGHT_SPLIT_MIN_STEPS = 4  # a split of the weight-gradient reduction walks at least this many BLOCK_R
 
 
@@ -523,7 +517,7 @@ def block_config(kernel: str, dtype: torch.dtype, columns: int, depth: int, inte
         if kernel == "weight":
             return BlockConfig(fit(columns), fit(depth), 32, 4, 1)
         return BlockConfig(_INTERPRETER_ROWS, fit(columns), fit(depth), 4, 1)
-    return _GPU_CONFIGS[kernel][(_DTYPE_CLASS[dtype], column_bucket(dtype, columns))]
+    return _GPU_CONFIGS[kernel][(DTYPE_CLASSES[dtype], column_bucket(dtype, columns))]
 
 
 def window_block(window: int, rows: int) -> int:
@@ -681,7 +675,7 @@ def epilogue_backward(
         return grad_z
     grad_y = grad_y.contiguous()
     _check_int32_offsets(grad_z=grad_z)
-    block = _EPILOGUE_BLOCK[_DTYPE_CLASS[grad_y.dtype]]
+    block = _EPILOGUE_BLOCK[DTYPE_CLASSES[grad_y.dtype]]
     _epilogue_backward_kernel[(cdiv(total, block),)](
         grad_y,
         saved_z.contiguous() if act_code else grad_y,
@@ -838,24 +832,19 @@ COVERAGE_ALTERNATE_FLAGS = ("ALLOW_TF32", "HAS_BIAS")
 _UNIT_STRIDES = ("stride_xw", "stride_gw")  # contiguous inputs: the JIT specialises a stride of 1
 
 
+def _arg_type(arg: str, dt: str) -> str | int:
+    """Triton type of a kernel argument: pointers (capitalised names) 16-byte aligned, the unit
+    stride along the width of a contiguous input the constant 1, other integers i32."""
+    if arg in _UNIT_STRIDES:
+        return 1
+    if arg[0].isupper():
+        return {"Argmax": "*i32", "Partial": "*" + accumulator_type(dt)}.get(arg, "*" + dt)
+    return "i32"
+
+
 def _variant(fn, kernel, dt, constexprs, options, flags, bucket) -> KernelVariant:
-    """Signature as the JIT builds it for contiguous inputs: 16-byte aligned pointers, unit stride
-    along the width (the constant 1), other integers unspecialised."""
-    acc = "fp64" if dt == "fp64" else "fp32"
-    label = f"conv.{kernel}[{dt},{bucket},{'+'.join(flags) or 'plain'}]"
-    signature, consts, attrs = {}, dict(constexprs), {}
-    for index, arg in enumerate(fn.arg_names):
-        if arg in consts:
-            signature[arg] = "constexpr"
-        elif arg in _UNIT_STRIDES:
-            signature[arg] = "constexpr"
-            consts[arg] = 1
-        elif arg[0].isupper():  # pointers
-            signature[arg] = {"Argmax": "*i32", "Partial": "*" + acc}.get(arg, "*" + dt)
-            attrs[(index,)] = [["tt.divisibility", 16]]
-        else:
-            signature[arg] = "i32"
-    return KernelVariant(label, fn, signature, consts, attrs, options, dt, tuple(flags), kernel, bucket)
+    """Signature as the JIT builds it for contiguous inputs (``_arg_type``)."""
+    return variant("conv", kernel, fn, dt, bucket, constexprs, options, tuple(flags), lambda arg: _arg_type(arg, dt))
 
 
 def _conv_variants() -> list[KernelVariant]:
@@ -868,8 +857,7 @@ def _conv_variants() -> list[KernelVariant]:
     """
     variants = []
     for torch_dtype, dt in TRITON_DTYPES.items():
-        dclass = _DTYPE_CLASS[torch_dtype]
-        tf32_options = (False, True) if torch_dtype == torch.float32 else (False,)
+        dclass = DTYPE_CLASSES[torch_dtype]
         buckets = sorted({column_bucket(torch_dtype, c) for c in COLUMN_BUCKETS})
         for act_code, act_flag in enumerate(ACT_FLAGS):
             for pooled in (False, True):
@@ -889,7 +877,7 @@ def _conv_variants() -> list[KernelVariant]:
                     cfg = _GPU_CONFIGS["forward"][(dclass, cols)]
                     for win in [w for w in WIN_BLOCKS if w <= cfg.rows] if pooled else [1]:
                         for has_bias in (False, True):
-                            for tf32 in tf32_options:
+                            for tf32 in tf32_choices(torch_dtype):
                                 variants.append(
                                     _variant(
                                         _conv_forward_kernel,
@@ -912,7 +900,7 @@ def _conv_variants() -> list[KernelVariant]:
                                     )
                                 )
         for cols in buckets:
-            for tf32 in tf32_options:
+            for tf32 in tf32_choices(torch_dtype):
                 cfg = _GPU_CONFIGS["input"][(dclass, cols)]
                 for unit_stride in (False, True):
                     variants.append(
@@ -1049,7 +1037,7 @@ def epilogue_forward(
         return y, saved_z, argmax
     z = z.contiguous()
     _check_int32_offsets(z=z)
-    block = _EPILOGUE_FORWARD_BLOCK[_DTYPE_CLASS[z.dtype]]
+    block = _EPILOGUE_FORWARD_BLOCK[DTYPE_CLASSES[z.dtype]]
     _epilogue_forward_kernel[(cdiv(total, block),)](
         z,
         bias.contiguous() if bias is not None else z,
@@ -1076,7 +1064,7 @@ def _epilogue_forward_variants() -> list[KernelVariant]:
     """dtype x act (5) x POOLED x HAS_BIAS: every variant ``epilogue_forward`` can pick."""
     variants = []
     for torch_dtype, dt in TRITON_DTYPES.items():
-        block = _EPILOGUE_FORWARD_BLOCK[_DTYPE_CLASS[torch_dtype]]
+        block = _EPILOGUE_FORWARD_BLOCK[DTYPE_CLASSES[torch_dtype]]
         for act_code, act_flag in enumerate(ACT_FLAGS):
             for pooled in (False, True):
                 for has_bias in (False, True):

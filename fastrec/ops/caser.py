@@ -130,10 +130,6 @@ if HAVE_CPP:
     torch.library.register_fake("fastrec::caser_backward_cpp")(_fake_backward)
 
 
-def _allow_tf32(E: Tensor) -> bool:
-    return E.dtype == torch.float32 and E.is_cuda and torch.backends.cuda.matmul.allow_tf32
-
-
 class CaserFunction(torch.autograd.Function):
     """The fused Caser block on the ``triton`` or ``cpp`` backend; saves E, the weights, and the
     pre-activations and argmax of the maxima. ``w_h`` comes last, one argument per height."""
@@ -142,7 +138,9 @@ class CaserFunction(torch.autograd.Function):
     def forward(ctx, E, b_h, w_v, b_v, act_h, act_v, backend, *w_h):
         w_h = list(w_h)
         if backend == "triton":
-            out_h, out_v, z_h, argmax, z_v = caser_forward_triton(E, w_h, b_h, w_v, b_v, act_h, act_v, _allow_tf32(E))
+            out_h, out_v, z_h, argmax, z_v = caser_forward_triton(
+                E, w_h, b_h, w_v, b_v, act_h, act_v, backends.allow_tf32(E)
+            )
         else:
             out_h, out_v, z_h, argmax, z_v = torch.ops.fastrec.caser_forward_cpp(E, w_h, b_h, w_v, b_v, act_h, act_v)
         ctx.save_for_backward(E, w_v, z_h, argmax, z_v, *w_h)
@@ -157,7 +155,7 @@ class CaserFunction(torch.autograd.Function):
         grad_v = grad_v.contiguous()
         if backend == "triton":
             grad_E, grad_w_h, grad_b_h, grad_w_v, grad_b_v = caser_backward_triton(
-                grad_h, grad_v, E, w_h, w_v, z_h, argmax, z_v, act_h, act_v, _allow_tf32(E)
+                grad_h, grad_v, E, w_h, w_v, z_h, argmax, z_v, act_h, act_v, backends.allow_tf32(E)
             )
         else:
             grad_E, grad_w_h, grad_b_h, grad_w_v, grad_b_v = torch.ops.fastrec.caser_backward_cpp(
@@ -203,7 +201,7 @@ def caser(
     stacked_b_h = None if b_h is None else torch.stack(b_h)
     if not torch.is_grad_enabled():  # inference: the forward op alone, without autograd's wrapper
         if backend == "triton":
-            outs = caser_forward_triton(E, list(w_h), stacked_b_h, w_v, b_v, act_h, act_v, _allow_tf32(E))
+            outs = caser_forward_triton(E, list(w_h), stacked_b_h, w_v, b_v, act_h, act_v, backends.allow_tf32(E))
         else:
             outs = torch.ops.fastrec.caser_forward_cpp(E, list(w_h), stacked_b_h, w_v, b_v, act_h, act_v)
         return outs[0], outs[1]

@@ -53,6 +53,7 @@ from torch import Tensor
 
 from fastrec import backends, routing
 from fastrec._tables import package_table
+from fastrec.kernels._common import dtype_name
 from fastrec.ops._conv_common import act_fn
 
 OP = "conv"
@@ -248,11 +249,6 @@ if HAVE_CPP:
     torch.library.register_fake("fastrec::conv_backward_cpp")(_fake_backward)
 
 
-def _allow_tf32(x: Tensor) -> bool:
-    """Whether torch's own flag lets fp32 convolutions use tf32 (cuDNN's flag governs convs)."""
-    return x.dtype == torch.float32 and x.is_cuda and torch.backends.cudnn.allow_tf32
-
-
 class ConvFunction(torch.autograd.Function):
     """The fused op on the ``cpp`` backend or the triton backend's ``triton`` / ``cudnn`` path;
     saves x, w, saved_z and argmax."""
@@ -264,7 +260,7 @@ class ConvFunction(torch.autograd.Function):
             z = F.conv2d(x, w, None, stride, padding, dilation, groups)
             y, saved_z, argmax = conv_epilogue_triton(z, bias, act, pool)
         elif backend == "triton":
-            y, saved_z, argmax = conv_forward_triton(*args, _allow_tf32(x))
+            y, saved_z, argmax = conv_forward_triton(*args, backends.allow_tf32(x, convolution=True))
         else:
             y, saved_z, argmax = torch.ops.fastrec.conv_forward_cpp(*args)
         ctx.save_for_backward(x, w, saved_z, argmax)
@@ -281,7 +277,7 @@ class ConvFunction(torch.autograd.Function):
         if backend == "cudnn":
             dx, dw, db = conv_backward_cudnn(*args)
         elif backend == "triton":
-            dx, dw, db = conv_backward_triton(*args, _allow_tf32(x))
+            dx, dw, db = conv_backward_triton(*args, backends.allow_tf32(x, convolution=True))
         else:
             dx, dw, db = torch.ops.fastrec.conv_backward_cpp(*args)
         return (
@@ -342,7 +338,6 @@ DISPATCH_VERSION = 1
 _CHANNEL_BUCKETS = (4, 8, 16, 32, 64, 128, 256)  # upper bounds; above the last: "256+"
 _KERNEL_BUCKETS = (1, 9, 25, 64)  # KH * KW upper bounds (1x1, up to 3x3, up to 5x5, wide)
 _OUTPUT_BUCKETS = (64, 256, 1024, 4096, 16384)  # Ho * Wo upper bounds
-_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 _override = threading.local()
 
 
@@ -369,7 +364,7 @@ def shape_class(
             "k" + _bucket(kernel[0] * kernel[1], _KERNEL_BUCKETS),
             "s" + _bucket(out_size[0] * out_size[1], _OUTPUT_BUCKETS),
             "g" + group_class,
-            _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch.")),
+            dtype_name(dtype),
         )
     )
 
