@@ -1,5 +1,5 @@
 """What the convolution kernels (``conv.py``, ``caser.py``) share: the fused activations as
-``@triton.jit`` helpers with their names and constexpr codes."""
+``@triton.jit`` helpers with their names and constexpr codes, and the GEMM step of their dots."""
 
 from __future__ import annotations
 
@@ -49,3 +49,15 @@ def activation_backward(g, z, ACT: tl.constexpr):
         return g * (s * (1.0 - s))
     else:
         return g
+
+
+@triton.jit
+def accumulate_dot(a, b, acc, UPCAST_INPUTS: tl.constexpr, ALLOW_TF32: tl.constexpr):
+    """acc + a @ b in acc's dtype: fp32 dots in ieee fp32 unless ALLOW_TF32, fp16/bf16 dots in the
+    input dtype; UPCAST_INPUTS (the interpreter, whose bf16 is broken) casts a and b to acc's
+    dtype first."""
+    if UPCAST_INPUTS:
+        a = a.to(acc.dtype)
+        b = b.to(acc.dtype)
+    PRECISION: tl.constexpr = "tf32" if ALLOW_TF32 else "ieee"
+    return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
