@@ -128,6 +128,21 @@ def _fake_backward(
     return dx, dw, db
 
 
+def _grad_z(grad_y, x, w, saved_z, argmax, stride, padding, dilation, act, pool) -> Tensor:
+    """dz, the first step of both Triton backward paths: the Triton epilogue backward of grad_y."""
+    from fastrec.kernels import conv as kernels
+
+    conv_out = (x.shape[0], w.shape[0], *conv_output_size(x.shape, w.shape, stride, padding, dilation))
+    return kernels.epilogue_backward(grad_y, saved_z, argmax, act, tuple(pool), conv_out)
+
+
+def _grad_bias(dz: Tensor, w: Tensor, needed: bool) -> Tensor:
+    """db = dz summed over (N, Ho, Wo) in fp32 (fp64 for fp64), in w's dtype; empty if not needed."""
+    if not needed:
+        return w.new_empty(0)
+    return dz.sum((0, 2, 3), dtype=torch.float64 if dz.dtype == torch.float64 else torch.float32).to(w.dtype)
+
+
 @backends.triton_op("conv_forward_triton")
 def conv_forward_triton(
     x: Tensor,
@@ -216,27 +231,8 @@ def conv_backward_cudnn(
     return dx, dw, _grad_bias(dz, w, output_mask[2])
 
 
-def _grad_z(grad_y, x, w, saved_z, argmax, stride, padding, dilation, act, pool) -> Tensor:
-    """dz of both Triton backward paths: the epilogue backward of grad_y (Triton)."""
-    from fastrec.kernels import conv as kernels
-
-    conv_out = (x.shape[0], w.shape[0], *conv_output_size(x.shape, w.shape, stride, padding, dilation))
-    return kernels.epilogue_backward(grad_y, saved_z, argmax, act, tuple(pool), conv_out)
-
-
-def _grad_bias(dz: Tensor, w: Tensor, needed: bool) -> Tensor:
-    """db = dz summed over (N, Ho, Wo) in fp32 (fp64 for fp64), in w's dtype; empty if not needed."""
-    if not needed:
-        return w.new_empty(0)
-    return dz.sum((0, 2, 3), dtype=torch.float64 if dz.dtype == torch.float64 else torch.float32).to(w.dtype)
-
-
-conv_forward_triton.register_fake(_fake_forward)
-conv_backward_triton.register_fake(_fake_backward)
-conv_backward_cudnn.register_fake(_fake_backward)
-if HAVE_CPP:
-    torch.library.register_fake("fastrec::conv_forward_cpp")(_fake_forward)
-    torch.library.register_fake("fastrec::conv_backward_cpp")(_fake_backward)
+backends.register_fake(_fake_forward, conv_forward_triton, cpp_op="conv_forward_cpp")
+backends.register_fake(_fake_backward, conv_backward_triton, conv_backward_cudnn, cpp_op="conv_backward_cpp")
 
 
 class ConvFunction(torch.autograd.Function):
