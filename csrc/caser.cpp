@@ -36,6 +36,7 @@
 #include <torch/library.h>
 
 #include "conv_common.h"
+#include "simd.h"
 
 #include <algorithm>
 #include <cmath>
@@ -54,20 +55,9 @@ namespace {
 // 32-byte vectors (8 floats, 4 doubles): on AVX-512 parts that split 512-bit operations in two
 // they give the same FMA rate as 64-byte vectors, and they waste no lanes at nh = 8.
 template <typename T>
-struct V32Of {
-  typedef T type __attribute__((vector_size(32)));
-};
+using V32 = Vec<T, 32>;
 template <typename T>
-using V32 = typename V32Of<T>::type;
-template <typename T>
-constexpr int64_t kLanes = 32 / sizeof(T);
-
-template <typename T>
-inline V32<T> load32(const T* p) {
-  V32<T> x;
-  std::memcpy(&x, p, sizeof(x));
-  return x;
-}
+constexpr int64_t kLanes = kN<T, 32>;
 
 // grad * act'(z) (relu: grad where z > 0, else exactly 0, as torch's threshold_backward).
 template <typename T>
@@ -116,17 +106,12 @@ __attribute__((always_inline)) inline void window_dots(const T* const (&rows)[R]
     for (int c = 0; c < C; ++c) acc[r][c] = V32<T>{};
   for (int64_t kk = 0; kk < K; ++kk) {
     V32<T> wv[C];
-    for (int c = 0; c < C; ++c) wv[c] = load32(w + (c * K + kk) * VL);
+    for (int c = 0; c < C; ++c) wv[c] = vload<T, 32>(w + (c * K + kk) * VL);
     for (int r = 0; r < R; ++r) {
       const T e = rows[r][kk];
       for (int c = 0; c < C; ++c) acc[r][c] += e * wv[c];
     }
   }
-}
-
-template <typename T>
-inline void store32(T* p, const V32<T>& x) {
-  std::memcpy(p, &x, sizeof(x));
 }
 
 template <typename T>
@@ -142,18 +127,18 @@ inline V32<T> act_forward_vec(V32<T> z, Act act) {
 template <typename T>
 inline void update_max(V32<T> z, const T* bias, Act act, int64_t t, T* out_h, T* z_h,
                        int32_t* argmax) {
-  if (bias) z += load32(bias);
+  if (bias) z += vload<T, 32>(bias);
   const V32<T> a = act_forward_vec<T>(z, act);
   if (t == 0) {
-    store32(out_h, a);
-    store32(z_h, z);
+    vstore<T, 32>(out_h, a);
+    vstore<T, 32>(z_h, z);
     for (int64_t u = 0; u < kLanes<T>; ++u) argmax[u] = 0;
     return;
   }
-  const V32<T> best = load32(out_h);
+  const V32<T> best = vload<T, 32>(out_h);
   const auto take = (a > best) | ((a != a) & (best == best));
-  store32(out_h, take ? a : best);
-  store32(z_h, take ? z : load32(z_h));
+  vstore<T, 32>(out_h, take ? a : best);
+  vstore<T, 32>(z_h, take ? z : vload<T, 32>(z_h));
   for (int64_t u = 0; u < kLanes<T>; ++u)
     if (take[u]) argmax[u] = static_cast<int32_t>(t);
 }
@@ -270,11 +255,11 @@ template <typename T>
 inline void axpy2(T* __restrict y1, const T* __restrict x1, T* __restrict y2, const T* __restrict x2,
                   T a, int64_t n) {
   constexpr int64_t VL = kLanes<T>;
-  const V32<T> av = V32<T>{} + a;
+  const V32<T> av = vsplat<T, 32>(a);
   int64_t j = 0;
   for (; j + VL <= n; j += VL) {
-    store32(y1 + j, load32(y1 + j) + av * load32(x1 + j));
-    store32(y2 + j, load32(y2 + j) + av * load32(x2 + j));
+    vstore<T, 32>(y1 + j, vload<T, 32>(y1 + j) + av * vload<T, 32>(x1 + j));
+    vstore<T, 32>(y2 + j, vload<T, 32>(y2 + j) + av * vload<T, 32>(x2 + j));
   }
   for (; j < n; ++j) {
     y1[j] += a * x1[j];

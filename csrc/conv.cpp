@@ -403,24 +403,9 @@ void forward_kernel(const Geometry& g, Act act, const T* x, const T* w, const T*
       for (int64_t i = 0; i < count; ++i) {
         const T* Ci = C.data() + i * span;
         const int64_t n = n0 + i;
-        switch (act) {
-          case Act::kNone:
-            epilogue<T, Act::kNone>(g, Ci, ldb, bias, n, grp, r0, tile_rows, y, saved_z, argmax);
-            break;
-          case Act::kRelu:
-            epilogue<T, Act::kRelu>(g, Ci, ldb, bias, n, grp, r0, tile_rows, y, saved_z, argmax);
-            break;
-          case Act::kGelu:
-            epilogue<T, Act::kGelu>(g, Ci, ldb, bias, n, grp, r0, tile_rows, y, saved_z, argmax);
-            break;
-          case Act::kTanh:
-            epilogue<T, Act::kTanh>(g, Ci, ldb, bias, n, grp, r0, tile_rows, y, saved_z, argmax);
-            break;
-          case Act::kSigmoid:
-            epilogue<T, Act::kSigmoid>(g, Ci, ldb, bias, n, grp, r0, tile_rows, y, saved_z,
-                                       argmax);
-            break;
-        }
+        dispatch_act(act, [&](auto a) {
+          epilogue<T, decltype(a)::value>(g, Ci, ldb, bias, n, grp, r0, tile_rows, y, saved_z, argmax);
+        });
       }
     }
   });

@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <string>
+#include <type_traits>
 
 namespace fastrec {
 
@@ -21,6 +22,22 @@ inline Act parse_act(const std::string& name, const char* op, const char* what) 
   if (name == "sigmoid") return Act::kSigmoid;
   TORCH_CHECK(false, "fastrec ", op, " (cpp): ", what,
               " must be one of none, relu, gelu, tanh, sigmoid, got '", name, "'");
+}
+
+template <Act A>
+using ActConstant = std::integral_constant<Act, A>;
+
+// f(ActConstant<act>{}) for the runtime activation act: code specialised per activation reads it
+// as the template argument decltype(a)::value.
+template <typename F>
+inline void dispatch_act(Act act, F&& f) {
+  switch (act) {
+    case Act::kNone: return f(ActConstant<Act::kNone>{});
+    case Act::kRelu: return f(ActConstant<Act::kRelu>{});
+    case Act::kGelu: return f(ActConstant<Act::kGelu>{});
+    case Act::kTanh: return f(ActConstant<Act::kTanh>{});
+    case Act::kSigmoid: return f(ActConstant<Act::kSigmoid>{});
+  }
 }
 
 template <typename T>

@@ -1,7 +1,7 @@
-// SIMD building blocks shared by the CPU kernels (attention.cpp, rnn.cpp): 64-byte vectors as
-// GCC / Clang vector extensions (16 floats or 8 doubles; -march=native picks the instruction
-// set), loads and stores, and a vectorised exp. Explicit vectors give one FMA per vector where
-// GCC's loop vectoriser would emit shuffles for the row-blocked kernels.
+// SIMD building blocks shared by the CPU kernels: vectors as GCC / Clang vector extensions, 64
+// bytes unless a kernel asks for another width (16 floats or 8 doubles; -march=native picks the
+// instruction set), loads and stores, and a vectorised exp. Explicit vectors give one FMA per
+// vector where GCC's loop vectoriser would emit shuffles for the row-blocked kernels.
 #pragma once
 
 #include <cmath>
@@ -15,28 +15,28 @@ namespace fastrec {
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-template <typename T>
+template <typename T, int Bytes = 64>
 struct VecOf {
-  typedef T type __attribute__((vector_size(64)));
+  typedef T type __attribute__((vector_size(Bytes)));
 };
-template <typename T>
-using Vec = typename VecOf<T>::type;  // 16 floats or 8 doubles
-template <typename T>
-constexpr int64_t kN = 64 / sizeof(T);  // lanes of Vec<T>
+template <typename T, int Bytes = 64>
+using Vec = typename VecOf<T, Bytes>::type;  // 64 bytes: 16 floats or 8 doubles
+template <typename T, int Bytes = 64>
+constexpr int64_t kN = Bytes / sizeof(T);  // lanes of Vec<T, Bytes>
 
-template <typename T>
-inline Vec<T> vload(const T* p) {
-  Vec<T> x;
+template <typename T, int Bytes = 64>
+inline Vec<T, Bytes> vload(const T* p) {
+  Vec<T, Bytes> x;
   std::memcpy(&x, p, sizeof(x));
   return x;
 }
-template <typename T>
-inline void vstore(T* p, const Vec<T>& x) {
+template <typename T, int Bytes = 64>
+inline void vstore(T* p, const Vec<T, Bytes>& x) {
   std::memcpy(p, &x, sizeof(x));
 }
-template <typename T>
-inline Vec<T> vsplat(T a) {
-  return Vec<T>{} + a;
+template <typename T, int Bytes = 64>
+inline Vec<T, Bytes> vsplat(T a) {
+  return Vec<T, Bytes>{} + a;
 }
 
 // exp(x) on 16 floats: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by the Cephes degree-6

@@ -33,3 +33,26 @@ def read_table(path: str | Path | Traversable, parse: Callable[[dict, str], T]) 
 def package_table(name: str, parse: Callable[[dict, str], T]) -> T:
     """``read_table`` of the package's file ``fastrec/<name>``, read once per process."""
     return read_table(importlib.resources.files("fastrec") / name, parse)
+
+
+def parse_card_table(
+    table: dict, source: str, required: dict[str, object], rows: str, parse_row: Callable[[str, str, object], T]
+) -> dict[str, dict[str, T]]:
+    """``{card: {key: parse_row(where, key, row)}}`` of a per-card table ``{<required top-level
+    values>, "cards": {card: {..., rows: {key: row}}}}``. ValueError naming ``source`` and the
+    place: a required value that differs, a ``cards`` or ``rows`` that is not an object;
+    ``parse_row`` raises its own, naming ``where`` (``"<source>: cards[<card>].<rows>[<key>]"``)."""
+    for name, value in required.items():
+        if table.get(name) != value:
+            raise ValueError(f"{source}: {name} must be {value!r}, got {table.get(name)!r}")
+    cards = table.get("cards")
+    if not isinstance(cards, dict):
+        raise ValueError(f"{source}: cards must be an object, got {type(cards).__name__}")
+    parsed = {}
+    for card, entry in cards.items():
+        card_rows = entry.get(rows) if isinstance(entry, dict) else None
+        if not isinstance(card_rows, dict):
+            raise ValueError(f"{source}: cards[{card!r}].{rows} must be an object, got {card_rows!r}")
+        where = f"{source}: cards[{card!r}].{rows}"
+        parsed[card] = {key: parse_row(f"{where}[{key!r}]", key, row) for key, row in card_rows.items()}
+    return parsed

@@ -238,3 +238,12 @@ class TritonOp:
 def triton_op(name: str):
     """Decorator: ``TritonOp(name, fn)``."""
     return lambda fn: TritonOp(name, fn)
+
+
+def register_fake(fake, *triton_ops: TritonOp, cpp_op: str | None = None) -> None:
+    """Register ``fake`` (the shapes of the outputs, for torch.compile) for each Triton op and, where
+    the C++ extension is loaded, for its C++ twin ``fastrec::<cpp_op>`` (the same outputs)."""
+    for op in triton_ops:
+        op.register_fake(fake)
+    if cpp_op is not None and _REASONS["cpp"] is None and hasattr(torch.ops.fastrec, cpp_op):
+        torch.library.register_fake(f"fastrec::{cpp_op}")(fake)

@@ -26,6 +26,12 @@ def _shape(t: Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
+def _check_tensor(name: str, t: object) -> None:
+    """TypeError naming ``name`` unless ``t`` is a tensor."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
 # =============================================================================================
 # attention
 # =============================================================================================
@@ -115,8 +121,7 @@ def _is_zero_or_neginf(mask: Tensor) -> bool:
 
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        _check_tensor(name, t)
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D (batch, heads, L, head_dim), got shape {_shape(t)}")
         if t.dtype not in _FLOAT_DTYPES:
@@ -135,8 +140,7 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 
 def _check_mask(name: str, mask: Tensor, q: Tensor, shape: tuple[int, ...] | None) -> None:
-    if not isinstance(mask, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    _check_tensor(name, mask)
     if mask.dtype != torch.bool and not mask.is_floating_point():
         raise TypeError(f"{name} must be bool or floating point, got {mask.dtype}")
     if mask.device != q.device:
@@ -246,8 +250,7 @@ def rnn_packed(
 def _check_rnn_args(input, weights, mode, num_layers, bidirectional, dropout, dims) -> None:
     if mode not in _RNN_MODES:
         raise ValueError(f"mode must be one of {_RNN_MODES}, got {mode!r}")
-    if not isinstance(input, Tensor):
-        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    _check_tensor("input", input)
     if input.dim() != dims:
         expected = "(T, B, input_size) or (B, T, input_size)" if dims == 3 else "(N, input_size)"
         raise ValueError(f"input must be {dims}-D {expected}, got shape {_shape(input)}")
@@ -275,8 +278,7 @@ def _rnn_states(weights, h0, c0, x, mode, num_layers, bidirectional, batch) -> t
             continue
         if name == "c0" and mode != "lstm":
             raise ValueError(f"c0 is only for mode 'lstm', got mode {mode!r}")
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        _check_tensor(name, t)
         if _shape(t) != state_shape:
             raise ValueError(
                 f"{name} must be (num_layers * directions, batch, hidden) = {state_shape}, got {_shape(t)}"
@@ -377,8 +379,7 @@ def _cell(mode, input, h, c, w_ih, w_hh, b_ih, b_hh):
     names = [("input", input), ("hx", h), ("weight_ih", w_ih), ("weight_hh", w_hh)]
     names += [("cx", c)] if mode == "lstm" else []
     for name, t in names:
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        _check_tensor(name, t)
     if input.dim() != 2:
         raise ValueError(f"input must be 2-D (batch, input_size), got shape {_shape(input)}")
     if input.dtype not in _FLOAT_DTYPES:
@@ -454,8 +455,7 @@ def _conv(input, weight, bias, stride, padding, dilation, groups, act, pool, dim
     """conv1d / conv2d: validate in torch's argument forms, then the canonical 2-D op."""
     fn = f"conv{dims}d"
     for name, t in (("input", input), ("weight", weight)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        _check_tensor(name, t)
     if weight.dim() != dims + 2:
         raise ValueError(
             f"weight must be {dims + 2}-D (out_channels, in_channels / groups, *kernel), got shape {_shape(weight)}"
@@ -570,8 +570,7 @@ def caser(
     ``out_v`` ``(B, nv * d)``: ``act_v`` of the vertical conv, flattened as ``.view(B, -1)``.
     All heights run in one fused launch, forward and backward.
     """
-    if not isinstance(E, Tensor):
-        raise TypeError(f"E must be a torch.Tensor, got {type(E).__name__}")
+    _check_tensor("E", E)
     if E.dim() == 4 and E.shape[1] == 1:
         E = E.squeeze(1)
     if E.dim() != 3:
@@ -624,8 +623,7 @@ def _all_match(tensors: Sequence[Tensor], shapes: list[tuple[int, ...]], E: Tens
 
 def _check_caser_weight(name: str, w: Tensor, E: Tensor, out: int | None, height: int, width: int) -> int:
     """Checks a (out, 1, height, width) conv weight against E; returns its out channels."""
-    if not isinstance(w, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
+    _check_tensor(name, w)
     expected = (out if out is not None else w.shape[0] if w.dim() == 4 else "n", 1, height, width)
     if w.dim() != 4 or w.shape[1:] != (1, height, width) or (out is not None and w.shape[0] != out):
         raise ValueError(f"{name} must be (out, 1, height, width) = {expected}, got {_shape(w)}")
@@ -666,8 +664,7 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool 
     ``torch.manual_seed`` makes runs reproducible. ``"fastrec"`` draws Philox masks wherever
     fastrec's kernels run, ``"torch"`` torch's masks everywhere.
     """
-    if not isinstance(input, Tensor):
-        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    _check_tensor("input", input)
     dropout_ops.check_p(p)
     if inplace and training and p > 0.0:
         backends.count(dropout_ops.OP, "torch", "inplace=True")

@@ -1,17 +1,13 @@
 """What the convolution kernels (``conv.py``, ``caser.py``) share: the fused activations as
-``@triton.jit`` helpers with their names and constexpr codes, Triton's names of the dtypes the
-kernels take, and the description of one kernel variant for tests/test_kernels_compile.py."""
+``@triton.jit`` helpers with their names and constexpr codes, and the GEMM step of their dots."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-import torch
 import triton
 import triton.language as tl
+from fastrec.kernels._math import sigmoid, tanh
 
 ACTIVATIONS = ("none", "relu", "gelu", "tanh", "sigmoid")  # constexpr ACT = index in this tuple
-TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 
 
 def activation_code(act: str) -> int:
@@ -22,14 +18,6 @@ def activation_code(act: str) -> int:
 
 
 @triton.jit
-def _tanh(z):
-    """tanh from exp (the interpreter has no libdevice tanh): sign(z) (1 - e) / (1 + e), e = exp(-2|z|)."""
-    e = tl.exp(-2.0 * tl.abs(z))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(z < 0, -t, t)
-
-
-@triton.jit
 def activate(z, ACT: tl.constexpr):
     """act(z) in z's dtype; NaN stays NaN (relu included, as torch)."""
     if ACT == 1:
@@ -37,9 +25,9 @@ def activate(z, ACT: tl.constexpr):
     elif ACT == 2:
         return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
     elif ACT == 3:
-        return _tanh(z)
+        return tanh(z)
     elif ACT == 4:
-        return 1.0 / (1.0 + tl.exp(-z))
+        return sigmoid(z)
     else:
         return z
 
@@ -54,27 +42,22 @@ def activation_backward(g, z, ACT: tl.constexpr):
         pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327  # 1 / sqrt(2 pi)
         return g * (cdf + z * pdf)
     elif ACT == 3:
-        t = _tanh(z)
+        t = tanh(z)
         return g * (1.0 - t * t)
     elif ACT == 4:
-        s = 1.0 / (1.0 + tl.exp(-z))
+        s = sigmoid(z)
         return g * (s * (1.0 - s))
     else:
         return g
 
 
-@dataclass
-class KernelVariant:
-    """One GPU compilation unit: triton.compile(ASTSource(fn, signature, constexprs, attrs))."""
-
-    name: str  # e.g. "conv.forward[fp16,O=64,WIN=4,RELU+POOLED]"
-    fn: object  # the @triton.jit function
-    signature: dict  # argument name -> Triton type ("*fp16", "i32", "constexpr")
-    constexprs: dict  # argument name -> value
-    attrs: dict  # (arg index,) -> [["tt.divisibility", 16]] for 16-aligned pointers
-    options: dict = field(default_factory=dict)  # num_warps, num_stages
-    dtype: str = ""  # Triton dtype of the main input: fp16, bf16, fp32, fp64
-    flags: tuple = ()  # the constexpr flags that are on
-    kernel: str = ""  # short kernel name: forward, epilogue_backward, horizontal_forward, ...
-    bucket: str = ""  # block-config key: "O=64,WIN=4"
-    spills_expected: str = ""  # non-empty: known to spill, and why (reported, not failed)
+@triton.jit
+def accumulate_dot(a, b, acc, UPCAST_INPUTS: tl.constexpr, ALLOW_TF32: tl.constexpr):
+    """acc + a @ b in acc's dtype: fp32 dots in ieee fp32 unless ALLOW_TF32, fp16/bf16 dots in the
+    input dtype; UPCAST_INPUTS (the interpreter, whose bf16 is broken) casts a and b to acc's
+    dtype first."""
+    if UPCAST_INPUTS:
+        a = a.to(acc.dtype)
+        b = b.to(acc.dtype)
+    PRECISION: tl.constexpr = "tf32" if ALLOW_TF32 else "ieee"
+    return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)

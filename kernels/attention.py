@@ -53,7 +53,7 @@ from fastrec.kernels._common import DTYPE_CLASSES, TRITON_DTYPES, KernelVariant,
 from fastrec.kernels._host import cdiv, launcher, next_power_of_2
 
 from fastrec import backends
-from fastrec._tables import package_table
+from fastrec._tables import package_table, parse_card_table
 
 LOG2E = 1.4426950408889634  # log2(e)
 LN2 = 0.6931471805599453  # ln(2)
@@ -1098,28 +1098,19 @@ def parse_configs(table: dict, source: str = "attention config table") -> dict[s
     version, "configs": {key: {"block_m", "block_n", "num_warps", "num_stages", "ms",
     "default_ms"}}}}}``.
     """
-    if table.get("version") != CONFIGS_VERSION:
-        raise ValueError(f"{source}: version must be {CONFIGS_VERSION}, got {table.get('version')!r}")
-    cards = table.get("cards")
-    if not isinstance(cards, dict):
-        raise ValueError(f"{source}: cards must be an object, got {type(cards).__name__}")
-    parsed = {}
-    for card, entry in cards.items():
-        configs = entry.get("configs") if isinstance(entry, dict) else None
-        if not isinstance(configs, dict):
-            raise ValueError(f"{source}: cards[{card!r}].configs must be an object, got {configs!r}")
-        parsed[card] = {}
-        for key, row in configs.items():
-            try:
-                cfg = BlockConfig(*(int(row[f]) for f in ("block_m", "block_n", "num_warps", "num_stages")))
-            except (KeyError, TypeError, ValueError):
-                raise ValueError(
-                    f"{source}: cards[{card!r}].configs[{key!r}] needs integer block_m, block_n, num_warps, num_stages"
-                ) from None
-            if not _valid_config(key.split("/")[0], cfg):
-                raise ValueError(f"{source}: cards[{card!r}].configs[{key!r}] is not a valid config: {cfg}")
-            parsed[card][key] = cfg
-    return parsed
+    return parse_card_table(table, source, {"version": CONFIGS_VERSION}, "configs", _parse_config)
+
+
+def _parse_config(where: str, key: str, row: object) -> BlockConfig:
+    """One slot's BlockConfig; ValueError naming ``where`` when a field is missing or the tiles are
+    not valid for the slot's kernel (``_valid_config``)."""
+    try:
+        cfg = BlockConfig(*(int(row[f]) for f in ("block_m", "block_n", "num_warps", "num_stages")))
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{where} needs integer block_m, block_n, num_warps, num_stages") from None
+    if not _valid_config(key.split("/")[0], cfg):
+        raise ValueError(f"{where} is not a valid config: {cfg}")
+    return cfg
 
 
 _TABLE: dict[str, dict[str, BlockConfig]] | None = None  # a parsed table standing in for the package's (tests)

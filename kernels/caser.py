@@ -26,19 +26,14 @@ forward's dot inputs to fp32 first: the interpreter's bf16 is broken.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
-from fastrec.kernels._conv_common import (
-    ACTIVATIONS,
-    TRITON_DTYPES,
-    KernelVariant,
-    activate,
-    activation_backward,
-    activation_code,
-)
+from fastrec.kernels._common import TRITON_DTYPES, KernelVariant, accumulator_type, tf32_choices, variant
+from fastrec.kernels._conv_common import ACTIVATIONS, accumulate_dot, activate, activation_backward, activation_code
 from fastrec.kernels._host import cdiv, launcher, next_power_of_2
 
 
@@ -63,7 +58,6 @@ def _caser_horizontal_forward_kernel(
     BLOCK_F: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    DOT_PRECISION: tl.constexpr = "tf32" if ALLOW_TF32 else "ieee"
     compute_dtype = tl.float64 if E.dtype.element_ty == tl.float64 else tl.float32
     k = tl.program_id(1)
     offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -88,10 +82,7 @@ def _caser_horizontal_forward_kernel(
             kk_ok = kk < window
             e = tl.load(rows[:, None] + t * d + kk[None, :], mask=b_ok[:, None] & kk_ok[None, :], other=0.0)
             w = tl.load(filters[None, :] + kk[:, None], mask=kk_ok[:, None] & f_ok[None, :], other=0.0)
-            if UPCAST_INPUTS:
-                e = e.to(compute_dtype)
-                w = w.to(compute_dtype)
-            acc = tl.dot(e, w, acc, input_precision=DOT_PRECISION, out_dtype=compute_dtype)
+            acc = accumulate_dot(e, w, acc, UPCAST_INPUTS, ALLOW_TF32)
         z = acc + bias[None, :]
         a = activate(z, ACT)
         # max_pool1d's order: the first maximum wins, and a NaN wins over any number.
@@ -322,6 +313,18 @@ class CaserBlocks:
     num_warps: int = 8
     forward_stages: int = 2
 
+    def forward_blocks(self) -> dict[str, int]:
+        """The horizontal forward's BLOCK_ constexprs."""
+        return dict(BLOCK_B=self.forward_b, BLOCK_F=self.forward_f, BLOCK_K=self.forward_k)
+
+    def vertical_blocks(self) -> dict[str, int]:
+        """The vertical forward's BLOCK_ constexprs."""
+        return dict(BLOCK_V=self.vertical_v, BLOCK_D=self.block_d)
+
+    def backward_blocks(self) -> dict[str, int]:
+        """The BLOCK_ constexprs of the gathered backward kernels (input and weight gradient)."""
+        return dict(BLOCK_B=self.backward_b, BLOCK_F=self.backward_f, BLOCK_D=self.block_d)
+
 
 def caser_blocks(batch: int, dim: int, filters: int, vertical: int, interpreter: bool) -> CaserBlocks:
     """Block sizes: tl.dot needs every side >= 16; the gathered backward tiles are
@@ -358,6 +361,7 @@ def caser_forward(
     E = E.contiguous()
     batch, length, dim = E.shape
     filters, vertical = w_h[0].shape[0], w_v.shape[0]
+    sizes = (batch, length, dim, filters)  # the kernels' B, L, d, nh
     interpreter = E.device.type == "cpu"
     cfg = caser_blocks(batch, dim, filters, vertical, interpreter)
     W = _concat_weights(w_h)
@@ -377,17 +381,12 @@ def caser_forward(
         out_h,
         z_h,
         argmax,
-        batch,
-        length,
-        dim,
-        filters,
+        *sizes,
         ACT=activation_code(act_h),
         HAS_BIAS=b_h is not None,
         ALLOW_TF32=bool(allow_tf32) and E.dtype == torch.float32,
         UPCAST_INPUTS=interpreter,
-        BLOCK_B=cfg.forward_b,
-        BLOCK_F=cfg.forward_f,
-        BLOCK_K=cfg.forward_k,
+        **cfg.forward_blocks(),
         num_warps=cfg.num_warps,
         num_stages=cfg.forward_stages,
     )
@@ -403,8 +402,7 @@ def caser_forward(
         vertical,
         ACT=activation_code(act_v),
         HAS_BIAS=b_v is not None,
-        BLOCK_V=cfg.vertical_v,
-        BLOCK_D=cfg.block_d,
+        **cfg.vertical_blocks(),
         num_warps=cfg.num_warps,
     )
     return out_h, out_v, z_h, argmax, z_v
@@ -454,6 +452,7 @@ def caser_backward(
     E = E.contiguous()
     batch, length, dim = E.shape
     filters, vertical = w_h[0].shape[0], w_v.shape[0]
+    sizes = (batch, length, dim, filters)  # the kernels' B, L, d, nh
     cfg = caser_blocks(batch, dim, filters, vertical, E.device.type == "cpu")
     g_h, grad_b_h = _grad_epilogue(grad_h.contiguous(), z_h.contiguous(), act_h)
     g_v, col_v = _grad_epilogue(grad_v.contiguous(), z_v.contiguous(), act_v)
@@ -471,14 +470,9 @@ def caser_backward(
             w_v,
             g_v,
             grad_E,
-            batch,
-            length,
-            dim,
-            filters,
+            *sizes,
             vertical,
-            BLOCK_B=cfg.backward_b,
-            BLOCK_F=cfg.backward_f,
-            BLOCK_D=cfg.block_d,
+            **cfg.backward_blocks(),
             num_warps=cfg.num_warps,
         )
     _caser_weight_grad_kernel[(length * length, cdiv(filters, cfg.backward_f), d_blocks)](
@@ -486,13 +480,8 @@ def caser_backward(
         argmax,
         E,
         grad_W,
-        batch,
-        length,
-        dim,
-        filters,
-        BLOCK_B=cfg.backward_b,
-        BLOCK_F=cfg.backward_f,
-        BLOCK_D=cfg.block_d,
+        *sizes,
+        **cfg.backward_blocks(),
         num_warps=cfg.num_warps,
     )
     block_l = min(64, next_power_of_2(length))
@@ -514,36 +503,33 @@ def caser_backward(
 
 # ------------------------------------------------------------- variants for the compile test
 _CASER_INT_ARGS = ("B", "L", "d", "nh", "nv", "rows", "N")
+_COMPUTE_DTYPE_ARGS = ("G", "ColSum", "GV")  # gradient buffers the launchers allocate in fp32 / fp64
 # ALLOW_TF32 only switches fp32 dots to tf32 and HAS_BIAS adds one bias load: the sampled compile
 # check turns them on in every other combination instead of multiplying the combinations.
 COVERAGE_ALTERNATE_FLAGS = ("ALLOW_TF32", "HAS_BIAS")
 
 
-def _caser_variant(fn, kernel: str, dt: str, pointer_types: dict, constexprs: dict, flags=(), options=None):
-    """Signature for the common case: 16-byte aligned pointers, integer sizes as i32."""
-    signature, attrs = {}, {}
-    for index, arg in enumerate(fn.arg_names):
-        if arg in constexprs:
-            signature[arg] = "constexpr"
-        elif arg in _CASER_INT_ARGS:
-            signature[arg] = "i32"
-        else:
-            signature[arg] = pointer_types[arg]
-            attrs[(index,)] = [["tt.divisibility", 16]]
+def _arg_type(arg: str, dt: str) -> str:
+    """Triton type of a Caser kernel argument: sizes i32, ArgMax int32, the gradient buffers in the
+    compute dtype (``_COMPUTE_DTYPE_ARGS``), the other pointers in the input dtype."""
+    if arg in _CASER_INT_ARGS:
+        return "i32"
+    if arg == "ArgMax":
+        return "*i32"
+    return "*" + (accumulator_type(dt) if arg in _COMPUTE_DTYPE_ARGS else dt)
+
+
+def _caser_variant(fn, kernel: str, dt: str, constexprs: dict, flags=(), options=None) -> KernelVariant:
+    """Signature for the common case: 16-byte aligned pointers, integer sizes as i32; the bucket
+    names the BLOCK_ constexprs."""
     bucket = ",".join(f"{k}={v}" for k, v in constexprs.items() if k.startswith("BLOCK_"))
-    name = f"caser.{kernel}[{dt},{bucket},{'+'.join(flags) or 'plain'}]"
-    return KernelVariant(
-        name,
-        fn,
-        signature,
-        dict(constexprs),
-        attrs,
-        dict(options or {"num_warps": 8}),
-        dt,
-        tuple(flags),
-        kernel,
-        bucket,
-    )
+    options = dict(options or {"num_warps": 8})
+    return variant("caser", kernel, fn, dt, bucket, constexprs, options, tuple(flags), lambda arg: _arg_type(arg, dt))
+
+
+def _flags(act: str, **switches: bool) -> tuple[str, ...]:
+    """A variant's flags: ``ACT=<act>`` (none: no flag), then the names of the switches that are on."""
+    return tuple(f for f, on in ((f"ACT={act}", act != "none"), *switches.items()) if on)
 
 
 def _caser_variants() -> list[KernelVariant]:
@@ -551,64 +537,40 @@ def _caser_variants() -> list[KernelVariant]:
     for fp32 dots) x the block configs of nh in {8, 16, 32, 64+} and d in {16, 32, 64+}."""
     variants = []
     for torch_dtype, dt in TRITON_DTYPES.items():
-        acc = "fp64" if dt == "fp64" else "fp32"
-        io = {"E": "*" + dt, "W": "*" + dt, "Bias": "*" + dt, "OutH": "*" + dt, "ZH": "*" + dt}
-        io.update(ArgMax="*i32", WV="*" + dt, BiasV="*" + dt, OutV="*" + dt, ZV="*" + dt)
-        io.update(Grad="*" + dt, Z="*" + dt, G="*" + acc, ColSum="*" + acc, GV="*" + acc)
-        io.update(GradE="*" + dt, GradW="*" + dt, GradWV="*" + dt)
-        for filters in (8, 32, 64):
-            for dim in (16, 32, 64):
-                cfg = caser_blocks(512, dim, filters, 4, interpreter=False)
-                for code, act in enumerate(ACTIVATIONS):
-                    for bias in (False, True):
-                        for tf32 in (False, True) if torch_dtype == torch.float32 else (False,):
-                            flags = tuple(
-                                f for f, on in ((f"ACT={act}", code), ("HAS_BIAS", bias), ("ALLOW_TF32", tf32)) if on
-                            )
-                            constexprs = dict(
-                                ACT=code,
-                                HAS_BIAS=bias,
-                                ALLOW_TF32=tf32,
-                                UPCAST_INPUTS=False,
-                                BLOCK_B=cfg.forward_b,
-                                BLOCK_F=cfg.forward_f,
-                                BLOCK_K=cfg.forward_k,
-                            )
-                            if dim == 64:
-                                variants.append(
-                                    _caser_variant(
-                                        _caser_horizontal_forward_kernel,
-                                        "horizontal_forward",
-                                        dt,
-                                        io,
-                                        constexprs,
-                                        flags,
-                                    )
-                                )
-                        if filters == 8:
-                            flags = tuple(f for f, on in ((f"ACT={act}", code), ("HAS_BIAS", bias)) if on)
-                            constexprs = dict(ACT=code, HAS_BIAS=bias, BLOCK_V=cfg.vertical_v, BLOCK_D=cfg.block_d)
-                            variants.append(
-                                _caser_variant(
-                                    _caser_vertical_forward_kernel, "vertical_forward", dt, io, constexprs, flags
-                                )
-                            )
-                    if filters == 8 and dim == 64:
-                        constexprs = dict(ACT=code, **_GRAD_EPILOGUE_BLOCKS)
-                        flags = (f"ACT={act}",) if code else ()
-                        options = dict(num_warps=_GRAD_EPILOGUE_WARPS)
+        for filters, dim in itertools.product((8, 32, 64), (16, 32, 64)):
+            cfg = caser_blocks(512, dim, filters, 4, interpreter=False)
+            for code, act in enumerate(ACTIVATIONS):
+                for bias in (False, True):
+                    for tf32 in tf32_choices(torch_dtype) if dim == 64 else ():
+                        switches = dict(HAS_BIAS=bias, ALLOW_TF32=tf32)
+                        constexprs = dict(ACT=code, **switches, UPCAST_INPUTS=False, **cfg.forward_blocks())
+                        flags = _flags(act, **switches)
                         variants.append(
                             _caser_variant(
-                                _caser_grad_epilogue_kernel, "grad_epilogue", dt, io, constexprs, flags, options
+                                _caser_horizontal_forward_kernel, "horizontal_forward", dt, constexprs, flags
                             )
                         )
-                blocks = dict(BLOCK_B=cfg.backward_b, BLOCK_F=cfg.backward_f, BLOCK_D=cfg.block_d)
-                variants.append(_caser_variant(_caser_input_grad_kernel, "input_grad", dt, io, blocks))
-                variants.append(_caser_variant(_caser_weight_grad_kernel, "weight_grad", dt, io, blocks))
-            if filters == 8:
+                    if filters == 8:
+                        constexprs = dict(ACT=code, HAS_BIAS=bias, **cfg.vertical_blocks())
+                        flags = _flags(act, HAS_BIAS=bias)
+                        variants.append(
+                            _caser_variant(_caser_vertical_forward_kernel, "vertical_forward", dt, constexprs, flags)
+                        )
+                if filters == 8 and dim == 64:
+                    constexprs = dict(ACT=code, **_GRAD_EPILOGUE_BLOCKS)
+                    options = dict(num_warps=_GRAD_EPILOGUE_WARPS)
+                    variants.append(
+                        _caser_variant(
+                            _caser_grad_epilogue_kernel, "grad_epilogue", dt, constexprs, _flags(act), options
+                        )
+                    )
+            blocks = cfg.backward_blocks()
+            variants.append(_caser_variant(_caser_input_grad_kernel, "input_grad", dt, blocks))
+            variants.append(_caser_variant(_caser_weight_grad_kernel, "weight_grad", dt, blocks))
+            if filters == 8 and dim == 64:
                 constexprs = dict(BLOCK_L=64, BLOCK_D=64)
                 variants.append(
-                    _caser_variant(_caser_vertical_weight_grad_kernel, "vertical_weight_grad", dt, io, constexprs)
+                    _caser_variant(_caser_vertical_weight_grad_kernel, "vertical_weight_grad", dt, constexprs)
                 )
     return list({v.name: v for v in variants}.values())  # configs shared by several shapes once
 

@@ -40,18 +40,14 @@ at once.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
-from fastrec.kernels._conv_common import (
-    TRITON_DTYPES,
-    KernelVariant,
-    activate,
-    activation_backward,
-    activation_code,
-)
+from fastrec.kernels._common import DTYPE_CLASSES, TRITON_DTYPES, KernelVariant, accumulator_type, tf32_choices, variant
+from fastrec.kernels._conv_common import accumulate_dot, activate, activation_backward, activation_code
 from fastrec.kernels._host import cdiv, launcher, next_power_of_2
 
 WIN_BLOCKS = (4, 16, 64)  # pool-window rows per GEMM tile (1 when not pooled)
@@ -133,7 +129,6 @@ def _conv_forward_kernel(
     tl.static_assert(BLOCK_M % WIN_BLOCK == 0)
     BLOCK_P: tl.constexpr = BLOCK_M // WIN_BLOCK
     compute_dtype: tl.constexpr = tl.float64 if X.dtype.element_ty == tl.float64 else tl.float32
-    DOT_PRECISION: tl.constexpr = "tf32" if ALLOW_TF32 else "ieee"
     o_blocks = tl.cdiv(out_per_group, BLOCK_O)
     group = tl.program_id(1) // o_blocks
     offs_o = (tl.program_id(1) % o_blocks) * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -189,10 +184,7 @@ def _conv_forward_kernel(
             w_tile = tl.load(  # (BLOCK_K, BLOCK_O)
                 Wt + (w_col[None, :] + k[:, None]), mask=k_ok[:, None] & o_ok[None, :], other=0.0
             )
-            if UPCAST_INPUTS:
-                a_tile = a_tile.to(compute_dtype)
-                w_tile = w_tile.to(compute_dtype)
-            acc = tl.dot(a_tile, w_tile, acc, input_precision=DOT_PRECISION, out_dtype=compute_dtype)
+            acc = accumulate_dot(a_tile, w_tile, acc, UPCAST_INPUTS, ALLOW_TF32)
         z = acc + bias[None, :]
         act = activate(z, ACT)
         if POOLED:
@@ -304,7 +296,6 @@ def _conv_backward_input_kernel(
 ):
     """dx[n, c, ih, iw] = sum over (o, kh, kw) with ih = oh*sh - ph + kh*dh (same for w) of dz * w."""
     compute_dtype: tl.constexpr = tl.float64 if GradZ.dtype.element_ty == tl.float64 else tl.float32
-    DOT_PRECISION: tl.constexpr = "tf32" if ALLOW_TF32 else "ieee"
     c_blocks = tl.cdiv(channels_per_group, BLOCK_C)
     group = tl.program_id(1) // c_blocks
     offs_c = (tl.program_id(1) % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -349,10 +340,7 @@ def _conv_backward_input_kernel(
             mask=k_ok[:, None] & c_ok[None, :],
             other=0.0,
         )
-        if UPCAST_INPUTS:
-            dz_tile = dz_tile.to(compute_dtype)
-            w_tile = w_tile.to(compute_dtype)
-        acc = tl.dot(dz_tile, w_tile, acc, input_precision=DOT_PRECISION, out_dtype=compute_dtype)
+        acc = accumulate_dot(dz_tile, w_tile, acc, UPCAST_INPUTS, ALLOW_TF32)
 
     out_off = (n * channels * hw + m % hw)[:, None] + ((group * channels_per_group + offs_c) * hw)[None, :]
     tl.store(GradX + out_off, acc.to(GradX.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
@@ -397,7 +385,6 @@ def _conv_backward_weight_kernel(
 ):
     """dw[o, (c, kh, kw)] = sum over rows (n, oh, ow) of dz[n, o, oh, ow] x[n, c, ih, iw]."""
     compute_dtype: tl.constexpr = tl.float64 if GradZ.dtype.element_ty == tl.float64 else tl.float32
-    DOT_PRECISION: tl.constexpr = "tf32" if ALLOW_TF32 else "ieee"
     khw_total = kernel_h * kernel_w
     k_total = channels_per_group * khw_total
     o_blocks = tl.cdiv(out_per_group, BLOCK_O)
@@ -438,10 +425,7 @@ def _conv_backward_weight_kernel(
             mask=r_ok[:, None] & k_ok[None, :] & in_bounds,
             other=0.0,
         )
-        if UPCAST_INPUTS:
-            dz_tile = dz_tile.to(compute_dtype)
-            x_tile = x_tile.to(compute_dtype)
-        acc = tl.dot(dz_tile, x_tile, acc, input_precision=DOT_PRECISION, out_dtype=compute_dtype)
+        acc = accumulate_dot(dz_tile, x_tile, acc, UPCAST_INPUTS, ALLOW_TF32)
 
     out_off = (split * out_channels + group * out_per_group + offs_o)[:, None] * k_total + offs_k[None, :]
     tl.store(Partial + out_off, acc, mask=o_ok[:, None] & k_ok[None, :])
@@ -467,6 +451,22 @@ class BlockConfig:
     num_warps: int
     num_stages: int
 
+    def blocks(self, kernel: str) -> dict[str, int]:
+        """The tile as ``kernel``'s BLOCK_ constexprs (``BLOCK_NAMES``)."""
+        return dict(zip(BLOCK_NAMES[kernel], (self.rows, self.cols, self.depth), strict=True))
+
+    @property
+    def options(self) -> dict[str, int]:
+        """The launch options (num_warps, num_stages)."""
+        return dict(num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+# Each kernel's BLOCK_ constexprs for (rows, cols, depth).
+BLOCK_NAMES = {
+    "forward": ("BLOCK_M", "BLOCK_O", "BLOCK_K"),
+    "input": ("BLOCK_M", "BLOCK_C", "BLOCK_K"),
+    "weight": ("BLOCK_O", "BLOCK_K", "BLOCK_R"),
+}
 
 # GPU tiles per (kernel, dtype class, column bucket). Recommender convolutions have 8-64 channels
 # per group: 16 columns for <= 16 channels, 64 above. fp64 runs only for gradcheck: one small tile.
@@ -498,10 +498,9 @@ _GPU_CONFIGS = {
         ("64", 16): BlockConfig(16, 32, 16, 4, 1),
     },
 }
-_EPILOGUE_BLOCK = {"16": 1024, "32": 1024, "64": 512}
+_EPILOGUE_BLOCK = {"16": 1024, "32": 1024, "64": 512}  # elementwise epilogue kernels, per dtype class
 # The interpreter's cost grows with programs x operations, not tile size: big tiles there.
 _INTERPRETER_ROWS = 64
-_DTYPE_CLASS = {torch.float16: "16", torch.bfloat16: "16", torch.float32: "32", torch.float64: "64"}
 WEIGHT_SPLIT_MIN_STEPS = 4  # a split of the weight-gradient reduction walks at least this many BLOCK_R
 
 
@@ -523,7 +522,7 @@ def block_config(kernel: str, dtype: torch.dtype, columns: int, depth: int, inte
         if kernel == "weight":
             return BlockConfig(fit(columns), fit(depth), 32, 4, 1)
         return BlockConfig(_INTERPRETER_ROWS, fit(columns), fit(depth), 4, 1)
-    return _GPU_CONFIGS[kernel][(_DTYPE_CLASS[dtype], column_bucket(dtype, columns))]
+    return _GPU_CONFIGS[kernel][(DTYPE_CLASSES[dtype], column_bucket(dtype, columns))]
 
 
 def window_block(window: int, rows: int) -> int:
@@ -570,6 +569,13 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def _geometry(w_shape, stride, padding, dilation) -> tuple[int, ...]:
+    """``(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w)``: the geometry
+    arguments every convolution kernel takes, in their order."""
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    return int(w_shape[2]), int(w_shape[3]), sh, sw, ph, pw, dh, dw
+
+
 def conv_forward(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -586,15 +592,12 @@ def conv_forward(
     of y, or (0,) when not pooled)); x (N, C, H, W) any strides; w (O, C/groups, KH, KW), bias
     (O,) or None, same dtype as x. ``allow_tf32``: fp32 dots may use tf32 (the caller passes
     torch's flag)."""
-    (sh, sw), (ph, pw), (dh, dw), (pool_h, pool_w) = (
-        _pair(stride, "stride"),
-        _pair(padding, "padding"),
-        _pair(dilation, "dilation"),
-        _pair(pool, "pool"),
-    )
+    geometry = _geometry(w.shape, stride, padding, dilation)
+    kernel_h, kernel_w, sh, sw, ph, pw, dh, dw = geometry
+    pool_h, pool_w = _pair(pool, "pool")
     act_code = activation_code(act)
     batch, channels, height, width = x.shape
-    out_channels, channels_per_group, kernel_h, kernel_w = w.shape
+    out_channels, channels_per_group = w.shape[:2]
     out_h = conv_output_size(height, kernel_h, sh, ph, dh)
     out_w = conv_output_size(width, kernel_w, sw, pw, dw)
     pooled_h, pooled_w = out_h // pool_h, out_w // pool_w
@@ -630,14 +633,7 @@ def conv_forward(
         channels_per_group,
         out_channels,
         out_per_group,
-        kernel_h,
-        kernel_w,
-        sh,
-        sw,
-        ph,
-        pw,
-        dh,
-        dw,
+        *geometry,
         pool_h,
         pool_w,
         pooled_h,
@@ -647,12 +643,9 @@ def conv_forward(
         POOLED=pooled,
         UPCAST_INPUTS=interpreter,
         ALLOW_TF32=bool(allow_tf32) and x.dtype == torch.float32,
-        BLOCK_M=cfg.rows,
-        BLOCK_O=cfg.cols,
-        BLOCK_K=cfg.depth,
+        **cfg.blocks("forward"),
         WIN_BLOCK=win,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        **cfg.options,
     )
     return y, saved_z, argmax
 
@@ -681,7 +674,7 @@ def epilogue_backward(
         return grad_z
     grad_y = grad_y.contiguous()
     _check_int32_offsets(grad_z=grad_z)
-    block = _EPILOGUE_BLOCK[_DTYPE_CLASS[grad_y.dtype]]
+    block = _EPILOGUE_BLOCK[DTYPE_CLASSES[grad_y.dtype]]
     _epilogue_backward_kernel[(cdiv(total, block),)](
         grad_y,
         saved_z.contiguous() if act_code else grad_y,
@@ -712,9 +705,10 @@ def conv_backward_input(
     allow_tf32: bool = False,
 ) -> torch.Tensor:
     """dx (N, C, H, W) contiguous, dtype of dz: the convolution's input gradient for dz (N, O, Ho, Wo)."""
-    (sh, sw), (ph, pw), (dh, dw) = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    geometry = _geometry(w.shape, stride, padding, dilation)
+    kernel_h, kernel_w, sh, sw = geometry[:4]
     batch, channels, height, width = (int(s) for s in x_shape)
-    out_channels, channels_per_group, kernel_h, kernel_w = w.shape
+    out_channels, channels_per_group = w.shape[:2]
     _, _, out_h, out_w = dz.shape
     grad_x = torch.empty((batch, channels, height, width), dtype=dz.dtype, device=dz.device)
     if grad_x.numel() == 0:
@@ -740,22 +734,12 @@ def conv_backward_input(
         out_per_group,
         out_h,
         out_w,
-        kernel_h,
-        kernel_w,
-        sh,
-        sw,
-        ph,
-        pw,
-        dh,
-        dw,
+        *geometry,
         UNIT_STRIDE=(sh, sw) == (1, 1),
         UPCAST_INPUTS=interpreter,
         ALLOW_TF32=bool(allow_tf32) and dz.dtype == torch.float32,
-        BLOCK_M=cfg.rows,
-        BLOCK_C=cfg.cols,
-        BLOCK_K=cfg.depth,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        **cfg.blocks("input"),
+        **cfg.options,
     )
     return grad_x
 
@@ -774,7 +758,7 @@ def conv_backward_weight(
 
     Deterministic: the reduction over N*Ho*Wo is split into fixed row ranges (``weight_split``),
     whose fp32 (fp64) partial sums are added in split order."""
-    (sh, sw), (ph, pw), (dh, dw) = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    geometry = _geometry(w_shape, stride, padding, dilation)
     out_channels, channels_per_group, kernel_h, kernel_w = (int(s) for s in w_shape)
     batch, _, height, width = x.shape
     _, _, out_h, out_w = dz.shape
@@ -804,22 +788,12 @@ def conv_backward_weight(
         out_per_group,
         out_h,
         out_w,
-        kernel_h,
-        kernel_w,
-        sh,
-        sw,
-        ph,
-        pw,
-        dh,
-        dw,
+        *geometry,
         rows_per_split,
         UPCAST_INPUTS=interpreter,
         ALLOW_TF32=bool(allow_tf32) and x.dtype == torch.float32,
-        BLOCK_O=cfg.rows,
-        BLOCK_K=cfg.cols,
-        BLOCK_R=cfg.depth,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        **cfg.blocks("weight"),
+        **cfg.options,
     )
     grad_w = partial[0] if splits == 1 else partial.sum(0)
     return grad_w.to(x.dtype).view(out_channels, channels_per_group, kernel_h, kernel_w)
@@ -838,24 +812,24 @@ COVERAGE_ALTERNATE_FLAGS = ("ALLOW_TF32", "HAS_BIAS")
 _UNIT_STRIDES = ("stride_xw", "stride_gw")  # contiguous inputs: the JIT specialises a stride of 1
 
 
+def _arg_type(arg: str, dt: str) -> str | int:
+    """Triton type of a kernel argument: pointers (capitalised names) 16-byte aligned, the unit
+    stride along the width of a contiguous input the constant 1, other integers i32."""
+    if arg in _UNIT_STRIDES:
+        return 1
+    if arg[0].isupper():
+        return {"Argmax": "*i32", "Partial": "*" + accumulator_type(dt)}.get(arg, "*" + dt)
+    return "i32"
+
+
 def _variant(fn, kernel, dt, constexprs, options, flags, bucket) -> KernelVariant:
-    """Signature as the JIT builds it for contiguous inputs: 16-byte aligned pointers, unit stride
-    along the width (the constant 1), other integers unspecialised."""
-    acc = "fp64" if dt == "fp64" else "fp32"
-    label = f"conv.{kernel}[{dt},{bucket},{'+'.join(flags) or 'plain'}]"
-    signature, consts, attrs = {}, dict(constexprs), {}
-    for index, arg in enumerate(fn.arg_names):
-        if arg in consts:
-            signature[arg] = "constexpr"
-        elif arg in _UNIT_STRIDES:
-            signature[arg] = "constexpr"
-            consts[arg] = 1
-        elif arg[0].isupper():  # pointers
-            signature[arg] = {"Argmax": "*i32", "Partial": "*" + acc}.get(arg, "*" + dt)
-            attrs[(index,)] = [["tt.divisibility", 16]]
-        else:
-            signature[arg] = "i32"
-    return KernelVariant(label, fn, signature, consts, attrs, options, dt, tuple(flags), kernel, bucket)
+    """Signature as the JIT builds it for contiguous inputs (``_arg_type``)."""
+    return variant("conv", kernel, fn, dt, bucket, constexprs, options, tuple(flags), lambda arg: _arg_type(arg, dt))
+
+
+def _flags(act_code: int = 0, **switches: bool) -> tuple[str, ...]:
+    """A variant's flags: the activation's (none: no flag), then the names of the switches that are on."""
+    return tuple(f for f in (ACT_FLAGS[act_code], *(name for name, on in switches.items() if on)) if f)
 
 
 def _conv_variants() -> list[KernelVariant]:
@@ -868,89 +842,43 @@ def _conv_variants() -> list[KernelVariant]:
     """
     variants = []
     for torch_dtype, dt in TRITON_DTYPES.items():
-        dclass = _DTYPE_CLASS[torch_dtype]
-        tf32_options = (False, True) if torch_dtype == torch.float32 else (False,)
+        dclass, tf32s = DTYPE_CLASSES[torch_dtype], tf32_choices(torch_dtype)
         buckets = sorted({column_bucket(torch_dtype, c) for c in COLUMN_BUCKETS})
-        for act_code, act_flag in enumerate(ACT_FLAGS):
-            for pooled in (False, True):
-                flags = tuple(f for f in (act_flag, "POOLED" if pooled else "") if f)
-                variants.append(
-                    _variant(
-                        _epilogue_backward_kernel,
-                        "epilogue_backward",
-                        dt,
-                        dict(ACT=act_code, POOLED=pooled, BLOCK=_EPILOGUE_BLOCK[dclass]),
-                        dict(num_warps=4, num_stages=1),
-                        flags,
-                        f"BLOCK={_EPILOGUE_BLOCK[dclass]}",
-                    )
+        block = _EPILOGUE_BLOCK[dclass]
+        for act_code, pooled in itertools.product(range(len(ACT_FLAGS)), (False, True)):
+            constexprs = dict(ACT=act_code, POOLED=pooled, BLOCK=block)
+            options = dict(num_warps=4, num_stages=1)
+            flags = _flags(act_code, POOLED=pooled)
+            variants.append(
+                _variant(
+                    _epilogue_backward_kernel, "epilogue_backward", dt, constexprs, options, flags, f"BLOCK={block}"
                 )
-                for cols in buckets:
-                    cfg = _GPU_CONFIGS["forward"][(dclass, cols)]
-                    for win in [w for w in WIN_BLOCKS if w <= cfg.rows] if pooled else [1]:
-                        for has_bias in (False, True):
-                            for tf32 in tf32_options:
-                                variants.append(
-                                    _variant(
-                                        _conv_forward_kernel,
-                                        "forward",
-                                        dt,
-                                        dict(
-                                            ACT=act_code,
-                                            HAS_BIAS=has_bias,
-                                            POOLED=pooled,
-                                            UPCAST_INPUTS=False,
-                                            ALLOW_TF32=tf32,
-                                            BLOCK_M=cfg.rows,
-                                            BLOCK_O=cfg.cols,
-                                            BLOCK_K=cfg.depth,
-                                            WIN_BLOCK=win,
-                                        ),
-                                        dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-                                        flags + ("HAS_BIAS",) * has_bias + ("ALLOW_TF32",) * tf32,
-                                        f"O={cols},WIN={win}",
-                                    )
-                                )
-        for cols in buckets:
-            for tf32 in tf32_options:
-                cfg = _GPU_CONFIGS["input"][(dclass, cols)]
-                for unit_stride in (False, True):
+            )
+            for cols in buckets:
+                cfg = _GPU_CONFIGS["forward"][(dclass, cols)]
+                wins = [w for w in WIN_BLOCKS if w <= cfg.rows] if pooled else [1]
+                for win, has_bias, tf32 in itertools.product(wins, (False, True), tf32s):
+                    switches = dict(HAS_BIAS=has_bias, POOLED=pooled, UPCAST_INPUTS=False, ALLOW_TF32=tf32)
+                    constexprs = dict(ACT=act_code, **switches, **cfg.blocks("forward"), WIN_BLOCK=win)
+                    flags = _flags(act_code, POOLED=pooled, HAS_BIAS=has_bias, ALLOW_TF32=tf32)
+                    bucket = f"O={cols},WIN={win}"
                     variants.append(
-                        _variant(
-                            _conv_backward_input_kernel,
-                            "input",
-                            dt,
-                            dict(
-                                UNIT_STRIDE=unit_stride,
-                                UPCAST_INPUTS=False,
-                                ALLOW_TF32=tf32,
-                                BLOCK_M=cfg.rows,
-                                BLOCK_C=cfg.cols,
-                                BLOCK_K=cfg.depth,
-                            ),
-                            dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-                            ("UNIT_STRIDE",) * unit_stride + ("ALLOW_TF32",) * tf32,
-                            f"C={cols}",
-                        )
+                        _variant(_conv_forward_kernel, "forward", dt, constexprs, cfg.options, flags, bucket)
                     )
-                cfg = _GPU_CONFIGS["weight"][(dclass, cols)]
+        for cols, tf32 in itertools.product(buckets, tf32s):
+            cfg = _GPU_CONFIGS["input"][(dclass, cols)]
+            for unit_stride in (False, True):
+                constexprs = dict(UNIT_STRIDE=unit_stride, UPCAST_INPUTS=False, ALLOW_TF32=tf32, **cfg.blocks("input"))
+                flags = _flags(UNIT_STRIDE=unit_stride, ALLOW_TF32=tf32)
                 variants.append(
-                    _variant(
-                        _conv_backward_weight_kernel,
-                        "weight",
-                        dt,
-                        dict(
-                            UPCAST_INPUTS=False,
-                            ALLOW_TF32=tf32,
-                            BLOCK_O=cfg.rows,
-                            BLOCK_K=cfg.cols,
-                            BLOCK_R=cfg.depth,
-                        ),
-                        dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-                        ("ALLOW_TF32",) * tf32,
-                        f"O={cols}",
-                    )
+                    _variant(_conv_backward_input_kernel, "input", dt, constexprs, cfg.options, flags, f"C={cols}")
                 )
+            cfg = _GPU_CONFIGS["weight"][(dclass, cols)]
+            constexprs = dict(UPCAST_INPUTS=False, ALLOW_TF32=tf32, **cfg.blocks("weight"))
+            flags = _flags(ALLOW_TF32=tf32)
+            variants.append(
+                _variant(_conv_backward_weight_kernel, "weight", dt, constexprs, cfg.options, flags, f"O={cols}")
+            )
     return variants
 
 
@@ -963,8 +891,6 @@ def _conv_variants() -> list[KernelVariant]:
 # index, NaN seen) with the rules of ``_pool_chunk``: the first maximum wins ties, a NaN wins
 # (the last NaN of the window). Writes y, saved_z (act != none) and argmax (pooled) exactly as
 # ``conv_forward`` does, so the backward is ``epilogue_backward`` + torch's conv backward.
-
-_EPILOGUE_FORWARD_BLOCK = {"16": 1024, "32": 1024, "64": 512}
 
 
 @launcher
@@ -1049,7 +975,7 @@ def epilogue_forward(
         return y, saved_z, argmax
     z = z.contiguous()
     _check_int32_offsets(z=z)
-    block = _EPILOGUE_FORWARD_BLOCK[_DTYPE_CLASS[z.dtype]]
+    block = _EPILOGUE_BLOCK[DTYPE_CLASSES[z.dtype]]
     _epilogue_forward_kernel[(cdiv(total, block),)](
         z,
         bias.contiguous() if bias is not None else z,
@@ -1076,22 +1002,14 @@ def _epilogue_forward_variants() -> list[KernelVariant]:
     """dtype x act (5) x POOLED x HAS_BIAS: every variant ``epilogue_forward`` can pick."""
     variants = []
     for torch_dtype, dt in TRITON_DTYPES.items():
-        block = _EPILOGUE_FORWARD_BLOCK[_DTYPE_CLASS[torch_dtype]]
-        for act_code, act_flag in enumerate(ACT_FLAGS):
-            for pooled in (False, True):
-                for has_bias in (False, True):
-                    flags = tuple(f for f in (act_flag, "POOLED" * pooled, "HAS_BIAS" * has_bias) if f)
-                    variants.append(
-                        _variant(
-                            _epilogue_forward_kernel,
-                            "epilogue_forward",
-                            dt,
-                            dict(ACT=act_code, HAS_BIAS=has_bias, POOLED=pooled, BLOCK=block),
-                            dict(num_warps=4, num_stages=1),
-                            flags,
-                            f"BLOCK={block}",
-                        )
-                    )
+        block = _EPILOGUE_BLOCK[DTYPE_CLASSES[torch_dtype]]
+        for act_code, pooled, has_bias in itertools.product(range(len(ACT_FLAGS)), (False, True), (False, True)):
+            constexprs = dict(ACT=act_code, HAS_BIAS=has_bias, POOLED=pooled, BLOCK=block)
+            options = dict(num_warps=4, num_stages=1)
+            flags = _flags(act_code, POOLED=pooled, HAS_BIAS=has_bias)
+            variants.append(
+                _variant(_epilogue_forward_kernel, "epilogue_forward", dt, constexprs, options, flags, f"BLOCK={block}")
+            )
     return variants
 
 

@@ -52,6 +52,7 @@ import triton
 import triton.language as tl
 from fastrec.kernels._common import DTYPE_CLASSES, TRITON_DTYPES, KernelVariant, accumulator_type, tf32_choices, variant
 from fastrec.kernels._host import cdiv, launcher, next_power_of_2
+from fastrec.kernels._math import sigmoid, tanh
 
 MODES = {"tanh": 0, "relu": 1, "gru": 2, "lstm": 3}
 GATES = {"tanh": 1, "relu": 1, "gru": 3, "lstm": 4}
@@ -62,19 +63,6 @@ MAX_HIDDEN = 1024
 # ------------------------------------------------------------------------------------------------
 # jit helpers
 # ------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
-
-
-@triton.jit
-def _tanh(x):
-    """tanh by exp(-2|x|) (no overflow; absolute error ~1 ulp of 1, in any float dtype)."""
-    e = tl.exp(-2.0 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0, -t, t)
 
 
 @triton.jit
@@ -176,7 +164,7 @@ def _forward_gates(
     c_new = cprev
     if MODE <= 1:
         if MODE == 0:
-            h_new = _tanh(pre0)
+            h_new = tanh(pre0)
         else:
             h_new = tl.maximum(pre0, 0.0)
         tl.store(ws, tl.where(act, h_new, 0.0).to(cdt), mask=store_mask)
@@ -186,9 +174,9 @@ def _forward_gates(
         pre2 = acc2 + tl.load(Bias + 2 * H + offs_j, mask=b_ok, other=0.0).to(cdt)[None, :]
         gx2 = tl.load(gx + 2 * H, mask=load_mask, other=0.0).to(cdt)
         if MODE == 2:  # GRU: r, z, n = tanh(gx_n + r * (W_hn h + b_hn)), h' = (1 - z) n + z h
-            r = _sigmoid(pre0)
-            z = _sigmoid(pre1)
-            n = _tanh(gx2 + r * pre2)
+            r = sigmoid(pre0)
+            z = sigmoid(pre1)
+            n = tanh(gx2 + r * pre2)
             h_new = n + z * (hprev - n)
             tl.store(ws, tl.where(act, r, 0.0), mask=store_mask)
             tl.store(ws + H, tl.where(act, z, 0.0), mask=store_mask)
@@ -197,12 +185,12 @@ def _forward_gates(
         else:  # LSTM: i, f, g, o; c' = f c + i g, h' = o tanh(c')
             pre3 = acc3 + tl.load(gx + 3 * H, mask=load_mask, other=0.0).to(cdt)
             pre3 += tl.load(Bias + 3 * H + offs_j, mask=b_ok, other=0.0).to(cdt)[None, :]
-            i = _sigmoid(pre0)
-            f = _sigmoid(pre1)
-            g = _tanh(gx2 + pre2)
-            o = _sigmoid(pre3)
+            i = sigmoid(pre0)
+            f = sigmoid(pre1)
+            g = tanh(gx2 + pre2)
+            o = sigmoid(pre3)
             c_new = f * cprev + i * g
-            h_new = o * _tanh(c_new)
+            h_new = o * tanh(c_new)
             tl.store(ws, tl.where(act, i, 0.0), mask=store_mask)
             tl.store(ws + H, tl.where(act, f, 0.0), mask=store_mask)
             tl.store(ws + 2 * H, tl.where(act, g, 0.0), mask=store_mask)
@@ -287,7 +275,7 @@ def _backward_gates(
         g = tl.load(ws + 2 * H, mask=load_mask, other=0.0)
         o = tl.load(ws + 3 * H, mask=load_mask, other=0.0)
         cp = tl.load(ws + 4 * H, mask=load_mask, other=0.0)
-        tc = _tanh(f * cp + i * g)
+        tc = tanh(f * cp + i * g)
         dc = dc_state + dh * o * (1.0 - tc * tc)
         d = tl.where(act, dc * g * i * (1.0 - i), 0.0)
         d1 = tl.where(act, dc * cp * f * (1.0 - f), 0.0)
@@ -1024,7 +1012,7 @@ def _rnn_cell_forward_kernel(
     )
     if MODE <= 1:
         if MODE == 0:
-            y = _tanh(p0)
+            y = tanh(p0)
         else:
             y = tl.maximum(p0, 0.0)
         tl.store(HNew + state, y.to(HNew.dtype.element_ty), mask=mask)
@@ -1101,9 +1089,9 @@ def _rnn_cell_forward_kernel(
                 BLOCK_H,
                 BLOCK_K,
             )
-            r = _sigmoid(p0)
-            z = _sigmoid(p1)
-            n = _tanh(p2 + r * ghn)
+            r = sigmoid(p0)
+            z = sigmoid(p1)
+            n = tanh(p2 + r * ghn)
             h = tl.load(Hs + state, mask=mask, other=0.0).to(CDT)
             tl.store(HNew + state, (n + z * (h - n)).to(HNew.dtype.element_ty), mask=mask)
             tl.store(ws, r, mask=mask)
@@ -1134,13 +1122,13 @@ def _rnn_cell_forward_kernel(
                 BLOCK_H,
                 BLOCK_K,
             )
-            i = _sigmoid(p0)
-            f = _sigmoid(p1)
-            g = _tanh(p2)
-            o = _sigmoid(p3)
+            i = sigmoid(p0)
+            f = sigmoid(p1)
+            g = tanh(p2)
+            o = sigmoid(p3)
             c = tl.load(C + state, mask=mask, other=0.0).to(CDT)
             c_new = f * c + i * g
-            tc = _tanh(c_new)
+            tc = tanh(c_new)
             tl.store(CNew + state, c_new.to(CNew.dtype.element_ty), mask=mask)
             tl.store(HNew + state, (o * tc).to(HNew.dtype.element_ty), mask=mask)
             tl.store(ws, i, mask=mask)

@@ -11,6 +11,8 @@ that shares the tensors of an existing ``Conv2d -> ReLU -> MaxPool2d`` chain.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -38,26 +40,31 @@ def _unfused_reason(module: torch.nn.modules.conv._ConvNd, input: Tensor) -> str
     return None
 
 
-class Conv1d(torch.nn.Conv1d):
+class _FusedForward:
+    """The ``forward`` of ``Conv1d`` / ``Conv2d`` (placed before torch's class in their bases):
+    ``_functional`` (``FF.conv1d`` / ``FF.conv2d``), or torch's own forward where
+    ``_unfused_reason`` says the fused op does not cover the call."""
+
+    _functional: Callable[..., Tensor]
+
+    def forward(self, input: Tensor) -> Tensor:
+        reason = _unfused_reason(self, input)
+        if reason is not None:
+            backends.count("conv", "torch", reason)
+            return super().forward(input)
+        return self._functional(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class Conv1d(_FusedForward, torch.nn.Conv1d):
     """``torch.nn.Conv1d`` running fastrec's fused convolution."""
 
-    def forward(self, input: Tensor) -> Tensor:
-        reason = _unfused_reason(self, input)
-        if reason is not None:
-            backends.count("conv", "torch", reason)
-            return super().forward(input)
-        return FF.conv1d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+    _functional = staticmethod(FF.conv1d)
 
 
-class Conv2d(torch.nn.Conv2d):
+class Conv2d(_FusedForward, torch.nn.Conv2d):
     """``torch.nn.Conv2d`` running fastrec's fused convolution."""
 
-    def forward(self, input: Tensor) -> Tensor:
-        reason = _unfused_reason(self, input)
-        if reason is not None:
-            backends.count("conv", "torch", reason)
-            return super().forward(input)
-        return FF.conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+    _functional = staticmethod(FF.conv2d)
 
 
 def chain_options(

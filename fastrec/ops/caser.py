@@ -123,15 +123,15 @@ def caser_backward_triton(
     return kernels.caser_backward(grad_h, grad_v, E, w_h, w_v, z_h, argmax, z_v, act_h, act_v, allow_tf32)
 
 
-caser_forward_triton.register_fake(_fake_forward)
-caser_backward_triton.register_fake(_fake_backward)
-if HAVE_CPP:
-    torch.library.register_fake("fastrec::caser_forward_cpp")(_fake_forward)
-    torch.library.register_fake("fastrec::caser_backward_cpp")(_fake_backward)
+backends.register_fake(_fake_forward, caser_forward_triton, cpp_op="caser_forward_cpp")
+backends.register_fake(_fake_backward, caser_backward_triton, cpp_op="caser_backward_cpp")
 
 
-def _allow_tf32(E: Tensor) -> bool:
-    return E.dtype == torch.float32 and E.is_cuda and torch.backends.cuda.matmul.allow_tf32
+def _forward(backend: str, E, w_h: list[Tensor], b_h, w_v, b_v, act_h, act_v) -> tuple[Tensor, ...]:
+    """``(out_h, out_v, z_h, argmax, z_v)`` of the forward op of ``backend`` ("triton" or "cpp")."""
+    if backend == "triton":
+        return caser_forward_triton(E, w_h, b_h, w_v, b_v, act_h, act_v, backends.allow_tf32(E))
+    return torch.ops.fastrec.caser_forward_cpp(E, w_h, b_h, w_v, b_v, act_h, act_v)
 
 
 class CaserFunction(torch.autograd.Function):
@@ -141,10 +141,7 @@ class CaserFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, E, b_h, w_v, b_v, act_h, act_v, backend, *w_h):
         w_h = list(w_h)
-        if backend == "triton":
-            out_h, out_v, z_h, argmax, z_v = caser_forward_triton(E, w_h, b_h, w_v, b_v, act_h, act_v, _allow_tf32(E))
-        else:
-            out_h, out_v, z_h, argmax, z_v = torch.ops.fastrec.caser_forward_cpp(E, w_h, b_h, w_v, b_v, act_h, act_v)
+        out_h, out_v, z_h, argmax, z_v = _forward(backend, E, w_h, b_h, w_v, b_v, act_h, act_v)
         ctx.save_for_backward(E, w_v, z_h, argmax, z_v, *w_h)
         ctx.flags = (act_h, act_v, backend, b_h is not None, b_v is not None)
         return out_h, out_v
@@ -153,16 +150,11 @@ class CaserFunction(torch.autograd.Function):
     def backward(ctx, grad_h, grad_v):
         E, w_v, z_h, argmax, z_v, *w_h = ctx.saved_tensors
         act_h, act_v, backend, has_b_h, has_b_v = ctx.flags
-        grad_h = grad_h.contiguous()
-        grad_v = grad_v.contiguous()
+        args = (grad_h.contiguous(), grad_v.contiguous(), E, w_h, w_v, z_h, argmax, z_v, act_h, act_v)
         if backend == "triton":
-            grad_E, grad_w_h, grad_b_h, grad_w_v, grad_b_v = caser_backward_triton(
-                grad_h, grad_v, E, w_h, w_v, z_h, argmax, z_v, act_h, act_v, _allow_tf32(E)
-            )
+            grad_E, grad_w_h, grad_b_h, grad_w_v, grad_b_v = caser_backward_triton(*args, backends.allow_tf32(E))
         else:
-            grad_E, grad_w_h, grad_b_h, grad_w_v, grad_b_v = torch.ops.fastrec.caser_backward_cpp(
-                grad_h, grad_v, E, w_h, w_v, z_h, argmax, z_v, act_h, act_v
-            )
+            grad_E, grad_w_h, grad_b_h, grad_w_v, grad_b_v = torch.ops.fastrec.caser_backward_cpp(*args)
         return (
             grad_E,
             grad_b_h if has_b_h else None,
@@ -202,9 +194,6 @@ def caser(
         return caser_torch(E, w_h, b_h, w_v, b_v, act_h, act_v)
     stacked_b_h = None if b_h is None else torch.stack(b_h)
     if not torch.is_grad_enabled():  # inference: the forward op alone, without autograd's wrapper
-        if backend == "triton":
-            outs = caser_forward_triton(E, list(w_h), stacked_b_h, w_v, b_v, act_h, act_v, _allow_tf32(E))
-        else:
-            outs = torch.ops.fastrec.caser_forward_cpp(E, list(w_h), stacked_b_h, w_v, b_v, act_h, act_v)
-        return outs[0], outs[1]
+        out_h, out_v, *_ = _forward(backend, E, list(w_h), stacked_b_h, w_v, b_v, act_h, act_v)
+        return out_h, out_v
     return CaserFunction.apply(E, stacked_b_h, w_v, b_v, act_h, act_v, backend, *w_h)

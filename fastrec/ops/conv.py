@@ -52,7 +52,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastrec import backends, routing
-from fastrec._tables import package_table
+from fastrec._tables import package_table, parse_card_table
+from fastrec.kernels._common import dtype_name
 from fastrec.ops._conv_common import act_fn
 
 OP = "conv"
@@ -102,32 +103,20 @@ def conv_torch(
     return y, saved_z, argmax
 
 
-def conv_unfused(
-    x: Tensor,
-    w: Tensor,
-    bias: Tensor | None,
-    stride: tuple[int, int],
-    padding: tuple[int, int],
-    dilation: tuple[int, int],
-    groups: int,
-    act: str,
-    pool: tuple[int, int],
-) -> Tensor:
-    """torch's own ops, unfused, output only: what the torch backend and the dispatch table's
-    "torch" path run (``conv_torch``'s saved_z and argmax would cost extra launches a call)."""
-    a = act_fn(act)(F.conv2d(x, w, bias, stride, padding, dilation, groups))
-    return a if tuple(pool) == (1, 1) else F.max_pool2d(a, pool, pool)
-
-
 # --------------------------------------------------------------------------- registered ops
-def _fake_forward(x, w, bias, stride, padding, dilation, groups, act, pool, *allow_tf32):
-    ho, wo = conv_output_size(x.shape, w.shape, stride, padding, dilation)
+def _fake_outputs(z_shape, like: Tensor, act: str, pool) -> tuple[Tensor, Tensor, Tensor]:
+    """Empty ``(y, saved_z, argmax)`` of the contract for a convolution output of ``z_shape``."""
     pooled = tuple(pool) != (1, 1)
-    shape = (x.shape[0], w.shape[0], ho // pool[0], wo // pool[1]) if pooled else (x.shape[0], w.shape[0], ho, wo)
-    y = x.new_empty(shape)
-    saved_z = x.new_empty(shape) if act != "none" else x.new_empty(0)
-    argmax = x.new_empty(shape if pooled else (0,), dtype=torch.int32)
+    shape = (z_shape[0], z_shape[1], z_shape[2] // pool[0], z_shape[3] // pool[1])
+    y = like.new_empty(shape)
+    saved_z = like.new_empty(shape) if act != "none" else like.new_empty(0)
+    argmax = like.new_empty(shape if pooled else (0,), dtype=torch.int32)
     return y, saved_z, argmax
+
+
+def _fake_forward(x, w, bias, stride, padding, dilation, groups, act, pool, *allow_tf32):
+    z_shape = (x.shape[0], w.shape[0], *conv_output_size(x.shape, w.shape, stride, padding, dilation))
+    return _fake_outputs(z_shape, x, act, pool)
 
 
 def _fake_backward(
@@ -137,6 +126,21 @@ def _fake_backward(
     dw = w.new_empty(w.shape) if output_mask[1] else w.new_empty(0)
     db = w.new_empty(w.shape[0]) if output_mask[2] else w.new_empty(0)
     return dx, dw, db
+
+
+def _grad_z(grad_y, x, w, saved_z, argmax, stride, padding, dilation, act, pool) -> Tensor:
+    """dz, the first step of both Triton backward paths: the Triton epilogue backward of grad_y."""
+    from fastrec.kernels import conv as kernels
+
+    conv_out = (x.shape[0], w.shape[0], *conv_output_size(x.shape, w.shape, stride, padding, dilation))
+    return kernels.epilogue_backward(grad_y, saved_z, argmax, act, tuple(pool), conv_out)
+
+
+def _grad_bias(dz: Tensor, w: Tensor, needed: bool) -> Tensor:
+    """db = dz summed over (N, Ho, Wo) in fp32 (fp64 for fp64), in w's dtype; empty if not needed."""
+    if not needed:
+        return w.new_empty(0)
+    return dz.sum((0, 2, 3), dtype=torch.float64 if dz.dtype == torch.float64 else torch.float32).to(w.dtype)
 
 
 @backends.triton_op("conv_forward_triton")
@@ -177,15 +181,12 @@ def conv_backward_triton(
     from fastrec.kernels import conv as kernels
 
     geometry = (tuple(stride), tuple(padding), tuple(dilation), groups)
-    conv_out = (x.shape[0], w.shape[0], *conv_output_size(x.shape, w.shape, stride, padding, dilation))
-    dz = kernels.epilogue_backward(grad_y, saved_z, argmax, act, tuple(pool), conv_out)
+    dz = _grad_z(grad_y, x, w, saved_z, argmax, stride, padding, dilation, act, pool)
     dx = kernels.conv_backward_input(dz, w, tuple(x.shape), *geometry, allow_tf32) if output_mask[0] else x.new_empty(0)
     dw = (
         kernels.conv_backward_weight(dz, x, tuple(w.shape), *geometry, allow_tf32) if output_mask[1] else w.new_empty(0)
     )
-    acc = torch.float64 if dz.dtype == torch.float64 else torch.float32
-    db = dz.sum((0, 2, 3), dtype=acc).to(w.dtype) if output_mask[2] else w.new_empty(0)
-    return dx, dw, db
+    return dx, dw, _grad_bias(dz, w, output_mask[2])
 
 
 @backends.triton_op("conv_epilogue_triton")
@@ -198,12 +199,7 @@ def conv_epilogue_triton(z: Tensor, bias: Tensor | None, act: str, pool: list[in
 
 @conv_epilogue_triton.register_fake
 def _fake_epilogue(z, bias, act, pool):
-    pooled = tuple(pool) != (1, 1)
-    shape = (z.shape[0], z.shape[1], z.shape[2] // pool[0], z.shape[3] // pool[1])
-    y = z.new_empty(shape)
-    saved_z = z.new_empty(shape) if act != "none" else z.new_empty(0)
-    argmax = z.new_empty(shape if pooled else (0,), dtype=torch.int32)
-    return y, saved_z, argmax
+    return _fake_outputs(z.shape, z, act, pool)
 
 
 @backends.triton_op("conv_backward_cudnn")
@@ -223,10 +219,7 @@ def conv_backward_cudnn(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The "cudnn" path's backward: the Triton epilogue backward, then torch's convolution
     backward (cuDNN on CUDA) for dx and dw; db sums dz."""
-    from fastrec.kernels import conv as kernels
-
-    conv_out = (x.shape[0], w.shape[0], *conv_output_size(x.shape, w.shape, stride, padding, dilation))
-    dz = kernels.epilogue_backward(grad_y, saved_z, argmax, act, tuple(pool), conv_out)
+    dz = _grad_z(grad_y, x, w, saved_z, argmax, stride, padding, dilation, act, pool)
     dx, dw = x.new_empty(0), w.new_empty(0)
     if output_mask[0] or output_mask[1]:
         mask = [output_mask[0], output_mask[1], False]
@@ -235,22 +228,11 @@ def conv_backward_cudnn(
         )
         dx = gx if output_mask[0] else dx
         dw = gw if output_mask[1] else dw
-    acc = torch.float64 if dz.dtype == torch.float64 else torch.float32
-    db = dz.sum((0, 2, 3), dtype=acc).to(w.dtype) if output_mask[2] else w.new_empty(0)
-    return dx, dw, db
+    return dx, dw, _grad_bias(dz, w, output_mask[2])
 
 
-conv_forward_triton.register_fake(_fake_forward)
-conv_backward_triton.register_fake(_fake_backward)
-conv_backward_cudnn.register_fake(_fake_backward)
-if HAVE_CPP:
-    torch.library.register_fake("fastrec::conv_forward_cpp")(_fake_forward)
-    torch.library.register_fake("fastrec::conv_backward_cpp")(_fake_backward)
-
-
-def _allow_tf32(x: Tensor) -> bool:
-    """Whether torch's own flag lets fp32 convolutions use tf32 (cuDNN's flag governs convs)."""
-    return x.dtype == torch.float32 and x.is_cuda and torch.backends.cudnn.allow_tf32
+backends.register_fake(_fake_forward, conv_forward_triton, cpp_op="conv_forward_cpp")
+backends.register_fake(_fake_backward, conv_backward_triton, conv_backward_cudnn, cpp_op="conv_backward_cpp")
 
 
 class ConvFunction(torch.autograd.Function):
@@ -264,7 +246,7 @@ class ConvFunction(torch.autograd.Function):
             z = F.conv2d(x, w, None, stride, padding, dilation, groups)
             y, saved_z, argmax = conv_epilogue_triton(z, bias, act, pool)
         elif backend == "triton":
-            y, saved_z, argmax = conv_forward_triton(*args, _allow_tf32(x))
+            y, saved_z, argmax = conv_forward_triton(*args, backends.allow_tf32(x, convolution=True))
         else:
             y, saved_z, argmax = torch.ops.fastrec.conv_forward_cpp(*args)
         ctx.save_for_backward(x, w, saved_z, argmax)
@@ -281,7 +263,7 @@ class ConvFunction(torch.autograd.Function):
         if backend == "cudnn":
             dx, dw, db = conv_backward_cudnn(*args)
         elif backend == "triton":
-            dx, dw, db = conv_backward_triton(*args, _allow_tf32(x))
+            dx, dw, db = conv_backward_triton(*args, backends.allow_tf32(x, convolution=True))
         else:
             dx, dw, db = torch.ops.fastrec.conv_backward_cpp(*args)
         return (
@@ -320,19 +302,16 @@ def conv(
     stride, padding, dilation, pool = (list(v) for v in (stride, padding, dilation, pool))
     out_size = conv_output_size(x.shape, w.shape, stride, padding, dilation)
     reason = _unfused_reason(x) or routing.conv(x, act, pool, out_size[1])
-    backend = backends.select(x.device, reason)
-    if backend == "triton":
+    backend = path = backends.select(x.device, reason)
+    if backend == "triton":  # the dispatch table's path: "triton", "cudnn" or "torch"
         path = conv_path(x, w, groups, out_size)
-        if path == "cudnn":
-            backends.count(OP, backend, routing.CONV_TABLE_CUDNN)
-            return ConvFunction.apply(x, w, bias, stride, padding, dilation, groups, act, pool, "cudnn")
-        if path == "torch":
-            backends.count(OP, "torch", routing.CONV_TABLE_TORCH)
-            return conv_unfused(x, w, bias, stride, padding, dilation, groups, act, pool)
+        reason = {"cudnn": routing.CONV_TABLE_CUDNN, "torch": routing.CONV_TABLE_TORCH}.get(path, reason)
+        backend = "torch" if path == "torch" else backend
     backends.count(OP, backend, reason or "")
-    if backend == "torch":
-        return conv_unfused(x, w, bias, stride, padding, dilation, groups, act, pool)
-    return ConvFunction.apply(x, w, bias, stride, padding, dilation, groups, act, pool, backend)
+    if backend == "torch":  # torch's ops, unfused, output only (conv_torch's saved_z, argmax cost launches)
+        a = act_fn(act)(F.conv2d(x, w, bias, stride, padding, dilation, groups))
+        return a if tuple(pool) == (1, 1) else F.max_pool2d(a, pool, pool)
+    return ConvFunction.apply(x, w, bias, stride, padding, dilation, groups, act, pool, path)
 
 
 # --------------------------------------------------------------------------- GPU dispatch table
@@ -342,7 +321,6 @@ DISPATCH_VERSION = 1
 _CHANNEL_BUCKETS = (4, 8, 16, 32, 64, 128, 256)  # upper bounds; above the last: "256+"
 _KERNEL_BUCKETS = (1, 9, 25, 64)  # KH * KW upper bounds (1x1, up to 3x3, up to 5x5, wide)
 _OUTPUT_BUCKETS = (64, 256, 1024, 4096, 16384)  # Ho * Wo upper bounds
-_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 _override = threading.local()
 
 
@@ -369,7 +347,7 @@ def shape_class(
             "k" + _bucket(kernel[0] * kernel[1], _KERNEL_BUCKETS),
             "s" + _bucket(out_size[0] * out_size[1], _OUTPUT_BUCKETS),
             "g" + group_class,
-            _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch.")),
+            dtype_name(dtype),
         )
     )
 
@@ -381,25 +359,16 @@ def parse_dispatch(table: dict, source: str = "conv dispatch table") -> dict[str
     version, "triton": version, "classes": {shape class: {"path": "triton" | "cudnn" | "torch",
     "triton_ms": float, "cudnn_ms": float, "torch_ms": float}}}}}``.
     """
-    if table.get("version") != DISPATCH_VERSION:
-        raise ValueError(f"{source}: version must be {DISPATCH_VERSION}, got {table.get('version')!r}")
-    if table.get("default") != DEFAULT_PATH:
-        raise ValueError(f"{source}: default must be {DEFAULT_PATH!r}, got {table.get('default')!r}")
-    cards = table.get("cards")
-    if not isinstance(cards, dict):
-        raise ValueError(f"{source}: cards must be an object, got {type(cards).__name__}")
-    paths = {}
-    for card, entry in cards.items():
-        classes = entry.get("classes") if isinstance(entry, dict) else None
-        if not isinstance(classes, dict):
-            raise ValueError(f"{source}: cards[{card!r}].classes must be an object, got {classes!r}")
-        paths[card] = {}
-        for key, row in classes.items():
-            path = row.get("path") if isinstance(row, dict) else None
-            if path not in CONV_PATHS:
-                raise ValueError(f"{source}: cards[{card!r}].classes[{key!r}].path must be one of {CONV_PATHS}")
-            paths[card][key] = path
-    return paths
+    required = {"version": DISPATCH_VERSION, "default": DEFAULT_PATH}
+    return parse_card_table(table, source, required, "classes", _parse_path)
+
+
+def _parse_path(where: str, key: str, row: object) -> str:
+    """One class's path (``row["path"]``); ValueError naming ``where`` when it is not one of CONV_PATHS."""
+    path = row.get("path") if isinstance(row, dict) else None
+    if path not in CONV_PATHS:
+        raise ValueError(f"{where}.path must be one of {CONV_PATHS}")
+    return path
 
 
 _TABLE: dict[str, dict[str, str]] | None = None  # a parsed table standing in for the package's (tests)
