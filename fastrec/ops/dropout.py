@@ -56,9 +56,7 @@ def dropout_triton(x: Tensor, seed: Tensor, p: float) -> Tensor:
     return kernels.dropout(x, seed, p)
 
 
-dropout_triton.register_fake(_fake)
-if HAVE_CPP:
-    torch.library.register_fake("fastrec::dropout_cpp")(_fake)
+backends.register_fake(_fake, dropout_triton, cpp_op="dropout_cpp")
 
 
 class TorchStreamDropoutFunction(torch.autograd.Function):
