@@ -21,6 +21,7 @@ import dataclasses
 import inspect
 import math
 import os
+import pickle
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -51,6 +52,11 @@ PROTOCOL = {"epochs": 12, "patience": 3}
 KS = (5, 10, 20)
 MONITOR = "NDCG@10"
 LR_SCHEDULES = ("constant", "cosine")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from: unreadable, not fastrec's, or from another run
+    (the message names the file and what differs)."""
 
 
 @dataclass
@@ -273,6 +279,59 @@ def _save(path: str, state: dict) -> None:
     os.replace(tmp, path)
 
 
+# The config fields a resumed run must share with the run that wrote the checkpoint: the model
+# and its options (the weights' shapes and meaning), the data and seed (the batch order and the
+# split the weights were fitted on), the schedule (the optimizer's state).
+RESUME_MUST_MATCH = ("model", "model_options", "max_len", "dropout", "data", "seed", "lr_schedule")
+CHECKPOINT_KEYS = frozenset(
+    ("config", "epoch", "model", "optimizer", "schedule", "epochs", "best_epoch", "best_value", "best_state",
+     "bad_epochs", "batch_rng", "torch_rng")
+)  # fmt: skip
+
+
+def check_checkpoint_dir(config: TrainConfig) -> None:
+    """Raise before training if ``config.checkpoint`` could not be written after the first epoch."""
+    if not config.checkpoint:
+        return
+    directory = os.path.dirname(os.path.abspath(config.checkpoint))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"checkpoint {config.checkpoint!r}: directory {directory!r} does not exist")
+    if os.path.isdir(config.checkpoint):
+        raise IsADirectoryError(f"checkpoint {config.checkpoint!r} is a directory; give a file path")
+
+
+def load_checkpoint(config: TrainConfig, device: torch.device | str = "cpu") -> dict:
+    """The training state in ``config.checkpoint``, read with ``weights_only=True`` (tensors and
+    plain types only: a checkpoint cannot run code) and checked to come from a run of the same
+    model, options, data, seed and schedule (``RESUME_MUST_MATCH``)."""
+    path = config.checkpoint
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError(f"resume: checkpoint {path!r} does not exist")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights_only" in str(error) or "Weights only" in str(error):
+            raise CheckpointError(
+                f"{path}: holds not only tensors and plain types, so it is not read (loading it could run code): "
+                f"{str(error).splitlines()[0]}"
+            ) from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({error})") from None
+    except (EOFError, OSError, RuntimeError, ValueError) as error:
+        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({error})") from None
+    if not isinstance(state, dict) or not CHECKPOINT_KEYS <= set(state):
+        missing = sorted(CHECKPOINT_KEYS - set(state)) if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path}: not a fastrec training checkpoint (missing {missing})")
+    saved = state["config"]
+    differ = [
+        f"{name}={getattr(config, name)!r}, but {path} was trained with {saved.get(name)!r}"
+        for name in RESUME_MUST_MATCH
+        if saved.get(name) != getattr(config, name)
+    ]
+    if differ:
+        raise CheckpointError("; ".join(differ) + "; resume with the same settings")
+    return state
+
+
 def make_optimizer(
     model: torch.nn.Module, config: TrainConfig, steps_per_epoch: int
 ) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.LRScheduler | None]:
@@ -306,18 +365,14 @@ def fit(
     if config.compile:
         torch._dynamo.config.allow_rnn = True  # fastrec.nn.GRU is an RNNBase (docs/design.md: torch.compile)
         step_module = torch.compile(step_module)
+    if rank == 0:
+        check_checkpoint_dir(config)
     optimizer, schedule = make_optimizer(model, config, len(data.train))
 
     epochs: list[EpochResult] = []
     best_epoch, best_value, best_state, bad_epochs, first_epoch = 0, -math.inf, None, 0, 1
-    if config.resume and config.checkpoint and os.path.exists(config.checkpoint):
-        state = torch.load(config.checkpoint, map_location=device, weights_only=False)
-        saved = state.get("config", {}).get("lr_schedule", "constant")
-        if saved != config.lr_schedule:
-            raise ValueError(
-                f"lr_schedule={config.lr_schedule!r}, but {config.checkpoint} was trained with {saved!r}; "
-                "resume with the same schedule"
-            )
+    if config.resume:
+        state = load_checkpoint(config, device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if schedule is not None:
@@ -400,7 +455,7 @@ def fit(
                         "schedule": None if schedule is None else schedule.state_dict(),
                         "epochs": [dataclasses.asdict(e) for e in epochs],
                         "best_epoch": best_epoch,
-                        "best_value": best_value,
+                        "best_value": float(best_value),
                         "best_state": best_state,
                         "bad_epochs": bad_epochs,
                         "batch_rng": data.train._rng.bit_generator.state,

@@ -113,6 +113,95 @@ def test_checkpoint_resume_continues_exactly(tmp_path, name, schedule):
         assert torch.equal(value, resumed.state_dict()[key]), key
 
 
+def _one_epoch_checkpoint(tmp_path, **overrides) -> tuple[train.TrainConfig, train.Data]:
+    """A one-epoch run of config(**overrides) that wrote its checkpoint; (its config, its data)."""
+    cfg = config(epochs=1, checkpoint=str(tmp_path / "ckpt.pt"), **overrides)
+    data = train.load_data(cfg, MODELS[cfg.model].padding_side)
+    train.fit(train.build_model(cfg, data.n_items, data.n_users), data, cfg, log=lambda _: None)
+    return cfg, data
+
+
+def _resume(cfg: train.TrainConfig, **changes):
+    """fit() resuming from cfg.checkpoint with the config changed by ``changes``."""
+    cfg = dataclasses.replace(cfg, resume=True, epochs=2, **changes)
+    data = train.load_data(cfg, MODELS[cfg.model].padding_side)
+    lines = []
+    return train.fit(train.build_model(cfg, data.n_items, data.n_users), data, cfg, log=lines.append), lines
+
+
+class _RunsCode:
+    """Unpickled, it creates the directory it names: proof that loading ran code."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        import os
+
+        return os.makedirs, (self.path,)
+
+
+def test_checkpoint_holds_only_tensors_and_plain_types_and_code_in_one_is_refused(tmp_path):
+    cfg, _ = _one_epoch_checkpoint(tmp_path, lr_schedule="cosine")
+    state = torch.load(cfg.checkpoint, weights_only=True)
+    assert state["epoch"] == 1 and state["config"]["seed"] == cfg.seed
+    marker = tmp_path / "code-ran"
+    torch.save({**state, "extra": _RunsCode(str(marker))}, cfg.checkpoint)
+    with pytest.raises(train.CheckpointError, match=f"{cfg.checkpoint}: .*not only tensors and plain types"):
+        _resume(cfg)
+    assert not marker.exists()
+
+
+def test_resume_from_a_missing_checkpoint_is_an_error_naming_it(tmp_path):
+    path = str(tmp_path / "absent.pt")
+    with pytest.raises(FileNotFoundError, match=f"resume: checkpoint {path!r} does not exist"):
+        _resume(config(checkpoint=path))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "not a dict"])
+def test_corrupt_checkpoint_is_an_error_naming_it(tmp_path, damage):
+    cfg, _ = _one_epoch_checkpoint(tmp_path)
+    path = Path(cfg.checkpoint)
+    whole = path.read_bytes()
+    if damage == "not a dict":
+        torch.save([1, 2], path)
+    else:
+        path.write_bytes(
+            {"garbage": b"not a checkpoint\n" * 10, "truncated": whole[: len(whole) // 2], "empty": b""}[damage]
+        )
+    with pytest.raises(train.CheckpointError, match=f"{cfg.checkpoint}: "):
+        _resume(cfg)
+
+
+@pytest.mark.parametrize(
+    "changes, named",
+    [
+        ({"seed": 6}, "seed=6, but .* was trained with 5"),
+        ({"data": "ml-100k"}, "data='ml-100k', but .* was trained with 'synthetic'"),
+        ({"model": "sasrec"}, "model='sasrec', but .* was trained with 'gru4rec'"),
+        ({"model_options": {"hidden": 16}}, "model_options=.*'hidden': 16.*, but .* was trained with {}"),
+        ({"max_len": 8}, "max_len=8, but .* was trained with 10"),
+        ({"dropout": 0.0}, "dropout=0.0, but .* was trained with None"),
+    ],
+)
+def test_resume_with_another_model_options_data_or_seed_names_the_difference(tmp_path, changes, named):
+    cfg, data = _one_epoch_checkpoint(tmp_path)
+    changed = dataclasses.replace(cfg, resume=True, epochs=2, **changes)
+    model = train.build_model(changed, data.n_items, data.n_users)  # fit trains on the data it is given
+    with pytest.raises(train.CheckpointError, match=named):
+        train.fit(model, data, changed, log=lambda _: None)
+    (epochs, _), lines = _resume(cfg)  # unchanged, it resumes
+    assert [e.epoch for e in epochs] == [1, 2] and lines[0].startswith("resumed from")
+
+
+def test_checkpoint_in_a_missing_directory_fails_before_training(tmp_path):
+    path = str(tmp_path / "no-such-dir" / "ckpt.pt")
+    lines = []
+    with pytest.raises(FileNotFoundError, match=f"checkpoint {path!r}: directory .*no-such-dir' does not exist"):
+        train.run(config(checkpoint=path), log=lines.append)
+    assert not any(line.startswith("epoch") for line in lines)
+
+
 @pytest.mark.parametrize("name", ["sasrec", "gru4rec"])
 def test_bce_loss_and_bf16_autocast_train(name):
     result = train.run(config(model=name, loss="bce", n_negatives=4, amp="bf16", epochs=1), log=lambda _: None)
