@@ -159,12 +159,18 @@ def load_data(config: TrainConfig, padding_side: str) -> Data:
     """Load ``config.data`` (``"ml-100k"``, ``"synthetic"`` or a path), split it leave-one-out and
     lay out the training examples for a model padded on ``padding_side``."""
     from fastrec import data as fdata
+    from fastrec.data.split import MIN_EVAL_LENGTH
 
     if config.data == "synthetic":
         inter = fdata.synthetic(n_users=120, n_items=60, mean_len=12.0, seed=config.seed)
     else:
         inter = fdata.load(config.data)
     split = fdata.leave_one_out(inter)
+    if len(split.eval_users) == 0:
+        raise fdata.DataError(
+            f"{config.data}: no user has {MIN_EVAL_LENGTH} or more items, so the leave-one-out split leaves "
+            f"no validation or test users ({inter.n_users} users, {len(inter)} interactions)"
+        )
     histories, targets, users = fdata.train_examples(split, config.max_len, augment=True, return_users=True)
     train = fdata.Batches(
         histories,

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fastrec import cli, train
+from fastrec.data import DataError
 from fastrec.models import MODELS
 
 SMALL = dict(data="synthetic", batch_size=128, max_len=10, progress=False, seed=5)
@@ -368,3 +369,14 @@ def test_accuracy_scripts_run_the_protocol_whatever_the_default_epochs(monkeypat
     (config,) = ran.value.args
     assert (config.model, config.epochs, config.patience, config.time_limit_s) == ("sasrec", 12, 3, None)
     assert train.PROTOCOL == {"epochs": 12, "patience": 3}
+
+
+def test_data_in_which_no_user_has_three_items_is_an_error_before_training(tmp_path):
+    path = tmp_path / "short.inter"
+    path.write_text("user_id:token\titem_id:token\ttimestamp:float\n" + "".join(
+        f"{u}\t{i}\t{t}\n" for u in range(20) for t, i in enumerate((u % 7, u % 5 + 7))
+    ))  # fmt: skip
+    lines = []
+    with pytest.raises(DataError, match=f"{path}: no user has 3 or more items.*no validation or test users"):
+        train.run(config(data=str(path)), log=lines.append)
+    assert lines == []
