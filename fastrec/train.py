@@ -68,6 +68,7 @@ class TrainConfig:
 
     model: str = "sasrec"
     data: str = "ml-100k"
+    data_options: dict = field(default_factory=dict)  # fastrec.data.load's options for a path: a CSV's columns
     backend: str = "fastrec"
     epochs: int | None = None  # None: the model's (MODEL_DEFAULTS), 5 (SASRec) or 12
     batch_size: int = 512
@@ -112,6 +113,8 @@ class TrainConfig:
             raise ValueError(f"time_limit_s must be positive or None, got {self.time_limit_s!r}")
         if self.resume and not self.checkpoint:
             raise ValueError("resume=True needs checkpoint= (the path to resume from), got None")
+        if self.data_options and self.data in ("ml-100k", "synthetic"):
+            raise ValueError(f"data_options are a data file's loader options, not {self.data!r}'s")
         takes = model_option_names(self.model)
         unknown = sorted(set(self.model_options) - takes)
         if unknown:
@@ -164,7 +167,7 @@ def load_data(config: TrainConfig, padding_side: str) -> Data:
     if config.data == "synthetic":
         inter = fdata.synthetic(n_users=120, n_items=60, mean_len=12.0, seed=config.seed)
     else:
-        inter = fdata.load(config.data)
+        inter = fdata.load(config.data, **config.data_options)
     split = fdata.leave_one_out(inter)
     if len(split.eval_users) == 0:
         raise fdata.DataError(
@@ -288,7 +291,7 @@ def _save(path: str, state: dict) -> None:
 # The config fields a resumed run must share with the run that wrote the checkpoint: the model
 # and its options (the weights' shapes and meaning), the data and seed (the batch order and the
 # split the weights were fitted on), the schedule (the optimizer's state).
-RESUME_MUST_MATCH = ("model", "model_options", "max_len", "dropout", "data", "seed", "lr_schedule")
+RESUME_MUST_MATCH = ("model", "model_options", "max_len", "dropout", "data", "data_options", "seed", "lr_schedule")
 CHECKPOINT_KEYS = frozenset(
     ("config", "epoch", "model", "optimizer", "schedule", "epochs", "best_epoch", "best_value", "best_state",
      "bad_epochs", "batch_rng", "torch_rng")
@@ -327,7 +330,7 @@ def load_checkpoint(config: TrainConfig, device: torch.device | str = "cpu") -> 
     if not isinstance(state, dict) or not CHECKPOINT_KEYS <= set(state):
         missing = sorted(CHECKPOINT_KEYS - set(state)) if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path}: not a fastrec training checkpoint (missing {missing})")
-    saved = state["config"]
+    saved = {**dataclasses.asdict(TrainConfig(model=config.model)), **state["config"]}  # older: the defaults
     differ = [
         f"{name}={getattr(config, name)!r}, but {path} was trained with {saved.get(name)!r}"
         for name in RESUME_MUST_MATCH

@@ -380,3 +380,60 @@ def test_data_in_which_no_user_has_three_items_is_an_error_before_training(tmp_p
     with pytest.raises(DataError, match=f"{path}: no user has 3 or more items.*no validation or test users"):
         train.run(config(data=str(path)), log=lines.append)
     assert lines == []
+
+
+def _event_log(tmp_path) -> str:
+    """A RetailRocket-style events.csv: 30 visitors with 6 purchases each, between views."""
+    rows = ["timestamp,visitorid,event,itemid"]
+    for user in range(30):
+        for step in range(6):
+            time = 100 * user + 2 * step
+            rows.append(f"{time},{user},view,{999 - step}")
+            rows.append(f"{time + 1},{user},transaction,{(user + step) % 12}")
+    path = tmp_path / "events.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
+def test_cli_trains_on_a_csv_event_log_with_columns_and_events(tmp_path, capsys):
+    path = _event_log(tmp_path)
+    args = ["train", "--model", "gru4rec", "--data", path, "--epochs", "1", "--no-progress", "--max-len", "4"]
+    columns = ["--columns", "user=visitorid,item=itemid,time=timestamp,event=event"]
+    assert cli.main([*args, *columns, "--events", "transaction"]) == 0
+    out = capsys.readouterr().out
+    assert f"gru4rec (fastrec backend) on {path}: 30 users, 12 items" in out and "test (best epoch 1)" in out
+    assert cli.main([*args, *columns]) == 0  # views too: 6 more items
+    assert f"on {path}: 30 users, 18 items" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(args)
+    assert f"fastrec train: error: --data {path}: a CSV event log needs --columns user=COL" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        cli.main([*args, "--columns", "user=visitorid,item=itemid"])
+    assert exited.value.code == 2
+    assert "fastrec train: error: --columns needs user=, item= and time=" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main([*args, "--columns", "user=visitorid,item=itemid,time=timestamp,colour=red"])
+    assert "--columns takes user, item, time, event, rating" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main([*args, "--columns", "user=visitorid,item=itemid,time=timestamp", "--events", "transaction"])
+    assert "--events needs the event column in --columns" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main([*args[:4], "synthetic", *args[5:], *columns])
+    assert "--columns maps the columns of a CSV log given as --data FILE" in capsys.readouterr().err
+
+
+def test_cli_csv_columns_by_index_for_a_file_without_header(tmp_path, capsys):
+    path = tmp_path / "UserBehavior.csv"
+    path.write_text("".join(f"{u},{(u + s) % 9},0,buy,{10 * u + s}\n" for u in range(25) for s in range(5)))
+    args = ["train", "--model", "caser", "--data", str(path), "--epochs", "1", "--no-progress", "--max-len", "3"]
+    assert cli.main([*args, "--columns", "user=0,item=1,time=4,event=3", "--events", "buy,cart"]) == 0
+    assert "25 users, 9 items" in capsys.readouterr().out
+
+
+def test_cli_device_cuda_without_cuda_is_a_one_line_error(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["train", "--model", "gru4rec", "--data", "synthetic", "--device", "cuda", "--epochs", "1"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "fastrec train: error: --device cuda: no CUDA device is available" in err and "Traceback" not in err
