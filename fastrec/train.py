@@ -9,7 +9,9 @@ the user's earlier items excluded are reported beside them as ``... (seen exclud
 Multi-process data parallel: run under ``torchrun`` (gloo on CPU, nccl on CUDA). Every process
 walks the same global batches and takes its contiguous share of each; each share's loss is
 weighted by its share of the global batch, so the averaged gradient and the logged loss equal one
-process's over the whole global batch. Every process evaluates (cheap, identical weights, so they
+process's over the whole global batch. A process whose share is empty (a last batch with fewer
+rows than processes) still runs the step, on one row at weight 0, so it adds nothing to the loss
+and gradients but joins their all-reduce. Every process evaluates (cheap, identical weights, so they
 take the same early-stopping decisions); only rank 0 prints and writes checkpoints.
 """
 
@@ -412,6 +414,8 @@ def fit(
             n = len(batch.target)
             rows = _share(n, rank, world)
             weight = (rows.stop - rows.start) * world / n  # this share's part of the global mean
+            if weight == 0:  # an empty share (fewer rows than processes): one row at weight 0, to join the all-reduce
+                rows = slice(0, 1)
             tensors = [t[rows].to(device, non_blocking=True) for t in (batch.items, batch.lengths, batch.target)]
             user = batch.user[rows].to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
