@@ -107,7 +107,47 @@ def _model_options(items: list[str]) -> dict[str, int | float | str]:
     return options
 
 
+CSV_COLUMNS = ("user", "item", "time", "event", "rating")
+
+
+def _data_options(args: argparse.Namespace) -> dict[str, str | int | list[str]]:
+    """``--columns`` and ``--events`` as fastrec.data.load_csv's column mapping and event filter
+    (a column as its header name, or as its 0-based index in a file without a header)."""
+    error = args.parser.error
+    base = Path(args.data).name
+    named = args.data in ("ml-100k", "synthetic") or base.endswith(".inter") or base in ("u.data", "ratings.dat")
+    if args.columns is None:
+        if args.events is not None:
+            error("--events needs --columns with the event column (event=COL)")
+        if not named and base != "ratings.csv" and Path(args.data).is_file():
+            error(f"--data {args.data}: a CSV event log needs --columns user=COL,item=COL,time=COL")
+        return {}
+    if named:
+        error(f"--columns maps the columns of a CSV log given as --data FILE; {args.data} names its own columns")
+    options: dict[str, str | int | list[str]] = {}
+    for pair in args.columns.split(","):
+        key, sep, column = (part.strip() for part in pair.partition("="))
+        if not (sep and key and column):
+            error(f"--columns takes KEY=COLUMN pairs separated by commas (user=visitorid,...), got {pair!r}")
+        if key not in CSV_COLUMNS:
+            error(f"--columns takes {', '.join(CSV_COLUMNS)}, not {key!r}")
+        options[key] = int(column) if column.isdigit() else column
+    missing = [key for key in CSV_COLUMNS[:3] if key not in options]
+    if missing:
+        error(
+            "--columns needs user=, item= and time= (header names, or 0-based indices for a file without a "
+            f"header); missing {', '.join(missing)}"
+        )
+    if args.events is not None:
+        if "event" not in options:
+            error("--events needs the event column in --columns (event=COL)")
+        options["events"] = [name.strip() for name in args.events.split(",") if name.strip()]
+    return options
+
+
 def _train(args: argparse.Namespace) -> int:
+    import torch
+
     from fastrec import train
 
     if args.model in BEHAVIOR_MODELS:  # purchase prediction on CDNOW
@@ -118,9 +158,15 @@ def _train(args: argparse.Namespace) -> int:
             )
         experiment = behavior_experiment()
         return experiment.main(["--model", args.model.removeprefix("behavior-"), "--seed", str(args.seed)])
+    if args.device == "cuda" and not torch.cuda.is_available():
+        built = "built without CUDA" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+        args.parser.error(
+            f"--device cuda: no CUDA device is available (torch {torch.__version__}, {built}); use --device cpu"
+        )
     fields = {f.name for f in dataclasses.fields(train.TrainConfig)}
     config = train.TrainConfig(
         **{name: value for name, value in vars(args).items() if name in fields},  # the options named as the fields
+        data_options=_data_options(args),
         n_negatives=args.negatives,
         time_limit_s=args.time_limit or None,
         progress=not args.no_progress,
@@ -152,6 +198,18 @@ def _add_train(sub) -> None:
         "python benchmarks/behavior.py)",
     )
     train.add_argument("--data", default=config["data"], help="ml-100k (default), synthetic, or a data file path")
+    train.add_argument(
+        "--columns",
+        metavar="user=COL,item=COL,time=COL[,event=COL][,rating=COL]",
+        help="--data FILE is a CSV event log with these columns: header names, or 0-based indices for a file "
+        "without a header (e.g. user=visitorid,item=itemid,time=timestamp,event=event)",
+    )
+    train.add_argument(
+        "--events",
+        "--event-filter",
+        metavar="NAME[,NAME...]",
+        help="with --columns event=COL: keep only the rows whose event is one of these (e.g. transaction)",
+    )
     train.add_argument("--backend", default=config["backend"], choices=["fastrec", "torch"])
     train.add_argument(
         "--epochs",
@@ -207,7 +265,7 @@ def _add_train(sub) -> None:
     train.add_argument("--checkpoint", help="save the training state here after each epoch")
     train.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
-    train.set_defaults(func=_train)
+    train.set_defaults(func=_train, parser=train)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,9 @@ the user's earlier items excluded are reported beside them as ``... (seen exclud
 Multi-process data parallel: run under ``torchrun`` (gloo on CPU, nccl on CUDA). Every process
 walks the same global batches and takes its contiguous share of each; each share's loss is
 weighted by its share of the global batch, so the averaged gradient and the logged loss equal one
-process's over the whole global batch. Every process evaluates (cheap, identical weights, so they
+process's over the whole global batch. A process whose share is empty (a last batch with fewer
+rows than processes) still runs the step, on one row at weight 0, so it adds nothing to the loss
+and gradients but joins their all-reduce. Every process evaluates (cheap, identical weights, so they
 take the same early-stopping decisions); only rank 0 prints and writes checkpoints.
 """
 
@@ -21,6 +23,7 @@ import dataclasses
 import inspect
 import math
 import os
+import pickle
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -53,6 +56,11 @@ MONITOR = "NDCG@10"
 LR_SCHEDULES = ("constant", "cosine")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from: unreadable, not fastrec's, or from another run
+    (the message names the file and what differs)."""
+
+
 @dataclass
 class TrainConfig:
     """Everything a run depends on; the defaults are the CLI's, which reads them from here
@@ -62,6 +70,7 @@ class TrainConfig:
 
     model: str = "sasrec"
     data: str = "ml-100k"
+    data_options: dict = field(default_factory=dict)  # fastrec.data.load's options for a path: a CSV's columns
     backend: str = "fastrec"
     epochs: int | None = None  # None: the model's (MODEL_DEFAULTS), 5 (SASRec) or 12
     batch_size: int = 512
@@ -106,6 +115,8 @@ class TrainConfig:
             raise ValueError(f"time_limit_s must be positive or None, got {self.time_limit_s!r}")
         if self.resume and not self.checkpoint:
             raise ValueError("resume=True needs checkpoint= (the path to resume from), got None")
+        if self.data_options and self.data in ("ml-100k", "synthetic"):
+            raise ValueError(f"data_options are a data file's loader options, not {self.data!r}'s")
         takes = model_option_names(self.model)
         unknown = sorted(set(self.model_options) - takes)
         if unknown:
@@ -153,12 +164,18 @@ def load_data(config: TrainConfig, padding_side: str) -> Data:
     """Load ``config.data`` (``"ml-100k"``, ``"synthetic"`` or a path), split it leave-one-out and
     lay out the training examples for a model padded on ``padding_side``."""
     from fastrec import data as fdata
+    from fastrec.data.split import MIN_EVAL_LENGTH
 
     if config.data == "synthetic":
         inter = fdata.synthetic(n_users=120, n_items=60, mean_len=12.0, seed=config.seed)
     else:
-        inter = fdata.load(config.data)
+        inter = fdata.load(config.data, **config.data_options)
     split = fdata.leave_one_out(inter)
+    if len(split.eval_users) == 0:
+        raise fdata.DataError(
+            f"{config.data}: no user has {MIN_EVAL_LENGTH} or more items, so the leave-one-out split leaves "
+            f"no validation or test users ({inter.n_users} users, {len(inter)} interactions)"
+        )
     histories, targets, users = fdata.train_examples(split, config.max_len, augment=True, return_users=True)
     train = fdata.Batches(
         histories,
@@ -273,6 +290,59 @@ def _save(path: str, state: dict) -> None:
     os.replace(tmp, path)
 
 
+# The config fields a resumed run must share with the run that wrote the checkpoint: the model
+# and its options (the weights' shapes and meaning), the data and seed (the batch order and the
+# split the weights were fitted on), the schedule (the optimizer's state).
+RESUME_MUST_MATCH = ("model", "model_options", "max_len", "dropout", "data", "data_options", "seed", "lr_schedule")
+CHECKPOINT_KEYS = frozenset(
+    ("config", "epoch", "model", "optimizer", "schedule", "epochs", "best_epoch", "best_value", "best_state",
+     "bad_epochs", "batch_rng", "torch_rng")
+)  # fmt: skip
+
+
+def check_checkpoint_dir(config: TrainConfig) -> None:
+    """Raise before training if ``config.checkpoint`` could not be written after the first epoch."""
+    if not config.checkpoint:
+        return
+    directory = os.path.dirname(os.path.abspath(config.checkpoint))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"checkpoint {config.checkpoint!r}: directory {directory!r} does not exist")
+    if os.path.isdir(config.checkpoint):
+        raise IsADirectoryError(f"checkpoint {config.checkpoint!r} is a directory; give a file path")
+
+
+def load_checkpoint(config: TrainConfig, device: torch.device | str = "cpu") -> dict:
+    """The training state in ``config.checkpoint``, read with ``weights_only=True`` (tensors and
+    plain types only: a checkpoint cannot run code) and checked to come from a run of the same
+    model, options, data, seed and schedule (``RESUME_MUST_MATCH``)."""
+    path = config.checkpoint
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError(f"resume: checkpoint {path!r} does not exist")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights_only" in str(error) or "Weights only" in str(error):
+            raise CheckpointError(
+                f"{path}: holds not only tensors and plain types, so it is not read (loading it could run code): "
+                f"{str(error).splitlines()[0]}"
+            ) from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({error})") from None
+    except (EOFError, OSError, RuntimeError, ValueError) as error:
+        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({error})") from None
+    if not isinstance(state, dict) or not CHECKPOINT_KEYS <= set(state):
+        missing = sorted(CHECKPOINT_KEYS - set(state)) if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path}: not a fastrec training checkpoint (missing {missing})")
+    saved = {**dataclasses.asdict(TrainConfig(model=config.model)), **state["config"]}  # older: the defaults
+    differ = [
+        f"{name}={getattr(config, name)!r}, but {path} was trained with {saved.get(name)!r}"
+        for name in RESUME_MUST_MATCH
+        if saved.get(name) != getattr(config, name)
+    ]
+    if differ:
+        raise CheckpointError("; ".join(differ) + "; resume with the same settings")
+    return state
+
+
 def make_optimizer(
     model: torch.nn.Module, config: TrainConfig, steps_per_epoch: int
 ) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.LRScheduler | None]:
@@ -306,18 +376,14 @@ def fit(
     if config.compile:
         torch._dynamo.config.allow_rnn = True  # fastrec.nn.GRU is an RNNBase (docs/design.md: torch.compile)
         step_module = torch.compile(step_module)
+    if rank == 0:
+        check_checkpoint_dir(config)
     optimizer, schedule = make_optimizer(model, config, len(data.train))
 
     epochs: list[EpochResult] = []
     best_epoch, best_value, best_state, bad_epochs, first_epoch = 0, -math.inf, None, 0, 1
-    if config.resume and config.checkpoint and os.path.exists(config.checkpoint):
-        state = torch.load(config.checkpoint, map_location=device, weights_only=False)
-        saved = state.get("config", {}).get("lr_schedule", "constant")
-        if saved != config.lr_schedule:
-            raise ValueError(
-                f"lr_schedule={config.lr_schedule!r}, but {config.checkpoint} was trained with {saved!r}; "
-                "resume with the same schedule"
-            )
+    if config.resume:
+        state = load_checkpoint(config, device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if schedule is not None:
@@ -348,6 +414,8 @@ def fit(
             n = len(batch.target)
             rows = _share(n, rank, world)
             weight = (rows.stop - rows.start) * world / n  # this share's part of the global mean
+            if weight == 0:  # an empty share (fewer rows than processes): one row at weight 0, to join the all-reduce
+                rows = slice(0, 1)
             tensors = [t[rows].to(device, non_blocking=True) for t in (batch.items, batch.lengths, batch.target)]
             user = batch.user[rows].to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
@@ -400,7 +468,7 @@ def fit(
                         "schedule": None if schedule is None else schedule.state_dict(),
                         "epochs": [dataclasses.asdict(e) for e in epochs],
                         "best_epoch": best_epoch,
-                        "best_value": best_value,
+                        "best_value": float(best_value),
                         "best_state": best_state,
                         "bad_epochs": bad_epochs,
                         "batch_rng": data.train._rng.bit_generator.state,

@@ -1,5 +1,6 @@
 """Worker for tests/test_ddp.py, run by torchrun: trains a small model with fastrec.train.fit
-(data parallel over the processes) and has rank 0 save the epoch losses and final weights."""
+(data parallel over the processes) and has rank 0 save the epoch losses and final weights.
+Arguments: model, output path, and optionally the backend and the batch size."""
 
 import sys
 
@@ -10,10 +11,18 @@ from fastrec import train
 from fastrec.models import MODELS
 
 
-def main(model: str, out_path: str) -> None:
+def main(model: str, out_path: str, backend: str = "fastrec", batch_size: str = "100") -> None:
     torch.set_num_threads(1)
     config = train.TrainConfig(
-        model=model, data="synthetic", epochs=2, batch_size=100, max_len=6, dropout=0.0, progress=False, seed=3
+        model=model,
+        data="synthetic",
+        backend=backend,
+        epochs=2,
+        batch_size=int(batch_size),
+        max_len=6,
+        dropout=0.0,
+        progress=False,
+        seed=3,
     )
     data = train.load_data(config, MODELS[model].padding_side)
     net = train.build_model(config, data.n_items, data.n_users)
@@ -25,4 +34,4 @@ def main(model: str, out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

@@ -230,3 +230,34 @@ def test_min_rating_needs_a_rating_column_and_kcore_passes_through_load(tmp_path
         load_csv(path, user="u", item="i", time="t", min_rating=4)
     inter = load(path, user="u", item="i", time="t", kcore=2)
     assert inter.user_ids.tolist() == [1, 2] and len(inter) == 4
+
+
+def test_utf8_bom_is_not_part_of_the_first_column(tmp_path):
+    csv = tmp_path / "log.csv"
+    csv.write_bytes(b"\xef\xbb\xbfu,i,t\n1,2,5\n1,3,6\n")
+    assert load_csv(str(csv), user="u", item="i", time="t").item_ids.tolist() == [-1, 2, 3]
+    inter = tmp_path / "x.inter"
+    inter.write_bytes(b"\xef\xbb\xbfuser_id:token\titem_id:token\ttimestamp:float\n2\t11\t3\n2\t12\t1\n")
+    assert load(str(inter)).item_ids.tolist() == [-1, 11, 12]
+    ratings = tmp_path / "ratings.csv"
+    ratings.write_bytes(b"\xef\xbb\xbfuserId,movieId,rating,timestamp\n1,20,5,3\n")
+    assert load(str(ratings)).item_ids.tolist() == [-1, 20]
+
+
+def test_non_utf8_byte_names_file_and_line(tmp_path):
+    csv = tmp_path / "log.csv"
+    csv.write_bytes(b"u,i,t\n1,2,5\n1,3,\xff6\n")
+    with pytest.raises(DataError, match=r"log\.csv: line 3: byte 0xff at column 5 is not UTF-8"):
+        load_csv(str(csv), user="u", item="i", time="t")
+    inter = tmp_path / "x.inter"
+    inter.write_bytes(b"user_id:token\titem_id:token\n\xe9\t11\n")
+    with pytest.raises(DataError, match=r"x\.inter: line 2: byte 0xe9 at column 1 is not UTF-8"):
+        load(str(inter))
+
+
+@pytest.mark.parametrize("value", ["12345678901234567890", "-9223372036854775809"])
+def test_id_out_of_int64_range_names_file_line_and_column(tmp_path, value):
+    path = write(tmp_path, "log.csv", f"u,i,t\n1,2,5\n{value},3,6\n")
+    with pytest.raises(DataError, match=rf"log\.csv: line 3: column 'user': id {value} does not fit in 64 bits"):
+        load_csv(path, user="u", item="i", time="t")
+    assert load_csv(write(tmp_path, "ok.csv", "u,i,t\n9223372036854775807,2,5\n"), user="u", item="i", time="t")

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fastrec import cli, train
+from fastrec.data import DataError
 from fastrec.models import MODELS
 
 SMALL = dict(data="synthetic", batch_size=128, max_len=10, progress=False, seed=5)
@@ -111,6 +112,95 @@ def test_checkpoint_resume_continues_exactly(tmp_path, name, schedule):
             train.fit(resumed, data, dataclasses.replace(second, lr_schedule="constant"), log=lambda _: None)
     for key, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def _one_epoch_checkpoint(tmp_path, **overrides) -> tuple[train.TrainConfig, train.Data]:
+    """A one-epoch run of config(**overrides) that wrote its checkpoint; (its config, its data)."""
+    cfg = config(epochs=1, checkpoint=str(tmp_path / "ckpt.pt"), **overrides)
+    data = train.load_data(cfg, MODELS[cfg.model].padding_side)
+    train.fit(train.build_model(cfg, data.n_items, data.n_users), data, cfg, log=lambda _: None)
+    return cfg, data
+
+
+def _resume(cfg: train.TrainConfig, **changes):
+    """fit() resuming from cfg.checkpoint with the config changed by ``changes``."""
+    cfg = dataclasses.replace(cfg, resume=True, epochs=2, **changes)
+    data = train.load_data(cfg, MODELS[cfg.model].padding_side)
+    lines = []
+    return train.fit(train.build_model(cfg, data.n_items, data.n_users), data, cfg, log=lines.append), lines
+
+
+class _RunsCode:
+    """Unpickled, it creates the directory it names: proof that loading ran code."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        import os
+
+        return os.makedirs, (self.path,)
+
+
+def test_checkpoint_holds_only_tensors_and_plain_types_and_code_in_one_is_refused(tmp_path):
+    cfg, _ = _one_epoch_checkpoint(tmp_path, lr_schedule="cosine")
+    state = torch.load(cfg.checkpoint, weights_only=True)
+    assert state["epoch"] == 1 and state["config"]["seed"] == cfg.seed
+    marker = tmp_path / "code-ran"
+    torch.save({**state, "extra": _RunsCode(str(marker))}, cfg.checkpoint)
+    with pytest.raises(train.CheckpointError, match=f"{cfg.checkpoint}: .*not only tensors and plain types"):
+        _resume(cfg)
+    assert not marker.exists()
+
+
+def test_resume_from_a_missing_checkpoint_is_an_error_naming_it(tmp_path):
+    path = str(tmp_path / "absent.pt")
+    with pytest.raises(FileNotFoundError, match=f"resume: checkpoint {path!r} does not exist"):
+        _resume(config(checkpoint=path))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "not a dict"])
+def test_corrupt_checkpoint_is_an_error_naming_it(tmp_path, damage):
+    cfg, _ = _one_epoch_checkpoint(tmp_path)
+    path = Path(cfg.checkpoint)
+    whole = path.read_bytes()
+    if damage == "not a dict":
+        torch.save([1, 2], path)
+    else:
+        path.write_bytes(
+            {"garbage": b"not a checkpoint\n" * 10, "truncated": whole[: len(whole) // 2], "empty": b""}[damage]
+        )
+    with pytest.raises(train.CheckpointError, match=f"{cfg.checkpoint}: "):
+        _resume(cfg)
+
+
+@pytest.mark.parametrize(
+    "changes, named",
+    [
+        ({"seed": 6}, "seed=6, but .* was trained with 5"),
+        ({"data": "ml-100k"}, "data='ml-100k', but .* was trained with 'synthetic'"),
+        ({"model": "sasrec"}, "model='sasrec', but .* was trained with 'gru4rec'"),
+        ({"model_options": {"hidden": 16}}, "model_options=.*'hidden': 16.*, but .* was trained with {}"),
+        ({"max_len": 8}, "max_len=8, but .* was trained with 10"),
+        ({"dropout": 0.0}, "dropout=0.0, but .* was trained with None"),
+    ],
+)
+def test_resume_with_another_model_options_data_or_seed_names_the_difference(tmp_path, changes, named):
+    cfg, data = _one_epoch_checkpoint(tmp_path)
+    changed = dataclasses.replace(cfg, resume=True, epochs=2, **changes)
+    model = train.build_model(changed, data.n_items, data.n_users)  # fit trains on the data it is given
+    with pytest.raises(train.CheckpointError, match=named):
+        train.fit(model, data, changed, log=lambda _: None)
+    (epochs, _), lines = _resume(cfg)  # unchanged, it resumes
+    assert [e.epoch for e in epochs] == [1, 2] and lines[0].startswith("resumed from")
+
+
+def test_checkpoint_in_a_missing_directory_fails_before_training(tmp_path):
+    path = str(tmp_path / "no-such-dir" / "ckpt.pt")
+    lines = []
+    with pytest.raises(FileNotFoundError, match=f"checkpoint {path!r}: directory .*no-such-dir' does not exist"):
+        train.run(config(checkpoint=path), log=lines.append)
+    assert not any(line.startswith("epoch") for line in lines)
 
 
 @pytest.mark.parametrize("name", ["sasrec", "gru4rec"])
@@ -279,3 +369,71 @@ def test_accuracy_scripts_run_the_protocol_whatever_the_default_epochs(monkeypat
     (config,) = ran.value.args
     assert (config.model, config.epochs, config.patience, config.time_limit_s) == ("sasrec", 12, 3, None)
     assert train.PROTOCOL == {"epochs": 12, "patience": 3}
+
+
+def test_data_in_which_no_user_has_three_items_is_an_error_before_training(tmp_path):
+    path = tmp_path / "short.inter"
+    path.write_text("user_id:token\titem_id:token\ttimestamp:float\n" + "".join(
+        f"{u}\t{i}\t{t}\n" for u in range(20) for t, i in enumerate((u % 7, u % 5 + 7))
+    ))  # fmt: skip
+    lines = []
+    with pytest.raises(DataError, match=f"{path}: no user has 3 or more items.*no validation or test users"):
+        train.run(config(data=str(path)), log=lines.append)
+    assert lines == []
+
+
+def _event_log(tmp_path) -> str:
+    """A RetailRocket-style events.csv: 30 visitors with 6 purchases each, between views."""
+    rows = ["timestamp,visitorid,event,itemid"]
+    for user in range(30):
+        for step in range(6):
+            time = 100 * user + 2 * step
+            rows.append(f"{time},{user},view,{999 - step}")
+            rows.append(f"{time + 1},{user},transaction,{(user + step) % 12}")
+    path = tmp_path / "events.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
+def test_cli_trains_on_a_csv_event_log_with_columns_and_events(tmp_path, capsys):
+    path = _event_log(tmp_path)
+    args = ["train", "--model", "gru4rec", "--data", path, "--epochs", "1", "--no-progress", "--max-len", "4"]
+    columns = ["--columns", "user=visitorid,item=itemid,time=timestamp,event=event"]
+    assert cli.main([*args, *columns, "--events", "transaction"]) == 0
+    out = capsys.readouterr().out
+    assert f"gru4rec (fastrec backend) on {path}: 30 users, 12 items" in out and "test (best epoch 1)" in out
+    assert cli.main([*args, *columns]) == 0  # views too: 6 more items
+    assert f"on {path}: 30 users, 18 items" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(args)
+    assert f"fastrec train: error: --data {path}: a CSV event log needs --columns user=COL" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        cli.main([*args, "--columns", "user=visitorid,item=itemid"])
+    assert exited.value.code == 2
+    assert "fastrec train: error: --columns needs user=, item= and time=" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main([*args, "--columns", "user=visitorid,item=itemid,time=timestamp,colour=red"])
+    assert "--columns takes user, item, time, event, rating" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main([*args, "--columns", "user=visitorid,item=itemid,time=timestamp", "--events", "transaction"])
+    assert "--events needs the event column in --columns" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main([*args[:4], "synthetic", *args[5:], *columns])
+    assert "--columns maps the columns of a CSV log given as --data FILE" in capsys.readouterr().err
+
+
+def test_cli_csv_columns_by_index_for_a_file_without_header(tmp_path, capsys):
+    path = tmp_path / "UserBehavior.csv"
+    path.write_text("".join(f"{u},{(u + s) % 9},0,buy,{10 * u + s}\n" for u in range(25) for s in range(5)))
+    args = ["train", "--model", "caser", "--data", str(path), "--epochs", "1", "--no-progress", "--max-len", "3"]
+    assert cli.main([*args, "--columns", "user=0,item=1,time=4,event=3", "--events", "buy,cart"]) == 0
+    assert "25 users, 9 items" in capsys.readouterr().out
+
+
+def test_cli_device_cuda_without_cuda_is_a_one_line_error(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["train", "--model", "gru4rec", "--data", "synthetic", "--device", "cuda", "--epochs", "1"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "fastrec train: error: --device cuda: no CUDA device is available" in err and "Traceback" not in err

@@ -19,6 +19,9 @@ import numpy as np
 RECBOLE_HINT = "pip install --no-deps recbole==1.2.1  (fastrec reads recbole/dataset_example/ml-100k/ml-100k.inter)"
 
 
+INT64_MIN, INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
+
+
 class DataError(ValueError):
     """A data file that cannot be read as an interaction log (the message names file, line, column)."""
 
@@ -47,6 +50,24 @@ class Interactions:
         return f"Interactions({len(self)} rows, {self.n_users} users, {self.n_items} items, source={self.source!r})"
 
 
+def _read_text(path: str) -> str:
+    """The file as UTF-8 text without a leading byte-order mark; a byte that is not UTF-8 is a
+    DataError naming its line and column."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data file {path!r} does not exist")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise DataError(
+            f"{path}: line {line}: byte 0x{data[error.start]:02x} at column {column} is not UTF-8 "
+            "(save the file as UTF-8)"
+        ) from None
+
+
 @dataclass
 class _Table:
     """Parsed text columns plus where each row came from (1-based file line numbers)."""
@@ -61,10 +82,7 @@ def _read_table(
 ) -> _Table:
     """Reads the ``wanted`` columns (key -> column name or 0-based index) of a delimited text file."""
     if text is None:
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"data file {path!r} does not exist")
-        with open(path, encoding="utf-8", newline="") as f:
-            text = f.read()
+        text = _read_text(path)
     raw = text.splitlines()
     start = 0
     index: dict[str, int] = {}
@@ -118,6 +136,10 @@ def _numeric(table: _Table, key: str, integer: bool) -> np.ndarray:
     for row, value in enumerate(values):
         if not _parses(value, integer):
             raise DataError(f"{table.path}: line {table.lines[row]}: column {key!r}: expected {kind}, got {value!r}")
+        if integer and not INT64_MIN <= int(value) <= INT64_MAX:
+            raise DataError(
+                f"{table.path}: line {table.lines[row]}: column {key!r}: id {value} does not fit in 64 bits"
+            )
     raise AssertionError(f"{table.path}: column {key!r} failed to convert but every value parsed")
 
 
@@ -209,8 +231,8 @@ def _build(
 
 def load_movielens(path: str, min_rating: float | None = None, kcore: int | None = None) -> Interactions:
     """MovieLens ``u.data`` (tab-separated) or ``ratings.dat`` (``::``-separated): user, item, rating, time."""
-    with open(path, encoding="latin-1") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        text = f.read().removeprefix(b"\xef\xbb\xbf").decode("latin-1")
     first = next((line for line in text.splitlines() if line.strip()), "")
     sep = "::" if "::" in first else ("\t" if "\t" in first else ",")
     header = sep == "," and not first.split(",")[0].strip().isdigit()  # ratings.csv of ml-latest
@@ -239,10 +261,7 @@ def load_recbole_inter(
     Needs ``user_id`` and ``item_id``; uses ``timestamp`` (else the row order) and ``rating`` if present.
     """
     if text is None:
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"data file {path!r} does not exist")
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = _read_text(path)
     first = next((line for line in text.splitlines() if line.strip()), "")
     fields = [field.strip().split(":")[0] for field in first.split("\t")]
     wanted: dict[str, str | int] = {"user": "user_id", "item": "item_id"}
