@@ -1357,6 +1357,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_cell_forward_cpp(
   at::Tensor hn = at::empty({B, H}, opts);
   at::Tensor cn = at::empty({lstm ? B : 0, lstm ? H : 0}, opts);
   at::Tensor ws = at::empty({B, K * H}, opts);
+  if (B == 0) return {hn, cn, ws};  // an empty batch: nothing to compute
   const at::Tensor w_ih_c = w_ih.detach().contiguous(), w_hh_c = w_hh.detach().contiguous();
   const at::Tensor b_ih_c = b_ih.has_value() ? b_ih->detach().contiguous() : at::Tensor();
   const at::Tensor b_hh_c = b_hh.has_value() ? b_hh->detach().contiguous() : at::Tensor();
@@ -1430,6 +1431,11 @@ rnn_cell_backward_cpp(const at::Tensor& grad_hn_in, const std::optional<at::Tens
   at::Tensor dc = at::empty({lstm ? B : 0, lstm ? H : 0}, opts);
   at::Tensor dx = at::empty({B, I}, opts);
   at::Tensor dh = at::empty({B, H}, opts);
+  if (B == 0) {  // an empty batch: zero weight and bias gradients
+    const int64_t nb = has_bias ? G * H : 0;
+    return {dx, dh, dc, at::zeros({G * H, I}, opts), at::zeros({G * H, H}, opts),
+            at::zeros({nb}, opts), at::zeros({nb}, opts)};
+  }
   if (B <= kCellSmallBatch) {  // a few rows: one serial pass, no GEMM calls, no parallel region
     const at::Tensor w_ih_c = w_ih_d.contiguous(), w_hh_c = w_hh_d.contiguous();
     at::Tensor dw_ih = at::empty({G * H, I}, opts), dw_hh = at::empty({G * H, H}, opts);

