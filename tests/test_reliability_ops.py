@@ -21,6 +21,10 @@ import textwrap
 import pytest
 import torch
 
+import fastrec
+from fastrec import functional as FF
+from fastrec import nn as fnn
+
 BACKENDS = ("cpp", "torch", "triton")
 
 
@@ -162,6 +166,43 @@ if backend == "cpp":
             for g, ref in ((dw_ih, w_ih), (dw_hh, w_hh), (db_ih, b_ih), (db_hh, b_hh)):
                 same(g, torch.zeros_like(ref), "weight gradient")
 
+for grad in (True, False):
+    for batch_first in (True, False):
+        for mask in ("none", "kpm", "causal"):
+
+            @case(f"MultiheadAttention batch 0 grad={grad} batch_first={batch_first} mask={mask}")
+            def _():
+                ref = torch.nn.MultiheadAttention(8, 2, batch_first=batch_first)
+                ours = fnn.MultiheadAttention(8, 2, batch_first=batch_first)
+                x = torch.randn(0, 5, 8) if batch_first else torch.randn(5, 0, 8)
+                kwargs = {"need_weights": False}
+                if mask == "causal":
+                    kwargs["attn_mask"] = torch.ones(5, 5, dtype=torch.bool).triu(1)
+                ref_call = lambda m, t: m(t, t, t, **kwargs)[0]
+                if mask == "kpm":  # torch's own forward fails here: its result without the mask
+                    kpm = torch.zeros(0, 5, dtype=torch.bool)
+                    call = lambda m, t: m(t, t, t, key_padding_mask=kpm, **kwargs)[0]
+                    check_module(ours, ref, [x], grad, call, ref_call)
+                else:
+                    check_module(ours, ref, [x], grad, ref_call)
+
+            @case(f"TransformerEncoderLayer batch 0 grad={grad} batch_first={batch_first} mask={mask}")
+            def _():
+                kw = dict(dim_feedforward=16, dropout=0.0, batch_first=batch_first)
+                ref = torch.nn.TransformerEncoderLayer(8, 2, **kw)
+                ours = fnn.TransformerEncoderLayer(8, 2, **kw)
+                ref.eval(), ours.eval()
+                x = torch.randn(0, 5, 8) if batch_first else torch.randn(5, 0, 8)
+                kwargs = {}
+                if mask == "causal":
+                    kwargs["src_mask"] = torch.ones(5, 5, dtype=torch.bool).triu(1)
+                ref_call = lambda m, t: m(t, **kwargs)
+                if mask == "kpm":  # torch's own forward fails here: its result without the mask
+                    kpm = torch.zeros(0, 5, dtype=torch.bool)
+                    check_module(ours, ref, [x], grad, lambda m, t: m(t, src_key_padding_mask=kpm, **kwargs), ref_call)
+                else:
+                    check_module(ours, ref, [x], grad, ref_call)
+
 print(json.dumps(results))
 """
 
@@ -169,3 +210,111 @@ print(json.dumps(results))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batches_match_torch_without_crashing(backend):
     assert_all_ok(run_isolated(EMPTY_SCRIPT, backend))
+
+
+# --------------------------------------------------------------------------- attention masks
+def _mha(batch_first=True):
+    ref = torch.nn.MultiheadAttention(8, 2, batch_first=batch_first)
+    ours = fnn.MultiheadAttention(8, 2, batch_first=batch_first)
+    ours.load_state_dict(ref.state_dict())
+    return ours.eval(), ref.eval()
+
+
+VALID_MASKS = {  # batch 2, heads 2, L 5, S 6
+    "2-D bool": lambda: torch.rand(5, 6) < 0.3,
+    "2-D float": lambda: torch.randn(5, 6),
+    "3-D bool": lambda: torch.rand(4, 5, 6) < 0.3,
+    "3-D float": lambda: torch.randn(4, 5, 6),
+}
+INVALID_MASKS = {
+    "3-D (B, heads*L, S)": lambda: torch.zeros(2, 10, 6, dtype=torch.bool),
+    "3-D (1, L, S)": lambda: torch.zeros(1, 5, 6, dtype=torch.bool),
+    "3-D (B, L, S)": lambda: torch.zeros(2, 5, 6),
+    "3-D (B*heads, L, S+1)": lambda: torch.zeros(4, 5, 7, dtype=torch.bool),
+    "3-D (B*heads, L+1, S)": lambda: torch.zeros(4, 6, 6),
+    "2-D (L, S+1)": lambda: torch.zeros(5, 7, dtype=torch.bool),
+    "2-D (S, L)": lambda: torch.zeros(6, 5),
+    "1-D": lambda: torch.zeros(6, dtype=torch.bool),
+    "4-D": lambda: torch.zeros(2, 2, 5, 6, dtype=torch.bool),
+}
+
+
+@pytest.mark.parametrize("backend", ("cpp", "torch"))
+@pytest.mark.parametrize("need_weights", (False, True))
+@pytest.mark.parametrize("form", VALID_MASKS)
+def test_mha_valid_attn_masks_match_torch(form, need_weights, backend):
+    ours, ref = _mha()
+    q, kv = torch.randn(2, 5, 8), torch.randn(2, 6, 8)
+    mask = VALID_MASKS[form]()
+    with fastrec.use_backend(backend):
+        out, w = ours(q, kv, kv, attn_mask=mask, need_weights=need_weights)
+    out_ref, w_ref = ref(q, kv, kv, attn_mask=mask, need_weights=need_weights)
+    rows = ~mask.view(-1, 5, 6).all(-1) if mask.dtype == torch.bool else torch.ones(mask.numel() // 30, 5).bool()
+    rows = rows.view(2, 2, 5).all(1) if mask.dim() == 3 else rows.expand(2, 5)  # torch: NaN where no key
+    torch.testing.assert_close(out[rows], out_ref[rows], atol=1e-5, rtol=1e-5)
+    if need_weights:
+        torch.testing.assert_close(w[rows], w_ref[rows], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch_first", (True, False))
+@pytest.mark.parametrize("form", INVALID_MASKS)
+def test_mha_invalid_attn_masks_raise_as_torch(form, batch_first, backend):
+    ours, ref = _mha(batch_first)
+    q, kv = torch.randn(2, 5, 8), torch.randn(2, 6, 8)
+    if not batch_first:
+        q, kv = q.transpose(0, 1), kv.transpose(0, 1)
+    mask = INVALID_MASKS[form]()
+    with pytest.raises(Exception) as expected:
+        ref(q, kv, kv, attn_mask=mask, need_weights=False)
+    with fastrec.use_backend(backend), pytest.raises((type(expected.value), ValueError), match="attn_mask"):
+        ours(q, kv, kv, attn_mask=mask, need_weights=False)
+
+
+def test_mha_3d_mask_of_another_layout_raises_with_shapes():
+    ours, _ = _mha()
+    x = torch.randn(2, 5, 8)
+    with pytest.raises(RuntimeError, match=r"attn_mask must be \(batch\*heads, L, S\) = \(4, 5, 5\), got \(2, 10, 5\)"):
+        ours(x, x, x, attn_mask=torch.zeros(2, 10, 5, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 7), (3, 6), (6,), (2, 1, 6)])
+def test_mha_invalid_key_padding_mask_raises(shape, backend):
+    ours, ref = _mha()
+    q, kv = torch.randn(2, 5, 8), torch.randn(2, 6, 8)
+    mask = torch.zeros(shape, dtype=torch.bool)
+    with pytest.raises((AssertionError, RuntimeError)):
+        ref(q, kv, kv, key_padding_mask=mask, need_weights=False)
+    with fastrec.use_backend(backend), pytest.raises(ValueError, match="key_padding_mask must be"):
+        ours(q, kv, kv, key_padding_mask=mask, need_weights=False)
+
+
+@pytest.mark.parametrize("backend", ("cpp", "torch"))
+def test_mha_unbatched_masks(backend):
+    ours, ref = _mha()
+    q, kv = torch.randn(5, 8), torch.randn(6, 8)
+    good = torch.rand(2, 5, 6) < 0.3
+    good[..., 0] = False
+    kpm = torch.tensor([False, True, False, False, False, False])
+    with fastrec.use_backend(backend):
+        out, _ = ours(q, kv, kv, attn_mask=good, key_padding_mask=kpm)
+        with pytest.raises(RuntimeError, match="attn_mask"):
+            ours(q, kv, kv, attn_mask=torch.zeros(4, 5, 6, dtype=torch.bool))
+    torch.testing.assert_close(out, ref(q, kv, kv, attn_mask=good, key_padding_mask=kpm)[0], atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- smaller ones
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_head_dim_zero_as_torch(backend):
+    q, k, v = torch.randn(2, 2, 4, 0), torch.randn(2, 2, 3, 0), torch.randn(2, 2, 3, 0)
+    with fastrec.use_backend(backend):
+        out = FF.attention(q, k, v)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert out.shape == expected.shape == (2, 2, 4, 0)
+
+
+def test_attention_query_head_dim_zero_as_torch():
+    q, k, v = torch.randn(1, 1, 3, 0), torch.randn(1, 1, 4, 0), torch.randn(1, 1, 4, 2)
+    out = FF.attention(q, k, v)
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))

@@ -241,7 +241,12 @@ def attention(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Attention on canonical inputs (see the module docstring); picks the backend per call.
     ``need_weights``: ``(out, probs)``, probs ``(B, H, Lq, Lk)`` after dropout in q's dtype."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if scale is None:  # head_dim 0: every score is 0 whatever the scale (torch: uniform weights)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
+    scale = float(scale)
+    if q.shape[:-1].numel() == 0 or v.shape[-1] == 0:  # no output element: the reference, any backend
+        backends.count(OP, "torch", "empty output")
+        return attention_torch(q, k, v, key_padding_mask, lengths, bias, None, causal, scale, 0.0, None, need_weights)
     reason = _unfused_reason(q, k, v, bias, causal, need_weights)
     backend = backends.select(q.device, reason)
     backends.count(OP, backend, reason or "")
