@@ -304,6 +304,67 @@ def test_mha_unbatched_masks(backend):
     torch.testing.assert_close(out, ref(q, kv, kv, attn_mask=good, key_padding_mask=kpm)[0], atol=1e-5, rtol=1e-5)
 
 
+# --------------------------------------------------------------------------- NaN propagation
+def _reference_attention(q, k, v, key_padding_mask=None):
+    """softmax(q k^T / sqrt(D)) v in plain torch ops (NaN where torch gives NaN); rows with no key
+    allowed are zero (fastrec's contract)."""
+    s = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
+    if key_padding_mask is not None:
+        s = s.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+        empty = key_padding_mask.all(-1)[:, None, None, None]
+        s = s.masked_fill(empty, 0.0)
+    p = torch.softmax(s, -1)
+    if key_padding_mask is not None:
+        p = p.masked_fill(empty, 0.0)
+    return p @ v, p
+
+
+def _same_with_nan(a, b, what):
+    assert torch.equal(torch.isnan(a), torch.isnan(b)), f"{what}: NaN at {torch.isnan(a).nonzero().tolist()[:8]}"
+    torch.testing.assert_close(a.nan_to_num(0.0), b.nan_to_num(0.0), atol=1e-5, rtol=1e-5, msg=what)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ("q", "k", "v"))
+@pytest.mark.parametrize("need_weights", (False, True))
+def test_attention_nan_propagates_as_torch(where, need_weights, backend):
+    if need_weights and backend == "triton":
+        pytest.skip("the triton kernels form no weights")
+    inputs = {n: torch.randn(2, 2, 5, 16) for n in "qkv"}
+    inputs[where][0, 1, 2, 3] = float("nan")  # one element of (batch 0, head 1, position 2)
+    kpm = torch.zeros(2, 5, dtype=torch.bool)
+    kpm[1] = True  # batch 1: every key masked, so every row is fully masked
+    ours = {n: t.clone().requires_grad_() for n, t in inputs.items()}
+    refs = {n: t.clone().requires_grad_() for n, t in inputs.items()}
+    with fastrec.use_backend(backend):
+        res = FF.attention(ours["q"], ours["k"], ours["v"], key_padding_mask=kpm, need_weights=need_weights)
+    out, w = res if need_weights else (res, None)
+    out_ref, w_ref = _reference_attention(refs["q"], refs["k"], refs["v"], kpm)
+    assert torch.isnan(out_ref).any()
+    _same_with_nan(out, out_ref, "out")
+    assert torch.equal(out[1], torch.zeros_like(out[1])), "fully masked rows must be zero"
+    if need_weights:
+        _same_with_nan(w, w_ref, "weights")
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    out_ref.backward(grad)
+    for n in "qkv":
+        _same_with_nan(ours[n].grad, refs[n].grad, f"d{n}")
+        assert torch.equal(ours[n].grad[1], torch.zeros_like(ours[n].grad[1])), f"d{n} of fully masked rows"
+
+
+@pytest.mark.parametrize("backend", ("cpp", "torch"))
+def test_mha_need_weights_nan_as_torch(backend):
+    ours, ref = _mha()
+    x = torch.randn(2, 5, 8)
+    x[0, 3, 1] = float("nan")
+    with fastrec.use_backend(backend):
+        out, w = ours(x, x, x)
+    out_ref, w_ref = ref(x, x, x)
+    _same_with_nan(out, out_ref, "out")
+    _same_with_nan(w, w_ref, "weights")
+
+
 # --------------------------------------------------------------------------- smaller ones
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_attention_head_dim_zero_as_torch(backend):
