@@ -379,3 +379,24 @@ def test_attention_query_head_dim_zero_as_torch():
     q, k, v = torch.randn(1, 1, 3, 0), torch.randn(1, 1, 4, 0), torch.randn(1, 1, 4, 2)
     out = FF.attention(q, k, v)
     torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+@pytest.mark.parametrize("batched", (True, False))
+def test_lstm_cell_tensor_hx_raises_as_torch(batched):
+    ref = torch.nn.LSTMCell(4, 6)
+    ours = fnn.LSTMCell(4, 6)
+    x, h = (torch.randn(3, 4), torch.randn(3, 6)) if batched else (torch.randn(4), torch.randn(6))
+    with pytest.raises(Exception) as expected:
+        ref(x, h)
+    with pytest.raises(type(expected.value)) as got:
+        ours(x, h)
+    assert "too many values" not in str(got.value)
+
+
+def test_gru_cell_tuple_hx_raises_as_torch():
+    ref, ours = torch.nn.GRUCell(4, 6), fnn.GRUCell(4, 6)
+    x, h = torch.randn(3, 4), torch.randn(3, 6)
+    with pytest.raises(Exception) as expected:
+        ref(x, (h, h))
+    with pytest.raises(type(expected.value)):
+        ours(x, (h, h))
