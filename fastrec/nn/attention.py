@@ -122,7 +122,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             if is_causal or _is_causal_mask(attn_mask, len_q, k.shape[2]):
                 attn_mask, causal = None, True
             elif attn_mask.dim() == 3:
-                attn_mask = attn_mask.view(batch, heads, len_q, -1)
+                attn_mask = attn_mask.view(batch, heads, len_q, len_k)
 
         extra_keys = []  # torch's order: bias_k/bias_v first, then the zero key
         if self.bias_k is not None:
