@@ -21,6 +21,9 @@ The contract every backend implements (Triton: ``kernels/attention.py``; C++:
 - ``out`` ``(B, H, Lq, D)`` contiguous in q's dtype; ``lse`` ``(B, H, Lq)`` fp32 (fp64 for fp64
   q), the natural-log log-sum-exp of the allowed scores before dropout. A row with no allowed
   key has ``out = 0`` and ``lse = +inf``, so its probabilities and gradients are exactly zero.
+  A NaN score (NaN in q, k or v) makes its row's output, lse, probabilities and gradients NaN,
+  as in torch: a diverging model shows it. A call with no output element (B, H, Lq or D_v 0)
+  returns torch's empty result on every backend.
 - Backward recomputes ``P = exp(s - lse)`` (nothing of size L x L is saved or written) and
   returns contiguous gradients in the dtypes of q, k, v.
 - ``need_weights`` (cpp and torch; the C++ op's ``return_probs``): the forward also returns the
