@@ -134,7 +134,12 @@ inline Vec<float> vrecip(Vec<float> d) {
 #endif
 }
 
-inline Vec<float> vsigmoid(Vec<float> x) { return vrecip(1.0f + vexp(-x)); }
+// vexp overflows to +inf for x <~ -88.4, where vrecip's Newton step would give NaN: sigmoid is 0
+// there (NaN still propagates: NaN == inf is false).
+inline Vec<float> vsigmoid(Vec<float> x) {
+  const Vec<float> d = 1.0f + vexp(-x);
+  return d == vsplat(std::numeric_limits<float>::infinity()) ? Vec<float>{} : vrecip(d);
+}
 
 // tanh on 16 floats: odd rational approximation p(x) / q(x^2) of degrees 13 / 6 on x clamped to
 // +-7.9 (where tanh rounds to +-1), Eigen's ptanh_float coefficients; a few ulp, no cancellation

@@ -319,9 +319,9 @@ def _reference_attention(q, k, v, key_padding_mask=None):
     return p @ v, p
 
 
-def _same_with_nan(a, b, what):
+def _same_with_nan(a, b, what, atol=1e-5):
     assert torch.equal(torch.isnan(a), torch.isnan(b)), f"{what}: NaN at {torch.isnan(a).nonzero().tolist()[:8]}"
-    torch.testing.assert_close(a.nan_to_num(0.0), b.nan_to_num(0.0), atol=1e-5, rtol=1e-5, msg=what)
+    torch.testing.assert_close(a.nan_to_num(0.0), b.nan_to_num(0.0), atol=atol, rtol=1e-5, msg=what)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -400,3 +400,53 @@ def test_gru_cell_tuple_hx_raises_as_torch():
         ref(x, (h, h))
     with pytest.raises(type(expected.value)):
         ours(x, (h, h))
+
+
+# --------------------------------------------------------------------------- recurrent NaN / Inf
+RNN_MODULES = ("RNNCell", "GRUCell", "LSTMCell", "RNN", "GRU", "LSTM")
+
+
+def _rnn_twins(name):
+    ref = getattr(torch.nn, name)(3, 4)
+    ours = getattr(fnn, name)(3, 4)
+    ours.load_state_dict(ref.state_dict())
+    return ours, ref
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", RNN_MODULES)
+@pytest.mark.parametrize("value", ("nan", "1e3", "-1e3"))
+def test_rnn_nan_and_saturation_as_torch(value, name, backend):
+    """A NaN input propagates as in torch; a huge one saturates the gates (sigmoid 0 or 1) as in
+    torch instead of turning into NaN (fp32, forward and backward). The weight gradients carry x
+    itself: their bound is fp32's relative one times |x|."""
+    ours, ref = _rnn_twins(name)
+    x = torch.randn(5, 3) if name.endswith("Cell") else torch.randn(4, 5, 3)
+    x[1, 2] = float(value)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with fastrec.use_backend(backend):
+        out = _first(ours(a))
+    expected = _first(ref(b))
+    _same_with_nan(out, expected, "output")
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    _same_with_nan(a.grad, b.grad, "input gradient")
+    for (pname, p), q in zip(ours.named_parameters(), ref.parameters(), strict=True):
+        _same_with_nan(p.grad, q.grad, f"gradient of {pname}", atol=1e-5 * max(1.0, abs(float(value))))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", RNN_MODULES)
+def test_rnn_infinite_input_as_torch(name, backend):
+    ours, ref = _rnn_twins(name)
+    x = torch.randn(6, 3) if name.endswith("Cell") else torch.randn(4, 6, 3)
+    x[1, 2], x[3, 0] = float("inf"), float("-inf")
+    with fastrec.use_backend(backend), torch.no_grad():
+        out = _first(ours(x))
+    with torch.no_grad():
+        _same_with_nan(out, _first(ref(x)), "output")
