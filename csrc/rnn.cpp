@@ -288,7 +288,7 @@ __attribute__((always_inline)) inline void forward_epilogue(
     if constexpr (M == Mode::kTanh) {
       y = vtanh(y);
     } else {
-      y = y > T(0) ? y : Vec<T>{};
+      y = y < T(0) ? Vec<T>{} : y;  // relu; NaN propagates
     }
     vstore(hnext + c, y);
     vstore_n(outr + c, y, nc);
@@ -496,7 +496,7 @@ __attribute__((always_inline)) inline void backward_gates(
     if constexpr (M == Mode::kTanh) {
       d = dh * (one - y * y);
     } else {
-      d = y > T(0) ? dh : Vec<T>{};
+      d = y <= T(0) ? Vec<T>{} : dh;  // torch's relu backward: NaN passes dh
     }
     vstore_n(dgxr + c, d, nc);
     vstore_n(dghr_out + c, d, nc);
@@ -1009,7 +1009,7 @@ void cell_forward_row(int64_t H, const T* pre, const T* gh, const T* b_hh, const
       if constexpr (M == Mode::kTanh) {
         y = vtanh(y);
       } else {
-        y = y > T(0) ? y : Vec<T>{};
+        y = y < T(0) ? Vec<T>{} : y;  // relu; NaN propagates
       }
       cstore(hn + j, y, nc);
       cstore(ws + j, y, nc);
@@ -1053,7 +1053,7 @@ void cell_backward_row(int64_t H, const T* dhn, const T* dcn, const T* ws, const
       if constexpr (M == Mode::kTanh) {
         cstore(dgx + j, dh * (one - y * y), nc);
       } else {
-        cstore(dgx + j, y > T(0) ? dh : Vec<T>{}, nc);
+        cstore(dgx + j, y <= T(0) ? Vec<T>{} : dh, nc);  // NaN passes dh, as torch
       }
     } else if constexpr (M == Mode::kGru) {
       const Vec<T> r = cload(ws + j, nc), z = cload(ws + H + j, nc),
@@ -1222,7 +1222,7 @@ inline void cell_chunk_rows(const T* __restrict x, int64_t I, const T* __restric
       if constexpr (M == Mode::kTanh) {
         y = vtanh(y);
       } else {
-        y = y > T(0) ? y : Vec<T>{};
+        y = y < T(0) ? Vec<T>{} : y;  // relu; NaN propagates
       }
       cstore(hn + r * H + j0, y, nc);
       cstore(wsr, y, nc);

@@ -6,7 +6,8 @@ subprocess, so a crash (a segfault) fails the test instead of ending the run. Co
 ``MultiheadAttention`` (batch size, lengths, batch_first, unbatched input, attn_mask and
 key_padding_mask of valid and invalid shapes, need_weights), ``RNN``/``GRU``/``LSTM`` (layers,
 directions, batch_first, unbatched, empty batches, given / wrongly shaped states), the cells
-(empty, unbatched, given / wrongly shaped / wrongly formed states) and ``Dropout`` (p, training).
+(empty, unbatched, given / wrongly shaped / wrongly formed states) and ``Dropout`` (p, training);
+one input element is NaN or +-inf (recurrent: or 1e3) in a third of the attention and recurrent cases.
 """
 
 from __future__ import annotations
@@ -103,7 +104,13 @@ def twins(ours_cls, ref_cls, *args, **kwargs):
     return ours, ref
 
 
-def leaf(t, grad):
+def leaf(t, grad, huge=True):
+    # two copies of t, one element of it NaN, +-inf or huge in some cases (not for attention: a
+    # huge score makes its flash-style backward, dS = P (dP - dO . O), cancel at fp32 precision)
+    special = pick(None, None, None, None, "nan", "inf", "-inf", "1e3" if huge else None)
+    if special is not None and t.numel():
+        t = t.clone()
+        t.view(-1)[rng.randrange(t.numel())] = float(special)
     return t.clone().requires_grad_(grad), t.clone().requires_grad_(grad)
 
 
@@ -122,7 +129,7 @@ def mha_case():
         shape = (batch, length, embed) if batch_first else (length, batch, embed)
         return torch.randn(shape) if batched else torch.randn(length, embed)
     grad = pick(True, False)
-    q, q_ref = leaf(tokens(len_q), grad)
+    q, q_ref = leaf(tokens(len_q), grad, huge=False)
     kv = q if self_attn else tokens(len_s)
     kv_ours, kv_ref = (q, q_ref) if self_attn else (kv, kv)
     b = batch if batched else 1

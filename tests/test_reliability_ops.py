@@ -403,12 +403,14 @@ def test_gru_cell_tuple_hx_raises_as_torch():
 
 
 # --------------------------------------------------------------------------- recurrent NaN / Inf
-RNN_MODULES = ("RNNCell", "GRUCell", "LSTMCell", "RNN", "GRU", "LSTM")
+RNN_MODULES = ("RNNCell", "RNNCell-relu", "GRUCell", "LSTMCell", "RNN", "RNN-relu", "GRU", "LSTM")
 
 
 def _rnn_twins(name):
-    ref = getattr(torch.nn, name)(3, 4)
-    ours = getattr(fnn, name)(3, 4)
+    name, _, relu = name.partition("-")
+    kwargs = {"nonlinearity": "relu"} if relu else {}
+    ref = getattr(torch.nn, name)(3, 4, **kwargs)
+    ours = getattr(fnn, name)(3, 4, **kwargs)
     ours.load_state_dict(ref.state_dict())
     return ours, ref
 
@@ -425,7 +427,7 @@ def test_rnn_nan_and_saturation_as_torch(value, name, backend):
     torch instead of turning into NaN (fp32, forward and backward). The weight gradients carry x
     itself: their bound is fp32's relative one times |x|."""
     ours, ref = _rnn_twins(name)
-    x = torch.randn(5, 3) if name.endswith("Cell") else torch.randn(4, 5, 3)
+    x = torch.randn(5, 3) if "Cell" in name else torch.randn(4, 5, 3)
     x[1, 2] = float(value)
     a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
     with fastrec.use_backend(backend):
@@ -444,7 +446,7 @@ def test_rnn_nan_and_saturation_as_torch(value, name, backend):
 @pytest.mark.parametrize("name", RNN_MODULES)
 def test_rnn_infinite_input_as_torch(name, backend):
     ours, ref = _rnn_twins(name)
-    x = torch.randn(6, 3) if name.endswith("Cell") else torch.randn(4, 6, 3)
+    x = torch.randn(6, 3) if "Cell" in name else torch.randn(4, 6, 3)
     x[1, 2], x[3, 0] = float("inf"), float("-inf")
     with fastrec.use_backend(backend), torch.no_grad():
         out = _first(ours(x))
