@@ -89,7 +89,8 @@ inline T vsum(const Vec<T>& x) {
 }
 template <typename T>
 inline T vmax(const Vec<T>& x) {
-  return vreduce<T>(x, [](const Vec<T>& a, const Vec<T>& b) { return a > b ? a : b; });
+  // NaN-propagating: a NaN score makes the row's max NaN (its output NaN, as in torch)
+  return vreduce<T>(x, [](const Vec<T>& a, const Vec<T>& b) { return (a > b) | (a != a) ? a : b; });
 }
 
 // 16 x 16 transpose of floats: rows v[i] become columns. Four butterfly stages; stage b
@@ -512,7 +513,7 @@ void forward_head(const Masks<acc_t>& m, const View4<scalar_t>& q, const View4<s
         Vec<acc_t> mv = vsplat(-kInf<acc_t>);
         for (int64_t c = c0; c < c1; c += kN<acc_t>) {
           const Vec<acc_t> x = vload(sr + c);
-          mv = x > mv ? x : mv;
+          mv = (x > mv) | (x != x) ? x : mv;  // NaN propagates: not a fully masked row
         }
         mx = vmax<acc_t>(mv);
       }

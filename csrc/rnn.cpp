@@ -134,7 +134,12 @@ inline Vec<float> vrecip(Vec<float> d) {
 #endif
 }
 
-inline Vec<float> vsigmoid(Vec<float> x) { return vrecip(1.0f + vexp(-x)); }
+// vexp overflows to +inf for x <~ -88.4, where vrecip's Newton step would give NaN: sigmoid is 0
+// there (NaN still propagates: NaN == inf is false).
+inline Vec<float> vsigmoid(Vec<float> x) {
+  const Vec<float> d = 1.0f + vexp(-x);
+  return d == vsplat(std::numeric_limits<float>::infinity()) ? Vec<float>{} : vrecip(d);
+}
 
 // tanh on 16 floats: odd rational approximation p(x) / q(x^2) of degrees 13 / 6 on x clamped to
 // +-7.9 (where tanh rounds to +-1), Eigen's ptanh_float coefficients; a few ulp, no cancellation
@@ -283,7 +288,7 @@ __attribute__((always_inline)) inline void forward_epilogue(
     if constexpr (M == Mode::kTanh) {
       y = vtanh(y);
     } else {
-      y = y > T(0) ? y : Vec<T>{};
+      y = y < T(0) ? Vec<T>{} : y;  // relu; NaN propagates
     }
     vstore(hnext + c, y);
     vstore_n(outr + c, y, nc);
@@ -491,7 +496,7 @@ __attribute__((always_inline)) inline void backward_gates(
     if constexpr (M == Mode::kTanh) {
       d = dh * (one - y * y);
     } else {
-      d = y > T(0) ? dh : Vec<T>{};
+      d = y <= T(0) ? Vec<T>{} : dh;  // torch's relu backward: NaN passes dh
     }
     vstore_n(dgxr + c, d, nc);
     vstore_n(dghr_out + c, d, nc);
@@ -1004,7 +1009,7 @@ void cell_forward_row(int64_t H, const T* pre, const T* gh, const T* b_hh, const
       if constexpr (M == Mode::kTanh) {
         y = vtanh(y);
       } else {
-        y = y > T(0) ? y : Vec<T>{};
+        y = y < T(0) ? Vec<T>{} : y;  // relu; NaN propagates
       }
       cstore(hn + j, y, nc);
       cstore(ws + j, y, nc);
@@ -1048,7 +1053,7 @@ void cell_backward_row(int64_t H, const T* dhn, const T* dcn, const T* ws, const
       if constexpr (M == Mode::kTanh) {
         cstore(dgx + j, dh * (one - y * y), nc);
       } else {
-        cstore(dgx + j, y > T(0) ? dh : Vec<T>{}, nc);
+        cstore(dgx + j, y <= T(0) ? Vec<T>{} : dh, nc);  // NaN passes dh, as torch
       }
     } else if constexpr (M == Mode::kGru) {
       const Vec<T> r = cload(ws + j, nc), z = cload(ws + H + j, nc),
@@ -1217,7 +1222,7 @@ inline void cell_chunk_rows(const T* __restrict x, int64_t I, const T* __restric
       if constexpr (M == Mode::kTanh) {
         y = vtanh(y);
       } else {
-        y = y > T(0) ? y : Vec<T>{};
+        y = y < T(0) ? Vec<T>{} : y;  // relu; NaN propagates
       }
       cstore(hn + r * H + j0, y, nc);
       cstore(wsr, y, nc);
@@ -1357,6 +1362,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_cell_forward_cpp(
   at::Tensor hn = at::empty({B, H}, opts);
   at::Tensor cn = at::empty({lstm ? B : 0, lstm ? H : 0}, opts);
   at::Tensor ws = at::empty({B, K * H}, opts);
+  if (B == 0) return {hn, cn, ws};  // an empty batch: nothing to compute
   const at::Tensor w_ih_c = w_ih.detach().contiguous(), w_hh_c = w_hh.detach().contiguous();
   const at::Tensor b_ih_c = b_ih.has_value() ? b_ih->detach().contiguous() : at::Tensor();
   const at::Tensor b_hh_c = b_hh.has_value() ? b_hh->detach().contiguous() : at::Tensor();
@@ -1430,6 +1436,11 @@ rnn_cell_backward_cpp(const at::Tensor& grad_hn_in, const std::optional<at::Tens
   at::Tensor dc = at::empty({lstm ? B : 0, lstm ? H : 0}, opts);
   at::Tensor dx = at::empty({B, I}, opts);
   at::Tensor dh = at::empty({B, H}, opts);
+  if (B == 0) {  // an empty batch: zero weight and bias gradients
+    const int64_t nb = has_bias ? G * H : 0;
+    return {dx, dh, dc, at::zeros({G * H, I}, opts), at::zeros({G * H, H}, opts),
+            at::zeros({nb}, opts), at::zeros({nb}, opts)};
+  }
   if (B <= kCellSmallBatch) {  // a few rows: one serial pass, no GEMM calls, no parallel region
     const at::Tensor w_ih_c = w_ih_d.contiguous(), w_hh_c = w_hh_d.contiguous();
     at::Tensor dw_ih = at::empty({G * H, I}, opts), dw_hh = at::empty({G * H, H}, opts);

@@ -166,7 +166,7 @@ def _forward_gates(
         if MODE == 0:
             h_new = tanh(pre0)
         else:
-            h_new = tl.maximum(pre0, 0.0)
+            h_new = tl.where(pre0 < 0.0, 0.0, pre0)  # relu; NaN propagates (as torch)
         tl.store(ws, tl.where(act, h_new, 0.0).to(cdt), mask=store_mask)
     else:
         pre1 = acc1 + tl.load(gx + H, mask=load_mask, other=0.0).to(cdt)
@@ -244,7 +244,7 @@ def _backward_gates(
         if MODE == 0:
             d = dh * (1.0 - y * y)
         else:
-            d = tl.where(y > 0.0, dh, 0.0)
+            d = tl.where(y <= 0.0, 0.0, dh)  # torch's relu backward: NaN passes dh
         d = tl.where(act, d, 0.0)
         tl.store(gx, d, mask=store_mask)
         tl.store(gh, d, mask=store_mask)
@@ -1014,7 +1014,7 @@ def _rnn_cell_forward_kernel(
         if MODE == 0:
             y = tanh(p0)
         else:
-            y = tl.maximum(p0, 0.0)
+            y = tl.where(p0 < 0.0, 0.0, p0)  # relu; NaN propagates (as torch)
         tl.store(HNew + state, y.to(HNew.dtype.element_ty), mask=mask)
         tl.store(ws, y, mask=mask)
     else:
@@ -1172,7 +1172,7 @@ def _rnn_cell_backward_kernel(
         if MODE == 0:
             tl.store(dgx, dh * (1.0 - y * y), mask=mask)
         else:
-            tl.store(dgx, tl.where(y > 0.0, dh, 0.0), mask=mask)
+            tl.store(dgx, tl.where(y <= 0.0, 0.0, dh), mask=mask)  # NaN passes dh, as torch
     elif MODE == 2:
         r = tl.load(ws, mask=mask, other=0.0)
         z = tl.load(ws + H, mask=mask, other=0.0)

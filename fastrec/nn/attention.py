@@ -107,21 +107,22 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         batch, len_q = query.shape[:2] if batch_major else query.shape[1::-1]
         embed, heads, head_dim = self.embed_dim, self.num_heads, self.head_dim
 
-        def split_heads(x: Tensor) -> Tensor:  # tokens -> (B, H, L, D), a view
+        len_k = key.shape[1] if batch_major else key.shape[0]
+        check_masks(attn_mask, key_padding_mask, batch, heads, len_q, len_k)
+
+        def split_heads(x: Tensor) -> Tensor:  # tokens -> (B, H, L, D), a view (L explicit: B may be 0)
             if batch_major:
-                return x.view(batch, -1, heads, head_dim).transpose(1, 2)
-            return x.view(-1, batch, heads, head_dim).permute(1, 2, 0, 3)
+                return x.view(batch, x.shape[1], heads, head_dim).transpose(1, 2)
+            return x.view(x.shape[0], batch, heads, head_dim).permute(1, 2, 0, 3)
 
         q, k, v = (split_heads(x) for x in self._project(query, key, value))
 
         causal = False
         if attn_mask is not None:
-            if attn_mask.dim() not in (2, 3):
-                raise RuntimeError(f"attn_mask's dimension {attn_mask.dim()} is not supported")
             if is_causal or _is_causal_mask(attn_mask, len_q, k.shape[2]):
                 attn_mask, causal = None, True
             elif attn_mask.dim() == 3:
-                attn_mask = attn_mask.view(batch, heads, len_q, -1)
+                attn_mask = attn_mask.view(batch, heads, len_q, len_k)
 
         extra_keys = []  # torch's order: bias_k/bias_v first, then the zero key
         if self.bias_k is not None:
@@ -174,6 +175,26 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             k, v = F.linear(key, weight[embed:], None if bias is None else bias[embed:]).chunk(2, dim=-1)
             return q, k, v
         return q, F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+
+
+def check_masks(
+    attn_mask: Tensor | None, key_padding_mask: Tensor | None, batch: int, heads: int, len_q: int, len_k: int
+) -> None:
+    """torch's mask shapes for ``MultiheadAttention`` (batch 1 for unbatched input): ``attn_mask``
+    ``(L, S)`` or ``(batch*heads, L, S)``, ``key_padding_mask`` ``(batch, S)``. Every backend runs
+    behind this check, so no mask of another shape is reshaped into one that fits."""
+    if attn_mask is not None:
+        if attn_mask.dim() == 2:
+            form, expected = "(L, S)", (len_q, len_k)
+        elif attn_mask.dim() == 3:
+            form, expected = "(batch*heads, L, S)", (batch * heads, len_q, len_k)
+        else:
+            shape = tuple(attn_mask.shape)
+            raise ValueError(f"attn_mask must be 2-D (L, S) or 3-D (batch*heads, L, S), got shape {shape}")
+        if tuple(attn_mask.shape) != expected:
+            raise RuntimeError(f"attn_mask must be {form} = {expected}, got {tuple(attn_mask.shape)}")
+    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (batch, len_k):
+        raise ValueError(f"key_padding_mask must be (batch, S) = {(batch, len_k)}, got {tuple(key_padding_mask.shape)}")
 
 
 def _causal_bool_mask(len_q: int, len_k: int, device: torch.device) -> Tensor:

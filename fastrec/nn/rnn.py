@@ -174,6 +174,8 @@ def _cell_unfused_reason(module: torch.nn.RNNCellBase, input, hx) -> str | None:
         return "input dtype/device differs from the weights"
     if hx is None:
         return None
+    if isinstance(hx, tuple) != isinstance(module, torch.nn.LSTMCell):
+        return "hx form"  # LSTMCell takes (h, c), the others a tensor: torch raises its own error
     rank, hidden = input.dim(), module.hidden_size
     for t in hx if isinstance(hx, tuple) else (hx,):
         if not isinstance(t, Tensor) or t.dtype != dtype or t.is_cpu != cpu or not cpu and t.device != input.device:

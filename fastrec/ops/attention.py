@@ -21,6 +21,9 @@ The contract every backend implements (Triton: ``kernels/attention.py``; C++:
 - ``out`` ``(B, H, Lq, D)`` contiguous in q's dtype; ``lse`` ``(B, H, Lq)`` fp32 (fp64 for fp64
   q), the natural-log log-sum-exp of the allowed scores before dropout. A row with no allowed
   key has ``out = 0`` and ``lse = +inf``, so its probabilities and gradients are exactly zero.
+  A NaN score (NaN in q, k or v) makes its row's output, lse, probabilities and gradients NaN,
+  as in torch: a diverging model shows it. A call with no output element (B, H, Lq or D_v 0)
+  returns torch's empty result on every backend.
 - Backward recomputes ``P = exp(s - lse)`` (nothing of size L x L is saved or written) and
   returns contiguous gradients in the dtypes of q, k, v.
 - ``need_weights`` (cpp and torch; the C++ op's ``return_probs``): the forward also returns the
@@ -241,7 +244,12 @@ def attention(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Attention on canonical inputs (see the module docstring); picks the backend per call.
     ``need_weights``: ``(out, probs)``, probs ``(B, H, Lq, Lk)`` after dropout in q's dtype."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if scale is None:  # head_dim 0: every score is 0 whatever the scale (torch: uniform weights)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
+    scale = float(scale)
+    if q.shape[:-1].numel() == 0 or v.shape[-1] == 0:  # no output element: the reference, any backend
+        backends.count(OP, "torch", "empty output")
+        return attention_torch(q, k, v, key_padding_mask, lengths, bias, None, causal, scale, 0.0, None, need_weights)
     reason = _unfused_reason(q, k, v, bias, causal, need_weights)
     backend = backends.select(q.device, reason)
     backends.count(OP, backend, reason or "")

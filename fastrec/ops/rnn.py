@@ -503,7 +503,11 @@ def rnn_cell(
     b_hh: Tensor | None,
     mode: str,
 ) -> tuple[Tensor, Tensor | None]:
-    """One step of a cell on ``x (B, I)``, ``h``/``c`` ``(B, H)``: ``(h_new, c_new or None)``."""
+    """One step of a cell on ``x (B, I)``, ``h``/``c`` ``(B, H)``: ``(h_new, c_new or None)``.
+    An empty batch runs torch's cell on every backend: empty states, zero weight gradients."""
+    if x.shape[0] == 0:
+        backends.count(CELL_OP, "torch", "empty batch")
+        return rnn_cell_torch(x, h, c, w_ih, w_hh, b_ih, b_hh, mode)
     if backends.forced() is None and x.device.type == "cpu" and HAVE_CELL_CPP and x.dtype in _CELL_DTYPES:
         backend, reason = "cpp", None  # the common case, decided without the general selection (per step)
     else:
