@@ -282,8 +282,6 @@ def _unfused_reason(x: Tensor) -> str | None:
         return "fastrec._C does not register conv_forward_cpp"
     if x.device.type not in ("cpu", "cuda"):
         return f"no fused conv kernel for {x.device.type} tensors"
-    if x.numel() == 0:
-        return "empty input"
     return None
 
 
@@ -300,6 +298,9 @@ def conv(
 ) -> Tensor:
     """The fused op on canonical inputs (see the module docstring); picks the backend per call."""
     stride, padding, dilation, pool = (list(v) for v in (stride, padding, dilation, pool))
+    if x.numel() == 0:  # an empty batch (or empty spatial input) runs torch's ops on every backend
+        backends.count(OP, "torch", "empty batch")
+        return conv_torch(x, w, bias, stride, padding, dilation, groups, act, pool)[0]
     out_size = conv_output_size(x.shape, w.shape, stride, padding, dilation)
     reason = _unfused_reason(x) or routing.conv(x, act, pool, out_size[1])
     backend = path = backends.select(x.device, reason)

@@ -1,0 +1,212 @@
+"""Reliability of conv, Caser and dropout on edge inputs, against torch on every backend.
+
+- empty batches (``Conv1d``, ``Conv2d``, the functional conv with act / pool, ``CaserConv``,
+  ``functional.caser``, ``Dropout``, ``functional.dropout``): torch's empty result forward and
+  backward (zero weight gradients), no crash. These run in a subprocess, so a segfault is a test
+  failure and not a dead test run;
+- NaN, +inf and -inf in dropout's input propagate as in torch: the output and the gradient have
+  NaN exactly where torch's have NaN, and the other values agree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastrec
+from fastrec import functional as FF
+
+BACKENDS = ("cpp", "torch", "triton")
+ACTS = ("none", "relu", "gelu", "tanh", "sigmoid")
+VALUES = (float("nan"), float("inf"), float("-inf"))
+
+
+def run_isolated(script: str, *args: str, timeout: float = 300.0) -> dict:
+    """Runs ``script`` in a fresh interpreter (Triton's interpreter on); it prints one JSON dict of
+    case -> "ok" or what went wrong. A crash (e.g. a segfault) fails here with its exit code."""
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script), *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+    assert proc.returncode == 0, f"exit code {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- empty batches
+EMPTY_SCRIPT = """
+import json, sys, traceback
+import torch
+import torch.nn.functional as F
+import fastrec
+from fastrec import functional as FF
+from fastrec import nn as fnn
+from fastrec.ops._conv_common import act_fn
+
+backend = sys.argv[1]
+results = {}
+
+
+def same(a, b, what):
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} vs torch's {tuple(b.shape)}"
+    assert a.dtype == b.dtype, f"{what}: dtype {a.dtype} vs torch's {b.dtype}"
+    torch.testing.assert_close(a, b, msg=what)
+
+
+def case(name):
+    def wrap(fn):
+        try:
+            with fastrec.use_backend(backend):
+                fn()
+            results[name] = "ok"
+        except Exception:
+            results[name] = traceback.format_exc(limit=3)
+        return fn
+    return wrap
+
+
+def leaves(*tensors):
+    return [t.detach().clone().requires_grad_() for t in tensors]
+
+
+def check(ours_fn, ref_fn, tensors):
+    ours_in, ref_in = leaves(*tensors), leaves(*tensors)
+    with fastrec.use_backend(backend):
+        ours = ours_fn(*ours_in)
+    ref = ref_fn(*ref_in)
+    ours = ours if isinstance(ours, tuple) else (ours,)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    for k, (a, b) in enumerate(zip(ours, ref)):
+        same(a, b, f"output {k}")
+    sum(o.sum() for o in ours).backward()
+    sum(o.sum() for o in ref).backward()
+    for k, (a, b) in enumerate(zip(ours_in, ref_in)):
+        assert a.grad is not None, f"no gradient for input {k}"
+        same(a.grad, b.grad, f"grad {k}")
+
+
+for dim in (1, 2):
+    for act in ("none", "relu", "gelu"):
+        for pool in (1, 2):
+            @case(f"functional.conv{dim}d act={act} pool={pool}")
+            def _():
+                conv, maxpool = (FF.conv1d, F.max_pool1d) if dim == 1 else (FF.conv2d, F.max_pool2d)
+                ref_conv = F.conv1d if dim == 1 else F.conv2d
+                x = torch.randn(0, 4, *([6] * dim))
+                w = torch.randn(6, 2, *([3] * dim))
+                b = torch.randn(6)
+
+                def ref(x, w, b):
+                    a = act_fn(act)(ref_conv(x, w, b, padding=1, groups=2))
+                    return a if pool == 1 else maxpool(a, pool)
+
+                check(lambda x, w, b: conv(x, w, b, padding=1, groups=2, act=act, pool=pool), ref, (x, w, b))
+
+
+for dim in (1, 2):
+    @case(f"nn.Conv{dim}d")
+    def _():
+        ours = (fnn.Conv1d if dim == 1 else fnn.Conv2d)(3, 4, 3, padding=1)
+        ref = (torch.nn.Conv1d if dim == 1 else torch.nn.Conv2d)(3, 4, 3, padding=1)
+        ref.load_state_dict(ours.state_dict())
+        x = torch.randn(0, 3, *([5] * dim))
+        check(lambda x: ours(x), lambda x: ref(x), (x,))
+        for p, q in zip(ours.parameters(), ref.parameters()):
+            same(p.grad, q.grad, "weight grad")
+
+
+@case("nn.CaserConv")
+def _():
+    ours = fnn.CaserConv(5, 8, 3, 2)
+    ref = fnn.CaserConv(5, 8, 3, 2)
+    ref.load_state_dict(ours.state_dict())
+    E = torch.randn(0, 5, 8)
+    with fastrec.use_backend("torch"):
+        check(lambda E: ours(E), lambda E: ref(E), (E,))
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        same(p.grad, q.grad, "weight grad")
+
+
+@case("functional.caser")
+def _():
+    E = torch.randn(0, 4, 6)
+    w_h = [torch.randn(3, 1, k + 1, 6) for k in range(4)]
+    b_h = [torch.randn(3) for _ in range(4)]
+    w_v, b_v = torch.randn(2, 1, 4, 1), torch.randn(2)
+    n = len(w_h)
+
+    def call(fn):
+        return lambda E, w_v, b_v, *wb: fn(E, list(wb[:n]), list(wb[n:]), w_v, b_v, "relu", "tanh")
+
+    from fastrec.ops.caser import caser_torch
+
+    check(call(FF.caser), call(caser_torch), (E, w_v, b_v, *w_h, *b_h))
+
+
+@case("dropout")
+def _():
+    x = torch.randn(0, 7)
+    check(lambda x: FF.dropout(x, 0.3, True), lambda x: F.dropout(x, 0.3, True), (x,))
+    check(lambda x: fnn.Dropout(0.3)(x), lambda x: F.dropout(x, 0.3, True), (x,))
+    check(lambda x: FF.dropout(x, 1.0, True), lambda x: F.dropout(x, 1.0, True), (x,))
+
+
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batches_match_torch_without_crashing(backend):
+    results = run_isolated(EMPTY_SCRIPT, backend)
+    failed = {case: what for case, what in results.items() if what != "ok"}
+    assert not failed, failed
+    assert len(results) == 17
+
+
+# --------------------------------------------------------------------------- NaN and Inf
+def _same_with_nan(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    """NaN exactly where torch's result has NaN; every other value (inf included) as torch's."""
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
+    nan_a, nan_b = a.isnan(), b.isnan()
+    assert torch.equal(nan_a, nan_b), f"{what}: NaN at {nan_a.nonzero().tolist()} vs torch's {nan_b.nonzero().tolist()}"
+    torch.testing.assert_close(a[~nan_a], b[~nan_b], atol=1e-4, rtol=1e-4, msg=what)
+
+
+def _grads(fn, tensors, grad):
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    out.backward(grad)
+    return out.detach(), [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("value", VALUES, ids=["nan", "inf", "-inf"])
+def test_dropout_nan_inf_propagate_as_torch(value, backend):
+    """torch's dropout is ``x * mask / (1 - p)``: a NaN stays NaN where dropped too, an inf
+    dropped is NaN; the gradient (``grad * mask / (1 - p)``) stays finite."""
+    p = 0.4
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(3)).abs() + 0.5
+    bad = x.clone()
+    bad[::3, ::5] = value
+    with fastrec.use_backend(backend):
+        torch.manual_seed(7)
+        kept = FF.dropout(x, p, True) != 0
+        torch.manual_seed(7)
+        leaf = bad.clone().requires_grad_()
+        y = FF.dropout(leaf, p, True)
+        grad = torch.rand(y.shape) + 0.5
+        y.backward(grad)
+    scale = torch.where(kept, torch.tensor(1 / (1 - p)), torch.tensor(0.0))
+    _same_with_nan(y.detach(), bad * scale, "output")
+    _same_with_nan(leaf.grad, grad * scale, "grad")
+    if backend != "triton":  # cpp and torch draw torch's masks: F.dropout's result itself
+        torch.manual_seed(7)
+        _same_with_nan(y.detach(), F.dropout(bad, p, True), "F.dropout")
