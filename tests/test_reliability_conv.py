@@ -10,15 +10,10 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 import torch.nn.functional as F
+from isolated import PRELUDE, assert_all_ok, run_isolated
 
 import fastrec
 from fastrec import functional as FF
@@ -28,49 +23,12 @@ ACTS = ("none", "relu", "gelu", "tanh", "sigmoid")
 VALUES = (float("nan"), float("inf"), float("-inf"))
 
 
-def run_isolated(script: str, *args: str, timeout: float = 300.0) -> dict:
-    """Runs ``script`` in a fresh interpreter (Triton's interpreter on); it prints one JSON dict of
-    case -> "ok" or what went wrong. A crash (e.g. a segfault) fails here with its exit code."""
-    env = dict(os.environ)
-    if not torch.cuda.is_available():
-        env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script), *args], capture_output=True, text=True, timeout=timeout, env=env
-    )
-    assert proc.returncode == 0, f"exit code {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 # --------------------------------------------------------------------------- empty batches
-EMPTY_SCRIPT = """
-import json, sys, traceback
-import torch
+EMPTY_SCRIPT = (
+    PRELUDE
+    + """
 import torch.nn.functional as F
-import fastrec
-from fastrec import functional as FF
-from fastrec import nn as fnn
 from fastrec.ops._conv_common import act_fn
-
-backend = sys.argv[1]
-results = {}
-
-
-def same(a, b, what):
-    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} vs torch's {tuple(b.shape)}"
-    assert a.dtype == b.dtype, f"{what}: dtype {a.dtype} vs torch's {b.dtype}"
-    torch.testing.assert_close(a, b, msg=what)
-
-
-def case(name):
-    def wrap(fn):
-        try:
-            with fastrec.use_backend(backend):
-                fn()
-            results[name] = "ok"
-        except Exception:
-            results[name] = traceback.format_exc(limit=3)
-        return fn
-    return wrap
 
 
 def leaves(*tensors):
@@ -161,13 +119,13 @@ def _():
 
 print(json.dumps(results))
 """
+)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batches_match_torch_without_crashing(backend):
     results = run_isolated(EMPTY_SCRIPT, backend)
-    failed = {case: what for case, what in results.items() if what != "ok"}
-    assert not failed, failed
+    assert_all_ok(results)
     assert len(results) == 17
 
 
