@@ -181,7 +181,8 @@ def _train(args: argparse.Namespace) -> int:
 
 def _add_train(sub) -> None:
     from fastrec.models import MODELS
-    from fastrec.train import LR_SCHEDULES, MODEL_DEFAULTS, PROTOCOL, TrainConfig
+    from fastrec.models.base import LOSSES
+    from fastrec.train import LR_SCHEDULES, MODEL_DEFAULTS, POSITIONS, PROTOCOL, TrainConfig
 
     config = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
 
@@ -225,9 +226,24 @@ def _add_train(sub) -> None:
         choices=LR_SCHEDULES,
         help=f"constant, or cosine: decay --lr to 0 over --epochs, every batch ({defaults('lr_schedule')})",
     )
-    train.add_argument("--loss", default=config["loss"], choices=["ce", "bce"])
     train.add_argument(
-        "--negatives", type=int, default=config["n_negatives"], help="sampled negatives per example for --loss bce"
+        "--loss",
+        default=config["loss"],
+        choices=LOSSES,
+        help="ce: full-catalogue softmax; sampled-softmax (log-Q corrected), gbce (gSASRec), bce: sampled negatives",
+    )
+    train.add_argument(
+        "--negatives",
+        type=int,
+        default=config["n_negatives"],
+        help="sampled negatives: per batch for sampled-softmax and gbce, per example for bce (default: %(default)s)",
+    )
+    train.add_argument(
+        "--positions",
+        default=config["positions"],
+        choices=POSITIONS,
+        help="last: every prefix predicts its next item; all: every position of a sequence does (SASRec's "
+        "training; not caser) (default: %(default)s)",
     )
     train.add_argument("--max-len", type=int, default=config["max_len"], help=f"history length ({defaults('max_len')})")
     train.add_argument(

@@ -17,6 +17,7 @@ from fastrec.ops import caser as caser_ops
 from fastrec.ops import conv as conv_ops
 from fastrec.ops import dropout as dropout_ops
 from fastrec.ops import rnn as rnn_ops
+from fastrec.ops import sampled_softmax as sampled_ops
 from fastrec.ops._conv_common import ACTIVATIONS
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -670,3 +671,100 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool 
         backends.count(dropout_ops.OP, "torch", "inplace=True")
         return F.dropout(input, p, training, inplace=True)
     return dropout_ops.dropout(input, p, training)
+
+
+# =============================================================================================
+# sampled_softmax: sampled losses over a large class table
+# =============================================================================================
+def sampled_softmax_loss(
+    h: Tensor,
+    W: Tensor,
+    target: Tensor,
+    n_negatives: int,
+    *,
+    sampler: str = "uniform",
+    frequency: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Sampled softmax cross-entropy with the log-Q correction, the cheap stand-in for
+    ``F.cross_entropy(h @ W.T, target)`` over a large table.
+
+    ``h`` (R, d), ``W`` (V, d) (class c is row c), ``target`` (R,) long in 0..V-1 or
+    ``ignore_index``. ``sampler``: ``"uniform"`` or ``"popularity"`` (draws ``n_negatives``
+    classes, with replacement, uniformly or in proportion to ``frequency`` (V,)) or
+    ``"in-batch"`` (``n_negatives=0``: the other rows' targets only). One set of negatives is
+    shared by every row and drawn from torch's RNG (``generator`` or the default). Candidates
+    are the distinct classes among the targets and the negatives (so the other rows' targets are
+    negatives too, and a negative equal to a row's target is never counted against it); each
+    logit is corrected by ``-log`` of its expected count among them (``fastrec.ops.sampled_softmax``).
+    """
+    _check_sampled("sampled_softmax_loss", h, W, target, n_negatives, sampler, frequency, reduction)
+    negatives, q = sampled_ops.draw_negatives(n_negatives, W.shape[0], sampler, frequency, generator, h.device)
+    return sampled_ops.sampled_softmax(h, W, target, negatives, q, ignore_index, reduction)
+
+
+def gbce_loss(
+    h: Tensor,
+    W: Tensor,
+    target: Tensor,
+    n_negatives: int,
+    *,
+    t: float = 0.75,
+    sampler: str = "uniform",
+    frequency: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """gBCE (gSASRec; Petrov & Macdonald, RecSys 2023): binary cross-entropy of the target
+    against ``n_negatives`` sampled classes with the positive's log-sigmoid scaled by
+    ``beta = alpha * (t * (1 - 1 / alpha) + 1 / alpha)``, ``alpha = n_negatives / (V - 1)``, which
+    counters the overconfidence negative sampling teaches. ``t`` in [0, 1]: 0 is plain BCE, the
+    paper's default is 0.75. Per row ``beta * softplus(-s+) + sum_j softplus(s_j)`` over the shared
+    negatives (``"uniform"`` or ``"popularity"``) other than the row's target; arguments as
+    ``sampled_softmax_loss``.
+    """
+    _check_sampled("gbce_loss", h, W, target, n_negatives, sampler, frequency, reduction)
+    if sampler == "in-batch":
+        raise ValueError("gbce_loss: sampler must be 'uniform' or 'popularity', got 'in-batch'")
+    if not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
+        raise ValueError(f"t must be a float in [0, 1], got {t!r}")
+    if W.shape[0] < 2:
+        raise ValueError(f"W must have at least 2 rows (classes) for gbce_loss, got {W.shape[0]}")
+    beta = sampled_ops.gbce_beta(n_negatives, W.shape[0], float(t))
+    negatives, _ = sampled_ops.draw_negatives(n_negatives, W.shape[0], sampler, frequency, generator, h.device)
+    return sampled_ops.gbce(h, W, target, negatives, beta, ignore_index, reduction)
+
+
+def _check_sampled(fn, h, W, target, n_negatives, sampler, frequency, reduction) -> None:
+    for name, t in (("h", h), ("W", W), ("target", target)):
+        _check_tensor(name, t)
+    if h.dim() != 2 or W.dim() != 2 or h.shape[1] != W.shape[1]:
+        raise ValueError(f"{fn}: h must be (R, d) and W (V, d) with the same d, got {_shape(h)} and {_shape(W)}")
+    if W.shape[0] < 1:
+        raise ValueError(f"{fn}: W must have at least one row (class), got {_shape(W)}")
+    if h.dtype not in _FLOAT_DTYPES or W.dtype != h.dtype:
+        raise TypeError(f"{fn}: h and W must share a float dtype, got {h.dtype} and {W.dtype}")
+    if W.device != h.device or target.device != h.device:
+        raise ValueError(f"{fn}: h, W and target must be on one device, got {h.device}, {W.device}, {target.device}")
+    if target.dtype != torch.long or target.shape != (h.shape[0],):
+        raise ValueError(f"{fn}: target must be ({h.shape[0]},) long, got {_shape(target)} {target.dtype}")
+    if sampler not in sampled_ops.SAMPLERS:
+        raise ValueError(f"{fn}: sampler must be one of {sampled_ops.SAMPLERS}, got {sampler!r}")
+    if reduction not in sampled_ops.REDUCTIONS:
+        raise ValueError(f"{fn}: reduction must be one of {sampled_ops.REDUCTIONS}, got {reduction!r}")
+    if not isinstance(n_negatives, int) or isinstance(n_negatives, bool) or n_negatives < 0:
+        raise ValueError(f"{fn}: n_negatives must be an int >= 0, got {n_negatives!r}")
+    if sampler == "in-batch" and n_negatives != 0:
+        raise ValueError(f"{fn}: n_negatives must be 0 with sampler='in-batch', got {n_negatives}")
+    if sampler != "in-batch" and n_negatives < 1:
+        raise ValueError(f"{fn}: n_negatives must be >= 1 with sampler={sampler!r}, got {n_negatives}")
+    if sampler == "popularity":
+        if not isinstance(frequency, Tensor) or frequency.shape != (W.shape[0],):
+            raise ValueError(f"{fn}: frequency must be a ({W.shape[0]},) tensor for sampler='popularity'")
+        if bool((frequency < 0).any()) or not bool(frequency.sum() > 0):
+            raise ValueError(f"{fn}: frequency must be non-negative with a positive sum")
+    elif frequency is not None:
+        raise ValueError(f"{fn}: frequency is for sampler='popularity', got sampler={sampler!r}")

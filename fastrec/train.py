@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from fastrec import backends
 from fastrec.models import MODELS, ModelInput, SequentialRecommender
+from fastrec.models.base import LOSSES
 
 # What a TrainConfig field left None means for each model. Caser's learning rate and schedule
 # (with its reg_weight and filter counts) had the best validation NDCG@10 in a sweep over seeds
@@ -54,6 +55,7 @@ PROTOCOL = {"epochs": 12, "patience": 3}
 KS = (5, 10, 20)
 MONITOR = "NDCG@10"
 LR_SCHEDULES = ("constant", "cosine")
+POSITIONS = ("last", "all")
 
 
 class CheckpointError(ValueError):
@@ -77,8 +79,9 @@ class TrainConfig:
     eval_batch_size: int = 1024
     lr: float | None = None  # None: the model's (MODEL_DEFAULTS)
     lr_schedule: str | None = None  # "constant", or "cosine": per step from lr to 0 over ``epochs``
-    loss: str = "ce"
-    n_negatives: int = 1
+    loss: str = "ce"  # fastrec.models.base.LOSSES: ce, sampled-softmax, gbce, bce
+    n_negatives: int = 1  # sampled negatives per batch (sampled-softmax, gbce) or per example (bce)
+    positions: str = "last"  # "last": each prefix predicts its next item; "all": every position does
     max_len: int | None = None  # None: the model's, 50 (SASRec, GRU4Rec) or 10 (Caser)
     dropout: float | None = None  # None: the model's default
     patience: int = 3
@@ -113,6 +116,12 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.time_limit_s is not None and self.time_limit_s <= 0:
             raise ValueError(f"time_limit_s must be positive or None, got {self.time_limit_s!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
+        if self.positions == "all" and self.model == "caser":
+            raise ValueError("positions='all' needs a per-position output, which caser has not; use positions='last'")
         if self.resume and not self.checkpoint:
             raise ValueError("resume=True needs checkpoint= (the path to resume from), got None")
         if self.data_options and self.data in ("ml-100k", "synthetic"):
@@ -176,8 +185,13 @@ def load_data(config: TrainConfig, padding_side: str) -> Data:
             f"{config.data}: no user has {MIN_EVAL_LENGTH} or more items, so the leave-one-out split leaves "
             f"no validation or test users ({inter.n_users} users, {len(inter)} interactions)"
         )
-    histories, targets, users = fdata.train_examples(split, config.max_len, augment=True, return_users=True)
-    train = fdata.Batches(
+    if config.positions == "all":
+        histories, targets, users = fdata.train_sequences(split, config.max_len)
+        batches = fdata.PositionBatches
+    else:
+        histories, targets, users = fdata.train_examples(split, config.max_len, augment=True, return_users=True)
+        batches = fdata.Batches
+    train = batches(
         histories,
         targets,
         users,
@@ -294,6 +308,7 @@ def _save(path: str, state: dict) -> None:
 # and its options (the weights' shapes and meaning), the data and seed (the batch order and the
 # split the weights were fitted on), the schedule (the optimizer's state).
 RESUME_MUST_MATCH = ("model", "model_options", "max_len", "dropout", "data", "data_options", "seed", "lr_schedule")
+RESUME_MUST_MATCH += ("loss", "n_negatives", "positions")  # the objective the optimizer's state was fitted to
 CHECKPOINT_KEYS = frozenset(
     ("config", "epoch", "model", "optimizer", "schedule", "epochs", "best_epoch", "best_value", "best_state",
      "bad_epochs", "batch_rng", "torch_rng")
@@ -493,6 +508,8 @@ def run(config: TrainConfig, log: Callable[[str], None] = print) -> RunResult:
             + (f", amp {config.amp}" if config.amp else "")
             + (", compiled" if config.compile else "")
             + (f", dropout stream {config.dropout_stream}" if config.dropout_stream != "auto" else "")
+            + (f", loss {config.loss}" if config.loss != "ce" else "")
+            + (", all positions" if config.positions == "all" else "")
         )
     with backends.use_dropout_stream(config.dropout_stream):
         epochs, best_epoch = fit(model, data, config, log)

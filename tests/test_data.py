@@ -261,3 +261,25 @@ def test_id_out_of_int64_range_names_file_line_and_column(tmp_path, value):
     with pytest.raises(DataError, match=rf"log\.csv: line 3: column 'user': id {value} does not fit in 64 bits"):
         load_csv(path, user="u", item="i", time="t")
     assert load_csv(write(tmp_path, "ok.csv", "u,i,t\n9223372036854775807,2,5\n"), user="u", item="i", time="t")
+
+
+def test_train_sequences_windows_every_target_once_and_position_batches_align():
+    from fastrec.data import PositionBatches
+    from fastrec.data.split import Split, train_sequences
+
+    seqs = [np.arange(1, 8), np.array([9]), np.array([4, 5])]
+    split = Split(seqs, np.array([3, 4, 5]), [], np.empty(0), [], np.empty(0), np.empty(0), 10, 6)
+    inputs, targets, users = train_sequences(split, max_len=3)
+    assert [x.tolist() for x in inputs] == [[1, 2, 3], [4, 5, 6], [4]]
+    assert [x.tolist() for x in targets] == [[2, 3, 4], [5, 6, 7], [5]]
+    assert users.tolist() == [3, 3, 5]
+    assert [len(t) for t in targets] == [len(x) for x in inputs]
+    assert sorted(np.concatenate(targets).tolist()) == [2, 3, 4, 5, 5, 6, 7]
+    for side in ("left", "right"):
+        batch = next(iter(PositionBatches(inputs, targets, users, max_len=4, batch_size=3, side=side)))
+        assert batch.target.shape == (3, 4)
+        assert torch.equal(batch.target > 0, batch.items > 0)
+        row = batch.target[2].tolist()
+        assert row == ([0, 0, 0, 5] if side == "left" else [5, 0, 0, 0])
+    with pytest.raises(ValueError, match="targets\\[0\\] must have history 0's length"):
+        PositionBatches(inputs, [t[:1] for t in targets], users, max_len=4)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import fastrec
+from fastrec.data import pad
 from fastrec.models import MODELS, Caser, GRU4Rec, ModelInput, SASRec
 from fastrec.models.base import SequentialRecommender
 from fastrec.models.caser import CaserConvLoop
@@ -88,7 +89,7 @@ def test_backends_use_fastrec_modules_or_torch_modules():
     assert type(build("caser", "torch").conv) is CaserConvLoop
 
 
-@pytest.mark.parametrize("kind", ["ce", "bce"])
+@pytest.mark.parametrize("kind", ["ce", "bce", "sampled-softmax", "gbce"])
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_loss_and_every_gradient_match_torch(name, kind):
     fast, pt, ref = three_models(name)
@@ -304,3 +305,98 @@ def test_caser_loss_adds_recboles_l2_term():
     torch.testing.assert_close(model.loss(batch), base + 1e-2 * sum(w.norm() for w in weights))
     with pytest.raises(ValueError, match="reg_weight"):
         build("caser", "fastrec", reg_weight=-1.0)
+
+
+# ---------------------------------------------------------------------------- all positions
+def all_positions_batch(model, seed: int = 0, batch: int = 5):
+    """Sequences of random lengths 1..max_len (one of them full), each position's target the next
+    item, padded on the model's side (target 0 = none); and the raw (inputs, targets)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, model.max_len + 1, (batch,), generator=g)
+    lengths[0] = model.max_len
+    seqs = [torch.randint(1, N_ITEMS + 1, (int(n) + 1,), generator=g).numpy() for n in lengths]
+    inputs, targets = [s[:-1] for s in seqs], [s[1:] for s in seqs]
+    items, lengths = pad(inputs, model.max_len, side=model.padding_side)
+    target, _ = pad(targets, model.max_len, side=model.padding_side)
+    return ModelInput(items, lengths, None, target), inputs, targets
+
+
+def prefix_reference_ce(model, inputs, targets):
+    """Full-catalogue CE of every position computed from the prefix that ends there, through the
+    model's last-position forward (no hidden_states)."""
+    losses = []
+    for seq, nxt in zip(inputs, targets, strict=True):
+        for j in range(len(seq)):
+            hidden = model(model.make_input([seq[: j + 1]]))
+            logits = hidden @ model.item_embedding.weight[1:].t()
+            losses.append(torch.nn.functional.cross_entropy(logits, torch.tensor([int(nxt[j]) - 1])))
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize(
+    ("name", "backend", "side"),
+    [("sasrec", "fastrec", "right"), ("sasrec", "fastrec", "left"), ("sasrec", "torch", "right"),
+     ("gru4rec", "fastrec", None), ("gru4rec", "torch", None)],
+)  # fmt: skip
+def test_all_positions_loss_is_every_prefix_predicting_its_next_item(name, backend, side):
+    """The (B, L) target loss = the mean over every real position of the last-position CE of the
+    prefix ending there; padded positions do not count, and every gradient agrees."""
+    model = build(name, backend, **({"padding_side": side} if side else {})).eval()
+    batch, inputs, targets = all_positions_batch(model)
+    assert (batch.target == 0).any(), "the batch has padded positions"
+    loss = model.loss(batch)
+    ref = prefix_reference_ce(model, inputs, targets)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
+    for got, want in zip(grads, ref_grads, strict=True):
+        if want is None:
+            assert got is None or got.abs().max() == 0
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["sampled-softmax", "gbce", "bce"])
+def test_all_positions_sampled_kinds_read_only_real_positions(kind):
+    """The sampled losses over all positions = the functional loss over the real positions' rows."""
+    model = build("sasrec", "fastrec").eval()
+    batch, _, _ = all_positions_batch(model, seed=1)
+    torch.manual_seed(5)
+    loss = model.loss(batch, kind=kind, n_negatives=4)
+    keep = batch.target > 0
+    hidden = model.hidden_states(batch)[keep]
+    target = batch.target[keep]
+    torch.manual_seed(5)
+    if kind == "sampled-softmax":
+        ref = fastrec.functional.sampled_softmax_loss(hidden, model.item_embedding.weight[1:], target - 1, 4)
+    elif kind == "gbce":
+        ref = fastrec.functional.gbce_loss(hidden, model.item_embedding.weight[1:], target - 1, 4)
+    if kind != "bce":  # bce draws its negatives per row: checked for a finite loss and gradient only
+        torch.testing.assert_close(loss, ref)
+    assert loss.isfinite()
+    loss.backward()
+    assert model.item_embedding.weight.grad.isfinite().all()
+
+
+def test_all_positions_hidden_states_match_forward_at_the_last_item():
+    for side in ("right", "left"):
+        model = build("sasrec", "fastrec", padding_side=side).eval()
+        batch, _, _ = all_positions_batch(model, seed=2)
+        states = model.hidden_states(batch)
+        col = batch.lengths - 1 if side == "right" else torch.full_like(batch.lengths, model.max_len - 1)
+        torch.testing.assert_close(states[torch.arange(len(col)), col], model(batch))
+
+
+def test_caser_has_no_all_positions_training():
+    model = build("caser", "fastrec")
+    batch = random_batch(model)
+    with pytest.raises(ValueError, match="Caser has no per-position output"):
+        model.loss(batch._replace(target=torch.ones_like(batch.items)))
+
+
+def test_all_positions_target_must_match_items():
+    model = build("sasrec", "fastrec")
+    batch, _, _ = all_positions_batch(model)
+    with pytest.raises(ValueError, match="batch.target must be"):
+        model.loss(batch._replace(target=batch.target[:, :3]))

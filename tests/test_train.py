@@ -437,3 +437,66 @@ def test_cli_device_cuda_without_cuda_is_a_one_line_error(monkeypatch, capsys):
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert "fastrec train: error: --device cuda: no CUDA device is available" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------- losses and positions
+@pytest.mark.parametrize(
+    ("name", "loss", "positions"),
+    [("sasrec", "ce", "all"), ("gru4rec", "ce", "all"), ("sasrec", "sampled-softmax", "last"),
+     ("gru4rec", "gbce", "all"), ("sasrec", "gbce", "last")],
+)  # fmt: skip
+def test_losses_and_all_positions_learn(name, loss, positions):
+    lines = []
+    batch_size = 16 if positions == "all" else 128  # all positions: one example per sequence window
+    cfg = config(model=name, loss=loss, positions=positions, n_negatives=8, epochs=3, lr=5e-3, batch_size=batch_size)
+    result = train.run(cfg, log=lines.append)
+    assert result.epochs[-1].loss < result.epochs[0].loss
+    assert result.test["NDCG@10"] > 0.15, result.test  # far better than a random ranking of 60 items
+    assert (f"loss {loss}" in lines[0]) == (loss != "ce")
+    assert ("all positions" in lines[0]) == (positions == "all")
+
+
+def test_all_positions_batches_hold_per_position_targets():
+    """positions='all': (B, L) targets aligned with the items, 0 exactly at padding, each the
+    item after the input at its column; every training item after a sequence's first is a target once."""
+    cfg = config(model="sasrec", positions="all")
+    data = train.load_data(cfg, "right")
+    batch = next(iter(data.train))
+    assert batch.target.shape == batch.items.shape
+    assert torch.equal(batch.target > 0, batch.items > 0)
+    n_targets = int((data.train.targets > 0).sum())
+    last = train.load_data(config(model="sasrec"), "right")
+    assert n_targets == last.train.n_examples  # the same (history, next item) pairs, counted by target
+
+
+def test_resume_with_another_loss_or_positions_is_refused(tmp_path):
+    cfg, data = _one_epoch_checkpoint(tmp_path)
+    for changes, named in (
+        ({"loss": "gbce"}, "loss='gbce', but .* was trained with 'ce'"),
+        ({"n_negatives": 5}, "n_negatives=5, but .* was trained with 1"),
+        ({"positions": "all"}, "positions='all', but .* was trained with 'last'"),
+    ):
+        changed = dataclasses.replace(cfg, resume=True, epochs=2, **changes)
+        with pytest.raises(train.CheckpointError, match=named):
+            train.fit(train.build_model(changed, data.n_items, data.n_users), data, changed, log=lambda _: None)
+
+
+def test_config_rejects_bad_loss_and_positions():
+    with pytest.raises(ValueError, match="loss must be one of"):
+        train.TrainConfig(loss="softmax")
+    with pytest.raises(ValueError, match="positions must be one of"):
+        train.TrainConfig(positions="first")
+    with pytest.raises(ValueError, match="caser has not"):
+        train.TrainConfig(model="caser", positions="all")
+
+
+def test_cli_loss_positions_and_negatives_reach_the_config(monkeypatch):
+    seen = []
+    monkeypatch.setattr(train, "run", lambda config: seen.append(config))
+    args = ["train", "--model", "sasrec", "--data", "synthetic", "--no-progress"]
+    assert cli.main([*args, "--loss", "sampled-softmax", "--positions", "all", "--negatives", "64"]) == 0
+    assert (seen[-1].loss, seen[-1].positions, seen[-1].n_negatives) == ("sampled-softmax", "all", 64)
+    assert cli.main(args) == 0
+    assert (seen[-1].loss, seen[-1].positions, seen[-1].n_negatives) == ("ce", "last", 1)
+    with pytest.raises(SystemExit):
+        cli.main([*args, "--positions", "middle"])

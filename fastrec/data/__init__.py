@@ -5,7 +5,7 @@ to the MovieLens, RecBole ``.inter`` or CSV loaders. ``fastrec.data.cdnow`` hold
 purchase-prediction data.
 """
 
-from fastrec.data.batching import Batch, Batches, pad
+from fastrec.data.batching import Batch, Batches, PositionBatches, pad
 from fastrec.data.cdnow import CDNOW, load_cdnow
 from fastrec.data.loaders import (
     DataError,
@@ -16,13 +16,14 @@ from fastrec.data.loaders import (
     load_movielens,
     load_recbole_inter,
 )
-from fastrec.data.split import Split, leave_one_out, train_examples, user_sequences
+from fastrec.data.split import Split, leave_one_out, train_examples, train_sequences, user_sequences
 from fastrec.data.synthetic import synthetic
 
 __all__ = [
     "CDNOW",
     "Batch",
     "Batches",
+    "PositionBatches",
     "DataError",
     "Interactions",
     "Split",
@@ -36,5 +37,6 @@ __all__ = [
     "pad",
     "synthetic",
     "train_examples",
+    "train_sequences",
     "user_sequences",
 ]

@@ -14,7 +14,8 @@ SIDES = ("left", "right")
 
 @dataclass
 class Batch:
-    """``items`` (B, L) long, 0 = padding; ``lengths`` (B,) real items per row; ``target`` (B,);
+    """``items`` (B, L) long, 0 = padding; ``lengths`` (B,) real items per row; ``target`` (B,)
+    (or (B, L), the item each position predicts, 0 = none, from ``PositionBatches``);
     ``user`` (B,) user index (0 where the examples carry none)."""
 
     items: Tensor
@@ -109,3 +110,30 @@ class Batches:
             else:
                 rows = order[start : start + self.batch_size]
             yield Batch(self.items[rows], self.lengths[rows], self.targets[rows], self.users[rows])
+
+
+class PositionBatches(Batches):
+    """Mini-batches for all-positions training: ``targets[e]`` holds the item each position of
+    ``histories[e]`` predicts (same length), padded on the same side with 0 (= no target), so a
+    batch's ``target`` is (B, L) aligned with its ``items``. Shuffling as ``Batches``."""
+
+    def __init__(
+        self,
+        histories: Sequence[np.ndarray],
+        targets: Sequence[np.ndarray],
+        users: np.ndarray | None = None,
+        max_len: int = 50,
+        batch_size: int = 256,
+        side: str = "left",
+        shuffle: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if len(targets) != len(histories):
+            raise ValueError(f"targets must hold one sequence per history ({len(histories)}), got {len(targets)}")
+        for i, (history, target) in enumerate(zip(histories, targets, strict=True)):
+            if len(target) != len(history):
+                raise ValueError(f"targets[{i}] must have history {i}'s length {len(history)}, got {len(target)}")
+        super().__init__(
+            histories, np.zeros(len(histories), dtype=np.int64), users, max_len, batch_size, side, shuffle, seed
+        )
+        self.targets = torch.from_numpy(_pad_numpy(targets, max_len, side)[0])

@@ -102,3 +102,30 @@ def train_examples(
     if return_users:
         return histories, targets_arr, np.asarray(users, dtype=np.int64)
     return histories, targets_arr
+
+
+def train_sequences(split: Split, max_len: int) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """All-positions training examples ``(inputs, targets, users)``: ``targets[e][j]`` is the item
+    after ``inputs[e][j]`` (SASRec's training, every position predicting its next item).
+
+    Each training sequence's targets (its items after the first) are cut, from the end, into
+    windows of at most ``max_len``; a window's inputs are the items just before its targets, so
+    every training item after a sequence's first is a target exactly once and the last window is
+    SASRec's (the last ``max_len + 1`` items). A window's positions see only the window's items.
+    Sequences of one item give no example.
+    """
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    inputs, targets, users = [], [], []
+    for user, seq in zip(split.users, split.train, strict=True):
+        end = seq.shape[0]
+        windows = []
+        while end > 1:
+            start = max(1, end - max_len)
+            windows.append((start, end))
+            end = start
+        for start, end in reversed(windows):
+            inputs.append(seq[start - 1 : end - 1])
+            targets.append(seq[start:end])
+            users.append(user)
+    return inputs, targets, np.asarray(users, dtype=np.int64)

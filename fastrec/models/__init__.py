@@ -2,7 +2,9 @@
 torch modules (``backend="torch"``), so that one script compares the two.
 
 Each model: ``forward(batch) -> (B, dim)``, ``scores(batch) -> (B, n_items + 1)`` (column 0,
-padding, is -inf), ``loss(batch, kind="ce"|"bce", n_negatives=1)`` and the serving call
+padding, is -inf), ``loss(batch, kind="ce"|"sampled-softmax"|"gbce"|"bce", n_negatives=1)``
+(``batch.target`` (B,), or (B, L) for all-positions training where the model has
+``hidden_states``) and the serving call
 ``recommend(histories, k, exclude_seen=True, users=None) -> (item ids (B, k), scores (B, k))``.
 """
 

@@ -1,8 +1,9 @@
-"""What every sequential recommender here shares: scoring against the (tied) item table, the two
+"""What every sequential recommender here shares: scoring against the (tied) item table, the
 training losses, and the serving call ``recommend``.
 
 A batch is anything with ``items`` (B, L) long (0 = padding), ``lengths`` (B,) long and, for
-models with a user embedding, ``user`` (B,) long; the loss also reads ``target`` (B,) long
+models with a user embedding, ``user`` (B,) long; the loss also reads ``target``, (B,) long for
+last-position training or (B, L) long (0 = no target) for all-positions training
 (``fastrec.data.Batch`` has all four; ``ModelInput`` below is the minimal one).
 """
 
@@ -16,15 +17,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastrec import functional as FF
 from fastrec import nn as fnn
+from fastrec.ops.sampled_softmax import _ce_over_table
 
 BACKENDS = ("fastrec", "torch")
-LOSSES = ("ce", "bce")
+LOSSES = ("ce", "sampled-softmax", "gbce", "bce")
 
 
 class ModelInput(NamedTuple):
     """A batch of histories: ``items`` (B, L) long (0 = padding), ``lengths`` (B,) long,
-    ``user`` (B,) long or None, ``target`` (B,) long or None (training only)."""
+    ``user`` (B,) long or None, ``target`` (B,) or (B, L) long or None (training only; ``loss``)."""
 
     items: Tensor
     lengths: Tensor
@@ -74,10 +77,26 @@ class SequentialRecommender(torch.nn.Module):
         logits[:, 0] = float("-inf")
         return logits
 
+    def hidden_states(self, batch) -> Tensor:
+        """(B, L, dim): the representation at every position of ``batch.items`` (position j's
+        from the items up to j), for all-positions training; models without one raise."""
+        raise ValueError(
+            f"{type(self).__name__} has no per-position output, so it trains on last-position targets only: "
+            "batch.target must be (B,), not (B, L)"
+        )
+
     def loss(self, batch, kind: str = "ce", n_negatives: int = 1) -> Tensor:
         """Mean training loss of the batch's next-item targets.
 
+        ``batch.target`` (B,): each row's next item after its history (last-position training);
+        (B, L), aligned with ``batch.items``: the item each position predicts, 0 where none
+        (all-positions training, ``hidden_states``; positions with target 0 do not count).
+
         ``ce``: softmax cross-entropy over the whole catalogue (items 1..n_items).
+        ``sampled-softmax``: ``fastrec.functional.sampled_softmax_loss`` over ``n_negatives``
+        uniform negatives shared by the batch plus the other rows' targets, log-Q corrected.
+        ``gbce``: ``fastrec.functional.gbce_loss`` (gSASRec's gBCE, t = 0.75) over ``n_negatives``
+        uniform negatives shared by the batch.
         ``bce``: binary cross-entropy of the target against ``n_negatives`` items per row drawn
         uniformly from the other items (never the target), from torch's RNG.
         """
@@ -86,13 +105,25 @@ class SequentialRecommender(torch.nn.Module):
         target = batch.target
         if target is None:
             raise ValueError("batch.target is required for the loss, got None")
-        hidden = self(batch)
+        if target.dim() == 2:
+            if target.shape != batch.items.shape:
+                shape = tuple(batch.items.shape)
+                raise ValueError(f"batch.target must be (B,) or (B, L) like items {shape}, got {tuple(target.shape)}")
+            hidden = self.hidden_states(batch)
+            keep = target > 0
+            hidden, target = hidden[keep], target[keep]
+        else:
+            hidden = self(batch)
         table = self.item_embedding.weight
         if kind == "ce":
-            return F.cross_entropy(hidden @ table[1:].t(), target - 1)
+            return _full_ce(hidden, table, target)
         check_positive(n_negatives=n_negatives)
+        if kind == "sampled-softmax":
+            return FF.sampled_softmax_loss(hidden, table[1:], target - 1, n_negatives)
         if self.n_items < 2:
-            raise ValueError(f"bce needs n_items >= 2 to draw negatives, got {self.n_items}")
+            raise ValueError(f"{kind} needs n_items >= 2 to draw negatives, got {self.n_items}")
+        if kind == "gbce":
+            return FF.gbce_loss(hidden, table[1:], target - 1, n_negatives)
         # Uniform over the n_items - 1 items other than the target: shift the target's index.
         shift = torch.randint(1, self.n_items, (target.shape[0], n_negatives), device=target.device)
         negatives = (target.unsqueeze(1) - 1 + shift) % self.n_items + 1
@@ -175,6 +206,12 @@ class SequentialRecommender(torch.nn.Module):
         """``forward`` in eval mode without autograd, as ``recommend`` runs it on the fastrec
         backend; models override it with a leaner path through ``fastrec.functional``."""
         return self(batch)
+
+
+def _full_ce(hidden: Tensor, table: Tensor, target: Tensor) -> Tensor:
+    """Mean softmax cross-entropy of ``hidden`` (R, dim) over every item (rows 1.. of the tied
+    ``table``) at ``target`` (R,) item ids: the one place the models compute full-catalogue CE."""
+    return _ce_over_table(hidden, table[1:], target - 1, None, -100, "mean")
 
 
 def _as_ids(history, index: int) -> np.ndarray:

@@ -56,6 +56,9 @@ class Caser(SequentialRecommender):
     reg_weight=1e-3`` (RecBole: 8, 4 and 1e-4), with ``fastrec train``'s Caser learning rate 3e-3
     decayed on a cosine, had the best validation NDCG@10 on MovieLens-100K in a sweep over seeds
     the accuracy runs (docs/accuracy.md) do not use (``benchmarks/results/sweep-caser-ml100k.json``).
+
+    Caser has no per-position output (its filters read the whole window at once), so it trains on
+    last-position targets only: all-positions targets (B, L) raise.
     """
 
     padding_side = "left"

@@ -65,6 +65,15 @@ class GRU4Rec(SequentialRecommender):
         last = output[torch.arange(items.shape[0], device=items.device), lengths - 1]
         return self.projection(last)
 
+    def hidden_states(self, batch) -> Tensor:
+        """(B, L, dim): the projected GRU output at every step (all-positions training); the
+        padded GRU runs, and steps past a row's length hold values the loss ignores."""
+        items = batch.items
+        if items.shape[1] > self.max_len:
+            raise ValueError(f"items must have at most max_len = {self.max_len} columns, got {items.shape[1]}")
+        output, _ = self.gru(self.dropout(self.item_embedding(items)))
+        return self.projection(output)
+
     def serve(self, batch) -> Tensor:
         """Inference: the fused recurrence called directly (no module dispatch, no output
         gather: with ``lengths`` its final state is the state at each row's last item)."""

@@ -80,10 +80,10 @@ class SASRec(SequentialRecommender):
             mask = self._masks[key] = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
         return mask
 
-    def forward(self, batch) -> Tensor:
-        """(B, dim): the last block's output at each history's last real item."""
-        items, lengths = batch.items, batch.lengths
-        batch_size, length = items.shape
+    def _encode(self, items: Tensor, lengths: Tensor) -> Tensor:
+        """(B, L, dim): the last block's output at every position, rows right-aligned (a
+        left-padded batch is rotated first)."""
+        length = items.shape[1]
         if length > self.max_len:
             raise ValueError(f"items must have at most max_len = {self.max_len} columns, got {length}")
         if self.padding_side == "left":  # rotate each row so that its items start at column 0
@@ -96,7 +96,25 @@ class SASRec(SequentialRecommender):
         mask = self._causal_mask(length, items.device)
         for block in self.blocks:
             x = block(x, src_mask=mask, is_causal=True)
-        return x[torch.arange(batch_size, device=items.device), lengths - 1]
+        return x
+
+    def forward(self, batch) -> Tensor:
+        """(B, dim): the last block's output at each history's last real item."""
+        lengths = batch.lengths
+        x = self._encode(batch.items, lengths)
+        return x[torch.arange(x.shape[0], device=x.device), lengths - 1]
+
+    def hidden_states(self, batch) -> Tensor:
+        """(B, L, dim): the last block's output at every column of ``batch.items`` (the causal
+        encoder's every output, SASRec's all-positions training), in the batch's own layout;
+        padding columns hold values the loss ignores."""
+        items, lengths = batch.items, batch.lengths
+        x = self._encode(items, lengths)
+        if self.padding_side == "left":  # undo the rotation: column j is rotated column (j + length) % L
+            length = items.shape[1]
+            back = (torch.arange(length, device=items.device) + lengths.unsqueeze(1)) % length
+            x = x.gather(1, back.unsqueeze(2).expand(-1, -1, x.shape[2]))
+        return x
 
     def serve(self, batch) -> Tensor:
         """Inference through the encoder op (``fastrec.ops.encoder``; on the CPU one C++ call for
