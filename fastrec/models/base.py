@@ -80,6 +80,9 @@ class SequentialRecommender(torch.nn.Module):
         ``ce``: softmax cross-entropy over the whole catalogue (items 1..n_items).
         ``bce``: binary cross-entropy of the target against ``n_negatives`` items per row drawn
         uniformly from the other items (never the target), from torch's RNG.
+
+        Rows whose target is 0 (the padding item: the padded rows of a fixed-shape batch, see
+        ``fastrec.graphs``) count in neither loss: the mean is over the other rows.
         """
         if kind not in LOSSES:
             raise ValueError(f"kind must be one of {LOSSES}, got {kind!r}")
@@ -89,7 +92,7 @@ class SequentialRecommender(torch.nn.Module):
         hidden = self(batch)
         table = self.item_embedding.weight
         if kind == "ce":
-            return F.cross_entropy(hidden @ table[1:].t(), target - 1)
+            return F.cross_entropy(hidden @ table[1:].t(), target - 1, ignore_index=-1)
         check_positive(n_negatives=n_negatives)
         if self.n_items < 2:
             raise ValueError(f"bce needs n_items >= 2 to draw negatives, got {self.n_items}")
@@ -98,9 +101,12 @@ class SequentialRecommender(torch.nn.Module):
         negatives = (target.unsqueeze(1) - 1 + shift) % self.n_items + 1
         positive_logit = (hidden * table[target]).sum(-1)
         negative_logit = torch.einsum("bd,bnd->bn", hidden, table[negatives])
-        positive = F.binary_cross_entropy_with_logits(positive_logit, torch.ones_like(positive_logit))
-        negative = F.binary_cross_entropy_with_logits(negative_logit, torch.zeros_like(negative_logit))
-        return positive + negative
+        real = (target > 0).to(positive_logit.dtype)
+        positive = F.binary_cross_entropy_with_logits(positive_logit, torch.ones_like(positive_logit), weight=real)
+        negative = F.binary_cross_entropy_with_logits(
+            negative_logit, torch.zeros_like(negative_logit), weight=real.unsqueeze(1)
+        )
+        return (positive + negative) * (target.shape[0] / real.sum().clamp(min=1))
 
     def make_input(
         self, histories: Sequence | Tensor, users: Sequence[int] | Tensor | None = None, *, full_length: bool = False
