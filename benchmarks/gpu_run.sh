@@ -8,8 +8,9 @@
 #   and conv_dispatch.json (the package's tables with this card's entries), bench.json (every
 #   figure, with card and versions; written row by row), bench.log (with host_profile.py's
 #   profile and gpu_diagnostics.py's report), train.log (fastrec train --compare per model),
-#   tests.log.
-# GPU_RUN_STEPS picks steps (default all: tune,dispatch,bench,diag,train,tests), GPU_RUN_TESTS the
+#   tests.log; graphs.log (one epoch per model, backend and eager / --cuda-graphs, and the
+#   tests that no training step synchronises the host).
+# GPU_RUN_STEPS picks steps (default all: tune,dispatch,bench,diag,train,graphs,tests), GPU_RUN_TESTS the
 # test files (default: every family's). The tables are written
 # into fastrec/ of this checkout, so the bench and the tests after them use them; commit the
 # copies in OUTDIR. Training reads MovieLens-100K from .data/ml-100k.inter (carried: the machine
@@ -42,7 +43,7 @@ step() {  # step SECONDS LOG COMMAND...: run with a time limit, output to the te
   [ "$rc" -eq 0 ] || status=1
 }
 
-steps=",${GPU_RUN_STEPS:-tune,dispatch,bench,diag,train,tests},"
+steps=",${GPU_RUN_STEPS:-tune,dispatch,bench,diag,train,graphs,tests},"
 want() { [[ $steps == *",$1,"* ]]; }
 
 if want tune; then
@@ -67,6 +68,24 @@ if want train && [ -f .data/ml-100k.inter ]; then
   done
   step 60 "$out/train.log" "$python" -m fastrec train --model sasrec --data .data/ml-100k.inter --device cuda \
     --compare --epochs 2 --amp bf16 --time-limit 0 --no-progress
+fi
+# One epoch of each model on each backend, eager and replayed as CUDA graphs (the epoch times of
+# the four lines per model are the whole-step bars' ratios), then the tests that run steps under
+# torch.cuda.set_sync_debug_mode("error") and compare captured with eager steps.
+if want graphs; then
+  if [ -f .data/ml-100k.inter ]; then
+    for model in sasrec gru4rec caser; do
+      for backend in fastrec torch; do
+        for graphs in "" --cuda-graphs; do
+          # shellcheck disable=SC2086  # $graphs is one flag or none
+          step 40 "$out/graphs.log" "$python" -m fastrec train --model $model --backend $backend \
+            --data .data/ml-100k.inter --device cuda --epochs 1 --time-limit 0 --no-progress $graphs
+        done
+      done
+    done
+  fi
+  step 90 "$out/graphs.log" "$python" -m pytest -v --tb=short -p no:cacheprovider -k cuda \
+    tests/test_graphs.py tests/test_train.py
 fi
 
 # The triton-backend and CUDA tests of every family in one session, spread over the host's cores

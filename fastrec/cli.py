@@ -163,6 +163,10 @@ def _train(args: argparse.Namespace) -> int:
         args.parser.error(
             f"--device cuda: no CUDA device is available (torch {torch.__version__}, {built}); use --device cpu"
         )
+    if args.cuda_graphs and not torch.cuda.is_available():
+        args.parser.error("--cuda-graphs: no CUDA device is available (CUDA graphs replay on a GPU only)")
+    if args.cuda_graphs and args.device != "cuda":
+        args.parser.error("--cuda-graphs needs --device cuda")
     fields = {f.name for f in dataclasses.fields(train.TrainConfig)}
     config = train.TrainConfig(
         **{name: value for name, value in vars(args).items() if name in fields},  # the options named as the fields
@@ -259,6 +263,17 @@ def _add_train(sub) -> None:
         help="stop training after this many seconds, mid-epoch if need be, then test (default: none; 0 = none)",
     )
     train.add_argument("--device", default=config["device"], choices=["cpu", "cuda"])
+    train.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="replay each training step as one CUDA graph (needs --device cuda; the last batch is padded)",
+    )
+    train.add_argument(
+        "--log-every",
+        type=int,
+        default=config["log_every"],
+        help="steps between reads of the running loss for the progress bar (default: %(default)s)",
+    )
     train.add_argument("--amp", default=config["amp"], choices=["bf16"], help="autocast to bfloat16")
     train.add_argument("--compile", action="store_true", help="torch.compile the training step")
     train.add_argument("--compare", action="store_true", help="train both backends from the same seed, side by side")

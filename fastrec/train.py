@@ -89,6 +89,8 @@ class TrainConfig:
     device: str = "cpu"
     amp: str | None = None  # "bf16"
     compile: bool = False
+    cuda_graphs: bool = False  # replay each training step as one CUDA graph (fastrec.graphs); CUDA only
+    log_every: int = 50  # steps between reads of the running loss (the only host reads of a step)
     dropout_stream: str = "auto"  # fastrec.use_dropout_stream: "auto" = torch's masks on the CPU
     seed: int = 2020
     checkpoint: str | None = None  # path written after each epoch
@@ -110,7 +112,7 @@ class TrainConfig:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.dropout_stream not in backends.DROPOUT_STREAMS:
             raise ValueError(f"dropout_stream must be one of {backends.DROPOUT_STREAMS}, got {self.dropout_stream!r}")
-        for name in ("epochs", "batch_size", "eval_batch_size", "patience", "n_negatives"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "patience", "n_negatives", "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -122,6 +124,15 @@ class TrainConfig:
             raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
         if self.positions == "all" and self.model == "caser":
             raise ValueError("positions='all' needs a per-position output, which caser has not; use positions='last'")
+        if self.cuda_graphs and torch.device(self.device).type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs device='cuda', got {self.device!r}")
+        if self.cuda_graphs and (self.loss not in ("ce", "bce") or self.positions == "all"):
+            raise ValueError(
+                "cuda_graphs=True needs fixed shapes inside the step: loss 'ce' or 'bce' and positions 'last', "
+                f"got loss={self.loss!r}, positions={self.positions!r}"
+            )
+        if self.cuda_graphs and self.compile:
+            raise ValueError("cuda_graphs=True and compile=True are exclusive: the graph replays the eager step")
         if self.resume and not self.checkpoint:
             raise ValueError("resume=True needs checkpoint= (the path to resume from), got None")
         if self.data_options and self.data in ("ml-100k", "synthetic"):
@@ -292,6 +303,22 @@ def _past(deadline: float, world: int) -> bool:
     return bool(flag)
 
 
+def _capture_step(model: SequentialRecommender, optimizer: torch.optim.Optimizer, batch, config: TrainConfig):
+    """The captured training step (fastrec.graphs) at ``config.batch_size`` rows: shorter batches
+    are padded, their padded rows counting in no loss."""
+    from fastrec import graphs
+
+    return graphs.capture_train_step(
+        model,
+        optimizer,
+        batch,
+        loss_kind=config.loss,
+        n_negatives=config.n_negatives,
+        rows=config.batch_size,
+        autocast_dtype=torch.bfloat16 if config.amp == "bf16" else None,
+    )
+
+
 def _autocast(config: TrainConfig):
     if config.amp == "bf16":
         return torch.autocast(torch.device(config.device).type, dtype=torch.bfloat16)
@@ -362,8 +389,14 @@ def make_optimizer(
     model: torch.nn.Module, config: TrainConfig, steps_per_epoch: int
 ) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.LRScheduler | None]:
     """Adam at ``config.lr`` and, for ``lr_schedule="cosine"``, the scheduler to step after every
-    batch (``config.epochs * steps_per_epoch`` steps down to 0); None for a constant rate."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    batch (``config.epochs * steps_per_epoch`` steps down to 0); None for a constant rate. With
+    ``cuda_graphs`` Adam is capturable and its rate a device tensor, which the scheduler updates
+    in place between replays."""
+    if config.cuda_graphs:
+        device = next(model.parameters()).device
+        optimizer = torch.optim.Adam(model.parameters(), lr=torch.tensor(config.lr, device=device), capturable=True)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     if config.lr_schedule == "constant":
         return optimizer, None
     return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps_per_epoch)
@@ -391,6 +424,8 @@ def fit(
     if config.compile:
         torch._dynamo.config.allow_rnn = True  # fastrec.nn.GRU is an RNNBase (docs/design.md: torch.compile)
         step_module = torch.compile(step_module)
+    if config.cuda_graphs and world > 1:
+        raise ValueError("cuda_graphs=True runs in one process; run data parallel without it")
     if rank == 0:
         check_checkpoint_dir(config)
     optimizer, schedule = make_optimizer(model, config, len(data.train))
@@ -418,42 +453,53 @@ def fit(
 
     deadline = None if config.time_limit_s is None else time.perf_counter() + config.time_limit_s
     out_of_time = False
+    captured = None  # with cuda_graphs: the fastrec.graphs.TrainStep, captured at the first batch
     for epoch in range(first_epoch, config.epochs + 1):
         if bad_epochs >= config.patience or out_of_time:
             break
         model.train()
         start = time.perf_counter()
-        total, count = 0.0, 0
+        # The step reads nothing back to the host: the loss is summed on the device (float64,
+        # the same sum a host float would give) and read every ``log_every`` steps and at the end.
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        count = 0
         bar = tqdm(data.train, desc=f"epoch {epoch}", leave=False, disable=not config.progress or rank != 0)
-        for batch in bar:
+        for step, batch in enumerate(bar, 1):
             n = len(batch.target)
-            rows = _share(n, rank, world)
-            weight = (rows.stop - rows.start) * world / n  # this share's part of the global mean
-            if weight == 0:  # an empty share (fewer rows than processes): one row at weight 0, to join the all-reduce
-                rows = slice(0, 1)
-            tensors = [t[rows].to(device, non_blocking=True) for t in (batch.items, batch.lengths, batch.target)]
-            user = batch.user[rows].to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            with _autocast(config):
-                loss = step_module(*tensors, user) * weight
-            loss.backward()
-            optimizer.step()
+            if config.cuda_graphs:
+                if captured is None:
+                    captured = _capture_step(model, optimizer, batch, config)
+                value = captured(batch.items, batch.lengths, batch.target, batch.user)
+            else:
+                rows = _share(n, rank, world)
+                weight = (rows.stop - rows.start) * world / n  # this share's part of the global mean
+                if weight == 0:  # an empty share: one row at weight 0, to join the all-reduce
+                    rows = slice(0, 1)
+                tensors = [t[rows].to(device, non_blocking=True) for t in (batch.items, batch.lengths, batch.target)]
+                user = batch.user[rows].to(device, non_blocking=True)
+                optimizer.zero_grad(set_to_none=True)
+                with _autocast(config):
+                    loss = step_module(*tensors, user) * weight
+                loss.backward()
+                optimizer.step()
+                value = loss.detach()
             if schedule is not None:
                 schedule.step()
-            value = loss.detach()
             if world > 1:
                 dist.all_reduce(value)
                 value /= world
-            total += float(value) * n
+            total += value.double() * n
             count += n
-            bar.set_postfix(loss=f"{float(value):.4f}")
+            if step % config.log_every == 0 and not bar.disable:
+                bar.set_postfix(loss=f"{float(total) / count:.4f}")
             if deadline is not None and _past(deadline, world):
                 out_of_time = True
                 break
+        epoch_loss = float(total) / max(count, 1)  # also waits for the epoch's last step
         seconds = time.perf_counter() - start
         valid = evaluate(model, *data.valid, batch_size=config.eval_batch_size)
-        lr = optimizer.param_groups[0]["lr"]
-        result = EpochResult(epoch, total / max(count, 1), count / seconds, seconds, valid, lr)
+        lr = float(optimizer.param_groups[0]["lr"])
+        result = EpochResult(epoch, epoch_loss, count / seconds, seconds, valid, lr)
         epochs.append(result)
         improved = valid[MONITOR] > best_value
         if improved:

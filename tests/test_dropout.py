@@ -408,3 +408,33 @@ def test_cuda_unseeded_dropout_runs_torchs_kernel_unless_forced():
     assert torch.equal(dropout_ops.dropout(x, 0.3, True, seed), dropout_ops.dropout_torch(x, seed, 0.3))
     stats = fastrec.backends.stats()
     assert stats[("dropout", "triton", "")] == 2  # forced, and seeded: the Philox kernel
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("op", ["dropout", "attention"])
+def test_cuda_graph_replays_draw_new_philox_masks_the_same_as_eager_calls(op):
+    """The fused kernels' seed comes from torch.randint on the device, which CUDA graph capture
+    registers with torch's generator: each replay draws new masks, and replay i draws the masks
+    of the i-th eager call after the same torch.manual_seed."""
+    x = torch.randn(2, 2, 16, 8, device="cuda")
+
+    def call() -> torch.Tensor:
+        with fastrec.use_backend("triton"):
+            if op == "dropout":
+                return FF.dropout(x, 0.4)
+            return FF.attention(x, x, x, causal=True, dropout_p=0.4)
+
+    call()  # compile the kernel outside the capture
+    torch.manual_seed(11)
+    eager = [call().clone() for _ in range(3)]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    torch.manual_seed(11)
+    replayed = []
+    for _ in range(3):
+        graph.replay()
+        replayed.append(out.clone())
+    assert not torch.equal(replayed[0], replayed[1])
+    for a, b in zip(eager, replayed, strict=True):
+        assert torch.equal(a, b)

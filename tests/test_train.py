@@ -3,6 +3,7 @@ popularity, sessions with a learnable successor order), small enough for seconds
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import sys
@@ -488,6 +489,9 @@ def test_config_rejects_bad_loss_and_positions():
         train.TrainConfig(positions="first")
     with pytest.raises(ValueError, match="caser has not"):
         train.TrainConfig(model="caser", positions="all")
+    for changes in ({"loss": "gbce"}, {"loss": "sampled-softmax"}, {"positions": "all"}):
+        with pytest.raises(ValueError, match="cuda_graphs=True needs fixed shapes"):
+            train.TrainConfig(device="cuda", cuda_graphs=True, **changes)
 
 
 def test_cli_loss_positions_and_negatives_reach_the_config(monkeypatch):
@@ -500,3 +504,124 @@ def test_cli_loss_positions_and_negatives_reach_the_config(monkeypatch):
     assert (seen[-1].loss, seen[-1].positions, seen[-1].n_negatives) == ("ce", "last", 1)
     with pytest.raises(SystemExit):
         cli.main([*args, "--positions", "middle"])
+
+
+_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__", "__format__")
+
+
+def test_training_steps_read_the_loss_only_every_log_every_steps(monkeypatch):
+    """Every read of a tensor's value back to the host made by fastrec/train.py (item, float,
+    bool, format, cpu, ...) is recorded with the number of optimizer steps taken so far: the
+    steps read nothing, so reads happen only after every ``log_every``-th step and at the end of
+    an epoch (the epoch's loss, then the evaluation)."""
+    cfg = config(epochs=2, log_every=3, progress=True)
+    data = train.load_data(cfg, MODELS[cfg.model].padding_side)
+    steps_per_epoch = len(data.train)
+    assert steps_per_epoch > 2 * cfg.log_every
+    steps, reads = [0], []
+    for name in _READS:
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, _original=original, _name=name, **kwargs):
+            if sys._getframe(1).f_code.co_filename == train.__file__:
+                reads.append((steps[0], _name))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+    make_optimizer = train.make_optimizer
+
+    def counting_optimizer(*args, **kwargs):
+        optimizer, schedule = make_optimizer(*args, **kwargs)
+        optimizer.register_step_post_hook(lambda *_: steps.__setitem__(0, steps[0] + 1))
+        return optimizer, schedule
+
+    monkeypatch.setattr(train, "make_optimizer", counting_optimizer)
+    epochs, _ = train.fit(train.build_model(cfg, data.n_items, data.n_users), data, cfg, log=lambda _: None)
+    assert steps[0] == 2 * steps_per_epoch
+    at = sorted({step for step, _ in reads})
+    epoch_ends = {steps_per_epoch, 2 * steps_per_epoch}
+    logged = {s for s in range(1, 2 * steps_per_epoch + 1) if (s - 1) % steps_per_epoch % cfg.log_every == 2}
+    assert set(at) <= epoch_ends | logged, (at, reads)
+    assert logged <= set(at) and epoch_ends <= set(at)  # the progress bar reads every log_every steps
+    assert epochs[1].loss > 0
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_fit_trains_as_a_plain_training_loop(name):
+    """fit() against the textbook loop written here (zero_grad, mean loss, backward, Adam step,
+    the epoch loss summed on the host): bitwise the same weights and epoch losses."""
+    cfg = config(model=name, epochs=2, max_len=5, lr_schedule="constant")
+    data = train.load_data(cfg, MODELS[name].padding_side)
+    model = train.build_model(cfg, data.n_items, data.n_users)
+    epochs, _ = train.fit(model, data, cfg, log=lambda _: None)
+    data = train.load_data(cfg, MODELS[name].padding_side)
+    plain = train.build_model(cfg, data.n_items, data.n_users)
+    adam = torch.optim.Adam(plain.parameters(), lr=cfg.lr)
+    losses, states = [], []
+    for _ in range(cfg.epochs):
+        plain.train()
+        total, count = 0.0, 0
+        for batch in data.train:
+            adam.zero_grad()
+            loss = plain.loss(batch)
+            loss.backward()
+            adam.step()
+            total += loss.item() * len(batch)
+            count += len(batch)
+        losses.append(total / count)
+        states.append(copy.deepcopy(plain.state_dict()))
+        train.evaluate(plain, *data.valid)
+    assert [e.loss for e in epochs] == losses
+    best = max(range(len(epochs)), key=lambda i: (epochs[i].valid["NDCG@10"], -i))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, states[best][key]), key
+
+
+def test_cli_log_every_and_cuda_graphs_options(monkeypatch, capsys):
+    seen = {}
+    monkeypatch.setattr(train, "run", lambda c, log=print: seen.setdefault("config", c))
+    assert cli.main(["train", "--model", "gru4rec", "--data", "synthetic", "--log-every", "7"]) == 0
+    assert seen["config"].log_every == 7 and seen["config"].cuda_graphs is False
+    assert train.TrainConfig().log_every == 50
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["train", "--model", "gru4rec", "--data", "synthetic", "--cuda-graphs"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "fastrec train: error: --cuda-graphs: no CUDA device is available" in err and "Traceback" not in err
+    with pytest.raises(ValueError, match="cuda_graphs=True needs device='cuda', got 'cpu'"):
+        config(cuda_graphs=True)
+    with pytest.raises(ValueError, match="log_every must be a positive int, got 0"):
+        config(log_every=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_cuda_fit_steps_do_not_synchronise_the_host(name, cuda_graphs):
+    """fit() on CUDA with torch.cuda.set_sync_debug_mode("error") on from the second batch to
+    the end of the epoch's steps (the first step captures the graph, which synchronises): any
+    host synchronisation in a step raises (log_every is past the epoch, so the progress bar
+    reads nothing)."""
+    cfg = config(model=name, epochs=1, max_len=5, device="cuda", cuda_graphs=cuda_graphs, log_every=10**6)
+    data = train.load_data(cfg, MODELS[name].padding_side)
+    batches = data.train
+
+    class StrictAfterFirstBatch:
+        def __len__(self) -> int:
+            return len(batches)
+
+        def __iter__(self):
+            for i, batch in enumerate(batches):
+                if i == 1:
+                    torch.cuda.set_sync_debug_mode("error")
+                yield batch
+            torch.cuda.set_sync_debug_mode("default")
+
+    data.train = StrictAfterFirstBatch()
+    assert len(batches) > 2
+    try:
+        epochs, _ = train.fit(train.build_model(cfg, data.n_items, data.n_users), data, cfg, log=lambda _: None)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert epochs[0].loss > 0

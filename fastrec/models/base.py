@@ -99,6 +99,9 @@ class SequentialRecommender(torch.nn.Module):
         uniform negatives shared by the batch.
         ``bce``: binary cross-entropy of the target against ``n_negatives`` items per row drawn
         uniformly from the other items (never the target), from torch's RNG.
+
+        Rows whose target is 0 (the padding item: the padded rows of a fixed-shape batch, see
+        ``fastrec.graphs``) count in neither loss: the mean is over the other rows.
         """
         if kind not in LOSSES:
             raise ValueError(f"kind must be one of {LOSSES}, got {kind!r}")
@@ -119,19 +122,22 @@ class SequentialRecommender(torch.nn.Module):
             return _full_ce(hidden, table, target)
         check_positive(n_negatives=n_negatives)
         if kind == "sampled-softmax":
-            return FF.sampled_softmax_loss(hidden, table[1:], target - 1, n_negatives)
+            return FF.sampled_softmax_loss(hidden, table[1:], target - 1, n_negatives, ignore_index=-1)
         if self.n_items < 2:
             raise ValueError(f"{kind} needs n_items >= 2 to draw negatives, got {self.n_items}")
         if kind == "gbce":
-            return FF.gbce_loss(hidden, table[1:], target - 1, n_negatives)
+            return FF.gbce_loss(hidden, table[1:], target - 1, n_negatives, ignore_index=-1)
         # Uniform over the n_items - 1 items other than the target: shift the target's index.
         shift = torch.randint(1, self.n_items, (target.shape[0], n_negatives), device=target.device)
         negatives = (target.unsqueeze(1) - 1 + shift) % self.n_items + 1
         positive_logit = (hidden * table[target]).sum(-1)
         negative_logit = torch.einsum("bd,bnd->bn", hidden, table[negatives])
-        positive = F.binary_cross_entropy_with_logits(positive_logit, torch.ones_like(positive_logit))
-        negative = F.binary_cross_entropy_with_logits(negative_logit, torch.zeros_like(negative_logit))
-        return positive + negative
+        real = (target > 0).to(positive_logit.dtype)
+        positive = F.binary_cross_entropy_with_logits(positive_logit, torch.ones_like(positive_logit), weight=real)
+        negative = F.binary_cross_entropy_with_logits(
+            negative_logit, torch.zeros_like(negative_logit), weight=real.unsqueeze(1)
+        )
+        return (positive + negative) * (target.shape[0] / real.sum().clamp(min=1))
 
     def make_input(
         self, histories: Sequence | Tensor, users: Sequence[int] | Tensor | None = None, *, full_length: bool = False
@@ -210,8 +216,9 @@ class SequentialRecommender(torch.nn.Module):
 
 def _full_ce(hidden: Tensor, table: Tensor, target: Tensor) -> Tensor:
     """Mean softmax cross-entropy of ``hidden`` (R, dim) over every item (rows 1.. of the tied
-    ``table``) at ``target`` (R,) item ids: the one place the models compute full-catalogue CE."""
-    return _ce_over_table(hidden, table[1:], target - 1, None, -100, "mean")
+    ``table``) at ``target`` (R,) item ids (0: a padded row, left out of the mean): the one place the models
+    compute full-catalogue CE."""
+    return _ce_over_table(hidden, table[1:], target - 1, None, -1, "mean")
 
 
 def _as_ids(history, index: int) -> np.ndarray:
