@@ -319,7 +319,9 @@ def attention_bar(figures: list, tiny: bool, rounds: int, calls: int) -> None:
     grad = torch.randn_like(q)
     for p in (0.0, 0.2):
         forwards = {
-            "fastrec": lambda p=p: fastrec.functional.attention(q, k, v, causal=True, key_padding_mask=kpm, dropout_p=p),
+            "fastrec": lambda p=p: fastrec.functional.attention(
+                q, k, v, causal=True, key_padding_mask=kpm, dropout_p=p
+            ),
             "sdpa+mask": lambda p=p: F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, dropout_p=p),
         }
         steps = {name: (lambda f=f: torch.autograd.grad(f(), (q, k, v), grad)) for name, f in forwards.items()}
@@ -385,8 +387,8 @@ def gru_bar(figures: list, tiny: bool, rounds: int, calls: int) -> None:
 
         return run
 
-    fns = {"fastrec": packed(ours, dtype, "triton"), "fastrec routed": packed(ours, dtype), "nn.GRU": packed(ref, dtype)}
-    fns["nn.GRU fp32"] = packed(fp32, torch.float32)
+    fns = {"fastrec": packed(ours, dtype, "triton"), "fastrec routed": packed(ours, dtype)}
+    fns.update({"nn.GRU": packed(ref, dtype), "nn.GRU fp32": packed(fp32, torch.float32)})
     ran = {name: _ran(fn) for name, fn in fns.items()}
     ms = _interleaved_ms(fns, rounds, calls)
     _record(figures, f"GRU packed fwd+bwd, triton forced, {shape}", ms, ran, ("nn.GRU", "nn.GRU fp32"))
