@@ -14,13 +14,27 @@
 - ``conv``: the fp16 fused conv backward of tests/test_conv.py::test_low_precision... repeated,
   checking dz after each stage (dx, dw, db) to find what changes it.
 
-Usage: python benchmarks/gpu_diagnostics.py [--sections steps,kernels,convpaths,conv] [--steps N]
+- ``bars``: the issue's GPU bars, wall time per call, interleaved medians, every figure also
+  written to ``--json``: attention at the bar shape (bf16 B=1024 H=2 L=200 d=32, causal + right
+  padding) forward+backward against SDPA + mask, dropout 0 and 0.2, eager and with both sides
+  captured as CUDA graphs; bf16 GRU B=128 T=50 H=64 forward+backward against torch's nn.GRU in
+  bf16 and in fp32 (cuDNN, weights flattened); packed GRU (lengths uniform in [1, T]) with the
+  Triton kernel forced and as routed, against cuDNN packed; ``recommend()`` at batch 1 of SASRec
+  and GRU4Rec, fastrec backend against torch backend. Each figure names what ran (``fastrec.stats()``).
+
+Usage: python benchmarks/gpu_diagnostics.py [--sections steps,kernels,convpaths,conv,bars] [--steps N]
+  [--json PATH] [--tiny]  (``--tiny``: the bars at toy sizes, on the CPU under TRITON_INTERPRET=1
+  when there is no GPU: the dry run of benchmarks/gpu_run.sh)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
+import statistics
 import time
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -247,17 +261,193 @@ def convpaths_section(steps: int) -> None:
         print(f"B={batch} {c_in}->{c_out} {str(dtype)[6:]} ({key} -> {conv_ops.conv_path(x, w, 1, (32, 32))}): {row}")
 
 
+# --------------------------------------------------------------------------- bars
+def _interleaved_ms(fns: dict, rounds: int, calls: int) -> dict[str, float]:
+    """Median ms per call of each function, the functions alternating round by round."""
+    for fn in fns.values():
+        fn()
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            _sync()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            _sync()
+            samples[name].append((time.perf_counter() - start) * 1e3 / calls)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def _ran(fn) -> str:
+    """What one call of ``fn`` ran, from fastrec.stats(): ``"triton attention"``, or ``"torch"``."""
+    before = Counter(fastrec.stats())
+    fn()
+    _sync()
+    counts = Counter(fastrec.stats()) - before
+    if not counts:
+        return "torch"
+    return "; ".join(f"{b} {op}" + (f" ({r})" if r else "") for (op, b, r), _ in counts.most_common())
+
+
+def _captured(fn):
+    """``fn`` recorded as a CUDA graph after warm-up on a side stream: a function that replays it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def _record(figures: list, bar: str, ms: dict, ran: dict, against: tuple, **extra) -> None:
+    """One bar's figure: times, what ran, and fastrec's ratio to the fastest of ``against``."""
+    fastest = min(against, key=ms.__getitem__)
+    figure = {"bar": bar, "ms": ms, "ran": ran, "fastest": fastest, "ratio": ms[fastest] / ms["fastrec"], **extra}
+    figures.append(figure)
+    times = "  ".join(f"{k} {v:.4f}" for k, v in ms.items())
+    print(f"{bar}: {figure['ratio']:.2f}x vs {fastest}  [{times} ms]  ran: {ran}", flush=True)
+
+
+def attention_bar(figures: list, tiny: bool, rounds: int, calls: int) -> None:
+    batch, heads, length, dim = (2, 2, 8, 16) if tiny else (1024, 2, 200, 32)
+    dtype = torch.float32 if tiny else torch.bfloat16
+    q, k, v, kpm, sdpa_mask = _attention_inputs(batch, heads, length, dim, dtype)
+    grad = torch.randn_like(q)
+    for p in (0.0, 0.2):
+        forwards = {
+            "fastrec": lambda p=p: fastrec.functional.attention(
+                q, k, v, causal=True, key_padding_mask=kpm, dropout_p=p
+            ),
+            "sdpa+mask": lambda p=p: F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, dropout_p=p),
+        }
+        steps = {name: (lambda f=f: torch.autograd.grad(f(), (q, k, v), grad)) for name, f in forwards.items()}
+        shape = f"{str(dtype)[6:]} B={batch} H={heads} L={length} d={dim} causal+pad p={p}"
+        ran = {name: _ran(fn) for name, fn in steps.items()}
+        ms = _interleaved_ms(steps, rounds, calls)
+        _record(figures, f"attention fwd+bwd eager, {shape}", ms, ran, ("sdpa+mask",))
+        if DEVICE != "cuda":
+            print("attention captured: CUDA only")
+            continue
+        try:
+            ms = _interleaved_ms({name: _captured(fn) for name, fn in steps.items()}, rounds, calls)
+        except Exception as error:  # a side that cannot be captured: say so, keep the run going
+            figures.append({"bar": f"attention fwd+bwd captured, {shape}", "error": f"{type(error).__name__}: {error}"})
+            print(f"attention captured, {shape}: {type(error).__name__}: {error}")
+            continue
+        _record(figures, f"attention fwd+bwd captured, {shape}", ms, ran, ("sdpa+mask",))
+
+
+def gru_bar(figures: list, tiny: bool, rounds: int, calls: int) -> None:
+    from fastrec import backends
+
+    batch, steps, hidden = (3, 5, 8) if tiny else (128, 50, 64)
+    dtype = torch.float32 if tiny else torch.bfloat16
+    torch.manual_seed(0)
+    ref = torch.nn.GRU(hidden, hidden, batch_first=True, device=DEVICE, dtype=dtype)
+    ours = copy.deepcopy(ref)
+    fastrec.patch(ours)
+    fp32 = copy.deepcopy(ref).float()
+    for module in (ref, ours, fp32):
+        module.flatten_parameters()
+    x = torch.randn(batch, steps, hidden, device=DEVICE, dtype=dtype, requires_grad=True)
+    x32 = x.detach().float().requires_grad_()
+    grad = torch.randn_like(x)
+    modules = {"fastrec": (ours, x, grad), "nn.GRU": (ref, x, grad), "nn.GRU fp32": (fp32, x32, grad.float())}
+
+    def step(module, inp, g, make):
+        return lambda: torch.autograd.grad(module(make(inp))[0], (inp, *module.parameters()), make(g, True))
+
+    padded = {name: step(m, i, g, lambda t, _=False: t) for name, (m, i, g) in modules.items()}
+    ran = {name: _ran(fn) for name, fn in padded.items()}
+    ms = _interleaved_ms(padded, rounds, calls)
+    shape = f"{str(dtype)[6:]} B={batch} T={steps} H={hidden}"
+    _record(figures, f"GRU padded fwd+bwd, {shape}", ms, ran, ("nn.GRU", "nn.GRU fp32"))
+
+    lengths = torch.randint(1, steps + 1, (batch,), generator=torch.Generator().manual_seed(0))
+    layout = torch.nn.utils.rnn.pack_padded_sequence(
+        torch.zeros(batch, steps, 1), lengths, batch_first=True, enforce_sorted=False
+    )
+    idx = [t.to(DEVICE) if t is not None and i else t for i, t in enumerate(layout[1:])]
+    rows = int(lengths.sum())
+    data = {dt: torch.randn(rows, hidden, device=DEVICE, dtype=dt, requires_grad=True) for dt in {dtype, torch.float32}}
+
+    def packed(module, dt, force=None):
+        def run():
+            inp = torch.nn.utils.rnn.PackedSequence(data[dt], *idx)
+            if force is None:
+                out = module(inp)[0].data
+            else:
+                with backends.use_backend(force):
+                    out = module(inp)[0].data
+            return torch.autograd.grad(out, (data[dt], *module.parameters()), torch.ones_like(out))
+
+        return run
+
+    fns = {"fastrec": packed(ours, dtype, "triton"), "fastrec routed": packed(ours, dtype)}
+    fns.update({"nn.GRU": packed(ref, dtype), "nn.GRU fp32": packed(fp32, torch.float32)})
+    ran = {name: _ran(fn) for name, fn in fns.items()}
+    ms = _interleaved_ms(fns, rounds, calls)
+    _record(figures, f"GRU packed fwd+bwd, triton forced, {shape}", ms, ran, ("nn.GRU", "nn.GRU fp32"))
+
+
+def recommend_bar(figures: list, tiny: bool, rounds: int, calls: int) -> None:
+    from fastrec.models import GRU4Rec, SASRec
+
+    n_items = 50 if tiny else 1682  # MovieLens-100K's catalogue
+    history = list(range(1, 9 if tiny else 51))
+    for name, build in (("SASRec", SASRec), ("GRU4Rec", GRU4Rec)):
+        models = {}
+        for backend in ("fastrec", "torch"):
+            torch.manual_seed(0)
+            models[backend] = build(n_items, backend=backend).to(DEVICE).eval()
+        fns = {backend: (lambda m=m: m.recommend([history], k=10)) for backend, m in models.items()}
+        ran = {backend: _ran(fn) for backend, fn in fns.items()}
+        ms = _interleaved_ms(fns, rounds, calls)
+        _record(figures, f"{name} recommend() batch 1, k=10, {n_items} items", ms, ran, ("torch",))
+
+
+def bars_section(tiny: bool, json_path: str | None) -> None:
+    print("\n== bars: wall ms per call, interleaved medians; ratio = fastest baseline / fastrec")
+    rounds, calls = (2, 2) if tiny else (7, 20)
+    figures: list[dict] = []
+    for bar in (attention_bar, gru_bar, recommend_bar):
+        try:
+            bar(figures, tiny, rounds, calls)
+        except Exception as error:  # one failed bar must not cost the others
+            figures.append({"bar": bar.__name__, "error": f"{type(error).__name__}: {error}"})
+            print(f"{bar.__name__}: {type(error).__name__}: {error}", flush=True)
+        if json_path:
+            env = {
+                "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
+                "torch": torch.__version__,
+                "fastrec": fastrec.__version__,
+                "tiny": tiny,
+            }
+            with open(json_path, "w") as f:
+                json.dump({"environment": env, "figures": figures}, f, indent=2)
+    if any("error" in f for f in figures):
+        raise SystemExit(1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sections", default="steps,kernels,conv")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--trials", type=int, default=200)
+    parser.add_argument("--json", help="bars: write every figure here (rewritten after each bar)")
+    parser.add_argument("--tiny", action="store_true", help="toy sizes (the CPU dry run)")
     args = parser.parse_args()
     global DEVICE
     if not torch.cuda.is_available():
         DEVICE = "cpu"
-        print("no CUDA: a dry run of the conv section on the CPU (TRITON_INTERPRET=1)")
-        sections = ["conv"]
+        sections = [s for s in args.sections.split(",") if s in ("conv", "bars")] or ["conv"]
+        print(f"no CUDA: a dry run of {', '.join(sections)} on the CPU (TRITON_INTERPRET=1)")
+        if not args.tiny:
+            args.trials = min(args.trials, 3)
     else:
         print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
         sections = args.sections.split(",")
@@ -269,6 +459,8 @@ def main() -> None:
         convpaths_section(args.steps)
     if "conv" in sections:
         conv_section(args.trials)
+    if "bars" in sections:
+        bars_section(args.tiny, args.json)
 
 
 if __name__ == "__main__":

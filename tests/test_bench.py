@@ -173,3 +173,56 @@ def test_cli_exits_1_when_a_forced_kernel_did_not_run(monkeypatch, tmp_path):
         family=["dropout"], full=False, rounds=1, min_round_s=0.0, json=None, markdown=None, write_dispatch=None
     )
     assert cli.main(args) == 1
+
+
+def test_16bit_rnn_rows_also_time_torchs_fp32_module_on_fp32_inputs(monkeypatch):
+    flattened = []
+    original = torch.nn.RNNBase.flatten_parameters
+
+    def spy(module):
+        flattened.append(module)
+        return original(module)
+
+    monkeypatch.setattr(torch.nn.RNNBase, "flatten_parameters", spy)
+    gen = torch.Generator().manual_seed(0)
+    cases = rnn._padded_cases(CPU, torch.bfloat16, batch=2, steps=3, hidden=4)
+    cases += rnn._packed_cases(CPU, torch.bfloat16, "GRU", 3, 4, 4, gen)
+    for case in cases:
+        kind = case.name
+        assert f"nn.{kind}" in case.fns and f"nn.{kind} fp32" in case.fns, case.fns
+    gru = cases[1]  # padded GRU, forward + backward
+    seen = {}
+
+    def record(name, fn):
+        def run():
+            out = fn()
+            seen[name] = out[0].dtype
+            return out
+
+        return run
+
+    gru.fns = {name: record(name, fn) for name, fn in gru.fns.items()}
+    row = _measure(gru)
+    assert seen == {"fastrec": torch.bfloat16, "nn.GRU": torch.bfloat16, "nn.GRU fp32": torch.float32,
+                    "GRUCell loop": torch.bfloat16}  # fmt: skip
+    assert row.fastest in row.speedup and row.speedup[row.fastest] == min(row.speedup.values())
+    assert row.paths["nn.GRU fp32"] == "torch" and row.error is None
+    # every module a row times, fastrec's deep copy included (deepcopy does not flatten), had its
+    # weights flattened when the case was built, and timing flattens nothing
+    assert len({id(m) for m in flattened}) == 3 * len(cases) // 2  # fastrec, nn.X, nn.X fp32 per kind
+    before = len(flattened)
+    _measure(cases[0])
+    assert len(flattened) == before
+    assert "fastest baseline" in harness.ratios(asdict(row))
+
+
+def test_fp32_rows_have_no_fp32_twin():
+    case = rnn._padded_cases(CPU, torch.float32, batch=2, steps=3, hidden=4)[0]
+    assert set(case.fns) == {"fastrec", "nn.GRU", "GRUCell loop"}
+
+
+def test_longest_kernels_sums_repeated_names_and_keeps_the_top():
+    events = [("cudnn::gru_persist_fwd", 5.0), ("triton_attn", 2.0), ("copy", 0.5), ("triton_attn", 4.0), ("x", 0)]
+    assert harness.longest_kernels(events, top=2) == ["triton_attn", "cudnn::gru_persist_fwd"]
+    assert harness.longest_kernels([("k" * 80, 1.0)]) == ["k" * 60]
+    assert harness.profiled_kernels(lambda: None, CPU) == []

@@ -10,6 +10,7 @@ bucketing, loader and the writer's selection and JSON format on fake timings.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -306,3 +307,56 @@ def test_writer_dispatch_shapes_have_classes_and_cpu_is_refused(capsys):
 
     assert tables.dispatch_main(Args, torch.device("cpu"), [torch.float32]) == 2
     assert "CUDA" in capsys.readouterr().err
+
+
+def _bench_conv_shapes() -> list[tuple]:
+    """Every convolution the bench's conv rows run, as DISPATCH_SHAPES entries."""
+    from fastrec.bench.cases import conv as conv_cases
+
+    shapes = [
+        (b, c_in, c_out, (3, 3), (32, 32), 1, (1, 1), "relu", (2, 2))
+        for b, c_in, c_out in conv_cases.conv2d_grid(torch.device("cuda"), full=True)
+    ]
+    shapes += [
+        (b, d, d, (1, k), (1, length), 1, (0, 0), "relu", (1, length - k + 1))
+        for b, d, length, k in conv_cases.conv1d_grid(full=True)
+    ]
+    return shapes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_writer_times_each_bench_shape_in_its_class_at_its_kernel_size(dtype):
+    timed: dict[str, set] = {}
+    for shape in tables.DISPATCH_SHAPES:
+        timed.setdefault(tables.dispatch_class(shape, dtype), set()).add(shape[3])
+    for shape in _bench_conv_shapes():
+        key = tables.dispatch_class(shape, dtype)
+        kernels = timed.get(key, set())
+        assert kernels == {shape[3]}, f"{shape} falls in {key}, timed at kernels {kernels or 'none'}"
+    # conv1d k=3 and k=5 are classes of their own, apart from each other and from 3x3
+    keys = {tables.dispatch_class((512, 64, 64, (1, k), (1, 50), 1, (0, 0), "relu", (1, 1)), dtype) for k in (3, 5)}
+    keys.add(tables.dispatch_class((512, 64, 64, (3, 3), (3, 50), 1, (0, 0), "relu", (1, 1)), dtype))
+    assert len(keys) == 3
+
+
+def test_package_table_classes_are_the_classes_of_the_shapes_they_were_timed_at():
+    table = json.loads((Path(conv_ops.__file__).parent.parent / "conv_dispatch.json").read_text())
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    for card, entry in table["cards"].items():
+        for key, row in entry["classes"].items():
+            assert row.get("shapes"), f"{card}: {key} does not say which shapes it was timed at"
+            dtype = dtypes[key.rsplit("-", 1)[1]]
+            for spec in row["shapes"]:
+                shape = tuple(tuple(v) if isinstance(v, list) else v for v in spec)
+                assert tables.dispatch_class(shape, dtype) == key, f"{card}: {spec} is not of class {key}"
+
+
+def test_writer_records_the_shapes_of_each_class():
+    rows = [
+        {"class": "a", "spec": [1, 2], "triton_ms": 1.0, "cudnn_ms": 2.0, "torch_ms": 3.0},
+        {"class": "a", "spec": [3, 4], "triton_ms": 1.0, "cudnn_ms": 2.0, "torch_ms": 3.0},
+        {"class": "b", "spec": [5, 6], "triton_ms": 1.0, "cudnn_ms": 2.0, "torch_ms": 0.5},
+    ]
+    classes = tables.select_dispatch(rows)
+    assert classes["a"]["shapes"] == [[1, 2], [3, 4]] and classes["b"]["shapes"] == [[5, 6]]
+    assert classes["b"]["path"] == "torch"

@@ -9,7 +9,9 @@ Each row also records what ran on each side during the timed calls, from ``fastr
 which backend's kernel (``triton``, ``cpp``) or which route to torch's own op. A row whose
 fastrec side ran torch's op is shown as routed (its ratio is torch against torch); after it the
 same row runs with the device's kernel forced (where the case allows), and a forced row whose
-kernel did not run every counted call fails.
+kernel did not run every counted call fails. On CUDA each side's longest GPU kernels in one
+profiled call are recorded too (which implementation torch's side ran: cuDNN, SDPA's kernels),
+and every row names its fastest baseline, the ratio a user choosing between them should read.
 """
 
 from __future__ import annotations
@@ -88,6 +90,8 @@ class Row:
     bandwidth_fraction: float | None = None
     flops_fraction: float | None = None
     paths: dict[str, str] = field(default_factory=dict)  # side -> what ran in its timed calls
+    kernels: dict[str, list[str]] = field(default_factory=dict)  # side -> its longest GPU kernels (CUDA)
+    fastest: str | None = None  # the baseline with the lowest time: the ratio a user should read
     routed: str | None = None  # the fastrec side ran torch's op: "all" its calls, "partly", or None
     forced: str | None = None
     error: str | None = None
@@ -157,13 +161,15 @@ def pair(
     io: float,
     params: dict[str, tuple] | None = None,
     inference: dict[str, Callable] | None = None,
+    side_inputs: dict[str, Callable[[], tuple]] | None = None,
     **options,
 ) -> list[Case]:
     """A forward row (``inference`` functions if given, under no_grad) and a forward+backward
-    row for the same inputs; ``options`` are Case fields."""
-    params = params or {}
-    fwd = {k: forward_only(f, inputs) for k, f in (inference or forwards).items()}
-    train = {k: training_step(f, inputs, params.get(k, ())) for k, f in forwards.items()}
+    row for the same inputs; ``side_inputs`` gives a side its own inputs (another dtype, e.g.
+    an fp32 baseline of a bf16 row); ``options`` are Case fields."""
+    params, side_inputs = params or {}, side_inputs or {}
+    fwd = {k: forward_only(f, side_inputs.get(k, inputs)) for k, f in (inference or forwards).items()}
+    train = {k: training_step(f, side_inputs.get(k, inputs), params.get(k, ())) for k, f in forwards.items()}
     dtype_text = dtype_name(dtype)
     return [
         Case(family, name, shape, dtype_text, "forward", fwd, flops, io, **options),
@@ -250,6 +256,31 @@ def kernel_backend(device: torch.device) -> str | None:
     return name if name is not None and backends.available()[name] is None else None
 
 
+def longest_kernels(events: Iterable[tuple[str, float]], top: int = 3) -> list[str]:
+    """The names of the ``top`` kernels with the most GPU time from ``(name, time)`` pairs (one
+    profiled call), each name cut to 60 characters: which implementation a side ran (cuDNN's
+    persistent RNN, SDPA's efficient or math kernels, a Triton kernel)."""
+    totals: Counter = Counter()
+    for name, spent in events:
+        if spent > 0:
+            totals[name] += spent
+    return [name[:60] for name, _ in totals.most_common(top)]
+
+
+def profiled_kernels(fn: Callable[[], object], device: torch.device) -> list[str]:
+    """:func:`longest_kernels` of one call of ``fn`` under torch.profiler (CUDA only; [] on the
+    CPU, where the op names are already in ``paths`` and the profiler costs seconds)."""
+    if device.type != "cuda":
+        return []
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        _sync(device)
+    events = prof.key_averages()
+    return longest_kernels((e.key, e.device_time_total) for e in events if e.device_type.name == "CUDA")
+
+
 def measure(case: Case, device: torch.device, rounds: int, min_round_s: float, ceilings: dict[str, float]) -> Row:
     """Time ``case`` and record what ran on each side. A forced row whose kernel did not run
     (or that raised) comes back with ``error`` set, naming what ran."""
@@ -269,6 +300,8 @@ def measure(case: Case, device: torch.device, rounds: int, min_round_s: float, c
     if case.forced is not None and (ran := forced_mismatch(ours, case.forced)) is not None:
         row.error = f"{case.forced} forced, but ran: {ran}"
     row.speedup = {k: v / row.ms[FASTREC] for k, v in row.ms.items() if k != FASTREC}
+    row.fastest = min(row.speedup, key=row.speedup.__getitem__, default=None)
+    row.kernels = {side: kernels for side, fn in case.fns.items() if (kernels := profiled_kernels(fn, device))}
     seconds = row.ms[FASTREC] * 1e-3
     if case.flops:
         row.tflops = case.flops / seconds / 1e12
@@ -365,6 +398,8 @@ def ratios(row: dict) -> str:
     if row["error"]:
         return f"FAILED: {row['error']}"
     text = ", ".join(f"{v:.2f}x vs {k}" for k, v in row["speedup"].items())
+    if len(row["speedup"]) > 1 and row.get("fastest"):
+        text += f" (fastest baseline: {row['fastest']})"
     if row["routed"] is None:
         return text
     return f"routed: {text} ({'torch vs torch' if row['routed'] == 'all' else 'fastrec partly torch'})"

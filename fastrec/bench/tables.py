@@ -34,7 +34,9 @@ from fastrec.ops import conv as conv_ops
 DISPATCH_MARGIN = 0.03  # cuDNN takes a class only when its summed time is at least 3% lower
 # (batch, C_in, C_out, (KH, KW), (H, W), groups, padding, act, pool): recommender convolutions
 # (image-style CNN stages, 1x1 channel mixes, a depthwise 3x3, text-CNN / Caser-style 1-D
-# convolutions with max over time, Caser's vertical conv), each with its usual epilogue.
+# convolutions with max over time at k=3 and k=5, Caser's vertical conv), each with its usual
+# epilogue. Every shape the bench's conv rows run has a shape here of its class and kernel size
+# (tests/test_conv_dispatch.py), so that a class's path is decided by shapes it stands for.
 DISPATCH_SHAPES = (
     (64, 3, 32, (3, 3), (32, 32), 1, (1, 1), "relu", (2, 2)),
     (64, 32, 64, (3, 3), (32, 32), 1, (1, 1), "relu", (2, 2)),
@@ -43,10 +45,19 @@ DISPATCH_SHAPES = (
     (64, 64, 64, (1, 1), (32, 32), 1, (0, 0), "none", (1, 1)),
     (64, 64, 64, (3, 3), (32, 32), 64, (1, 1), "relu", (1, 1)),
     (512, 64, 64, (1, 3), (1, 50), 1, (0, 0), "relu", (1, 48)),
+    (512, 64, 64, (1, 5), (1, 50), 1, (0, 0), "relu", (1, 46)),
     (512, 64, 100, (1, 5), (1, 50), 1, (0, 0), "relu", (1, 46)),
     (512, 1, 16, (3, 64), (10, 64), 1, (0, 0), "relu", (8, 1)),
     (512, 1, 4, (10, 1), (10, 64), 1, (0, 0), "none", (1, 1)),
 )
+
+
+def dispatch_class(shape: tuple, dtype: torch.dtype) -> str:
+    """The dispatch table's shape class of one DISPATCH_SHAPES entry in ``dtype``."""
+    batch, c_in, c_out, kernel, size, groups, padding, _, _ = shape
+    w_shape = (c_out, c_in // groups, *kernel)
+    out = conv_ops.conv_output_size((batch, c_in, *size), w_shape, (1, 1), padding, (1, 1))
+    return conv_ops.shape_class(c_in, c_out, tuple(kernel), tuple(out), groups, dtype)
 
 
 def _dispatch_case(device, dtype, batch, c_in, c_out, kernel, size, groups, padding, act, pool):
@@ -72,7 +83,7 @@ def _dispatch_case(device, dtype, batch, c_in, c_out, kernel, size, groups, padd
 
         return training_step(forward, inputs, (w, b))
 
-    key = conv_ops.shape_class(c_in, c_out, kernel, out, groups, dtype)
+    key = dispatch_class((batch, c_in, c_out, kernel, size, groups, padding, act, pool), dtype)
     desc = f"B={batch} {c_in}->{c_out} {kernel[0]}x{kernel[1]} {size[0]}x{size[1]} g={groups} {act} pool {pool}"
     return key, desc, {path: forced(path) for path in conv_ops.CONV_PATHS}
 
@@ -84,7 +95,8 @@ def time_dispatch(device: torch.device, dtypes, rounds: int, min_round_s: float,
         for shape in DISPATCH_SHAPES:
             key, desc, fns = _dispatch_case(device, dtype, *shape)
             ms = time_interleaved(fns, device, rounds, min_round_s)
-            row = {"class": key, "shape": desc, "dtype": dtype_name(dtype), **{f"{k}_ms": v for k, v in ms.items()}}
+            row = {"class": key, "shape": desc, "spec": json.loads(json.dumps(shape)), "dtype": dtype_name(dtype)}
+            row.update({f"{k}_ms": v for k, v in ms.items()})
             rows.append(row)
             if progress:
                 progress(row)
@@ -92,10 +104,14 @@ def time_dispatch(device: torch.device, dtypes, rounds: int, min_round_s: float,
 
 
 def select_dispatch(rows: list[dict], margin: float = DISPATCH_MARGIN) -> dict[str, dict]:
-    """Per shape class: each path's times summed over its measured shapes and the path, the fastest
-    one where its sum is below (1 - margin) x the fused Triton path's (otherwise "triton" stays)."""
+    """Per shape class: each path's times summed over its measured shapes, the path (the fastest
+    one where its sum is below (1 - margin) x the fused Triton path's, otherwise "triton") and
+    the DISPATCH_SHAPES entries it was timed at (``shapes``, where the rows carry ``spec``)."""
     sums: dict[str, dict[str, float]] = {}
+    shapes: dict[str, list] = {}
     for row in rows:
+        if "spec" in row:
+            shapes.setdefault(row["class"], []).append(row["spec"])
         total = sums.setdefault(row["class"], {})
         for path in conv_ops.CONV_PATHS:
             if f"{path}_ms" in row:
@@ -105,6 +121,8 @@ def select_dispatch(rows: list[dict], margin: float = DISPATCH_MARGIN) -> dict[s
         best = min(times, key=times.__getitem__)
         path = best if times[best] < times["triton"] * (1 - margin) else "triton"
         classes[key] = {"path": path, **{f"{p}_ms": round(t, 4) for p, t in times.items()}}
+        if key in shapes:
+            classes[key]["shapes"] = shapes[key]
     return classes
 
 

@@ -320,7 +320,7 @@ CONV_PATHS = ("triton", "cudnn", "torch")
 DEFAULT_PATH = "triton"
 DISPATCH_VERSION = 1
 _CHANNEL_BUCKETS = (4, 8, 16, 32, 64, 128, 256)  # upper bounds; above the last: "256+"
-_KERNEL_BUCKETS = (1, 9, 25, 64)  # KH * KW upper bounds (1x1, up to 3x3, up to 5x5, wide)
+_KERNEL_BUCKETS = (1, 3, 5, 9, 25, 64)  # KH * KW upper bounds (1x1, 1-D k=3 and k=5, up to 3x3, up to 5x5, wide)
 _OUTPUT_BUCKETS = (64, 256, 1024, 4096, 16384)  # Ho * Wo upper bounds
 _override = threading.local()
 

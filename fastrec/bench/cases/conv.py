@@ -22,15 +22,24 @@ def kernel_forced(backend: str) -> Iterator[None]:
         yield
 
 
+def conv2d_grid(device: torch.device, full: bool) -> list[tuple[int, int, int]]:
+    """(batch, C_in, C_out) of the conv2d rows: 3x3 pad 1 on 32x32, ReLU, 2x2 max-pool."""
+    batches = (64, 256) if full or device.type == "cuda" else (64,)
+    return [(b, c_in, c_out) for b in batches for c_in, c_out in ((32, 64), (1, 32))]
+
+
+def conv1d_grid(full: bool) -> list[tuple[int, int, int, int]]:
+    """(batch, d, L, k) of the conv1d rows: d -> d channels, ReLU, max over time."""
+    return [(512, 64, 50, k) for k in (3, 5)] + ([(2048, 64, 50, 3)] if full else [])
+
+
 def cases(device: torch.device, dtype: torch.dtype, full: bool) -> list[Case]:
     """fastrec.functional.conv2d with act and pool fused against F.conv2d + F.relu +
     F.max_pool2d, and conv1d over (B, d, L) + ReLU + max-over-time against F.conv1d + F.relu +
     F.max_pool1d."""
     copies = input_copies(device)
-    batches = (64, 256) if full or device.type == "cuda" else (64,)
-    grid2d = [(b, c_in, c_out) for b in batches for c_in, c_out in ((32, 64), (1, 32))]
     rows: list[Case] = []
-    for batch, c_in, c_out in grid2d:
+    for batch, c_in, c_out in conv2d_grid(device, full):
         size = 32
         w = torch.randn(c_out, c_in, 3, 3, device=device, dtype=dtype) / (3 * c_in**0.5)
         b = torch.randn(c_out, device=device, dtype=dtype)
@@ -51,8 +60,7 @@ def cases(device: torch.device, dtype: torch.dtype, full: bool) -> list[Case]:
         io = (batch * c_in * size * size + batch * c_out * size * size // 4) * dtype.itemsize
         inputs = rotating(make, copies)
         rows += pair("conv", "conv2d+relu+pool", shape, dtype, forwards, inputs, flops, io, params, force=kernel_forced)
-    grid1d = [(512, 64, 50, k) for k in (3, 5)] + ([(2048, 64, 50, 3)] if full else [])
-    for batch, dim, length, k in grid1d:
+    for batch, dim, length, k in conv1d_grid(full):
         w = (torch.randn(dim, dim, k, device=device, dtype=dtype) / (k * dim) ** 0.5).requires_grad_()
         b = torch.randn(dim, device=device, dtype=dtype).requires_grad_()
         out_len = length - k + 1

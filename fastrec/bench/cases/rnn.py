@@ -14,7 +14,8 @@ GATES = {"GRU": 3, "LSTM": 4, "RNN": 1}
 
 
 def cases(device: torch.device, dtype: torch.dtype, full: bool) -> list[Case]:
-    """fastrec.nn.GRU/LSTM/RNN vs torch's (padded, batch_first); GRU and LSTM (and RNN with
+    """fastrec.nn.GRU/LSTM/RNN vs torch's (padded, batch_first; 16-bit rows also against
+    torch's module in fp32, the fastest path a user could pick on CUDA); GRU and LSTM (and RNN with
     ``full``) on packed input (the same PackedSequence on both sides, lengths uniform in
     [1, T]); the fused GRU against the Python loop of nn.GRUCell that the GRU4Rec reference
     code runs; single cell steps (fastrec.nn.GRUCell vs torch.nn.GRUCell, hidden 100)."""
@@ -35,12 +36,39 @@ def cases(device: torch.device, dtype: torch.dtype, full: bool) -> list[Case]:
 
 
 def _module_pair(device, dtype, kind, hidden, **kwargs):
-    """(torch module, patched deep copy) with the same weights."""
+    """(torch module, patched deep copy) with the same weights, each with its weights in one
+    flat buffer (``flatten_parameters``) so that cuDNN does not compact them at every call."""
     torch.manual_seed(0)
     ref = getattr(torch.nn, kind)(hidden, hidden, device=device, dtype=dtype, **kwargs)
     ours = copy.deepcopy(ref)
     fastrec.patch(ours)
+    ref.flatten_parameters()
+    ours.flatten_parameters()
     return ref, ours
+
+
+def _fp32_twin(ref: torch.nn.RNNBase) -> torch.nn.RNNBase | None:
+    """An fp32 copy of a 16-bit torch module, weights flattened (torch's fp32 cuDNN path: a user
+    with a 16-bit model may still run the RNN in fp32, often faster); None for fp32/fp64."""
+    if ref.weight_ih_l0.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    twin = copy.deepcopy(ref).float()
+    twin.flatten_parameters()
+    return twin
+
+
+def _fp32_inputs(inputs):
+    """``inputs`` (rotating 16-bit (tensors, grad) sets) as fp32 leaves, made once per set."""
+    cache: dict[int, tuple] = {}
+
+    def draw() -> tuple:
+        tensors, grad = inputs()
+        key = id(tensors[0])
+        if key not in cache:
+            cache[key] = (tuple(t.detach().float().requires_grad_() for t in tensors), grad.float())
+        return cache[key]
+
+    return draw
 
 
 def _padded_cases(device, dtype, batch, steps, hidden) -> list[Case]:
@@ -55,6 +83,11 @@ def _padded_cases(device, dtype, batch, steps, hidden) -> list[Case]:
         flops = 2 * batch * steps * 2 * hidden * GATES[kind] * hidden
         forwards = {"fastrec": lambda x, m=ours: m(x)[0], f"nn.{kind}": lambda x, m=ref: m(x)[0]}
         params = {"fastrec": tuple(ours.parameters()), f"nn.{kind}": tuple(ref.parameters())}
+        side_inputs = {}
+        if (twin := _fp32_twin(ref)) is not None:
+            forwards[f"nn.{kind} fp32"] = lambda x, m=twin: m(x)[0]
+            params[f"nn.{kind} fp32"] = tuple(twin.parameters())
+            side_inputs[f"nn.{kind} fp32"] = _fp32_inputs(inputs)
         if kind == "GRU":
             cell = torch.nn.GRUCell(hidden, hidden, device=device, dtype=dtype)
             cell.load_state_dict({k.removesuffix("_l0"): v for k, v in ref.state_dict().items()})
@@ -62,7 +95,7 @@ def _padded_cases(device, dtype, batch, steps, hidden) -> list[Case]:
             params["GRUCell loop"] = tuple(cell.parameters())
         shape = f"B={batch} T={steps} in=hidden={hidden} padded"
         io = 2 * batch * steps * hidden * dtype.itemsize
-        rows += pair("rnn", kind, shape, dtype, forwards, inputs, flops, io, params)
+        rows += pair("rnn", kind, shape, dtype, forwards, inputs, flops, io, params, side_inputs=side_inputs)
     return rows
 
 
@@ -91,7 +124,12 @@ def _packed_cases(device, dtype, kind, batch, steps, hidden, gen) -> list[Case]:
     forwards = {"fastrec": run(ours), f"nn.{kind}": run(ref)}
     io = 2 * rows * hidden * dtype.itemsize
     inputs = rotating(make, input_copies(device))
-    return pair("rnn", kind, shape, dtype, forwards, inputs, flops, io, params)
+    side_inputs = {}
+    if (twin := _fp32_twin(ref)) is not None:
+        forwards[f"nn.{kind} fp32"] = run(twin)
+        params[f"nn.{kind} fp32"] = tuple(twin.parameters())
+        side_inputs[f"nn.{kind} fp32"] = _fp32_inputs(inputs)
+    return pair("rnn", kind, shape, dtype, forwards, inputs, flops, io, params, side_inputs=side_inputs)
 
 
 def _cell_cases(device, dtype, batch, input_size, hidden) -> list[Case]:
