@@ -3,7 +3,7 @@
 //   torch.ops.fastrec.conv_forward_cpp(x, w, bias, stride, padding, dilation, groups, act, pool)
 //       -> (y, saved_z, argmax)
 //   torch.ops.fastrec.conv_backward_cpp(grad_y, x, w, saved_z, argmax, stride, padding,
-//                                       dilation, groups, act, pool, output_mask)
+//                                       dilation, groups, act, pool, output_mask, bias)
 //       -> (dx, dw, db)
 //
 // Forward is an implicit GEMM per (group, tile: a band of output rows of one image, or several
@@ -415,10 +415,67 @@ void forward_kernel(const Geometry& g, Act act, const T* x, const T* w, const T*
 // Backward of the epilogue: dz = scatter of grad_y * act'(z) to the argmax positions
 // ---------------------------------------------------------------------------------------------
 
+// z = conv + bias at conv output (oh, ow) of image n, channel o, as a dense convolution computes
+// it (padding is zeros that still multiply the weights, so an infinite weight gives NaN there).
+template <typename T>
+T conv_at(const Geometry& g, const T* x, const T* w, const T* bias, int64_t n, int64_t o,
+          int64_t oh, int64_t ow) {
+  const int64_t grp = o / g.Og;
+  T acc = bias != nullptr ? bias[o] : T(0);
+  for (int64_t c = 0; c < g.Cg; ++c) {
+    const T* plane = x + ((n * g.C + grp * g.Cg + c) * g.H) * g.W;
+    const T* wk = w + (o * g.Cg + c) * g.KH * g.KW;
+    for (int64_t kh = 0; kh < g.KH; ++kh) {
+      const int64_t ih = oh * g.sh - g.ph + kh * g.dh;
+      for (int64_t kw = 0; kw < g.KW; ++kw) {
+        const int64_t iw = ow * g.sw - g.pw + kw * g.dw;
+        const bool inside = ih >= 0 && ih < g.H && iw >= 0 && iw < g.W;
+        acc += (inside ? plane[ih * g.W + iw] : T(0)) * wk[kh * g.KW + kw];
+      }
+    }
+  }
+  return acc;
+}
+
+// Torch's dense backward computes 0 * act'(z) at every conv output no pool window takes, which
+// is NaN where act'(z) is (gelu at a non-finite z, tanh / sigmoid at a NaN z). The saved winner
+// tells when a window holds such a z: a NaN z makes the window's maximum NaN, and gelu's -inf
+// (NaN) and +inf win over finite values, so act'(winner's z) is non-finite too. Only those
+// windows, and the conv outputs no window covers, recompute z to put the NaN where torch does.
+template <typename T>
+struct DenseNaN {
+  const Geometry& g;
+  Act act;
+  const T* x;  // (N, C, H, W) compute dtype, contiguous
+  const T* w;  // (O, C / G, KH, KW)
+  const T* bias;  // (O,) or nullptr
+  bool active() const {
+    return g.pooled && (act == Act::kGelu || act == Act::kTanh || act == Act::kSigmoid);
+  }
+  // dz at the outputs of plane p that no window covers.
+  void uncovered(int64_t p, T* dz_plane) const {
+    const int64_t n = p / g.O, o = p % g.O;
+    for (int64_t oh = 0; oh < g.Ho; ++oh)
+      for (int64_t ow = oh < g.Hc ? g.Wc : 0; ow < g.Wo; ++ow)
+        dz_plane[oh * g.Wo + ow] = T(0) * act_derivative(act, conv_at(g, x, w, bias, n, o, oh, ow));
+  }
+  // dz at the positions of window (pr, pc) of plane p other than its winner.
+  void window(int64_t p, int64_t pr, int64_t pc, int32_t winner, T* dz_plane) const {
+    const int64_t n = p / g.O, o = p % g.O;
+    for (int64_t i = 0; i < g.pool_h; ++i)
+      for (int64_t j = 0; j < g.pool_w; ++j) {
+        if (i * g.pool_w + j == winner) continue;
+        const int64_t oh = pr * g.pool_h + i, ow = pc * g.pool_w + j;
+        dz_plane[oh * g.Wo + ow] = T(0) * act_derivative(act, conv_at(g, x, w, bias, n, o, oh, ow));
+      }
+  }
+};
+
 template <typename T>
 void epilogue_backward(const Geometry& g, Act act, const T* grad_y, const T* saved_z,
-                       const int32_t* argmax, T* dz) {
+                       const int32_t* argmax, const DenseNaN<T>& dense, T* dz) {
   const int64_t planes = g.N * g.O;
+  const bool has_uncovered = g.Hc != g.Ho || g.Wc != g.Wo;
   at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       T* dz_plane = dz + p * g.Ho * g.Wo;
@@ -434,6 +491,7 @@ void epilogue_backward(const Geometry& g, Act act, const T* grad_y, const T* sav
         continue;
       }
       std::memset(dz_plane, 0, g.Ho * g.Wo * sizeof(T));
+      if (dense.active() && has_uncovered) dense.uncovered(p, dz_plane);
       const int64_t count = g.Hp * g.Wp;
       const T* gy = grad_y + p * count;
       const T* z = act == Act::kNone ? nullptr : saved_z + p * count;
@@ -443,8 +501,9 @@ void epilogue_backward(const Geometry& g, Act act, const T* grad_y, const T* sav
           const int64_t i = pr * g.Wp + pc;
           const int64_t oh = pr * g.pool_h + am[i] / g.pool_w;
           const int64_t ow = pc * g.pool_w + am[i] % g.pool_w;
-          const T d = z == nullptr ? gy[i] : gy[i] * act_derivative(act, z[i]);
-          dz_plane[oh * g.Wo + ow] = d;
+          const T derivative = z == nullptr ? T(1) : act_derivative(act, z[i]);
+          if (dense.active() && !std::isfinite(derivative)) dense.window(p, pr, pc, am[i], dz_plane);
+          dz_plane[oh * g.Wo + ow] = z == nullptr ? gy[i] : gy[i] * derivative;
         }
     }
   });
@@ -507,7 +566,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpp(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w, const at::Tensor& saved_z,
     const at::Tensor& argmax, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups, const std::string& act_name, at::IntArrayRef pool,
-    std::array<bool, 3> output_mask) {
+    std::array<bool, 3> output_mask, const std::optional<at::Tensor>& bias) {
   check_inputs(x, w);
   const Geometry g = make_geometry(x, w, stride, padding, dilation, groups, pool);
   const Act act = parse_act(act_name, "conv", "act");
@@ -526,15 +585,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpp(
   const at::Tensor gy = grad_y.to(ct).contiguous();
   const at::Tensor z = act == Act::kNone ? at::Tensor() : saved_z.to(ct).contiguous();
   const at::Tensor am = g.pooled ? argmax.contiguous() : at::Tensor();
-  at::Tensor dz = at::empty({g.N, g.O, g.Ho, g.Wo}, opts);
-  AT_DISPATCH_FLOATING_TYPES(ct, "conv_backward_cpp", [&] {
-    epilogue_backward<scalar_t>(g, act, gy.data_ptr<scalar_t>(),
-                                z.defined() ? z.data_ptr<scalar_t>() : nullptr,
-                                am.defined() ? am.data_ptr<int32_t>() : nullptr,
-                                dz.data_ptr<scalar_t>());
-  });
   const at::Tensor xc = x.to(ct).contiguous();
   const at::Tensor wc = w.to(ct).contiguous();
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias)
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.O,
+                "fastrec conv (cpp): bias must be (O,) = (", g.O, ",), got ", bias->sizes());
+  const at::Tensor bc = has_bias ? bias->to(ct).contiguous() : at::Tensor();
+  at::Tensor dz = at::empty({g.N, g.O, g.Ho, g.Wo}, opts);
+  AT_DISPATCH_FLOATING_TYPES(ct, "conv_backward_cpp", [&] {
+    const DenseNaN<scalar_t> dense{g, act, xc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(),
+                                   has_bias ? bc.data_ptr<scalar_t>() : nullptr};
+    epilogue_backward<scalar_t>(g, act, gy.data_ptr<scalar_t>(),
+                                z.defined() ? z.data_ptr<scalar_t>() : nullptr,
+                                am.defined() ? am.data_ptr<int32_t>() : nullptr, dense,
+                                dz.data_ptr<scalar_t>());
+  });
   at::Tensor dx, dw, db;
   std::tie(dx, dw, db) = at::convolution_backward(
       dz, xc, wc, std::vector<int64_t>{g.O}, stride, padding, dilation, /*transposed=*/false,
@@ -556,7 +622,7 @@ TORCH_LIBRARY_FRAGMENT(fastrec, m) {
   m.def(
       "conv_backward_cpp(Tensor grad_y, Tensor x, Tensor w, Tensor saved_z, Tensor argmax, "
       "int[2] stride, int[2] padding, int[2] dilation, int groups, str act, int[2] pool, "
-      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+      "bool[3] output_mask, Tensor? bias=None) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastrec, CPU, m) {

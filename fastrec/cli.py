@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import os
 import platform
 import sys
 from pathlib import Path
@@ -167,6 +168,18 @@ def _train(args: argparse.Namespace) -> int:
         args.parser.error("--cuda-graphs: no CUDA device is available (CUDA graphs replay on a GPU only)")
     if args.cuda_graphs and args.device != "cuda":
         args.parser.error("--cuda-graphs needs --device cuda")
+    try:
+        return _run_training(args, train)
+    except ValueError as error:  # DataError, CheckpointError and bad options are ValueErrors
+        if args.debug or os.environ.get("FASTREC_DEBUG") == "1":
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"{args.parser.prog}: error: {message}", file=sys.stderr)  # as argparse's own errors
+        raise SystemExit(2) from None
+
+
+def _run_training(args: argparse.Namespace, train: ModuleType) -> int:
+    """``fastrec train`` after the CLI's own checks: the config, then training."""
     fields = {f.name for f in dataclasses.fields(train.TrainConfig)}
     config = train.TrainConfig(
         **{name: value for name, value in vars(args).items() if name in fields},  # the options named as the fields
@@ -296,6 +309,11 @@ def _add_train(sub) -> None:
     train.add_argument("--checkpoint", help="save the training state here after each epoch")
     train.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument(
+        "--debug",
+        action="store_true",
+        help="raise errors with their traceback instead of a one-line message (also FASTREC_DEBUG=1)",
+    )
     train.set_defaults(func=_train, parser=train)
 
 

@@ -244,10 +244,17 @@ def _epilogue_backward_kernel(
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < total
     g = tl.load(GradY + offs, mask=ok, other=0.0).to(compute_dtype)
+    # The other window positions get 0, or NaN where act'(the winner's z) is not finite (gelu at
+    # a non-finite z, tanh / sigmoid at NaN): such a window holds a z whose 0 * act'(z) is NaN in
+    # torch's dense backward; which of its positions is not known here, so all of them are NaN.
+    rest = tl.zeros([BLOCK], dtype=compute_dtype)
     if ACT != 0:
         z = tl.load(SavedZ + offs, mask=ok, other=0.0).to(compute_dtype)
+        if ACT >= 2:
+            rest = activation_backward(rest, z, ACT)
         g = activation_backward(g, z, ACT)
     g = g.to(GradZ.dtype.element_ty)
+    rest = rest.to(GradZ.dtype.element_ty)
     if POOLED:
         pooled_hw = pooled_h * pooled_w
         plane = offs // pooled_hw  # n * O + o
@@ -256,7 +263,7 @@ def _epilogue_backward_kernel(
         winner = tl.load(Argmax + offs, mask=ok, other=0)
         base = plane * out_h * out_w + (hp * pool_h) * out_w + wp * pool_w
         for e in range(0, pool_h * pool_w):
-            tl.store(GradZ + base + (e // pool_w) * out_w + e % pool_w, tl.where(winner == e, g, 0.0), mask=ok)
+            tl.store(GradZ + base + (e // pool_w) * out_w + e % pool_w, tl.where(winner == e, g, rest), mask=ok)
     else:
         tl.store(GradZ + offs, g, mask=ok)
 
@@ -659,8 +666,9 @@ def epilogue_backward(
     conv_out_shape: tuple[int, int, int, int],
 ) -> torch.Tensor:
     """dz (N, O, Ho, Wo) contiguous, dtype of grad_y: grad_y * act'(saved_z) at the argmax position
-    of each window, zero elsewhere (and at the conv outputs no window covers). With act "none"
-    and no pool it is a copy of grad_y (the caller may skip it)."""
+    of each window, zero elsewhere (NaN in a window whose winner has a non-finite act'), and zero
+    at the conv outputs no window covers (the caller fills those). With act "none" and no pool it
+    is a copy of grad_y (the caller may skip it)."""
     act_code = activation_code(act)
     pool_h, pool_w = _pair(pool, "pool")
     pooled = (pool_h, pool_w) != (1, 1)

@@ -7,7 +7,12 @@ subprocess, so a crash (a segfault) fails the test instead of ending the run. Co
 key_padding_mask of valid and invalid shapes, need_weights), ``RNN``/``GRU``/``LSTM`` (layers,
 directions, batch_first, unbatched, empty batches, given / wrongly shaped states), the cells
 (empty, unbatched, given / wrongly shaped / wrongly formed states) and ``Dropout`` (p, training);
-one input element is NaN or +-inf (recurrent: or 1e3) in a third of the attention and recurrent cases.
+``Conv1d``/``Conv2d`` (channels, groups that do not divide them, kernel, stride, string and
+int padding, dilation, padding modes, unbatched, empty, wrong channel count, inputs smaller than
+the kernel) alone and as a ``ConvBlock`` with every activation and pool against torch's
+modules in a row, and ``CaserConv`` (sizes, activations, invalid constructor arguments, 3-D and
+4-D inputs, empty batches, wrong shapes) against RecBole's per-height loop on its own modules;
+one input element is NaN or +-inf (recurrent, conv, Caser: or 1e3) in a third of the cases.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import textwrap
 
 import torch
 
-CASES = 800
+CASES = 1200
 
 FUZZ_SCRIPT = """
 import json, random, sys, traceback
@@ -104,10 +109,12 @@ def twins(ours_cls, ref_cls, *args, **kwargs):
     return ours, ref
 
 
-def leaf(t, grad, huge=True):
+def leaf(t, grad, huge=True, finite=False):
     # two copies of t, one element of it NaN, +-inf or huge in some cases (not for attention: a
-    # huge score makes its flash-style backward, dS = P (dP - dO . O), cancel at fp32 precision)
+    # huge score makes its flash-style backward, dS = P (dP - dO . O), cancel at fp32 precision;
+    # finite: only huge, for Caser, whose sparse backward lacks torch's 0 * inf (docs/testing.md))
     special = pick(None, None, None, None, "nan", "inf", "-inf", "1e3" if huge else None)
+    special = "1e3" if finite and special is not None else special
     if special is not None and t.numel():
         t = t.clone()
         t.view(-1)[rng.randrange(t.numel())] = float(special)
@@ -229,7 +236,82 @@ def dropout_case():
     return "dropout"
 
 
-kinds = [mha_case, rnn_case, cell_case, dropout_case]
+ACT_MODULES = {"none": torch.nn.Identity, "relu": torch.nn.ReLU, "gelu": torch.nn.GELU, "tanh": torch.nn.Tanh,
+               "sigmoid": torch.nn.Sigmoid}
+
+
+def conv_case():
+    dim = pick(1, 2)
+    name = f"Conv{dim}d"
+    groups, c_in, c_out = pick(1, 1, 2, 3), pick(2, 4, 6), pick(2, 4, 6)
+    kwargs = dict(stride=pick(1, 2), padding=pick(0, 1, "same", "valid"), dilation=pick(1, 2), groups=groups,
+                  bias=pick(True, False), padding_mode=pick("zeros", "zeros", "reflect", "circular", "replicate"))
+    ours, ref = twins(getattr(fnn, name), getattr(torch.nn, name), c_in, c_out, pick(1, 2, 3), **kwargs)
+    if ours is None:
+        return "ctor"
+    batched, batch = pick(True, True, False), pick(0, 1, 3)
+    feat, size = pick(c_in, c_in, c_in + 1), pick(1, 3, 8)
+    shape = ((batch,) if batched else ()) + (feat,) + (size,) * dim
+    grad = pick(True, False)
+    x, x_ref = leaf(torch.randn(shape), grad)
+    fused = kwargs["padding_mode"] == "zeros" and pick(True, True, False)
+    label = "module"
+    if fused:  # ConvBlock over the same conv: act and max-pool fused, against torch's modules in a row
+        act, pool = pick(*ACT_MODULES), pick(1, 2, 3)
+        pool_cls = torch.nn.MaxPool1d if dim == 1 else torch.nn.MaxPool2d
+        ours = fnn.ConvBlock.from_modules(ours, ACT_MODULES[act](), pool_cls(pool) if pool > 1 else None)
+        ref = torch.nn.Sequential(ref, ACT_MODULES[act](), pool_cls(pool) if pool > 1 else torch.nn.Identity())
+        kwargs.update(act=act, pool=pool)
+        label = "block"
+    desc = f"{name} {c_in}->{c_out} {kwargs} batched={batched} x={tuple(x.shape)}"
+    compare(name, desc, lambda: ours(x), lambda: ref(x_ref), [(x, x_ref)] if grad else [])
+    return label
+
+
+def caser_reference(block, E):
+    # RecBole's Caser convolutions: one nn.Conv2d + activation + max-pool per height, on the
+    # block's own modules
+    act_h, act_v = ACT_MODULES[block.act_h](), ACT_MODULES[block.act_v]()
+    x = E if E.dim() == 4 else E.unsqueeze(1)
+    pooled = []
+    for conv in block.conv_h:
+        a = act_h(conv(x).squeeze(3))
+        pooled.append(torch.nn.functional.max_pool1d(a, a.shape[2]).squeeze(2))
+    return torch.cat(pooled, 1), act_v(block.conv_v(x)).flatten(1)
+
+
+def caser_case():
+    length, dim, n_h, n_v = pick(1, 2, 4), pick(1, 3, 5), pick(1, 2, 4), pick(1, 2)
+    act_h, act_v = pick("relu", "relu", "gelu", "tanh", "sigmoid", "none"), pick(None, "relu", "tanh")
+    bad_ctor = pick(*([None] * 8), "max_len", "act_h", "act_v")
+    args = dict(max_len=length, dim=dim, n_h=n_h, n_v=n_v, act_h=act_h, act_v=act_v)
+    if bad_ctor is not None:
+        args[bad_ctor] = {"max_len": pick(0, -1, 2.0), "act_h": "swish", "act_v": "elu"}[bad_ctor]
+    block, err = run(lambda: fnn.CaserConv(**args))
+    if bad_ctor is not None:
+        if not isinstance(err, ValueError):
+            problems.append(f"CaserConv({args}): expected a ValueError, got {err!r}")
+        return "ctor"
+    if err is not None:
+        problems.append(f"CaserConv({args}): {err!r}")
+        return "ctor"
+    batch = pick(0, 1, 3)
+    form = pick("3d", "3d", "4d", "wrong_L", "wrong_d", "2d")
+    shape = {"3d": (batch, length, dim), "4d": (batch, 1, length, dim), "wrong_L": (batch, length + 1, dim),
+             "wrong_d": (batch, length, dim + 1), "2d": (length, dim)}[form]
+    grad = pick(True, False)
+    E, E_ref = leaf(torch.randn(shape), grad, finite=True)
+    desc = f"{args} E={shape}"
+    if form in ("wrong_L", "wrong_d", "2d"):  # fastrec names the shape it wants: a clean exception
+        _, err = run(lambda: block(E))
+        if not isinstance(err, (ValueError, TypeError, RuntimeError)):
+            problems.append(f"CaserConv {desc}: expected an error naming the shape, got {err!r}")
+        return form
+    compare("CaserConv", desc, lambda: block(E), lambda: caser_reference(block, E_ref), [(E, E_ref)] if grad else [])
+    return form
+
+
+kinds = [mha_case, rnn_case, cell_case, dropout_case, conv_case, caser_case]
 for i in range(n_cases):
     torch.manual_seed(i)
     fn = kinds[i % len(kinds)]

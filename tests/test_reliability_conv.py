@@ -4,8 +4,10 @@
   ``functional.caser``, ``Dropout``, ``functional.dropout``): torch's empty result forward and
   backward (zero weight gradients), no crash. These run in a subprocess, so a segfault is a test
   failure and not a dead test run;
-- NaN, +inf and -inf in dropout's input propagate as in torch: the output and the gradient have
-  NaN exactly where torch's have NaN, and the other values agree.
+- NaN, +inf and -inf in dropout's input, and in conv's input, weight or bias (every activation,
+  with and without a pool), propagate as in torch: the outputs and the gradients have NaN exactly
+  where torch's have NaN, and the other values agree (one documented exception: the Triton
+  conv's dx may have more NaN).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from isolated import PRELUDE, assert_all_ok, run_isolated
 
 import fastrec
 from fastrec import functional as FF
+from fastrec.ops._conv_common import act_fn
 
 BACKENDS = ("cpp", "torch", "triton")
 ACTS = ("none", "relu", "gelu", "tanh", "sigmoid")
@@ -168,3 +171,56 @@ def test_dropout_nan_inf_propagate_as_torch(value, backend):
     if backend != "triton":  # cpp and torch draw torch's masks: F.dropout's result itself
         torch.manual_seed(7)
         _same_with_nan(y.detach(), F.dropout(bad, p, True), "F.dropout")
+
+
+def _conv_case(where: str, value: float):
+    """x (2, 3, 7, 7), w, b in float64 with ``value`` put in ``where``, and the conv's keywords.
+    A 7x7 output with pool 2 leaves a row and a column no window covers; "x-edge" is a 1x1
+    convolution with the value only where the uncovered outputs read it."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 3, 7, 7, generator=gen, dtype=torch.float64)
+    kernel, padding = (1, 0) if where == "x-edge" else (3, 1)
+    w = torch.randn(4, 3, kernel, kernel, generator=gen, dtype=torch.float64)
+    b = torch.randn(4, generator=gen, dtype=torch.float64)
+    if where == "x":
+        x[0, 1, 2, 3] = x[1, 0, 5, 5] = x[1, 2, 2, 3] = value  # two in one pool window of z
+        x[1, 2, 2, 2] = value
+    elif where == "x-edge":
+        x[0, 1, 6, 2] = x[1, 0, 3, 6] = value
+    elif where == "w":
+        w[1, 0, 1, 1] = value
+    else:
+        b[2] = value
+    return (x, w, b), {"padding": padding}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pool", (1, 2))
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("where", ("x", "x-edge", "w", "b"))
+def test_conv_nan_inf_propagate_as_torch(where, act, pool, backend):
+    """NaN / +-inf in x, w or b: out, dx, dw and db have NaN and inf where torch's ops (F.conv2d,
+    the activation, F.max_pool2d, autograd's dense backward) have them, and the same finite values.
+    torch's backward gives ``0 * act'(z)`` to every conv output a pool window does not take (NaN
+    at a bad z); the Triton kernels know only the window, not the position, so their dx may have
+    NaN at more places in a window's receptive field, never at fewer."""
+    for value in VALUES:
+        tensors, kw = _conv_case(where, value)
+
+        def ref(x, w, b):
+            a = act_fn(act)(F.conv2d(x, w, b, **kw))
+            return a if pool == 1 else F.max_pool2d(a, pool)
+
+        grad = torch.rand(ref(*tensors).shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64) + 0.5
+        y_ref, grads_ref = _grads(ref, tensors, grad)
+        with fastrec.use_backend(backend):
+            y, grads = _grads(lambda x, w, b: FF.conv2d(x, w, b, act=act, pool=pool, **kw), tensors, grad)
+        _same_with_nan(y, y_ref, f"out ({value} in {where})")
+        for name, ours, theirs in zip(("dx", "dw", "db"), grads, grads_ref, strict=True):
+            if backend == "triton" and name == "dx" and act in ("gelu", "tanh", "sigmoid") and pool > 1:
+                missing = theirs.isnan() & ~ours.isnan()
+                assert not missing.any(), f"dx: no NaN at {missing.nonzero().tolist()} where torch has NaN"
+                both = ~(ours.isnan() | theirs.isnan())
+                torch.testing.assert_close(ours[both], theirs[both], atol=1e-4, rtol=1e-4, msg=name)
+            else:
+                _same_with_nan(ours, theirs, f"{name} ({value} in {where})")

@@ -251,7 +251,7 @@ def test_config_rejects_bad_values():
         train.TrainConfig(model="sasrec", model_options={"max_len": 20})  # the config's own field
 
 
-def test_cli_option_reaches_the_model(monkeypatch):
+def test_cli_option_reaches_the_model(monkeypatch, capsys):
     built = {}
     real = train.build_model
 
@@ -270,8 +270,14 @@ def test_cli_option_reaches_the_model(monkeypatch):
     assert built["model"].padding_side == "left"
     with pytest.raises(SystemExit, match="--option takes KEY=VALUE"):
         cli.main([*args, "--option", "n_h"])
-    with pytest.raises(ValueError, match="model_options: caser takes"):
+    with pytest.raises(SystemExit) as exited:
         cli.main([*args, "--option", "heads=2"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastrec train: error: model_options: caser takes") and err.count("\n") == 1
+    assert "Traceback" not in err
+    with pytest.raises(ValueError, match="model_options: caser takes"):  # --debug: the exception itself
+        cli.main([*args, "--option", "heads=2", "--debug"])
     with pytest.raises(SystemExit, match="behavior-\\* models take theirs"):
         cli.main(["train", "--model", "behavior-cnn", "--option", "hidden=8"])
 
@@ -429,6 +435,33 @@ def test_cli_csv_columns_by_index_for_a_file_without_header(tmp_path, capsys):
     args = ["train", "--model", "caser", "--data", str(path), "--epochs", "1", "--no-progress", "--max-len", "3"]
     assert cli.main([*args, "--columns", "user=0,item=1,time=4,event=3", "--events", "buy,cart"]) == 0
     assert "25 users, 9 items" in capsys.readouterr().out
+
+
+def test_cli_user_errors_are_one_line_messages_with_exit_status_2(tmp_path, monkeypatch, capsys):
+    """A DataError, a CheckpointError and a bad option value: ``fastrec train: error: ...`` on
+    stderr, exit status 2, no traceback; FASTREC_DEBUG=1 re-raises the exception."""
+    bad = tmp_path / "bad.inter"
+    bad.write_text("user_id:token\ttimestamp:float\n1\t2\n")
+    ckpt = tmp_path / "state.pt"
+    ckpt.write_bytes(b"not a checkpoint")
+    base = ["train", "--model", "gru4rec", "--epochs", "1", "--no-progress", "--max-len", "4"]
+    cases = {
+        "missing column 'item_id'": [*base, "--data", str(bad)],
+        f"{ckpt}: ": [*base, "--data", "synthetic", "--checkpoint", str(ckpt), "--resume"],
+        "lr must be >= 0": [*base, "--data", "synthetic", "--lr", "-1"],
+    }
+    for message, argv in cases.items():
+        with pytest.raises(SystemExit) as exited:
+            cli.main(argv)
+        assert exited.value.code == 2, message
+        err = capsys.readouterr().err
+        assert err.startswith("fastrec train: error: ") and message in err and err.count("\n") == 1, err
+        assert "Traceback" not in err
+    monkeypatch.setenv("FASTREC_DEBUG", "1")
+    with pytest.raises(DataError, match="missing column 'item_id'"):
+        cli.main(cases["missing column 'item_id'"])
+    with pytest.raises(train.CheckpointError):
+        cli.main(cases[f"{ckpt}: "])
 
 
 def test_cli_device_cuda_without_cuda_is_a_one_line_error(monkeypatch, capsys):

@@ -54,7 +54,7 @@ from torch import Tensor
 from fastrec import backends, routing
 from fastrec._tables import package_table, parse_card_table
 from fastrec.kernels._common import dtype_name
-from fastrec.ops._conv_common import act_fn
+from fastrec.ops._conv_common import act_derivative, act_fn
 
 OP = "conv"
 
@@ -119,21 +119,52 @@ def _fake_forward(x, w, bias, stride, padding, dilation, groups, act, pool, *all
     return _fake_outputs(z_shape, x, act, pool)
 
 
-def _fake_backward(
-    grad_y, x, w, saved_z, argmax, stride, padding, dilation, groups, act, pool, output_mask, *allow_tf32
-):
+def _fake_backward(grad_y, x, w, saved_z, argmax, stride, padding, dilation, groups, act, pool, output_mask, *rest):
     dx = x.new_empty(x.shape) if output_mask[0] else x.new_empty(0)
     dw = w.new_empty(w.shape) if output_mask[1] else w.new_empty(0)
     db = w.new_empty(w.shape[0]) if output_mask[2] else w.new_empty(0)
     return dx, dw, db
 
 
-def _grad_z(grad_y, x, w, saved_z, argmax, stride, padding, dilation, act, pool) -> Tensor:
-    """dz, the first step of both Triton backward paths: the Triton epilogue backward of grad_y."""
+def _grad_z(grad_y, x, w, bias, saved_z, argmax, stride, padding, dilation, groups, act, pool) -> Tensor:
+    """dz, the first step of both Triton backward paths: the Triton epilogue backward of grad_y,
+    then the conv outputs no pool window covers (see ``_fill_uncovered``)."""
     from fastrec.kernels import conv as kernels
 
     conv_out = (x.shape[0], w.shape[0], *conv_output_size(x.shape, w.shape, stride, padding, dilation))
-    return kernels.epilogue_backward(grad_y, saved_z, argmax, act, tuple(pool), conv_out)
+    dz = kernels.epilogue_backward(grad_y, saved_z, argmax, act, tuple(pool), conv_out)
+    if act in ("gelu", "tanh", "sigmoid"):
+        _fill_uncovered(dz, x, w, bias, stride, padding, dilation, groups, act, pool)
+    return dz
+
+
+def _strip_z(x, w, bias, stride, padding, dilation, groups, dim: int, first: int, count: int) -> Tensor:
+    """z = conv + bias at conv outputs ``first .. first + count - 1`` along spatial ``dim`` (0: rows,
+    1: columns), every position along the other: a convolution of the input rows (columns) they read."""
+    size = x.shape[2 + dim]
+    lo = first * stride[dim] - padding[dim]
+    hi = (first + count - 1) * stride[dim] - padding[dim] + (w.shape[2 + dim] - 1) * dilation[dim] + 1
+    part = x.narrow(2 + dim, max(lo, 0), min(hi, size) - max(lo, 0))
+    before, after = max(-lo, 0), max(hi - size, 0)
+    part = F.pad(part, (before, after, 0, 0) if dim == 1 else (0, 0, before, after))
+    pad = [padding[0], padding[1]]
+    pad[dim] = 0
+    return F.conv2d(part, w, bias, stride, pad, dilation, groups)
+
+
+def _fill_uncovered(dz, x, w, bias, stride, padding, dilation, groups, act, pool) -> None:
+    """dz at the conv outputs no pool window covers: torch's dense backward gives them
+    ``0 * act'(z)``, NaN where act'(z) is (gelu at a non-finite z, tanh / sigmoid at NaN). Only
+    those outputs are convolved (a strip of rows and one of columns), and only when there are some."""
+    out_h, out_w = dz.shape[2:]
+    covered_h, covered_w = out_h // pool[0] * pool[0], out_w // pool[1] * pool[1]
+    geometry = (stride, padding, dilation, groups)
+    if covered_h < out_h:
+        z = _strip_z(x, w, bias, *geometry, 0, covered_h, out_h - covered_h)
+        dz[:, :, covered_h:, :] = 0 * act_derivative(act, z).to(dz.dtype)
+    if covered_w < out_w:
+        z = _strip_z(x, w, bias, *geometry, 1, covered_w, out_w - covered_w)[:, :, :covered_h]
+        dz[:, :, :covered_h, covered_w:] = 0 * act_derivative(act, z).to(dz.dtype)
 
 
 def _grad_bias(dz: Tensor, w: Tensor, needed: bool) -> Tensor:
@@ -177,11 +208,12 @@ def conv_backward_triton(
     pool: list[int],
     output_mask: list[bool],
     allow_tf32: bool,
+    bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     from fastrec.kernels import conv as kernels
 
     geometry = (tuple(stride), tuple(padding), tuple(dilation), groups)
-    dz = _grad_z(grad_y, x, w, saved_z, argmax, stride, padding, dilation, act, pool)
+    dz = _grad_z(grad_y, x, w, bias, saved_z, argmax, stride, padding, dilation, groups, act, pool)
     dx = kernels.conv_backward_input(dz, w, tuple(x.shape), *geometry, allow_tf32) if output_mask[0] else x.new_empty(0)
     dw = (
         kernels.conv_backward_weight(dz, x, tuple(w.shape), *geometry, allow_tf32) if output_mask[1] else w.new_empty(0)
@@ -216,10 +248,11 @@ def conv_backward_cudnn(
     act: str,
     pool: list[int],
     output_mask: list[bool],
+    bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The "cudnn" path's backward: the Triton epilogue backward, then torch's convolution
     backward (cuDNN on CUDA) for dx and dw; db sums dz."""
-    dz = _grad_z(grad_y, x, w, saved_z, argmax, stride, padding, dilation, act, pool)
+    dz = _grad_z(grad_y, x, w, bias, saved_z, argmax, stride, padding, dilation, groups, act, pool)
     dx, dw = x.new_empty(0), w.new_empty(0)
     if output_mask[0] or output_mask[1]:
         mask = [output_mask[0], output_mask[1], False]
@@ -237,7 +270,7 @@ backends.register_fake(_fake_backward, conv_backward_triton, conv_backward_cudnn
 
 class ConvFunction(torch.autograd.Function):
     """The fused op on the ``cpp`` backend or the triton backend's ``triton`` / ``cudnn`` path;
-    saves x, w, saved_z and argmax."""
+    saves x, w, bias, saved_z and argmax."""
 
     @staticmethod
     def forward(ctx, x, w, bias, stride, padding, dilation, groups, act, pool, backend):
@@ -249,23 +282,23 @@ class ConvFunction(torch.autograd.Function):
             y, saved_z, argmax = conv_forward_triton(*args, backends.allow_tf32(x, convolution=True))
         else:
             y, saved_z, argmax = torch.ops.fastrec.conv_forward_cpp(*args)
-        ctx.save_for_backward(x, w, saved_z, argmax)
+        ctx.save_for_backward(x, w, bias, saved_z, argmax)
         ctx.flags = (stride, padding, dilation, groups, act, pool, backend, bias is not None)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, w, saved_z, argmax = ctx.saved_tensors
+        x, w, bias, saved_z, argmax = ctx.saved_tensors
         stride, padding, dilation, groups, act, pool, backend, has_bias = ctx.flags
         need = ctx.needs_input_grad
         mask = [need[0], need[1], has_bias and need[2]]
         args = (grad_y.contiguous(), x, w, saved_z, argmax, stride, padding, dilation, groups, act, pool, mask)
         if backend == "cudnn":
-            dx, dw, db = conv_backward_cudnn(*args)
+            dx, dw, db = conv_backward_cudnn(*args, bias)
         elif backend == "triton":
-            dx, dw, db = conv_backward_triton(*args, backends.allow_tf32(x, convolution=True))
+            dx, dw, db = conv_backward_triton(*args, backends.allow_tf32(x, convolution=True), bias)
         else:
-            dx, dw, db = torch.ops.fastrec.conv_backward_cpp(*args)
+            dx, dw, db = torch.ops.fastrec.conv_backward_cpp(*args, bias)
         return (
             dx if mask[0] else None,
             dw if mask[1] else None,
