@@ -223,14 +223,14 @@ def test_enable_builds_patched_models(data_dir, tmp_path):
 
 @pytest.mark.parametrize("model_name", ["SASRec", "GRU4Rec", "Caser"])
 def test_trainer(model_name, data_dir, tmp_path, monkeypatch):
-    """RecBole's Trainer, patched and unpatched from the same seed: fit (2 epochs, early stopping
+    """RecBole's Trainer, patched and unpatched from the same seed: fit (1 epoch, early stopping
     armed) then evaluate(load_best_model=True) give the same validation and test metrics."""
     load = torch.load  # RecBole 1.2.1 reloads its checkpoint (with its config) with the pre-2.6 default
     monkeypatch.setattr(torch, "load", lambda *a, **k: load(*a, **{**k, "weights_only": False}))
     results = []
     for patched in (False, True):
         config, model, train, valid, test = _build(
-            model_name, data_dir, tmp_path / str(patched), epochs=2, stopping_step=1, eval_step=1
+            model_name, data_dir, tmp_path / str(patched), epochs=1, stopping_step=1, eval_step=1
         )
         if patched:
             fr.apply(model)
