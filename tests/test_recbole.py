@@ -43,7 +43,9 @@ def test_in_recbole_environment():
     assert " passed" in last and "failed" not in last, run.stdout[-2000:]
 
 
-pytestmark = pytest.mark.skipif(not HAVE_RECBOLE, reason="needs RecBole's dependencies (.venv-recbole)")
+needs_recbole = pytest.mark.skipif(
+    not HAVE_RECBOLE, reason="needs RecBole's dependencies: test_in_recbole_environment runs these in .venv-recbole"
+)
 
 if HAVE_RECBOLE:
     import logging
@@ -121,6 +123,7 @@ def _loss_and_grads(model, batch, seed):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, after
 
 
+@needs_recbole
 @pytest.mark.parametrize("model_name", list(MODELS))
 def test_same_model(model_name, data_dir, tmp_path):
     _, model, train, _, test = _build(model_name, data_dir, tmp_path)
@@ -183,6 +186,7 @@ def _seq_output(model, batch):
     return model.forward(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN])
 
 
+@needs_recbole
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_attention_mask_routes(bidirectional, data_dir, tmp_path):
     """The tagged mask reaches the fused causal/padding path; rows with no allowed key (an empty
@@ -208,6 +212,7 @@ def test_attention_mask_routes(bidirectional, data_dir, tmp_path):
             assert _rel(out, want) <= 2e-5
 
 
+@needs_recbole
 def test_enable_builds_patched_models(data_dir, tmp_path):
     fr.enable()
     try:
@@ -221,6 +226,7 @@ def test_enable_builds_patched_models(data_dir, tmp_path):
     assert list(plain.state_dict()) == list(model.state_dict())
 
 
+@needs_recbole
 @pytest.mark.parametrize("model_name", ["SASRec", "GRU4Rec", "Caser"])
 def test_trainer(model_name, data_dir, tmp_path, monkeypatch):
     """RecBole's Trainer, patched and unpatched from the same seed: fit (1 epoch, early stopping
