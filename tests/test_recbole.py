@@ -231,6 +231,7 @@ def test_enable_builds_patched_models(data_dir, tmp_path):
 def test_trainer(model_name, data_dir, tmp_path, monkeypatch):
     """RecBole's Trainer, patched and unpatched from the same seed: fit (1 epoch, early stopping
     armed) then evaluate(load_best_model=True) give the same validation and test metrics."""
+    monkeypatch.chdir(tmp_path)  # the Trainer writes log_tensorboard/ into the working directory
     load = torch.load  # RecBole 1.2.1 reloads its checkpoint (with its config) with the pre-2.6 default
     monkeypatch.setattr(torch, "load", lambda *a, **k: load(*a, **{**k, "weights_only": False}))
     results = []
