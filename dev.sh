@@ -41,10 +41,29 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ] || ! "$py" -c "import
   echo "$digest" > "$stamp"
 fi
 
+# RecBole's model, data and trainer code (tests/test_recbole.py, benchmarks/recbole_speed.py)
+# needs numpy < 2 and a few packages of its own: an environment layered over this one (its own
+# site-packages first, then this one's: torch, triton, fastrec).
+# Built by `test` only: the benchmark table does not need it.
+recbole_env() {
+  rvenv=${FASTREC_RECBOLE_VENV:-.venv-recbole}
+  if [ ! -x "$rvenv/bin/python" ]; then
+    "$python" -m venv "$rvenv"
+  fi
+  rpy="$rvenv/bin/python"
+  base_site=$(cd "$("$py" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")" && pwd)
+  echo "import site; site.addsitedir('$base_site')" > "$("$rpy" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/zz_fastrec_base.pth"
+  if ! "$rpy" -c "import numpy, pandas, scipy, sklearn, yaml, colorlog, colorama, texttable, tensorboard; assert numpy.__version__ < '2'" 2>/dev/null; then
+    "$rpy" -m pip -q --disable-pip-version-check install "numpy==1.26.4" "pandas==2.1.4" "scipy==1.17.1" \
+      "scikit-learn==1.9.1" "pyyaml==6.0.4" "colorlog==4.7.2" "colorama==0.4.4" "texttable==1.7.2" "tensorboard==2.21.0"
+  fi
+}
+
 command=${1:-}
 shift || true
 case "$command" in
   test)
+    recbole_env
     "$venv/bin/ruff" check .
     "$venv/bin/ruff" format --check .
     exec "$py" -m pytest "$@"
