@@ -23,7 +23,7 @@ from torch import Tensor
 
 from fastrec import backends
 
-__all__ = ["Measurement", "Rule", "RULES", "routes", "rnn", "rnn_cell", "dropout", "conv"]
+__all__ = ["Measurement", "Rule", "RULES", "routes", "rnn", "rnn_cell", "dropout", "conv", "scoring"]
 
 
 @dataclass(frozen=True)
@@ -151,6 +151,16 @@ CONV_TABLE_CUDA = Rule(
     ),
     per_card=True,
 )
+# Catalogues below this many items score densely on the CPU (see SCORING_SMALL_CPU).
+SCORING_DENSE_BELOW = 20_000
+SCORING_SMALL_CPU = Rule(
+    name="scoring-small-cpu",
+    op="scoring (functional.topk_scores / target_ranks, recommend(), full-ranking evaluation)",
+    device="cpu",
+    condition=f"fewer than {SCORING_DENSE_BELOW:,} items",
+    reason="small catalogue on CPU (h @ W.T and topk on the whole score matrix are as fast)",
+    measurement=None,
+)
 RULES: tuple[Rule, ...] = (
     RNN_LSTM_CPU,
     RNN_PACKED_CUDA,
@@ -160,6 +170,7 @@ RULES: tuple[Rule, ...] = (
     CONV_PLAIN_CPU,
     CONV_NARROW_CPU,
     CONV_TABLE_CUDA,
+    SCORING_SMALL_CPU,
 )
 
 # What fastrec.stats() records for the conv table's two routes.
@@ -200,6 +211,13 @@ def conv(x: Tensor, act: str, pool, conv_width: int) -> str | None:
             return CONV_PLAIN_CPU.reason
         if conv_width < 16:
             return CONV_NARROW_CPU.reason
+    return None
+
+
+def scoring(h: Tensor, W: Tensor) -> str | None:
+    """The route of one top-k or target-rank call of ``h`` (B, d) against ``W`` (V, d), or None."""
+    if h.device.type == "cpu" and W.shape[0] < SCORING_DENSE_BELOW and backends.forced() is None:
+        return SCORING_SMALL_CPU.reason
     return None
 
 
