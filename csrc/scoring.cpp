@@ -3,9 +3,11 @@
 //
 // Contract: the docstring of fastrec/ops/scoring.py. Each task takes a block of rows and a range
 // of items, packs one tile of W transposed ((d, kTile), zero-padded to whole vectors) and computes
-// the tile's scores with one FMA chain per score, k = 0..d-1 in order, starting from 0. Every score
-// (the tile's, a target's, an excluded item's) goes through that same chain, so a target's own
-// score and the scores it is compared with are bitwise consistent. Work splits over (row block,
+// the tile's scores with one FMA chain per score, k = 0..d-1 in order, starting from 0; a call
+// with fewer than kDotRows rows reads W's rows in place instead (dot_row: an FMA chain over d per
+// lane, then a fixed tree over the lanes). Within a call every score (the tile's, a target's, an
+// excluded item's) goes through the same path, so a target's own score and the scores it is
+// compared with are bitwise consistent. Work splits over (row block,
 // item chunk) with at::parallel_for; the per-chunk top-k lists are merged and the per-chunk counts
 // added in chunk order, so results do not depend on the thread count.
 //
@@ -23,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <type_traits>
@@ -86,9 +89,48 @@ void score_block(const T* h, int64_t rows, int64_t d, const T* packed, int64_t w
   for (; r < rows; ++r) score_rows<T, 1>(h + r * d, d, packed, width, out + r * width);
 }
 
-// The score of (row, item) through the same chain as a tile's (lane 0 of a one-item tile).
+// The few-rows path: one score as a vector FMA chain over d (16 lanes), then the lanes added
+// pairwise in a fixed tree. No packing, so a batch of one reads W once, in order.
 template <typename T>
-T pair_score(const T* h_row, const T* W, int64_t d, int64_t item, std::vector<T>& packed, std::vector<T>& out) {
+inline T dot_row(const T* h, const T* w, int64_t d) {
+  constexpr int64_t N = kN<T>;
+  Vec<T> acc = vsplat<T>(T(0));
+  int64_t k = 0;
+  for (; k + N <= d; k += N) acc = vfma<T>(vload<T>(h + k), vload<T>(w + k), acc);
+  if (k < d) {
+    Vec<T> a = vsplat<T>(T(0)), b = vsplat<T>(T(0));
+    std::memcpy(&a, h + k, (d - k) * sizeof(T));
+    std::memcpy(&b, w + k, (d - k) * sizeof(T));
+    acc = vfma<T>(a, b, acc);
+  }
+  T lanes[N];
+  vstore<T>(lanes, acc);
+  for (int64_t half = N / 2; half >= 1; half /= 2)
+    for (int64_t i = 0; i < half; ++i) lanes[i] += lanes[i + half];
+  return lanes[0];
+}
+
+// Calls with fewer rows than this score by dot_row, the others by packed tiles (score_block).
+constexpr int64_t kDotRows = 8;
+
+// scores (rows, width) of items t0 .. t0 + n - 1 for rows h (rows, d), by the call's path.
+template <typename T>
+void score_tile(const T* h, int64_t rows, int64_t d, const T* W, int64_t t0, int64_t n, int64_t width, bool dot_path,
+                T* packed, T* out) {
+  if (dot_path) {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < n; ++j) out[r * width + j] = dot_row<T>(h + r * d, W + (t0 + j) * d, d);
+    return;
+  }
+  pack_rows<T>(W, d, nullptr, t0, n, width, packed);
+  score_block<T>(h, rows, d, packed, width, out);
+}
+
+// The score of (row, item) by the call's path (packed: lane 0 of a one-item tile).
+template <typename T>
+T pair_score(const T* h_row, const T* W, int64_t d, int64_t item, bool dot_path, std::vector<T>& packed,
+             std::vector<T>& out) {
+  if (dot_path) return dot_row<T>(h_row, W + item * d, d);
   const int64_t width = kN<T>;
   packed.resize(d * width);
   out.resize(width);
@@ -175,6 +217,7 @@ std::tuple<at::Tensor, at::Tensor> topk_impl(const at::Tensor& h_, const at::Ten
   const at::Tensor h = h_.contiguous(), W = W_.contiguous();
   const int64_t B = h.size(0), d = h.size(1), V = W.size(0);
   const auto excluded = sorted_exclusions(offsets, ids, B);
+  const bool dot_path = B < kDotRows;
   const int64_t chunks = item_chunks(B, V), row_blocks = (B + kRowBlock - 1) / kRowBlock;
   const int64_t per_chunk = (V + chunks - 1) / chunks;
   // Per (chunk, row): the chunk's best k, merged below.
@@ -197,8 +240,7 @@ std::tuple<at::Tensor, at::Tensor> topk_impl(const at::Tensor& h_, const at::Ten
       }
       for (int64_t t0 = i0; t0 < i1; t0 += kTile) {
         const int64_t n = std::min(kTile, i1 - t0), width = round_up(n, kN<T>);
-        pack_rows<T>(Wp, d, nullptr, t0, n, width, packed.data());
-        score_block<T>(hp + r0 * d, rows, d, packed.data(), width, scores.data());
+        score_tile<T>(hp + r0 * d, rows, d, Wp, t0, n, width, dot_path, packed.data(), scores.data());
         for (int64_t r = 0; r < rows; ++r) {
           T* s = scores.data() + r * width;
           const auto& ex = excluded[r0 + r];
@@ -236,6 +278,7 @@ std::tuple<at::Tensor, at::Tensor> ranks_impl(const at::Tensor& h_, const at::Te
   const at::Tensor h = h_.contiguous(), W = W_.contiguous(), target = target_.contiguous();
   const int64_t B = h.size(0), d = h.size(1), V = W.size(0);
   const auto excluded = sorted_exclusions(offsets, ids, B);
+  const bool dot_path = B < kDotRows;
   const T* hp = h.data_ptr<T>();
   const T* Wp = W.data_ptr<T>();
   const int64_t* tp = target.data_ptr<int64_t>();
@@ -247,11 +290,11 @@ std::tuple<at::Tensor, at::Tensor> ranks_impl(const at::Tensor& h_, const at::Te
   at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
     std::vector<T> packed, out;
     for (int64_t b = begin; b < end; ++b) {
-      const T st = pair_score<T>(hp + b * d, Wp, d, tp[b], packed, out);
+      const T st = pair_score<T>(hp + b * d, Wp, d, tp[b], dot_path, packed, out);
       target_score[b] = st;
       for (int64_t item : excluded[b]) {
         if (item == tp[b]) continue;
-        const T s = pair_score<T>(hp + b * d, Wp, d, item, packed, out);
+        const T s = pair_score<T>(hp + b * d, Wp, d, item, dot_path, packed, out);
         excluded_at_least[b] += s >= st;
       }
     }
@@ -268,8 +311,7 @@ std::tuple<at::Tensor, at::Tensor> ranks_impl(const at::Tensor& h_, const at::Te
       const int64_t i0 = chunk * per_chunk, i1 = std::min(V, i0 + per_chunk);
       for (int64_t t0 = i0; t0 < i1; t0 += kTile) {
         const int64_t n = std::min(kTile, i1 - t0), width = round_up(n, kN<T>);
-        pack_rows<T>(Wp, d, nullptr, t0, n, width, packed.data());
-        score_block<T>(hp + r0 * d, rows, d, packed.data(), width, scores.data());
+        score_tile<T>(hp + r0 * d, rows, d, Wp, t0, n, width, dot_path, packed.data(), scores.data());
         for (int64_t r = 0; r < rows; ++r) {
           const T* s = scores.data() + r * width;
           const T st = target_score[r0 + r];

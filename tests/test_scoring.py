@@ -134,16 +134,16 @@ def test_ranks_integer_scores_exact(backend):
 def test_ranks_count_copies_of_the_target_against_it(backend):
     """Random (inexact) scores: rows of W equal to the target's row score exactly as the target
     does, so the backend must compute the target's score as it computes every other."""
-    B, V, d = (3, 100, 20) if backend == "triton" else (5, 1300, 64)
-    h, W = torch.randn(B, d), torch.randn(V, d)
-    target = torch.arange(B) * 7 + 3
-    for b in range(B):
-        W[600 % V + b * 11 : 600 % V + b * 11 + 3] = W[target[b]]  # three copies of each target
-    with fastrec.use_backend(backend):
-        ranks = F.target_ranks(h, W, target)
-    scores = h.double() @ W.double().t()
-    strictly = (scores > scores[torch.arange(B), target].unsqueeze(1)).sum(dim=1)
-    assert torch.equal(ranks, strictly + 1 + 3)
+    for B, V, d in [(3, 100, 20)] if backend == "triton" else [(5, 1300, 64), (12, 1300, 50)]:  # cpp: both paths
+        h, W = torch.randn(B, d), torch.randn(V, d)
+        target = torch.arange(B) * 7 + 3
+        for b in range(B):
+            W[600 % V + b * 11 : 600 % V + b * 11 + 3] = W[target[b]]  # three copies of each target
+        with fastrec.use_backend(backend):
+            ranks = F.target_ranks(h, W, target)
+        scores = h.double() @ W.double().t()
+        strictly = (scores > scores[torch.arange(B), target].unsqueeze(1)).sum(dim=1)
+        assert torch.equal(ranks, strictly + 1 + 3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
