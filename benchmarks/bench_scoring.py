@@ -96,9 +96,8 @@ def measure_memory(case: str, side: int, users: int, n_items: int, seen: int) ->
 
 
 def time_pair(fns, args, rounds: int) -> list[float]:
-    """Median seconds of each function, the functions interleaved round by round."""
-    for fn in fns:
-        fn(*args)  # warm-up
+    """Median seconds of each function, the functions interleaved round by round (the caller has
+    run each once already: the warm-up)."""
     times = [[] for _ in fns]
     for _ in range(rounds):
         for i, fn in enumerate(fns):
@@ -122,7 +121,7 @@ def run(args) -> dict:
             else:
                 a, b = tiled(*call_args), dense(*call_args)
                 same = a == b
-            rounds = args.rounds if n_items < 10**6 or case == "topk" else max(3, args.rounds // 5)
+            rounds = args.rounds if case == "topk" else args.eval_rounds
             t_tiled, t_dense = time_pair((tiled, dense), call_args, rounds)
             row = {
                 "case": case,
@@ -162,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=1000)
     parser.add_argument("--seen", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--eval-rounds", type=int, default=3, help="rounds of the eval case (seconds each at 1M items)")
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)

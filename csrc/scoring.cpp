@@ -203,10 +203,12 @@ void check_inputs(const at::Tensor& h, const at::Tensor& W, const at::Tensor& of
   TORCH_CHECK(offsets.scalar_type() == at::kLong && ids.scalar_type() == at::kLong, "exclude must be int64");
 }
 
-// Split V items into chunks so that (row blocks x chunks) gives every thread work.
-int64_t item_chunks(int64_t B, int64_t V) {
+// Split V items into chunks so that (row blocks x chunks) gives every thread work, each chunk at
+// least kChunkWork multiply-adds (below that, waking a thread costs more than the chunk).
+constexpr int64_t kChunkWork = int64_t(1) << 22;
+int64_t item_chunks(int64_t B, int64_t V, int64_t d) {
   const int64_t row_blocks = (B + kRowBlock - 1) / kRowBlock;
-  const int64_t threads = at::get_num_threads();
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, B * V * d / kChunkWork));
   const int64_t wanted = row_blocks >= threads ? 1 : (threads + row_blocks - 1) / row_blocks;
   return std::max<int64_t>(1, std::min(wanted, (V + kTile - 1) / kTile));
 }
@@ -218,7 +220,7 @@ std::tuple<at::Tensor, at::Tensor> topk_impl(const at::Tensor& h_, const at::Ten
   const int64_t B = h.size(0), d = h.size(1), V = W.size(0);
   const auto excluded = sorted_exclusions(offsets, ids, B);
   const bool dot_path = B < kDotRows;
-  const int64_t chunks = item_chunks(B, V), row_blocks = (B + kRowBlock - 1) / kRowBlock;
+  const int64_t chunks = item_chunks(B, V, d), row_blocks = (B + kRowBlock - 1) / kRowBlock;
   const int64_t per_chunk = (V + chunks - 1) / chunks;
   // Per (chunk, row): the chunk's best k, merged below.
   std::vector<std::vector<std::pair<T, int64_t>>> found(chunks * B);
@@ -299,7 +301,7 @@ std::tuple<at::Tensor, at::Tensor> ranks_impl(const at::Tensor& h_, const at::Te
       }
     }
   });
-  const int64_t chunks = item_chunks(B, V), row_blocks = (B + kRowBlock - 1) / kRowBlock;
+  const int64_t chunks = item_chunks(B, V, d), row_blocks = (B + kRowBlock - 1) / kRowBlock;
   const int64_t per_chunk = (V + chunks - 1) / chunks;
   std::vector<int64_t> counts(chunks * B, 0);
   std::vector<char> nans(chunks * B, 0);
