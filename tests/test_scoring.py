@@ -190,9 +190,14 @@ def test_small_catalogues_route_to_the_dense_path():
     ref = (h @ W.t()).topk(4)
     assert torch.equal(values, ref.values) and torch.equal(items, ref.indices)
     assert fastrec.stats() == {("scoring", "torch", routing.SCORING_SMALL_CPU.reason): 1}
-    big = torch.randn(routing.SCORING_DENSE_BELOW, 8)
-    F.target_ranks(h, big, torch.tensor([0, 1]))
-    assert fastrec.stats()[("scoring", "cpp" if scoring_ops.HAVE_CPP else "torch", "")] == 1
+    tiled = ("scoring", "cpp" if scoring_ops.HAVE_CPP else "torch", "")
+    rows = torch.randn(routing.SCORING_SERVING_ROWS, 8)
+    F.target_ranks(rows, torch.randn(routing.SCORING_DENSE_BELOW, 8), torch.arange(routing.SCORING_SERVING_ROWS))
+    assert fastrec.stats()[tiled] == 1
+    F.topk_scores(h[:1], torch.randn(routing.SCORING_SERVING_DENSE_BELOW - 1, 8), 3)  # serving: dense below 100k
+    assert fastrec.stats()[("scoring", "torch", routing.SCORING_SMALL_CPU.reason)] == 2
+    F.topk_scores(h[:1], torch.randn(routing.SCORING_SERVING_DENSE_BELOW, 8), 3)
+    assert fastrec.stats()[tiled] == 2
     assert any(r["name"] == "scoring-small-cpu" and r["applies"] for r in routing.routes("cpu"))
 
 
@@ -222,7 +227,7 @@ def test_recommend_on_a_large_catalogue_equals_the_dense_path():
     from fastrec.models import GRU4Rec
 
     torch.manual_seed(0)
-    n_items = routing.SCORING_DENSE_BELOW + 5
+    n_items = routing.SCORING_SERVING_DENSE_BELOW + 5  # three rows: tiled from here on
     model = GRU4Rec(n_items, max_len=5, dim=8, hidden=8, backend="torch")
     histories = [[1, 2, 3], [n_items, 17], [4]]
     fastrec.stats(reset=True)
