@@ -40,7 +40,7 @@ D = 64
 def inputs(users: int, n_items: int, seen: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(users, D, generator=g)
-    table = torch.randn(n_items + 1, D, generator=g) * 0.1
+    table = torch.randn(n_items + 1, D, generator=g).mul_(0.1)  # in place: no temporary in the peak RSS
     target = torch.randint(1, n_items + 1, (users,), generator=g)
     rng = np.random.default_rng(seed)
     histories = [rng.integers(1, n_items + 1, size=seen) for _ in range(users)]
@@ -78,6 +78,15 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def _peak_rss_bytes() -> int:
+    """This process's peak RSS (VmHWM: reset by exec, unlike ru_maxrss, which a child inherits)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def memory_child(case: str, side: int, users: int, n_items: int, seen: int) -> None:
     """Run one side once in this (fresh) process; print its peak RSS growth in bytes."""
     hidden, table, target, histories = inputs(users, n_items, seen)
@@ -85,7 +94,7 @@ def memory_child(case: str, side: int, users: int, n_items: int, seen: int) -> N
     args = (hidden, table) if case == "topk" else (hidden, table, target, histories)
     before = _rss_bytes()
     fn(*args)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak_rss_bytes()
     print(json.dumps({"extra_bytes": max(0, peak - before)}))
 
 
