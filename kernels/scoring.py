@@ -28,7 +28,7 @@ from fastrec.kernels._host import cdiv, launcher
 
 BLOCK_B = 16
 BLOCK_N = 64
-BLOCK_D = 16
+BLOCK_D = 4
 NUM_WARPS = 4
 CHUNK_ELEMENTS = 1 << 22  # the top-k's score block: B * chunk at most this many (16 MB in fp32)
 
