@@ -116,7 +116,12 @@ def _data_options(args: argparse.Namespace) -> dict[str, str | int | list[str]]:
     (a column as its header name, or as its 0-based index in a file without a header)."""
     error = args.parser.error
     base = Path(args.data).name
-    named = args.data in ("ml-100k", "synthetic") or base.endswith(".inter") or base in ("u.data", "ratings.dat")
+    named = (
+        args.data in ("ml-100k", "synthetic")
+        or args.data.startswith("synthetic:")
+        or base.endswith(".inter")
+        or base in ("u.data", "ratings.dat")
+    )
     if args.columns is None:
         if args.events is not None:
             error("--events needs --columns with the event column (event=COL)")
@@ -215,7 +220,11 @@ def _add_train(sub) -> None:
         help="a recommender on --data, or a purchase-prediction model on CDNOW (behavior-*: other options via "
         "python benchmarks/behavior.py)",
     )
-    train.add_argument("--data", default=config["data"], help="ml-100k (default), synthetic, or a data file path")
+    train.add_argument(
+        "--data",
+        default=config["data"],
+        help="ml-100k (default), synthetic, synthetic:items=N,users=M (a large Zipf catalogue), or a data file path",
+    )
     train.add_argument(
         "--columns",
         metavar="user=COL,item=COL,time=COL[,event=COL][,rating=COL]",

@@ -18,6 +18,7 @@ from fastrec.ops import conv as conv_ops
 from fastrec.ops import dropout as dropout_ops
 from fastrec.ops import rnn as rnn_ops
 from fastrec.ops import sampled_softmax as sampled_ops
+from fastrec.ops import scoring as scoring_ops
 from fastrec.ops._conv_common import ACTIVATIONS
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -768,3 +769,55 @@ def _check_sampled(fn, h, W, target, n_negatives, sampler, frequency, reduction)
             raise ValueError(f"{fn}: frequency must be non-negative with a positive sum")
     elif frequency is not None:
         raise ValueError(f"{fn}: frequency is for sampler='popularity', got sampler={sampler!r}")
+
+
+# scoring
+# =============================================================================================
+def topk_scores(h: Tensor, W: Tensor, k: int, *, exclude=None) -> tuple[Tensor, Tensor]:
+    """The ``k`` best items of each row: ``(scores (B, k), items (B, k) int64)``, as ``torch.topk``
+    returns (values, indices), best first, without forming the (B, V) score matrix.
+
+    ``h`` (B, d) against every row of ``W`` (V, d): item j scores ``h[b] . W[j]``. ``exclude``
+    (the items a row must not get, e.g. those a user has seen): one 1-D int sequence (list, numpy
+    array or tensor) per row, or a (B, E) int tensor; ids < 0 are padding and ignored, the rest
+    must lie in ``[0, V)``. Excluded items score ``-inf`` (they come last, and only if ``k``
+    exceeds the items left). Equal scores: the lower item index first (``torch.topk``'s own order
+    among equal scores is unspecified). Small CPU catalogues run ``(h @ W.T).topk(k)`` itself
+    (``fastrec.routing``). No gradient flows.
+    """
+    V = _check_scoring(h, W)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= V:
+        raise ValueError(f"k must be an int in 1..{V} (the rows of W), got {k!r}")
+    offsets, ids = scoring_ops.exclusions(exclude, h.shape[0], V, h.device)
+    return scoring_ops.topk(h, W, k, offsets, ids)
+
+
+def target_ranks(h: Tensor, W: Tensor, target: Tensor, *, exclude=None) -> Tensor:
+    """1-based rank (B,) int64 of each row's ``target`` item among all rows of ``W`` (V, d) for
+    full-ranking metrics, without forming the (B, V) score matrix: ``1 +`` the number of other
+    items that score at least the target's score (ties count against the target), leaving out
+    the row's ``exclude`` items (as in :func:`topk_scores`; the target itself always counts).
+    A row with a NaN score gets 0. Memory O(B) beyond one item tile per worker."""
+    V = _check_scoring(h, W)
+    _check_tensor("target", target)
+    if target.shape != (h.shape[0],) or target.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"target must be int (B,) = ({h.shape[0]},), got {target.dtype} {_shape(target)}")
+    target = target.to(h.device, torch.long)
+    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= V):
+        raise ValueError(f"target items must lie in 0..{V - 1}, got {int(target.min())}..{int(target.max())}")
+    offsets, ids = scoring_ops.exclusions(exclude, h.shape[0], V, h.device)
+    ranks, ranks_excluded = scoring_ops.ranks(h, W, target, offsets, ids)
+    return ranks if exclude is None else ranks_excluded
+
+
+def _check_scoring(h: Tensor, W: Tensor) -> int:
+    """Check ``h`` (B, d) and ``W`` (V, d); returns V."""
+    _check_tensor("h", h)
+    _check_tensor("W", W)
+    if h.dim() != 2 or h.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"h must be a floating (B, d) tensor, got {h.dtype} {_shape(h)}")
+    if W.dim() != 2 or W.shape[1] != h.shape[1] or W.shape[0] < 1:
+        raise ValueError(f"W must be (V, d) = (V, {h.shape[1]}) with V >= 1, got {_shape(W)}")
+    if W.dtype != h.dtype or W.device != h.device:
+        raise ValueError(f"W must match h's dtype and device ({h.dtype}, {h.device}), got {W.dtype}, {W.device}")
+    return W.shape[0]

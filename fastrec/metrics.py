@@ -76,6 +76,44 @@ def target_ranks(scores: Tensor, target: Tensor, exclude: Exclude = None) -> Ten
     return at_least.sum(dim=1)
 
 
+def full_ranks(hidden: Tensor, item_table: Tensor, target: Tensor, exclude: Exclude = None) -> tuple[Tensor, Tensor]:
+    """:func:`target_ranks` of the scores ``hidden @ item_table.T`` without forming them: ranks
+    (B,) long against every item, and the same with ``exclude`` removed (equal to the first
+    without it). ``item_table`` (n_items + 1, d), row 0 the padding item (never ranked); ``hidden``
+    (B, d); ``exclude`` as for :func:`target_ranks`. One pass over the catalogue, in item tiles
+    (``fastrec.functional.target_ranks``; small catalogues score densely), memory O(B)."""
+    from fastrec.ops import scoring as scoring_ops
+
+    n_items = item_table.shape[0] - 1
+    if hidden.dim() != 2 or item_table.dim() != 2 or n_items < 1 or hidden.shape[1] != item_table.shape[1]:
+        raise ValueError(
+            f"hidden must be (batch, d) and item_table (n_items + 1, d) with n_items >= 1, got "
+            f"{tuple(hidden.shape)} and {tuple(item_table.shape)}"
+        )
+    target = torch.as_tensor(target, device=hidden.device).long()
+    if target.shape != (hidden.shape[0],):
+        raise ValueError(f"target must be (batch,) = ({hidden.shape[0]},), got {tuple(target.shape)}")
+    if target.numel() and (int(target.min()) < 1 or int(target.max()) > n_items):
+        raise ValueError(f"target items must lie in 1..{n_items}, got {int(target.min())}..{int(target.max())}")
+    if isinstance(exclude, Tensor):
+        if exclude.dim() != 2 or exclude.shape[0] != hidden.shape[0]:
+            raise ValueError(f"exclude must be (batch, L) = ({hidden.shape[0]}, L), got {tuple(exclude.shape)}")
+        exclude = exclude.to(hidden.device).long() - 1  # item 0 (padding) becomes -1: ignored
+    elif exclude is not None:
+        if len(exclude) != hidden.shape[0]:
+            raise ValueError(f"exclude must hold one array per row ({hidden.shape[0]}), got {len(exclude)}")
+        exclude = [np.asarray(seen, dtype=np.int64) - 1 for seen in exclude]
+    offsets, ids = scoring_ops.exclusions(exclude, hidden.shape[0], n_items, hidden.device)
+    hidden = hidden.detach()
+    table = item_table.detach()[1:]
+    if hidden.dtype in (torch.float16, torch.bfloat16) or table.dtype != hidden.dtype:
+        hidden, table = hidden.float(), table.float()
+    ranks, ranks_excluded = scoring_ops.ranks(hidden, table, target - 1, offsets, ids)
+    if ranks.numel() and int(ranks.min()) == 0:
+        raise ValueError("scores contain NaN")
+    return ranks, ranks_excluded
+
+
 def metrics_from_ranks(ranks: Tensor | np.ndarray, ks: Sequence[int] = (5, 10, 20)) -> dict[str, float]:
     """Mean HR@K (rank <= K), NDCG@K (1 / log2(rank + 1) if rank <= K) and MRR@K (1 / rank if rank <= K)."""
     ranks = torch.as_tensor(ranks).double().cpu()

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from fastrec import backends
 
-__all__ = ["Measurement", "Rule", "RULES", "routes", "rnn", "rnn_cell", "dropout", "conv"]
+__all__ = ["Measurement", "Rule", "RULES", "routes", "rnn", "rnn_cell", "dropout", "conv", "scoring"]
 
 
 @dataclass(frozen=True)
@@ -151,6 +151,26 @@ CONV_TABLE_CUDA = Rule(
     ),
     per_card=True,
 )
+# Catalogues below SCORING_DENSE_BELOW items score densely on the CPU, and so do calls of fewer
+# than SCORING_SERVING_ROWS rows (serving) below SCORING_SERVING_DENSE_BELOW items.
+SCORING_DENSE_BELOW = 20_000
+SCORING_SERVING_ROWS = 8
+SCORING_SERVING_DENSE_BELOW = 100_000
+SCORING_SMALL_CPU = Rule(
+    name="scoring-small-cpu",
+    op="scoring (functional.topk_scores / target_ranks, recommend(), full-ranking evaluation)",
+    device="cpu",
+    condition=f"fewer than {SCORING_DENSE_BELOW:,} items, or fewer than {SCORING_SERVING_ROWS} rows and "
+    f"{SCORING_SERVING_DENSE_BELOW:,} items",
+    reason="small catalogue on CPU (h @ W.T and topk on the whole score matrix are as fast)",
+    measurement=Measurement(
+        "python benchmarks/bench_scoring.py --items 1682 5000 20000 50000 100000 1000000 --cases topk --rounds 11 "
+        "--no-memory (loaded machine)",
+        "benchmarks/results/2026-12-07-cpu-scoring.json",
+        "top-10 of one row, tiled (cpp) against topk(h @ W.T): 0.49x at 1,682 items, 0.62x at 5k, 0.61x at 20k, "
+        "0.87x at 50k, 1.71x at 100k, 1.29x-2.09x at 1M",
+    ),
+)
 RULES: tuple[Rule, ...] = (
     RNN_LSTM_CPU,
     RNN_PACKED_CUDA,
@@ -160,6 +180,7 @@ RULES: tuple[Rule, ...] = (
     CONV_PLAIN_CPU,
     CONV_NARROW_CPU,
     CONV_TABLE_CUDA,
+    SCORING_SMALL_CPU,
 )
 
 # What fastrec.stats() records for the conv table's two routes.
@@ -200,6 +221,15 @@ def conv(x: Tensor, act: str, pool, conv_width: int) -> str | None:
             return CONV_PLAIN_CPU.reason
         if conv_width < 16:
             return CONV_NARROW_CPU.reason
+    return None
+
+
+def scoring(h: Tensor, W: Tensor) -> str | None:
+    """The route of one top-k or target-rank call of ``h`` (B, d) against ``W`` (V, d), or None."""
+    if h.device.type == "cpu" and backends.forced() is None:
+        items = W.shape[0]
+        if items < SCORING_DENSE_BELOW or (h.shape[0] < SCORING_SERVING_ROWS and items < SCORING_SERVING_DENSE_BELOW):
+            return SCORING_SMALL_CPU.reason
     return None
 
 

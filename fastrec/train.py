@@ -135,7 +135,9 @@ class TrainConfig:
             raise ValueError("cuda_graphs=True and compile=True are exclusive: the graph replays the eager step")
         if self.resume and not self.checkpoint:
             raise ValueError("resume=True needs checkpoint= (the path to resume from), got None")
-        if self.data_options and self.data in ("ml-100k", "synthetic"):
+        if self.data.startswith("synthetic:"):
+            synthetic_options(self.data)
+        if self.data_options and (self.data in ("ml-100k", "synthetic") or self.data.startswith("synthetic:")):
             raise ValueError(f"data_options are a data file's loader options, not {self.data!r}'s")
         takes = model_option_names(self.model)
         unknown = sorted(set(self.model_options) - takes)
@@ -181,13 +183,16 @@ class RunResult:
 
 
 def load_data(config: TrainConfig, padding_side: str) -> Data:
-    """Load ``config.data`` (``"ml-100k"``, ``"synthetic"`` or a path), split it leave-one-out and
+    """Load ``config.data`` (``"ml-100k"``, ``"synthetic"``, ``"synthetic:items=N,users=M"`` (a large
+    catalogue, ``synthetic_options``) or a path), split it leave-one-out and
     lay out the training examples for a model padded on ``padding_side``."""
     from fastrec import data as fdata
     from fastrec.data.split import MIN_EVAL_LENGTH
 
     if config.data == "synthetic":
         inter = fdata.synthetic(n_users=120, n_items=60, mean_len=12.0, seed=config.seed)
+    elif config.data.startswith("synthetic:"):
+        inter = fdata.synthetic_catalogue(**synthetic_options(config.data), seed=config.seed)
     else:
         inter = fdata.load(config.data, **config.data_options)
     split = fdata.leave_one_out(inter)
@@ -215,6 +220,29 @@ def load_data(config: TrainConfig, padding_side: str) -> Data:
     valid = (split.valid_history, split.valid_target, split.eval_users)
     test = (split.test_history, split.test_target, split.eval_users)
     return Data(split.n_items, split.n_users, train, valid, test)
+
+
+SYNTHETIC_OPTIONS = {"items": ("n_items", int), "users": ("n_users", int), "mean_len": ("mean_len", float),
+                     "zipf": ("zipf", float), "session_continue": ("session_continue", float)}  # fmt: skip
+
+
+def synthetic_options(data: str) -> dict:
+    """``synthetic:items=1000000,users=100000`` (also ``mean_len``, ``zipf``, ``session_continue``)
+    as ``fastrec.data.synthetic_catalogue``'s keyword arguments; ValueError naming a bad one."""
+    options = {}
+    for pair in data.partition(":")[2].split(","):
+        key, sep, value = (part.strip() for part in pair.partition("="))
+        if key not in SYNTHETIC_OPTIONS or not sep:
+            raise ValueError(f"data {data!r}: expected synthetic:KEY=VALUE,... with KEY in {sorted(SYNTHETIC_OPTIONS)}")
+        name, kind = SYNTHETIC_OPTIONS[key]
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if math.isnan(number) or (kind is int and not number.is_integer()):
+            raise ValueError(f"data {data!r}: {key} must be {'an int' if kind is int else 'a number'}, got {value!r}")
+        options[name] = kind(number)
+    return options
 
 
 def build_model(config: TrainConfig, n_items: int, n_users: int) -> SequentialRecommender:
@@ -251,10 +279,11 @@ def evaluate(
         for start in range(0, len(histories), batch_size):
             rows = histories[start : start + batch_size]
             batch = model.make_input(rows, users[start : start + batch_size], full_length=True)
-            scores = model.scores(batch).float()
             target = torch.as_tensor(targets[start : start + batch_size], device=device)
-            ranks.append(metrics.target_ranks(scores, target).cpu())
-            ranks_excluded.append(metrics.target_ranks(scores, target, exclude=rows).cpu())
+            # model.scores(batch) ranked without the (batch, n_items + 1) matrix: memory O(batch)
+            plain, excluded = metrics.full_ranks(model(batch), model.item_embedding.weight, target, exclude=rows)
+            ranks.append(plain.cpu())
+            ranks_excluded.append(excluded.cpu())
     finally:
         model.train(was_training)
     ks = tuple(ks)

@@ -283,3 +283,40 @@ def test_train_sequences_windows_every_target_once_and_position_batches_align():
         assert row == ([0, 0, 0, 5] if side == "left" else [5, 0, 0, 0])
     with pytest.raises(ValueError, match="targets\\[0\\] must have history 0's length"):
         PositionBatches(inputs, [t[:1] for t in targets], users, max_len=4)
+
+
+def test_synthetic_catalogue_shape_ids_skew_sessions_and_seed():
+    from fastrec.data import synthetic_catalogue
+
+    a = synthetic_catalogue(n_users=2000, n_items=100_000, mean_len=15, seed=3)
+    b = synthetic_catalogue(n_users=2000, n_items=100_000, mean_len=15, seed=3)
+    c = synthetic_catalogue(n_users=2000, n_items=100_000, mean_len=15, seed=4)
+    assert all(np.array_equal(getattr(a, f), getattr(b, f)) for f in ("user", "item", "time"))
+    assert not np.array_equal(a.item, c.item)
+    assert (a.n_users, a.n_items, a.item_ids.shape, a.user_ids.shape) == (2000, 100_000, (100_001,), (2000,))
+    assert a.item.min() >= 1 and a.item.max() <= 100_000 and a.item.dtype == np.int64
+    counts = np.bincount(a.user, minlength=2000)
+    assert counts.min() >= 3 and abs(counts.mean() - 15) < 0.5
+    assert np.all(np.diff(a.user) >= 0) and np.all(np.diff(a.time)[np.diff(a.user) == 0] > 0)  # chronological
+    popularity = np.sort(np.bincount(a.item, minlength=a.n_items + 1)[1:])[::-1]
+    assert popularity[0] > 50 * max(1, popularity[1000])  # Zipf: the head dwarfs the 1000th item
+    same_user = np.diff(a.user) == 0
+    run = same_user & (np.diff(a.item) % a.n_items == 1) & (np.diff(a.time) == 60)
+    assert 0.7 < run.sum() / same_user.sum() < 0.9  # sessions continue with probability 0.8
+    split = leave_one_out(a)
+    assert split.n_items == 100_000
+    with pytest.raises(ValueError, match="zipf must be > 0"):
+        synthetic_catalogue(10, 100, zipf=0)
+
+
+def test_train_reads_a_synthetic_catalogue_spec():
+    from fastrec.train import TrainConfig, synthetic_options
+
+    assert synthetic_options("synthetic:items=1e6,users=100000,zipf=1.2") == {
+        "n_items": 1_000_000,
+        "n_users": 100_000,
+        "zipf": 1.2,
+    }
+    for bad, message in (("synthetic:items=2.5", "items must be an int"), ("synthetic:colour=3", "expected synthetic")):
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(data=bad)

@@ -17,7 +17,7 @@ from fastrec.data.loaders import (
     load_recbole_inter,
 )
 from fastrec.data.split import Split, leave_one_out, train_examples, train_sequences, user_sequences
-from fastrec.data.synthetic import synthetic
+from fastrec.data.synthetic import synthetic, synthetic_catalogue
 
 __all__ = [
     "CDNOW",
@@ -36,6 +36,7 @@ __all__ = [
     "load_recbole_inter",
     "pad",
     "synthetic",
+    "synthetic_catalogue",
     "train_examples",
     "train_sequences",
     "user_sequences",

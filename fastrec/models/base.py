@@ -19,6 +19,7 @@ from torch import Tensor
 
 from fastrec import functional as FF
 from fastrec import nn as fnn
+from fastrec.functional import topk_scores
 from fastrec.ops.sampled_softmax import _ce_over_table
 
 BACKENDS = ("fastrec", "torch")
@@ -186,7 +187,9 @@ class SequentialRecommender(torch.nn.Module):
 
         ``histories``: one sequence of item ids (1..n_items, oldest first) per user, as lists,
         numpy arrays or 1-D tensors. ``exclude_seen`` drops every item of the whole history
-        (not only the last ``max_len``) from the ranking. Runs in eval mode without autograd.
+        (not only the last ``max_len``) from the ranking. Runs in eval mode without autograd, in
+        item tiles on large catalogues (``fastrec.functional.topk_scores``: memory O(B x k), equal
+        scores by lower item id).
         """
         check_positive(k=k)
         if k > self.n_items:
@@ -198,15 +201,13 @@ class SequentialRecommender(torch.nn.Module):
         try:
             with torch.inference_mode():
                 hidden = self.serve(batch) if self.backend == "fastrec" else self(batch)
-                scores = hidden @ self.item_embedding.weight.t()
-                scores[:, 0] = float("-inf")
-                if exclude_seen:
-                    _mask_seen(scores, histories)
-                top_scores, top_items = scores.topk(k, dim=1)
+                # Items 1..n_items are rows 1.. of the table: score against rows 1.., ids shifted by one.
+                seen = [_as_ids(h, i) - 1 for i, h in enumerate(histories)] if exclude_seen else None
+                top_scores, top_items = topk_scores(hidden, self.item_embedding.weight[1:], k, exclude=seen)
         finally:
             if was_training:
                 self.train()
-        return top_items, top_scores
+        return top_items + 1, top_scores
 
     def serve(self, batch) -> Tensor:
         """``forward`` in eval mode without autograd, as ``recommend`` runs it on the fastrec
@@ -228,17 +229,3 @@ def _as_ids(history, index: int) -> np.ndarray:
     if ids.ndim != 1 or not (ids.size == 0 or np.issubdtype(ids.dtype, np.integer)):
         raise TypeError(f"history {index} must be a 1-D sequence of int item ids, got {ids.dtype} of shape {ids.shape}")
     return ids
-
-
-def _mask_seen(scores: Tensor, histories: Sequence | Tensor) -> None:
-    """Set the score of every item in each row's history to -inf, in place."""
-    if len(histories) == 1:
-        seen = torch.as_tensor(_as_ids(histories[0], 0), dtype=torch.long, device=scores.device)
-        scores[0].index_fill_(0, seen, float("-inf"))
-        return
-    rows = [_as_ids(h, i) for i, h in enumerate(histories)]
-    row_index = np.repeat(np.arange(len(rows)), [len(r) for r in rows])
-    item_index = np.concatenate(rows).astype(np.int64)
-    scores[torch.from_numpy(row_index).to(scores.device), torch.from_numpy(item_index).to(scores.device)] = float(
-        "-inf"
-    )
