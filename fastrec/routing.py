@@ -23,7 +23,7 @@ from torch import Tensor
 
 from fastrec import backends
 
-__all__ = ["Measurement", "Rule", "RULES", "routes", "rnn", "rnn_cell", "dropout", "conv"]
+__all__ = ["Measurement", "Rule", "RULES", "routes", "rnn", "rnn_cell", "dropout", "conv", "linear_cross_entropy"]
 
 
 @dataclass(frozen=True)
@@ -151,6 +151,21 @@ CONV_TABLE_CUDA = Rule(
     ),
     per_card=True,
 )
+_LCE_RESULTS = "benchmarks/results/2026-12-07-cpu-linear-cross-entropy.json"
+# Catalogues below this many items run the dense F.cross_entropy(F.linear(h, W)) on the CPU.
+LCE_DENSE_MAX_ITEMS_CPU = 8192
+LCE_SMALL_CPU = Rule(
+    name="linear-cross-entropy-small-cpu",
+    op="linear_cross_entropy (functional.linear_cross_entropy, fastrec.nn.LinearCrossEntropyLoss)",
+    device="cpu",
+    condition=f"fewer than {LCE_DENSE_MAX_ITEMS_CPU} items (ML-100K: 1,682)",
+    reason="small catalogue on CPU (the dense logits fit in cache: torch's linear + cross_entropy is as fast)",
+    measurement=Measurement(
+        "python benchmarks/bench_linear_cross_entropy.py --json " + _LCE_RESULTS,
+        _LCE_RESULTS,
+        "TBD",
+    ),
+)
 RULES: tuple[Rule, ...] = (
     RNN_LSTM_CPU,
     RNN_PACKED_CUDA,
@@ -160,6 +175,7 @@ RULES: tuple[Rule, ...] = (
     CONV_PLAIN_CPU,
     CONV_NARROW_CPU,
     CONV_TABLE_CUDA,
+    LCE_SMALL_CPU,
 )
 
 # What fastrec.stats() records for the conv table's two routes.
@@ -200,6 +216,13 @@ def conv(x: Tensor, act: str, pool, conv_width: int) -> str | None:
             return CONV_PLAIN_CPU.reason
         if conv_width < 16:
             return CONV_NARROW_CPU.reason
+    return None
+
+
+def linear_cross_entropy(h: Tensor, W: Tensor) -> str | None:
+    """The route of one ``linear_cross_entropy`` call on h and the weight W ``(V, d)``, or None."""
+    if h.device.type == "cpu" and W.shape[0] < LCE_DENSE_MAX_ITEMS_CPU and backends.forced() is None:
+        return LCE_SMALL_CPU.reason
     return None
 
 
