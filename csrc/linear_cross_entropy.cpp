@@ -81,7 +81,7 @@ T sum_exp(const T* __restrict z, int64_t n, T m) {
   Vec<T> acc = Vec<T>{};
   int64_t j = 0;
   for (; j + L <= n; j += L) acc = acc + vexp(vload(z + j) - m);
-  T s = vhsum(acc);
+  T s = vhsum<T>(acc);
   for (; j < n; ++j) s += std::exp(z[j] - m);
   return s;
 }
@@ -271,8 +271,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
 at::Tensor linear_cross_entropy_forward_cpp(const at::Tensor& h, const at::Tensor& W,
                                             const c10::optional<at::Tensor>& bias) {
   check_inputs("forward", h, W, bias);
-  if (h.scalar_type() == at::kFloat) return forward_impl<float>(h, W, bias);
-  return forward_impl<double>(h, W, bias);
+  // Detached aliases: the ATen GEMMs inside must not see tensors that require grad.
+  const at::Tensor hd = h.detach(), Wd = W.detach();
+  const c10::optional<at::Tensor> bd = bias.has_value() ? c10::optional<at::Tensor>(bias->detach()) : c10::nullopt;
+  if (h.scalar_type() == at::kFloat) return forward_impl<float>(hd, Wd, bd);
+  return forward_impl<double>(hd, Wd, bd);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cpp(
@@ -287,8 +290,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cpp
               "fastrec linear_cross_entropy backward (cpp): g must be (N,) of h's dtype");
   TORCH_CHECK(lse.scalar_type() == h.scalar_type() && lse.dim() == 1 && lse.size(0) == n,
               "fastrec linear_cross_entropy backward (cpp): lse must be (N,) of h's dtype");
-  if (h.scalar_type() == at::kFloat) return backward_impl<float>(g, h, W, bias, target, lse, label_smoothing);
-  return backward_impl<double>(g, h, W, bias, target, lse, label_smoothing);
+  const at::Tensor hd = h.detach(), Wd = W.detach();
+  const c10::optional<at::Tensor> bd = bias.has_value() ? c10::optional<at::Tensor>(bias->detach()) : c10::nullopt;
+  if (h.scalar_type() == at::kFloat) return backward_impl<float>(g.detach(), hd, Wd, bd, target, lse.detach(), label_smoothing);
+  return backward_impl<double>(g.detach(), hd, Wd, bd, target, lse.detach(), label_smoothing);
 }
 
 }  // namespace
