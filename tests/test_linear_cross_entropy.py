@@ -101,7 +101,8 @@ def test_loss_and_gradients_match_torch(backend, dtype, reduction, bias, eps):
         assert out.dtype == dtype and out.shape == ref.shape
         assert _rel(out, ref) <= bound, (n, v, d)
         go = torch.randn_like(ref)
-        for name, g, r in zip(("h", "W", "bias"), _grads(out, (h, W, b), go.to(dtype)), _grads(ref, ref_inputs, go)):
+        fast, slow = _grads(out, (h, W, b), go.to(dtype)), _grads(ref, ref_inputs, go)
+        for name, g, r in zip(("h", "W", "bias"), fast, slow, strict=False):
             assert _rel(g, r) <= bound, (name, n, v, d)
 
 
@@ -114,7 +115,7 @@ def test_all_rows_ignored_and_empty_batch(backend):
             ref, ref_inputs = _reference(h, W, b, t, reduction=reduction)
             torch.testing.assert_close(out, ref, equal_nan=True)
             if reduction != "mean":
-                for g, r in zip(_grads(out.sum(), (h, W, b), None), _grads(ref.sum(), ref_inputs, None)):
+                for g, r in zip(_grads(out.sum(), (h, W, b), None), _grads(ref.sum(), ref_inputs, None), strict=True):
                     torch.testing.assert_close(g, r)
 
 
@@ -144,7 +145,7 @@ def test_non_contiguous_inputs(backend):
     out = FF.linear_cross_entropy(h, W, t, label_smoothing=0.1)
     ref, ref_inputs = _reference(h, W, None, t, label_smoothing=0.1)
     assert _rel(out, ref) <= 1e-5
-    for g, r in zip(_grads(out, (h, W), None), _grads(ref, ref_inputs, None)):
+    for g, r in zip(_grads(out, (h, W), None), _grads(ref, ref_inputs, None), strict=True):
         assert _rel(g, r) <= 1e-5
 
 
@@ -169,7 +170,7 @@ def test_nan_propagates_like_torch(backend):
     ref, ref_inputs = _reference(h, W, b, t, reduction="none")
     assert torch.equal(out.isnan(), ref.isnan()) and out.isnan().any()
     go = torch.randn(n, dtype=torch.float64, device=device)
-    for g, r in zip(_grads(out, (h, W, b), go.float()), _grads(ref, ref_inputs, go)):
+    for g, r in zip(_grads(out, (h, W, b), go.float()), _grads(ref, ref_inputs, go), strict=True):
         assert torch.equal(g.isnan(), r.isnan())
 
 
@@ -185,7 +186,7 @@ def test_deterministic(backend):
         if first is None:
             first = got
         else:
-            assert all(torch.equal(a, c) for a, c in zip(first, got))
+            assert all(torch.equal(a, c) for a, c in zip(first, got, strict=True))
 
 
 @pytest.mark.skipif(fastrec.backends.available()["triton"] is not None, reason="triton backend unavailable")
@@ -202,7 +203,7 @@ def test_bf16_triton():
     assert (out.double() - ref).abs() <= 2 * (pt.double() - ref).abs() + floor * ref.abs()
     fast = _grads(out, (h, W, b), go.bfloat16())
     torch_bf16 = _grads(pt, (hp, Wp, bp), go.bfloat16())
-    for name, g, p, r in zip(("h", "W", "bias"), fast, torch_bf16, _grads(ref, ref_inputs, go)):
+    for name, g, p, r in zip(("h", "W", "bias"), fast, torch_bf16, _grads(ref, ref_inputs, go), strict=True):
         err, torch_err = (g.double() - r).abs().max(), (p.double() - r).abs().max()
         assert err <= 3 * torch_err + floor * r.abs().max(), name
 
