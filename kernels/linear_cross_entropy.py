@@ -42,6 +42,13 @@ def _dot(a, b, acc, UPCAST_INPUTS: tl.constexpr, ALLOW_TF32: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(H, rows, cols_d, N, D, stride_hn):
+    """The (BLOCK_M, BLOCK_D) tile of h at ``rows``, zero outside (N, D)."""
+    mask = (rows < N)[:, None] & (cols_d < D)[None, :]
+    return tl.load(H + rows.to(tl.int64)[:, None] * stride_hn + cols_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def _logits(
     h,
     W,
@@ -62,7 +69,7 @@ def _logits(
     """(w, z): the W tile (BLOCK_V, BLOCK_D) of items ``cols`` and the logits h w^T (+ b) of the
     (BLOCK_M, BLOCK_D) h tile, in ACC."""
     w = tl.load(
-        W + cols[:, None] * stride_wv + cols_d[None, :] * stride_wd,
+        W + cols.to(tl.int64)[:, None] * stride_wv + cols_d[None, :] * stride_wd,
         mask=(cols < V)[:, None] & (cols_d < D)[None, :],
         other=0.0,
     )
@@ -98,9 +105,7 @@ def _lse_kernel(
     split = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols_d = tl.arange(0, BLOCK_D)
-    h = tl.load(
-        H + rows[:, None] * stride_hn + cols_d[None, :], mask=(rows < N)[:, None] & (cols_d < D)[None, :], other=0.0
-    )
+    h = _load_rows(H, rows, cols_d, N, D, stride_hn)
     m = tl.full([BLOCK_M], float("-inf"), ACC)
     s = tl.zeros([BLOCK_M], ACC)
     for t in range(tiles_per_split):
@@ -177,9 +182,7 @@ def _dw_kernel(
     db = tl.zeros([BLOCK_V], ACC)
     for r0 in range(0, N, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
-        h = tl.load(
-            H + rows[:, None] * stride_hn + cols_d[None, :], mask=(rows < N)[:, None] & (cols_d < D)[None, :], other=0.0
-        )
+        h = _load_rows(H, rows, cols_d, N, D, stride_hn)
         _w, z = _logits(
             h,
             W,
@@ -203,7 +206,7 @@ def _dw_kernel(
             p = p.to(h.dtype)
         dw = _dot(tl.trans(p), h, dw, UPCAST_INPUTS, ALLOW_TF32)
     mask = (cols < V)[:, None] & (cols_d < D)[None, :]
-    tl.store(DW + cols[:, None] * D + cols_d[None, :], dw.to(DW.dtype.element_ty), mask=mask)
+    tl.store(DW + cols.to(tl.int64)[:, None] * D + cols_d[None, :], dw.to(DW.dtype.element_ty), mask=mask)
     tl.store(DB + cols, db.to(DB.dtype.element_ty), mask=cols < V)
 
 
@@ -237,9 +240,7 @@ def _dh_kernel(
     split = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols_d = tl.arange(0, BLOCK_D)
-    h = tl.load(
-        H + rows[:, None] * stride_hn + cols_d[None, :], mask=(rows < N)[:, None] & (cols_d < D)[None, :], other=0.0
-    )
+    h = _load_rows(H, rows, cols_d, N, D, stride_hn)
     dh = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     for t in range(tiles_per_split):
         cols = (split * tiles_per_split + t) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -265,7 +266,7 @@ def _dh_kernel(
             p = p.to(w.dtype)
         dh = _dot(p, w, dh, UPCAST_INPUTS, ALLOW_TF32)
     mask = (rows < N)[:, None] & (cols_d < D)[None, :]
-    tl.store(DhPart + split * N * D + rows[:, None] * D + cols_d[None, :], dh, mask=mask)
+    tl.store(DhPart + (split * N + rows).to(tl.int64)[:, None] * D + cols_d[None, :], dh, mask=mask)
 
 
 def _config(h: torch.Tensor, W: torch.Tensor) -> tuple[int, int, int, int, int]:
@@ -274,7 +275,7 @@ def _config(h: torch.Tensor, W: torch.Tensor) -> tuple[int, int, int, int, int]:
     block_d = max(16, next_power_of_2(d))
     row_blocks = cdiv(n, BLOCK_M)
     tiles = cdiv(W.shape[0], BLOCK_V)
-    splits = max(1, min(MAX_SPLITS, tiles, cdiv(4 * 132, row_blocks)))  # a few waves of programs
+    splits = max(1, min(MAX_SPLITS, tiles, cdiv(4 * 132, row_blocks)))  # ~4 programs per SM of an H100
     per_split = cdiv(tiles, splits)
     return block_d, row_blocks, tiles, cdiv(tiles, per_split), per_split
 
