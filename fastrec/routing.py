@@ -153,17 +153,18 @@ CONV_TABLE_CUDA = Rule(
 )
 _LCE_RESULTS = "benchmarks/results/2026-12-07-cpu-linear-cross-entropy.json"
 # Catalogues below this many items run the dense F.cross_entropy(F.linear(h, W)) on the CPU.
-LCE_DENSE_MAX_ITEMS_CPU = 8192
+LCE_DENSE_MAX_ITEMS_CPU = 512
 LCE_SMALL_CPU = Rule(
     name="linear-cross-entropy-small-cpu",
     op="linear_cross_entropy (functional.linear_cross_entropy, fastrec.nn.LinearCrossEntropyLoss)",
     device="cpu",
-    condition=f"fewer than {LCE_DENSE_MAX_ITEMS_CPU} items (ML-100K: 1,682)",
-    reason="small catalogue on CPU (the dense logits fit in cache: torch's linear + cross_entropy is as fast)",
+    condition=f"fewer than {LCE_DENSE_MAX_ITEMS_CPU} items (ML-100K's 1,682 run fused: 2.1x faster)",
+    reason="small catalogue on CPU (torch's dense linear + cross_entropy is as fast there)",
     measurement=Measurement(
         "python benchmarks/bench_linear_cross_entropy.py --json " + _LCE_RESULTS,
         _LCE_RESULTS,
-        "TBD",
+        "512 rows, d=64, fp32 forward+backward, fused against dense, 2 threads on a loaded machine: 256 items "
+        "0.99x, 1,682 items 2.09x, 4,096 1.29x, 16,384 1.53x",
     ),
 )
 RULES: tuple[Rule, ...] = (
