@@ -16,6 +16,7 @@ from fastrec.ops import attention as attention_ops
 from fastrec.ops import caser as caser_ops
 from fastrec.ops import conv as conv_ops
 from fastrec.ops import dropout as dropout_ops
+from fastrec.ops import linear_cross_entropy as lce_ops
 from fastrec.ops import rnn as rnn_ops
 from fastrec.ops import sampled_softmax as sampled_ops
 from fastrec.ops import scoring as scoring_ops
@@ -821,3 +822,70 @@ def _check_scoring(h: Tensor, W: Tensor) -> int:
     if W.dtype != h.dtype or W.device != h.device:
         raise ValueError(f"W must match h's dtype and device ({h.dtype}, {h.device}), got {W.dtype}, {W.device}")
     return W.shape[0]
+
+
+# linear cross-entropy
+# =============================================================================================
+def linear_cross_entropy(
+    h: Tensor,
+    W: Tensor,
+    target: Tensor,
+    *,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """``F.cross_entropy(F.linear(h, W, bias), target, ...)`` without the ``(rows, items)`` logits.
+
+    h ``(..., d)`` (or ``(d,)``), W ``(V, d)``, bias ``(V,)`` or None, target int64 of h's leading
+    shape with values in ``[0, V)`` or ``ignore_index``. ``reduction`` "mean" (over the rows not
+    ignored: NaN when every row is), "sum" or "none" (the loss per row, zero where ignored, of
+    target's shape); ``label_smoothing`` in [0, 1] as torch defines it. On the CPU the C++ kernel
+    runs item tiles with an online log-sum-exp (float32 / float64), on CUDA the Triton kernels;
+    small catalogues run torch's dense path (``fastrec.routing``). Ignored rows get a zero
+    gradient.
+    """
+    _check_tensor("h", h)
+    _check_tensor("W", W)
+    _check_tensor("target", target)
+    if h.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"h must be float16, bfloat16, float32 or float64, got {h.dtype}")
+    if h.dim() < 1:
+        raise ValueError(f"h must be (..., d), got shape {_shape(h)}")
+    if W.dim() != 2 or W.shape[1] != h.shape[-1]:
+        raise ValueError(f"W must be (V, d) with d = h's last dimension {h.shape[-1]}, got shape {_shape(W)}")
+    if W.dtype != h.dtype:
+        raise TypeError(f"W must have h's dtype {h.dtype}, got {W.dtype}")
+    if W.device != h.device:
+        raise ValueError(f"W must be on h's device {h.device}, got {W.device}")
+    if bias is not None:
+        _check_tensor("bias", bias)
+        if _shape(bias) != (W.shape[0],):
+            raise ValueError(f"bias must be (V,) = ({W.shape[0]},), got shape {_shape(bias)}")
+        if bias.dtype != h.dtype:
+            raise TypeError(f"bias must have h's dtype {h.dtype}, got {bias.dtype}")
+        if bias.device != h.device:
+            raise ValueError(f"bias must be on h's device {h.device}, got {bias.device}")
+    if target.dtype != torch.int64:
+        raise TypeError(f"target must be an int64 tensor of class indices, got {target.dtype}")
+    if _shape(target) != _shape(h)[:-1]:
+        raise ValueError(f"target must have h's leading shape {_shape(h)[:-1]}, got {_shape(target)}")
+    if target.device != h.device:
+        raise ValueError(f"target must be on h's device {h.device}, got {target.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if reduction not in lce_ops.REDUCTIONS:
+        raise ValueError(f"reduction must be one of {lce_ops.REDUCTIONS}, got {reduction!r}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        raise TypeError(f"label_smoothing must be a float, got {label_smoothing!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    rows = h.reshape(-1, h.shape[-1])
+    flat = target.reshape(-1)
+    kept = flat[flat != ignore_index]
+    if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= W.shape[0]):
+        bad = int(kept.min()) if int(kept.min()) < 0 else int(kept.max())
+        raise ValueError(f"target values must be in [0, V) = [0, {W.shape[0]}) or ignore_index, got {bad}")
+    loss = lce_ops.linear_cross_entropy(rows, W, flat, bias, ignore_index, reduction, float(label_smoothing))
+    return loss.view(target.shape) if reduction == "none" else loss

@@ -5,6 +5,7 @@ from fastrec.nn.caser import CaserConv
 from fastrec.nn.conv import Conv1d, Conv2d, ConvBlock
 from fastrec.nn.dropout import Dropout
 from fastrec.nn.encoder import TransformerEncoderLayer
+from fastrec.nn.linear_cross_entropy import LinearCrossEntropyLoss
 from fastrec.nn.rnn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "GRUCell",
     "LSTM",
     "LSTMCell",
+    "LinearCrossEntropyLoss",
     "MultiheadAttention",
     "RNN",
     "RNNCell",
