@@ -288,7 +288,18 @@ class Recommender:
             self._capture()
 
     def _body(self) -> tuple[Tensor, Tensor]:
-        """Serve + scoring + top-k on the static input; no host synchronisation."""
+        """Serve + scoring + top-k on the static input, in eval mode without autograd; no host
+        synchronisation."""
+        model = self.model
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return self._rank()
+        finally:
+            model.train(was_training)
+
+    def _rank(self) -> tuple[Tensor, Tensor]:
         model, L = self.model, self.model.max_len
         items = self._static[:L].view(1, L)
         lengths = self._static[L : L + 1]
@@ -305,23 +316,16 @@ class Recommender:
         return top[0] + 1, top_scores[0]
 
     def _capture(self) -> None:
-        model = self.model
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(3):
-                        self._body()
-                torch.cuda.current_stream().wait_stream(side)
-                self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graph):
-                    outputs = self._body()
-        finally:
-            model.train(was_training)
-        graph = self.graph
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self._body()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = self._body()
+        self.graph = graph
 
         def replay() -> tuple[Tensor, Tensor]:
             graph.replay()

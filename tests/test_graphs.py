@@ -215,7 +215,7 @@ def _recommend_cases():
 
 
 def _rec_model(name: str, backend: str, device: str, **kwargs):
-    model = _model(name, backend=backend, device=device)
+    model = _model(name, backend=backend, device=device, dropout=0.5)  # in train mode: serving must not drop
     if kwargs.get("padding_side"):
         model.padding_side = kwargs["padding_side"]
     return model
