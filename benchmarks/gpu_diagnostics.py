@@ -20,7 +20,9 @@
   captured as CUDA graphs; bf16 GRU B=128 T=50 H=64 forward+backward against torch's nn.GRU in
   bf16 and in fp32 (cuDNN, weights flattened); packed GRU (lengths uniform in [1, T]) with the
   Triton kernel forced and as routed, against cuDNN packed; ``recommend()`` at batch 1 of SASRec
-  and GRU4Rec, fastrec backend against torch backend. Each figure names what ran (``fastrec.stats()``).
+  and GRU4Rec, fastrec backend against torch backend, eager, and with
+  ``fastrec.graphs.capture_recommend`` (fastrec captured against torch eager and torch captured).
+  Each figure names what ran (``fastrec.stats()``).
 
 Usage: python benchmarks/gpu_diagnostics.py [--sections steps,kernels,convpaths,conv,bars] [--steps N]
   [--json PATH] [--tiny]  (``--tiny``: the bars at toy sizes, on the CPU under TRITON_INTERPRET=1
@@ -395,6 +397,7 @@ def gru_bar(figures: list, tiny: bool, rounds: int, calls: int) -> None:
 
 
 def recommend_bar(figures: list, tiny: bool, rounds: int, calls: int) -> None:
+    from fastrec.graphs import capture_recommend
     from fastrec.models import GRU4Rec, SASRec
 
     n_items = 50 if tiny else 1682  # MovieLens-100K's catalogue
@@ -408,6 +411,31 @@ def recommend_bar(figures: list, tiny: bool, rounds: int, calls: int) -> None:
         ran = {backend: _ran(fn) for backend, fn in fns.items()}
         ms = _interleaved_ms(fns, rounds, calls)
         _record(figures, f"{name} recommend() batch 1, k=10, {n_items} items", ms, ran, ("torch",))
+        # fastrec.graphs.capture_recommend on both backends (on the CPU dry run: its body, uncaptured).
+        graph = DEVICE == "cuda"
+        mode = "captured" if graph else "fixed-shape uncaptured (no CUDA)"
+        bar = f"{name} recommend() batch 1 {mode}, k=10, {n_items} items"
+        try:
+            recs = {b: capture_recommend(m, 10, graph=graph) for b, m in models.items()}
+        except Exception as error:  # a side that cannot be captured: say so, keep the run going
+            figures.append({"bar": bar, "error": f"{type(error).__name__}: {error}"})
+            print(f"{bar}: {type(error).__name__}: {error}")
+            continue
+        fns = {
+            "fastrec": lambda: recs["fastrec"](history),
+            "torch": fns["torch"],
+            "torch captured": lambda: recs["torch"](history),
+        }
+        # What the captured body runs, from its uncaptured twin (a replay runs no Python).
+        body = {b: capture_recommend(m, 10, graph=False) for b, m in models.items()}
+        ran = {
+            "fastrec": f"{mode}: {_ran(lambda: body['fastrec'](history))}",
+            "torch": ran["torch"],
+            "torch captured": f"{mode}: {_ran(lambda: body['torch'](history))}",
+        }
+        ms = _interleaved_ms(fns, rounds, calls)
+        _record(figures, f"{bar}, vs torch eager", ms, ran, ("torch",))
+        _record(figures, f"{bar}, vs torch {mode}", ms, ran, ("torch captured",))
 
 
 def bars_section(tiny: bool, json_path: str | None) -> None:

@@ -164,16 +164,23 @@ inline Vec<double> vlog(Vec<double> x) {
 // Dropout: Philox4x32-10, bit-exact with fastrec/_philox.py (and tl.philox in Triton)
 // ---------------------------------------------------------------------------------------------
 
-// z[w] = keep(c0 + w) ? inv_keep : 0 for w < kW, where keep draws Philox with counter
-// (c0 + w, c1, 0, 0) and key (key0, key1): u = (out0 >> 8) * 2^-24, keep iff u >= threshold.
-// c0 = i * Lk + j (query i, key j), c1 = b * H + h. The threshold is dropout_p in fp32, as in
-// the reference (a float32 tensor compared with a Python float).
+// z[t] = keep(t) ? inv_keep : 0 for t < n <= 4 * kW, where key t of the chunk draws Philox with
+// counter (c0 + t / 4, c1, 0, 0) and key (key0, key1) and takes output word t % 4: u = (word >> 8)
+// * 2^-24, keep iff u >= threshold. c0 = i * ceil(Lk / 4) + j0 / 4 (query i, first key j0 of the
+// chunk), c1 = b * H + h. The threshold is dropout_p in fp32, as in the reference (a float32
+// tensor compared with a Python float).
 template <typename acc_t>
 inline void dropout_chunk(uint32_t c0, uint32_t c1, uint32_t key0, uint32_t key1, float threshold,
-                          acc_t inv_keep, acc_t* __restrict z) {
-  static_assert(kW == 16, "one Philox vector per chunk");
-  const PhiloxF32 u = philox_uniform16(c0, c1, key0, key1);
-  for (int w = 0; w < 16; ++w) z[w] = u[w] >= threshold ? inv_keep : acc_t(0);
+                          acc_t inv_keep, int64_t n, acc_t* __restrict z) {
+  static_assert(kW == 16, "one Philox vector of 16 counters per 4 * kW keys");
+  PhiloxU32 words[4];
+  philox4x16(c0, c1, key0, key1, words);
+  acc_t zw[4][16];
+  for (int k = 0; k < 4; ++k) {
+    const PhiloxF32 u = philox_word_uniform(words[k]);
+    for (int w = 0; w < 16; ++w) zw[k][w] = u[w] >= threshold ? inv_keep : acc_t(0);
+  }
+  for (int64_t t = 0; t < n; ++t) z[t] = zw[t % 4][t / 4];
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -381,9 +388,10 @@ void dropout_row(const Masks<acc_t>& m, int64_t b, int64_t h, int64_t i, int64_t
     return;
   }
   const uint32_t c1_ctr = static_cast<uint32_t>(b * m.H + h);
-  for (int64_t c = c0; c < c1; c += kW)
-    dropout_chunk(static_cast<uint32_t>(i * m.Lk + c), c1_ctr, m.key0, m.key1, m.threshold,
-                  m.inv_keep, z + c);
+  const int64_t quads = (m.Lk + 3) / 4;  // Philox counters per query row
+  for (int64_t c = c0; c < c1; c += 4 * kW)
+    dropout_chunk(static_cast<uint32_t>(i * quads + c / 4), c1_ctr, m.key0, m.key1, m.threshold,
+                  m.inv_keep, std::min<int64_t>(4 * kW, c1 - c), z + c);
 }
 
 // Rows [i0, i0 + n) of the (L, D) slice (b, h) of t as acc_t rows of width Dp (zero past D),

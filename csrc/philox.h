@@ -1,6 +1,6 @@
 // Philox4x32-10 (Salmon et al., SC'11) on 16 counters at once, bit-exact with fastrec/_philox.py
-// and Triton's tl.philox: shared by the dropout of attention.cpp and the dropout op of
-// dropout.cpp. GCC / Clang vector extensions (16 uint32 lanes; the 32 x 32 -> 64-bit products
+// and Triton's tl.philox: shared by the dropout of attention.cpp (all four output words) and the
+// dropout op of dropout.cpp (the first word). GCC / Clang vector extensions (16 uint32 lanes; the 32 x 32 -> 64-bit products
 // as even / odd lane pairs of 64-bit lanes), so the rounds are SIMD whatever the
 // auto-vectoriser decides.
 #pragma once
@@ -28,10 +28,10 @@ inline void philox_mul(PhiloxU32 x, uint64_t m, PhiloxU32* hi, PhiloxU32* lo) {
   *lo = reinterpret_cast<const PhiloxU32&>(l);
 }
 
-// Uniform [0, 1) floats for the counters (c0 + w, c1, 0, 0), w = 0..15, and the key (key0,
-// key1) (the low and high words of the int64 seed): u = (out0 >> 8) * 2^-24, exact in fp32.
-// c0 + w wraps modulo 2^32 as the counter word does.
-inline PhiloxF32 philox_uniform16(uint32_t c0, uint32_t c1, uint32_t key0, uint32_t key1) {
+// The four output words out[0..3] of Philox4x32-10 for the counters (c0 + w, c1, 0, 0), w =
+// 0..15, and the key (key0, key1) (the low and high words of the int64 seed). c0 + w wraps modulo
+// 2^32 as the counter word does.
+inline void philox4x16(uint32_t c0, uint32_t c1, uint32_t key0, uint32_t key1, PhiloxU32 out[4]) {
   PhiloxU32 x0 = {}, x1 = {}, x2 = {}, x3 = {};
   for (int w = 0; w < 16; ++w) x0[w] = c0 + static_cast<uint32_t>(w);
   x1 += c1;
@@ -47,7 +47,22 @@ inline PhiloxF32 philox_uniform16(uint32_t c0, uint32_t c1, uint32_t key0, uint3
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  return __builtin_convertvector(x0 >> 8, PhiloxF32) * 0x1p-24f;
+  out[0] = x0;
+  out[1] = x1;
+  out[2] = x2;
+  out[3] = x3;
+}
+
+// Uniform [0, 1) floats u = (word >> 8) * 2^-24 of 16 output words, exact in fp32.
+inline PhiloxF32 philox_word_uniform(PhiloxU32 word) {
+  return __builtin_convertvector(word >> 8, PhiloxF32) * 0x1p-24f;
+}
+
+// Uniform [0, 1) floats of the first output word for the counters (c0 + w, c1, 0, 0), w = 0..15.
+inline PhiloxF32 philox_uniform16(uint32_t c0, uint32_t c1, uint32_t key0, uint32_t key1) {
+  PhiloxU32 words[4];
+  philox4x16(c0, c1, key0, key1, words);
+  return philox_word_uniform(words[0]);
 }
 
 // The Philox key (key0, key1) of an int64 seed.

@@ -24,6 +24,9 @@ What a captured step needs, and how it is met here:
 
 The same body runs eagerly (``graph=False``, on any device): the fixed-shape step without a
 graph, so eager and captured steps share every line but the replay.
+
+:func:`capture_recommend` does the same for ``recommend()`` at batch 1 (serve, scoring, top-k and
+exclusion of the history's items in one graph).
 """
 
 from __future__ import annotations
@@ -32,12 +35,21 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from fastrec.models.base import LOSSES, ModelInput, SequentialRecommender
+from fastrec.models.base import LOSSES, ModelInput, SequentialRecommender, _as_ids
 
-__all__ = ["StepInputs", "TrainStep", "capture_train_step", "pad_batch", "train_step"]
+__all__ = [
+    "Recommender",
+    "StepInputs",
+    "TrainStep",
+    "capture_recommend",
+    "capture_train_step",
+    "pad_batch",
+    "train_step",
+]
 
 
 @dataclass
@@ -250,3 +262,133 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict) -> None:
                 group[key].copy_(value)
             else:
                 group[key] = value
+
+
+# --------------------------------------------------------------------------- recommend at batch 1
+class Recommender:
+    """``recommend()`` for one history at fixed shapes (from :func:`capture_recommend`).
+
+    ``rec(history, user=None) -> (items (k,), scores (k,))``, best first, as
+    ``model.recommend([history], k, exclude_seen, [user])`` returns for its one row. Each call
+    lays the history out on the host (the last ``max_len`` items on the model's padding side,
+    padded to ``max_len``, plus up to ``max_history`` ids to exclude), copies it into the static
+    input with one host-to-device copy, and replays the CUDA graph of serve + scoring + top-k (or
+    runs that body eagerly when built with ``graph=False``). Returns fresh tensors per call.
+    """
+
+    def __init__(self, model: SequentialRecommender, k: int, exclude_seen: bool, max_history: int, graph: bool) -> None:
+        self.model, self.k, self.exclude_seen, self.max_history = model, k, exclude_seen, max_history
+        device = model.item_embedding.weight.device
+        size = model.max_len + 2 + max_history  # items, length, user, ids to exclude
+        self._pin = device.type == "cuda"
+        self._static = torch.zeros(size, dtype=torch.long, device=device)
+        self._run: Callable[[], tuple[Tensor, Tensor]] = self._body
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if graph:
+            self._capture()
+
+    def _body(self) -> tuple[Tensor, Tensor]:
+        """Serve + scoring + top-k on the static input, in eval mode without autograd; no host
+        synchronisation."""
+        model = self.model
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return self._rank()
+        finally:
+            model.train(was_training)
+
+    def _rank(self) -> tuple[Tensor, Tensor]:
+        model, L = self.model, self.model.max_len
+        items = self._static[:L].view(1, L)
+        lengths = self._static[L : L + 1]
+        user = self._static[L + 1 : L + 2] if model.uses_users else None
+        batch = ModelInput(items, lengths, user)
+        hidden = model.serve(batch) if model.backend == "fastrec" else model(batch)
+        table = model.item_embedding.weight
+        scores = hidden @ table[1:].T  # (1, n_items): item i is row i of the table
+        if self.exclude_seen:
+            seen = torch.zeros(table.shape[0], dtype=torch.bool, device=table.device)
+            seen.index_fill_(0, self._static[L + 2 :], True)  # id 0 (padding) marks row 0 only
+            scores = scores.masked_fill(seen[1:], float("-inf"))
+        top_scores, top = scores.topk(self.k, dim=1)
+        return top[0] + 1, top_scores[0]
+
+    def _capture(self) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self._body()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = self._body()
+        self.graph = graph
+
+        def replay() -> tuple[Tensor, Tensor]:
+            graph.replay()
+            return outputs
+
+        self._run = replay
+
+    def __call__(self, history, user: int | None = None) -> tuple[Tensor, Tensor]:
+        model, L = self.model, self.model.max_len
+        ids = _as_ids(history, 0)
+        if ids.size == 0:
+            raise ValueError("history must hold at least one item, got none")
+        if ids.min() < 1 or ids.max() > model.n_items:
+            raise ValueError(f"history must hold item ids in 1..{model.n_items}, got {ids.min()}..{ids.max()}")
+        if model.uses_users and user is None:
+            raise ValueError(f"{type(model).__name__} needs user= (the history's user id), got None")
+        if self.exclude_seen and ids.size > self.max_history:
+            raise ValueError(f"history has {ids.size} items, more than max_history = {self.max_history}")
+        n = min(ids.size, L)
+        # A fresh host buffer per call: the previous call's asynchronous copy may still read its own.
+        host = torch.zeros(self._static.shape, dtype=torch.long, pin_memory=self._pin)
+        last = torch.from_numpy(ids[ids.size - n :].astype(np.int64))
+        if model.padding_side == "right":
+            host[:n] = last
+        else:
+            host[L - n : L] = last
+        host[L] = n
+        host[L + 1] = 0 if user is None else int(user)
+        if self.exclude_seen:
+            host[L + 2 : L + 2 + ids.size] = torch.from_numpy(ids.astype(np.int64))
+        self._static.copy_(host, non_blocking=True)
+        top_items, top_scores = self._run()
+        return top_items.clone(), top_scores.clone()
+
+
+def capture_recommend(
+    model: SequentialRecommender,
+    k: int,
+    *,
+    exclude_seen: bool = True,
+    max_history: int | None = None,
+    graph: bool = True,
+) -> Recommender:
+    """``model.recommend`` for one history at a time, captured as a CUDA graph (``graph=True``,
+    the model on a CUDA device) or run eagerly at the same fixed shapes (``graph=False``).
+
+    At batch 1 the host's launch cost, not the GPU, sets ``recommend()``'s latency; the graph
+    replays serve, scoring and top-k with one call. ``max_history`` (default ``max_len``): the
+    longest history a call may pass when ``exclude_seen`` (its items are excluded from the ranking
+    through a static id buffer of that size). The graph is recorded in eval mode whatever the
+    model's mode; parameters are read in place, so updated weights are served by the next call.
+    Scores equal ``model.recommend``'s up to float rounding (histories are padded to ``max_len``).
+    """
+    if not isinstance(model, SequentialRecommender):
+        raise TypeError(f"model must be a fastrec.models.SequentialRecommender, got {type(model).__name__}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= model.n_items:
+        raise ValueError(f"k must be an int in 1..{model.n_items} (n_items), got {k!r}")
+    max_history = model.max_len if max_history is None else max_history
+    if isinstance(max_history, bool) or not isinstance(max_history, int) or max_history < 1:
+        raise ValueError(f"max_history must be a positive int, got {max_history!r}")
+    device = model.item_embedding.weight.device
+    if graph and device.type != "cuda":
+        raise ValueError(
+            f"graph=True needs the model on a CUDA device, got {device}; graph=False runs the same body eagerly"
+        )
+    return Recommender(model, k, exclude_seen, max_history if exclude_seen else 0, graph)

@@ -111,17 +111,31 @@ def _score_tile(
 @triton.jit
 def _dropout_keep(
     seed,  # int64 scalar (loaded from the seed tensor)
-    offs_q,  # query indices, broadcastable
-    offs_k,  # key indices, broadcastable
+    offs_q,  # (BLOCK_Q,) int32 query indices of the tile
+    start_k,  # first key index of the tile, a multiple of 4
     Lk,
     batch_head,  # b * H + h
     dropout_p,
+    BLOCK_K: tl.constexpr,
+    KEYS_FIRST: tl.constexpr,  # return the (BLOCK_K, BLOCK_Q) transpose
 ):
-    """Bool tile: Philox4x32-10, counter (i * Lk + j, b * H + h, 0, 0); keep iff u >= p."""
-    c0 = offs_q * Lk + offs_k
+    """Bool (BLOCK_Q, BLOCK_K) tile: Philox4x32-10, counter (i * ceil(Lk / 4) + j // 4, b * H + h,
+    0, 0), output word j % 4; keep iff u >= p.
+
+    One Philox call per four adjacent keys: a (BLOCK_Q, BLOCK_K / 4) draw whose four words are
+    interleaved along the keys.
+    """
+    tl.static_assert(BLOCK_K % 4 == 0)
+    BLOCK_Q: tl.constexpr = offs_q.shape[0]
+    quads = start_k // 4 + tl.arange(0, BLOCK_K // 4)
+    c0 = offs_q[:, None] * ((Lk + 3) // 4) + quads[None, :]  # (BLOCK_Q, BLOCK_K / 4)
     zero = c0 * 0
-    r0, _r1, _r2, _r3 = tl.philox(seed, c0, zero + batch_head, zero, zero)
-    u = (r0 >> 8).to(tl.float32) * 5.960464477539063e-08  # 2**-24
+    r0, r1, r2, r3 = tl.philox(seed, c0, zero + batch_head, zero, zero)
+    # join(join(r0, r2), join(r1, r3))[..., y, x] is word 2y + x: row-major reshape interleaves.
+    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_Q, BLOCK_K))
+    if KEYS_FIRST:
+        r = tl.trans(r)
+    u = (r >> 8).to(tl.float32) * 5.960464477539063e-08  # 2**-24
     return u >= dropout_p
 
 
@@ -207,7 +221,7 @@ def _forward_inner(
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            keep = _dropout_keep(seed, offs_m[:, None], offs_k[None, :], Lk, batch_head, dropout_p)
+            keep = _dropout_keep(seed, offs_m, start_n, Lk, batch_head, dropout_p, BLOCK_N, False)
             p = tl.where(keep, p, 0.0)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION, out_dtype=compute_dtype)
@@ -454,6 +468,7 @@ def _dkdv_inner(
     stride_bias_n,
     batch_head,
     offs_k,  # (BLOCK_N,) key indices of this program
+    start_k,  # offs_k[0]
     key_ok,  # (BLOCK_N,) bool allowed keys
     offs_d,
     lo,
@@ -470,6 +485,7 @@ def _dkdv_inner(
     UPCAST_INPUTS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Accumulate dK, dV of one key block over query blocks [lo, hi); tiles are (keys, queries)."""
     compute_dtype = dk.dtype
@@ -511,7 +527,7 @@ def _dkdv_inner(
         p_t = tl.math.exp2(s_t - lse[None, :] * 1.4426950408889634)  # (BLOCK_N, BLOCK_M)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION, out_dtype=compute_dtype)
         if DROPOUT:
-            keep = _dropout_keep(seed, offs_m[None, :], offs_k[:, None], Lk, batch_head, dropout_p)
+            keep = _dropout_keep(seed, offs_m, start_k, Lk, batch_head, dropout_p, BLOCK_N, True)
             z_t = tl.where(keep, dropout_scale, 0.0)
             dv = tl.dot((p_t * z_t).to(do.dtype), do, dv, input_precision=DOT_PRECISION, out_dtype=compute_dtype)
             dp_t = dp_t * z_t
@@ -648,6 +664,7 @@ def _attention_backward_dkdv_kernel(
             stride_bias_n,
             batch_head,
             offs_k,
+            start_n,
             key_ok,
             offs_d,
             start_n,
@@ -664,6 +681,7 @@ def _attention_backward_dkdv_kernel(
             UPCAST_INPUTS,
             DOT_PRECISION,
             BLOCK_M,
+            BLOCK_N,
         )
         lo = start_n + BLOCK_N
     dk, dv = _dkdv_inner(
@@ -685,6 +703,7 @@ def _attention_backward_dkdv_kernel(
         stride_bias_n,
         batch_head,
         offs_k,
+        start_n,
         key_ok,
         offs_d,
         lo,
@@ -701,6 +720,7 @@ def _attention_backward_dkdv_kernel(
         UPCAST_INPUTS,
         DOT_PRECISION,
         BLOCK_M,
+        BLOCK_N,
     )
 
     dk = dk * (tl.cast(scale_hi, compute_dtype) + tl.cast(scale_lo, compute_dtype))
@@ -781,7 +801,7 @@ def _dq_inner(
         p = tl.math.exp2(s - lse[:, None] * 1.4426950408889634)
         dp = tl.dot(do, v_t, input_precision=DOT_PRECISION, out_dtype=compute_dtype)
         if DROPOUT:
-            keep = _dropout_keep(seed, offs_m[:, None], offs_k[None, :], Lk, batch_head, dropout_p)
+            keep = _dropout_keep(seed, offs_m, start_n, Lk, batch_head, dropout_p, BLOCK_N, False)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=DOT_PRECISION, out_dtype=compute_dtype)

@@ -546,6 +546,44 @@ def test_cpp_and_triton_drop_the_same_probabilities():
     assert_rel_close(out_triton, out_cpp, "triton out vs cpp out")
 
 
+@pytest.mark.parametrize("len_q, len_k", [(21, 37), (9, 64), (40, 6)])
+def test_reference_cpp_and_triton_masks_are_bit_for_bit_equal(len_q, len_k):
+    """Lk not a multiple of 4 (a partial last group of keys), several key blocks, cross attention:
+    the realised masks of every backend equal the reference, counter (i * ceil(Lk / 4) + j // 4)."""
+    seed = torch.tensor([2**45 + 77], dtype=torch.int64)
+    expected = dropout_keep_mask(seed, 2, 3, len_q, len_k, 0.4)
+    ran = []
+    for name in BACKENDS:
+        if unavailable(name) is not None:
+            continue
+        torch.manual_seed(0)
+        _, _, kept = identity_value_probe(name, 0.4, seed, batch=2, heads=3, len_q=len_q, len_k=len_k)
+        assert torch.equal(kept, expected), f"{name}: {(kept != expected).sum().item()} entries differ"
+        ran.append(name)
+    if not ran:
+        pytest.skip("no fused backend available")
+
+
+def test_dropout_keep_mask_statistics_per_word_and_across_words():
+    """Keep rate 1 - p overall and for each of the four words of a Philox call (key j % 4), and
+    no correlation between keys that share a call or sit in neighbouring calls."""
+    p = 0.2
+    keep = dropout_keep_mask(torch.tensor([31337]), 4, 4, 128, 200, p).double()  # 409600 draws
+    n_groups = keep.numel() // 4
+    tol = 5 / math.sqrt(n_groups)  # 5 sigma of a rate or a correlation estimated from n_groups
+    assert abs(keep.mean().item() - (1 - p)) <= 5 / math.sqrt(keep.numel())
+    words = keep.view(-1, 4)  # (groups of four adjacent keys, word)
+    for word in range(4):
+        assert abs(words[:, word].mean().item() - (1 - p)) <= tol, f"word {word}"
+    corr = torch.corrcoef(words.T)
+    off_diagonal = corr[~torch.eye(4, dtype=torch.bool)]
+    assert off_diagonal.abs().max().item() <= tol, f"correlation between words {corr}"
+    rows = keep.view(-1, 200)  # neighbouring calls: the last key of a group and the next one
+    across = torch.corrcoef(torch.stack([rows[:, 3:-1:4].flatten(), rows[:, 4::4].flatten()]))[0, 1]
+    assert abs(across.item()) <= tol
+    assert not torch.equal(words[:, 0], words[:, 1])
+
+
 # --------------------------------------------------------------------------- determinism
 def test_forward_and_backward_bitwise_deterministic_over_20_repeats(backend):
     device = device_of(backend)
@@ -907,8 +945,8 @@ def test_torch_backend_gradcheck_float64(case):
 
 
 # --------------------------------------------------------------------------- dropout stream
-def _philox_python(seed: int, c0: int, c1: int) -> int:
-    """Philox4x32-10 on Python ints (Salmon et al.); returns the first output word."""
+def _philox_python(seed: int, c0: int, c1: int, word: int = 0) -> int:
+    """Philox4x32-10 on Python ints (Salmon et al.); returns output word ``word``."""
     mask = 0xFFFFFFFF
     k0, k1 = seed & mask, (seed >> 32) & mask
     c = [c0, c1, 0, 0]
@@ -916,12 +954,14 @@ def _philox_python(seed: int, c0: int, c1: int) -> int:
         prod0, prod1 = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
         c = [(prod1 >> 32) ^ c[1] ^ k0, prod1 & mask, (prod0 >> 32) ^ c[3] ^ k1, prod0 & mask]
         k0, k1 = (k0 + 0x9E3779B9) & mask, (k1 + 0xBB67AE85) & mask
-    return c[0]
+    return c[word]
 
 
 def test_philox_stream_matches_known_answer_and_python_reference():
-    # Random123 known-answer vector: philox4x32-10, counter 0, key 0 -> first word 0x6627e8d5.
-    assert _philox_python(0, 0, 0) == 0x6627E8D5
+    # Random123 known-answer vector: philox4x32-10, counter 0, key 0 ->
+    # 6627e8d5 e169c58d bc57ac4c 9b00dbd8.
+    known = [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    assert [_philox_python(0, 0, 0, word) for word in range(4)] == known
     zero = torch.zeros(1, dtype=torch.int64)
     assert philox_uniform(0, zero, zero).item() == (0x6627E8D5 >> 8) * 2.0**-24
     seeds = [1, 2**32 + 5, 2**62 - 1, 123456789012345]
@@ -936,11 +976,16 @@ def test_philox_stream_matches_known_answer_and_python_reference():
 
 
 def test_dropout_keep_mask_uses_documented_counters_and_drop_rate():
+    # Counter (i * ceil(Lk / 4) + j // 4, b * H + h), output word j % 4; Lk = 7 leaves a partial
+    # last group of keys, whose fourth word no key uses.
     seed, batch, heads, len_q, len_k, p = 2**40 + 3, 2, 3, 5, 7, 0.3
     keep = dropout_keep_mask(torch.tensor([seed]), batch, heads, len_q, len_k, p)
-    for b, h, i, j in [(0, 0, 0, 0), (1, 2, 4, 6), (1, 0, 3, 2), (0, 2, 1, 5)]:
-        u = (_philox_python(seed, i * len_k + j, b * heads + h) >> 8) * 2.0**-24
-        assert keep[b, h, i, j].item() == (u >= p)
+    for b in range(batch):
+        for h in range(heads):
+            for i in range(len_q):
+                for j in range(len_k):
+                    u = (_philox_python(seed, i * 2 + j // 4, b * heads + h, j % 4) >> 8) * 2.0**-24
+                    assert keep[b, h, i, j].item() == (u >= p), (b, h, i, j)
     big = dropout_keep_mask(torch.tensor([seed]), 4, 4, 128, 128, p)
     assert abs((1 - big.double().mean().item()) - p) <= 0.01
 

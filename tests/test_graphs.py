@@ -199,3 +199,95 @@ def test_cuda_steps_do_not_synchronise_the_host(name):
                 step(batch.items, batch.lengths, batch.target, batch.user)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+# --------------------------------------------------------------------------- recommend at batch 1
+def _histories():
+    """Short, max_len-long and longer-than-max_len histories (repeats included)."""
+    gen = torch.Generator().manual_seed(3)
+    return [torch.randint(1, N_ITEMS + 1, (n,), generator=gen).tolist() for n in (1, 3, L, 2 * L + 1)]
+
+
+def _recommend_cases():
+    for name in sorted(MODELS):
+        yield name, {}
+    yield "sasrec", {"padding_side": "left"}
+
+
+def _rec_model(name: str, backend: str, device: str, **kwargs):
+    model = _model(name, backend=backend, device=device, dropout=0.5)  # in train mode: serving must not drop
+    if kwargs.get("padding_side"):
+        model.padding_side = kwargs["padding_side"]
+    return model
+
+
+def _assert_recommend_matches(name, backend, device, graph, padding_side=None):
+    model = _rec_model(name, backend, device, padding_side=padding_side)
+    for exclude_seen in (True, False):
+        rec = graphs.capture_recommend(model, 5, exclude_seen=exclude_seen, max_history=2 * L + 1, graph=graph)
+        for i, history in enumerate(_histories()):
+            user = 1 + i if model.uses_users else None
+            got_items, got_scores = rec(history, user)
+            items, scores = model.recommend([history], 5, exclude_seen, None if user is None else [user])
+            assert got_items.shape == (5,) and got_scores.shape == (5,)
+            assert torch.equal(got_items.cpu(), items[0].cpu()), (exclude_seen, history)
+            torch.testing.assert_close(got_scores.cpu(), scores[0].cpu(), rtol=1e-5, atol=1e-5)
+            if exclude_seen:
+                assert not set(got_items.tolist()) & set(history)
+    assert model.training, "capture and calls leave the model's mode as it was"
+
+
+@pytest.mark.parametrize("name, kwargs", list(_recommend_cases()))
+@pytest.mark.parametrize("backend", ["fastrec", "torch"])
+def test_uncaptured_recommender_matches_model_recommend(name, kwargs, backend):
+    """graph=False runs the captured body eagerly: the same items as model.recommend (histories
+    padded to max_len instead of the longest history; scores within fp32 rounding)."""
+    _assert_recommend_matches(name, backend, "cpu", graph=False, **kwargs)
+
+
+def test_capture_recommend_validates_its_arguments():
+    model = _model("sasrec")
+    with pytest.raises(ValueError, match="graph=True needs the model on a CUDA device, got cpu"):
+        graphs.capture_recommend(model, 5)
+    with pytest.raises(TypeError, match="model must be a fastrec.models.SequentialRecommender"):
+        graphs.capture_recommend(torch.nn.Linear(2, 2), 5, graph=False)
+    for k in (0, N_ITEMS + 1, 2.0, True):
+        with pytest.raises(ValueError, match=rf"k must be an int in 1..{N_ITEMS} \(n_items\)"):
+            graphs.capture_recommend(model, k, graph=False)
+    with pytest.raises(ValueError, match="max_history must be a positive int, got 0"):
+        graphs.capture_recommend(model, 5, max_history=0, graph=False)
+    rec = graphs.capture_recommend(model, 5, graph=False)
+    with pytest.raises(ValueError, match=f"history has {L + 1} items, more than max_history = {L}"):
+        rec(list(range(1, L + 2)))
+    with pytest.raises(ValueError, match=f"history must hold item ids in 1..{N_ITEMS}, got 0..2"):
+        rec([0, 2])
+    with pytest.raises(ValueError, match="history must hold at least one item"):
+        rec([])
+    rec_all = graphs.capture_recommend(model, 5, exclude_seen=False, graph=False)
+    assert rec_all(list(range(1, 3 * L)))[0].shape == (5,)  # no exclusion: any length
+    with pytest.raises(ValueError, match="Caser needs user="):
+        graphs.capture_recommend(_model("caser"), 5, graph=False)([1, 2])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name, kwargs", list(_recommend_cases()))
+@pytest.mark.parametrize("backend", ["fastrec", "torch"])
+def test_cuda_captured_recommender_matches_model_recommend(name, kwargs, backend):
+    _assert_recommend_matches(name, backend, "cuda", graph=True, **kwargs)
+
+
+@pytest.mark.cuda
+def test_cuda_captured_recommender_reads_updated_weights_and_does_not_synchronise():
+    model = _model("sasrec", device="cuda")
+    rec = graphs.capture_recommend(model, 5)
+    history = _histories()[2]
+    rec(history)
+    with torch.no_grad():
+        model.item_embedding.weight.mul_(-1.0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        items, _ = rec(history)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(items.cpu(), model.recommend([history], 5)[0][0].cpu())

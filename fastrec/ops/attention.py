@@ -14,7 +14,8 @@ The contract every backend implements (Triton: ``kernels/attention.py``; C++:
   the scaled scores ``s_ij = scale * q_i.k_j + bias_ij``; ``-inf`` entries are masked.
 - ``causal``: key j is allowed for query i iff ``j <= i``.
 - ``dropout_p`` in [0, 1) with ``seed`` int64 ``(1,)`` on q's device: probability ``P_ij`` is
-  kept iff the Philox uniform of ``fastrec._philox`` for counter ``(i * Lk + j, b * H + h)`` is
+  kept iff the Philox uniform of ``fastrec._philox`` for counter ``(i * ceil(Lk / 4) + j // 4,
+  b * H + h)``, output word ``j % 4`` (one Philox call serves four adjacent keys), is
   ``>= dropout_p``; kept ones are scaled by ``1 / (1 - dropout_p)``. Every backend draws the
   same bits. cpp and torch also take a bool ``dropout_mask`` ``(B, H, Lq, Lk)`` (True = kept)
   instead of the seed: torch's own draw, under ``fastrec.use_dropout_stream("torch")``.
