@@ -84,8 +84,7 @@ def _caser_horizontal_forward_kernel(
         bias = tl.zeros((BLOCK_F,), dtype=compute_dtype)
     best = tl.full((BLOCK_B, BLOCK_F), float("-inf"), compute_dtype)
     best_z = tl.zeros((BLOCK_B, BLOCK_F), dtype=compute_dtype)
-    best_t = tl.zeros((BLOCK_B, BLOCK_F), dtype=tl.int32)
-    nonfinite = tl.zeros((BLOCK_B, BLOCK_F), dtype=tl.int1)
+    best_t = tl.zeros((BLOCK_B, BLOCK_F), dtype=tl.int32)  # t | NONFINITE_BIT once a z is not finite
     for t in range(0, L - k):
         acc = tl.zeros((BLOCK_B, BLOCK_F), dtype=compute_dtype)
         for k0 in range(0, window, BLOCK_K):
@@ -100,13 +99,13 @@ def _caser_horizontal_forward_kernel(
         take = (a > best) | (a != a) | (t == 0)
         best = tl.where(take, a, best)
         best_z = tl.where(take, z, best_z)
-        best_t = tl.where(take, t, best_t)
-        nonfinite = nonfinite | ((z - z) != 0)  # inf - inf and NaN - NaN are NaN
+        best_t = tl.where(take, t | (best_t & NONFINITE_BIT), best_t)
+        best_t |= tl.where((z - z) != 0, NONFINITE_BIT, 0)  # inf - inf and NaN - NaN are NaN
     out = offs_b.to(tl.int64)[:, None] * (L * nh) + k * nh + offs_f[None, :]
     mask = b_ok[:, None] & f_ok[None, :]
     tl.store(OutH + out, best.to(OutH.dtype.element_ty), mask=mask)
     tl.store(ZH + out, best_z.to(ZH.dtype.element_ty), mask=mask)
-    tl.store(ArgMax + out, best_t | tl.where(nonfinite, NONFINITE_BIT, 0), mask=mask)
+    tl.store(ArgMax + out, best_t, mask=mask)
 
 
 @launcher
@@ -622,7 +621,7 @@ def caser_backward(
 
 # ------------------------------------------------------------- variants for the compile test
 _CASER_INT_ARGS = ("B", "L", "d", "nh", "nv", "rows", "N")
-_COMPUTE_DTYPE_ARGS = ("G", "ColSum", "GV")  # gradient buffers the launchers allocate in fp32 / fp64
+_COMPUTE_DTYPE_ARGS = ("G", "ColSum", "GV", "GradB")  # gradient buffers the launchers allocate in fp32 / fp64
 # ALLOW_TF32 only switches fp32 dots to tf32 and HAS_BIAS adds one bias load: the sampled compile
 # check turns them on in every other combination instead of multiplying the combinations.
 COVERAGE_ALTERNATE_FLAGS = ("ALLOW_TF32", "HAS_BIAS")
@@ -686,6 +685,14 @@ def _caser_variants() -> list[KernelVariant]:
             blocks = cfg.backward_blocks()
             variants.append(_caser_variant(_caser_input_grad_kernel, "input_grad", dt, blocks))
             variants.append(_caser_variant(_caser_weight_grad_kernel, "weight_grad", dt, blocks))
+            if dim == 64:  # the non-finite kernel's blocks do not depend on d
+                for code, act in enumerate(ACTIVATIONS):
+                    for bias in (False, True):
+                        constexprs = dict(ACT=code, HAS_BIAS=bias, **cfg.nonfinite_blocks())
+                        flags = _flags(act, HAS_BIAS=bias)
+                        variants.append(
+                            _caser_variant(_caser_nonfinite_grad_kernel, "nonfinite_grad", dt, constexprs, flags)
+                        )
             if filters == 8 and dim == 64:
                 constexprs = dict(BLOCK_L=64, BLOCK_D=64)
                 variants.append(

@@ -4,10 +4,11 @@
   ``functional.caser``, ``Dropout``, ``functional.dropout``): torch's empty result forward and
   backward (zero weight gradients), no crash. These run in a subprocess, so a segfault is a test
   failure and not a dead test run;
-- NaN, +inf and -inf in dropout's input, and in conv's input, weight or bias (every activation,
-  with and without a pool), propagate as in torch: the outputs and the gradients have NaN exactly
-  where torch's have NaN, and the other values agree (one documented exception: the Triton
-  conv's dx may have more NaN).
+- NaN, +inf and -inf in dropout's input, in conv's input, weight or bias (every activation,
+  with and without a pool), and in Caser's E, horizontal and vertical weights and biases (every
+  activation), propagate as in torch: the outputs and the gradients have NaN exactly where
+  torch's have NaN, and the other values agree (one documented exception: the Triton conv's dx
+  may have more NaN).
 """
 
 from __future__ import annotations
