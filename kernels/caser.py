@@ -367,6 +367,8 @@ def _caser_nonfinite_grad_kernel(
                 kk_ok = kk < window
                 e = tl.load(E + rows[:, None] + t * d + kk[None, :], mask=b_ok[:, None] & kk_ok[None, :], other=0.0)
                 w = tl.load(W + filters[:, None] + kk[None, :], mask=f_ok[:, None] & kk_ok[None, :], other=0.0)
+                e = e.to(compute_dtype)
+                w = w.to(compute_dtype)
                 bad_e = (e - e) != 0  # (BLOCK_B, BLOCK_K) E not finite
                 bad_w = (w - w) != 0  # (BLOCK_F, BLOCK_K) w not finite
                 # grad_E[b, t + kk // d]: NaN * w or 0 * a bad w of some filter

@@ -231,11 +231,12 @@ CASER_LENGTH = 4
 
 
 def _caser_case(where: str, value: float):
-    """E (3, 4, 4), w_h[k] (3, 1, k+1, 4), b_h[k] (3,), w_v (2, 1, 4, 1), b_v (2,) in float64, with
+    """E (3, 4, 4), w_h[k] (5, 1, k+1, 4), b_h[k] (5,), w_v (2, 1, 4, 1), b_v (2,) in float64, with
     ``value`` put in ``where``: "E" at a middle position, the first and the last (each covered by
-    windows of several t), "E-pair" twice in one row of E (two bad windows of one maximum)."""
+    windows of several t), "E-pair" twice in one row of E (two bad windows of one maximum). Five
+    filters: the C++ kernel's vector path (4 float64 lanes) and its scalar rest."""
     gen = torch.Generator().manual_seed(13)
-    length, dim, filters, vertical = CASER_LENGTH, 4, 3, 2
+    length, dim, filters, vertical = CASER_LENGTH, 4, 5, 2
 
     def randn(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64)
@@ -249,9 +250,9 @@ def _caser_case(where: str, value: float):
     elif where == "E-pair":
         E[1, 1, 2] = E[1, 3, 0] = value
     elif where == "w_h":
-        w_h[2][1, 0, 1, 2] = value
+        w_h[2][1, 0, 1, 2] = w_h[1][4, 0, 0, 3] = value
     elif where == "b_h":
-        b_h[1][0] = value
+        b_h[1][0] = b_h[3][4] = value
     elif where == "w_v":
         w_v[1, 0, 3, 0] = value
     else:
