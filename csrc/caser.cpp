@@ -2,15 +2,16 @@
 // convolution, forward and backward:
 //   torch.ops.fastrec.caser_forward_cpp(E, w_h, b_h, w_v, b_v, act_h, act_v)
 //       -> (out_h, out_v, z_h, argmax, z_v)
-//   torch.ops.fastrec.caser_backward_cpp(grad_h, grad_v, E, w_h, w_v, z_h, argmax, z_v, act_h,
-//                                        act_v)
+//   torch.ops.fastrec.caser_backward_cpp(grad_h, grad_v, E, w_h, b_h, w_v, z_h, argmax, z_v,
+//                                        act_h, act_v)
 //       -> (grad_E, grad_w_h, grad_b_h, grad_w_v, grad_b_v)
 // Contract (shared by every backend): fastrec/ops/caser.py. In short, for E
 // (B, L, d), heights k = 0..L-1 with w_h[k] (nh, 1, k+1, d):
 //   z[b, k, f, t] = b_h[k, f] + sum_{i <= k} E[b, t + i, :] . w_h[k][f, 0, i, :],  t < L - k
-//   out_h[b, k * nh + f] = max_t act_h(z[b, k, f, t]) (first maximum wins; NaN wins),
-//   z_h / argmax = z and t at that maximum; out_v[b, v * d + j] = act_v(b_v[v] +
-//   sum_l w_v[v, 0, l, 0] E[b, l, j]); z_v its pre-activation (empty when act_v is "none").
+//   out_h[b, k * nh + f] = max_t act_h(z[b, k, f, t]) (first maximum wins; the last NaN wins),
+//   z_h / argmax = z and t at that maximum (argmax | kNonfinite where some z[b, k, f, t] is not
+//   finite); out_v[b, v * d + j] = act_v(b_v[v] + sum_l w_v[v, 0, l, 0] E[b, l, j]); z_v its
+//   pre-activation (empty when act_v is "none").
 //
 // Forward, height by height: the window of rows t..t+k of E[b] is one contiguous run of
 // (k+1) d values, so z for one height is a GEMM whose rows are (b, t) pairs (overlapping,
@@ -22,7 +23,11 @@
 // computed: nh d (L (L+1) (L+2) / 6) multiply-adds per batch row.
 // Backward: only the argmax window of each (b, k, f) gets a gradient g = grad_h * act_h'(z_h),
 // so grad_E[b, t*:t*+k+1, :] += g w_h[k][f] and grad_w_h[k][f] += g E[b, t*:t*+k+1, :] are two
-// axpys of (k+1) d values (skipped where g = 0: ReLU's zeros). Batch rows are split into one
+// axpys of (k+1) d values (skipped where g = 0: ReLU's zeros). The other windows' terms, which
+// torch's dense backward also adds, are 0 * act'(z) and 0 * (an operand): zero unless a z or an
+// operand is not finite, so they are added only for the (b, k, f) the forward flagged
+// (kNonfinite): there the backward recomputes their z and runs every window, as torch does, and
+// NaN and inf land where torch's are. Batch rows are split into one
 // chunk per thread, each with its own weight-gradient buffer, summed at the end (the result
 // depends only on the thread count). Batch rows are visited in blocks so that a filter's weights
 // stay in L1 across the block.
@@ -59,13 +64,19 @@ using V32 = Vec<T, 32>;
 template <typename T>
 constexpr int64_t kLanes = kN<T, 32>;
 
-// grad * act'(z) (relu: grad where z > 0, else exactly 0, as torch's threshold_backward).
+// grad * act'(z) (relu: exactly 0 where z <= 0, else grad, a NaN z included, as torch's
+// threshold_backward).
 template <typename T>
 inline T act_backward(T grad, T z, Act act) {
   if (act == Act::kNone) return grad;
-  if (act == Act::kRelu) return z > T(0) ? grad : T(0);
+  if (act == Act::kRelu) return z <= T(0) ? T(0) : grad;
   return grad * act_derivative(act, z);
 }
+
+// The bit of argmax that marks a (b, k, f) with a z that is not finite somewhere in t; the
+// other bits hold t.
+constexpr int32_t kNonfinite = int32_t(1) << 30;
+constexpr int32_t kArgMask = kNonfinite - 1;
 
 struct Dims {
   int64_t B = 0, L = 0, d = 0, nh = 0, nv = 0;
@@ -123,24 +134,28 @@ inline V32<T> act_forward_vec(V32<T> z, Act act) {
 }
 
 // The running max over t of one full chunk of filters: z = acc + bias, a = act(z); where a beats
-// the stored maximum (or t == 0; a NaN beats a number) store a, z and t.
+// the stored maximum (or t == 0; a NaN always wins, as in max_pool1d) store a, z and t; mark a z
+// that is not finite (z - z is NaN there).
 template <typename T>
 inline void update_max(V32<T> z, const T* bias, Act act, int64_t t, T* out_h, T* z_h,
                        int32_t* argmax) {
   if (bias) z += vload<T, 32>(bias);
   const V32<T> a = act_forward_vec<T>(z, act);
+  const auto bad = (z - z) != V32<T>{};
   if (t == 0) {
     vstore<T, 32>(out_h, a);
     vstore<T, 32>(z_h, z);
-    for (int64_t u = 0; u < kLanes<T>; ++u) argmax[u] = 0;
+    for (int64_t u = 0; u < kLanes<T>; ++u) argmax[u] = bad[u] ? kNonfinite : 0;
     return;
   }
   const V32<T> best = vload<T, 32>(out_h);
-  const auto take = (a > best) | ((a != a) & (best == best));
+  const auto take = (a > best) | (a != a);
   vstore<T, 32>(out_h, take ? a : best);
   vstore<T, 32>(z_h, take ? z : vload<T, 32>(z_h));
-  for (int64_t u = 0; u < kLanes<T>; ++u)
-    if (take[u]) argmax[u] = static_cast<int32_t>(t);
+  for (int64_t u = 0; u < kLanes<T>; ++u) {
+    const int32_t flag = (argmax[u] & kNonfinite) | (bad[u] ? kNonfinite : 0);
+    argmax[u] = flag | (take[u] ? static_cast<int32_t>(t) : argmax[u] & kArgMask);
+  }
 }
 
 // Height k, chunks [c0, c0 + C), batch rows [b0, b1): every window, then the epilogue.
@@ -183,11 +198,13 @@ void horizontal_height(const Dims& m, int64_t k, int64_t c0, int64_t b0, int64_t
         for (int64_t f = fs; f < f1; ++f) {  // a partial chunk (nh not a multiple of kLanes)
           const T z = tile[r][f - f0] + (bias ? bias[k * m.nh + f] : T(0));
           const T a = act_forward(act, z);
-          if (t == 0 || a > out_h[base + f] || (std::isnan(a) && !std::isnan(out_h[base + f]))) {
+          const int32_t flag = (t == 0 ? 0 : argmax[base + f] & kNonfinite) | (std::isfinite(z) ? 0 : kNonfinite);
+          if (t == 0 || a > out_h[base + f] || std::isnan(a)) {
             out_h[base + f] = a;
             z_h[base + f] = z;
             argmax[base + f] = static_cast<int32_t>(t);
           }
+          argmax[base + f] = flag | (argmax[base + f] & kArgMask);
         }
       }
     }
@@ -273,12 +290,36 @@ inline void axpy(T* __restrict y, T a, const T* __restrict x, int64_t n) {
   for (int64_t j = 0; j < n; ++j) y[j] += a * x[j];
 }
 
+// The terms of torch's dense backward that the sparse one leaves out, for one flagged (b, k, f):
+// every window t but the maximum's (and that one too where its g is 0), with dz = 0 * act'(z_t)
+// (z_t recomputed; exactly 0 for none and relu), added to grad_E and grad_w_h like the
+// maximum's. Returns their sum, the bias gradient's share.
+template <typename T>
+T nonfinite_windows(int64_t K, int64_t windows, int64_t d, Act act, T bias, const T* w,
+                    const T* e_row, T* ge_row, T* gw, int64_t t_star, T g) {
+  T sum = T(0);
+  const bool recompute = act != Act::kNone && act != Act::kRelu;
+  for (int64_t t = 0; t < windows; ++t) {
+    if (t == t_star && g != T(0)) continue;  // the sparse backward added it
+    const T* e = e_row + t * d;
+    T dz = T(0);
+    if (recompute) {
+      T z = bias;
+      for (int64_t kk = 0; kk < K; ++kk) z += e[kk] * w[kk];
+      dz = act_backward(T(0), z, act);
+    }
+    axpy2(ge_row + t * d, w, gw, e, dz, K);
+    sum += dz;
+  }
+  return sum;
+}
+
 // Batch rows [begin, end): grad_E rows (owned) and this chunk's weight-gradient buffers.
 template <typename T>
 void backward_rows(const Dims& m, int64_t begin, int64_t end, Act act_h, Act act_v,
-                   const T* grad_h, const T* grad_v, const T* E, const T* w_h, const T* w_v,
-                   const T* z_h, const int32_t* argmax, const T* z_v, T* grad_E, T* gw_h,
-                   T* gb_h, T* gw_v, T* gb_v) {
+                   const T* grad_h, const T* grad_v, const T* E, const T* w_h, const T* b_h,
+                   const T* w_v, const T* z_h, const int32_t* argmax, const T* z_v, T* grad_E,
+                   T* gw_h, T* gb_h, T* gw_v, T* gb_v) {
   const int64_t d = m.d, L = m.L;
   std::vector<T> g(kBatchBlock), dzv(m.nv * d);
   std::vector<int64_t> at(kBatchBlock);
@@ -293,10 +334,15 @@ void backward_rows(const Dims& m, int64_t begin, int64_t end, Act act_h, Act act
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t idx = b * L * m.nh + k * m.nh + f;
           const T gz = act_backward(grad_h[idx], z_h[idx], act_h);
+          const int64_t t_star = argmax[idx] & kArgMask;
           gb += gz;
-          if (gz == T(0)) continue;
-          const int64_t start = (b * L + argmax[idx]) * d;
-          axpy2(grad_E + start, w, gw, E + start, gz, K);
+          if (gz != T(0)) {
+            const int64_t start = (b * L + t_star) * d;
+            axpy2(grad_E + start, w, gw, E + start, gz, K);
+          }
+          if (argmax[idx] & kNonfinite)
+            gb += nonfinite_windows(K, L - k, d, act_h, b_h ? b_h[k * m.nh + f] : T(0), w,
+                                    E + b * L * d, grad_E + b * L * d, gw, t_star, gz);
         }
         gb_h[k * m.nh + f] += gb;
       }
@@ -425,9 +471,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> caser_for
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor>
 caser_backward_cpp(const at::Tensor& grad_h_in, const at::Tensor& grad_v_in, const at::Tensor& E_in,
-                   at::TensorList w_h_in, const at::Tensor& w_v_in, const at::Tensor& z_h_in,
-                   const at::Tensor& argmax_in, const at::Tensor& z_v_in,
-                   c10::string_view act_h_name, c10::string_view act_v_name) {
+                   at::TensorList w_h_in, const std::optional<at::Tensor>& b_h_in,
+                   const at::Tensor& w_v_in, const at::Tensor& z_h_in, const at::Tensor& argmax_in,
+                   const at::Tensor& z_v_in, c10::string_view act_h_name,
+                   c10::string_view act_v_name) {
   const Act act_h = parse_act(std::string(act_h_name), "caser", "act_h"),
             act_v = parse_act(std::string(act_v_name), "caser", "act_v");
   const Dims m = describe(E_in, w_h_in, w_v_in);
@@ -444,6 +491,12 @@ caser_backward_cpp(const at::Tensor& grad_h_in, const at::Tensor& grad_v_in, con
   if (act_v != Act::kNone) {
     check_dtype(z_v_in, "z_v", dt);
     check_shape(z_v_in, "z_v", {m.B, m.nv * m.d});
+  }
+  std::optional<at::Tensor> b_h;
+  if (b_h_in.has_value()) {
+    check_dtype(*b_h_in, "b_h", dt);
+    check_shape(*b_h_in, "b_h", {m.L, m.nh});
+    b_h = b_h_in->contiguous();
   }
   const at::Tensor grad_h = grad_h_in.contiguous(), grad_v = grad_v_in.contiguous(),
                    E = E_in.contiguous(), w_v = w_v_in.contiguous(), z_h = z_h_in.contiguous(),
@@ -470,6 +523,7 @@ caser_backward_cpp(const at::Tensor& grad_h_in, const at::Tensor& grad_v_in, con
     for (int64_t k = 0; k < m.L; ++k)
       std::memcpy(w_all.data() + m.weight_offset(k), w_h[k].data_ptr<T>(), m.nh * (k + 1) * m.d * sizeof(T));
     const T* zv = act_v == Act::kNone ? nullptr : z_v.data_ptr<T>();
+    const T* bh = b_h ? b_h->data_ptr<T>() : nullptr;
     std::unique_ptr<T[]> partial(new T[chunks * width]);
     T* grad_E_p = grad_E.data_ptr<T>();
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
@@ -479,7 +533,7 @@ caser_backward_cpp(const at::Tensor& grad_h_in, const at::Tensor& grad_v_in, con
         std::fill(buf, buf + width, T(0));
         std::fill(grad_E_p + b0 * m.L * m.d, grad_E_p + b1 * m.L * m.d, T(0));
         backward_rows<T>(m, b0, b1, act_h, act_v, grad_h.data_ptr<T>(), grad_v.data_ptr<T>(),
-                         E.data_ptr<T>(), w_all.data(), w_v.data_ptr<T>(), z_h.data_ptr<T>(),
+                         E.data_ptr<T>(), w_all.data(), bh, w_v.data_ptr<T>(), z_h.data_ptr<T>(),
                          argmax.data_ptr<int32_t>(), zv, grad_E_p, buf, buf + weights,
                          buf + weights + m.L * m.nh, buf + weights + m.L * m.nh + m.nv * m.L);
       }
@@ -511,8 +565,8 @@ TORCH_LIBRARY_FRAGMENT(fastrec, m) {
       "str act_h, str act_v) -> (Tensor out_h, Tensor out_v, Tensor z_h, Tensor argmax, "
       "Tensor z_v)");
   m.def(
-      "caser_backward_cpp(Tensor grad_h, Tensor grad_v, Tensor E, Tensor[] w_h, Tensor w_v, "
-      "Tensor z_h, Tensor argmax, Tensor z_v, str act_h, str act_v) "
+      "caser_backward_cpp(Tensor grad_h, Tensor grad_v, Tensor E, Tensor[] w_h, Tensor? b_h, "
+      "Tensor w_v, Tensor z_h, Tensor argmax, Tensor z_v, str act_h, str act_v) "
       "-> (Tensor grad_E, Tensor[] grad_w_h, Tensor grad_b_h, Tensor grad_w_v, Tensor grad_b_v)");
 }
 

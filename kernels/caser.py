@@ -6,7 +6,8 @@ Contract: fastrec/ops/caser.py (shared with the C++ and torch backends). Kernels
 - ``_caser_horizontal_forward_kernel``: grid (batch blocks, heights k, filter blocks). For each
   t < L - k the window E[b, t:t+k+1, :] is one contiguous run of (k+1) d values, so z for a
   (BLOCK_B, BLOCK_F) tile is a dot of the windows with the filters (BLOCK_K at a time); the
-  activation, running max over t and argmax stay in registers. Only valid windows are computed.
+  activation, running max over t and argmax stay in registers, and so does a flag of a z that is
+  not finite (stored as NONFINITE_BIT of argmax). Only valid windows are computed.
 - ``_caser_vertical_forward_kernel``: grid (B, filter blocks, d blocks): sum over l of
   w_v[v, l] E[b, l, :], bias, activation.
 - ``_caser_grad_epilogue_kernel``: g = grad * act'(z) and its column sums (the bias gradients),
@@ -17,8 +18,15 @@ Contract: fastrec/ops/caser.py (shared with the C++ and torch backends). Kernels
 - ``_caser_weight_grad_kernel``: grid (heights x rows (k, i), filter blocks, d blocks):
   grad_w_h[k][f, i] = sum_b g[b, k, f] E[b, t*[b, k, f] + i] (a gathered load per (b, f)).
 - ``_caser_vertical_weight_grad_kernel``: grid (nv,): grad_w_v[v, l] = sum_b,j gv E[b, l, j].
+- ``_caser_nonfinite_grad_kernel``: grid (batch blocks, heights k, filter blocks), after the
+  others. Torch's dense backward also adds, at every window that is not the maximum,
+  ``0 * act'(z)`` times the window's E and weights: 0, or NaN where act'(z) or an operand is not
+  finite, so only where the forward flagged a (b, k, f). A program whose tile has no flag stops
+  after reading argmax; otherwise it recomputes those windows' z and writes NaN into grad_E,
+  grad_w_h and grad_b_h wherever one of the left-out terms is NaN.
 
-No atomics: every output element is written by one program, in a fixed order (deterministic).
+No atomics: every output element is written by one program, in a fixed order (deterministic); the
+NaN that the last kernel writes may come from several programs, all writing NaN.
 fp64 computes in fp64, everything else in fp32 (fp16/bf16 dots in the input dtype with fp32
 accumulation; fp32 dots in ieee fp32 unless ALLOW_TF32). UPCAST_INPUTS (interpreter) casts the
 forward's dot inputs to fp32 first: the interpreter's bf16 is broken.
@@ -35,6 +43,8 @@ import triton.language as tl
 from fastrec.kernels._common import TRITON_DTYPES, KernelVariant, accumulator_type, tf32_choices, variant
 from fastrec.kernels._conv_common import ACTIVATIONS, accumulate_dot, activate, activation_backward, activation_code
 from fastrec.kernels._host import cdiv, launcher, next_power_of_2
+
+NONFINITE_BIT = tl.constexpr(1 << 30)  # in argmax: some z of that (b, k, f) is not finite; bits below: t
 
 
 @launcher
@@ -74,7 +84,7 @@ def _caser_horizontal_forward_kernel(
         bias = tl.zeros((BLOCK_F,), dtype=compute_dtype)
     best = tl.full((BLOCK_B, BLOCK_F), float("-inf"), compute_dtype)
     best_z = tl.zeros((BLOCK_B, BLOCK_F), dtype=compute_dtype)
-    best_t = tl.zeros((BLOCK_B, BLOCK_F), dtype=tl.int32)
+    best_t = tl.zeros((BLOCK_B, BLOCK_F), dtype=tl.int32)  # t | NONFINITE_BIT once a z is not finite
     for t in range(0, L - k):
         acc = tl.zeros((BLOCK_B, BLOCK_F), dtype=compute_dtype)
         for k0 in range(0, window, BLOCK_K):
@@ -85,11 +95,12 @@ def _caser_horizontal_forward_kernel(
             acc = accumulate_dot(e, w, acc, UPCAST_INPUTS, ALLOW_TF32)
         z = acc + bias[None, :]
         a = activate(z, ACT)
-        # max_pool1d's order: the first maximum wins, and a NaN wins over any number.
-        take = (a > best) | ((a != a) & (best == best)) | (t == 0)
+        # max_pool1d's order: the first maximum wins, and a NaN always wins (its last NaN).
+        take = (a > best) | (a != a) | (t == 0)
         best = tl.where(take, a, best)
         best_z = tl.where(take, z, best_z)
-        best_t = tl.where(take, t, best_t)
+        best_t = tl.where(take, t | (best_t & NONFINITE_BIT), best_t)
+        best_t |= tl.where((z - z) != 0, NONFINITE_BIT, 0)  # inf - inf and NaN - NaN are NaN
     out = offs_b.to(tl.int64)[:, None] * (L * nh) + k * nh + offs_f[None, :]
     mask = b_ok[:, None] & f_ok[None, :]
     tl.store(OutH + out, best.to(OutH.dtype.element_ty), mask=mask)
@@ -196,9 +207,10 @@ def _caser_input_grad_kernel(
             ok = b_ok[:, None] & (offs_f < nh)[None, :]
             index = row + k * nh + offs_f[None, :]
             g = tl.load(G + index, mask=ok, other=0.0)
-            t = tl.load(ArgMax + index, mask=ok, other=0)
+            t = tl.load(ArgMax + index, mask=ok, other=0) & (NONFINITE_BIT - 1)
             i = p - t  # row of the filter that the maximum's window puts on p
             ok = ok & (i >= 0) & (i <= k) & (g != 0)
+            g = tl.where(ok, g, 0.0)  # a NaN g of a window that does not cover p adds nothing here
             w = tl.load(  # (BLOCK_B, BLOCK_F, BLOCK_D) gathered filter rows w_h[k][f, 0, i, :]
                 w_k + (offs_f[None, :, None] * (k + 1) + i[:, :, None]) * d + offs_d[None, None, :],
                 mask=ok[:, :, None] & d_ok[None, None, :],
@@ -248,7 +260,7 @@ def _caser_weight_grad_kernel(
         ok = (offs_b < B)[:, None] & f_ok[None, :]
         index = offs_b.to(tl.int64)[:, None] * (L * nh) + k * nh + offs_f[None, :]
         g = tl.load(G + index, mask=ok, other=0.0)
-        t = tl.load(ArgMax + index, mask=ok, other=0)
+        t = tl.load(ArgMax + index, mask=ok, other=0) & (NONFINITE_BIT - 1)
         ok = ok & (g != 0)
         rows = offs_b.to(tl.int64)[:, None] * L + t + i  # (BLOCK_B, BLOCK_F) row of E under w_h[k][f, 0, i]
         e = tl.load(
@@ -293,6 +305,84 @@ def _caser_vertical_weight_grad_kernel(
     tl.store(GradWV + v * L + offs_l, acc.to(GradWV.dtype.element_ty), mask=l_ok)
 
 
+@launcher
+@triton.jit(do_not_specialize=["B", "L"])
+def _caser_nonfinite_grad_kernel(
+    E,  # (B, L, d) contiguous
+    W,  # (nh * d * L (L+1) / 2,): w_h flattened, concatenated over heights
+    Bias,  # (L, nh) contiguous; not read without HAS_BIAS
+    G,  # (B, L * nh) g at each maximum, compute dtype
+    ArgMax,  # (B, L * nh) int32: t of each maximum, NONFINITE_BIT where the forward flagged it
+    GradE,  # (B, L, d) in / out: NaN added, E's dtype
+    GradW,  # (nh * d * L (L+1) / 2,) in / out: NaN added, E's dtype
+    GradB,  # (L * nh,) in / out: NaN added, compute dtype
+    B,
+    L,
+    d,
+    nh,
+    ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    compute_dtype = G.dtype.element_ty
+    k = tl.program_id(1)
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_f = tl.program_id(2) * BLOCK_F + tl.arange(0, BLOCK_F)
+    b_ok = offs_b < B
+    f_ok = offs_f < nh
+    index = offs_b.to(tl.int64)[:, None] * (L * nh) + k * nh + offs_f[None, :]
+    argmax = tl.load(ArgMax + index, mask=b_ok[:, None] & f_ok[None, :], other=0)
+    flagged = (argmax & NONFINITE_BIT) != 0  # (BLOCK_B, BLOCK_F)
+    if tl.max(tl.max(flagged.to(tl.int32), 1), 0) != 0:
+        t_star = argmax & (NONFINITE_BIT - 1)
+        g = tl.load(G + index, mask=flagged, other=0.0)
+        window = (k + 1) * d
+        rows = offs_b.to(tl.int64) * (L * d)  # (BLOCK_B,) offset of each E[b]
+        filters = nh * d * (k * (k + 1) // 2) + offs_f * window  # (BLOCK_F,) offset of w_h[k][f]
+        if HAS_BIAS:
+            bias = tl.load(Bias + k * nh + offs_f, mask=f_ok, other=0.0).to(compute_dtype)
+        else:
+            bias = tl.zeros((BLOCK_F,), dtype=compute_dtype)
+        offs_k = tl.arange(0, BLOCK_K)
+        for t in range(0, L - k):
+            # the terms the other kernels left out: every window but the maximum's with g != 0
+            left_out = flagged & ((t_star != t) | (g == 0))
+            nan_dz = tl.zeros((BLOCK_B, BLOCK_F), dtype=tl.int1)
+            if ACT >= 2:  # 0 * act'(z) is NaN where act'(z) is (gelu, tanh, sigmoid): recompute z
+                z = tl.zeros((BLOCK_B, BLOCK_F), dtype=compute_dtype) + bias[None, :]
+                for k0 in range(0, window, BLOCK_K):
+                    kk = k0 + offs_k
+                    kk_ok = kk < window
+                    e = tl.load(E + rows[:, None] + t * d + kk[None, :], mask=b_ok[:, None] & kk_ok[None, :], other=0.0)
+                    w = tl.load(W + filters[:, None] + kk[None, :], mask=f_ok[:, None] & kk_ok[None, :], other=0.0)
+                    z += tl.sum(e.to(compute_dtype)[:, None, :] * w.to(compute_dtype)[None, :, :], 2)
+                dz = activation_backward(tl.zeros((BLOCK_B, BLOCK_F), dtype=compute_dtype), z, ACT)
+                nan_dz = left_out & (dz != dz)
+                nan_b = tl.max(nan_dz.to(tl.int32), 0) != 0
+                tl.store(GradB + k * nh + offs_f, tl.full((BLOCK_F,), float("nan"), compute_dtype), mask=nan_b)
+            for k0 in range(0, window, BLOCK_K):
+                kk = k0 + offs_k
+                kk_ok = kk < window
+                e = tl.load(E + rows[:, None] + t * d + kk[None, :], mask=b_ok[:, None] & kk_ok[None, :], other=0.0)
+                w = tl.load(W + filters[:, None] + kk[None, :], mask=f_ok[:, None] & kk_ok[None, :], other=0.0)
+                e = e.to(compute_dtype)
+                w = w.to(compute_dtype)
+                bad_e = (e - e) != 0  # (BLOCK_B, BLOCK_K) E not finite
+                bad_w = (w - w) != 0  # (BLOCK_F, BLOCK_K) w not finite
+                # grad_E[b, t + kk // d]: NaN * w or 0 * a bad w of some filter
+                hit = left_out[:, :, None] & (nan_dz[:, :, None] | bad_w[None, :, :])
+                hit_e = (tl.max(hit.to(tl.int32), 1) != 0) & kk_ok[None, :]
+                nan_e = tl.full((BLOCK_B, BLOCK_K), float("nan"), GradE.dtype.element_ty)
+                tl.store(GradE + rows[:, None] + t * d + kk[None, :], nan_e, mask=hit_e)
+                # grad_w_h[k][f, kk]: NaN * E or 0 * a bad E of some batch row
+                hit = left_out[:, :, None] & (nan_dz[:, :, None] | bad_e[:, None, :])
+                hit_w = (tl.max(hit.to(tl.int32), 0) != 0) & kk_ok[None, :]
+                nan_w = tl.full((BLOCK_F, BLOCK_K), float("nan"), GradW.dtype.element_ty)
+                tl.store(GradW + filters[:, None] + kk[None, :], nan_w, mask=hit_w)
+
+
 # --------------------------------------------------------------------------------- launchers
 _CASER_BLOCK_D_MAX = 64  # d is split over grid axis 2 in chunks of at most this
 
@@ -308,6 +398,9 @@ class CaserBlocks:
     block_d: int
     backward_b: int
     backward_f: int
+    nonfinite_b: int
+    nonfinite_f: int
+    nonfinite_k: int
     # Measured with the compile-only check: 4 warps spill in the forward at BLOCK_F = 64 (fp32
     # ieee dots run on FMA units) and in the gathered backward tiles on sm_90; 8 warps do not.
     num_warps: int = 8
@@ -325,18 +418,27 @@ class CaserBlocks:
         """The BLOCK_ constexprs of the gathered backward kernels (input and weight gradient)."""
         return dict(BLOCK_B=self.backward_b, BLOCK_F=self.backward_f, BLOCK_D=self.block_d)
 
+    def nonfinite_blocks(self) -> dict[str, int]:
+        """The BLOCK_ constexprs of the non-finite gradient kernel (its (B, F, K) tiles)."""
+        return dict(BLOCK_B=self.nonfinite_b, BLOCK_F=self.nonfinite_f, BLOCK_K=self.nonfinite_k)
+
 
 def caser_blocks(batch: int, dim: int, filters: int, vertical: int, interpreter: bool) -> CaserBlocks:
     """Block sizes: tl.dot needs every side >= 16; the gathered backward tiles are
-    (BLOCK_B, BLOCK_F, BLOCK_D), kept to 2048 elements (8 per thread with 8 warps) on the GPU."""
+    (BLOCK_B, BLOCK_F, BLOCK_D), kept to 2048 elements (8 per thread with 8 warps) on the GPU, and
+    so are the non-finite kernel's (BLOCK_B, BLOCK_F, BLOCK_K) (it runs only on flagged tiles)."""
     block_d = min(_CASER_BLOCK_D_MAX, max(16, next_power_of_2(dim)))
     block_f = min(64, max(16, next_power_of_2(filters)))
     if interpreter:
         big_b = min(64, max(16, next_power_of_2(batch)))
-        return CaserBlocks(big_b, block_f, 64, next_power_of_2(vertical), block_d, big_b, block_f)
+        return CaserBlocks(
+            big_b, block_f, 64, next_power_of_2(vertical), block_d, big_b, block_f, big_b, block_f, block_d
+        )
     backward_f = min(16, block_f)
     backward_b = max(1, 2048 // (backward_f * block_d))
-    return CaserBlocks(32, block_f, 32, min(16, next_power_of_2(vertical)), block_d, backward_b, backward_f)
+    return CaserBlocks(
+        32, block_f, 32, min(16, next_power_of_2(vertical)), block_d, backward_b, backward_f, 16, backward_f, 8
+    )
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -438,6 +540,7 @@ def caser_backward(
     grad_v: torch.Tensor,
     E: torch.Tensor,
     w_h: list[torch.Tensor],
+    b_h: torch.Tensor | None,
     w_v: torch.Tensor,
     z_h: torch.Tensor,
     argmax: torch.Tensor,
@@ -446,7 +549,8 @@ def caser_backward(
     act_v: str,
     allow_tf32: bool,
 ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The Caser backward: ``(grad_E, grad_w_h, grad_b_h (L, nh), grad_w_v, grad_b_v)``.
+    """The Caser backward: ``(grad_E, grad_w_h, grad_b_h (L, nh), grad_w_v, grad_b_v)``; ``b_h``
+    (L, nh) or None recomputes the flagged windows' z.
 
     ``allow_tf32`` is accepted for the op's signature; the backward kernels use no dots."""
     E = E.contiguous()
@@ -488,6 +592,22 @@ def caser_backward(
     _caser_vertical_weight_grad_kernel[(vertical, cdiv(length, block_l))](
         g_v, E, grad_w_v, batch, length, dim, vertical, BLOCK_L=block_l, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps
     )
+    if batch > 0:
+        _caser_nonfinite_grad_kernel[(cdiv(batch, cfg.nonfinite_b), length, cdiv(filters, cfg.nonfinite_f))](
+            E,
+            W,
+            W if b_h is None else b_h.contiguous(),
+            g_h,
+            argmax,
+            grad_E,
+            grad_W,
+            grad_b_h,
+            *sizes,
+            ACT=activation_code(act_h),
+            HAS_BIAS=b_h is not None,
+            **cfg.nonfinite_blocks(),
+            num_warps=cfg.num_warps,
+        )
     # Separate tensors, not views of one buffer: a custom op's outputs must not alias each other.
     sizes = [w.numel() for w in w_h]
     grad_w_h = [part.view(w.shape).clone() for part, w in zip(torch.split(grad_W, sizes), w_h, strict=True)]
@@ -503,7 +623,7 @@ def caser_backward(
 
 # ------------------------------------------------------------- variants for the compile test
 _CASER_INT_ARGS = ("B", "L", "d", "nh", "nv", "rows", "N")
-_COMPUTE_DTYPE_ARGS = ("G", "ColSum", "GV")  # gradient buffers the launchers allocate in fp32 / fp64
+_COMPUTE_DTYPE_ARGS = ("G", "ColSum", "GV", "GradB")  # gradient buffers the launchers allocate in fp32 / fp64
 # ALLOW_TF32 only switches fp32 dots to tf32 and HAS_BIAS adds one bias load: the sampled compile
 # check turns them on in every other combination instead of multiplying the combinations.
 COVERAGE_ALTERNATE_FLAGS = ("ALLOW_TF32", "HAS_BIAS")
@@ -567,6 +687,14 @@ def _caser_variants() -> list[KernelVariant]:
             blocks = cfg.backward_blocks()
             variants.append(_caser_variant(_caser_input_grad_kernel, "input_grad", dt, blocks))
             variants.append(_caser_variant(_caser_weight_grad_kernel, "weight_grad", dt, blocks))
+            if dim == 64:  # the non-finite kernel's blocks do not depend on d
+                for code, act in enumerate(ACTIVATIONS):
+                    for bias in (False, True):
+                        constexprs = dict(ACT=code, HAS_BIAS=bias, **cfg.nonfinite_blocks())
+                        flags = _flags(act, HAS_BIAS=bias)
+                        variants.append(
+                            _caser_variant(_caser_nonfinite_grad_kernel, "nonfinite_grad", dt, constexprs, flags)
+                        )
             if filters == 8 and dim == 64:
                 constexprs = dict(BLOCK_L=64, BLOCK_D=64)
                 variants.append(

@@ -299,7 +299,8 @@ def test_opcheck_registered_ops(backend, act_v):
     forward_args = (E, w_h, b_h, w_v, b_v, act_h, act_v, *extra)
     torch.library.opcheck(forward, forward_args, test_utils=("test_schema", "test_faketensor"))
     out_h, out_v, z_h, argmax, z_v = forward(*forward_args)
-    backward_args = (torch.randn_like(out_h), torch.randn_like(out_v), E, w_h, w_v, z_h, argmax, z_v, act_h, act_v)
+    grads = (torch.randn_like(out_h), torch.randn_like(out_v))
+    backward_args = (*grads, E, w_h, b_h, w_v, z_h, argmax, z_v, act_h, act_v)
     torch.library.opcheck(backward, (*backward_args, *extra), test_utils=("test_schema", "test_faketensor"))
 
 

@@ -109,12 +109,10 @@ def twins(ours_cls, ref_cls, *args, **kwargs):
     return ours, ref
 
 
-def leaf(t, grad, huge=True, finite=False):
+def leaf(t, grad, huge=True):
     # two copies of t, one element of it NaN, +-inf or huge in some cases (not for attention: a
-    # huge score makes its flash-style backward, dS = P (dP - dO . O), cancel at fp32 precision;
-    # finite: only huge, for Caser, whose sparse backward lacks torch's 0 * inf (docs/testing.md))
+    # huge score makes its flash-style backward, dS = P (dP - dO . O), cancel at fp32 precision)
     special = pick(None, None, None, None, "nan", "inf", "-inf", "1e3" if huge else None)
-    special = "1e3" if finite and special is not None else special
     if special is not None and t.numel():
         t = t.clone()
         t.view(-1)[rng.randrange(t.numel())] = float(special)
@@ -300,7 +298,7 @@ def caser_case():
     shape = {"3d": (batch, length, dim), "4d": (batch, 1, length, dim), "wrong_L": (batch, length + 1, dim),
              "wrong_d": (batch, length, dim + 1), "2d": (length, dim)}[form]
     grad = pick(True, False)
-    E, E_ref = leaf(torch.randn(shape), grad, finite=True)
+    E, E_ref = leaf(torch.randn(shape), grad)
     desc = f"{args} E={shape}"
     if form in ("wrong_L", "wrong_d", "2d"):  # fastrec names the shape it wants: a clean exception
         _, err = run(lambda: block(E))

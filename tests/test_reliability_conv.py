@@ -4,10 +4,11 @@
   ``functional.caser``, ``Dropout``, ``functional.dropout``): torch's empty result forward and
   backward (zero weight gradients), no crash. These run in a subprocess, so a segfault is a test
   failure and not a dead test run;
-- NaN, +inf and -inf in dropout's input, and in conv's input, weight or bias (every activation,
-  with and without a pool), propagate as in torch: the outputs and the gradients have NaN exactly
-  where torch's have NaN, and the other values agree (one documented exception: the Triton
-  conv's dx may have more NaN).
+- NaN, +inf and -inf in dropout's input, in conv's input, weight or bias (every activation,
+  with and without a pool), and in Caser's E, horizontal and vertical weights and biases (every
+  activation), propagate as in torch: the outputs and the gradients have NaN exactly where
+  torch's have NaN, and the other values agree (one documented exception: the Triton conv's dx
+  may have more NaN).
 """
 
 from __future__ import annotations
@@ -224,3 +225,91 @@ def test_conv_nan_inf_propagate_as_torch(where, act, pool, backend):
                 torch.testing.assert_close(ours[both], theirs[both], atol=1e-4, rtol=1e-4, msg=name)
             else:
                 _same_with_nan(ours, theirs, f"{name} ({value} in {where})")
+
+
+CASER_LENGTH = 4
+
+
+def _caser_case(where: str, value: float):
+    """E (3, 4, 4), w_h[k] (5, 1, k+1, 4), b_h[k] (5,), w_v (2, 1, 4, 1), b_v (2,) in float64, with
+    ``value`` put in ``where``: "E" at a middle position, the first and the last (each covered by
+    windows of several t), "E-pair" twice in one row of E (two bad windows of one maximum). Five
+    filters: the C++ kernel's vector path (4 float64 lanes) and its scalar rest."""
+    gen = torch.Generator().manual_seed(13)
+    length, dim, filters, vertical = CASER_LENGTH, 4, 5, 2
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    E = randn(3, length, dim)
+    w_h = [randn(filters, 1, k + 1, dim) for k in range(length)]
+    b_h = [randn(filters) for _ in range(length)]
+    w_v, b_v = randn(vertical, 1, length, 1), randn(vertical)
+    if where == "E":
+        E[0, 2, 1] = E[1, 0, 3] = E[2, 3, 0] = value
+    elif where == "E-pair":
+        E[1, 1, 2] = E[1, 3, 0] = value
+    elif where == "w_h":
+        w_h[2][1, 0, 1, 2] = w_h[1][4, 0, 0, 3] = value
+    elif where == "b_h":
+        b_h[1][0] = b_h[3][4] = value
+    elif where == "w_v":
+        w_v[1, 0, 3, 0] = value
+    else:
+        b_v[0] = value
+    return [E, w_v, b_v, *w_h, *b_h]
+
+
+def _caser_nan_params():
+    """Every (where, act, backend); the Triton interpreter (about 1 s a call) takes the subset
+    that reaches each of its paths: tanh's NaN rule is sigmoid's (act' NaN only at a NaN z), and
+    b_v goes through w_v's dense vertical kernels."""
+    for where in ("E", "E-pair", "w_h", "b_h", "w_v", "b_v"):
+        for act in ACTS:
+            for backend in BACKENDS:
+                if backend != "triton" or (act != "tanh" and where != "b_v"):
+                    yield pytest.param(where, act, backend, id=f"{where}-{act}-{backend}")
+
+
+@pytest.mark.parametrize("where, act, backend", _caser_nan_params())
+def test_caser_nan_inf_propagate_as_torch(where, act, backend):
+    """NaN / +-inf in E, a w_h, a b_h, w_v or b_v (act_h = act_v = ``act``): out_h, out_v and the
+    gradients of E, every w_h[k], b_h[k], w_v and b_v have NaN and inf exactly where torch's ops
+    (per height F.conv2d + activation + F.max_pool1d, the vertical F.conv2d; autograd's dense
+    backward, where a window that is not the maximum still gives ``0 * act'(z)`` and ``0 * inf``)
+    have them, and the same finite values."""
+    length = CASER_LENGTH
+
+    def split(tensors):
+        E, w_v, b_v, *rest = tensors
+        return E, rest[:length], rest[length:], w_v, b_v
+
+    def ref(*tensors):
+        E, w_h, b_h, w_v, b_v = split(tensors)
+        x = E.unsqueeze(1)
+        pooled = []
+        for w, b in zip(w_h, b_h, strict=True):
+            a = act_fn(act)(F.conv2d(x, w, b).squeeze(3))
+            pooled.append(F.max_pool1d(a, a.shape[2]).squeeze(2))
+        return torch.cat(pooled, 1), act_fn(act)(F.conv2d(x, w_v, b_v)).flatten(1)
+
+    def ours(*tensors):
+        E, w_h, b_h, w_v, b_v = split(tensors)
+        return FF.caser(E, w_h, b_h, w_v, b_v, act_h=act, act_v=act)
+
+    names = ["E", "w_v", "b_v", *(f"w_h[{k}]" for k in range(length)), *(f"b_h[{k}]" for k in range(length))]
+    for value in VALUES:
+        tensors = _caser_case(where, value)
+        gen = torch.Generator().manual_seed(5)
+        leaves_ref = [t.clone().requires_grad_() for t in tensors]
+        outs_ref = ref(*leaves_ref)
+        grads = [torch.rand(o.shape, generator=gen, dtype=torch.float64) + 0.5 for o in outs_ref]
+        grads_ref = torch.autograd.grad(outs_ref, leaves_ref, grads)
+        leaves = [t.clone().requires_grad_() for t in tensors]
+        with fastrec.use_backend(backend):
+            outs = ours(*leaves)
+            grads_ours = torch.autograd.grad(outs, leaves, grads)
+        for name, a, b in zip(("out_h", "out_v"), outs, outs_ref, strict=True):
+            _same_with_nan(a.detach(), b.detach(), f"{name} ({value} in {where})")
+        for name, a, b in zip(names, grads_ours, grads_ref, strict=True):
+            _same_with_nan(a, b, f"grad {name} ({value} in {where})")

@@ -11,13 +11,19 @@ k = 0..L-1 with ``w_h[k]`` ``(nh, 1, k+1, d)`` (torch's ``nn.Conv2d(1, nh, (k+1,
     out_h[b, k * nh + f] = max_t act_h(z[b, k, f, t])      (B, L * nh): torch.cat over heights
     out_v[b, v * d + j] = act_v(b_v[v] + sum_l w_v[v, 0, l, 0] E[b, l, j])   (B, nv * d)
 
-- The max is max_pool1d's: the first maximum in t order wins, a NaN wins.
+- The max is max_pool1d's: the first maximum in t order wins, and a NaN always wins (the last
+  NaN, as max_pool1d's index).
 - ``forward(E, w_h, b_h, w_v, b_v, act_h, act_v) -> (out_h, out_v, z_h, argmax, z_v)``: ``z_h``
-  the pre-activation at the maximum and ``argmax`` (int32) its t, both ``(B, L * nh)``; ``z_v``
-  the vertical pre-activation ``(B, nv * d)``, or an empty ``(0,)`` tensor when act_v is "none".
-- ``backward(grad_h, grad_v, E, w_h, w_v, z_h, argmax, z_v, act_h, act_v) -> (grad_E, grad_w_h
-  (list), grad_b_h (L, nh), grad_w_v, grad_b_v)``: the gradient of out_h flows only through
-  each maximum's window, g = grad_h * act_h'(z_h) (relu': z > 0).
+  the pre-activation at the maximum and ``argmax`` (int32) its t, both ``(B, L * nh)``, with bit
+  30 (``1 << 30``) set in argmax where some ``z[b, k, f, t]`` (any t) is not finite; ``z_v`` the
+  vertical pre-activation ``(B, nv * d)``, or an empty ``(0,)`` tensor when act_v is "none".
+- ``backward(grad_h, grad_v, E, w_h, b_h, w_v, z_h, argmax, z_v, act_h, act_v) -> (grad_E,
+  grad_w_h (list), grad_b_h (L, nh), grad_w_v, grad_b_v)``: the gradient of out_h flows through
+  each maximum's window, g = grad_h * act_h'(z_h) (relu': z > 0, a NaN z passes as in torch).
+  Torch's dense backward also adds, at every other window, ``0 * act_h'(z)`` times the window's
+  E and weights: zero unless a z or an operand is not finite, which is exactly the flagged
+  (b, k, f). There the backends add those terms too (C++: recomputes z and runs every window;
+  Triton: writes NaN where one of them is NaN), so NaN and inf land where torch's do.
 - Numerics: fp32 in fp32 (Triton: no tf32 unless torch's allow_tf32 flag says so), fp16/bf16
   accumulate in fp32, fp64 in fp64 (gradcheck).
 """
@@ -76,7 +82,7 @@ def _fake_forward(E, w_h, b_h, w_v, b_v, act_h, act_v, *rest):
     )
 
 
-def _fake_backward(grad_h, grad_v, E, w_h, w_v, *rest):
+def _fake_backward(grad_h, grad_v, E, w_h, b_h, w_v, *rest):
     length, filters = E.shape[1], w_h[0].shape[0]
     grad_w_h = [w.new_empty(w.shape) for w in w_h]
     return (
@@ -110,6 +116,7 @@ def caser_backward_triton(
     grad_v: Tensor,
     E: Tensor,
     w_h: list[Tensor],
+    b_h: Tensor | None,
     w_v: Tensor,
     z_h: Tensor,
     argmax: Tensor,
@@ -120,7 +127,7 @@ def caser_backward_triton(
 ) -> tuple[Tensor, list[Tensor], Tensor, Tensor, Tensor]:
     from fastrec.kernels import caser as kernels
 
-    return kernels.caser_backward(grad_h, grad_v, E, w_h, w_v, z_h, argmax, z_v, act_h, act_v, allow_tf32)
+    return kernels.caser_backward(grad_h, grad_v, E, w_h, b_h, w_v, z_h, argmax, z_v, act_h, act_v, allow_tf32)
 
 
 backends.register_fake(_fake_forward, caser_forward_triton, cpp_op="caser_forward_cpp")
@@ -135,22 +142,22 @@ def _forward(backend: str, E, w_h: list[Tensor], b_h, w_v, b_v, act_h, act_v) ->
 
 
 class CaserFunction(torch.autograd.Function):
-    """The fused Caser block on the ``triton`` or ``cpp`` backend; saves E, the weights, and the
-    pre-activations and argmax of the maxima. ``w_h`` comes last, one argument per height."""
+    """The fused Caser block on the ``triton`` or ``cpp`` backend; saves E, the weights, b_h, and
+    the pre-activations and argmax of the maxima. ``w_h`` comes last, one argument per height."""
 
     @staticmethod
     def forward(ctx, E, b_h, w_v, b_v, act_h, act_v, backend, *w_h):
         w_h = list(w_h)
         out_h, out_v, z_h, argmax, z_v = _forward(backend, E, w_h, b_h, w_v, b_v, act_h, act_v)
-        ctx.save_for_backward(E, w_v, z_h, argmax, z_v, *w_h)
+        ctx.save_for_backward(E, b_h, w_v, z_h, argmax, z_v, *w_h)
         ctx.flags = (act_h, act_v, backend, b_h is not None, b_v is not None)
         return out_h, out_v
 
     @staticmethod
     def backward(ctx, grad_h, grad_v):
-        E, w_v, z_h, argmax, z_v, *w_h = ctx.saved_tensors
+        E, b_h, w_v, z_h, argmax, z_v, *w_h = ctx.saved_tensors
         act_h, act_v, backend, has_b_h, has_b_v = ctx.flags
-        args = (grad_h.contiguous(), grad_v.contiguous(), E, w_h, w_v, z_h, argmax, z_v, act_h, act_v)
+        args = (grad_h.contiguous(), grad_v.contiguous(), E, w_h, b_h, w_v, z_h, argmax, z_v, act_h, act_v)
         if backend == "triton":
             grad_E, grad_w_h, grad_b_h, grad_w_v, grad_b_v = caser_backward_triton(*args, backends.allow_tf32(E))
         else:
