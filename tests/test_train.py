@@ -378,6 +378,47 @@ def test_accuracy_scripts_run_the_protocol_whatever_the_default_epochs(monkeypat
     assert train.PROTOCOL == {"epochs": 12, "patience": 3}
 
 
+def test_accuracy_script_passes_positions_batch_size_and_lr_and_labels_runs_by_them(monkeypatch, tmp_path):
+    """--positions / --batch-size / --lr reach the run's config; runs recorded before those were
+    stored count as last-position, batch 512, the model's lr, and the table tells settings apart."""
+
+    class Ran(Exception):
+        pass
+
+    def run(config, log=print):
+        raise Ran(config)
+
+    monkeypatch.setattr(train, "run", run)
+    argv = ["--models", "sasrec", "--seeds", "1", "--backends", "fastrec", "--positions", "all"]
+    argv += [
+        "--batch-size",
+        "32",
+        "--lr",
+        "3e-3",
+        "--json",
+        str(tmp_path / "r.json"),
+        "--markdown",
+        str(tmp_path / "r.md"),
+    ]
+    monkeypatch.setattr(sys, "argv", ["accuracy", *argv])
+    threads = torch.get_num_threads()
+    module = _script("accuracy")
+    with pytest.raises(Ran) as ran:
+        module.main()
+    torch.set_num_threads(threads)
+    (config,) = ran.value.args
+    assert (config.positions, config.batch_size, config.lr, config.epochs) == ("all", 32, 3e-3, 12)
+    old = {"model": "sasrec", "backend": "fastrec", "seed": 1}
+    new = {**old, "positions": "all", "batch_size": 32, "lr": 1e-3}
+    assert module.setting(old) == ("last", 512, 1e-3)
+    assert (module.label(old), module.label(new)) == ("sasrec", "sasrec, all positions, batch 32")
+    rows = [
+        {**r, "test": {"NDCG@10": 0.05, "NDCG@10 (seen excluded)": 0.09}, "median_epoch_s": 1.0} for r in (old, new)
+    ]
+    table = module.summary(rows)
+    assert "| sasrec | fastrec | 1 |" in table and "| sasrec, all positions, batch 32 | fastrec | 1 |" in table
+
+
 def test_data_in_which_no_user_has_three_items_is_an_error_before_training(tmp_path):
     path = tmp_path / "short.inter"
     path.write_text("user_id:token\titem_id:token\ttimestamp:float\n" + "".join(
