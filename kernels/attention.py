@@ -1032,8 +1032,8 @@ _GPU_CONFIGS = {
         ("16", 16): BlockConfig(32, 64, 4, 3),
         ("16", 32): BlockConfig(32, 64, 4, 3),
         ("16", 64): BlockConfig(32, 64, 8, 3),
-        ("16", 128): BlockConfig(32, 32, 4, 3),
-        ("16", 256): BlockConfig(32, 32, 8, 2),
+        ("16", 128): BlockConfig(32, 32, 8, 2),  # 4 warps spill with dropout (the 4-word mask's interleave)
+        ("16", 256): BlockConfig(16, 32, 8, 2),
         ("32", 16): BlockConfig(32, 64, 8, 3),
         ("32", 32): BlockConfig(32, 32, 4, 3),
         ("32", 64): BlockConfig(32, 32, 8, 2),
