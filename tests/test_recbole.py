@@ -134,6 +134,7 @@ def test_same_model(model_name, data_dir, tmp_path):
     ref = copy.deepcopy(model)
     report = fr.apply(model)
     assert report.replaced, str(report)
+    assert ("anomaly detection" in str(report)) is torch.is_anomaly_enabled()  # RecBole's import turns it on
     assert list(model.state_dict()) == list(ref.state_dict())
     assert all(p is q for p, q in zip(model.parameters(), model.parameters(), strict=True))
 

@@ -225,6 +225,12 @@ def apply(model: torch.nn.Module) -> PatchReport:
     report.left += [row for row in inner.left if "conv=False" not in row[2]]
     if hasattr(model, "full_sort_predict"):
         report.left.append(("full_sort_predict", base.__name__, "one matmul against the item table: torch's GEMM"))
+    if torch.is_anomaly_enabled():
+        why = (
+            "on (RecBole 1.2.1's sine.py turns it on when its sequential models are imported): a NaN "
+            "check on every backward output, patched or not; torch.autograd.set_detect_anomaly(False) drops it"
+        )
+        report.left.append(("torch.autograd", "anomaly detection", why))
     return report
 
 
