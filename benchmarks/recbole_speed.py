@@ -11,6 +11,9 @@ of the test set (``Trainer.evaluate``). The ratio of each round is taken, the me
 Runs in RecBole's environment (``./dev.sh test`` builds it):
 
     .venv-recbole/bin/python benchmarks/recbole_speed.py --out benchmarks/results/2026-12-07-cpu-recbole.json
+
+An existing ``--out`` file keeps its ``accuracy`` entry (``benchmarks/recbole_accuracy.py``) and
+the rows of the models not timed in this run (``--models Caser --steps 2`` re-times one row).
 """
 
 from __future__ import annotations
@@ -87,8 +90,10 @@ def main() -> None:
     workdir = tempfile.mkdtemp(prefix="recbole-speed-")
     os.chdir(workdir)  # RecBole writes log/ and log_tensorboard/ here
     logging.disable(logging.INFO)
+    command = "benchmarks/recbole_speed.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "out")
     rows = []
     for name in args.models:
+        load_before = os.getloadavg()[0]
         config, train, test, plain, fast, report = _setup(name, workdir)
         _train_time(plain, train, 2), _train_time(fast, train, 2)  # warm-up
         times = {"train": ([], []), "eval": ([], [])}
@@ -98,7 +103,13 @@ def main() -> None:
                 side = 0 if trainer is plain else 1
                 times["train"][side].append(_train_time(trainer, train, args.steps))
                 times["eval"][side].append(_eval_time(trainer, test))
-        row = {"model": name, "max_len": config["MAX_ITEM_LIST_LENGTH"], "steps_per_epoch": len(train)}
+        row = {
+            "model": name,
+            "max_len": config["MAX_ITEM_LIST_LENGTH"],
+            "steps_per_epoch": len(train),
+            "command": command,
+            "load_average_1min": [load_before, os.getloadavg()[0]],  # before and after its rounds
+        }
         for kind, (t_plain, t_fast) in times.items():
             ratios = [f / p for p, f in zip(t_plain, t_fast, strict=True)]
             row[kind] = {
@@ -117,9 +128,17 @@ def main() -> None:
             f"({row['eval']['unpatched_s_median']:.2f} -> {row['eval']['patched_s_median']:.2f} s)",
             flush=True,
         )
-    result = {
-        "what": "RecBole 1.2.1 Trainer on ml-100k, patched / unpatched, medians of per-round ratios",
-        "command": "benchmarks/recbole_speed.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "out"),
+    result = {}
+    if out and os.path.exists(out):  # keep the accuracy entry and the rows of models not timed now
+        with open(out) as f:
+            result = json.load(f)
+        result.pop("command", None)  # each row has its own
+        timed = {row["model"] for row in rows}
+        rows += [row for row in result.get("rows", []) if row["model"] not in timed and "command" in row]
+        rows.sort(key=lambda row: MODELS.index(row["model"]))
+    result |= {
+        "what": "RecBole 1.2.1 Trainer on ml-100k, patched / unpatched, medians of per-round ratios "
+        "(each row: its command and the 1-minute load average before and after it)",
         "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads()},
         "versions": {"torch": torch.__version__, "fastrec": fastrec.__version__},
         "rows": rows,

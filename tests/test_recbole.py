@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import itertools
 import os
 import subprocess
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -50,6 +53,7 @@ needs_recbole = pytest.mark.skipif(
 if HAVE_RECBOLE:
     import logging
 
+    import recbole.trainer
     import recbole.utils
     from recbole.config import Config
     from recbole.data import create_dataset, data_preparation
@@ -130,6 +134,7 @@ def test_same_model(model_name, data_dir, tmp_path):
     ref = copy.deepcopy(model)
     report = fr.apply(model)
     assert report.replaced, str(report)
+    assert ("anomaly detection" in str(report)) is torch.is_anomaly_enabled()  # RecBole's import turns it on
     assert list(model.state_dict()) == list(ref.state_dict())
     assert all(p is q for p, q in zip(model.parameters(), model.parameters(), strict=True))
 
@@ -252,3 +257,83 @@ def test_trainer(model_name, data_dir, tmp_path, monkeypatch):
     for key in test_r:
         assert test_p[key] == pytest.approx(test_r[key], abs=1e-4), key
     assert fastrec.stats()  # fastrec's ops ran
+
+
+@needs_recbole
+@pytest.mark.parametrize("loss_type", ["CE", "BPR"])
+def test_bert4rec_loss(loss_type, data_dir, tmp_path):
+    """BERT4Rec's loss on the real masked positions only (CE; BPR stays RecBole's): the same loss
+    and gradients as RecBole's over every slot, on batches with padding slots and real ones."""
+    _, model, train, *_ = _build("BERT4Rec", data_dir, tmp_path, MAX_ITEM_LIST_LENGTH=20, loss_type=loss_type)
+    ref = copy.deepcopy(model)
+    report = fr.apply(model)
+    assert ("loss on the real masked positions" in str(report)) is (loss_type == "CE")
+    for batch in itertools.islice(train, 2):
+        masked_index = batch[model.MASK_INDEX]
+        assert (masked_index == 0).any() and (masked_index > 0).any(), masked_index
+        loss_r, grads_r, after_r = _loss_and_grads(ref, batch, 5)
+        loss_p, grads_p, after_p = _loss_and_grads(model, batch, 5)
+        assert after_p == after_r
+        assert _rel(loss_p, loss_r) <= 2e-5, (loss_p, loss_r)
+        assert grads_p.keys() == grads_r.keys()
+        floor = 1e-3 * max(g.double().norm().item() for g in grads_r.values())
+        for name, g in grads_r.items():
+            err = (grads_p[name].double() - g.double()).norm().item()
+            assert err <= 2e-4 * max(g.double().norm().item(), floor), name
+
+
+@needs_recbole
+def test_run_recbole_enabled(data_dir, tmp_path, monkeypatch):
+    """``enable()`` through ``recbole.quick_start.run_recbole``. RecBole 1.2.1 imports ray at the top
+    of its quick_start module (used only by its hyper-parameter search) and thop / psutil inside
+    its FLOPs count and environment table: those three are stubbed, the run is RecBole's."""
+    monkeypatch.chdir(tmp_path)
+    load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: load(*a, **{**k, "weights_only": False}))
+    if importlib.util.find_spec("ray") is None:
+        monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(tune=None))
+    import recbole.quick_start.quick_start as qs
+
+    monkeypatch.setattr(qs, "get_flops", lambda *a, **k: 0)
+    monkeypatch.setattr(qs, "get_environment", lambda config: types.SimpleNamespace(draw=str))
+    built = []
+    fr.enable()
+    try:
+        monkeypatch.setattr(recbole.trainer.Trainer, "fit", _recording_fit(built))
+        result = qs.run_recbole(
+            model="SASRec",
+            dataset="tiny",
+            config_dict={
+                "data_path": str(data_dir),
+                "load_col": {"inter": ["user_id", "item_id", "rating", "timestamp"]},
+                "train_neg_sample_args": None,
+                "MAX_ITEM_LIST_LENGTH": 8,
+                "epochs": 1,
+                "device": "cpu",
+                "use_gpu": False,
+                "show_progress": False,
+                "checkpoint_dir": str(tmp_path / "saved"),
+                "state": "WARNING",
+                **MODELS["SASRec"],
+            },
+        )
+    finally:
+        fr.disable()
+    assert [type(m).__name__ for m in built] == ["FastrecSASRec"]
+    assert isinstance(built[0].trm_encoder.layer[0].multi_head_attention, fr.MultiHeadAttention)
+    assert "ndcg@10" in result["test_result"]
+    from recbole.model.sequential_recommender.sasrec import SASRec
+
+    assert recbole.utils.get_model("SASRec") is SASRec and qs.get_model("SASRec") is SASRec
+    (saved,) = (tmp_path / "saved").glob("*.pth")  # the checkpoint names RecBole's class, not fastrec's
+    assert torch.load(saved, weights_only=False)["config"].model_class is SASRec
+
+
+def _recording_fit(built):
+    fit = recbole.trainer.Trainer.fit
+
+    def recording_fit(self, *args, **kwargs):
+        built.append(self.model)
+        return fit(self, *args, **kwargs)
+
+    return recording_fit

@@ -15,6 +15,8 @@ the RecBole model (only classes are swapped, as ``fastrec.patch`` does):
 - ``recbole.model.layers.FeedForward``: its erf GELU / swish as ``F.gelu`` / ``F.silu``.
 - ``Caser``: the horizontal convolution loop and the vertical convolution as one fused Caser
   block call (``fastrec.functional.caser``) on the model's own ``conv_h`` / ``conv_v``.
+- ``BERT4Rec.calculate_loss`` (cross-entropy): the output head, the logits over every item and
+  the loss on the real masked positions only, not on RecBole's padding slots as well.
 - ``nn.GRU`` / ``nn.LSTM`` and the other modules ``fastrec.patch`` knows (GRU4Rec, NARM, ...).
 - ``nn.Dropout``: ``fastrec.nn.Dropout`` (on the CPU torch's own masks, bit for bit, under the
   default dropout stream).
@@ -27,6 +29,8 @@ the item table, already torch's GEMM).
 
 from __future__ import annotations
 
+import copy
+import copyreg
 import logging
 import sys
 from typing import Any
@@ -35,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from recbole.model import layers as rb_layers
 from recbole.model.abstract_recommender import SequentialRecommender
+from recbole.model.sequential_recommender.bert4rec import BERT4Rec as _RecBoleBERT4Rec
 from recbole.model.sequential_recommender.caser import Caser as _RecBoleCaser
 from torch import Tensor
 
@@ -118,12 +123,41 @@ def _caser_forward(self, user: Tensor, item_seq: Tensor) -> Tensor:
     return self.ac_fc(self.fc2(torch.cat([z, user_emb], 1)))
 
 
+def _bert4rec_calculate_loss(self, interaction: Any) -> Tensor:
+    """RecBole's ``BERT4Rec.calculate_loss`` (CE) on the real masked positions only.
+
+    RecBole gathers ``mask_len`` slots per sequence (left-padded with index 0), runs the output
+    head and the logits over every item on all of them, and zeroes the padding slots' losses
+    afterwards. The same loss comes from picking the real slots' encoder rows first (one gather
+    of ``masked_index > 0``, RecBole's own test for a real slot), then the output head, logits and
+    the mean cross-entropy on those rows only; the encoder runs as in ``forward`` (same dropout
+    draws)."""
+    if self.loss_type != "CE":
+        return _RecBoleBERT4Rec.calculate_loss(self, interaction)
+    item_seq = interaction[self.MASK_ITEM_SEQ]
+    masked_index = interaction[self.MASK_INDEX]
+    batch, length = item_seq.shape
+    position_ids = torch.arange(length, device=item_seq.device).unsqueeze(0).expand_as(item_seq)
+    input_emb = self.item_embedding(item_seq) + self.position_embedding(position_ids)
+    input_emb = self.dropout(self.LayerNorm(input_emb))
+    mask = self.get_attention_mask(item_seq, bidirectional=True)
+    hidden = self.trm_encoder(input_emb, mask, output_all_encoded_layers=True)[-1]
+    real = masked_index > 0
+    offsets = torch.arange(batch, device=item_seq.device).unsqueeze(1) * length
+    rows = (masked_index + offsets)[real]
+    picked = hidden.reshape(batch * length, -1).index_select(0, rows)
+    picked = self.output_ln(self.output_gelu(self.output_ffn(picked)))
+    logits = F.linear(picked, self.item_embedding.weight[: self.n_items], self.output_bias)
+    return F.cross_entropy(logits, interaction[self.POS_ITEMS][real])
+
+
 _PATCHED: dict[type, type] = {}  # RecBole model class -> its fastrec subclass
 
 
 def _patched_class(cls: type) -> type | None:
     """The fastrec subclass of a RecBole model class (None when nothing at model level applies):
-    the tagging ``get_attention_mask`` where the model uses RecBole's own, Caser's fused forward."""
+    the tagging ``get_attention_mask`` where the model uses RecBole's own, Caser's fused forward,
+    BERT4Rec's loss on the real masked positions."""
     if cls in _PATCHED:
         return _PATCHED[cls]
     members: dict[str, Any] = {}
@@ -131,6 +165,12 @@ def _patched_class(cls: type) -> type | None:
         members["get_attention_mask"] = _tagged_attention_mask
     if issubclass(cls, _RecBoleCaser) and cls.forward is _RecBoleCaser.forward:
         members["forward"] = _caser_forward
+    if (
+        issubclass(cls, _RecBoleBERT4Rec)
+        and cls.calculate_loss is _RecBoleBERT4Rec.calculate_loss
+        and cls.forward is _RecBoleBERT4Rec.forward
+    ):
+        members["calculate_loss"] = _bert4rec_calculate_loss
     if not members:
         return None
     name = f"Fastrec{cls.__name__}"
@@ -140,6 +180,12 @@ def _patched_class(cls: type) -> type | None:
     _PATCHED[cls] = patched
     return patched
 
+
+_MEMBER_TEXT = {
+    "get_attention_mask": "tagged attention mask",
+    "forward": "fused Caser block",
+    "calculate_loss": "loss on the real masked positions",
+}
 
 _LAYERS = {
     rb_layers.MultiHeadAttention: MultiHeadAttention,
@@ -159,11 +205,10 @@ def apply(model: torch.nn.Module) -> PatchReport:
     patched = _patched_class(base)
     if patched is not None and type(model) is not patched:
         model.__class__ = patched
-        what = ", ".join(
-            {"get_attention_mask": "tagged attention mask", "forward": "fused Caser block"}[m]
-            for m in ("get_attention_mask", "forward")
-            if m in vars(patched)
-        )
+        members = [m for m in _MEMBER_TEXT if m in vars(patched)]
+        if getattr(model, "loss_type", "CE") != "CE":  # BERT4Rec's BPR loss stays RecBole's
+            members = [m for m in members if m != "calculate_loss"]
+        what = ", ".join(_MEMBER_TEXT[m] for m in members)
         report.replaced.append(("<root>", base.__name__, f"{__name__}.{patched.__name__} ({what})"))
     for name, module in model.named_modules():
         cls = type(module)
@@ -180,6 +225,12 @@ def apply(model: torch.nn.Module) -> PatchReport:
     report.left += [row for row in inner.left if "conv=False" not in row[2]]
     if hasattr(model, "full_sort_predict"):
         report.left.append(("full_sort_predict", base.__name__, "one matmul against the item table: torch's GEMM"))
+    if torch.is_anomaly_enabled():
+        why = (
+            "on (RecBole 1.2.1's sine.py turns it on when its sequential models are imported): a NaN "
+            "check on every backward output, patched or not; torch.autograd.set_detect_anomaly(False) drops it"
+        )
+        report.left.append(("torch.autograd", "anomaly detection", why))
     return report
 
 
@@ -202,18 +253,31 @@ _log = logging.getLogger(__name__)
 _ORIGINAL_GET_MODEL: Any = None
 
 
+class _EnabledModelType(type):
+    """The type of the classes ``enable()``'s ``get_model`` returns. RecBole keeps the class in
+    its config, which its checkpoints pickle: it pickles as the RecBole class it wraps, so a
+    checkpoint loads without fastrec."""
+
+
+copyreg.pickle(_EnabledModelType, lambda cls: (copy.copy, (cls._fastrec_wraps,)))
+_ENABLED: dict[type, type] = {}  # RecBole model class -> its self-applying subclass
+
+
 def _get_model(model_name: str) -> type:
     """RecBole's ``get_model``, returning a class whose instances ``apply`` themselves."""
     cls = _ORIGINAL_GET_MODEL(model_name)
-    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module) and type(cls) is type):
         return cls
+    if cls not in _ENABLED:
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        cls.__init__(self, *args, **kwargs)
-        self.__class__ = cls
-        _log.info("fastrec.integrations.recbole.apply(%s):\n%s", cls.__name__, apply(self))
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            cls.__init__(self, *args, **kwargs)
+            self.__class__ = cls
+            _log.info("fastrec.integrations.recbole.apply(%s):\n%s", cls.__name__, apply(self))
 
-    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__})
+        members = {"__init__": __init__, "__module__": cls.__module__, "_fastrec_wraps": cls}
+        _ENABLED[cls] = _EnabledModelType(cls.__name__, (cls,), members)
+    return _ENABLED[cls]
 
 
 def enable() -> None:
