@@ -136,9 +136,9 @@ def _lse_kernel(
 
 
 @triton.jit
-def _grad_tile(z, cols, rows, G, T, Lse, N, V, eps, ACC: tl.constexpr):
+def _grad_tile(z, cols, rows, G, T, Lse, Eps, N, V, ACC: tl.constexpr):
     """P = g (exp(z - lse) - eps / V - (1 - eps) onehot(target)) of one tile, zero outside it."""
-    e = tl.cast(eps, ACC)
+    e = tl.load(Eps).to(ACC)
     uniform = e / V
     hit = 1.0 - e
     g = tl.load(G + rows, mask=rows < N, other=0.0).to(ACC)
@@ -158,6 +158,7 @@ def _dw_kernel(
     G,  # (N,) gradient of each row's loss, Lse's dtype
     T,  # (N,) int64 targets
     Lse,  # (N,) log-sum-exp, fp32 (fp64 for fp64)
+    Eps,  # (1,) label smoothing, Lse's dtype (a tensor: a float argument would be fp32)
     DW,  # (V, D) weight gradient, H's dtype, contiguous
     DB,  # (V,) bias gradient, H's dtype
     N,
@@ -166,7 +167,6 @@ def _dw_kernel(
     stride_hn,
     stride_wv,
     stride_wd,
-    eps,  # label smoothing
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -200,7 +200,7 @@ def _dw_kernel(
             UPCAST_INPUTS,
             ALLOW_TF32,
         )
-        p = _grad_tile(z, cols, rows, G, T, Lse, N, V, eps, ACC)
+        p = _grad_tile(z, cols, rows, G, T, Lse, Eps, N, V, ACC)
         db += tl.sum(p, 0)
         if not UPCAST_INPUTS:
             p = p.to(h.dtype)
@@ -219,6 +219,7 @@ def _dh_kernel(
     G,  # (N,) gradient of each row's loss, Lse's dtype
     T,  # (N,) int64 targets
     Lse,  # (N,) log-sum-exp, fp32 (fp64 for fp64)
+    Eps,  # (1,) label smoothing, Lse's dtype
     DhPart,  # (SPLITS, N, D) per-split h gradient, Lse's dtype, contiguous
     N,
     V,
@@ -227,7 +228,6 @@ def _dh_kernel(
     stride_wv,
     stride_wd,
     tiles_per_split,
-    eps,
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -261,7 +261,7 @@ def _dh_kernel(
             UPCAST_INPUTS,
             ALLOW_TF32,
         )
-        p = _grad_tile(z, cols, rows, G, T, Lse, N, V, eps, ACC)
+        p = _grad_tile(z, cols, rows, G, T, Lse, Eps, N, V, ACC)
         if not UPCAST_INPUTS:
             p = p.to(w.dtype)
         dh = _dot(p, w, dh, UPCAST_INPUTS, ALLOW_TF32)
@@ -345,10 +345,10 @@ def lse_backward(
     if n == 0 or v == 0:
         return torch.zeros_like(h), dW.zero_(), db.zero_()
     block_d, row_blocks, tiles, splits, per_split = _config(h, W)
-    eps = float(label_smoothing)
+    eps = torch.full((1,), float(label_smoothing), dtype=lse.dtype, device=h.device)  # a fill: capturable
     common = dict(HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M, BLOCK_V=BLOCK_V, BLOCK_D=block_d, **_flags(h, allow_tf32))
     b = h if bias is None else bias
-    _dw_kernel[(tiles,)](h, W, b, g, target, lse, dW, db, n, v, d, h.stride(0), W.stride(0), W.stride(1), eps, **common)
+    _dw_kernel[(tiles,)](h, W, b, g, target, lse, eps, dW, db, n, v, d, h.stride(0), W.stride(0), W.stride(1), **common)
     part = torch.empty(splits, n, d, dtype=lse.dtype, device=h.device)
     _dh_kernel[(row_blocks, splits)](
         h,
@@ -357,6 +357,7 @@ def lse_backward(
         g,
         target,
         lse,
+        eps,
         part,
         n,
         v,
@@ -365,7 +366,6 @@ def lse_backward(
         W.stride(0),
         W.stride(1),
         per_split,
-        eps,
         **common,
     )
     dh = part[0] if splits == 1 else part.sum(0)

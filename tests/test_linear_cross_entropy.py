@@ -272,3 +272,67 @@ def test_opcheck_cpp_ops():
     lse = forward(h, W, b)
     args = (torch.randn(5), h, W, b, t, lse, 0.1)
     torch.library.opcheck(backward, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_compiled_fullgraph_reads_nothing_back(backend, reduction):
+    """Under torch.compile(fullgraph=True) any host read (the range check, the ignored-row
+    compaction) would break the graph and fail: the sync-free path (ignored rows weighted 0, the
+    range asserted on the device) runs instead, with the eager results."""
+    device = _device(backend)
+    n, v = (9, 2100) if backend == "cpp" else (9, 150)
+    h, W, b, t = _inputs(n, v, 8, torch.float64, device, ignored=(0, 4))
+    with torch.no_grad():
+        h[4] = float("nan")  # an ignored row: no NaN reaches the loss or any gradient
+
+    def step(h, W, b, t):
+        return FF.linear_cross_entropy(h, W, t, bias=b, reduction=reduction, label_smoothing=0.1)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    out = compiled(h, W, b, t)
+    keep = t != -100
+    ref, ref_inputs = _reference(h[keep].detach(), W, b, t[keep], reduction=reduction, label_smoothing=0.1)
+    if reduction == "none":
+        assert out[~keep].eq(0).all()
+        out_kept = out[keep]
+    else:
+        out_kept = out
+    torch.testing.assert_close(out_kept, ref, rtol=1e-12, atol=1e-12)
+    go = torch.randn_like(out)
+    dh, dW, db = _grads(out, (h, W, b), go)
+    go_ref = go[keep] if reduction == "none" else go
+    r_h, r_W, r_b = _grads(ref, ref_inputs, go_ref)
+    assert dh[~keep].eq(0).all()
+    for g, r in ((dh[keep], r_h), (dW, r_W), (db, r_b)):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
+def test_target_range_checked_on_the_device_path():
+    h, W, _b, t = _inputs(4, 20, 8, torch.float32, torch.device("cpu"), bias=False)
+    bad = t.clone()
+    bad[1] = 20
+    lce_ops.check_targets(t, 20, -100, on_device=True)
+    with pytest.raises(RuntimeError, match="target values"):
+        lce_ops.check_targets(bad, 20, -100, on_device=True)
+    compiled = torch.compile(lambda h, t: FF.linear_cross_entropy(h, W, t), fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match="target values"):
+        compiled(h, bad)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_step_never_syncs():
+    """Forward and backward on CUDA with ignored rows under sync_debug_mode("error")."""
+    with fastrec.use_backend("triton"):
+        h, W, b, t = _inputs(300, 5000, 64, torch.float32, DEVICE, ignored=(3, 7))
+        for reduction in ("mean", "sum", "none"):
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                out = FF.linear_cross_entropy(h, W, t, bias=b, reduction=reduction)
+                grads = torch.autograd.grad(out.sum(), (h, W, b))
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            ref, ref_inputs = _reference(h, W, b, t, reduction=reduction)
+            assert _rel(out, ref) <= 1e-5
+            for g, r in zip(grads, _grads(ref.sum(), ref_inputs, None), strict=True):
+                assert _rel(g, r) <= 1e-5
