@@ -336,3 +336,38 @@ def test_cuda_step_never_syncs():
             assert _rel(out, ref) <= 1e-5
             for g, r in zip(grads, _grads(ref.sum(), ref_inputs, None), strict=True):
                 assert _rel(g, r) <= 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,loss,positions", [("sasrec", "ce", "all"), ("gru4rec", "sampled-softmax", "last")])
+def test_models_train_with_the_fused_loss_as_with_the_dense_one(monkeypatch, model, loss, positions):
+    """Same-seed ``fastrec train`` runs on a 3,000-item synthetic catalogue: the models' loss runs
+    the fused op (counted in stats()), and the run ends on the metrics of the run whose loss is
+    torch's dense ``F.cross_entropy(F.linear(...))``, within fp32 bounds."""
+    from fastrec import train
+
+    if not lce_ops.HAVE_CPP:
+        pytest.skip("fastrec._C not built")
+    config = train.TrainConfig(
+        model=model,
+        data="synthetic:items=3000,users=100",
+        epochs=1,
+        batch_size=128,
+        max_len=10,
+        loss=loss,
+        n_negatives=600,
+        positions=positions,
+        progress=False,
+        seed=3,
+    )
+    fastrec.stats(reset=True)
+    fused = train.run(config, log=lambda _: None)
+    assert any(op == lce_ops.OP and b == "cpp" for op, b, _r in fastrec.stats())
+    monkeypatch.setattr(lce_ops, "_unfused_reason", lambda h: "dense loss for the comparison")
+    fastrec.stats(reset=True)
+    dense = train.run(config, log=lambda _: None)
+    assert not any(op == lce_ops.OP and b != "torch" for op, b, _r in fastrec.stats())
+    assert fused.epochs[-1].loss == pytest.approx(dense.epochs[-1].loss, rel=1e-4)
+    assert fused.test.keys() == dense.test.keys()
+    for name, value in dense.test.items():
+        assert fused.test[name] == pytest.approx(value, rel=1e-3, abs=1e-4), name
