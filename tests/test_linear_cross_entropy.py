@@ -371,3 +371,35 @@ def test_models_train_with_the_fused_loss_as_with_the_dense_one(monkeypatch, mod
     assert fused.test.keys() == dense.test.keys()
     for name, value in dense.test.items():
         assert fused.test[name] == pytest.approx(value, rel=1e-3, abs=1e-4), name
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_graph_capture_replays_the_step_on_new_inputs():
+    """Forward and backward captured in one CUDA graph (as fastrec.graphs captures a training
+    step), replayed after the inputs change in place: the loss and gradients of the new inputs."""
+    with fastrec.use_backend("triton"):
+        h, W, b, t = _inputs(300, 5000, 64, torch.float32, DEVICE, ignored=(3, 7))
+
+        def step():
+            out = FF.linear_cross_entropy(h, W, t, bias=b, label_smoothing=0.1)
+            return out, torch.autograd.grad(out, (h, W, b))
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out, grads = step()
+        with torch.no_grad():
+            h.mul_(0.5)
+            t.copy_(torch.randint(0, 5000, t.shape, device=DEVICE))
+            t[5] = -100
+        graph.replay()
+        torch.cuda.synchronize()
+    ref, ref_inputs = _reference(h, W, b, t, label_smoothing=0.1)
+    assert _rel(out, ref) <= 1e-5
+    for g, r in zip(grads, _grads(ref, ref_inputs, None), strict=True):
+        assert _rel(g, r) <= 1e-5
