@@ -26,7 +26,6 @@ import triton.language as tl
 from fastrec.kernels._common import TRITON_DTYPES, KernelVariant, variant_signature
 from fastrec.kernels._host import cdiv, launcher, next_power_of_2
 
-NUM_WARPS = 4
 NUM_STAGES = 3
 MAX_SPLITS = 64  # item splits of the row-block kernels: enough programs for a GPU at few rows
 
@@ -269,27 +268,28 @@ def _dh_kernel(
     tl.store(DhPart + (split * N + rows).to(tl.int64)[:, None] * D + cols_d[None, :], dh, mask=mask)
 
 
-def block_config(dtype: torch.dtype, block_d: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_V) for inputs of ``dtype``: tiles whose logits, W and h tiles and gradient
-    accumulator fit the registers of 4 warps without spills on sm_80 / sm_90 (fp32 and fp64 dots
-    run on FMA units, holding every operand in registers; 16-bit dots on the tensor cores)."""
+def block_config(dtype: torch.dtype, block_d: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_V, num_warps) for inputs of ``dtype``: tiles whose logits, W and h tiles and
+    gradient accumulator fit the registers without spills on sm_80 / sm_90 (16-bit dots run on
+    the tensor cores; fp32 and fp64 dots on FMA units, every operand in registers)."""
     if dtype in (torch.float16, torch.bfloat16):
-        return (64, 64) if block_d <= 64 else (32, 64)
+        return (64, 64, 4) if block_d <= 32 else (64, 64, 8) if block_d <= 64 else (32, 32, 8)
     if dtype == torch.float32:
-        return (32, 64) if block_d <= 64 else (32, 32)
-    return (16, 32) if block_d <= 64 else (16, 16)
+        return (32, 32, 8) if block_d <= 32 else (16, 32, 8) if block_d <= 64 else (16, 16, 8)
+    return (16, 32, 4) if block_d <= 16 else (16, 16, 4)
 
 
-def _config(h: torch.Tensor, W: torch.Tensor) -> tuple[int, int, int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_V, BLOCK_D, row blocks, item tiles, splits, tiles per split) for this call."""
+def _config(h: torch.Tensor, W: torch.Tensor) -> tuple[int, int, int, int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_V, BLOCK_D, num_warps, row blocks, item tiles, splits, tiles per split) for
+    this call."""
     n, d = h.shape
     block_d = max(16, next_power_of_2(d))
-    block_m, block_v = block_config(h.dtype, block_d)
+    block_m, block_v, warps = block_config(h.dtype, block_d)
     row_blocks = cdiv(n, block_m)
     tiles = cdiv(W.shape[0], block_v)
     splits = max(1, min(MAX_SPLITS, tiles, cdiv(4 * 132, row_blocks)))  # ~4 programs per SM of an H100
     per_split = cdiv(tiles, splits)
-    return block_m, block_v, block_d, row_blocks, tiles, cdiv(tiles, per_split), per_split
+    return block_m, block_v, block_d, warps, row_blocks, tiles, cdiv(tiles, per_split), per_split
 
 
 def _check(h: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -314,7 +314,7 @@ def lse_forward(h: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, all
     n, d = h.shape
     if n == 0:
         return h.new_empty(0, dtype=acc)
-    block_m, block_v, block_d, row_blocks, _tiles, splits, per_split = _config(h, W)
+    block_m, block_v, block_d, warps, row_blocks, _tiles, splits, per_split = _config(h, W)
     part = torch.empty(splits, n, dtype=acc, device=h.device)
     _lse_kernel[(row_blocks, splits)](
         h,
@@ -332,7 +332,7 @@ def lse_forward(h: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, all
         BLOCK_M=block_m,
         BLOCK_V=block_v,
         BLOCK_D=block_d,
-        num_warps=NUM_WARPS,
+        num_warps=warps,
         num_stages=NUM_STAGES,
         **_flags(h, allow_tf32),
     )
@@ -358,10 +358,10 @@ def lse_backward(
     db = torch.empty(v, dtype=h.dtype, device=h.device)
     if n == 0 or v == 0:
         return torch.zeros_like(h), dW.zero_(), db.zero_()
-    block_m, block_v, block_d, row_blocks, tiles, splits, per_split = _config(h, W)
+    block_m, block_v, block_d, warps, row_blocks, tiles, splits, per_split = _config(h, W)
     eps = torch.full((1,), float(label_smoothing), dtype=lse.dtype, device=h.device)  # a fill: capturable
     common = dict(HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_D=block_d, **_flags(h, allow_tf32))
-    common.update(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    common.update(num_warps=warps, num_stages=NUM_STAGES)
     b = h if bias is None else bias
     _dw_kernel[(tiles,)](h, W, b, g, target, lse, eps, dW, db, n, v, d, h.stride(0), W.stride(0), W.stride(1), **common)
     part = torch.empty(splits, n, d, dtype=lse.dtype, device=h.device)
@@ -408,7 +408,7 @@ def kernel_variants() -> list[KernelVariant]:
                 for has_bias in (False, True):
                     for allow_tf32 in tf32:
                         flags = {"HAS_BIAS": has_bias, "ALLOW_TF32": allow_tf32}
-                        block_m, block_v = block_config(torch_dtype, block_d)
+                        block_m, block_v, warps = block_config(torch_dtype, block_d)
                         constexprs = dict(BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_D=block_d, UPCAST_INPUTS=False)
                         constexprs.update(flags)
 
@@ -426,7 +426,7 @@ def kernel_variants() -> list[KernelVariant]:
                                 signature=signature,
                                 constexprs=consts,
                                 attrs=attrs,
-                                options=dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
+                                options=dict(num_warps=warps, num_stages=NUM_STAGES),
                                 dtype=dt,
                                 flags=on,
                                 kernel=name,

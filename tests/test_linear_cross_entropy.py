@@ -54,7 +54,7 @@ def _device(backend: str) -> torch.device:
 
 def _shapes(backend: str) -> list[tuple[int, int, int]]:
     """(N, V, d). C++: several item tiles (2048) with a ragged last one and the row split (one
-    tile, N > 256); Triton (interpreted): several 128-item tiles, ragged."""
+    tile, N > 256); Triton (interpreted): several item tiles (16-64 items, ``block_config``), ragged."""
     if backend == "cpp":
         return [(300, 5000, 24), (300, 1000, 64), (1, 2100, 7)]
     return [(5, 300, 20), (70, 37, 8), (1, 129, 16)]
@@ -151,7 +151,7 @@ def test_non_contiguous_inputs(backend):
 
 def test_gradcheck(backend):
     device = _device(backend)
-    n, v = (3, 2050) if backend == "cpp" else (3, 130)  # two tiles, the second ragged
+    n, v = (3, 2050) if backend == "cpp" else (3, 130)  # several tiles, the last ragged
     h, W, b, t = _inputs(n, v, 4, torch.float64, device, ignored=(1,))
 
     def f(h, W, b):
