@@ -13,6 +13,12 @@ clear_refs), each path in a fresh subprocess; and the median step time, the path
 process, interleaved rep by rep (ratios hold on a loaded machine). A path whose one step exceeds
 ``--timeout``, or would by its time at a smaller catalogue scaled by the item count, is skipped;
 the dense path is not run at 6,400 x 1M (its logits are 26 GB, 75 GB with their gradient).
+
+``--sasrec``: one SASRec all-positions training step (forward + backward, B=128, L=50, d=64, the
+full-catalogue ``ce`` loss) instead: ``sasrec-fused`` (the fastrec model, its loss on the fused
+op), ``sasrec-dense`` (the torch backend's model with the loss forced onto torch's dense
+``F.cross_entropy(F.linear(...))``), at 100k items (both) and 1M items (fused only: the dense
+logits would be 26 GB); the same memory and interleaved timing.
 """
 
 from __future__ import annotations
@@ -59,7 +65,40 @@ def _reset_peak_rss() -> float:
     return _status_mb("VmRSS")
 
 
-def _step(path: str, h: torch.Tensor, W: torch.Tensor, target: torch.Tensor) -> None:
+SASREC_CASES = [(100_000, ("sasrec-fused", "sasrec-dense")), (1_000_000, ("sasrec-fused",))]
+SASREC_BATCH, SASREC_LEN = 128, 50
+
+
+def _sasrec_inputs(path: str, items: int, device: str) -> tuple:
+    """(model, batch): SASRec on ``items`` items (the fastrec or the torch backend) and a batch of
+    full-length random histories with every position's next item as target."""
+    from fastrec.models import MODELS
+    from fastrec.models.base import ModelInput
+
+    torch.manual_seed(0)
+    backend = "torch" if path == "sasrec-dense" else "fastrec"
+    model = MODELS["sasrec"](items, backend=backend, max_len=SASREC_LEN, dim=DIM).to(device).train()
+    seqs = torch.randint(1, items + 1, (SASREC_BATCH, SASREC_LEN + 1), device=device)
+    lengths = torch.full((SASREC_BATCH,), SASREC_LEN, device=device)
+    return model, ModelInput(seqs[:, :-1], lengths, None, seqs[:, 1:])
+
+
+def _sasrec_step(path: str, model: torch.nn.Module, batch) -> None:
+    import contextlib
+
+    import fastrec
+
+    model.zero_grad(set_to_none=True)
+    with fastrec.use_backend("torch") if path == "sasrec-dense" else contextlib.nullcontext():
+        loss = model.loss(batch, "ce")
+    loss.backward()
+
+
+def _step(path: str, h, W, target=None) -> None:
+    if path.startswith("sasrec"):
+        _sasrec_step(path, h, W)
+        return
+
     import torch.nn.functional as F
 
     import fastrec
@@ -77,20 +116,23 @@ def _step(path: str, h: torch.Tensor, W: torch.Tensor, target: torch.Tensor) -> 
     loss.backward()
 
 
-def _inputs(rows: int, items: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _inputs(rows: int, items: int, device: str, path: str = "") -> tuple:
+    if path.startswith("sasrec"):
+        return (*_sasrec_inputs(path, items, device), None)
     torch.manual_seed(0)
     h = torch.randn(rows, DIM, device=device, requires_grad=True)
     W = (torch.randn(items, DIM, device=device) * 0.1).requires_grad_()
     return h, W, torch.randint(0, items, (rows,), device=device)
 
 
-def _timed(path: str, h: torch.Tensor, W: torch.Tensor, target: torch.Tensor) -> float:
-    h.grad = W.grad = None
-    if h.is_cuda:
+def _timed(path: str, h, W, target) -> float:
+    if not path.startswith("sasrec"):
+        h.grad = W.grad = None
+    if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
     _step(path, h, W, target)
-    if h.is_cuda:
+    if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - start
 
@@ -98,9 +140,8 @@ def _timed(path: str, h: torch.Tensor, W: torch.Tensor, target: torch.Tensor) ->
 def memory(path: str, rows: int, items: int, device: str = "cpu") -> dict:
     """Peak memory above the inputs of one step of ``path`` (run in a fresh process), after a tiny
     warm-up step so that library start-up is not counted."""
-    warm_h, warm_w, warm_t = _inputs(64, 300, device)
-    _step(path, warm_h, warm_w, warm_t)
-    h, W, target = _inputs(rows, items, device)
+    _step(path, *_inputs(64, 600, device, path))
+    h, W, target = _inputs(rows, items, device, path)
     base = _reset_peak_rss()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -116,7 +157,7 @@ def memory(path: str, rows: int, items: int, device: str = "cpu") -> dict:
 def timing(paths: list[str], rows: int, items: int, reps: int, device: str = "cpu") -> dict[str, dict]:
     """Median step time of each path, in this process, the paths interleaved rep by rep (so that
     a loaded machine slows them alike), after one untimed step each."""
-    h, W, target = _inputs(rows, items, device)
+    h, W, target = _inputs(rows, items, device, paths[0])
     times: dict[str, list[float]] = {path: [] for path in paths}
     for path in paths:
         _timed(path, h, W, target)
@@ -146,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=5, help="timed steps per path (3x for small catalogues)")
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds for one step of a path")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--sasrec", action="store_true", help="the SASRec training step (module docstring)")
     parser.add_argument("--worker", nargs=3, metavar=("PATH", "ROWS", "ITEMS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -154,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     results = []
     seen: dict[tuple[str, int], tuple[int, float]] = {}  # (path, rows) -> (items, one step's s)
-    for rows, items, paths in CASES:
+    cases = [(SASREC_BATCH * SASREC_LEN, i, p) for i, p in SASREC_CASES] if args.sasrec else CASES
+    for rows, items, paths in cases:
         row = {"rows": rows, "items": items, "dim": DIM, "paths": {}}
         for path in paths:
             if (path, rows) in seen:
@@ -177,15 +220,16 @@ def main(argv: list[str] | None = None) -> None:
         reps = max(1, min(reps, int(6 * args.timeout / max(slowest * len(timed), 1e-9))))
         for path, t in timing(timed, rows, items, reps, args.device).items():
             row["paths"][path].update(t)
-        fused = row["paths"].get("fused", {}).get("median_s")
+        prefix = "sasrec-" if args.sasrec else ""
+        fused = row["paths"].get(prefix + "fused", {}).get("median_s")
         row["speedup"] = {
-            other: round(row["paths"][other]["median_s"] / fused, 2)
+            other: round(row["paths"][prefix + other]["median_s"] / fused, 2)
             for other in ("dense", "chunked")
-            if fused and "median_s" in row["paths"].get(other, {})
+            if fused and "median_s" in row["paths"].get(prefix + other, {})
         }
-        dense_mb = row["paths"].get("dense", {}).get("rss_growth_mb")
-        if dense_mb and "rss_growth_mb" in row["paths"].get("fused", {}):
-            row["fused_memory_vs_dense"] = round(row["paths"]["fused"]["rss_growth_mb"] / dense_mb, 3)
+        dense_mb = row["paths"].get(prefix + "dense", {}).get("rss_growth_mb")
+        if dense_mb and "rss_growth_mb" in row["paths"].get(prefix + "fused", {}):
+            row["fused_memory_vs_dense"] = round(row["paths"][prefix + "fused"]["rss_growth_mb"] / dense_mb, 3)
         results.append(row)
         print(json.dumps(row), flush=True)
     if args.json:
@@ -206,6 +250,8 @@ def test_bench_runs_tiny():
     assert memory("fused", 8, 300)["first_step_s"] > 0
     times = timing(["dense", "fused"], 8, 300, 1)
     assert times["dense"]["median_s"] > 0 and times["fused"]["median_s"] > 0
+    assert memory("sasrec-fused", 0, 700)["first_step_s"] > 0
+    assert timing(["sasrec-fused", "sasrec-dense"], 0, 700, 1)["sasrec-dense"]["median_s"] > 0
 
 
 if __name__ == "__main__":

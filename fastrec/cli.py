@@ -338,8 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument(
         "--family",
         action="append",
-        choices=["attention", "encoder", "rnn", "conv", "caser", "dropout"],
-        help="only this family (repeatable)",
+        choices=["attention", "encoder", "rnn", "conv", "caser", "dropout", "catalogue"],
+        help="only this family (repeatable; catalogue runs only when named)",
     )
     bench.add_argument("--full", action="store_true", help="the full CPU shape grid (slower)")
     bench.add_argument("--rounds", type=int, default=15, help="interleaved rounds per row (median)")

@@ -844,7 +844,8 @@ def linear_cross_entropy(
     target's shape); ``label_smoothing`` in [0, 1] as torch defines it. On the CPU the C++ kernel
     runs item tiles with an online log-sum-exp (float32 / float64), on CUDA the Triton kernels;
     small catalogues run torch's dense path (``fastrec.routing``). Ignored rows get a zero
-    gradient.
+    gradient. On CUDA (and under ``torch.compile``) nothing is read back to the host, so the call
+    can be captured in a CUDA graph; the target range is then checked by a device-side assert.
     """
     _check_tensor("h", h)
     _check_tensor("W", W)
@@ -883,9 +884,6 @@ def linear_cross_entropy(
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     rows = h.reshape(-1, h.shape[-1])
     flat = target.reshape(-1)
-    kept = flat[flat != ignore_index]
-    if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= W.shape[0]):
-        bad = int(kept.min()) if int(kept.min()) < 0 else int(kept.max())
-        raise ValueError(f"target values must be in [0, V) = [0, {W.shape[0]}) or ignore_index, got {bad}")
+    lce_ops.check_targets(flat, W.shape[0], ignore_index, h.device.type != "cpu" or torch.compiler.is_compiling())
     loss = lce_ops.linear_cross_entropy(rows, W, flat, bias, ignore_index, reduction, float(label_smoothing))
     return loss.view(target.shape) if reduction == "none" else loss

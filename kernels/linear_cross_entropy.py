@@ -23,11 +23,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from fastrec.kernels._common import TRITON_DTYPES
+from fastrec.kernels._common import TRITON_DTYPES, KernelVariant, variant_signature
 from fastrec.kernels._host import cdiv, launcher, next_power_of_2
 
-BLOCK_M = 64
-BLOCK_V = 128
+NUM_STAGES = 3
 MAX_SPLITS = 64  # item splits of the row-block kernels: enough programs for a GPU at few rows
 
 
@@ -136,9 +135,9 @@ def _lse_kernel(
 
 
 @triton.jit
-def _grad_tile(z, cols, rows, G, T, Lse, N, V, eps, ACC: tl.constexpr):
+def _grad_tile(z, cols, rows, G, T, Lse, Eps, N, V, ACC: tl.constexpr):
     """P = g (exp(z - lse) - eps / V - (1 - eps) onehot(target)) of one tile, zero outside it."""
-    e = tl.cast(eps, ACC)
+    e = tl.load(Eps).to(ACC)
     uniform = e / V
     hit = 1.0 - e
     g = tl.load(G + rows, mask=rows < N, other=0.0).to(ACC)
@@ -158,6 +157,7 @@ def _dw_kernel(
     G,  # (N,) gradient of each row's loss, Lse's dtype
     T,  # (N,) int64 targets
     Lse,  # (N,) log-sum-exp, fp32 (fp64 for fp64)
+    Eps,  # (1,) label smoothing, Lse's dtype (a tensor: a float argument would be fp32)
     DW,  # (V, D) weight gradient, H's dtype, contiguous
     DB,  # (V,) bias gradient, H's dtype
     N,
@@ -166,7 +166,6 @@ def _dw_kernel(
     stride_hn,
     stride_wv,
     stride_wd,
-    eps,  # label smoothing
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -200,7 +199,7 @@ def _dw_kernel(
             UPCAST_INPUTS,
             ALLOW_TF32,
         )
-        p = _grad_tile(z, cols, rows, G, T, Lse, N, V, eps, ACC)
+        p = _grad_tile(z, cols, rows, G, T, Lse, Eps, N, V, ACC)
         db += tl.sum(p, 0)
         if not UPCAST_INPUTS:
             p = p.to(h.dtype)
@@ -219,6 +218,7 @@ def _dh_kernel(
     G,  # (N,) gradient of each row's loss, Lse's dtype
     T,  # (N,) int64 targets
     Lse,  # (N,) log-sum-exp, fp32 (fp64 for fp64)
+    Eps,  # (1,) label smoothing, Lse's dtype
     DhPart,  # (SPLITS, N, D) per-split h gradient, Lse's dtype, contiguous
     N,
     V,
@@ -227,7 +227,6 @@ def _dh_kernel(
     stride_wv,
     stride_wd,
     tiles_per_split,
-    eps,
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -261,7 +260,7 @@ def _dh_kernel(
             UPCAST_INPUTS,
             ALLOW_TF32,
         )
-        p = _grad_tile(z, cols, rows, G, T, Lse, N, V, eps, ACC)
+        p = _grad_tile(z, cols, rows, G, T, Lse, Eps, N, V, ACC)
         if not UPCAST_INPUTS:
             p = p.to(w.dtype)
         dh = _dot(p, w, dh, UPCAST_INPUTS, ALLOW_TF32)
@@ -269,15 +268,28 @@ def _dh_kernel(
     tl.store(DhPart + (split * N + rows).to(tl.int64)[:, None] * D + cols_d[None, :], dh, mask=mask)
 
 
-def _config(h: torch.Tensor, W: torch.Tensor) -> tuple[int, int, int, int, int]:
-    """(BLOCK_D, row blocks, item tiles, splits, tiles per split) for this call."""
+def block_config(dtype: torch.dtype, block_d: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_V, num_warps) for inputs of ``dtype``: tiles whose logits, W and h tiles and
+    gradient accumulator fit the registers without spills on sm_80 / sm_90 (16-bit dots run on
+    the tensor cores; fp32 and fp64 dots on FMA units, every operand in registers)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return (64, 64, 4) if block_d <= 32 else (64, 64, 8) if block_d <= 64 else (32, 32, 8)
+    if dtype == torch.float32:
+        return (32, 32, 8) if block_d <= 32 else (16, 32, 8) if block_d <= 64 else (16, 16, 8)
+    return (16, 32, 4) if block_d <= 16 else (16, 16, 4)
+
+
+def _config(h: torch.Tensor, W: torch.Tensor) -> tuple[int, int, int, int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_V, BLOCK_D, num_warps, row blocks, item tiles, splits, tiles per split) for
+    this call."""
     n, d = h.shape
     block_d = max(16, next_power_of_2(d))
-    row_blocks = cdiv(n, BLOCK_M)
-    tiles = cdiv(W.shape[0], BLOCK_V)
+    block_m, block_v, warps = block_config(h.dtype, block_d)
+    row_blocks = cdiv(n, block_m)
+    tiles = cdiv(W.shape[0], block_v)
     splits = max(1, min(MAX_SPLITS, tiles, cdiv(4 * 132, row_blocks)))  # ~4 programs per SM of an H100
     per_split = cdiv(tiles, splits)
-    return block_d, row_blocks, tiles, cdiv(tiles, per_split), per_split
+    return block_m, block_v, block_d, warps, row_blocks, tiles, cdiv(tiles, per_split), per_split
 
 
 def _check(h: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -302,7 +314,7 @@ def lse_forward(h: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, all
     n, d = h.shape
     if n == 0:
         return h.new_empty(0, dtype=acc)
-    block_d, row_blocks, _tiles, splits, per_split = _config(h, W)
+    block_m, block_v, block_d, warps, row_blocks, _tiles, splits, per_split = _config(h, W)
     part = torch.empty(splits, n, dtype=acc, device=h.device)
     _lse_kernel[(row_blocks, splits)](
         h,
@@ -317,9 +329,11 @@ def lse_forward(h: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, all
         W.stride(1),
         per_split,
         HAS_BIAS=bias is not None,
-        BLOCK_M=BLOCK_M,
-        BLOCK_V=BLOCK_V,
+        BLOCK_M=block_m,
+        BLOCK_V=block_v,
         BLOCK_D=block_d,
+        num_warps=warps,
+        num_stages=NUM_STAGES,
         **_flags(h, allow_tf32),
     )
     return part[0] if splits == 1 else torch.logsumexp(part, 0)
@@ -344,11 +358,12 @@ def lse_backward(
     db = torch.empty(v, dtype=h.dtype, device=h.device)
     if n == 0 or v == 0:
         return torch.zeros_like(h), dW.zero_(), db.zero_()
-    block_d, row_blocks, tiles, splits, per_split = _config(h, W)
-    eps = float(label_smoothing)
-    common = dict(HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M, BLOCK_V=BLOCK_V, BLOCK_D=block_d, **_flags(h, allow_tf32))
+    block_m, block_v, block_d, warps, row_blocks, tiles, splits, per_split = _config(h, W)
+    eps = torch.full((1,), float(label_smoothing), dtype=lse.dtype, device=h.device)  # a fill: capturable
+    common = dict(HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_D=block_d, **_flags(h, allow_tf32))
+    common.update(num_warps=warps, num_stages=NUM_STAGES)
     b = h if bias is None else bias
-    _dw_kernel[(tiles,)](h, W, b, g, target, lse, dW, db, n, v, d, h.stride(0), W.stride(0), W.stride(1), eps, **common)
+    _dw_kernel[(tiles,)](h, W, b, g, target, lse, eps, dW, db, n, v, d, h.stride(0), W.stride(0), W.stride(1), **common)
     part = torch.empty(splits, n, d, dtype=lse.dtype, device=h.device)
     _dh_kernel[(row_blocks, splits)](
         h,
@@ -357,6 +372,7 @@ def lse_backward(
         g,
         target,
         lse,
+        eps,
         part,
         n,
         v,
@@ -365,11 +381,59 @@ def lse_backward(
         W.stride(0),
         W.stride(1),
         per_split,
-        eps,
         **common,
     )
     dh = part[0] if splits == 1 else part.sum(0)
     return dh.to(h.dtype), dW, db
 
 
-__all__ = ["BLOCK_M", "BLOCK_V", "lse_backward", "lse_forward"]
+# ------------------------------------------------------------------------------------------------
+# every variant the launchers can pick (for the compile-only test)
+# ------------------------------------------------------------------------------------------------
+BLOCK_D_BUCKETS = (16, 32, 64, 128)  # the hidden sizes the check covers (d <= 128)
+COVERAGE_ALTERNATE_FLAGS = ("ALLOW_TF32",)
+
+
+def kernel_variants() -> list[KernelVariant]:
+    """Every kernel x input dtype x BLOCK_D bucket x flag combination (HAS_BIAS; ALLOW_TF32 for
+    fp32), with the launchers' tiles (``block_config``), warps and stages, no interpreter upcast."""
+    variants = []
+    for torch_dtype, dt in TRITON_DTYPES.items():
+        acc = "fp64" if dt == "fp64" else "fp32"
+        ptrs = {"H": dt, "W": dt, "B": dt, "DW": dt, "DB": dt, "T": "i64", "G": acc, "Lse": acc, "Eps": acc}
+        ptrs.update(LsePart=acc, DhPart=acc)
+        tf32 = (False, True) if dt == "fp32" else (False,)
+        for name, fn in (("lse", _lse_kernel), ("dw", _dw_kernel), ("dh", _dh_kernel)):
+            for block_d in BLOCK_D_BUCKETS:
+                for has_bias in (False, True):
+                    for allow_tf32 in tf32:
+                        flags = {"HAS_BIAS": has_bias, "ALLOW_TF32": allow_tf32}
+                        block_m, block_v, warps = block_config(torch_dtype, block_d)
+                        constexprs = dict(BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_D=block_d, UPCAST_INPUTS=False)
+                        constexprs.update(flags)
+
+                        def arg_type(arg: str, ptrs=ptrs, acc=acc) -> str | int:
+                            if arg == "stride_wd":
+                                return 1
+                            return "*" + ptrs[arg] if arg in ptrs else "i32"
+
+                        signature, consts, attrs = variant_signature(fn, constexprs, arg_type)
+                        on = tuple(k for k, v in flags.items() if v)
+                        variants.append(
+                            KernelVariant(
+                                name=f"linear_cross_entropy.{name}[{dt},BLOCK_D={block_d},{'+'.join(on) or '-'}]",
+                                fn=fn,
+                                signature=signature,
+                                constexprs=consts,
+                                attrs=attrs,
+                                options=dict(num_warps=warps, num_stages=NUM_STAGES),
+                                dtype=dt,
+                                flags=on,
+                                kernel=name,
+                                bucket=f"BLOCK_D={block_d}",
+                            )
+                        )
+    return variants
+
+
+__all__ = ["block_config", "kernel_variants", "lse_backward", "lse_forward"]

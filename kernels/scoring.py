@@ -237,6 +237,13 @@ def topk(
 # ------------------------------------------------------------------------------------------------
 
 
+# Measured by tests/test_kernels_compile.py: reported there, not failed.
+_KNOWN_SPILLS = {
+    ("count", "fp64"): "380-400 B on sm_80 / sm_90: the fp64 score tile and the target scores it is "
+    "compared with exceed the registers at the fp32 tile size (fp64 is the reference precision)",
+}
+
+
 def kernel_variants() -> list[KernelVariant]:
     """One variant per kernel and input dtype."""
     variants = []
@@ -267,6 +274,7 @@ def kernel_variants() -> list[KernelVariant]:
                     dtype=dt,
                     kernel=name,
                     bucket="",
+                    spills_expected=_KNOWN_SPILLS.get((name, dt), ""),
                 )
             )
     return variants

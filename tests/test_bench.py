@@ -226,3 +226,40 @@ def test_longest_kernels_sums_repeated_names_and_keeps_the_top():
     assert harness.longest_kernels(events, top=2) == ["triton_attn", "cudnn::gru_persist_fwd"]
     assert harness.longest_kernels([("k" * 80, 1.0)]) == ["k" * 60]
     assert harness.profiled_kernels(lambda: None, CPU) == []
+
+
+@pytest.mark.slow
+def test_catalogue_family_is_opt_in_and_its_rows_time_every_side(monkeypatch, tmp_path):
+    """``--family catalogue`` (minutes at 10^6 items) is left out of the default run; its rows,
+    at small sizes here, time the fused loss / top-k / SASRec step against torch's dense paths
+    (the SASRec row without its dense side above the size where it fits)."""
+    from fastrec.bench import cases as bench_cases
+    from fastrec.bench.cases import catalogue
+
+    assert "catalogue" in bench_cases.CASES and "catalogue" in bench_cases.OPT_IN
+    seen = []
+    monkeypatch.setattr(cli, "family_cases", lambda family, *_: seen.append(family) or [])
+    args = argparse.Namespace(
+        family=None,
+        full=False,
+        rounds=1,
+        min_round_s=0.0,
+        json=str(tmp_path / "bench.json"),
+        markdown=None,
+        write_dispatch=None,
+        write_configs=None,
+    )
+    cli.main(args)
+    assert seen and "catalogue" not in seen
+    monkeypatch.setattr(catalogue, "LOSS_ITEMS", (2_000,))
+    monkeypatch.setattr(catalogue, "TOPK_USERS", (3,))
+    monkeypatch.setattr(catalogue, "TOPK_ITEMS", 3_000)
+    monkeypatch.setattr(catalogue, "SASREC_ITEMS", (600, 700))
+    monkeypatch.setattr(catalogue, "SASREC_DENSE_MAX", 600)
+    rows = catalogue.cases(CPU, torch.float32, False)
+    names = ["linear_cross_entropy", "topk_scores", "SASRec training step", "SASRec training step"]
+    assert [c.name for c in rows] == names
+    assert len(rows[-2].fns) == 2 and list(rows[-1].fns) == ["fastrec"]
+    for case in rows[:3]:
+        row = _measure(case)
+        assert row.error is None and len(row.ms) == 2 and all(v > 0 for v in row.ms.values()), row

@@ -51,6 +51,8 @@ FAMILIES = {
     "conv": "fastrec.kernels.conv",
     "caser": "fastrec.kernels.caser",
     "dropout": "fastrec.kernels.dropout",
+    "linear_cross_entropy": "fastrec.kernels.linear_cross_entropy",
+    "scoring": "fastrec.kernels.scoring",
 }
 COMPUTE_CAPABILITIES = (80, 90)
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes per block, opt-in maximum

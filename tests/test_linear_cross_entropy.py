@@ -54,7 +54,7 @@ def _device(backend: str) -> torch.device:
 
 def _shapes(backend: str) -> list[tuple[int, int, int]]:
     """(N, V, d). C++: several item tiles (2048) with a ragged last one and the row split (one
-    tile, N > 256); Triton (interpreted): several 128-item tiles, ragged."""
+    tile, N > 256); Triton (interpreted): several item tiles (16-64 items, ``block_config``), ragged."""
     if backend == "cpp":
         return [(300, 5000, 24), (300, 1000, 64), (1, 2100, 7)]
     return [(5, 300, 20), (70, 37, 8), (1, 129, 16)]
@@ -151,7 +151,7 @@ def test_non_contiguous_inputs(backend):
 
 def test_gradcheck(backend):
     device = _device(backend)
-    n, v = (3, 2050) if backend == "cpp" else (3, 130)  # two tiles, the second ragged
+    n, v = (3, 2050) if backend == "cpp" else (3, 130)  # several tiles, the last ragged
     h, W, b, t = _inputs(n, v, 4, torch.float64, device, ignored=(1,))
 
     def f(h, W, b):
@@ -272,3 +272,134 @@ def test_opcheck_cpp_ops():
     lse = forward(h, W, b)
     args = (torch.randn(5), h, W, b, t, lse, 0.1)
     torch.library.opcheck(backward, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_compiled_fullgraph_reads_nothing_back(backend, reduction):
+    """Under torch.compile(fullgraph=True) any host read (the range check, the ignored-row
+    compaction) would break the graph and fail: the sync-free path (ignored rows weighted 0, the
+    range asserted on the device) runs instead, with the eager results."""
+    device = _device(backend)
+    n, v = (9, 2100) if backend == "cpp" else (9, 150)
+    h, W, b, t = _inputs(n, v, 8, torch.float64, device, ignored=(0, 4))
+    with torch.no_grad():
+        h[4] = float("nan")  # an ignored row: no NaN reaches the loss or any gradient
+
+    def step(h, W, b, t):
+        return FF.linear_cross_entropy(h, W, t, bias=b, reduction=reduction, label_smoothing=0.1)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    out = compiled(h, W, b, t)
+    keep = t != -100
+    ref, ref_inputs = _reference(h[keep].detach(), W, b, t[keep], reduction=reduction, label_smoothing=0.1)
+    if reduction == "none":
+        assert out[~keep].eq(0).all()
+        out_kept = out[keep]
+    else:
+        out_kept = out
+    torch.testing.assert_close(out_kept, ref, rtol=1e-12, atol=1e-12)
+    go = torch.randn_like(out)
+    dh, dW, db = _grads(out, (h, W, b), go)
+    go_ref = go[keep] if reduction == "none" else go
+    r_h, r_W, r_b = _grads(ref, ref_inputs, go_ref)
+    assert dh[~keep].eq(0).all()
+    for g, r in ((dh[keep], r_h), (dW, r_W), (db, r_b)):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
+def test_target_range_checked_on_the_device_path():
+    h, W, _b, t = _inputs(4, 20, 8, torch.float32, torch.device("cpu"), bias=False)
+    bad = t.clone()
+    bad[1] = 20
+    lce_ops.check_targets(t, 20, -100, on_device=True)
+    with pytest.raises(RuntimeError, match="target values"):
+        lce_ops.check_targets(bad, 20, -100, on_device=True)
+    compiled = torch.compile(lambda h, t: FF.linear_cross_entropy(h, W, t), fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match="target values"):
+        compiled(h, bad)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_step_never_syncs():
+    """Forward and backward on CUDA with ignored rows under sync_debug_mode("error")."""
+    with fastrec.use_backend("triton"):
+        h, W, b, t = _inputs(300, 5000, 64, torch.float32, DEVICE, ignored=(3, 7))
+        for reduction in ("mean", "sum", "none"):
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                out = FF.linear_cross_entropy(h, W, t, bias=b, reduction=reduction)
+                grads = torch.autograd.grad(out.sum(), (h, W, b))
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            ref, ref_inputs = _reference(h, W, b, t, reduction=reduction)
+            assert _rel(out, ref) <= 1e-5
+            for g, r in zip(grads, _grads(ref.sum(), ref_inputs, None), strict=True):
+                assert _rel(g, r) <= 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,loss,positions", [("sasrec", "ce", "all"), ("gru4rec", "sampled-softmax", "last")])
+def test_models_train_with_the_fused_loss_as_with_the_dense_one(monkeypatch, model, loss, positions):
+    """Same-seed ``fastrec train`` runs on a 3,000-item synthetic catalogue: the models' loss runs
+    the fused op (counted in stats()), and the run ends on the metrics of the run whose loss is
+    torch's dense ``F.cross_entropy(F.linear(...))``, within fp32 bounds."""
+    from fastrec import train
+
+    if not lce_ops.HAVE_CPP:
+        pytest.skip("fastrec._C not built")
+    config = train.TrainConfig(
+        model=model,
+        data="synthetic:items=3000,users=100",
+        epochs=1,
+        batch_size=128,
+        max_len=10,
+        loss=loss,
+        n_negatives=600,
+        positions=positions,
+        progress=False,
+        seed=3,
+    )
+    fastrec.stats(reset=True)
+    fused = train.run(config, log=lambda _: None)
+    assert any(op == lce_ops.OP and b == "cpp" for op, b, _r in fastrec.stats())
+    monkeypatch.setattr(lce_ops, "_unfused_reason", lambda h: "dense loss for the comparison")
+    fastrec.stats(reset=True)
+    dense = train.run(config, log=lambda _: None)
+    assert not any(op == lce_ops.OP and b != "torch" for op, b, _r in fastrec.stats())
+    assert fused.epochs[-1].loss == pytest.approx(dense.epochs[-1].loss, rel=1e-4)
+    assert fused.test.keys() == dense.test.keys()
+    for name, value in dense.test.items():
+        assert fused.test[name] == pytest.approx(value, rel=1e-3, abs=1e-4), name
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_graph_capture_replays_the_step_on_new_inputs():
+    """Forward and backward captured in one CUDA graph (as fastrec.graphs captures a training
+    step), replayed after the inputs change in place: the loss and gradients of the new inputs."""
+    with fastrec.use_backend("triton"):
+        h, W, b, t = _inputs(300, 5000, 64, torch.float32, DEVICE, ignored=(3, 7))
+
+        def step():
+            out = FF.linear_cross_entropy(h, W, t, bias=b, label_smoothing=0.1)
+            return out, torch.autograd.grad(out, (h, W, b))
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out, grads = step()
+        with torch.no_grad():
+            h.mul_(0.5)
+            t.copy_(torch.randint(0, 5000, t.shape, device=DEVICE))
+            t[5] = -100
+        graph.replay()
+        torch.cuda.synchronize()
+    ref, ref_inputs = _reference(h, W, b, t, label_smoothing=0.1)
+    assert _rel(out, ref) <= 1e-5
+    for g, r in zip(grads, _grads(ref, ref_inputs, None), strict=True):
+        assert _rel(g, r) <= 1e-5

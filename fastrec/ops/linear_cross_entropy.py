@@ -4,7 +4,8 @@
 The contract every backend implements (Triton: ``kernels/linear_cross_entropy.py``; C++:
 ``csrc/linear_cross_entropy.cpp``; torch: ``linear_cross_entropy_torch`` below, the readable
 reference, which materialises the logits). h ``(N, d)``, W ``(V, d)``, bias ``(V,)`` or None,
-target ``(N,)`` int64 in ``[0, V)`` (ignored rows are removed before the kernels run), with
+target ``(N,)`` int64 in ``[0, V)`` (ignored rows are removed before the kernels run, or kept
+with weight 0 on the sync-free path: ``linear_cross_entropy`` below), with
 ``z = h @ W.T + bias``::
 
     lse[i] = log sum_j exp(z[i, j])
@@ -158,6 +159,38 @@ def _unfused_reason(h: Tensor) -> str | None:
     return None
 
 
+def sync_free(h: Tensor, backend: str) -> bool:
+    """Whether a call must read nothing back to the host: CUDA tensors (``fastrec.graphs`` capture,
+    no stream syncs), the Triton kernels (the CUDA code path, also when interpreted on CPU tensors)
+    and ``torch.compile`` tracing. Such a call keeps every row (ignored rows weigh 0) instead of
+    compacting them, and checks the target range on the device."""
+    return h.device.type != "cpu" or backend == "triton" or torch.compiler.is_compiling()
+
+
+def check_targets(target: Tensor, n_items: int, ignore_index: int, on_device: bool) -> None:
+    """ValueError unless every target is in ``[0, n_items)`` or ``ignore_index``. ``on_device``:
+    an asynchronous device-side assert instead (no host read; on CUDA a failure surfaces at a
+    later synchronisation, as ``F.cross_entropy``'s does)."""
+    message = f"target values must be in [0, V) = [0, {n_items}) or ignore_index"
+    if on_device:
+        ok = ((target >= 0) & (target < n_items)) | (target == ignore_index)
+        torch._assert_async(ok.all(), message)
+        return
+    kept = target[target != ignore_index]
+    if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= n_items):
+        bad = int(kept.min()) if int(kept.min()) < 0 else int(kept.max())
+        raise ValueError(f"{message}, got {bad}")
+
+
+def _reduce(rows: Tensor, count: Tensor | int, reduction: str, dtype: torch.dtype) -> Tensor:
+    """The row losses (in their accumulation dtype) reduced, in ``dtype``."""
+    if reduction == "sum":
+        return rows.sum().to(dtype)
+    if reduction == "mean":
+        return (rows.sum() / count).to(dtype)
+    return rows.to(dtype)
+
+
 def linear_cross_entropy(
     h: Tensor,
     W: Tensor,
@@ -168,8 +201,10 @@ def linear_cross_entropy(
     label_smoothing: float,
 ) -> Tensor:
     """The loss on validated inputs, h ``(N, d)`` and target ``(N,)`` (see the module docstring);
-    picks the backend per call. Rows whose target is ``ignore_index`` are dropped before the
-    kernels run; "mean" divides by the rows left (NaN when none is, as torch)."""
+    picks the backend per call. "mean" divides by the rows not ignored (NaN when none is, as
+    torch). Ignored rows: on the host path (the C++ kernel, eager) dropped before the kernels run;
+    on the sync-free path (``sync_free``) kept with h zeroed and target 0, their loss and gradient
+    masked to zero, so nothing depends on how many there are."""
     reason = _unfused_reason(h)
     route = routing.linear_cross_entropy(h, W) if reason is None else None
     backend = backends.select(h.device, reason or route)
@@ -177,13 +212,15 @@ def linear_cross_entropy(
     if backend == "torch":
         return linear_cross_entropy_torch(h, W, target, bias, ignore_index, reduction, label_smoothing)
     keep = target != ignore_index
+    if sync_free(h, backend):
+        h_rows = torch.where(keep.unsqueeze(1), h, h.new_zeros(())).contiguous()
+        t_rows = torch.where(keep, target, target.new_zeros(())).contiguous()
+        rows = LinearCrossEntropyFunction.apply(h_rows, W, bias, t_rows, label_smoothing, backend)
+        rows = torch.where(keep, rows, rows.new_zeros(()))
+        return _reduce(rows, keep.sum(), reduction, h.dtype)
     index = None if bool(keep.all()) else keep.nonzero().squeeze(1)
     h_rows, t_rows = (h, target) if index is None else (h.index_select(0, index), target.index_select(0, index))
     rows = LinearCrossEntropyFunction.apply(h_rows.contiguous(), W, bias, t_rows.contiguous(), label_smoothing, backend)
-    if reduction == "sum":
-        return rows.sum().to(h.dtype)
-    if reduction == "mean":
-        return (rows.sum() / rows.shape[0]).to(h.dtype)
-    if index is None:
-        return rows.to(h.dtype)
+    if reduction != "none" or index is None:
+        return _reduce(rows, rows.shape[0], reduction, h.dtype)
     return rows.new_zeros(target.shape[0]).index_copy(0, index, rows).to(h.dtype)

@@ -40,14 +40,18 @@ classes. The contract:
 
 No Triton or C++ kernel of its own: the candidate table is small, the cost is the (R, C)
 product; the CE over it is the one call ``_ce_over_table`` (full-catalogue CE of the models uses it
-too), where a fused linear cross-entropy takes over.
+too), which runs the fused linear cross-entropy.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from fastrec import backends
 
 SAMPLERS = ("uniform", "popularity", "in-batch")
 REDUCTIONS = ("mean", "sum", "none")
@@ -57,8 +61,19 @@ def _ce_over_table(
     h: Tensor, table: Tensor, target: Tensor, bias: Tensor | None, ignore_index: int, reduction: str
 ) -> Tensor:
     """Softmax cross-entropy of ``h @ table.T + bias`` at ``target``: ``h`` (R, d), ``table``
-    (C, d), ``bias`` (C,) or None, ``target`` (R,) long in 0..C-1 or ``ignore_index``."""
-    return F.cross_entropy(F.linear(h, table, bias), target, ignore_index=ignore_index, reduction=reduction)
+    (C, d), ``bias`` (C,) or None, ``target`` (R,) long in 0..C-1 or ``ignore_index``. Runs
+    ``fastrec.functional.linear_cross_entropy`` (the logits never materialised; small tables go to
+    torch's dense path by its routing rule). Under autocast the operands take autocast's dtype and
+    the loss is float32, as ``F.cross_entropy(F.linear(...))`` gives."""
+    from fastrec import functional as FF  # functional imports this module
+
+    dtype = backends.autocast_dtype(h.device.type)
+    if dtype is not None:
+        h, table = h.to(dtype), table.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    with torch.autocast(h.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
+        loss = FF.linear_cross_entropy(h, table, target, bias=bias, ignore_index=ignore_index, reduction=reduction)
+    return loss.float() if dtype is not None else loss
 
 
 def draw_negatives(
