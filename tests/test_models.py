@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import fastrec
+from fastrec import routing
 from fastrec.data import pad
 from fastrec.models import MODELS, Caser, GRU4Rec, ModelInput, SASRec
 from fastrec.models.base import SequentialRecommender
@@ -87,6 +88,24 @@ def test_backends_use_fastrec_modules_or_torch_modules():
     # Caser's switch point: the fused block once fastrec.nn has it, the per-height loop until then
     assert type(build("caser", "fastrec").conv) is getattr(fastrec.nn, "CaserConv", CaserConvLoop)
     assert type(build("caser", "torch").conv) is CaserConvLoop
+
+
+@pytest.mark.parametrize("kind", ["ce", "sampled-softmax"])
+def test_torch_backend_loss_runs_torch_ops_and_fastrec_backend_the_fused_loss(kind):
+    """The fused cross-entropy is the fastrec backend's; the torch twin computes its loss with
+    torch's ops only (F.linear + F.cross_entropy), so the backends compare kernel for kernel."""
+    forced_torch = ("linear_cross_entropy", "torch", "")  # run by the torch reference, no route
+    for backend in ("torch", "fastrec"):
+        torch.manual_seed(0)  # a catalogue above the small-catalogue route
+        model = SASRec(routing.LCE_DENSE_MAX_ITEMS_CPU + 8, max_len=9, dim=16, n_blocks=1, n_heads=2, backend=backend)
+        fastrec.stats(reset=True)
+        model.loss(random_batch(model), kind=kind, n_negatives=3).backward()
+        ran = {key for key in fastrec.stats() if key[0] == "linear_cross_entropy"}
+        if backend == "torch":
+            assert ran == {forced_torch}, fastrec.stats()
+        else:  # the fused op, or its route for a small table (sampled softmax's candidates)
+            assert ran and forced_torch not in ran, fastrec.stats()
+            assert kind != "ce" or ("linear_cross_entropy", "cpp", "") in ran, fastrec.stats()
 
 
 @pytest.mark.parametrize("kind", ["ce", "bce", "sampled-softmax", "gbce"])

@@ -228,11 +228,17 @@ def test_recommend_on_a_large_catalogue_equals_the_dense_path():
 
     torch.manual_seed(0)
     n_items = routing.SCORING_SERVING_DENSE_BELOW + 5  # three rows: tiled from here on
-    model = GRU4Rec(n_items, max_len=5, dim=8, hidden=8, backend="torch")
+    model = GRU4Rec(n_items, max_len=5, dim=8, hidden=8, backend="fastrec")
     histories = [[1, 2, 3], [n_items, 17], [4]]
     fastrec.stats(reset=True)
     items, scores = model.recommend(histories, k=10)
     assert ("scoring", "cpp" if scoring_ops.HAVE_CPP else "torch", "") in fastrec.stats()
+    twin = GRU4Rec(n_items, max_len=5, dim=8, hidden=8, backend="torch")
+    twin.load_state_dict(model.state_dict())
+    fastrec.stats(reset=True)
+    twin_items, twin_scores = twin.recommend(histories, k=10)
+    assert {key[:2] for key in fastrec.stats() if key[0] == "scoring"} == {("scoring", "torch")}  # the torch twin
+    assert torch.allclose(twin_scores, scores, rtol=1e-5, atol=1e-6)
     model.eval()
     with torch.no_grad():
         hidden = model(model.make_input(histories)).double()

@@ -9,6 +9,7 @@ last-position training or (B, L) long (0 = no target) for all-positions training
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastrec import backends
 from fastrec import functional as FF
 from fastrec import nn as fnn
 from fastrec.functional import topk_scores
@@ -103,7 +105,14 @@ class SequentialRecommender(torch.nn.Module):
 
         Rows whose target is 0 (the padding item: the padded rows of a fixed-shape batch, see
         ``fastrec.graphs``) count in neither loss: the mean is over the other rows.
+
+        The torch backend computes it with torch's ops only (the fused losses run on the fastrec
+        backend), so the two backends stay a kernel-for-kernel comparison.
         """
+        with _torch_ops_for(self.backend):
+            return self._loss(batch, kind, n_negatives)
+
+    def _loss(self, batch, kind: str, n_negatives: int) -> Tensor:
         if kind not in LOSSES:
             raise ValueError(f"kind must be one of {LOSSES}, got {kind!r}")
         target = batch.target
@@ -203,7 +212,8 @@ class SequentialRecommender(torch.nn.Module):
                 hidden = self.serve(batch) if self.backend == "fastrec" else self(batch)
                 # Items 1..n_items are rows 1.. of the table: score against rows 1.., ids shifted by one.
                 seen = [_as_ids(h, i) - 1 for i, h in enumerate(histories)] if exclude_seen else None
-                top_scores, top_items = topk_scores(hidden, self.item_embedding.weight[1:], k, exclude=seen)
+                with _torch_ops_for(self.backend):
+                    top_scores, top_items = topk_scores(hidden, self.item_embedding.weight[1:], k, exclude=seen)
         finally:
             if was_training:
                 self.train()
@@ -213,6 +223,11 @@ class SequentialRecommender(torch.nn.Module):
         """``forward`` in eval mode without autograd, as ``recommend`` runs it on the fastrec
         backend; models override it with a leaner path through ``fastrec.functional``."""
         return self(batch)
+
+
+def _torch_ops_for(backend: str) -> contextlib.AbstractContextManager:
+    """Inside the block fastrec's ops run their torch reference when ``backend`` is "torch"."""
+    return backends.use_backend("torch") if backend == "torch" else contextlib.nullcontext()
 
 
 def _full_ce(hidden: Tensor, table: Tensor, target: Tensor) -> Tensor:
