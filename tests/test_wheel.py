@@ -114,7 +114,10 @@ def test_info_runs_from_the_wheel_in_a_fresh_venv(wheel, tmp_path_factory):
     modules = [
         name.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
         for name in _source_files()
-        if name.endswith(".py") and not name.endswith("/__main__.py")
+        if name.endswith(".py")
+        and not name.endswith("/__main__.py")
+        # fastrec.integrations.<library> imports that library (optional, not in this venv)
+        and not (name.startswith("fastrec/integrations/") and not name.endswith("/__init__.py"))
     ]
     imports = "; ".join(f"import {module}" for module in modules)  # each module imports from the wheel
     where = _run([str(python), "-c", f"{imports}; print(fastrec.__file__)"], elsewhere)
