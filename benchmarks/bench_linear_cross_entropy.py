@@ -19,6 +19,13 @@ full-catalogue ``ce`` loss) instead: ``sasrec-fused`` (the fastrec model, its lo
 op), ``sasrec-dense`` (the torch backend's model with the loss forced onto torch's dense
 ``F.cross_entropy(F.linear(...))``), at 100k items (both) and 1M items (fused only: the dense
 logits would be 26 GB); the same memory and interleaved timing.
+
+The arithmetic floor (``floor`` in the rows of 100k items and more): any exact method that keeps
+no logits computes each logit twice (the log-sum-exp must be complete before any gradient term
+exists), so its GEMM work is four ``rows x items x d`` products: the logits, their recomputation,
+``dh`` and ``dW``. ``floor_s`` is that work at the machine's best GEMM rate, a 2048^3 fp32
+``torch.mm`` timed interleaved with the paths (so load slows it alike), exp and memory traffic
+free; ``dense_over_floor`` is the largest speed-up over the dense path such a method can reach.
 """
 
 from __future__ import annotations
@@ -43,9 +50,9 @@ CASES = [
     (512, 4_096, ("dense", "fused")),
     (512, 8_192, ("dense", "fused")),
     (512, 16_384, ("dense", "fused")),
-    (512, 100_000, ("dense", "chunked", "fused")),
-    (512, 1_000_000, ("dense", "chunked", "fused")),
-    (6_400, 1_000_000, ("fused",)),
+    (512, 100_000, ("dense", "chunked", "fused", "floor")),
+    (512, 1_000_000, ("dense", "chunked", "fused", "floor")),
+    (6_400, 1_000_000, ("fused", "floor")),
 ]
 
 
@@ -65,7 +72,7 @@ def _reset_peak_rss() -> float:
     return _status_mb("VmRSS")
 
 
-SASREC_CASES = [(100_000, ("sasrec-fused", "sasrec-dense")), (1_000_000, ("sasrec-fused",))]
+SASREC_CASES = [(100_000, ("sasrec-fused", "sasrec-dense", "floor")), (1_000_000, ("sasrec-fused", "floor"))]
 SASREC_BATCH, SASREC_LEN = 128, 50
 
 
@@ -94,7 +101,19 @@ def _sasrec_step(path: str, model: torch.nn.Module, batch) -> None:
     loss.backward()
 
 
+FLOOR_N = 2048  # the square GEMM whose rate is the machine's best
+
+
+def _gemm_operands(device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator(device=device).manual_seed(0)
+    return tuple(torch.randn(FLOOR_N, FLOOR_N, device=device, generator=gen) for _ in range(2))
+
+
 def _step(path: str, h, W, target=None) -> None:
+    if path == "floor":
+        a, b = _FLOOR_OPERANDS.setdefault(str(h.device), _gemm_operands(str(h.device)))
+        torch.mm(a, b)
+        return
     if path.startswith("sasrec"):
         _sasrec_step(path, h, W)
         return
@@ -116,6 +135,22 @@ def _step(path: str, h, W, target=None) -> None:
     loss.backward()
 
 
+_FLOOR_OPERANDS: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _floor(row: dict) -> None:
+    """Adds ``floor_s`` and the ratios to it (module docstring) to a timed row."""
+    gemm_s = row["paths"]["floor"]["median_s"]
+    rate = 2 * FLOOR_N**3 / gemm_s
+    row["gemm_gflops"] = round(rate / 1e9, 1)
+    row["floor_s"] = round(4 * 2 * row["rows"] * row["items"] * row["dim"] / rate, 6)
+    prefix = "sasrec-" if "sasrec-fused" in row["paths"] else ""
+    for path in ("dense", "fused"):
+        median = row["paths"].get(prefix + path, {}).get("median_s")
+        if median:
+            row[f"{path}_over_floor"] = round(median / row["floor_s"], 2)
+
+
 def _inputs(rows: int, items: int, device: str, path: str = "") -> tuple:
     if path.startswith("sasrec"):
         return (*_sasrec_inputs(path, items, device), None)
@@ -126,7 +161,9 @@ def _inputs(rows: int, items: int, device: str, path: str = "") -> tuple:
 
 
 def _timed(path: str, h, W, target) -> float:
-    if not path.startswith("sasrec"):
+    if path == "floor":
+        h = h if isinstance(h, torch.Tensor) else next(h.parameters())
+    elif not path.startswith("sasrec"):
         h.grad = W.grad = None
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -157,7 +194,7 @@ def memory(path: str, rows: int, items: int, device: str = "cpu") -> dict:
 def timing(paths: list[str], rows: int, items: int, reps: int, device: str = "cpu") -> dict[str, dict]:
     """Median step time of each path, in this process, the paths interleaved rep by rep (so that
     a loaded machine slows them alike), after one untimed step each."""
-    h, W, target = _inputs(rows, items, device, paths[0])
+    h, W, target = _inputs(rows, items, device, next(p for p in paths if p != "floor"))
     times: dict[str, list[float]] = {path: [] for path in paths}
     for path in paths:
         _timed(path, h, W, target)
@@ -188,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds for one step of a path")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sasrec", action="store_true", help="the SASRec training step (module docstring)")
+    parser.add_argument("--only", help="comma-separated ROWSxITEMS cases to run (default: all), e.g. 512x1000000")
     parser.add_argument("--worker", nargs=3, metavar=("PATH", "ROWS", "ITEMS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -197,9 +235,15 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     seen: dict[tuple[str, int], tuple[int, float]] = {}  # (path, rows) -> (items, one step's s)
     cases = [(SASREC_BATCH * SASREC_LEN, i, p) for i, p in SASREC_CASES] if args.sasrec else CASES
+    if args.only:
+        wanted = {tuple(int(n) for n in case.split("x")) for case in args.only.split(",")}
+        cases = [case for case in cases if case[:2] in wanted]
     for rows, items, paths in cases:
         row = {"rows": rows, "items": items, "dim": DIM, "paths": {}}
         for path in paths:
+            if path == "floor":
+                row["paths"][path] = {"path": path, "first_step_s": 0.0}
+                continue
             if (path, rows) in seen:
                 fewer, seconds = seen[(path, rows)]
                 predicted = seconds * items / fewer
@@ -212,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
         # Timed in one process: the paths whose single step fit the time limit, with fewer reps
         # for the slow ones.
         timed = [p for p in paths if "first_step_s" in row["paths"][p]]
-        if not timed:
+        if timed == ["floor"] or not timed:
             results.append(row)
             continue
         slowest = max((row["paths"][p]["first_step_s"] for p in timed), default=0.0)
@@ -227,6 +271,8 @@ def main(argv: list[str] | None = None) -> None:
             for other in ("dense", "chunked")
             if fused and "median_s" in row["paths"].get(prefix + other, {})
         }
+        if "floor" in timed:
+            _floor(row)
         dense_mb = row["paths"].get(prefix + "dense", {}).get("rss_growth_mb")
         if dense_mb and "rss_growth_mb" in row["paths"].get(prefix + "fused", {}):
             row["fused_memory_vs_dense"] = round(row["paths"][prefix + "fused"]["rss_growth_mb"] / dense_mb, 3)
@@ -252,6 +298,9 @@ def test_bench_runs_tiny():
     assert times["dense"]["median_s"] > 0 and times["fused"]["median_s"] > 0
     assert memory("sasrec-fused", 0, 700)["first_step_s"] > 0
     assert timing(["sasrec-fused", "sasrec-dense"], 0, 700, 1)["sasrec-dense"]["median_s"] > 0
+    row = {"rows": 8, "items": 300, "dim": DIM, "paths": timing(["dense", "fused", "floor"], 8, 300, 1)}
+    _floor(row)
+    assert row["floor_s"] > 0 and row["dense_over_floor"] > 0
 
 
 if __name__ == "__main__":

@@ -438,11 +438,66 @@ def recommend_bar(figures: list, tiny: bool, rounds: int, calls: int) -> None:
         _record(figures, f"{bar}, vs torch {mode}", ms, ran, ("torch captured",))
 
 
+def _peak_extra_mb(fn) -> float | str:
+    """Memory one call of ``fn`` takes above what was allocated before it (CUDA), or why not."""
+    if DEVICE != "cuda":
+        return "CUDA only"
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+
+
+def catalogue_bar(figures: list, tiny: bool, rounds: int, calls: int) -> None:
+    """The large-catalogue bars: the fused loss at bf16 8,192 x 1M, d=64, forward+backward, against
+    torch's chunked ``F.linear_cross_entropy`` and the dense path (where they run), with memory;
+    top-10 at batch 1 over 1M items against ``topk(h @ W.T)``."""
+    rows, items, dim = (16, 300, 8) if tiny else (8192, 1_000_000, 64)
+    dtype = torch.float32 if tiny else torch.bfloat16
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    h = torch.randn(rows, dim, device=DEVICE, dtype=dtype, generator=gen).requires_grad_()
+    W = (torch.randn(items, dim, device=DEVICE, dtype=dtype, generator=gen) * 0.1).requires_grad_()
+    target = torch.randint(0, items, (rows,), device=DEVICE, generator=gen)
+    paths = {
+        "fastrec": lambda: fastrec.functional.linear_cross_entropy(h, W, target),
+        "dense": lambda: F.cross_entropy(h @ W.T, target),
+    }
+    if hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        options = torch.nn.LinearCrossEntropyOptions()
+        paths["torch chunked"] = lambda: F.linear_cross_entropy(h, W, target, options=options)
+    steps = {name: (lambda f=f: torch.autograd.grad(f(), (h, W))) for name, f in paths.items()}
+    memory, runs = {}, {}
+    for name, fn in steps.items():
+        try:
+            memory[name] = _peak_extra_mb(fn)
+            runs[name] = fn
+        except torch.cuda.OutOfMemoryError:
+            memory[name] = "out of memory"
+            torch.cuda.empty_cache()
+    ran = {name: _ran(fn) for name, fn in runs.items()}
+    ms = _interleaved_ms(runs, max(2, rounds // 2), max(1, calls // 10))
+    against = tuple(name for name in runs if name != "fastrec")
+    shape = f"{str(dtype)[6:]} {rows} x {items} items, d={dim}"
+    _record(figures, f"linear_cross_entropy fwd+bwd, {shape}", ms, ran, against, extra_mb=memory)
+
+    user = torch.randn(1, dim, device=DEVICE, dtype=dtype, generator=gen)
+    weight = W.detach()
+    fns = {
+        "fastrec": lambda: fastrec.functional.topk_scores(user, weight, 10),
+        "torch": lambda: torch.topk(user @ weight.T, 10),
+    }
+    ran = {name: _ran(fn) for name, fn in fns.items()}
+    ms = _interleaved_ms(fns, rounds, calls)
+    _record(figures, f"top-10 batch 1, {str(dtype)[6:]} {items} items, d={dim}", ms, ran, ("torch",))
+
+
 def bars_section(tiny: bool, json_path: str | None) -> None:
     print("\n== bars: wall ms per call, interleaved medians; ratio = fastest baseline / fastrec")
     rounds, calls = (2, 2) if tiny else (7, 20)
     figures: list[dict] = []
-    for bar in (attention_bar, gru_bar, recommend_bar):
+    for bar in (attention_bar, gru_bar, recommend_bar, catalogue_bar):
         try:
             bar(figures, tiny, rounds, calls)
         except Exception as error:  # one failed bar must not cost the others
