@@ -877,8 +877,12 @@ COVERAGE_ALTERNATE_FLAGS = ("ALLOW_TF32",)
 # the cell state); Elman and GRU run the same code with fewer gates and meet the flag coverage.
 # The same holds for the single-step cell kernels.
 WORST_CASE_KERNELS = ("forward_lstm", "backward_lstm", "cell_forward_lstm", "cell_backward_lstm")
-# Variants known to spill (reported, not failed, by the compile check): none.
-SPILLS_ACCEPTED: dict[tuple[str, str, str], str] = {}
+# Variants known to spill (reported, not failed, by the compile check).
+SPILLS_ACCEPTED: dict[tuple[str, str, str], str] = {
+    ("forward_gru", "fp32", "BLOCK_H=64 resident"): "64-104 B at 255 registers on sm_80 / sm_90 with lengths and "
+    "reset (the three fp32 W_hh blocks and the state; LSTM's four do not spill): to time on a card against "
+    "the streamed config before changing RESIDENT_MAX",
+}
 
 
 # Kernel arguments that are integers, and pointers in the input dtype (the other pointers are in

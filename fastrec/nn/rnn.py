@@ -14,7 +14,9 @@ fastrec extensions, keyword-only on ``forward`` (padded, batched input):
 ``h_n`` is each row's state at its own last step (the reverse direction starts there), as if
 the batch had been packed. ``reset`` bool ``(B, T)`` if ``batch_first`` else ``(T, B)``: the
 hidden (and cell) state of row b restarts at zero before step t where set, for
-session-parallel batches. Both always run the fused path (torch has no such options).
+session-parallel batches. Both always run the fused path (torch has no such options); a
+``lengths`` tensor on the input's device is checked there, with no host sync, and under CUDA
+autocast the Triton recurrence runs in the autocast dtype.
 """
 
 from __future__ import annotations

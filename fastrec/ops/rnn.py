@@ -19,7 +19,8 @@ row's state before step t. The workspace is ``(.., K*H)`` fp32 (fp64 for fp64), 
 (tanh/relu), 5 (gru), 6 (lstm). ``c_n`` is a ``(0, 0)`` tensor for non-LSTM modes.
 
 Packed input is the cheap case: the projection GEMMs run over the N = sum(lengths) real rows
-only, and the recurrence steps only the ``batch_sizes[t]`` rows still running at step t.
+only, and the recurrence steps only the ``batch_sizes[t]`` rows still running at step t (both
+backends: the Triton kernels take the packed layout natively, ``batch_sizes`` on the CPU).
 """
 
 from __future__ import annotations
