@@ -19,7 +19,10 @@
   padding) forward+backward against SDPA + mask, dropout 0 and 0.2, eager and with both sides
   captured as CUDA graphs; bf16 GRU B=128 T=50 H=64 forward+backward against torch's nn.GRU in
   bf16 and in fp32 (cuDNN, weights flattened); packed GRU (lengths uniform in [1, T]) with the
-  Triton kernel forced and as routed, against cuDNN packed; ``recommend()`` at batch 1 of SASRec
+  Triton kernel forced and as routed, against cuDNN packed (bf16 and fp32); the padded GRU with
+  device lengths (Triton, its last state) against cuDNN padded + gather; a GRU4Rec training step
+  with its GRU on the Triton route against the cuDNN route and the torch backend (fp32 and
+  autocast bf16); ``recommend()`` at batch 1 of SASRec
   and GRU4Rec, fastrec backend against torch backend, eager, and with
   ``fastrec.graphs.capture_recommend`` (fastrec captured against torch eager and torch captured).
   Each figure names what ran (``fastrec.stats()``).
@@ -32,6 +35,7 @@ Usage: python benchmarks/gpu_diagnostics.py [--sections steps,kernels,convpaths,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
@@ -394,6 +398,118 @@ def gru_bar(figures: list, tiny: bool, rounds: int, calls: int) -> None:
     ran = {name: _ran(fn) for name, fn in fns.items()}
     ms = _interleaved_ms(fns, rounds, calls)
     _record(figures, f"GRU packed fwd+bwd, triton forced, {shape}", ms, ran, ("nn.GRU", "nn.GRU fp32"))
+    gru_lengths_rows(figures, (ref, ours, fp32), (data, idx, lengths), tiny, rounds, calls)
+
+
+def gru_lengths_rows(figures: list, modules: tuple, packed_input: tuple, tiny: bool, rounds: int, calls: int) -> None:
+    """The rows that decide the routes rnn-packed-cuda and rnn-fp32-cuda (with GRU4Rec's
+    rnn_lengths): packed fp32 (the Triton packed layout forced against cuDNN packed), and the
+    padded batch with device lengths (the Triton recurrence forced, its h_n the last real output)
+    against cuDNN's padded GRU and a gather, fp32 and 16-bit."""
+    from fastrec import backends
+
+    ref, ours, fp32 = modules
+    data, idx, lengths = packed_input
+    ours32 = copy.deepcopy(fp32)
+    fastrec.patch(ours32)
+    dtype = ref.weight_hh_l0.dtype
+    batch, steps, hidden = (3, 5, 8) if tiny else (128, 50, 64)
+
+    def packed(module, force=None):
+        def run():
+            with backends.use_backend(force) if force else contextlib.nullcontext():
+                out = module(torch.nn.utils.rnn.PackedSequence(data[torch.float32], *idx))[0].data
+            return torch.autograd.grad(out, (data[torch.float32], *module.parameters()), torch.ones_like(out))
+
+        return run
+
+    fns = {"fastrec": packed(ours32, "triton"), "nn.GRU fp32": packed(fp32)}
+    ran = {name: _ran(fn) for name, fn in fns.items()}
+    ms = _interleaved_ms(fns, rounds, calls)
+    shape = f"B={batch} T={steps} H={hidden}, lengths uniform 1..{steps}"
+    _record(figures, f"GRU packed fwd+bwd, triton forced, float32 {shape}", ms, ran, ("nn.GRU fp32",))
+
+    lens = lengths.to(DEVICE)
+    rows = torch.arange(batch, device=DEVICE)
+    xs = {
+        dt: torch.randn(batch, steps, hidden, device=DEVICE, dtype=dt, requires_grad=True)
+        for dt in {dtype, torch.float32}
+    }
+
+    def last_state(module, dt, force=None):  # fastrec: the recurrence stops at each row's length
+        def run():
+            with backends.use_backend(force) if force else contextlib.nullcontext():
+                h = module(xs[dt], lengths=lens)[1][-1]
+            return torch.autograd.grad(h, (xs[dt], *module.parameters()), torch.ones_like(h))
+
+        return run
+
+    def gathered(module, dt):  # torch: the padded GRU, then the output at each row's last item
+        def run():
+            h = module(xs[dt])[0][rows, lens - 1]
+            return torch.autograd.grad(h, (xs[dt], *module.parameters()), torch.ones_like(h))
+
+        return run
+
+    for dt, fast, cudnn in ((torch.float32, ours32, fp32), (dtype, ours, ref)):
+        fns = {"fastrec": last_state(fast, dt, "triton"), "cudnn+gather": gathered(cudnn, dt)}
+        if dt != torch.float32:
+            fns["cudnn+gather fp32"] = gathered(fp32, torch.float32)
+        ran = {name: _ran(fn) for name, fn in fns.items()}
+        ms = _interleaved_ms(fns, rounds, calls)
+        against = tuple(name for name in fns if name != "fastrec")
+        bar = f"GRU padded with device lengths, last state fwd+bwd, triton forced, {str(dt)[6:]} {shape}"
+        _record(figures, bar, ms, ran, against)
+
+
+def gru4rec_step_bar(figures: list, tiny: bool, rounds: int, calls: int) -> None:
+    """GRU4Rec training step (loss forward + backward + Adam) at ML-100K's shapes (B=512, T=50,
+    1,682 items), fastrec backend with its GRU on the Triton recurrence with device lengths
+    (``routing.rnn_lengths`` off) against the same backend on cuDNN + gather (the route on) and
+    the torch backend, fp32 and autocast bf16: the figures that decide the rnn_lengths route."""
+    from fastrec import routing
+    from fastrec.models import GRU4Rec, ModelInput
+
+    n_items, batch, steps = (50, 4, 8) if tiny else (1682, 512, 50)
+    models, optims = {}, {}
+    for backend in ("fastrec", "torch"):
+        torch.manual_seed(0)
+        models[backend] = GRU4Rec(n_items, backend=backend, max_len=steps).to(DEVICE).train()
+        optims[backend] = torch.optim.Adam(models[backend].parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, steps + 1, (batch,), generator=gen)
+    items = torch.randint(1, n_items + 1, (batch, steps), generator=gen)
+    items[torch.arange(steps)[None, :] >= lengths[:, None]] = 0
+    batch_in = ModelInput(
+        items.to(DEVICE), lengths.to(DEVICE), None, torch.randint(1, n_items + 1, (batch,), generator=gen).to(DEVICE)
+    )
+    routes = {"triton": lambda x: None, "cudnn": lambda x: "cudnn and a gather", None: routing.rnn_lengths}
+
+    def step(backend, route, amp):
+        def run():
+            routing.rnn_lengths = routes[route]  # what GRU4Rec.forward asks
+            try:
+                with torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext():
+                    loss = models[backend].loss(batch_in)
+                loss.backward()
+                optims[backend].step()
+                optims[backend].zero_grad(set_to_none=True)
+            finally:
+                routing.rnn_lengths = routes[None]
+
+        return run
+
+    for amp in (False,) if DEVICE != "cuda" else (False, True):
+        fns = {
+            "fastrec": step("fastrec", "triton", amp),
+            "fastrec cudnn route": step("fastrec", "cudnn", amp),
+            "fastrec routed": step("fastrec", None, amp),
+            "torch": step("torch", None, amp),
+        }
+        ran = {name: _ran(fn) for name, fn in fns.items()}
+        ms = _interleaved_ms(fns, rounds, calls)
+        bar = f"GRU4Rec train step, triton GRU route forced, {'autocast bf16' if amp else 'fp32'} B={batch} T={steps}"
+        _record(figures, bar, ms, ran, ("fastrec cudnn route", "torch"))
 
 
 def recommend_bar(figures: list, tiny: bool, rounds: int, calls: int) -> None:
@@ -497,7 +613,7 @@ def bars_section(tiny: bool, json_path: str | None) -> None:
     print("\n== bars: wall ms per call, interleaved medians; ratio = fastest baseline / fastrec")
     rounds, calls = (2, 2) if tiny else (7, 20)
     figures: list[dict] = []
-    for bar in (attention_bar, gru_bar, recommend_bar, catalogue_bar):
+    for bar in (attention_bar, gru_bar, recommend_bar, gru4rec_step_bar, catalogue_bar):
         try:
             bar(figures, tiny, rounds, calls)
         except Exception as error:  # one failed bar must not cost the others

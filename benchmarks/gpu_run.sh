@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU run (docs/gpu-run.md): on a machine with CUDA, PyTorch and Triton installed and no
-# network, measure the bars (attention, GRU, packed GRU, recommend() at batch 1, the 1M-item loss
-# and top-k), one epoch per model, backend and eager / captured step, the conv dispatch table
-# and the benchmark table,
+# network, measure the bars (attention, GRU, packed GRU, GRU with device lengths, a GRU4Rec
+# training step per GRU route, recommend() at batch 1, the 1M-item loss and top-k), one epoch per
+# model, backend and eager / captured step, the conv dispatch table and the benchmark table,
 # writing to OUTDIR (default benchmarks/results/gpu-<date>-<card>/):
 #   env.log (nvidia-smi, install, the budget), bars.json and bars.log (gpu_diagnostics.py
 #   --sections bars), graphs.log (fastrec train --epochs 1 per model x backend x eager /

@@ -333,9 +333,14 @@ def _check_rnn_lengths(lengths: Tensor, x: Tensor, batch: int, steps: int) -> Te
     if _shape(lengths) != (batch,):
         raise ValueError(f"lengths must be (batch,) = ({batch},), got {_shape(lengths)}")
     if not torch.compiler.is_compiling() and lengths.numel() > 0:
-        low, high = int(lengths.min()), int(lengths.max())
-        if low < 1 or high > steps:
-            raise ValueError(f"lengths must lie in [1, T = {steps}], got values in [{low}, {high}]")
+        if lengths.device.type != "cpu":
+            # No host sync for device lengths: checked on the device (an error at the next sync);
+            # the kernels clamp them to [0, T] meanwhile.
+            torch._assert_async(((lengths >= 1) & (lengths <= steps)).all(), f"lengths must lie in [1, T = {steps}]")
+        else:
+            low, high = int(lengths.min()), int(lengths.max())
+            if low < 1 or high > steps:
+                raise ValueError(f"lengths must lie in [1, T = {steps}], got values in [{low}, {high}]")
     return lengths.to(device=x.device, dtype=torch.int32).contiguous()
 
 

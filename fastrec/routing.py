@@ -29,6 +29,7 @@ __all__ = [
     "RULES",
     "routes",
     "rnn",
+    "rnn_lengths",
     "rnn_cell",
     "dropout",
     "conv",
@@ -90,15 +91,16 @@ RNN_PACKED_CUDA = Rule(
     name="rnn-packed-cuda",
     op=_RNN_MODULES,
     device="cuda",
-    condition="PackedSequence input (the Triton path would pad and re-pack it; not measured against cuDNN's)",
-    reason="PackedSequence on CUDA (the Triton RNN has no packed layout yet)",
+    condition="PackedSequence input (the Triton recurrence steps the packed rows natively; not yet measured "
+    "against cuDNN's packed RNN)",
+    reason="PackedSequence on CUDA (cuDNN's packed RNN until a card measures the Triton packed layout against it)",
     measurement=None,
 )
 RNN_FP32_CUDA = Rule(
     name="rnn-fp32-cuda",
     op=_RNN_MODULES,
     device="cuda",
-    condition="padded float32 / float64 input",
+    condition="padded float32 / float64 input (also GRU4Rec's GRU with device lengths: cuDNN and a gather)",
     reason="cuDNN is faster there; the Triton recurrence wins in 16-bit",
     measurement=Measurement(
         *_H200_BENCH,
@@ -228,6 +230,16 @@ def rnn(mode: str, data: Tensor, packed: bool) -> str | None:
     if device == "cpu" and mode == "LSTM" and not packed and backends.forced() is None:
         return RNN_LSTM_CPU.reason
     return None
+
+
+def rnn_lengths(data: Tensor) -> str | None:
+    """The route of a padded CUDA recurrence whose caller can run it either way (GRU4Rec's fastrec
+    backend): cuDNN's padded RNN and a gather of each row's last output, or the Triton recurrence
+    with device ``lengths`` (its final state is that output; no host sync). ``rnn-fp32-cuda`` on
+    the dtype the recurrence runs in: autocast's when it is on (16-bit: Triton), else ``data``'s."""
+    if data.device.type != "cuda" or backends.forced() is not None:
+        return None
+    return _RNN_FP32_CUDA_STATS.get(backends.autocast_dtype("cuda") or data.dtype)
 
 
 def rnn_cell(x: Tensor) -> str | None:

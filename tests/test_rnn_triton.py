@@ -27,7 +27,7 @@ import pytest
 import torch
 from conftest import DEVICE
 from torch import Tensor
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from fastrec import backends
 from fastrec import functional as FF
@@ -373,3 +373,173 @@ def test_bad_arguments_name_the_argument():
     with pytest.raises(ValueError, match="c0"):
         gx4 = torch.randn(4, 2, 28, device=DEVICE)
         kernels.rnn_forward(gx4, h0, None, torch.randn(28, 7, device=DEVICE), None, None, None, "lstm", False)
+
+
+# --------------------------------------------------------------------------- packed layout
+def packed_result(module_cls, ref, packed, h0, c0, backend):
+    """A fastrec module with ``ref``'s weights on ``packed`` (a PackedSequence) under ``backend``:
+    [output data, h_n, (c_n), gradients of the packed data, h0, (c0) and every parameter] under
+    fixed upstream gradients."""
+    fast = module_cls(ref.input_size, ref.hidden_size, bidirectional=ref.bidirectional, **module_kwargs(ref))
+    fast = fast.to(device=packed.data.device, dtype=packed.data.dtype)
+    fast.load_state_dict(ref.state_dict())
+    data = packed.data.detach().clone().requires_grad_()
+    states = [t.detach().clone().requires_grad_() for t in (h0, c0) if t is not None]
+    hx = tuple(states) if len(states) == 2 else states[0]
+    with backends.use_backend(backend):
+        out, state = fast(PackedSequence(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices), hx)
+    outs = [out.data, *(state if isinstance(state, tuple) else (state,))]
+    gen = torch.Generator().manual_seed(1)
+    upstream = [torch.randn(o.shape, generator=gen, dtype=o.dtype).to(o.device) for o in outs]
+    grads = torch.autograd.grad(outs, [data, *states, *fast.parameters()], upstream)
+    return outs + list(grads)
+
+
+def module_kwargs(ref) -> dict:
+    return {"nonlinearity": ref.nonlinearity} if isinstance(ref, torch.nn.RNN) else {}
+
+
+FAST_CLASSES = {"tanh": fnn.RNN, "relu": fnn.RNN, "gru": fnn.GRU, "lstm": fnn.LSTM}
+
+
+@pytest.mark.parametrize("mode,hidden", [(m, 7) for m in MODES] + [("gru", 50), ("lstm", 50)])
+@pytest.mark.parametrize("enforce_sorted", [False, True])
+def test_packed_layout_matches_cpp_and_torch_modules(mode, hidden, enforce_sorted):
+    """The Triton kernels on the packed rows natively (no padding) == torch's module on the same
+    PackedSequence (float64, relative error <= 1e-12) == the C++ packed kernels: bidirectional,
+    lengths with ties and a row of length 1, h0 (c0) given; output, states and every gradient."""
+    ref = module_for(mode, 3, hidden, bidirectional=True).double()
+    lengths = torch.tensor([5, 1, 3, 3, 5]) if not enforce_sorted else torch.tensor([5, 5, 3, 3, 1])
+    x = torch.randn(5, 5, 3, dtype=torch.float64)
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=enforce_sorted).to(DEVICE)
+    h0 = torch.randn(2, 5, hidden, dtype=torch.float64, device=DEVICE)
+    c0 = torch.randn(2, 5, hidden, dtype=torch.float64, device=DEVICE) if mode == "lstm" else None
+    backends.stats(reset=True)
+    fast = packed_result(FAST_CLASSES[mode], ref, packed, h0, c0, "triton")
+    assert backends.stats(reset=True) == {("rnn", "triton", ""): 2}
+    expected = packed_result(FAST_CLASSES[mode], ref, packed, h0, c0, "torch")
+    for i, (a, b) in enumerate(zip(fast, expected, strict=True)):
+        assert a.shape == b.shape and rel_err(a, b) <= BOUND[torch.float64], (i, rel_err(a, b))
+    torch_outs = packed_result(
+        lambda *a, **k: module_for(mode, *a[:2], bidirectional=True), ref, packed, h0, c0, "torch"
+    )
+    for i, (a, b) in enumerate(zip(fast, torch_outs, strict=True)):
+        assert rel_err(a, b) <= BOUND[torch.float64], ("torch.nn", i, rel_err(a, b))
+    if rnn_ops.HAVE_CPP and DEVICE.type == "cpu":
+        cpp = packed_result(FAST_CLASSES[mode], ref, packed, h0, c0, "cpp")
+        for i, (a, b) in enumerate(zip(fast, cpp, strict=True)):
+            assert rel_err(a, b) <= BOUND[torch.float64], ("cpp", i, rel_err(a, b))
+
+
+def test_packed_layout_runs_no_padding_copies(monkeypatch):
+    """The packed triton path calls neither pad_packed_sequence nor pack_padded_sequence."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("packed input went through padding")
+
+    monkeypatch.setattr(rnn_ops, "pad_packed_sequence", fail)
+    monkeypatch.setattr(rnn_ops, "pack_padded_sequence", fail)
+    gru = fnn.GRU(3, 7).to(DEVICE)
+    packed = pack_padded_sequence(torch.randn(4, 3, 3), torch.tensor([4, 2, 1]), enforce_sorted=False).to(DEVICE)
+    out, h_n = gru(packed)
+    out.data.sum().backward()
+    assert out.data.shape == (7, 7) and h_n.shape == (1, 3, 7)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_packed_gradcheck_float64(mode):
+    """gradcheck of one reverse layer through the packed Triton kernels (float64, tiny)."""
+    tensors = layer_args(mode, 3, 3, 2, 3)
+    batch_sizes = torch.tensor([3, 2, 1])  # lengths 3, 2, 1
+    x = tensors[0].reshape(9, 2)[:6].detach()
+    inputs = [t.requires_grad_() for t in (x, *tensors[1:]) if t is not None]
+
+    def fn(*args):
+        it = iter(args)
+        x, h0 = next(it), next(it)
+        c0 = next(it) if mode == "lstm" else None
+        w_ih, w_hh, b_ih, b_hh = it
+        out, h_n, c_n = rnn_ops.rnn_layer(
+            x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, None, mode, True, batch_sizes=batch_sizes
+        )
+        return (out, h_n, c_n) if mode == "lstm" else (out, h_n)
+
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
+
+
+@pytest.mark.parametrize("mode", ["gru", "lstm"])
+def test_device_lengths_padded_path_equals_the_packed_result(mode):
+    """functional.rnn with ``lengths`` as a tensor on the input's device (no host sync) gives the
+    packed result: h_n (the state at each row's last step) and the real rows of the output."""
+    module = module_for(mode, 3, 7, bidirectional=True).to(DEVICE)
+    x = torch.randn(4, 6, 3, device=DEVICE)
+    lengths = torch.tensor([6, 2, 2, 1], device=DEVICE)
+    out, h_n, _ = FF.rnn(x, weights_of(module), mode=mode, bidirectional=True, batch_first=True, lengths=lengths)
+    packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+    p_out, p_h, _ = FF.rnn_packed(packed.data, packed.batch_sizes, weights_of(module), mode=mode, bidirectional=True)
+    p_out, _ = pad_packed_sequence(PackedSequence(p_out, packed.batch_sizes), batch_first=True)
+    torch.testing.assert_close(out, p_out[packed.unsorted_indices], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h_n, p_h[:, packed.unsorted_indices], rtol=1e-5, atol=1e-6)
+
+
+def test_bad_packed_batch_sizes_name_the_argument():
+    gx = torch.randn(6, 3 * 7, device=DEVICE)
+    h0 = torch.zeros(3, 7, device=DEVICE)
+    w_hh = torch.randn(21, 7, device=DEVICE)
+    from fastrec.kernels import rnn as kernels
+
+    for bad, message in [
+        (torch.tensor([2, 3, 1]), "non-increasing"),
+        (torch.tensor([3, 2, 2]), "sum to the 6"),
+        (torch.tensor([3.0, 2.0, 1.0]), "batch_sizes must be a 1-D int64"),
+    ]:
+        with pytest.raises((ValueError, TypeError), match=message):
+            kernels.rnn_forward(gx, h0, None, w_hh, None, None, None, "gru", False, batch_sizes=bad)
+    with pytest.raises(ValueError, match="lengths and reset cannot be combined"):
+        lengths = torch.ones(3, dtype=torch.int32, device=DEVICE)
+        kernels.rnn_forward(gx, h0, None, w_hh, None, lengths, None, "gru", False, batch_sizes=torch.tensor([3, 2, 1]))
+
+
+# --------------------------------------------------------------------------- GRU4Rec on the Triton path
+def test_gru4rec_forced_triton_runs_the_lengths_path_and_matches_the_torch_backend():
+    """The fastrec backend under the forced triton backend runs the GRU with the device lengths
+    (what CUDA runs; no packing, no gather): forward and every gradient == the torch backend."""
+    from fastrec.models import GRU4Rec, ModelInput
+
+    torch.manual_seed(0)
+    fast = GRU4Rec(30, dim=8, hidden=12, n_layers=2, dropout=0.0, max_len=6, backend="fastrec").to(DEVICE)
+    torch.manual_seed(0)
+    plain = GRU4Rec(30, dim=8, hidden=12, n_layers=2, dropout=0.0, max_len=6, backend="torch").to(DEVICE)
+    items = torch.randint(1, 31, (5, 6), device=DEVICE)
+    lengths = torch.tensor([6, 1, 3, 3, 5], device=DEVICE)
+    items[torch.arange(6, device=DEVICE)[None, :] >= lengths[:, None]] = 0
+    batch = ModelInput(items, lengths)
+    backends.stats(reset=True)
+    out = fast(batch)
+    assert backends.stats(reset=True) == {("rnn", "triton", ""): 2}  # two layers, no packing, no gather
+    with backends.use_backend("torch"):
+        expected = plain(batch)
+    upstream = torch.randn_like(out)
+    grads = torch.autograd.grad(out, list(fast.parameters()), upstream)
+    with backends.use_backend("torch"):
+        expected_grads = torch.autograd.grad(expected, list(plain.parameters()), upstream)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    for (name, _), a, b in zip(fast.named_parameters(), grads, expected_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_gru4rec_forced_triton_under_autocast_runs_the_recurrence_in_bfloat16():
+    """Under autocast the lengths path casts input, states and weights to the autocast dtype (the
+    Triton recurrence runs 16-bit) instead of failing on mixed dtypes; close to the fp32 result."""
+    from fastrec.models import GRU4Rec, ModelInput
+
+    torch.manual_seed(0)
+    model = GRU4Rec(30, dim=8, hidden=12, dropout=0.0, max_len=6, backend="fastrec").to(DEVICE)
+    items = torch.randint(1, 31, (4, 6), device=DEVICE)
+    batch = ModelInput(items, torch.tensor([6, 2, 4, 1], device=DEVICE))
+    reference = model(batch)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out = model(batch)
+    out.float().sum().backward()
+    assert model.gru.weight_hh_l0.grad is not None and model.gru.weight_hh_l0.grad.dtype == torch.float32
+    torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.05)

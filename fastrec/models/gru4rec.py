@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from fastrec import backends, routing
 from fastrec import functional as FF
 from fastrec import nn as fnn
 from fastrec.models.base import SequentialRecommender, check_positive
@@ -19,10 +20,12 @@ class GRU4Rec(SequentialRecommender):
 
     Padding: right, with ``lengths``; the representation is the GRU output at the last real
     item (steps after it never reach it). The fastrec backend runs the GRU on the packed batch
-    (its final state is that output, and no step of padding is computed) on the CPU; elsewhere,
-    and on the torch backend, the padded GRU runs (RecBole's way) and the output is gathered
-    (on CUDA packing costs a host sync for the lengths, and the padded GRU is what the fastrec
-    module routes: cuDNN in fp32, the Triton recurrence in 16-bit)."""
+    (its final state is that output, and no step of padding is computed) on the CPU; on CUDA
+    (and under the forced triton backend) the Triton recurrence with the device ``lengths``
+    (``fastrec.nn.GRU(x, lengths=...)``: its final state is that output, with no gather and no
+    host sync; under autocast it runs in the autocast dtype), unless the route
+    ``fastrec.routing.rnn_lengths`` sends it to cuDNN (fp32). Elsewhere, and on the torch
+    backend, the padded GRU runs (RecBole's way) and the output is gathered."""
 
     padding_side = "right"
 
@@ -57,10 +60,15 @@ class GRU4Rec(SequentialRecommender):
         if items.shape[1] > self.max_len:
             raise ValueError(f"items must have at most max_len = {self.max_len} columns, got {items.shape[1]}")
         x = self.dropout(self.item_embedding(items))
-        if self.backend == "fastrec" and x.device.type == "cpu":  # packed: no step of padding computed
-            packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-            _, h_n = self.gru(packed)
-            return self.projection(h_n[-1])
+        if self.backend == "fastrec":
+            triton = x.is_cuda or backends.forced() == "triton"
+            if x.device.type == "cpu" and not triton:  # packed: no step of padding computed
+                packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+                _, h_n = self.gru(packed)
+                return self.projection(h_n[-1])
+            if triton and routing.rnn_lengths(x) is None:  # stops at each row's length: h_n is the last output
+                _, h_n = self.gru(x, lengths=lengths)
+                return self.projection(h_n[-1])
         output, _ = self.gru(x)  # RecBole's way: the padded GRU, then the output at the last item
         last = output[torch.arange(items.shape[0], device=items.device), lengths - 1]
         return self.projection(last)

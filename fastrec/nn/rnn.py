@@ -14,7 +14,9 @@ fastrec extensions, keyword-only on ``forward`` (padded, batched input):
 ``h_n`` is each row's state at its own last step (the reverse direction starts there), as if
 the batch had been packed. ``reset`` bool ``(B, T)`` if ``batch_first`` else ``(T, B)``: the
 hidden (and cell) state of row b restarts at zero before step t where set, for
-session-parallel batches. Both always run the fused path (torch has no such options).
+session-parallel batches. Both always run the fused path (torch has no such options); a
+``lengths`` tensor on the input's device is checked there, with no host sync, and under CUDA
+autocast the Triton recurrence runs in the autocast dtype.
 """
 
 from __future__ import annotations
@@ -43,9 +45,12 @@ def _unfused_reason(module: torch.nn.RNNBase, input, hx) -> str | None:
         return f"no fused RNN kernel for {data.device.type} tensors"
     if not isinstance(data, Tensor) or data.is_nested:
         return "input is not a dense tensor"
-    if backends.autocast_dtype(data.device.type) is not None:
+    if backends.autocast_dtype(data.device.type) is not None and (
+        backends.forced() != "triton" or _autocast_to(data) is None
+    ):
         # The fused recurrence takes one dtype for input, states and weights; under autocast its
-        # input projection would come out in the autocast dtype and the states not.
+        # input projection would come out in the autocast dtype and the states not. The forced
+        # Triton recurrence (and ``lengths`` / ``reset`` on CUDA) runs in the autocast dtype.
         return "autocast enabled"
     if not packed and data.dim() not in (2, 3):
         return "input rank"  # torch raises its own error
@@ -63,6 +68,16 @@ def _unfused_reason(module: torch.nn.RNNBase, input, hx) -> str | None:
     return routing.rnn(module.mode, data, packed)
 
 
+def _autocast_to(data: Tensor) -> torch.dtype | None:
+    """The dtype the fused path casts input, states and weights to under autocast, or None: the
+    16-bit autocast dtype on CUDA tensors or under the forced triton backend (the Triton
+    recurrence runs 16-bit); the C++ kernels compute in fp32 / fp64 and take no cast."""
+    dtype = backends.autocast_dtype(data.device.type)
+    if dtype not in (torch.float16, torch.bfloat16) or data.dtype not in (torch.float32, torch.float64):
+        return None
+    return dtype if data.device.type == "cuda" or backends.forced() == "triton" else None
+
+
 def _weights(module: torch.nn.RNNBase) -> list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]]:
     dirs = 2 if module.bidirectional else 1
     out = []
@@ -76,11 +91,25 @@ def _weights(module: torch.nn.RNNBase) -> list[tuple[Tensor, Tensor, Tensor | No
     return out
 
 
+def _cast(weights, hx, dtype: torch.dtype):
+    """Weights and states in ``dtype`` (autocast's; the casts are differentiable, as autocast's)."""
+    cast = lambda t: t.to(dtype) if t is not None else None
+    weights = [tuple(cast(w) for w in ws) for ws in weights]
+    hx = tuple(cast(t) for t in hx) if isinstance(hx, tuple) else cast(hx)
+    return weights, hx
+
+
 def _fused_forward(module: torch.nn.RNNBase, input, hx, lengths=None, reset=None):
     """Returns ``(output, h_n, c_n or None)`` in torch's forms."""
     if getattr(module, "proj_size", 0):
         raise ValueError("lengths and reset are not supported with proj_size != 0")
     mode = _MODES[module.mode]
+    weights = _weights(module)
+    data = input.data if isinstance(input, PackedSequence) else input
+    dtype = _autocast_to(data) if isinstance(data, Tensor) else None
+    if dtype is not None:
+        weights, hx = _cast(weights, hx, dtype)
+        input = input.to(dtype)
     h0, c0 = hx if isinstance(hx, tuple) else (hx, None)
     if mode != "lstm" and isinstance(hx, tuple):
         raise TypeError(f"{type(module).__name__} expects hx as a Tensor, got a tuple")
@@ -100,7 +129,7 @@ def _fused_forward(module: torch.nn.RNNBase, input, hx, lengths=None, reset=None
         if order is not None:
             h0 = h0.index_select(1, order) if h0 is not None else None
             c0 = c0.index_select(1, order) if c0 is not None else None
-        out, h_n, c_n = FF.rnn_packed(input.data, input.batch_sizes, _weights(module), h0, c0, **kwargs)
+        out, h_n, c_n = FF.rnn_packed(input.data, input.batch_sizes, weights, h0, c0, **kwargs)
         if unorder is not None:
             h_n = h_n.index_select(1, unorder)
             c_n = c_n.index_select(1, unorder) if c_n is not None else None
@@ -114,7 +143,7 @@ def _fused_forward(module: torch.nn.RNNBase, input, hx, lengths=None, reset=None
         c0 = c0.unsqueeze(1) if c0 is not None else None
     out, h_n, c_n = FF.rnn(
         input,
-        _weights(module),
+        weights,
         h0,
         c0,
         batch_first=module.batch_first and batched,

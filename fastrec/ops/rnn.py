@@ -19,7 +19,8 @@ row's state before step t. The workspace is ``(.., K*H)`` fp32 (fp64 for fp64), 
 (tanh/relu), 5 (gru), 6 (lstm). ``c_n`` is a ``(0, 0)`` tensor for non-LSTM modes.
 
 Packed input is the cheap case: the projection GEMMs run over the N = sum(lengths) real rows
-only, and the recurrence steps only the ``batch_sizes[t]`` rows still running at step t.
+only, and the recurrence steps only the ``batch_sizes[t]`` rows still running at step t (both
+backends: the Triton kernels take the packed layout natively, ``batch_sizes`` on the CPU).
 """
 
 from __future__ import annotations
@@ -150,11 +151,13 @@ def rnn_forward_triton(
     mode: str,
     reverse: bool,
     allow_tf32: bool,
+    batch_sizes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``rnn_forward_cpp``'s contract on the Triton kernels (``allow_tf32``: fp32 dots may use TF32)."""
+    """``rnn_forward_cpp``'s contract on the Triton kernels, time-major or packed (``batch_sizes``
+    on the CPU, as PackedSequence holds it); ``allow_tf32``: fp32 dots may use TF32."""
     from fastrec.kernels import rnn as kernels
 
-    return kernels.rnn_forward(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse, allow_tf32)
+    return kernels.rnn_forward(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse, allow_tf32, batch_sizes)
 
 
 @backends.triton_op("rnn_backward_triton")
@@ -172,33 +175,50 @@ def rnn_backward_triton(
     mode: str,
     reverse: bool,
     allow_tf32: bool,
+    batch_sizes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``rnn_backward_cpp``'s contract on the Triton kernels."""
+    """``rnn_backward_cpp``'s contract on the Triton kernels, time-major or packed."""
     from fastrec.kernels import rnn as kernels
 
     return kernels.rnn_backward(
-        grad_out, grad_h_n, grad_c_n, workspace, w_hh, b_hh, h0, c0, lengths, reset, mode, reverse, allow_tf32
+        grad_out,
+        grad_h_n,
+        grad_c_n,
+        workspace,
+        w_hh,
+        b_hh,
+        h0,
+        c0,
+        lengths,
+        reset,
+        mode,
+        reverse,
+        allow_tf32,
+        batch_sizes,
     )
 
 
 @rnn_forward_triton.register_fake
-def _fake_forward_triton(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse, allow_tf32):
-    return _fake_forward(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse)
+def _fake_forward_triton(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse, allow_tf32, batch_sizes=None):
+    return _fake_forward(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse, batch_sizes=batch_sizes)
 
 
 @rnn_backward_triton.register_fake
 def _fake_backward_triton(*args):
-    return _fake_backward(*args[:-1])
+    return _fake_backward(*args[:12])
 
 
-def _forward_triton(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse):
-    return rnn_forward_triton(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse, backends.allow_tf32(gx))
+def _forward_triton(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse, batch_sizes):
+    tf32 = backends.allow_tf32(gx)
+    return rnn_forward_triton(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse, tf32, batch_sizes)
 
 
-def _backward_triton(grad_out, grad_h_n, grad_c_n, workspace, w_hh, b_hh, h0, c0, lengths, reset, mode, reverse):
+def _backward_triton(
+    grad_out, grad_h_n, grad_c_n, workspace, w_hh, b_hh, h0, c0, lengths, reset, mode, reverse, batch_sizes
+):
     tf32 = backends.allow_tf32(h0)
     return rnn_backward_triton(
-        grad_out, grad_h_n, grad_c_n, workspace, w_hh, b_hh, h0, c0, lengths, reset, mode, reverse, tf32
+        grad_out, grad_h_n, grad_c_n, workspace, w_hh, b_hh, h0, c0, lengths, reset, mode, reverse, tf32, batch_sizes
     )
 
 
@@ -215,8 +235,8 @@ def _project(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
 
 class RNNLayerFunction(torch.autograd.Function):
     """One layer, one direction; the input projection and the weight gradients as big GEMMs
-    over the real rows. ``backend`` "cpp" takes any of the three layouts; "triton" is
-    time-major only (``rnn_layer`` converts other layouts with ``time_major_call``)."""
+    over the real rows. ``backend`` "cpp" takes any of the three layouts; "triton" time-major
+    or packed (``rnn_layer`` transposes batch-first input with ``time_major_call``)."""
 
     @staticmethod
     def forward(
@@ -224,7 +244,9 @@ class RNNLayerFunction(torch.autograd.Function):
     ):
         gx = _project(x, w_ih, b_ih)
         if backend == "triton":
-            out, h_n, c_n, workspace = _forward_triton(gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse)
+            out, h_n, c_n, workspace = _forward_triton(
+                gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse, batch_sizes
+            )
         else:
             out, h_n, c_n, workspace = torch.ops.fastrec.rnn_forward_cpp(
                 gx, h0, c0, w_hh, b_hh, lengths, reset, mode, reverse, batch_first, batch_sizes
@@ -243,7 +265,7 @@ class RNNLayerFunction(torch.autograd.Function):
         grads = (grad_out.contiguous(), grad_h_n.contiguous(), grad_c_n.contiguous() if mode == "lstm" else None)
         state = (workspace, w_hh, b_hh, h0, c0, lengths, reset, mode, reverse)
         if backend == "triton":
-            grad_gx, grad_gh, grad_h0, grad_c0, hprev = _backward_triton(*grads, *state)
+            grad_gx, grad_gh, grad_h0, grad_c0, hprev = _backward_triton(*grads, *state, batch_sizes)
         else:
             grad_gx, grad_gh, grad_h0, grad_c0, hprev = torch.ops.fastrec.rnn_backward_cpp(
                 *grads, *state, batch_first, batch_sizes
@@ -318,8 +340,10 @@ def rnn_layer(
             return out, h_n, c_n
         return RNNLayerFunction.apply(*args, batch_first, batch_sizes, "cpp")
     if backend == "triton":
+        if batch_sizes is not None:  # the packed layout natively: no pad / unpad copies
+            return RNNLayerFunction.apply(*args, False, batch_sizes, "triton")
         fn = lambda *a: RNNLayerFunction.apply(*a, False, None, "triton")
-        return time_major_call(fn, *args, batch_first=batch_first, batch_sizes=batch_sizes)
+        return time_major_call(fn, *args, batch_first=batch_first, batch_sizes=None)
     return time_major_call(rnn_layer_torch, *args, batch_first=batch_first, batch_sizes=batch_sizes)
 
 
