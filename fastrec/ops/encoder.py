@@ -384,6 +384,8 @@ def train_unfused_reason(x: Tensor, weights: list[Tensor | None]) -> str | None:
         return TRAIN_CPU_REASON
     if x.dtype not in TRITON_DTYPES:
         return f"dtype {x.dtype}"
+    if x.numel() == 0:
+        return "empty input"
     if x.shape[-1] > 256:
         return "embed_dim > 256"
     if torch.compiler.is_compiling():
