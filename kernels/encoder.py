@@ -557,7 +557,7 @@ def kernel_variants() -> list[KernelVariant]:
                                 scalar_floats = {"eps1", "eps2", "p1", "pf", "p2"}
 
                                 def arg_type(arg: str, pointers=pointers, dt=dt, floats=scalar_floats) -> str:
-                                    if arg[0].isupper():
+                                    if arg[0].isupper() and arg not in ("M", "E", "F"):
                                         return "*" + pointers.get(arg, dt)
                                     return "fp32" if arg in floats or arg[:2] in ("f1", "ff", "f2") else "i32"
 
