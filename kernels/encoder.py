@@ -407,16 +407,18 @@ def partial_layout(embed: int, ff: int) -> list[tuple[str, tuple[int, ...]]]:
     ]
 
 
-def block_config(dtype: torch.dtype, embed: int, rows: int, interpreter: bool) -> tuple[int, int, int, int]:
+def block_config(
+    dtype: torch.dtype, embed: int, rows: int, interpreter: bool, backward: bool = False
+) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_E, BLOCK_F, num_warps). The interpreter's cost grows with programs, so it
-    takes big row blocks; on the GPU the row block shrinks as E grows (registers)."""
+    takes big row blocks; on the GPU the row block shrinks as E grows (registers: the backward
+    holds about ten (BLOCK_M, BLOCK_E) tiles)."""
     block_e = max(16, next_power_of_2(embed))
     if interpreter:
         return max(16, min(64, next_power_of_2(rows))), block_e, 32, 4
-    wide = dtype == torch.float64 or block_e >= 128
-    block_m = 16 if block_e >= 256 or (dtype == torch.float64 and block_e >= 128) else 32 if wide else 64
-    block_f = 32 if block_e >= 128 else 64
-    return block_m, block_e, block_f, 8 if block_e >= 128 else 4
+    wide = dtype == torch.float64 or block_e >= 128 or (backward and block_e >= 64)
+    block_m = 16 if wide else 32
+    return block_m, block_e, 32 if block_e <= 128 else 16, 8 if block_e >= 64 or backward else 4
 
 
 def _common_args(x, a, batch_major, weights, seeds, ps, eps, norm_first, gelu, allow_tf32):
@@ -503,7 +505,7 @@ def block_backward(
     rows, embed = x.shape
     ff = weights[4].shape[0]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    block_m, block_e, block_f, warps = block_config(x.dtype, embed, rows, x.device.type == "cpu")
+    block_m, block_e, block_f, warps = block_config(x.dtype, embed, rows, x.device.type == "cpu", True)
     programs = cdiv(rows, block_m)
     layout = partial_layout(embed, ff)
     total = sum(int(np.prod(shape)) for _, shape in layout)
@@ -546,7 +548,8 @@ def kernel_variants() -> list[KernelVariant]:
         pointers = {"Pre": acc, "Part": acc, "Seed1": "i64", "SeedF": "i64", "Seed2": "i64"}
         for name, fn in (("forward", _block_forward_kernel), ("backward", _block_backward_kernel)):
             for embed in EMBED_BUCKETS:
-                block_m, block_e, block_f, warps = block_config(torch_dtype, embed, 1 << 20, False)
+                backward = name == "backward"
+                block_m, block_e, block_f, warps = block_config(torch_dtype, embed, 1 << 20, False, backward)
                 for norm_first in (False, True):
                     for gelu in (False, True):
                         for dropout in (False, True):
