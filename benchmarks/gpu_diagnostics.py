@@ -609,11 +609,51 @@ def catalogue_bar(figures: list, tiny: bool, rounds: int, calls: int) -> None:
     _record(figures, f"top-10 batch 1, {str(dtype)[6:]} {items} items, d={dim}", ms, ran, ("torch",))
 
 
+def encoder_block_bar(figures: list, tiny: bool, rounds: int, calls: int) -> None:
+    """SASRec's block training step (E=64 H=2 F=256, GELU, post-norm, causal, dropout 0.2): the
+    fused encoder_layer op against the unfused fastrec layer and torch's layer (off CUDA: the
+    Triton kernels forced, in the interpreter)."""
+    from fastrec import backends
+
+    batch, length = (2, 8) if tiny else (256, 50)
+    embed, heads, ff = (16, 2, 32) if tiny else (64, 2, 256)
+    torch.manual_seed(0)
+    kwargs = dict(dropout=0.2, activation="gelu", batch_first=True, device=DEVICE)
+    ref = torch.nn.TransformerEncoderLayer(embed, heads, ff, **kwargs)
+    ours = fastrec.nn.TransformerEncoderLayer(embed, heads, ff, **kwargs)
+    ours.load_state_dict(ref.state_dict())
+    mask = torch.ones(length, length, dtype=torch.bool, device=DEVICE).triu(1)
+    x = torch.randn(batch, length, embed, device=DEVICE, requires_grad=True)
+    grad = torch.randn_like(x)
+    force = "triton" if DEVICE != "cuda" else None
+
+    def step(module, forward):
+        params = [x, *module.parameters()]
+
+        def run():
+            with backends.use_backend(force) if force else contextlib.nullcontext():
+                out = forward(module, x, src_mask=mask, is_causal=True)
+                return torch.autograd.grad(out, params, grad)
+
+        return run
+
+    fns = {
+        "fastrec": step(ours, lambda m, *a, **k: m(*a, **k)),
+        "fastrec unfused": step(ours, torch.nn.TransformerEncoderLayer.forward),
+        "nn.TransformerEncoderLayer": step(ref, lambda m, *a, **k: m(*a, **k)),
+    }
+    ran = {name: _ran(fn) for name, fn in fns.items()}
+    ms = _interleaved_ms(fns, rounds, calls)
+    shape = f"fp32 B={batch} L={length} E={embed} H={heads} F={ff} causal p=0.2"
+    _record(figures, f"SASRec block train step eager, {shape}", ms, ran, ("nn.TransformerEncoderLayer",))
+    _record(figures, f"SASRec block train step eager vs unfused fastrec, {shape}", ms, ran, ("fastrec unfused",))
+
+
 def bars_section(tiny: bool, json_path: str | None) -> None:
     print("\n== bars: wall ms per call, interleaved medians; ratio = fastest baseline / fastrec")
     rounds, calls = (2, 2) if tiny else (7, 20)
     figures: list[dict] = []
-    for bar in (attention_bar, gru_bar, recommend_bar, gru4rec_step_bar, catalogue_bar):
+    for bar in (attention_bar, encoder_block_bar, gru_bar, gru4rec_step_bar, recommend_bar, catalogue_bar):
         try:
             bar(figures, tiny, rounds, calls)
         except Exception as error:  # one failed bar must not cost the others

@@ -61,7 +61,9 @@ def test_transformer_encoder_layer_matches_torch(backend, norm_first):
     assert_module_matches(
         fast, ref, [torch.randn(3, length, EMBED)], (0,), src_mask=causal, src_key_padding_mask=kpm, is_causal=True
     )
-    assert fastrec.stats().get(("attention", backend, ""), 0) == 1, fastrec.stats()
+    # triton: the whole layer is the fused training op; elsewhere torch's forward with fastrec's attention
+    expected = ("encoder_layer", "triton", "") if backend == "triton" else ("attention", backend, "")
+    assert fastrec.stats().get(expected, 0) == 1, fastrec.stats()
 
 
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
@@ -294,6 +296,7 @@ def test_transformer_encoder_layer_inference_runs_the_serving_op(batch_first, no
     out = ours(x.float().requires_grad_())  # autograd needed: torch's forward with the fused attention
     out.sum().backward()
     assert not any(k[0] == "encoder" for k in fastrec.stats())
+    assert fastrec.stats()[("encoder_layer", "torch", encoder_ops.TRAIN_CPU_REASON)] == 1
 
 
 # --------------------------------------------------------------------------- op dispatch, torch composite
@@ -382,3 +385,173 @@ def test_sasrec_serve_matches_forward_on_every_backend(backend, padding_side):
         got = model.serve(batch)
     assert ("encoder", backend, "") in fastrec.stats(), fastrec.stats()
     assert_rel_close(got, expected, "serve against forward")
+
+
+# --------------------------------------------------------------------------- fused training op (triton)
+# E = 24 (not a power of two: BLOCK_E 32, masked), F = 40 (not a multiple of the 32-wide chunk).
+T_EMBED, T_HEADS, T_FF, T_LEN = 24, 2, 40, 7
+T_LENGTHS = torch.tensor([7, 3, 5])
+
+
+@pytest.fixture
+def triton_backend():
+    yield from run_forced("triton")
+
+
+def _layer(cls, dropout: float, **kwargs) -> torch.nn.TransformerEncoderLayer:
+    torch.manual_seed(3)
+    return perturb(cls(T_EMBED, T_HEADS, T_FF, dropout=dropout, **kwargs))
+
+
+def _grads(layer, x, grad_out, forward=None, **kwargs):
+    """Output and the gradients of x and every parameter (by name), from ``layer(x, **kwargs)``
+    (or ``forward(layer, x, **kwargs)``)."""
+    x = x.detach().requires_grad_()
+    out = forward(layer, x, **kwargs) if forward is not None else layer(x, **kwargs)
+    names = ["x"] + [n for n, _ in layer.named_parameters()]
+    grads = torch.autograd.grad(out, [x, *layer.parameters()], grad_out)
+    return out.detach(), dict(zip(names, grads, strict=True))
+
+
+@pytest.mark.parametrize(
+    "norm_first, activation, batch_first, masks, bias",
+    [
+        (False, "gelu", True, "causal+padding", True),  # SASRec
+        (False, "gelu", False, "padding", True),  # BERT4Rec: bidirectional, sequence-first
+        (True, "relu", True, "causal", True),
+        (False, "relu", True, "none", False),
+        (True, "gelu", False, "padding", False),
+    ],
+)
+def test_fused_layer_matches_torch_layer(triton_backend, norm_first, activation, batch_first, masks, bias):
+    """The fused training op (forced triton) in fp32 against torch's layer in float64, dropout 0:
+    the output and the gradients of x, in_proj, out_proj, linear1/2 and norm1/2 (weights and
+    biases), with a random upstream gradient."""
+    kwargs = dict(activation=activation, batch_first=batch_first, norm_first=norm_first, bias=bias)
+    ref = _layer(torch.nn.TransformerEncoderLayer, 0.0, **kwargs).double()
+    fast = fnn.TransformerEncoderLayer(T_EMBED, T_HEADS, T_FF, dropout=0.0, **kwargs)
+    fast.load_state_dict(ref.state_dict())
+    fast.float()
+    x = torch.randn(3, T_LEN, T_EMBED, dtype=torch.float64)
+    x = x if batch_first else x.transpose(0, 1).contiguous()
+    call = {}
+    if "causal" in masks:
+        call.update(src_mask=torch.ones(T_LEN, T_LEN, dtype=torch.bool).triu(1), is_causal=True)
+    if "padding" in masks:
+        call["src_key_padding_mask"] = torch.arange(T_LEN) >= T_LENGTHS[:, None]
+    grad_out = torch.randn(x.shape, dtype=torch.float64)
+    want, want_grads = _grads(ref, x, grad_out, **call)
+    fastrec.stats(reset=True)
+    got, got_grads = _grads(fast, x.float(), grad_out.float(), **call)
+    assert fastrec.stats() == {("encoder_layer", "triton", ""): 1}, fastrec.stats()
+    assert_rel_close(got, want, "output")
+    assert len(got_grads) == (13 if bias else 7)
+    for name, grad in got_grads.items():
+        assert_rel_close(grad, want_grads[name], f"grad of {name}")
+
+
+@pytest.mark.parametrize("norm_first, batch_first", [(False, True), (True, False)])
+def test_fused_layer_with_dropout_draws_the_unfused_fastrec_layers_masks(triton_backend, norm_first, batch_first):
+    """Dropout p = 0.3 (attention, dropout1, the feed-forward dropout, dropout2): the fused op and
+    the unfused fastrec layer (torch's forward over fastrec's attention and Dropout, Philox masks)
+    from the same torch seed draw the same masks: float64 output and every gradient equal to
+    1e-12; another seed gives another output."""
+    kwargs = dict(activation="gelu", batch_first=batch_first, norm_first=norm_first)
+    layer = _layer(fnn.TransformerEncoderLayer, 0.3, **kwargs).double().train()
+    x = torch.randn(3, T_LEN, T_EMBED, dtype=torch.float64)
+    x = x if batch_first else x.transpose(0, 1).contiguous()
+    call = dict(src_mask=torch.ones(T_LEN, T_LEN, dtype=torch.bool).triu(1), is_causal=True)
+    call["src_key_padding_mask"] = torch.arange(T_LEN) >= T_LENGTHS[:, None]
+    grad_out = torch.randn(x.shape, dtype=torch.float64)
+    torch.manual_seed(7)
+    fastrec.stats(reset=True)
+    got, got_grads = _grads(layer, x, grad_out, **call)
+    assert fastrec.stats()[("encoder_layer", "triton", "")] == 1
+    torch.manual_seed(7)
+    fastrec.stats(reset=True)
+    unfused = torch.nn.TransformerEncoderLayer.forward  # torch's forward over fastrec's ops
+    want, want_grads = _grads(layer, x, grad_out, forward=unfused, **call)
+    assert not any(key[0] == "encoder_layer" for key in fastrec.stats()), fastrec.stats()
+    assert fastrec.stats()[("dropout", "triton", "")] == 3
+    assert_rel_close(got, want, "output", bound=1e-12)
+    for name, grad in got_grads.items():
+        assert_rel_close(grad, want_grads[name], f"grad of {name}", bound=1e-12)
+    torch.manual_seed(8)
+    other, _ = _grads(layer, x, grad_out, **call)
+    assert (other - got).norm() > 1e-2 * got.norm(), "another seed should draw other masks"
+
+
+def test_fused_layer_op_matches_its_torch_reference_and_gradcheck(triton_backend):
+    """The op on the triton backend against its torch reference (forced torch) with the same seed
+    (dropout on, per-row lengths, pre-norm), and ``gradcheck`` in float64 through the kernels with
+    the seeds fixed (fast mode, tiny shape)."""
+    torch.manual_seed(0)
+    layer = _layer(torch.nn.TransformerEncoderLayer, 0.0, batch_first=True, norm_first=True).double()
+    weights = encoder_layer_weights(layer)
+    x = torch.randn(3, T_LEN, T_EMBED, dtype=torch.float64)
+    args = (T_HEADS, 1e-5, 1e-5, True, True, False, None, T_LENGTHS, (0.2, 0.3, 0.1), 0.25, True)
+    outs = []
+    for backend in ("triton", "torch"):
+        with fastrec.use_backend(backend):
+            torch.manual_seed(1)
+            outs.append(encoder_ops.encoder_layer(x, weights, *args))
+    assert_rel_close(outs[0], outs[1], "triton against the torch reference", bound=1e-12)
+
+    small = perturb(torch.nn.TransformerEncoderLayer(16, 2, 20, batch_first=True)).double()
+    weights = [w.detach().clone().requires_grad_() for w in encoder_layer_weights(small)]
+    x = torch.randn(2, 3, 16, dtype=torch.float64, requires_grad=True)
+    seeds = [torch.tensor([s], dtype=torch.int64) for s in (11, 12, 13, 14)]
+    config = (2, 1e-5, 1e-5, True, False, True, (0.2, 0.2, 0.2), 0.2, True)
+
+    def fn(x, *weights):
+        return encoder_ops.EncoderLayerFunction.apply(config, x, None, None, *seeds, *weights)
+
+    assert torch.autograd.gradcheck(fn, (x, *weights), fast_mode=True)
+
+
+def test_fused_layer_rejects_bad_arguments_naming_them(triton_backend):
+    layer = torch.nn.TransformerEncoderLayer(T_EMBED, T_HEADS, T_FF, batch_first=True)
+    weights = encoder_layer_weights(layer)
+    x = torch.randn(3, T_LEN, T_EMBED)
+    call = lambda x=x, weights=weights, heads=T_HEADS, **kw: encoder_ops.encoder_layer(  # noqa: E731
+        x, weights, heads, 1e-5, 1e-5, True, False, True, **kw
+    )
+    with pytest.raises(ValueError, match="x must be a 3-D tensor"):
+        call(x=x[0])
+    with pytest.raises(ValueError, match="weights must hold 12"):
+        call(weights=weights[:11])
+    with pytest.raises(ValueError, match="heads must be a positive divisor"):
+        call(heads=5)
+    with pytest.raises(ValueError, match="linear2.weight must be a tensor of shape"):
+        call(weights=weights[:8] + [weights[8][:, 1:]] + weights[9:])
+    with pytest.raises(TypeError, match="in_proj_weight must be torch.float64"):
+        call(x=x.double())
+    with pytest.raises(ValueError, match="key_padding_mask must be a bool tensor"):
+        call(key_padding_mask=torch.zeros(3, T_LEN))
+    with pytest.raises(ValueError, match="lengths must have shape"):
+        call(lengths=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        call(dropout_p=1.0)
+    with pytest.raises(ValueError, match="attention_dropout_p must be in"):
+        call(attention_dropout_p=-0.1)
+
+
+def test_fused_layer_routes_with_a_reason(triton_backend):
+    """Calls the fused op does not cover run torch's forward, counted under ``encoder_layer``
+    with the reason: torch's dropout stream, an arbitrary mask, a custom activation; eval without
+    autograd never takes it."""
+    layer = _layer(fnn.TransformerEncoderLayer, 0.2, batch_first=True)
+    x = torch.randn(3, T_LEN, T_EMBED)
+    with fastrec.use_dropout_stream("torch"):
+        reason = layer._training_op_reason(x, None, None, False)
+    assert reason == "torch's dropout stream (the fused layer draws Philox masks)"
+    fastrec.stats(reset=True)
+    layer.eval()
+    layer(x, src_mask=torch.rand(T_LEN, T_LEN) < 0.3)
+    assert fastrec.stats()[("encoder_layer", "torch", "a src_mask other than the causal one")] == 1
+    with torch.no_grad():
+        fastrec.stats(reset=True)
+        layer(x)
+        assert not any(key[0] == "encoder_layer" for key in fastrec.stats())
+    layer.activation_relu_or_gelu = 0
+    assert layer._training_op_reason(x, None, None, False) == "custom activation"

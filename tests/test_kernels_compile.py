@@ -51,6 +51,7 @@ FAMILIES = {
     "conv": "fastrec.kernels.conv",
     "caser": "fastrec.kernels.caser",
     "dropout": "fastrec.kernels.dropout",
+    "encoder": "fastrec.kernels.encoder",
     "linear_cross_entropy": "fastrec.kernels.linear_cross_entropy",
     "scoring": "fastrec.kernels.scoring",
 }

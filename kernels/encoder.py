@@ -1,0 +1,584 @@
+"""The encoder layer's block after attention, fused in Triton: forward and backward.
+
+Contract: ``encoder_layer`` in fastrec/ops/encoder.py (the attention core and the input
+projection run outside, as the attention op's kernels and one GEMM). Per token row r of the
+layer's input x (rows in the caller's layout, ``(B, L)`` or ``(L, B)``), with ``a`` the attention
+output (``(B, H, L, D)``, any strides, row r's column e at head ``e // D``, dim ``e % D``):
+
+    o  = drop1(a Wout^T + bout)                     (E)
+    post-norm:  h1 = x + o,   y = LN1(h1),  out = LN2(y + drop2(FF(y)))
+    pre-norm:   h1 = x + o,   y = LN2(h1),  out = h1 + drop2(FF(y))
+    FF(y) = drop(act(y W1^T + b1)) W2^T + b2         (act: GELU (erf) or ReLU)
+
+Kernels (one program per BLOCK_M rows, F in BLOCK_F chunks, E padded to BLOCK_E = the next power
+of two >= max(E, 16) and masked):
+
+- ``_block_forward_kernel``: writes ``out`` and, post-norm only, the pre-LN2 sum ``y +
+  drop2(FF(y))`` in the accumulator dtype (what LN2's backward needs without a second FF pass).
+- ``_block_backward_kernel``: recomputes o, h1, y and each F chunk's pre-activation; writes the
+  residual part of dx (``dh1``), d(a) in a contiguous ``(B, H, L, D)`` tensor, and this program's
+  partial sums of every weight, bias and layer-norm gradient into its own row of a
+  ``(programs, total)`` buffer (``partial_layout``), which the launcher sums over programs with one
+  reduction: deterministic, no atomics.
+
+Dropout: the three masks are fastrec's dropout contract (fastrec/ops/dropout.py) for the tensors
+the unfused layer drops: element n = r * E + e of ``(rows, E)`` (dropout1, dropout2) and n = r * F
++ f of ``(rows, F)`` (the feed-forward dropout), kept iff the Philox uniform of counter (n lo, n
+hi) under that dropout's seed is >= p. The rescale 1 / (1 - p) arrives as three fp32 parts whose
+fp64 sum is exact (fp64 inputs), or their fp32 rounding (other dtypes), as the dropout kernel's.
+
+Numerics: fp64 inputs compute in fp64, every other dtype in fp32 (16-bit loads are upcast, the
+stores rounded back); fp32 dots are IEEE unless ALLOW_TF32 (torch's matmul flag).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+from fastrec.kernels._common import TRITON_DTYPES, KernelVariant, variant
+from fastrec.kernels._host import cdiv, launcher, next_power_of_2
+
+MAX_EMBED = 256
+
+
+@triton.jit
+def _keep(seed_ptr, n, p):
+    """Whether element n (int64) of a dropped tensor is kept: fastrec's dropout contract."""
+    seed = tl.load(seed_ptr)
+    c0 = n.to(tl.uint32)
+    c1 = (n >> 32).to(tl.uint32)
+    zero = c0 * 0
+    r0, _r1, _r2, _r3 = tl.philox(seed, c0, c1, zero, zero)
+    return (r0 >> 8).to(tl.float32) * 5.960464477539063e-08 >= p
+
+
+@triton.jit
+def _factor(hi, mid, lo, COMPUTE: tl.constexpr):
+    """The dropout rescale 1 / (1 - p) in the compute dtype (exact fp64 sum for fp64)."""
+    if COMPUTE == tl.float64:
+        return tl.cast(hi, tl.float64) + tl.cast(mid, tl.float64) + tl.cast(lo, tl.float64)
+    return tl.cast(hi, tl.float32)
+
+
+@triton.jit
+def _drop(v, seed_ptr, n, p, factor, DROP: tl.constexpr):
+    if DROP:
+        v = tl.where(_keep(seed_ptr, n, p), v * factor, 0.0)
+    return v
+
+
+@triton.jit
+def _layer_norm(h, cmask, G, Be, cols, E, eps, COMPUTE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """(y, xhat, rstd) of the rows of h (padding columns of h are zero; y and xhat are zero there)."""
+    mean = tl.sum(h, axis=1) / E
+    centred = tl.where(cmask[None, :], h - mean[:, None], 0.0)
+    var = tl.sum(centred * centred, axis=1) / E
+    rstd = 1.0 / tl.sqrt(var + eps)
+    xhat = centred * rstd[:, None]
+    g = tl.load(G + cols, mask=cmask, other=0.0).to(COMPUTE)
+    y = xhat * g[None, :]
+    if HAS_BIAS:
+        y += tl.load(Be + cols, mask=cmask, other=0.0).to(COMPUTE)[None, :]
+    return y, xhat, rstd
+
+
+@triton.jit
+def _layer_norm_backward(dy, xhat, rstd, G, cols, cmask, E, COMPUTE: tl.constexpr):
+    """d(input) of a layer norm from d(output) dy."""
+    g = tl.load(G + cols, mask=cmask, other=0.0).to(COMPUTE)
+    dxh = dy * g[None, :]
+    m1 = tl.sum(dxh, axis=1) / E
+    m2 = tl.sum(dxh * xhat, axis=1) / E
+    return tl.where(cmask[None, :], (dxh - m1[:, None] - xhat * m2[:, None]) * rstd[:, None], 0.0)
+
+
+@triton.jit
+def _activation(z, GELU: tl.constexpr):
+    if GELU:
+        return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    return tl.maximum(z, 0.0)
+
+
+@triton.jit
+def _activation_grad(z, GELU: tl.constexpr):
+    if GELU:
+        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+        return cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
+    return tl.where(z > 0.0, 1.0, 0.0)
+
+
+@triton.jit
+def _load_rows(X, A, rows, cols, rmask, cmask, E, n_inner, head_dim, s_ao, s_ai, s_ah, s_ad, COMPUTE: tl.constexpr):
+    """(x, a) tiles of BLOCK_M rows: x from the contiguous (rows, E) input, a gathered from the
+    attention output's (B, H, L, D) strides (row r = outer * n_inner + inner)."""
+    mask = rmask[:, None] & cmask[None, :]
+    x = tl.load(X + rows[:, None] * E + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
+    outer = rows // n_inner
+    inner = rows % n_inner
+    a_offs = outer[:, None] * s_ao + inner[:, None] * s_ai + (cols // head_dim)[None, :] * s_ah
+    a_offs += (cols % head_dim)[None, :] * s_ad
+    a = tl.load(A + a_offs, mask=mask, other=0.0).to(COMPUTE)
+    return x, a, a_offs
+
+
+@triton.jit
+def _residual(
+    x, a, Wout, Bout, Seed1, rows, cols, cmask, E, p1, f1, COMPUTE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DROP1: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """h1 = x + drop1(a Wout^T + bout)."""
+    w_t = tl.load(Wout + cols[None, :] * E + cols[:, None], mask=cmask[:, None] & cmask[None, :], other=0.0)
+    o = tl.dot(a, w_t.to(COMPUTE), input_precision=DOT_PRECISION, out_dtype=COMPUTE)
+    if HAS_BIAS:
+        o += tl.load(Bout + cols, mask=cmask, other=0.0).to(COMPUTE)[None, :]
+    n = rows.to(tl.int64)[:, None] * E + cols[None, :]
+    return x + _drop(o, Seed1, n, p1, f1, DROP1)
+
+
+@launcher
+@triton.jit
+def _block_forward_kernel(
+    X,  # (rows, E) contiguous: the layer's input (the residual)
+    A,  # (B, H, L, D) attention output, strides s_a*
+    Out,  # (rows, E) contiguous, X's dtype
+    Pre,  # (rows, E) contiguous, accumulator dtype: post-norm's pre-LN2 sum (unused pre-norm)
+    Wout,  # (E, E) out_proj.weight
+    Bout,  # (E,) out_proj.bias
+    G1,  # (E,) norm1.weight
+    Be1,  # (E,) norm1.bias
+    W1,  # (F, E) linear1.weight
+    B1,  # (F,) linear1.bias
+    W2,  # (E, F) linear2.weight
+    B2,  # (E,) linear2.bias
+    G2,  # (E,) norm2.weight
+    Be2,  # (E,) norm2.bias
+    Seed1,  # (1,) int64: dropout1's seed
+    SeedF,  # (1,) int64: the feed-forward dropout's seed
+    Seed2,  # (1,) int64: dropout2's seed
+    M,  # rows
+    E,
+    F,
+    n_inner,
+    head_dim,
+    s_ao,
+    s_ai,
+    s_ah,
+    s_ad,
+    eps1,
+    eps2,
+    p1,
+    pf,
+    p2,
+    f1_hi,
+    f1_mid,
+    f1_lo,
+    ff_hi,
+    ff_mid,
+    ff_lo,
+    f2_hi,
+    f2_mid,
+    f2_lo,
+    NORM_FIRST: tl.constexpr,
+    GELU: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DROP1: tl.constexpr,
+    DROPF: tl.constexpr,
+    DROP2: tl.constexpr,
+    ALLOW_TF32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+):
+    """out for BLOCK_M rows (see the module docstring)."""
+    COMPUTE: tl.constexpr = tl.float64 if X.dtype.element_ty == tl.float64 else tl.float32
+    DOT_PRECISION: tl.constexpr = "tf32" if ALLOW_TF32 else "ieee"
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_E)
+    rmask = rows < M
+    cmask = cols < E
+    mask = rmask[:, None] & cmask[None, :]
+    x, a, _a_offs = _load_rows(X, A, rows, cols, rmask, cmask, E, n_inner, head_dim, s_ao, s_ai, s_ah, s_ad, COMPUTE)
+    f1 = _factor(f1_hi, f1_mid, f1_lo, COMPUTE)
+    h1 = _residual(x, a, Wout, Bout, Seed1, rows, cols, cmask, E, p1, f1, COMPUTE, HAS_BIAS, DROP1, DOT_PRECISION)
+    if NORM_FIRST:
+        y, _xhat, _rstd = _layer_norm(h1, cmask, G2, Be2, cols, E, eps2, COMPUTE, HAS_BIAS)
+    else:
+        y, _xhat, _rstd = _layer_norm(h1, cmask, G1, Be1, cols, E, eps1, COMPUTE, HAS_BIAS)
+    ff = _factor(ff_hi, ff_mid, ff_lo, COMPUTE)
+    acc = tl.zeros((BLOCK_M, BLOCK_E), dtype=COMPUTE)
+    for start in range(0, F, BLOCK_F):
+        fc = start + tl.arange(0, BLOCK_F)
+        fmask = fc < F
+        w1_t = tl.load(W1 + fc[None, :] * E + cols[:, None], mask=cmask[:, None] & fmask[None, :], other=0.0)
+        z = tl.dot(y, w1_t.to(COMPUTE), input_precision=DOT_PRECISION, out_dtype=COMPUTE)
+        if HAS_BIAS:
+            z += tl.load(B1 + fc, mask=fmask, other=0.0).to(COMPUTE)[None, :]
+        u = _drop(_activation(z, GELU), SeedF, rows.to(tl.int64)[:, None] * F + fc[None, :], pf, ff, DROPF)
+        w2_t = tl.load(W2 + cols[None, :] * F + fc[:, None], mask=fmask[:, None] & cmask[None, :], other=0.0)
+        acc = tl.dot(u, w2_t.to(COMPUTE), acc, input_precision=DOT_PRECISION, out_dtype=COMPUTE)
+    if HAS_BIAS:
+        acc += tl.load(B2 + cols, mask=cmask, other=0.0).to(COMPUTE)[None, :]
+    f2 = _factor(f2_hi, f2_mid, f2_lo, COMPUTE)
+    n = rows.to(tl.int64)[:, None] * E + cols[None, :]
+    acc = _drop(acc, Seed2, n, p2, f2, DROP2)
+    if NORM_FIRST:
+        out = h1 + acc
+    else:
+        h2 = tl.where(cmask[None, :], y + acc, 0.0)
+        tl.store(Pre + rows[:, None] * E + cols[None, :], h2, mask=mask)
+        out, _xhat2, _rstd2 = _layer_norm(h2, cmask, G2, Be2, cols, E, eps2, COMPUTE, HAS_BIAS)
+    tl.store(Out + rows[:, None] * E + cols[None, :], out.to(Out.dtype.element_ty), mask=mask)
+
+
+@launcher
+@triton.jit
+def _block_backward_kernel(
+    DOut,  # (rows, E) contiguous: d(out)
+    X,  # (rows, E) contiguous: the layer's input
+    A,  # (B, H, L, D) attention output, strides s_a*
+    Pre,  # (rows, E) accumulator dtype: post-norm's pre-LN2 sum from the forward
+    DX,  # (rows, E) contiguous, X's dtype: the residual part of dx
+    DA,  # (B, H, L, D) contiguous, X's dtype: d(attention output)
+    Part,  # (programs, total) accumulator dtype: this program's partial sums (partial_layout)
+    Wout,  # (E, E)
+    Bout,  # (E,)
+    G1,  # (E,)
+    Be1,  # (E,)
+    W1,  # (F, E)
+    B1,  # (F,)
+    W2,  # (E, F)
+    B2,  # (E,)
+    G2,  # (E,)
+    Be2,  # (E,)
+    Seed1,  # (1,) int64
+    SeedF,  # (1,) int64
+    Seed2,  # (1,) int64
+    M,
+    E,
+    F,
+    n_inner,
+    head_dim,
+    s_ao,
+    s_ai,
+    s_ah,
+    s_ad,
+    s_do,  # DA's strides for (outer, inner, head, dim)
+    s_di,
+    s_dh,
+    s_dd,
+    eps1,
+    eps2,
+    p1,
+    pf,
+    p2,
+    f1_hi,
+    f1_mid,
+    f1_lo,
+    ff_hi,
+    ff_mid,
+    ff_lo,
+    f2_hi,
+    f2_mid,
+    f2_lo,
+    NORM_FIRST: tl.constexpr,
+    GELU: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DROP1: tl.constexpr,
+    DROPF: tl.constexpr,
+    DROP2: tl.constexpr,
+    ALLOW_TF32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+):
+    """dx (residual part), d(a) and the partial weight gradients for BLOCK_M rows."""
+    COMPUTE: tl.constexpr = tl.float64 if X.dtype.element_ty == tl.float64 else tl.float32
+    DOT_PRECISION: tl.constexpr = "tf32" if ALLOW_TF32 else "ieee"
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_E)
+    rmask = rows < M
+    cmask = cols < E
+    mask = rmask[:, None] & cmask[None, :]
+    both = cmask[:, None] & cmask[None, :]
+    tile = rows[:, None] * E + cols[None, :]
+    n_e = rows.to(tl.int64)[:, None] * E + cols[None, :]
+    # partial_layout: Wout (E, E), bout, g1, be1, W1 (F, E), b1 (F), W2 (E, F), b2, g2, be2
+    part = Part + pid.to(tl.int64) * (2 * E * F + E * E + F + 6 * E)
+    o_bout = E * E
+    o_w1 = o_bout + 3 * E
+    o_b1 = o_w1 + F * E
+    o_w2 = o_b1 + F
+    o_b2 = o_w2 + E * F
+
+    x, a, _a_offs = _load_rows(X, A, rows, cols, rmask, cmask, E, n_inner, head_dim, s_ao, s_ai, s_ah, s_ad, COMPUTE)
+    f1 = _factor(f1_hi, f1_mid, f1_lo, COMPUTE)
+    ff = _factor(ff_hi, ff_mid, ff_lo, COMPUTE)
+    f2 = _factor(f2_hi, f2_mid, f2_lo, COMPUTE)
+    h1 = _residual(x, a, Wout, Bout, Seed1, rows, cols, cmask, E, p1, f1, COMPUTE, HAS_BIAS, DROP1, DOT_PRECISION)
+    dout = tl.load(DOut + tile, mask=mask, other=0.0).to(COMPUTE)
+    if NORM_FIRST:
+        y, xhat_y, rstd_y = _layer_norm(h1, cmask, G2, Be2, cols, E, eps2, COMPUTE, HAS_BIAS)
+        dpre = dout  # d(out) reaches the FF output and the residual h1 directly
+    else:
+        y, xhat_y, rstd_y = _layer_norm(h1, cmask, G1, Be1, cols, E, eps1, COMPUTE, HAS_BIAS)
+        h2 = tl.load(Pre + tile, mask=mask, other=0.0)
+        _out, xhat2, rstd2 = _layer_norm(h2, cmask, G2, Be2, cols, E, eps2, COMPUTE, HAS_BIAS)
+        tl.store(part + o_b2 + E + cols, tl.sum(dout * xhat2, axis=0), mask=cmask)
+        if HAS_BIAS:
+            tl.store(part + o_b2 + 2 * E + cols, tl.sum(dout, axis=0), mask=cmask)
+        dpre = _layer_norm_backward(dout, xhat2, rstd2, G2, cols, cmask, E, COMPUTE)
+    df = _drop(dpre, Seed2, n_e, p2, f2, DROP2)  # d(FF output before dropout2)
+    if HAS_BIAS:
+        tl.store(part + o_b2 + cols, tl.sum(df, axis=0), mask=cmask)
+    dy = tl.zeros((BLOCK_M, BLOCK_E), dtype=COMPUTE)
+    for start in range(0, F, BLOCK_F):
+        fc = start + tl.arange(0, BLOCK_F)
+        fmask = fc < F
+        ef = cmask[:, None] & fmask[None, :]
+        w1_t = tl.load(W1 + fc[None, :] * E + cols[:, None], mask=ef, other=0.0).to(COMPUTE)  # (E, F chunk)
+        z = tl.dot(y, w1_t, input_precision=DOT_PRECISION, out_dtype=COMPUTE)
+        if HAS_BIAS:
+            z += tl.load(B1 + fc, mask=fmask, other=0.0).to(COMPUTE)[None, :]
+        n_f = rows.to(tl.int64)[:, None] * F + fc[None, :]
+        u = _drop(_activation(z, GELU), SeedF, n_f, pf, ff, DROPF)
+        dw2 = tl.dot(tl.trans(df), u, input_precision=DOT_PRECISION, out_dtype=COMPUTE)  # (E, F chunk)
+        tl.store(part + o_w2 + cols[:, None] * F + fc[None, :], dw2, mask=ef)
+        w2 = tl.load(W2 + cols[:, None] * F + fc[None, :], mask=ef, other=0.0).to(COMPUTE)  # (E, F chunk)
+        du = tl.dot(df, w2, input_precision=DOT_PRECISION, out_dtype=COMPUTE)
+        dz = _drop(du, SeedF, n_f, pf, ff, DROPF) * _activation_grad(z, GELU)
+        if HAS_BIAS:
+            tl.store(part + o_b1 + fc, tl.sum(dz, axis=0), mask=fmask)
+        dw1 = tl.dot(tl.trans(dz), y, input_precision=DOT_PRECISION, out_dtype=COMPUTE)  # (F chunk, E)
+        tl.store(part + o_w1 + fc[:, None] * E + cols[None, :], dw1, mask=fmask[:, None] & cmask[None, :])
+        dy = tl.dot(dz, tl.trans(w1_t), dy, input_precision=DOT_PRECISION, out_dtype=COMPUTE)
+    if NORM_FIRST:  # y = LN2(h1); out = h1 + ...
+        tl.store(part + o_b2 + E + cols, tl.sum(dy * xhat_y, axis=0), mask=cmask)
+        if HAS_BIAS:
+            tl.store(part + o_b2 + 2 * E + cols, tl.sum(dy, axis=0), mask=cmask)
+        dh1 = dout + _layer_norm_backward(dy, xhat_y, rstd_y, G2, cols, cmask, E, COMPUTE)
+    else:  # y = LN1(h1); h2 = y + ...
+        dy += dpre
+        tl.store(part + o_bout + E + cols, tl.sum(dy * xhat_y, axis=0), mask=cmask)
+        if HAS_BIAS:
+            tl.store(part + o_bout + 2 * E + cols, tl.sum(dy, axis=0), mask=cmask)
+        dh1 = _layer_norm_backward(dy, xhat_y, rstd_y, G1, cols, cmask, E, COMPUTE)
+    tl.store(DX + tile, dh1.to(DX.dtype.element_ty), mask=mask)
+    do = _drop(dh1, Seed1, n_e, p1, f1, DROP1)
+    if HAS_BIAS:
+        tl.store(part + o_bout + cols, tl.sum(do, axis=0), mask=cmask)
+    dwout = tl.dot(tl.trans(do), a, input_precision=DOT_PRECISION, out_dtype=COMPUTE)  # (E, E)
+    tl.store(part + cols[:, None] * E + cols[None, :], dwout, mask=both)
+    w = tl.load(Wout + cols[:, None] * E + cols[None, :], mask=both, other=0.0).to(COMPUTE)
+    da = tl.dot(do, w, input_precision=DOT_PRECISION, out_dtype=COMPUTE)
+    outer = rows // n_inner
+    inner = rows % n_inner
+    d_offs = outer[:, None] * s_do + inner[:, None] * s_di + (cols // head_dim)[None, :] * s_dh
+    d_offs += (cols % head_dim)[None, :] * s_dd
+    tl.store(DA + d_offs, da.to(DA.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------- launchers
+def _factor_parts(p: float) -> tuple[float, float, float]:
+    """fp32 values (hi, mid, lo) with hi + mid + lo == 1 / (1 - p) exactly in fp64."""
+    scale = 1.0 / (1.0 - p)
+    hi = float(np.float32(scale))
+    mid = float(np.float32(scale - hi))
+    lo = float(np.float32(scale - hi - mid))
+    return hi, mid, lo
+
+
+def partial_layout(embed: int, ff: int) -> list[tuple[str, tuple[int, ...]]]:
+    """The gradients in a row of the backward's partial buffer, in order, with their shapes."""
+    e, f = embed, ff
+    return [
+        ("out_proj.weight", (e, e)),
+        ("out_proj.bias", (e,)),
+        ("norm1.weight", (e,)),
+        ("norm1.bias", (e,)),
+        ("linear1.weight", (f, e)),
+        ("linear1.bias", (f,)),
+        ("linear2.weight", (e, f)),
+        ("linear2.bias", (e,)),
+        ("norm2.weight", (e,)),
+        ("norm2.bias", (e,)),
+    ]
+
+
+def block_config(
+    dtype: torch.dtype, embed: int, rows: int, interpreter: bool, backward: bool = False
+) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_E, BLOCK_F, num_warps). The interpreter's cost grows with programs, so it
+    takes big row blocks; on the GPU the row block shrinks as E grows (registers: the backward
+    holds about ten (BLOCK_M, BLOCK_E) tiles)."""
+    block_e = max(16, next_power_of_2(embed))
+    if interpreter:
+        return max(16, min(64, next_power_of_2(rows))), block_e, 32, 4
+    wide = dtype == torch.float64 or block_e >= 128 or (backward and block_e >= 64)
+    block_m = 16 if wide else 32
+    return block_m, block_e, 32 if block_e <= 128 else 16, 8 if block_e >= 64 or backward else 4
+
+
+def _common_args(x, a, batch_major, weights, seeds, ps, eps, norm_first, gelu, allow_tf32):
+    """The kernels' shared trailing arguments and constexprs."""
+    w_out, b_out, g1, be1, w1, b1, w2, b2, g2, be2 = weights
+    rows, embed = x.shape
+    ff = w1.shape[0]
+    batch, heads, length, head_dim = a.shape
+    n_inner = length if batch_major else batch
+    sb, sh, sl, sd = a.stride()
+    s_ao, s_ai = (sb, sl) if batch_major else (sl, sb)
+    has_bias = b_out is not None
+    dummy = x  # stands in for absent biases / seeds: never read
+    tensors = [w_out, b_out if has_bias else dummy, g1, be1 if has_bias else dummy, w1]
+    tensors += [b1 if has_bias else dummy, w2, b2 if has_bias else dummy, g2, be2 if has_bias else dummy]
+    tensors += [s if s is not None else dummy for s in seeds]
+    parts = []
+    for p in ps:
+        parts += _factor_parts(p)
+    scalars = [rows, embed, ff, n_inner, head_dim, s_ao, s_ai, sh, sd]
+    flags = dict(
+        NORM_FIRST=bool(norm_first),
+        GELU=bool(gelu),
+        HAS_BIAS=has_bias,
+        DROP1=ps[0] > 0.0,
+        DROPF=ps[1] > 0.0,
+        DROP2=ps[2] > 0.0,
+        ALLOW_TF32=bool(allow_tf32) and x.dtype == torch.float32,
+    )
+    return tensors, scalars, [*eps, *ps, *parts], flags
+
+
+def block_forward(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    batch_major: bool,
+    weights: list[torch.Tensor | None],
+    seeds: list[torch.Tensor | None],
+    ps: tuple[float, float, float],
+    eps: tuple[float, float],
+    norm_first: bool,
+    gelu: bool,
+    allow_tf32: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (rows, E), pre (rows, E) accumulator dtype; empty pre-norm). ``x``: contiguous (rows, E)
+    token rows; ``a``: the attention output (B, H, L, D); ``batch_major``: rows are (b, l) (else
+    (l, b)); ``weights``: out_proj w/b, norm1 w/b, linear1 w/b, linear2 w/b, norm2 w/b (biases all
+    present or all None); ``seeds``/``ps``: dropout1, feed-forward dropout, dropout2."""
+    rows, embed = x.shape
+    if embed > MAX_EMBED:
+        raise ValueError(f"embed_dim must be at most {MAX_EMBED} for the fused block, got {embed}")
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    out = torch.empty_like(x)
+    pre = torch.empty((0 if norm_first else rows, embed), dtype=acc, device=x.device)
+    block_m, block_e, block_f, warps = block_config(x.dtype, embed, rows, x.device.type == "cpu")
+    tensors, scalars, floats, flags = _common_args(
+        x, a, batch_major, weights, seeds, ps, eps, norm_first, gelu, allow_tf32
+    )
+    grid = (cdiv(rows, block_m),)
+    _block_forward_kernel[grid](
+        x, a, out, pre if not norm_first else out, *tensors, *scalars, *floats,
+        **flags, BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_F=block_f, num_warps=warps,
+    )  # fmt: skip
+    return out, pre
+
+
+def block_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    pre: torch.Tensor,
+    batch_major: bool,
+    weights: list[torch.Tensor | None],
+    seeds: list[torch.Tensor | None],
+    ps: tuple[float, float, float],
+    eps: tuple[float, float],
+    norm_first: bool,
+    gelu: bool,
+    allow_tf32: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
+    """(dx residual part (rows, E), d(a) (B, H, L, D) contiguous, the 10 weight gradients in
+    ``block_forward``'s order, in the weights' dtype: norm1's None pre-norm, biases None when
+    absent)."""
+    rows, embed = x.shape
+    ff = weights[4].shape[0]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    block_m, block_e, block_f, warps = block_config(x.dtype, embed, rows, x.device.type == "cpu", True)
+    programs = cdiv(rows, block_m)
+    layout = partial_layout(embed, ff)
+    total = sum(int(np.prod(shape)) for _, shape in layout)
+    part = torch.empty((programs, total), dtype=acc, device=x.device)
+    dx = torch.empty_like(x)
+    da = torch.empty(a.shape, dtype=x.dtype, device=x.device)
+    sb, sh, sl, sd = da.stride()
+    s_do, s_di = (sb, sl) if batch_major else (sl, sb)
+    tensors, scalars, floats, flags = _common_args(
+        x, a, batch_major, weights, seeds, ps, eps, norm_first, gelu, allow_tf32
+    )
+    _block_backward_kernel[(programs,)](
+        grad_out.contiguous(), x, a, pre if not norm_first else x, dx, da, part, *tensors, *scalars,
+        s_do, s_di, sh, sd, *floats,
+        **flags, BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_F=block_f, num_warps=warps,
+    )  # fmt: skip
+    sums = part.sum(0)
+    grads, offset = [], 0
+    for (name, shape), weight in zip(layout, weights, strict=True):
+        size = int(np.prod(shape))
+        grad = sums[offset : offset + size].view(shape)
+        offset += size
+        unused = weight is None or (norm_first and name.startswith("norm1"))
+        grads.append(None if unused else grad.to(weight.dtype))
+    return dx, da, grads
+
+
+# ------------------------------------------------------------------------------------------------
+# every variant the launchers can pick (for the compile-only test)
+# ------------------------------------------------------------------------------------------------
+EMBED_BUCKETS = (16, 32, 64, 128, 256)
+
+
+def kernel_variants() -> list[KernelVariant]:
+    """Every kernel x dtype x BLOCK_E bucket x flag combination (NORM_FIRST, GELU, HAS_BIAS,
+    DROPOUT for all three dropouts at once; ALLOW_TF32 for fp32), with the GPU block configs."""
+    variants = []
+    for torch_dtype, dt in TRITON_DTYPES.items():
+        acc = "fp64" if dt == "fp64" else "fp32"
+        pointers = {"Pre": acc, "Part": acc, "Seed1": "i64", "SeedF": "i64", "Seed2": "i64"}
+        for name, fn in (("forward", _block_forward_kernel), ("backward", _block_backward_kernel)):
+            for embed in EMBED_BUCKETS:
+                backward = name == "backward"
+                block_m, block_e, block_f, warps = block_config(torch_dtype, embed, 1 << 20, False, backward)
+                for norm_first in (False, True):
+                    for gelu in (False, True):
+                        for dropout in (False, True):
+                            for tf32 in (False, True) if dt == "fp32" else (False,):
+                                flags = dict(NORM_FIRST=norm_first, GELU=gelu, HAS_BIAS=True, DROP1=dropout)
+                                flags.update(DROPF=dropout, DROP2=dropout, ALLOW_TF32=tf32)
+                                constexprs = dict(flags, BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_F=block_f)
+                                scalar_floats = {"eps1", "eps2", "p1", "pf", "p2"}
+
+                                def arg_type(arg: str, pointers=pointers, dt=dt, floats=scalar_floats) -> str:
+                                    if arg[0].isupper() and arg not in ("M", "E", "F"):
+                                        return "*" + pointers.get(arg, dt)
+                                    return "fp32" if arg in floats or arg[:2] in ("f1", "ff", "f2") else "i32"
+
+                                on = tuple(k for k in ("NORM_FIRST", "GELU", "DROP1", "ALLOW_TF32") if flags[k])
+                                options = dict(num_warps=warps, num_stages=1)
+                                bucket = f"BLOCK_E={block_e}"
+                                spills = ""
+                                if backward and block_e >= 128:
+                                    spills = "backward at E >= 128: ~10 live (BLOCK_M, BLOCK_E) tiles; to restructure"
+                                variants.append(
+                                    variant(
+                                        "encoder", name, fn, dt, bucket, constexprs, options, on, arg_type,
+                                        spills_expected=spills,
+                                    )
+                                )  # fmt: skip
+    return variants
+
+
+COVERAGE_ALTERNATE_FLAGS = ("ALLOW_TF32",)
+
+__all__ = ["MAX_EMBED", "block_backward", "block_config", "block_forward", "kernel_variants", "partial_layout"]
