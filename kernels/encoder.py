@@ -56,10 +56,13 @@ def _keep(seed_ptr, n, p):
 
 @triton.jit
 def _factor(hi, mid, lo, COMPUTE: tl.constexpr):
-    """The dropout rescale 1 / (1 - p) in the compute dtype (exact fp64 sum for fp64)."""
+    """The dropout rescale 1 / (1 - p) in the compute dtype (exact fp64 sum for fp64). One return
+    per helper: the compiler types every return statement, even under a constexpr branch."""
     if COMPUTE == tl.float64:
-        return tl.cast(hi, tl.float64) + tl.cast(mid, tl.float64) + tl.cast(lo, tl.float64)
-    return tl.cast(hi, tl.float32)
+        factor = tl.cast(hi, tl.float64) + tl.cast(mid, tl.float64) + tl.cast(lo, tl.float64)
+    else:
+        factor = tl.cast(hi, tl.float32)
+    return factor
 
 
 @triton.jit
@@ -97,16 +100,21 @@ def _layer_norm_backward(dy, xhat, rstd, G, cols, cmask, E, COMPUTE: tl.constexp
 @triton.jit
 def _activation(z, GELU: tl.constexpr):
     if GELU:
-        return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
-    return tl.maximum(z, 0.0)
+        act = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    else:
+        act = tl.maximum(z, 0.0)
+    return act
 
 
 @triton.jit
 def _activation_grad(z, GELU: tl.constexpr):
+    """d act / dz in z's dtype."""
     if GELU:
         cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
-        return cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
-    return tl.where(z > 0.0, 1.0, 0.0)
+        grad = cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
+    else:
+        grad = tl.where(z > 0.0, 1.0, 0.0).to(z.dtype)
+    return grad
 
 
 @triton.jit
