@@ -10,6 +10,7 @@ tests/test_nn_attention.py. Padding positions (past a row's length) are not comp
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -555,3 +556,22 @@ def test_fused_layer_routes_with_a_reason(triton_backend):
         assert not any(key[0] == "encoder_layer" for key in fastrec.stats())
     layer.activation_relu_or_gelu = 0
     assert layer._training_op_reason(x, None, None, False) == "custom activation"
+
+
+def test_fused_layer_routes_wide_embeddings_to_the_unfused_layer(triton_backend):
+    """E past the widest block config that fits in registers is not the fused op's (the layer
+    runs unfused, with the reason; forcing triton names it); the op's bound is the kernels' own."""
+    from fastrec.kernels import encoder as kernels
+
+    assert encoder_ops.FUSED_MAX_EMBED == kernels.MAX_EMBED == kernels.EMBED_BUCKETS[-1]
+    assert encoder_ops.train_unfused_reason(torch.randn(2, 3, kernels.MAX_EMBED), []) is None
+    wide = 2 * kernels.MAX_EMBED
+    reason = f"embed_dim > {kernels.MAX_EMBED} (the fused block kernels would spill registers)"
+    assert encoder_ops.train_unfused_reason(torch.randn(2, 3, wide), []) == reason
+    weights = encoder_layer_weights(torch.nn.TransformerEncoderLayer(wide, 2, 2 * wide, batch_first=True))
+    with pytest.raises(RuntimeError, match=re.escape(reason)):
+        encoder_ops.encoder_layer(torch.randn(2, 3, wide), weights, 2, 1e-5, 1e-5, False, False, True)
+    with pytest.raises(ValueError, match="embed_dim must be at most"):
+        kernels.block_forward(
+            torch.randn(6, wide), None, True, weights[2:], [None] * 3, (0.0,) * 3, (1e-5,) * 2, False, False
+        )

@@ -160,6 +160,7 @@ def _unfused_reason(x: Tensor, weights: list[Tensor | None]) -> str | None:
 # - torch: ``encoder_layer_torch``, the readable reference, differentiated by autograd.
 
 TRAIN_OP = "encoder_layer"
+FUSED_MAX_EMBED = 64  # kernels/encoder.py's MAX_EMBED: the widest E its block configs fit in registers
 
 
 def _split_heads(t: Tensor, heads: int, batch_first: bool) -> Tensor:
@@ -386,8 +387,8 @@ def train_unfused_reason(x: Tensor, weights: list[Tensor | None]) -> str | None:
         return f"dtype {x.dtype}"
     if x.numel() == 0:
         return "empty input"
-    if x.shape[-1] > 256:
-        return "embed_dim > 256"
+    if x.shape[-1] > FUSED_MAX_EMBED:
+        return f"embed_dim > {FUSED_MAX_EMBED} (the fused block kernels would spill registers)"
     if torch.compiler.is_compiling():
         return "torch.compile (the fused block kernels are not registered ops)"
     return None
