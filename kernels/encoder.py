@@ -460,7 +460,7 @@ def block_config(
         return max(16, min(64, next_power_of_2(rows))), block_e, 32, 4
     if backward:
         if dtype == torch.float64 or block_e >= 64:
-            return 8, block_e, 16, 8
+            return 8, block_e, (8 if block_e >= 64 else 16), 8
         return 16, block_e, 32, 8
     if block_e <= 32:
         return (16 if dtype == torch.float64 else 32), block_e, 16, 4
