@@ -10,6 +10,7 @@ tests/test_nn_attention.py. Padding positions (past a row's length) are not comp
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from attention_reference import (
     assert_matches_torch_in_training,
     assert_module_matches,
     assert_rel_close,
+    assert_two_reference,
     device_of,
     perturb,
     run_forced,
@@ -509,6 +511,63 @@ def test_fused_layer_op_matches_its_torch_reference_and_gradcheck(triton_backend
     assert torch.autograd.gradcheck(fn, (x, *weights), fast_mode=True)
 
 
+def test_fused_backward_persistent_grid_matches_and_is_deterministic(triton_backend):
+    """The backward's persistent grid: more row blocks than programs (150 rows in 64-row blocks on
+    2 interpreter programs, so program 0 adds two blocks to its partial row), float64 with every
+    dropout on: output and every gradient equal to the torch reference's to 1e-12; a second
+    backward gives bit-identical gradients."""
+    from fastrec.kernels import encoder as kernels
+
+    rows = 3 * 50
+    block_m = kernels.block_config(torch.float64, T_EMBED, rows, True, True)[0]
+    blocks = -(-rows // block_m)
+    assert blocks > kernels.backward_programs(blocks, torch.device("cpu")) == 2
+    layer = _layer(torch.nn.TransformerEncoderLayer, 0.0, batch_first=False, norm_first=False).double()
+    weights = [w.detach().requires_grad_() for w in encoder_layer_weights(layer)]
+    x = torch.randn(50, 3, T_EMBED, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(x.shape, dtype=torch.float64)
+    args = (T_HEADS, 1e-5, 1e-5, True, False, True, None, None, (0.1, 0.2, 0.3), 0.1, False)
+    results = []
+    for backend in ("triton", "triton", "torch"):
+        with fastrec.use_backend(backend):
+            torch.manual_seed(5)
+            out = encoder_ops.encoder_layer(x, weights, *args)
+            results.append((out, torch.autograd.grad(out, [x, *weights], grad_out)))
+    (got, got_grads), (_, again), (want, want_grads) = results
+    assert_rel_close(got, want, "output", bound=1e-12)
+    for index, (grad, repeat, ref) in enumerate(zip(got_grads, again, want_grads, strict=True)):
+        assert_rel_close(grad, ref, f"gradient {index}", bound=1e-12)
+        assert torch.equal(grad, repeat), f"gradient {index} differs between two backward runs"
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
+def test_fused_layer_in_bf16_matches_torch_within_torchs_own_error(triton_backend, norm_first):
+    """bf16 (the kernels feed their dots bf16 operands with fp32 accumulation on the GPU; the
+    interpreter, whose bf16 arithmetic is broken, upcasts): the output and every gradient against
+    torch's layer in float64, within 2x (output) / 3x (gradients) torch's own bf16 layer's error
+    plus a floor of 3 bf16 ulps, causal with padding, dropout 0."""
+    kwargs = dict(activation="gelu", batch_first=True, norm_first=norm_first)
+    ref = _layer(torch.nn.TransformerEncoderLayer, 0.0, **kwargs).double()
+    pt = copy.deepcopy(ref).to(torch.bfloat16)
+    fast = fnn.TransformerEncoderLayer(T_EMBED, T_HEADS, T_FF, dropout=0.0, **kwargs)
+    fast.load_state_dict(ref.state_dict())
+    fast.to(torch.bfloat16)
+    x = torch.randn(3, T_LEN, T_EMBED, dtype=torch.float64)
+    call = dict(src_mask=torch.ones(T_LEN, T_LEN, dtype=torch.bool).triu(1), is_causal=True)
+    call["src_key_padding_mask"] = torch.arange(T_LEN) >= T_LENGTHS[:, None]
+    grad_out = torch.randn(x.shape, dtype=torch.float64)
+    want, want_grads = _grads(ref, x, grad_out, **call)
+    with fastrec.use_backend("torch"):
+        base, base_grads = _grads(pt, x.bfloat16(), grad_out.bfloat16(), **call)
+    fastrec.stats(reset=True)
+    got, got_grads = _grads(fast, x.bfloat16(), grad_out.bfloat16(), **call)
+    assert fastrec.stats() == {("encoder_layer", "triton", ""): 1}, fastrec.stats()
+    real = (torch.arange(T_LEN) < T_LENGTHS[:, None])[..., None]  # padding positions are not compared
+    assert_two_reference(got * real, base * real, want * real, "output", 2, extra_ulps=1)
+    for name, grad in got_grads.items():
+        assert_two_reference(grad, base_grads[name], want_grads[name], f"grad of {name}", 3, extra_ulps=1)
+
+
 def test_fused_layer_rejects_bad_arguments_naming_them(triton_backend):
     layer = torch.nn.TransformerEncoderLayer(T_EMBED, T_HEADS, T_FF, batch_first=True)
     weights = encoder_layer_weights(layer)
@@ -555,3 +614,28 @@ def test_fused_layer_routes_with_a_reason(triton_backend):
         assert not any(key[0] == "encoder_layer" for key in fastrec.stats())
     layer.activation_relu_or_gelu = 0
     assert layer._training_op_reason(x, None, None, False) == "custom activation"
+
+
+def test_fused_layer_routes_wide_embeddings_to_the_unfused_layer(triton_backend):
+    """E past the widest block config that fits in registers is not the fused op's (the layer
+    runs unfused, with the reason; forcing triton names it); the op's bound is the kernels' own."""
+    from fastrec.kernels import encoder as kernels
+
+    assert encoder_ops.FUSED_MAX_EMBED == kernels.MAX_EMBED == kernels.EMBED_BUCKETS[-1]
+    assert encoder_ops.FUSED_MAX_EMBED_FP64 == kernels.MAX_EMBED_FP64
+    assert encoder_ops.train_unfused_reason(torch.randn(2, 3, kernels.MAX_EMBED), []) is None
+    fp64 = torch.randn(2, 3, kernels.MAX_EMBED_FP64 + 1, dtype=torch.float64)
+    assert encoder_ops.train_unfused_reason(fp64[..., :-1], []) is None
+    assert encoder_ops.train_unfused_reason(fp64, []) == (
+        f"float64 with embed_dim > {kernels.MAX_EMBED_FP64} (the fused block backward would spill registers)"
+    )
+    wide = 2 * kernels.MAX_EMBED
+    reason = f"embed_dim > {kernels.MAX_EMBED} (the fused block kernels would spill registers)"
+    assert encoder_ops.train_unfused_reason(torch.randn(2, 3, wide), []) == reason
+    weights = encoder_layer_weights(torch.nn.TransformerEncoderLayer(wide, 2, 2 * wide, batch_first=True))
+    with pytest.raises(RuntimeError, match=re.escape(reason)):
+        encoder_ops.encoder_layer(torch.randn(2, 3, wide), weights, 2, 1e-5, 1e-5, False, False, True)
+    with pytest.raises(ValueError, match="embed_dim must be at most"):
+        kernels.block_forward(
+            torch.randn(6, wide), None, True, weights[2:], [None] * 3, (0.0,) * 3, (1e-5,) * 2, False, False
+        )

@@ -154,12 +154,15 @@ def _unfused_reason(x: Tensor, weights: list[Tensor | None]) -> str | None:
 # - triton: forward = the input projection (one GEMM; pre-norm: LN1 first) + the attention
 #   kernel + ``kernels/encoder.py``'s block kernel (out_proj, dropout1, residual, LN, linear1,
 #   activation, dropout, linear2, dropout2, residual, LN): 3 launches (4 pre-norm) and one seed
-#   draw per active dropout. Backward = the block's backward kernel + one sum of its per-program
-#   partials + the attention backward (3 kernels) + the d(qkv) gather + 3 GEMM/reduction launches
-#   for the input projection (+1 pre-norm for LN1): 9 launches (10 pre-norm).
+#   draw per active dropout. Backward = the block's backward kernel (persistent: one program per
+#   SM) + one sum of its per-program partials + the attention backward (3 kernels) + the d(qkv)
+#   gather + 3 GEMM/reduction launches for the input projection (+1 pre-norm for LN1): 9 launches
+#   (10 pre-norm).
 # - torch: ``encoder_layer_torch``, the readable reference, differentiated by autograd.
 
 TRAIN_OP = "encoder_layer"
+FUSED_MAX_EMBED = 64  # kernels/encoder.py's MAX_EMBED: the widest E its block configs fit in registers
+FUSED_MAX_EMBED_FP64 = 32  # and its MAX_EMBED_FP64
 
 
 def _split_heads(t: Tensor, heads: int, batch_first: bool) -> Tensor:
@@ -386,8 +389,10 @@ def train_unfused_reason(x: Tensor, weights: list[Tensor | None]) -> str | None:
         return f"dtype {x.dtype}"
     if x.numel() == 0:
         return "empty input"
-    if x.shape[-1] > 256:
-        return "embed_dim > 256"
+    if x.shape[-1] > FUSED_MAX_EMBED:
+        return f"embed_dim > {FUSED_MAX_EMBED} (the fused block kernels would spill registers)"
+    if x.dtype == torch.float64 and x.shape[-1] > FUSED_MAX_EMBED_FP64:
+        return f"float64 with embed_dim > {FUSED_MAX_EMBED_FP64} (the fused block backward would spill registers)"
     if torch.compiler.is_compiling():
         return "torch.compile (the fused block kernels are not registered ops)"
     return None
