@@ -26,6 +26,7 @@ from attention_reference import assert_rel_close, device_of, run_forced
 
 import fastrec
 from fastrec import nn as fnn
+from fastrec.ops import encoder as encoder_ops
 from fastrec.patch import SequentialConvBlock
 
 MODEL_FP32_BOUND = 2e-5
@@ -219,7 +220,12 @@ def test_patched_model_matches_unpatched(backend, name, order):
     grad_out = torch.randn(pt(x).shape)
     fastrec.stats(reset=True)
     out, loss, grads = step(model, x, target, grad_out)
-    assert {b for _, b, _ in fastrec.stats()} == {backend}
+    ran = set(fastrec.stats())
+    # On the CPU a training encoder layer is recorded as torch's layer forward: its attention and
+    # dropouts, recorded on their own, are the forced backend's.
+    composed = {key for key in ran if key[:3:2] == ("encoder_layer", encoder_ops.TRAIN_CPU_REASON)}
+    assert bool(composed) == (name == "sasrec" and backend != "triton")
+    assert {b for _, b, _ in ran - composed} == {backend}
     ref_out, ref_loss, ref_grads = step(ref, x.double() if x.is_floating_point() else x, target, grad_out)
     pt_out, pt_loss, pt_grads = step(pt, x, target, grad_out)
     assert_model_close(out, pt_out, ref_out, "output")

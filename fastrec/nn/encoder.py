@@ -124,10 +124,12 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
     def _training_op_reason(self, src, src_mask, src_key_padding_mask, is_causal) -> str | None:
         """Why the fused training op does not run this call, or None."""
         forced = backends.forced()
+        if src.device.type == "cpu" and forced != "triton":
+            return encoder_ops.TRAIN_CPU_REASON
         if forced not in (None, "triton"):
             return f"backend {forced!r} forced (the fused layer is the triton backend's)"
         if src.device.type != "cuda" and forced != "triton":
-            return encoder_ops.TRAIN_CPU_REASON
+            return f"no fused encoder layer for {src.device.type} tensors"
         if backends.torch_masks(src.device) and self.training and self.dropout.p > 0:
             return "torch's dropout stream (the fused layer draws Philox masks)"
         if backends.autocast_dtype(src.device.type) is not None:
