@@ -74,4 +74,8 @@ def _training_case(device: torch.device, dtype: torch.dtype, batch: int, length:
     flops = 3 * (2 * batch * length * (4 * embed * embed + 2 * embed * ff) + 2 * batch * length * length * embed)
     io = 4 * batch * length * embed * dtype.itemsize
     shape = f"B={batch} L={length} E={embed} H={heads} F={ff} causal p=0.2"
-    return Case("encoder", "encoder layer, train step", shape, dtype_name(dtype), "forward+backward", fns, flops, io)
+    # The CPU has no whole-layer training kernel to force (the layer is its ops' composition there).
+    return Case(
+        "encoder", "encoder layer, train step", shape, dtype_name(dtype), "forward+backward", fns, flops, io,
+        force_when_routed=device.type != "cpu",
+    )  # fmt: skip
