@@ -102,8 +102,6 @@ def _sasrec_step(path: str, model: torch.nn.Module, batch) -> None:
 
 
 FLOOR_N = 2048  # the square GEMM whose rate is the machine's best
-
-
 FLOOR_CALLS = 4  # GEMMs per timed floor step: the output is reused, so the rate is the steady one
 
 
@@ -114,7 +112,8 @@ def _gemm_operands(device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 def _step(path: str, h, W, target=None) -> None:
     if path == "floor":
-        a, b, out = _FLOOR_OPERANDS.setdefault(str(h.device), _gemm_operands(str(h.device)))
+        device = str((h if isinstance(h, torch.Tensor) else next(h.parameters())).device)  # h: a model for SASRec
+        a, b, out = _FLOOR_OPERANDS.setdefault(device, _gemm_operands(device))
         for _ in range(FLOOR_CALLS):
             torch.mm(a, b, out=out)
         return
@@ -165,9 +164,7 @@ def _inputs(rows: int, items: int, device: str, path: str = "") -> tuple:
 
 
 def _timed(path: str, h, W, target) -> float:
-    if path == "floor":
-        h = h if isinstance(h, torch.Tensor) else next(h.parameters())
-    elif not path.startswith("sasrec"):
+    if path != "floor" and not path.startswith("sasrec"):
         h.grad = W.grad = None
     if torch.cuda.is_available():
         torch.cuda.synchronize()

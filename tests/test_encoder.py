@@ -623,15 +623,15 @@ def test_fused_layer_routes_wide_embeddings_to_the_unfused_layer(triton_backend)
 
     assert encoder_ops.FUSED_MAX_EMBED == kernels.MAX_EMBED == kernels.EMBED_BUCKETS[-1]
     assert encoder_ops.FUSED_MAX_EMBED_FP64 == kernels.MAX_EMBED_FP64
-    assert encoder_ops.train_unfused_reason(torch.randn(2, 3, kernels.MAX_EMBED), []) is None
+    assert encoder_ops.train_unfused_reason(torch.randn(2, 3, kernels.MAX_EMBED)) is None
     fp64 = torch.randn(2, 3, kernels.MAX_EMBED_FP64 + 1, dtype=torch.float64)
-    assert encoder_ops.train_unfused_reason(fp64[..., :-1], []) is None
-    assert encoder_ops.train_unfused_reason(fp64, []) == (
+    assert encoder_ops.train_unfused_reason(fp64[..., :-1]) is None
+    assert encoder_ops.train_unfused_reason(fp64) == (
         f"float64 with embed_dim > {kernels.MAX_EMBED_FP64} (the fused block backward would spill registers)"
     )
     wide = 2 * kernels.MAX_EMBED
     reason = f"embed_dim > {kernels.MAX_EMBED} (the fused block kernels would spill registers)"
-    assert encoder_ops.train_unfused_reason(torch.randn(2, 3, wide), []) == reason
+    assert encoder_ops.train_unfused_reason(torch.randn(2, 3, wide)) == reason
     weights = encoder_layer_weights(torch.nn.TransformerEncoderLayer(wide, 2, 2 * wide, batch_first=True))
     with pytest.raises(RuntimeError, match=re.escape(reason)):
         encoder_ops.encoder_layer(torch.randn(2, 3, wide), weights, 2, 1e-5, 1e-5, False, False, True)

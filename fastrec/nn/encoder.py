@@ -28,8 +28,8 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
     autograd) on CUDA, or under a forced triton backend, the layer is the fused training op
     (``fastrec.ops.encoder.encoder_layer``: a few launches forward and backward, Philox dropout
     masks equal to the unfused layer's for the same seed) when it covers the call (ReLU/GELU, no
-    mask or the causal one, a bool key padding mask, in_proj without bias_k / zero attention, E
-    <= 256, not under torch's dropout stream); otherwise torch's forward with the fused ops inside,
+    mask or the causal one, a bool key padding mask, in_proj without bias_k / zero attention, the
+    widths its kernels cover, not under torch's dropout stream); otherwise torch's forward with the fused ops inside,
     counted in ``fastrec.stats()`` under ``encoder_layer`` with the reason."""
 
     def __init__(self, *args, **kwargs) -> None:
@@ -158,7 +158,7 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
             return "a src_mask other than the causal one"
         if src_key_padding_mask is not None and src_key_padding_mask.dtype != torch.bool:
             return "float src_key_padding_mask"
-        return encoder_ops.train_unfused_reason(src, encoder_layer_weights(self))
+        return encoder_ops.train_unfused_reason(src)
 
 
 def encoder_layer_weights(layer: torch.nn.TransformerEncoderLayer) -> list[Tensor | None]:

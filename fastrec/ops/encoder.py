@@ -317,7 +317,7 @@ def encoder_layer(
     reference. Bad arguments raise an error naming them."""
     ps = tuple(float(p) for p in dropout_p) if isinstance(dropout_p, (tuple, list)) else (float(dropout_p),) * 3
     _check_layer_args(x, weights, heads, key_padding_mask, lengths, ps, attention_dropout_p, batch_first)
-    reason = train_unfused_reason(x, weights)
+    reason = train_unfused_reason(x)
     backend = backends.select(x.device, reason)
     backends.count(TRAIN_OP, backend, reason or "")
     seeds = _draw_seeds(x.device, ps, attention_dropout_p)
@@ -369,17 +369,12 @@ def _check_layer_args(x, weights, heads, key_padding_mask, lengths, ps, attentio
         )
     if lengths is not None and tuple(lengths.shape) != (batch,):
         raise ValueError(f"lengths must have shape (B,) = ({batch},), got {tuple(lengths.shape)}")
-    for name, p in (
-        ("dropout_p", ps[0]),
-        ("dropout_p", ps[1]),
-        ("dropout_p", ps[2]),
-        ("attention_dropout_p", attention_dropout_p),
-    ):
+    for name, p in [*(("dropout_p", p) for p in ps), ("attention_dropout_p", attention_dropout_p)]:
         if not 0.0 <= p < 1.0:
             raise ValueError(f"{name} must be in [0, 1), got {p}")
 
 
-def train_unfused_reason(x: Tensor, weights: list[Tensor | None]) -> str | None:
+def train_unfused_reason(x: Tensor) -> str | None:
     """Why the fused training kernels do not cover this call, or None."""
     from fastrec.kernels._common import TRITON_DTYPES
 
